@@ -1,0 +1,36 @@
+"""The `gmaivl-rt` command line. Each subcommand is a thin layer over the Python API of the same name."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="gmaivl-rt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    # Subcommands register themselves here (see `_register`); each sets `func`.
+    for register in _registrars():
+        register(sub)
+    args = parser.parse_args(argv)
+    return args.func(args) or 0
+
+
+def _registrars():
+    """Collect `register(subparsers)` functions from the modules that own each subcommand."""
+    import importlib
+
+    found = []
+    for module in ("gmaivl_rt.kernels.report", "gmaivl_rt.data.cli", "gmaivl_rt.train.cli",
+                   "gmaivl_rt.export.cli", "gmaivl_rt.demo"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name == module:  # not written yet
+                continue
+            raise
+        found.append(mod.register)
+    return found
+
+
+if __name__ == "__main__":
+    sys.exit(main())
