@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-from ._dispatch import use_triton
+from ._dispatch import interpreting, pick_config, use_triton
+from ._spec import KernelSpec, Roofline
 
 
 def attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, max_seqlen=None):
@@ -66,5 +69,444 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels. Both layouts run as "packed": a padded (B, S, H, D) tensor is the packed buffer (B*S, H, D) with
+# cu_seqlens = [0, S, 2S, ...]. q and k get separate cu_seqlens so padded cross-attention (Sq != Sk) works too.
+# Scores are kept in log2 units (scale * log2(e) folded in) so the softmax uses exp2. LSE is saved per (head, token)
+# in those units for the backward pass.
+# ----------------------------------------------------------------------------------------------------------------
+_LOG2E = 1.4426950408889634
+_NEG_BIG = -1.0e30  # finite "minus infinity" for the running max, so fully masked rows never give inf - inf
+
+
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile; masks only what can be out of range (keeps full-width loads vectorised)."""
+    if CHECK_ROWS:
+        if HEAD_DIM == BLOCK_D:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if HEAD_DIM == BLOCK_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return x
+
+
+@triton.jit
+def _store_tile(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    if HEAD_DIM == BLOCK_D:
+        tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=rows[:, None] < n_rows)
+    else:
+        tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _seq_bounds(CU, seq):
+    start = tl.load(CU + seq)
+    return start.to(tl.int64), tl.load(CU + seq + 1) - start
+
+
+@triton.jit
+def _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, kv_stride, rows, lo, hi, len_k, offs_d, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over key blocks [lo, hi). MASKED blocks may cross the sequence end or the causal diagonal."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_off = cols[:, None] * kv_stride + offs_d[None, :]
+        k = _load_tile(k_base + kv_off, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_tile(v_base + kv_off, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASKED:
+            valid = cols[None, :] < len_k
+            if CAUSAL:
+                valid = valid & (cols[None, :] <= rows[:, None])
+            s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, Out, LSE, CU_Q, CU_K, qk_scale, NUM_HEADS, GROUP, total_q,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Grid: (cdiv(max_seqlen_q, BLOCK_M), n_seqs * NUM_HEADS). One program: one q block of one head."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    seq = pid_bh // NUM_HEADS
+    head = pid_bh % NUM_HEADS
+    kv_head = head // GROUP
+    start_q, len_q = _seq_bounds(CU_Q, seq)
+    start_k, len_k = _seq_bounds(CU_K, seq)
+    start_m = pid_m * BLOCK_M
+    if start_m >= len_q:
+        return
+    q_stride = NUM_HEADS * HEAD_DIM
+    kv_stride = (NUM_HEADS // GROUP) * HEAD_DIM
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs = Q + start_q * q_stride + head * HEAD_DIM + rows[:, None] * q_stride + offs_d[None, :]
+    q = _load_tile(q_ptrs, rows, len_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + start_k * kv_stride + kv_head * HEAD_DIM
+    v_base = V + start_k * kv_stride + kv_head * HEAD_DIM
+
+    m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Key blocks wholly before this q block (causal) / inside the sequence need no mask; the rest do.
+    if CAUSAL:
+        hi = tl.minimum(len_k, start_m + BLOCK_M)
+        full_hi = tl.minimum(start_m, len_k) // BLOCK_N * BLOCK_N
+    else:
+        hi = len_k
+        full_hi = len_k // BLOCK_N * BLOCK_N
+    acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, kv_stride, rows, 0, full_hi, len_k, offs_d,
+                                    qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, UPCAST, PRECISION)
+    acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, kv_stride, rows, full_hi, hi, len_k, offs_d,
+                                    qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, UPCAST, PRECISION)
+    has_keys = l_i > 0.0  # a row with no visible key (empty k sequence) gives 0 and an LSE of +inf
+    acc = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    o_ptrs = Out + start_q * q_stride + head * HEAD_DIM + rows[:, None] * q_stride + offs_d[None, :]
+    _store_tile(o_ptrs, acc, rows, len_q, offs_d, HEAD_DIM, BLOCK_D)
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("inf"))
+    tl.store(LSE + head * total_q + start_q + rows, lse, mask=rows < len_q)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(Out, DO, DELTA, total_q, NUM_HEADS,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta[h, t] = sum_d dO[t, h, d] * O[t, h, d] (fp32). Grid: (cdiv(total_q, BLOCK_M), NUM_HEADS)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    head = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    off = rows[:, None].to(tl.int64) * (NUM_HEADS * HEAD_DIM) + head * HEAD_DIM + offs_d[None, :]
+    o = _load_tile(Out + off, rows, total_q, offs_d, HEAD_DIM, BLOCK_D, True).to(tl.float32)
+    do = _load_tile(DO + off, rows, total_q, offs_d, HEAD_DIM, BLOCK_D, True).to(tl.float32)
+    tl.store(DELTA + head * total_q + rows, tl.sum(o * do, 1), mask=rows < total_q)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_stride, cols, lo, hi, len_q,
+                         offs_d, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         CAUSAL_MASK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dk, dv of one key block over q blocks [lo, hi), working on transposed scores (keys x queries).
+    Padding q rows load LSE = +inf, so their probabilities are exactly 0 without a mask."""
+    offs_m = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        q_off = rows[:, None] * q_stride + offs_d[None, :]
+        q = _load_tile(q_base + q_off, rows, len_q, offs_d, HEAD_DIM, BLOCK_D, True)
+        do = _load_tile(do_base + q_off, rows, len_q, offs_d, HEAD_DIM, BLOCK_D, True)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = tl.load(lse_base + rows, mask=rows < len_q, other=float("inf"))
+        delta = tl.load(delta_base + rows, mask=rows < len_q, other=0.0)
+        p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :])
+        if CAUSAL_MASK:
+            p_t = tl.where(cols[:, None] <= rows[None, :], p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, qk_scale, sm_scale, NUM_HEADS, GROUP, total_q,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    """Grid: (cdiv(max_seqlen_k, BLOCK_N), n_seqs * kv_heads). One program owns one key block of one kv head and
+    loops over the GROUP q heads sharing it, so grouped-query dk/dv are summed without atomics."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    num_kv_heads = NUM_HEADS // GROUP
+    seq = pid_bh // num_kv_heads
+    kv_head = pid_bh % num_kv_heads
+    start_q, len_q = _seq_bounds(CU_Q, seq)
+    start_k, len_k = _seq_bounds(CU_K, seq)
+    start_n = pid_n * BLOCK_N
+    if start_n >= len_k:
+        return
+    q_stride = NUM_HEADS * HEAD_DIM
+    kv_stride = num_kv_heads * HEAD_DIM
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_off = (start_k + cols[:, None]) * kv_stride + kv_head * HEAD_DIM + offs_d[None, :]
+    k = _load_tile(K + kv_off, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, True)
+    v = _load_tile(V + kv_off, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, True)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    if CAUSAL:  # q blocks touching the diagonal need the causal mask; later ones see the whole key block
+        lo = start_n // BLOCK_M * BLOCK_M
+        full_lo = tl.minimum(tl.cdiv(start_n + BLOCK_N - 1, BLOCK_M) * BLOCK_M, tl.maximum(len_q, lo))
+    else:
+        lo = 0
+        full_lo = 0
+    for g in range(GROUP):
+        head = kv_head * GROUP + g
+        q_base = Q + start_q * q_stride + head * HEAD_DIM
+        do_base = DO + start_q * q_stride + head * HEAD_DIM
+        lse_base = LSE + head * total_q + start_q
+        delta_base = DELTA + head * total_q + start_q
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_stride, cols, lo,
+                                      full_lo, len_q, offs_d, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, UPCAST,
+                                      PRECISION)
+        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_stride, cols,
+                                      full_lo, len_q, len_q, offs_d, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False,
+                                      UPCAST, PRECISION)
+    _store_tile(DK + kv_off, dk * sm_scale, cols, len_k, offs_d, HEAD_DIM, BLOCK_D)
+    _store_tile(DV + kv_off, dv, cols, len_k, offs_d, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kv_stride, rows, lo, hi, len_k, offs_d, qk_scale,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                       CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_off = cols[:, None] * kv_stride + offs_d[None, :]
+        k = _load_tile(k_base + kv_off, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_tile(v_base + kv_off, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
+        if MASKED:
+            valid = cols[None, :] < len_k
+            if CAUSAL:
+                valid = valid & (cols[None, :] <= rows[:, None])
+            p = tl.where(valid, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, qk_scale, sm_scale, NUM_HEADS, GROUP, total_q,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Grid: (cdiv(max_seqlen_q, BLOCK_M), n_seqs * NUM_HEADS). One program: dq of one q block of one head."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    seq = pid_bh // NUM_HEADS
+    head = pid_bh % NUM_HEADS
+    kv_head = head // GROUP
+    start_q, len_q = _seq_bounds(CU_Q, seq)
+    start_k, len_k = _seq_bounds(CU_K, seq)
+    start_m = pid_m * BLOCK_M
+    if start_m >= len_q:
+        return
+    q_stride = NUM_HEADS * HEAD_DIM
+    kv_stride = (NUM_HEADS // GROUP) * HEAD_DIM
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_off = (start_q + rows[:, None]) * q_stride + head * HEAD_DIM + offs_d[None, :]
+    q = _load_tile(Q + q_off, rows, len_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(DO + q_off, rows, len_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(LSE + head * total_q + start_q + rows, mask=rows < len_q, other=float("inf"))
+    delta = tl.load(DELTA + head * total_q + start_q + rows, mask=rows < len_q, other=0.0)
+    k_base = K + start_k * kv_stride + kv_head * HEAD_DIM
+    v_base = V + start_k * kv_stride + kv_head * HEAD_DIM
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if CAUSAL:
+        hi = tl.minimum(len_k, start_m + BLOCK_M)
+        full_hi = tl.minimum(start_m, len_k) // BLOCK_N * BLOCK_N
+    else:
+        hi = len_k
+        full_hi = len_k // BLOCK_N * BLOCK_N
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kv_stride, rows, 0, full_hi, len_k, offs_d,
+                            qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, UPCAST, PRECISION)
+    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kv_stride, rows, full_hi, hi, len_k, offs_d,
+                            qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, UPCAST, PRECISION)
+    _store_tile(DQ + q_off, dq * sm_scale, rows, len_q, offs_d, HEAD_DIM, BLOCK_D)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configs. (BLOCK_M, BLOCK_N, num_warps, num_stages); the first of each list is the default (interpreter / report).
+# Chosen so every one compiles for sm_80 and sm_90 at head dim 128 (bf16) without spills; see report_specs().
+# ----------------------------------------------------------------------------------------------------------------
+FWD_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)]
+BWD_DKDV_CONFIGS = [(32, 128, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3)]
+BWD_DQ_CONFIGS = [(128, 32, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3)]
+DELTA_BLOCK_M = 64
+
+
+def _triton_configs(configs):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in configs]
+
+
+_TUNE_KEY = ["HEAD_DIM", "CAUSAL", "PRECISION"]
+_attn_fwd_tuned = triton.autotune(_triton_configs(FWD_CONFIGS), key=_TUNE_KEY)(_attn_fwd_kernel)
+_attn_bwd_dkdv_tuned = triton.autotune(_triton_configs(BWD_DKDV_CONFIGS), key=_TUNE_KEY)(_attn_bwd_dkdv_kernel)
+_attn_bwd_dq_tuned = triton.autotune(_triton_configs(BWD_DQ_CONFIGS), key=_TUNE_KEY)(_attn_bwd_dq_kernel)
+
+
+def _launch(kernel, tuned, configs, grid_of, device_tensor, *args, **constexprs):
+    """Autotune where a GPU driver runs the kernel; otherwise (interpreter) launch the fixed default config."""
+    if device_tensor.is_cuda:
+        tuned[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
+    else:
+        bm, bn, warps, stages = pick_config(configs)
+        kernel[grid_of(bm, bn)](*args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+
+
+def _kernel_flags(q):
+    head_dim = q.shape[-1]
+    if head_dim > 256:
+        raise ValueError(f"attention: head_dim {head_dim} > 256 is not supported by the Triton kernel")
+    return dict(
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        # The interpreter cannot do arithmetic on bf16 (stored as raw uint16): upcast there, tl.dot on bf16 on GPU.
+        UPCAST=interpreting() and q.dtype == torch.bfloat16,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+class _FlashAttention(torch.autograd.Function):
+    """Packed q (Tq, Hq, D), k/v (Tk, Hkv, D) with per-sequence bounds cu_q / cu_k (int32, n + 1)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        total_q, num_heads, _ = q.shape
+        group = num_heads // k.shape[1]
+        n_seqs = cu_q.numel() - 1
+        out = torch.empty_like(q)
+        lse = torch.empty((num_heads, total_q), device=q.device, dtype=torch.float32)
+        flags = _kernel_flags(q)
+        _launch(_attn_fwd_kernel, _attn_fwd_tuned, FWD_CONFIGS,
+                lambda bm, bn: (triton.cdiv(max_q, bm), n_seqs * num_heads), q,
+                q, k, v, out, lse, cu_q, cu_k, scale * _LOG2E, num_heads, group, total_q, CAUSAL=causal, **flags)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.args = (max_q, max_k, causal, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        max_q, max_k, causal, scale = ctx.args
+        grad_out = grad_out.contiguous()
+        total_q, num_heads, _ = q.shape
+        num_kv_heads = k.shape[1]
+        group = num_heads // num_kv_heads
+        n_seqs = cu_q.numel() - 1
+        flags = _kernel_flags(q)
+        delta = torch.empty_like(lse)
+        _attn_bwd_delta_kernel[(triton.cdiv(total_q, DELTA_BLOCK_M), num_heads)](
+            out, grad_out, delta, total_q, num_heads, HEAD_DIM=flags["HEAD_DIM"], BLOCK_D=flags["BLOCK_D"],
+            BLOCK_M=DELTA_BLOCK_M)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        common = (cu_q, cu_k, scale * _LOG2E, scale, num_heads, group, total_q)
+        _launch(_attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned, BWD_DKDV_CONFIGS,
+                lambda bm, bn: (triton.cdiv(max_k, bn), n_seqs * num_kv_heads), q,
+                q, k, v, grad_out, dk, dv, lse, delta, *common, CAUSAL=causal, **flags)
+        _launch(_attn_bwd_dq_kernel, _attn_bwd_dq_tuned, BWD_DQ_CONFIGS,
+                lambda bm, bn: (triton.cdiv(max_q, bm), n_seqs * num_heads), q,
+                q, k, v, grad_out, dq, lse, delta, *common, CAUSAL=causal, **flags)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
 def _attention_triton(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen):
-    raise NotImplementedError("Triton attention kernel not written yet")
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    if cu_seqlens is None:  # padded: the same kernels with uniform sequence bounds
+        batch, len_q, num_heads, head_dim = q.shape
+        len_k = k.shape[1]
+        if q.numel() == 0:
+            return torch.empty_like(q)
+        cu_q = torch.arange(0, (batch + 1) * len_q, len_q, dtype=torch.int32, device=q.device)
+        cu_k = cu_q if len_k == len_q else torch.arange(0, (batch + 1) * len_k, len_k, dtype=torch.int32,
+                                                       device=q.device)
+        out = _FlashAttention.apply(q.reshape(batch * len_q, num_heads, head_dim), k.reshape(batch * len_k, *k.shape[2:]),
+                                    v.reshape(batch * len_k, *v.shape[2:]), cu_q, cu_k, len_q, len_k, causal, scale)
+        return out.view(q.shape)
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"attention: packed q has {q.shape[0]} tokens but k has {k.shape[0]}; with cu_seqlens "
+                         "both index the same sequences")
+    cu = cu_seqlens.to(q.device)
+    if max_seqlen is None:
+        max_seqlen = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    if q.numel() == 0 or max_seqlen == 0:
+        return torch.zeros_like(q)
+    return _FlashAttention.apply(q, k, v, cu, cu, max_seqlen, max_seqlen, causal, scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU readiness report
+# ----------------------------------------------------------------------------------------------------------------
+REPORT_SHAPE = dict(batch=1, seqlen=4096, q_heads=32, kv_heads=8, head_dim=128, causal=True)
+
+
+def _rooflines():
+    b, s, hq, hkv, d = (REPORT_SHAPE[k] for k in ("batch", "seqlen", "q_heads", "kv_heads", "head_dim"))
+    name = f"B={b} S={s} Hq={hq} Hkv={hkv} D={d} causal bf16"
+    matmul = 2.0 * b * hq * s * s * d * 0.5  # one (S x S x D) product per head, half of it under the causal mask
+    q_bytes, kv_bytes, row_bytes = 2.0 * b * s * hq * d, 2.0 * b * s * hkv * d, 4.0 * b * s * hq
+    return {
+        "fwd": Roofline(f"{name} fwd", 2 * matmul, 2 * q_bytes + 2 * kv_bytes + row_bytes),  # QK^T, PV
+        "delta": Roofline(f"{name} bwd delta", 2.0 * b * s * hq * d, 2 * q_bytes + row_bytes),
+        # recompute QK^T, dV, dP, dK; reads q, dO, lse, delta, k, v; writes dk, dv
+        "dkdv": Roofline(f"{name} bwd dk/dv", 4 * matmul, 2 * q_bytes + 2 * row_bytes + 4 * kv_bytes),
+        # recompute QK^T, dP, dQ; reads q, dO, lse, delta, k, v; writes dq
+        "dq": Roofline(f"{name} bwd dq", 3 * matmul, 3 * q_bytes + 2 * row_bytes + 2 * kv_bytes),
+    }
+
+
+def report_specs(dtype: str = "bf16") -> list[KernelSpec]:
+    """Every (kernel, config) the attention op can launch, for the named shape, with `dtype` pointers."""
+    ptr, f32, i32 = f"*{dtype}", "*fp32", "*i32"
+    d = REPORT_SHAPE["head_dim"]
+    base = dict(HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), CAUSAL=REPORT_SHAPE["causal"], UPCAST=False,
+                PRECISION="ieee" if dtype == "fp32" else "tf32")
+    scalars = {"qk_scale": "fp32", "NUM_HEADS": "i32", "GROUP": "i32", "total_q": "i32"}
+    bwd_scalars = {"qk_scale": "fp32", "sm_scale": "fp32", "NUM_HEADS": "i32", "GROUP": "i32", "total_q": "i32"}
+    roof = _rooflines()
+    kernels = [
+        ("attention_fwd", _attn_fwd_kernel, FWD_CONFIGS, roof["fwd"],
+         {"Q": ptr, "K": ptr, "V": ptr, "Out": ptr, "LSE": f32, "CU_Q": i32, "CU_K": i32, **scalars}),
+        ("attention_bwd_dkdv", _attn_bwd_dkdv_kernel, BWD_DKDV_CONFIGS, roof["dkdv"],
+         {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "DK": ptr, "DV": ptr, "LSE": f32, "DELTA": f32, "CU_Q": i32,
+          "CU_K": i32, **bwd_scalars}),
+        ("attention_bwd_dq", _attn_bwd_dq_kernel, BWD_DQ_CONFIGS, roof["dq"],
+         {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "DQ": ptr, "LSE": f32, "DELTA": f32, "CU_Q": i32, "CU_K": i32,
+          **bwd_scalars}),
+    ]
+    specs = []
+    for name, fn, configs, roofline, signature in kernels:
+        constexpr_names = ("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "CAUSAL", "UPCAST", "PRECISION")
+        for i, (bm, bn, warps, stages) in enumerate(configs):
+            specs.append(KernelSpec(
+                kernel=name, fn=fn, signature={**signature, **dict.fromkeys(constexpr_names, "constexpr")},
+                constexprs={**base, "BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages,
+                default=i == 0, uses_dot=True, roofline=roofline))
+    specs.append(KernelSpec(
+        kernel="attention_bwd_delta", fn=_attn_bwd_delta_kernel,
+        signature={"Out": ptr, "DO": ptr, "DELTA": f32, "total_q": "i32", "NUM_HEADS": "i32",
+                   "HEAD_DIM": "constexpr", "BLOCK_D": "constexpr", "BLOCK_M": "constexpr"},
+        constexprs={"HEAD_DIM": d, "BLOCK_D": base["BLOCK_D"], "BLOCK_M": DELTA_BLOCK_M}, num_warps=4, num_stages=1,
+        default=True, uses_dot=False, roofline=roof["delta"]))
+    return specs
