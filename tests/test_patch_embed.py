@@ -1,0 +1,135 @@
+"""Dynamic-resolution patch embedding: the Triton kernels (interpreted on CPU) against transformers'
+CLIPVisionEmbeddings and against the plain PyTorch reference, forward and gradients.
+
+Tolerances are absolute on outputs of magnitude ~1 (gradients ~10), against an fp32 ground truth:
+fp32 1e-4 (forward) / 1e-3 (gradients, sums over many patches); fp16 3e-2 / 1.5e-1 (fp16 inputs, fp32
+accumulation, one fp16 rounding of an O(1..10) value is ~5e-3 relative). bf16 is not run through the Triton path
+here: the interpreter cannot do `tl.dot` on bf16.
+"""
+import pytest
+import torch
+from transformers import CLIPVisionConfig
+from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
+
+from gmaivl_rt.kernels import kernels, patch_embed, patch_embed_reference
+
+PATCH = 14
+TOLERANCE = {torch.float32: (1e-4, 1e-3), torch.float16: (3e-2, 1.5e-1)}  # (forward, gradient) atol
+
+
+def _clip_embeddings(hidden, grid):
+    config = CLIPVisionConfig(hidden_size=hidden, image_size=PATCH * grid, patch_size=PATCH, num_channels=3,
+                              intermediate_size=4 * hidden, num_hidden_layers=1, num_attention_heads=1)
+    module = CLIPVisionEmbeddings(config)
+    with torch.no_grad():  # small weights so outputs are O(1)
+        module.patch_embedding.weight.mul_(0.05)
+    return module
+
+
+def _params(module, dtype):
+    return [p.detach().to(dtype).clone().requires_grad_() for p in
+            (module.patch_embedding.weight, module.class_embedding, module.position_embedding.weight)]
+
+
+def _grads(output, params, grad_output):
+    return torch.autograd.grad(output, params, grad_output.to(output.dtype))
+
+
+@pytest.mark.parametrize("path", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matches_clip_embeddings_on_mixed_aspect_ratios(path, dtype):
+    hidden, grid = 40, 3  # hidden not a multiple of the 64-wide tile
+    module = _clip_embeddings(hidden, grid)
+    # wide, single-patch, tall, and the trained size (no interpolation)
+    images = [torch.randn(3, 28, 42), torch.randn(3, 14, 14), torch.randn(3, 56, 28), torch.randn(3, 42, 42)]
+
+    expected, cls_expected = [], []
+    for img in images:
+        emb = module(img[None], interpolate_pos_encoding=True)[0]
+        expected.append(emb)
+    expected = torch.cat(expected)
+    grad_output = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(
+        expected, (module.patch_embedding.weight, module.class_embedding, module.position_embedding.weight),
+        grad_output)
+
+    weight, class_embedding, position_embedding = _params(module, dtype)
+    with kernels(path):
+        out, cu_seqlens, grid_sizes = patch_embed([img.to(dtype) for img in images], weight, None,
+                                                  class_embedding, position_embedding)
+    grads = _grads(out, (weight, class_embedding, position_embedding), grad_output)
+
+    assert out.dtype == dtype and out.shape == expected.shape
+    assert cu_seqlens.dtype == torch.int32 and cu_seqlens.tolist() == [0, 7, 9, 18, 28]
+    assert grid_sizes.tolist() == [[2, 3], [1, 1], [4, 2], [3, 3]]
+    atol, grad_atol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), expected, atol=atol, rtol=0)
+    for name, got, want in zip(("weight", "class", "position"), grads, expected_grads):
+        torch.testing.assert_close(got.float(), want, atol=grad_atol, rtol=0, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_matches_reference_with_bias_and_normalisation(triton_path, dtype):
+    """uint8 images normalised in the kernel's load, a bias, a 2x2 trained grid, and enough patches (103) that
+    tiles of 64 rows span image boundaries."""
+    hidden, grid = 72, 2
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8)
+              for h, w in [(98, 84), (14, 70), (42, 42), (28, 14), (70, 56)]]
+    mean = torch.tensor([0.48, 0.46, 0.41]) * 255
+    std = torch.tensor([0.27, 0.26, 0.28]) * 255
+    params32 = [torch.randn(hidden, 3, PATCH, PATCH) * 0.05, torch.randn(hidden), torch.randn(hidden),
+                torch.randn(1 + grid * grid, hidden)]
+    ref_params = [p.clone().requires_grad_() for p in params32]
+    expected, expected_cu, expected_grid = patch_embed_reference(images, *ref_params, mean=mean, std=std)
+    grad_output = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, ref_params, grad_output)
+
+    params = [p.to(dtype).requires_grad_() for p in params32]
+    out, cu_seqlens, grid_sizes = patch_embed(images, *params, mean=mean, std=std)
+    grads = _grads(out, params, grad_output)
+
+    assert cu_seqlens.tolist() == expected_cu.tolist() and grid_sizes.tolist() == expected_grid.tolist()
+    atol, grad_atol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), expected, atol=atol, rtol=0)
+    for name, got, want in zip(("weight", "bias", "class", "position"), grads, expected_grads):
+        torch.testing.assert_close(got.float(), want, atol=grad_atol, rtol=0, msg=lambda m: f"d{name}: {m}")
+
+
+def test_triton_fixed_size_batch_matches_clip_without_interpolation(triton_path):
+    """The fixed-resolution call: a (N, 3, S, S) batch at the trained size, as the model uses at 336."""
+    module = _clip_embeddings(hidden=24, grid=2)
+    pixels = torch.randn(3, 3, 28, 28)
+    expected = module(pixels).reshape(-1, 24)
+    weight, class_embedding, position_embedding = _params(module, torch.float32)
+    out, cu_seqlens, _ = patch_embed(pixels, weight, None, class_embedding, position_embedding)
+    assert cu_seqlens.tolist() == [0, 5, 10, 15]
+    torch.testing.assert_close(out, expected, atol=TOLERANCE[torch.float32][0], rtol=0)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("not_multiple", "multiples of the patch size 14"),
+    ("wrong_channels", r"expected \(3, H, W\)"),
+    ("empty", "no images"),
+    ("mean_only", "both mean and std"),
+    ("bad_positions", r"1 \+ G\*G"),
+    ("bad_bias", "bias has shape"),
+])
+def test_rejects_bad_input(case, message):
+    hidden = 8
+    weight, bias = torch.randn(hidden, 3, PATCH, PATCH), torch.randn(hidden)
+    class_embedding, positions = torch.randn(hidden), torch.randn(5, hidden)
+    images, kwargs = [torch.randn(3, 28, 14)], {}
+    if case == "not_multiple":
+        images = [torch.randn(3, 28, 14), torch.randn(3, 30, 28)]
+    elif case == "wrong_channels":
+        images = [torch.randn(1, 28, 28)]
+    elif case == "empty":
+        images = []
+    elif case == "mean_only":
+        kwargs = {"mean": torch.zeros(3)}
+    elif case == "bad_positions":
+        positions = torch.randn(6, hidden)
+    elif case == "bad_bias":
+        bias = torch.randn(hidden + 1)
+    with pytest.raises(ValueError, match=message):
+        patch_embed(images, weight, bias, class_embedding, positions, **kwargs)
