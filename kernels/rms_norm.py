@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 
 from ._dispatch import use_triton
-from ._rowwise import as_rows, check_float, partial_sum_programs, row_block, warps_for_block
+from ._rowwise import (as_rows, backward_warps_for_block, check_float, partial_sum_programs, row_block,
+                       warps_for_block)
 from ._spec import KernelSpec, Roofline
 
 
@@ -99,7 +100,8 @@ class _RMSNormFunction(torch.autograd.Function):
         rows_per_program = triton.cdiv(n_rows, programs)
         dw_partial = torch.empty((programs, n_cols), dtype=torch.float32, device=x_rows.device)
         _rms_norm_bwd_kernel[(programs,)](dx, dw_partial, dy_rows, x_rows, weight, rstd, n_rows, n_cols,
-                                          rows_per_program, BLOCK_SIZE=block, num_warps=warps_for_block(block))
+                                          rows_per_program, BLOCK_SIZE=block,
+                                          num_warps=backward_warps_for_block(block))
         return dx.view(ctx.x_shape), dw_partial.sum(0).to(weight.dtype), None
 
 
@@ -138,7 +140,7 @@ def report_specs() -> list[KernelSpec]:
             signature={"DX": "*bf16", "DW_PARTIAL": "*fp32", "DY": "*bf16", "X": "*bf16", "W": "*bf16",
                        "RSTD": "*fp32", "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32",
                        "BLOCK_SIZE": "constexpr"},
-            constexprs={"BLOCK_SIZE": block}, num_warps=warps, default=default,
+            constexprs={"BLOCK_SIZE": block}, num_warps=backward_warps_for_block(block), default=default,
             # read x and dy, write dx (2 B each), rstd, fp32 dW partials per program.
             roofline=Roofline(shape=shape, flops=8 * elems,
                               bytes=6 * elems + 2 * hidden + 4 * tokens + 4 * programs * hidden)))
