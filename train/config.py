@@ -1,0 +1,87 @@
+"""Training configuration: YAML files merged in layers, every number in a file, none in the code.
+
+Layers, later wins: `configs/common.yaml` -> `configs/stage{N}.yaml` -> `configs/presets/<preset>.yaml` ->
+the user's `--config FILE` -> `overrides` (a dict, from Python). In any layer a `stages: {N: {...}}` block
+applies only to stage N (e.g. the demo's per-stage step counts).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+STAGES = (1, 2, 3)
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """A copy of `base` with `update` merged in, recursing into nested dicts."""
+    out = copy.deepcopy(base)
+    for key, value in (update or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_yaml(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training config: no file {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"training config {path}: the top level must be a mapping")
+    return data
+
+
+def _apply_layer(config: dict, layer: dict, stage: int) -> dict:
+    per_stage = layer.get("stages") or {}
+    layer = {k: v for k, v in layer.items() if k != "stages"}
+    config = deep_merge(config, layer)
+    return deep_merge(config, per_stage.get(stage) or per_stage.get(str(stage)) or {})
+
+
+def load_train_config(stage: int, preset: str | None = None, config_file=None, overrides: dict | None = None) -> dict:
+    """The merged config for one stage. `preset` None keeps the layers' `preset` key (common.yaml: tiny)."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    config = {}
+    user_layers = [read_yaml(config_file)] if config_file else []
+    user_layers += [overrides or {}]
+    for layer in [read_yaml(CONFIG_DIR / "common.yaml"), read_yaml(CONFIG_DIR / f"stage{stage}.yaml")]:
+        config = _apply_layer(config, layer, stage)
+    # The preset can come from the user layers, so peek at them before adding the preset's own file.
+    chosen = preset
+    for layer in user_layers:
+        chosen = chosen or _apply_layer({}, layer, stage).get("preset")
+    config["preset"] = chosen or config["preset"]
+    preset_file = CONFIG_DIR / "presets" / f"{config['preset']}.yaml"
+    if preset_file.is_file():
+        config = _apply_layer(config, read_yaml(preset_file), stage)
+    for layer in user_layers:
+        config = _apply_layer(config, layer, stage)
+    if preset:
+        config["preset"] = preset
+    config["stage"] = stage
+    _validate(config)
+    return config
+
+
+def _validate(config: dict) -> None:
+    problems = []
+    if not config.get("trainable"):
+        problems.append("'trainable' lists no parameter prefixes")
+    if float(config["optimizer"].get("lr", 0)) <= 0:
+        problems.append("optimizer.lr must be positive")
+    if int(config["batch"]["global_batch_size"]) < 1:
+        problems.append("batch.global_batch_size must be >= 1")
+    if int(config["data"]["max_length"]) < 2:
+        problems.append("data.max_length must be >= 2")
+    if config["train"]["precision"] not in ("auto", "fp32", "bf16"):
+        problems.append(f"train.precision {config['train']['precision']!r} is not auto, fp32 or bf16")
+    if config["distributed"]["strategy"] not in ("ddp", "fsdp"):
+        problems.append(f"distributed.strategy {config['distributed']['strategy']!r} is not ddp or fsdp")
+    if problems:
+        raise ValueError(f"training config (stage {config.get('stage')}): " + "; ".join(problems))

@@ -1,0 +1,284 @@
+"""One GMAI-VL training stage, top to bottom: config -> tokenizer -> model -> packed data -> AdamW + cosine ->
+the loop (gradient accumulation over packs, clipping, logging, checkpoints) -> the stage's model folder.
+
+    from gmaivl_rt.train import train
+    train(stage=1, data="runs/data", out="runs/s1", preset="compact")
+    train(stage=2, data="runs/data", out="runs/s2", init="runs/s1")
+
+`OUT` ends up holding: the model (config.json + safetensors, `GMAIVL.from_pretrained(OUT)`), the tokenizer,
+`train_config.yaml` (the merged config), `log.jsonl` (one line per optimizer step), `history.jsonl` (this and
+earlier stages' steps), `loss.png`, and `checkpoints/` (see `checkpointing`).
+
+Loss normalisation: a global batch's loss is the mean over all its predicted tokens, whichever rank and micro-step
+they fall in (each pack's mean loss is weighted by its share of the batch's targets). Every rank knows every pack's
+target count, so this needs no communication, and 1 rank and N ranks compute the same gradient.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import resource
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from gmaivl_rt.atomic import atomic_write_text
+
+from . import distributed as dist_utils
+from .checkpointing import latest_checkpoint, load_trainer_state, restore, save_checkpoint, write_model
+from .config import load_train_config
+from .dataset import ImagePolicy, PackedDataset
+from .tokenizer import (IM_END, conversation_texts, load_tokenizer, model_vocab_fields, save_hf_tokenizer,
+                        train_bpe_tokenizer)
+
+logger = logging.getLogger(__name__)
+
+
+def train(stage: int, data, out, *, config=None, preset: str | None = None, init=None, tokenizer=None,
+          max_steps: int | None = None, resume: bool = False, overrides: dict | None = None,
+          progress: bool = True) -> dict:
+    """Run one stage. data: data folder (meta.json) or meta-list; out: the stage's output folder; config: an extra
+    YAML layer; preset: model preset when there is no `init`; init: the previous stage's output folder;
+    tokenizer: a tokenizer folder (default: init's, else trained on `data`); max_steps: stop after this many
+    optimizer steps (the schedule keeps its full length); resume: continue from OUT's latest checkpoint.
+    Works the same under torchrun. Returns a summary dict (steps, losses, final_loss, out)."""
+    info = dist_utils.setup()
+    try:
+        return _train(stage, data, Path(out), config, preset, init, tokenizer, max_steps, resume, overrides or {},
+                      progress, info)
+    finally:
+        dist_utils.teardown(info)
+
+
+def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps, resume, overrides, progress,
+           info) -> dict:
+    from tqdm.auto import tqdm
+
+    from gmaivl_rt import GMAIVL, GMAIVLConfig
+
+    cfg = load_train_config(stage, preset, config_file, overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    if info.is_main:
+        atomic_write_text(out / "train_config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    torch.manual_seed(cfg["train"]["seed"])
+
+    # ---- tokenizer and model
+    tokenizer_dir = _resolve_tokenizer(tokenizer_dir, init, out, data, cfg, info)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    checkpoint = latest_checkpoint(out) if resume else None
+    if resume and checkpoint is None and info.is_main:
+        logger.warning("--resume: no checkpoint in %s yet; starting from the beginning", out)
+    if checkpoint is not None:
+        model = GMAIVL.from_pretrained(checkpoint)
+    elif init is not None:
+        model = GMAIVL.from_pretrained(init)
+    else:
+        model = GMAIVL(_preset_config(GMAIVLConfig, cfg["preset"], tokenizer))
+    _check_vocab(model.config, tokenizer, tokenizer_dir)
+    trainable = set_trainable(model, cfg["trainable"])
+    model.set_gradient_checkpointing(bool(cfg["train"]["activation_checkpointing"]))
+    model.to(info.device).train()
+    model = dist_utils.wrap_model(model, info, cfg["distributed"])
+
+    # ---- data
+    dataset = PackedDataset(data, tokenizer, ImagePolicy.from_model_config(dist_utils.unwrap(model).config),
+                            max_length=int(cfg["data"]["max_length"]), seed=int(cfg["data"]["seed"]),
+                            system=cfg["data"]["system"], open_packs=int(cfg["data"]["open_packs"]),
+                            progress=progress and info.is_main)
+    sampler = dist_utils.StepSampler(len(dataset), int(cfg["batch"]["global_batch_size"]), info.rank,
+                                     info.world_size, int(cfg["data"]["seed"]))
+    total_steps = cfg["schedule"]["total_steps"] or math.ceil(cfg["schedule"]["epochs"] * sampler.steps_per_epoch)
+    end_step = min(total_steps, max_steps) if max_steps else total_steps
+
+    # ---- optimizer and schedule
+    opt = cfg["optimizer"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=float(opt["lr"]), betas=tuple(opt["betas"]), eps=float(opt["eps"]),
+                                  weight_decay=float(opt["weight_decay"]))
+    warmup = int(round(cfg["schedule"]["warmup_ratio"] * total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(total_steps, warmup, float(cfg["schedule"]["min_lr_ratio"])))
+    start_step = 0
+    if checkpoint is not None:
+        start_step = restore(load_trainer_state(checkpoint), model, optimizer, scheduler, info)
+    log_path = out / "log.jsonl"
+    log = _read_log(log_path)[:start_step] if checkpoint is not None else []
+    if info.is_main:
+        _write_log(log_path, log)
+        logger.info("stage %d (%s): %s; %d trainable tensors; steps %d..%d of %d", stage, cfg.get("name"),
+                    dataset.stats(), len(trainable), start_step, end_step, total_steps)
+
+    # ---- the loop
+    precision = cfg["train"]["precision"]
+    use_bf16 = precision == "bf16" or (precision == "auto" and info.device.type == "cuda")
+    grad_clip = float(cfg["train"]["grad_clip"])
+    bar = tqdm(total=end_step, initial=start_step, desc=f"stage {stage}", unit="step",
+               disable=not (progress and info.is_main))
+    for step in range(start_step, end_step):
+        started = time.perf_counter()
+        global_packs = sampler.global_batch(step)
+        global_targets = sum(dataset.num_targets(i) for i in global_packs)
+        local_packs = global_packs[info.rank::info.world_size]
+        loss_share, tokens = 0.0, 0
+        for k, index in enumerate(local_packs):
+            batch = _to_device(dataset[index], info.device)
+            weight = dataset.num_targets(index) / global_targets
+            with _no_grad_sync(model, last=k == len(local_packs) - 1):
+                with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    output = model(batch["input_ids"], pixel_values=batch["pixel_values"],
+                                   position_ids=batch["position_ids"], labels=batch["labels"],
+                                   cu_seqlens=batch["cu_seqlens"])
+                # DDP/FSDP average gradients over ranks: scale by world_size so the result is the global mean.
+                (output.loss * weight * info.world_size).backward()
+            loss_share += float(output.loss.detach()) * weight
+            tokens += dataset.num_tokens(index)
+        grad_norm = _grad_norm(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = dist_utils.all_reduce_sum(loss_share, info)
+        tokens = dist_utils.all_reduce_sum(float(tokens), info)
+        seconds = time.perf_counter() - started
+        record = {"stage": stage, "step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "tokens": int(tokens), "tokens_per_s": tokens / seconds, "peak_mem_mb": _peak_memory_mb(info)}
+        log.append(record)
+        if info.is_main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(1)
+        if (step + 1) % int(cfg["train"]["save_every"]) == 0 or step + 1 == end_step:
+            save_checkpoint(out, step + 1, model, optimizer, scheduler, {"stage": stage, "total_steps": total_steps},
+                            info, keep_last=int(cfg["train"]["keep_last"]))
+    bar.close()
+
+    # ---- the stage's model folder, loss history and plot
+    write_model(model, out, info)
+    if info.is_main:
+        if Path(tokenizer_dir).resolve() != out.resolve():
+            save_hf_tokenizer(tokenizer, out)
+        history = _read_log(Path(init) / "history.jsonl") if init is not None else []
+        history = [r for r in history if r.get("stage") != stage] + log
+        _write_log(out / "history.jsonl", history)
+        from .plots import plot_loss_curves
+
+        plot_loss_curves(history, out / "loss.png")
+    dist_utils.barrier(info)
+    return {"out": str(out), "stage": stage, "steps": end_step, "total_steps": total_steps,
+            "losses": [r["loss"] for r in log], "final_loss": log[-1]["loss"] if log else None,
+            "data": dataset.stats()}
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+def cosine_with_warmup(total_steps: int, warmup_steps: int, min_lr_ratio: float):
+    """LR multiplier for step s: linear warm-up to 1 over `warmup_steps`, then cosine down to `min_lr_ratio`."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def set_trainable(model: torch.nn.Module, prefixes: list[str]) -> list[str]:
+    """requires_grad on exactly the parameters under `prefixes` (module paths); returns their names."""
+    names = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(any(name == p or name.startswith(p + ".") for p in prefixes))
+        if param.requires_grad:
+            names.append(name)
+    if not names:
+        raise ValueError(f"trainable prefixes {prefixes} match no parameter of the model")
+    return names
+
+
+def _preset_config(config_cls, preset: str, tokenizer):
+    """The preset's dimensions with the vocabulary, `<image>` id and special ids our tokenizer decides."""
+    fields = model_vocab_fields(tokenizer)
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    eos = [t for t in (tokenizer.eos_token_id, im_end) if t is not None]
+    return config_cls.preset(preset).replace(
+        image_token_index=fields["image_token_index"],
+        text={"vocab_size": fields["vocab_size"], "bos_token_id": tokenizer.bos_token_id,
+              "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id})
+
+
+def _check_vocab(model_config, tokenizer, tokenizer_dir) -> None:
+    fields = model_vocab_fields(tokenizer)
+    if fields["image_token_index"] != model_config.image_token_index:
+        raise ValueError(f"tokenizer {tokenizer_dir}: <image> is id {fields['image_token_index']} but the model's "
+                         f"image_token_index is {model_config.image_token_index}")
+    if fields["vocab_size"] > model_config.text.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_dir} has {fields['vocab_size']} tokens, more than the model's "
+                         f"vocab_size {model_config.text.vocab_size}")
+
+
+def _resolve_tokenizer(explicit, init, out: Path, data, cfg, info) -> Path:
+    """--tokenizer, else the init folder's, else one already in OUT (a rerun), else train one on the data."""
+    if explicit is not None:
+        return Path(explicit)
+    if init is not None and (Path(init) / "tokenizer.json").is_file():
+        return Path(init)
+    if not (out / "tokenizer.json").is_file() and info.is_main:
+        logger.info("training a %d-token byte-level BPE on %s", cfg["tokenizer"]["vocab_size"], data)
+        train_bpe_tokenizer(conversation_texts(data), out, vocab_size=int(cfg["tokenizer"]["vocab_size"]),
+                            min_frequency=int(cfg["tokenizer"]["min_frequency"]))
+    dist_utils.barrier(info)
+    return out
+
+
+def _to_device(batch: dict, device) -> dict:
+    moved = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            moved[key] = value.to(device, non_blocking=True)
+        elif isinstance(value, list):
+            moved[key] = [v.to(device, non_blocking=True) for v in value]
+        else:
+            moved[key] = value
+    return moved
+
+
+def _no_grad_sync(model, last: bool):
+    """Skip the gradient all-reduce on all but the last micro-step of an accumulation (DDP and FSDP2)."""
+    if last:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        @contextlib.contextmanager
+        def no_sync():
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+        return no_sync()
+    return contextlib.nullcontext()
+
+
+def _grad_norm(norm) -> float:
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _peak_memory_mb(info) -> float:
+    if info.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(info.device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB: process peak RSS
+
+
+def _read_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_log(path: Path, records: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
