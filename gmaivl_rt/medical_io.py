@@ -23,6 +23,8 @@ message names the file and the problem and never quotes header values.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import warnings
@@ -74,6 +76,8 @@ class MedicalImage:
     window_name: how intensities were mapped: "file", "file VOI LUT", a CT window name, "user",
                  "percentile", "bit depth" or "none" (already 8-bit / colour).
     photometric: DICOM photometric interpretation of the source ("MONOCHROME2", "RGB", ...) or PIL mode.
+    source_size: (height, width) of the frame / slice before square-pixel resampling (what annotations in
+                 source pixel coordinates refer to).
     """
 
     pixels: np.ndarray
@@ -88,6 +92,7 @@ class MedicalImage:
     window: tuple[float, float] | None = None
     window_name: str = "none"
     photometric: str = ""
+    source_size: tuple[int, int] | None = None
     mask: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -284,6 +289,20 @@ def _open_source(path, *, window, plane, volume):
 # --------------------------------------------------------------------------------------------------------------
 # DICOM
 # --------------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet_pydicom():
+    """Silence pydicom's warnings and its logger for the block: both quote raw header values (UIDs, names)."""
+    pydicom_logger = logging.getLogger("pydicom")
+    was_disabled = pydicom_logger.disabled
+    pydicom_logger.disabled = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        pydicom_logger.disabled = was_disabled
+
+
 _UID_OR_NUMBER = re.compile(r"\d[\d.]{5,}")
 
 
@@ -314,8 +333,7 @@ class _DicomSource:
         self.path = path
         self.window, self.window_name = _parse_window(window, path)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with quiet_pydicom():
                 try:
                     ds = pydicom.dcmread(path)
                 except InvalidDicomError:
@@ -333,8 +351,7 @@ class _DicomSource:
                                     f"(modality {ds.get('Modality', 'unknown')}: not an image)")
         self.ds = ds
         self._check_decoder()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pydicom warns quoting raw header values
+        with quiet_pydicom():
             self._read_attributes()
         self._frames = None
 
@@ -380,8 +397,7 @@ class _DicomSource:
 
     def _decode(self, index: int | None) -> np.ndarray:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with quiet_pydicom():
                 self.ds.pixel_array_options(index=index)
                 arr = self.ds.pixel_array
         except Exception as e:
@@ -402,7 +418,8 @@ class _DicomSource:
     def image(self, index: int) -> MedicalImage:
         arr = self.frame_pixels(index)
         try:
-            unit, window, window_name = self._to_unit(arr)
+            with quiet_pydicom():
+                unit, window, window_name = self._to_unit(arr)
         except MedicalImageError:
             raise
         except Exception as e:
@@ -414,7 +431,7 @@ class _DicomSource:
         return MedicalImage(pixels=_to_uint8(unit), modality=self.modality, body_part=self.body_part,
                             pixel_spacing=spacing, orientation=self.orientation, index=index, count=self.count,
                             source_format="dicom", window=window, window_name=window_name,
-                            photometric=self.photometric)
+                            photometric=self.photometric, source_size=(self.rows, self.columns))
 
     def _to_unit(self, arr: np.ndarray):
         """Stored values -> [0, 1] float32, plus the window (centre, width) and how it was chosen."""
@@ -517,6 +534,7 @@ class _NiftiSource:
 
     def image(self, index: int) -> MedicalImage:
         plane2d, spacing = _orient_slice(self.data, self.zooms, self.plane, index)
+        source_size = plane2d.shape
         if self.window is not None:
             unit = apply_window(plane2d, *self.window)
         else:
@@ -525,7 +543,8 @@ class _NiftiSource:
         return MedicalImage(pixels=_to_uint8(unit), pixel_spacing=spacing, orientation=self.plane, index=index,
                             count=self.count, volume=self.volume_index if self.volumes > 1 else None,
                             source_format="nifti", window=self.window,
-                            window_name=self.window_name or "percentile", photometric="MONOCHROME2")
+                            window_name=self.window_name or "percentile", photometric="MONOCHROME2",
+                            source_size=source_size)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -582,7 +601,7 @@ class _PillowSource:
         else:
             unit, name = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0, "none"
         return MedicalImage(pixels=_to_uint8(unit), index=index, count=self.count, source_format=self.fmt,
-                            window_name=name, photometric=mode)
+                            window_name=name, photometric=mode, source_size=(img.size[1], img.size[0]))
 
 
 # --------------------------------------------------------------------------------------------------------------

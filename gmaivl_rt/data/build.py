@@ -1,0 +1,521 @@
+"""The converter: source datasets -> GMAI-VL-format conversations, images, meta-list, errors and summary.
+
+    build_dataset(out_dir, manifest="sources.yaml")   # labelled datasets described by a manifest
+    build_dataset(out_dir, input_dir="scans/")        # unlabelled images -> metadata-grounded captions
+    build_dataset(out_dir, demo=True)                 # pydicom's and nibabel's shipped files
+
+Output (OUT = out_dir):
+    OUT/images/ab/<sha256[:20]>.png       every picture once, named by the hash of its RGB pixels
+    OUT/annotations/<dataset>.jsonl        {"image": "ab/<hash>.png" (relative to image_dir), "conversations":
+                                            [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}, ...],
+                                            "id": "dim#task#modality#dataset#label#file", "width", "height"}
+    OUT/meta.json                          {dataset: {"image_dir": "images", "annotations":
+                                            "annotations/<dataset>.jsonl", "sample_ratio", "length",
+                                            "data_augment"}}; paths relative to OUT
+    OUT/errors.jsonl                       {"dataset", "source", "kind", "reason"} per skipped item
+    OUT/summary.json, OUT/summary.png      counts by modality, task, department, dataset, dimension
+    OUT/build.log                          the run's log (no patient data)
+    OUT/.work/                             per-item results, so a rerun resumes where it stopped
+
+Every file is written to a temporary name and moved into place (os.replace). Each source item (one annotation
+row, or one file for captions) is converted by itself with its own RNG seeded from (seed, item), so a resumed
+or reordered run writes the same records.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import io
+import json
+import logging
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gmaivl_rt.data import templates as T
+from gmaivl_rt.data.deid import find_phi, phi_values_of_file, safe_stem, safe_token, scrub
+from gmaivl_rt.data.manifest import (TASK_CODES, DatasetSpec, ManifestError, load_manifest, parse_boxes,
+                                     parse_options, read_annotations)
+from gmaivl_rt.medical_io import (DICOM_SUFFIXES, NIFTI_SUFFIXES, PILLOW_SUFFIXES, MedicalImageError, _safe_reason,
+                                  detect_format, iter_medical_images, modality_name, read_medical_image)
+
+logger = logging.getLogger("gmaivl_rt.data")
+IMAGE_TOKEN = "<image>"
+_WORK_VERSION = 1
+# Records whose free text a rewriter may rephrase (answers with boxes, letters or numbers stay templated).
+REWRITABLE_KINDS = ("cap", "cls", "rep")
+
+
+class ItemError(Exception):
+    """One source item cannot be converted; `kind` is a short category for the summary."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind, self.reason = kind, reason
+
+
+# --------------------------------------------------------------------------------------------------------------
+# atomic files and the image store
+# --------------------------------------------------------------------------------------------------------------
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, then rename it over `path`."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str, obj, indent: int | None = 2) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def write_jsonl(path: str, rows) -> None:
+    atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
+
+
+class ImageStore:
+    """PNG files under `root`, named by the SHA-256 of the pixel array (shape included): identical pictures
+    are stored once."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.written = 0
+
+    def put(self, pixels: np.ndarray) -> str:
+        """pixels: (H, W, 3) uint8. Returns the path relative to `root` ('ab/abcdef....png')."""
+        from PIL import Image
+
+        digest = hashlib.sha256(repr(pixels.shape).encode() + np.ascontiguousarray(pixels).tobytes()).hexdigest()
+        rel = f"{digest[:2]}/{digest[:20]}.png"
+        path = os.path.join(self.root, rel)
+        if not os.path.exists(path):
+            buf = io.BytesIO()
+            Image.fromarray(pixels, mode="RGB").save(buf, format="PNG", compress_level=3)
+            atomic_write_bytes(path, buf.getvalue())
+            self.written += 1
+        return rel
+
+
+# --------------------------------------------------------------------------------------------------------------
+# rewriter hook
+# --------------------------------------------------------------------------------------------------------------
+REWRITE_SYSTEM_PROMPT = (
+    "You rewrite descriptions of medical images. Keep every fact (modality, anatomy, plane, labels, numbers) "
+    "exactly, change only the wording, and answer with the rewritten text alone.")
+
+
+def openai_rewriter(url: str, model: str = "default", timeout: float = 60.0, api_key: str | None = None):
+    """A rewriter calling an OpenAI-compatible endpoint (POST {url}/v1/chat/completions) with urllib.
+
+    Returns fn(text, context) -> str. The API key, if any, comes from `api_key` or $OPENAI_API_KEY."""
+    import urllib.request
+
+    endpoint = url.rstrip("/")
+    if not endpoint.endswith("/chat/completions"):
+        endpoint += "/chat/completions" if endpoint.endswith("/v1") else "/v1/chat/completions"
+    key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+
+    def rewrite(text: str, context: dict) -> str:
+        facts = ", ".join(f"{k}: {v}" for k, v in sorted(context.items()) if v)
+        body = {"model": model, "temperature": 0.7, "messages": [
+            {"role": "system", "content": REWRITE_SYSTEM_PROMPT},
+            {"role": "user", "content": f"Facts: {facts}\nText: {text}"}]}
+        request = urllib.request.Request(endpoint, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json",
+                                                  **({"Authorization": f"Bearer {key}"} if key else {})})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            reply = json.loads(response.read().decode("utf-8"))
+        return str(reply["choices"][0]["message"]["content"]).strip()
+
+    rewrite.identity = f"url:{endpoint}:{model}"
+    return rewrite
+
+
+def load_rewriter(spec: str):
+    """'package.module:function' -> that callable (fn(text: str, context: dict) -> str)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"rewriter {spec!r} must look like 'package.module:function'")
+    fn = getattr(importlib.import_module(module_name), attr)
+    if not callable(fn):
+        raise ValueError(f"rewriter {spec!r} is not callable")
+    return fn
+
+
+# --------------------------------------------------------------------------------------------------------------
+# demo datasets (the files pydicom and nibabel ship)
+# --------------------------------------------------------------------------------------------------------------
+DEMO_DICOM_FILES = (
+    "CT_small.dcm", "693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm", "MR_small.dcm", "MR_small_bigendian.dcm",
+    "MR_small_RLE.dcm", "MR_small_implicit.dcm", "MR_small_jp2klossless.dcm", "examples_overlay.dcm",
+    "JPEG2000.dcm", "ExplVR_BigEnd.dcm", "examples_rgb_color.dcm", "examples_ybr_color.dcm", "examples_palette.dcm",
+    "examples_jpeg2k.dcm", "SC_rgb.dcm", "SC_rgb_rle.dcm", "SC_rgb_rle_2frame.dcm", "SC_rgb_rle_16bit_2frame.dcm",
+    "SC_rgb_jpeg_dcmtk.dcm", "SC_ybr_full_422_uncompressed.dcm", "SC_rgb_small_odd.dcm", "image_dfl.dcm",
+    "rtdose.dcm", "liver_1frame.dcm",
+)
+# (file, volume) for 4D; all brain MRI (anatomical T1 and EPI time series).
+DEMO_NIFTI_FILES = ("anatomical.nii", "example4d.nii.gz", "functional.nii", "example_nifti2.nii.gz")
+
+
+def demo_datasets() -> list[DatasetSpec]:
+    """The embedded demo: every frame of pydicom's decodable test images and every slice (three planes) of
+    nibabel's brain MRI test volumes, as captions plus metadata questions. Only files present on disk are used
+    (pydicom fetches some test files from the internet on demand; this never does)."""
+    import nibabel.testing
+    import pydicom.data
+
+    dicom_root = os.path.join(os.path.dirname(pydicom.data.__file__), "test_files")
+    nifti_root = nibabel.testing.data_path
+    dicom = [f for f in DEMO_DICOM_FILES if os.path.isfile(os.path.join(dicom_root, f))]
+    nifti = [f for f in DEMO_NIFTI_FILES if os.path.isfile(os.path.join(nifti_root, f))]
+    specs = []
+    if dicom:
+        specs.append(DatasetSpec(name="demo_dicom", task="caption", image_root=dicom_root, files=dicom,
+                                 department="radiology", metadata_vqa=True))
+    if nifti:
+        specs.append(DatasetSpec(name="demo_nifti_brain_mri", task="caption", image_root=nifti_root, files=nifti,
+                                 modality="MRI", body_part="brain", department="neurology",
+                                 planes=["axial", "coronal", "sagittal"], metadata_vqa=True))
+    return specs
+
+
+def input_dir_dataset(input_dir: str) -> DatasetSpec:
+    """An unlabelled folder as a caption dataset named after the folder."""
+    name = safe_token(os.path.basename(os.path.normpath(input_dir))) or "input"
+    return DatasetSpec(name=name, task="caption", image_root=os.path.abspath(input_dir))
+
+
+def discover_images(root: str) -> list[str]:
+    """Image files under `root` (relative posix paths, sorted): known suffixes, or DICOM by its 'DICM' magic."""
+    known = DICOM_SUFFIXES + NIFTI_SUFFIXES + tuple(PILLOW_SUFFIXES)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            path = os.path.join(dirpath, name)
+            if name.lower().endswith(known) or (
+                    "." not in name and _has_dicom_magic(path)):
+                found.append(os.path.relpath(path, root).replace(os.sep, "/"))
+    return found
+
+
+def _has_dicom_magic(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------------------------
+# one source item -> records
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class ItemResult:
+    records: list[dict] = field(default_factory=list)
+    tags: list[dict] = field(default_factory=list)    # per record: modality, task, department, dim (summary)
+    images: int = 0                                   # pictures converted
+    empty_slices_skipped: int = 0
+    rewrite_failures: int = 0
+
+
+class _Converter:
+    def __init__(self, store: ImageStore, seed: int, rewriter):
+        self.store, self.seed, self.rewriter = store, seed, rewriter
+
+    def convert(self, spec: DatasetSpec, row: dict, key: str) -> ItemResult:
+        self.phi: set[str] = set()
+        rel = str(row["image"]).replace("\\", "/")
+        path = os.path.join(spec.image_root, rel)
+        if not os.path.isfile(path):
+            raise ItemError("missing", f"{rel}: no such file under the dataset's image_root")
+        fmt = detect_format(path)
+        self.phi = phi = phi_values_of_file(path) if fmt == "dicom" else set()
+        stem = safe_stem(rel, phi)
+        rng = random.Random(int(hashlib.sha256(f"{self.seed}:{key}".encode()).hexdigest()[:16], 16))
+        result = ItemResult()
+        task = spec.task
+        label = str(row.get("label", "")).strip() or None
+        if task == "classification" and label not in spec.labels:
+            raise ItemError("annotation", f"{rel}: label {label!r} is not in the dataset's labels")
+        boxes = None
+        if task == "detection":
+            try:
+                boxes = parse_boxes(row["boxes"])
+            except (ValueError, TypeError) as e:
+                raise ItemError("annotation", f"{rel}: bad boxes ({e})") from None
+            unknown = sorted({b["label"] for b in boxes} - set(spec.labels))
+            if unknown:
+                raise ItemError("annotation", f"{rel}: box labels {unknown} are not in the dataset's labels")
+        mask = os.path.join(spec.image_root, str(row["mask"])) if task == "segmentation" else None
+        frame = row.get("frame")
+        frame = int(frame) if frame not in (None, "") else None
+        planes = spec.planes if fmt == "nifti" else [None]
+        any_label = False
+        empty_seen = 0
+        try:
+            for plane in planes:
+                if frame is not None:
+                    images = [read_medical_image(path, frame=frame, slice_index=frame, window=spec.window,
+                                                 plane=plane or "axial", volume=spec.volume, mask=mask)]
+                else:
+                    images = iter_medical_images(path, window=spec.window, plane=plane or "axial",
+                                                 volume=spec.volume, mask=mask, step=spec.slice_step)
+                for image in images:
+                    present = None
+                    if task == "segmentation":
+                        present = T.mask_facts(image.mask, spec.labels)
+                        any_label |= bool(present)
+                        if not present:
+                            empty_seen += 1
+                            if spec.empty_slice_every <= 0 or (empty_seen - 1) % spec.empty_slice_every:
+                                result.empty_slices_skipped += 1
+                                continue
+                    self._image_records(spec, row, image, fmt, stem, rng, result, label, present, boxes)
+        except MedicalImageError as e:
+            raise ItemError("unreadable" if "mask" not in str(e) else "mask", scrub(str(e), phi)) from None
+        if task == "segmentation" and not any_label:
+            raise ItemError("mask", f"{rel}: mask is empty (no pixel carries a label 1..{len(spec.labels)})")
+        return result
+
+    def _image_records(self, spec, row, image, fmt, stem, rng, result, label, present, boxes):
+        modality = spec.modality or modality_name(image.modality)
+        dim = "3d" if fmt == "nifti" else "2d"
+        facts = T.ImageFacts(
+            modality=modality, body_part=spec.body_part or image.body_part, plane=image.orientation,
+            department=spec.department, window_name=image.window_name, is_color=image.is_color,
+            index=image.index, count=image.count, dim=dim,
+            spacing_mm=image.pixel_spacing[0] if image.pixel_spacing else None,
+            width=image.width, height=image.height, labels=spec.labels)
+        where = f"_{image.orientation}_s{image.index:03d}" if fmt == "nifti" else \
+            (f"_f{image.index:03d}" if image.count > 1 else "")
+        file_part = stem + where
+        records: list[tuple[str, str, T.Turns]] = []  # (kind, label token, turns)
+        task = spec.task
+        records.append(("cap", label or "none", T.caption_turns(facts, rng, label if task == "classification"
+                                                                else None)))
+        if spec.metadata_vqa:
+            records.append(("vqa", "none", T.metadata_vqa_turns(facts, rng)))
+        if task == "classification":
+            records.append(("cls", label, T.classification_open_turns(facts, rng, label)))
+            mc = T.classification_mc_turns(facts, rng, label)
+            if mc:
+                records.append(("cls-mc", label, mc))
+        elif task == "segmentation":
+            records.append(("seg", "+".join(present) or "empty", T.segmentation_turns(facts, rng, present)))
+        elif task == "detection":
+            grouped = _normalised_boxes(boxes, image, fmt)
+            records.append(("det", "+".join(sorted(grouped)) or "none", T.detection_turns(facts, rng, grouped)))
+        elif task == "report":
+            records.append(("rep", "none", T.report_turns(facts, rng, str(row["report"]), row.get("impression"))))
+        elif task == "vqa":
+            records.append(("vqa", "none", T.vqa_turns(facts, rng, str(row["question"]), str(row["answer"]),
+                                                       parse_options(row.get("options")))))
+        image_rel = self.store.put(image.pixels)
+        result.images += 1
+        for kind, label_token, turns in records:
+            if self.rewriter is not None and kind in REWRITABLE_KINDS:
+                turns = self._rewrite(turns, facts, label, result)
+            record_id = "#".join([dim, kind, safe_token(modality), spec.name, safe_token(label_token), file_part])
+            record = {"image": image_rel, "conversations": _conversation(turns), "id": record_id,
+                      "width": image.width, "height": image.height}
+            if self.phi and find_phi(json.dumps(record, ensure_ascii=False), self.phi):
+                raise ItemError("deid", f"{file_part}: a record would contain a DICOM identity value; item dropped")
+            result.records.append(record)
+            result.tags.append({"dataset": spec.name, "modality": modality, "task": TASK_CODES[task], "kind": kind,
+                                "department": spec.department or "unspecified", "dim": dim})
+
+    def _rewrite(self, turns, facts, label, result):
+        context = {"modality": facts.modality, "body_part": facts.body_part, "plane": facts.plane,
+                   "department": facts.department, "label": label}
+        out = []
+        for question, answer in turns:
+            try:
+                new = self.rewriter(answer, context)
+                answer = new.strip() if isinstance(new, str) and new.strip() else answer
+            except Exception as e:  # the hook is optional: keep the templated text
+                result.rewrite_failures += 1
+                logger.warning("rewriter failed (%s); keeping the templated text", type(e).__name__)
+            out.append((question, answer))
+        return out
+
+
+def _conversation(turns: T.Turns) -> list[dict]:
+    conversation = []
+    for i, (question, answer) in enumerate(turns):
+        conversation.append({"from": "human", "value": (f"{IMAGE_TOKEN}\n" if i == 0 else "") + question})
+        conversation.append({"from": "gpt", "value": answer})
+    return conversation
+
+
+def _normalised_boxes(boxes, image, fmt) -> dict[str, list[list[float]]]:
+    """Source-pixel boxes -> {label: [[x0, y0, x1, y1] in [0, 1], 3 decimals]} (scale-invariant, so valid for the
+    square-pixel output too). Only 2D sources: a volume's boxes would need a slice and an orientation."""
+    if fmt == "nifti":
+        raise ItemError("annotation", "detection boxes are supported for 2D images (DICOM, PNG, ...) only")
+    src_h, src_w = image.source_size or (image.height, image.width)
+    grouped: dict[str, list[list[float]]] = {}
+    for b in boxes:
+        x0, y0, x1, y1 = (float(v) for v in b["box"])
+        if not (0 <= x0 < x1 and 0 <= y0 < y1):
+            raise ItemError("annotation", f"box {b['box']} is not [x0, y0, x1, y1] with x0 < x1, y0 < y1")
+        if x1 > src_w or y1 > src_h:
+            raise ItemError("annotation", f"box {b['box']} lies outside the {src_w}x{src_h} image")
+        grouped.setdefault(str(b["label"]), []).append(
+            [round(x0 / src_w, 3), round(y0 / src_h, 3), round(x1 / src_w, 3), round(y1 / src_h, 3)])
+    return grouped
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the build
+# --------------------------------------------------------------------------------------------------------------
+def _items(spec: DatasetSpec) -> list[dict]:
+    if spec.task == "caption" and not spec.annotations:
+        files = spec.files if spec.files is not None else discover_images(spec.image_root)
+        return [{"image": f} for f in files]
+    return read_annotations(spec)
+
+
+def _item_key(spec: DatasetSpec, row: dict, seed: int, rewriter_id: str) -> str:
+    blob = json.dumps({"v": _WORK_VERSION, "spec": spec.fingerprint(), "row": row, "seed": seed,
+                       "rewriter": rewriter_id}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def build_dataset(out_dir: str | os.PathLike, *, manifest: str | os.PathLike | None = None,
+                  input_dir: str | os.PathLike | None = None, demo: bool = False,
+                  datasets: list[DatasetSpec] | None = None, rewriter=None, seed: int = 0,
+                  progress: bool | None = None) -> dict:
+    """Convert source datasets into GMAI-VL-format training data under `out_dir` (layout in the module doc).
+
+    Exactly one source: `manifest` (YAML/JSON file, see gmaivl_rt.data.manifest), `input_dir` (unlabelled
+    images -> captions), `demo=True` (pydicom's and nibabel's test files) or `datasets` (DatasetSpec list).
+    rewriter: None (templates only), a callable fn(text, context) -> str, 'module:function', or an http(s) URL
+    of an OpenAI-compatible server. seed: template choice. progress: tqdm bar (default: when stderr is a tty).
+    Returns the summary dict also written to OUT/summary.json. Items already converted by an earlier run with
+    the same settings are reused (resume).
+    """
+    from gmaivl_rt.data.summary import make_summary, plot_summary
+
+    sources = [manifest is not None, input_dir is not None, bool(demo), datasets is not None]
+    if sum(sources) != 1:
+        raise ValueError("give exactly one of manifest=, input_dir=, demo=True, datasets=")
+    if manifest is not None:
+        specs = load_manifest(manifest)
+    elif input_dir is not None:
+        if not os.path.isdir(input_dir):
+            raise ManifestError(f"{input_dir}: not a directory")
+        specs = [input_dir_dataset(os.fspath(input_dir))]
+    elif demo:
+        specs = demo_datasets()
+    else:
+        specs = list(datasets)
+    if isinstance(rewriter, str):
+        rewriter = openai_rewriter(rewriter) if rewriter.startswith(("http://", "https://")) else \
+            load_rewriter(rewriter)
+    rewriter_id = "" if rewriter is None else getattr(rewriter, "identity", None) or \
+        f"{getattr(rewriter, '__module__', '')}:{getattr(rewriter, '__qualname__', repr(type(rewriter)))}"
+
+    out_dir = os.fspath(out_dir)
+    os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
+    log_handler = logging.FileHandler(os.path.join(out_dir, "build.log"), encoding="utf-8")
+    log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(log_handler)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    try:
+        return _build(out_dir, specs, rewriter, rewriter_id, seed, progress, make_summary, plot_summary)
+    finally:
+        logger.removeHandler(log_handler)
+        log_handler.close()
+
+
+def _build(out_dir, specs, rewriter, rewriter_id, seed, progress, make_summary, plot_summary) -> dict:
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    store = ImageStore(os.path.join(out_dir, "images"))
+    converter = _Converter(store, seed, rewriter)
+    work_root = os.path.join(out_dir, ".work")
+    plan = []
+    errors: list[dict] = []
+    for spec in specs:
+        try:
+            rows = _items(spec)
+        except ManifestError as e:
+            errors.append({"dataset": spec.name, "source": os.path.basename(spec.annotations or spec.image_root),
+                           "kind": "annotation", "reason": str(e)})
+            rows = []
+        plan.append((spec, rows))
+    total = sum(len(rows) for _, rows in plan)
+    logger.info("converting %d items from %d dataset(s)", total, len(specs))
+    if progress is None:
+        progress = sys.stderr.isatty()
+    bar = tqdm(total=total, unit="item", desc="data build", disable=not progress)
+    meta, tags, counters = {}, [], {"images": 0, "empty_slices_skipped": 0, "rewrite_failures": 0, "resumed": 0}
+    for spec, rows in plan:
+        records = []
+        for row in rows:
+            key = _item_key(spec, row, seed, rewriter_id)
+            work_file = os.path.join(work_root, spec.name, f"{key}.json")
+            result = _load_work(work_file, store.root)
+            if result is not None:
+                counters["resumed"] += 1
+            else:
+                try:
+                    try:
+                        result = converter.convert(spec, row, key)
+                    except (KeyError, ValueError, TypeError, OSError) as e:  # malformed row or file system
+                        raise ItemError("error", _safe_reason(e)) from None
+                except ItemError as e:
+                    errors.append({"dataset": spec.name, "source": scrub(str(row.get("image", "")), converter.phi),
+                                   "kind": e.kind, "reason": e.reason})
+                    logger.warning("skipped %s item %s: %s", spec.name, errors[-1]["source"], e.reason)
+                    bar.update(1)
+                    continue
+                atomic_write_json(work_file, {"records": result.records, "tags": result.tags,
+                                              "images": result.images,
+                                              "empty_slices_skipped": result.empty_slices_skipped,
+                                              "rewrite_failures": result.rewrite_failures}, indent=None)
+            records += result.records
+            tags += result.tags
+            counters["images"] += result.images
+            counters["empty_slices_skipped"] += result.empty_slices_skipped
+            counters["rewrite_failures"] += result.rewrite_failures
+            bar.update(1)
+        annotations = f"annotations/{spec.name}.jsonl"
+        write_jsonl(os.path.join(out_dir, annotations), records)
+        if records:
+            meta[spec.name] = {"image_dir": "images", "annotations": annotations, "sample_ratio": spec.sample_ratio,
+                               "length": len(records), "data_augment": bool(spec.data_augment)}
+    bar.close()
+    seconds = time.perf_counter() - started
+    write_jsonl(os.path.join(out_dir, "errors.jsonl"), errors)
+    atomic_write_json(os.path.join(out_dir, "meta.json"), meta)
+    summary = make_summary(tags, errors, specs, counters, seconds, store.written)
+    atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
+    plot_summary(summary, os.path.join(out_dir, "summary.png"))
+    logger.info("wrote %d records (%d images converted, %d new PNGs), %d items skipped with errors, %.1f s",
+                summary["records"], counters["images"], store.written, len(errors), seconds)
+    return summary
+
+
+def _load_work(path: str, image_root: str) -> ItemResult | None:
+    """A finished item's result from an earlier run, if complete (its images still exist)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if any(not os.path.exists(os.path.join(image_root, r["image"])) for r in data["records"]):
+        return None
+    return ItemResult(records=data["records"], tags=data["tags"], images=data["images"],
+                      empty_slices_skipped=data["empty_slices_skipped"],
+                      rewrite_failures=data.get("rewrite_failures", 0))

@@ -1,0 +1,43 @@
+"""`gmaivl-rt data build`: the converter's command line (a thin layer over `build_dataset`)."""
+from __future__ import annotations
+
+import json
+import logging
+
+
+def register(subparsers) -> None:
+    data = subparsers.add_parser("data", help="medical data pipeline")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    build = data_sub.add_parser(
+        "build", help="convert DICOM / NIfTI / image datasets into GMAI-VL-format conversations",
+        description="Convert source datasets into OUT/annotations/*.jsonl, OUT/images/, OUT/meta.json, "
+                    "OUT/errors.jsonl and OUT/summary.{json,png}. A rerun with the same settings resumes.")
+    source = build.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest", help="YAML or JSON manifest of labelled datasets")
+    source.add_argument("--input", help="folder of unlabelled medical images (metadata-grounded captions)")
+    source.add_argument("--demo", action="store_true", help="the DICOM / NIfTI files pydicom and nibabel ship")
+    build.add_argument("--out", required=True, help="output folder")
+    hook = build.add_mutually_exclusive_group()
+    hook.add_argument("--rewriter", help="optional text rewriter 'package.module:function' (fn(text, context))")
+    hook.add_argument("--rewriter-url", help="optional OpenAI-compatible server (POST /v1/chat/completions)")
+    build.add_argument("--rewriter-model", default="default", help="model name sent to --rewriter-url")
+    build.add_argument("--seed", type=int, default=0, help="seed of the template choices")
+    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    build.set_defaults(func=_build)
+
+
+def _build(args) -> int:
+    from gmaivl_rt.data.build import build_dataset, load_rewriter, openai_rewriter
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    rewriter = None
+    if args.rewriter:
+        rewriter = load_rewriter(args.rewriter)
+    elif args.rewriter_url:
+        rewriter = openai_rewriter(args.rewriter_url, model=args.rewriter_model)
+    summary = build_dataset(args.out, manifest=args.manifest, input_dir=args.input, demo=args.demo,
+                            rewriter=rewriter, seed=args.seed, progress=False if args.no_progress else None)
+    keys = ("records", "images_converted", "errors", "empty_slices_skipped", "by_modality", "by_task",
+            "images_per_second")
+    print(json.dumps({k: summary[k] for k in keys}, indent=2))
+    return 0
