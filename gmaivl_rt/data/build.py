@@ -38,8 +38,8 @@ import numpy as np
 
 from gmaivl_rt.data import templates as T
 from gmaivl_rt.data.deid import find_phi, phi_values_of_file, safe_stem, safe_token, scrub
-from gmaivl_rt.data.manifest import (TASK_CODES, DatasetSpec, ManifestError, load_manifest, parse_boxes,
-                                     parse_options, read_annotations)
+from gmaivl_rt.data.manifest import (TASK_CODES, DatasetSpec, ManifestError, load_manifest, missing_columns,
+                                     parse_boxes, parse_options, read_annotations)
 from gmaivl_rt.medical_io import (DICOM_SUFFIXES, NIFTI_SUFFIXES, PILLOW_SUFFIXES, MedicalImageError, _safe_reason,
                                   detect_format, iter_medical_images, modality_name, read_medical_image)
 
@@ -232,6 +232,9 @@ class _Converter:
 
     def convert(self, spec: DatasetSpec, row: dict, key: str) -> ItemResult:
         self.phi: set[str] = set()
+        missing = missing_columns(spec, row)
+        if missing:
+            raise ItemError("annotation", f"{row.get('image') or 'row'}: annotation lacks {missing}")
         rel = str(row["image"]).replace("\\", "/")
         path = os.path.join(spec.image_root, rel)
         if not os.path.isfile(path):

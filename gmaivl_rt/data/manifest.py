@@ -145,7 +145,7 @@ def load_manifest(path: str | os.PathLike) -> list[DatasetSpec]:
 
 
 def read_annotations(spec: DatasetSpec) -> list[dict]:
-    """The rows of a dataset's annotation file (CSV or JSONL), each a dict, with its required columns checked."""
+    """The rows of a dataset's annotation file (CSV or JSONL), each a dict (columns checked per row later)."""
     path = spec.annotations
     try:
         with open(path, encoding="utf-8", newline="") as f:
@@ -161,12 +161,14 @@ def read_annotations(spec: DatasetSpec) -> list[dict]:
                 rows = list(csv.DictReader(f))
     except OSError as e:
         raise ManifestError(f"{path}: cannot read annotations ({e.strerror})") from None
-    required = REQUIRED_COLUMNS[spec.task]
-    for i, row in enumerate(rows):
-        missing = [c for c in required if not row.get(c)]
-        if missing:
-            raise ManifestError(f"{path}: row {i + 1} lacks {missing}")
+    if not all(isinstance(row, dict) for row in rows):
+        raise ManifestError(f"{path}: every annotation row must be a mapping")
     return rows
+
+
+def missing_columns(spec: DatasetSpec, row: dict) -> list[str]:
+    """The task's required columns this row lacks (an empty detection box list is a valid 'no objects')."""
+    return [c for c in REQUIRED_COLUMNS[spec.task] if row.get(c) is None or row.get(c) == ""]
 
 
 def parse_boxes(value) -> list[dict]:

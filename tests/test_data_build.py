@@ -1,0 +1,319 @@
+"""The converter end to end: a manifest with every task, good and bad items, on pydicom / nibabel shipped files
+and small synthetic images; output checked against the annotations it came from (boxes, labels, masks)."""
+import csv
+import http.server
+import json
+import os
+import re
+import shutil
+import threading
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pydicom.data
+import pytest
+import yaml
+from nibabel.testing import data_path as NIFTI_DIR
+from PIL import Image
+
+from gmaivl_rt.cli import main as cli_main
+from gmaivl_rt.data.build import build_dataset
+
+DICOM_DIR = os.path.join(os.path.dirname(pydicom.data.__file__), "test_files")
+LABELS = ["normal", "pneumonia", "effusion", "nodule"]
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def make_sources(root):
+    """Source folder + manifest. Returns (manifest path, expectations)."""
+    img = root / "images"
+    img.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 50), dtype=np.uint8)).save(img / f"xray{i}.png")
+    shutil.copy(os.path.join(DICOM_DIR, "CT_small.dcm"), img / "ct.dcm")
+    shutil.copy(os.path.join(DICOM_DIR, "MR_small.dcm"), img / "mr.dcm")
+    shutil.copy(os.path.join(DICOM_DIR, "badVR.dcm"), img / "badvr.dcm")
+    data = open(os.path.join(DICOM_DIR, "CT_small.dcm"), "rb").read()
+    (img / "truncated.dcm").write_bytes(data[: len(data) * 2 // 3])
+    (img / "notes.dcm").write_text("patient notes, not an image\n")
+    png = (img / "xray0.png").read_bytes()
+    (img / "corrupt.png").write_bytes(png[: len(png) // 2])
+    # 2D segmentation: a 64x48 image with a label-2 rectangle; a mask of the wrong size; an empty mask
+    Image.fromarray(rng.integers(0, 255, (48, 64), dtype=np.uint8)).save(img / "seg.png")
+    mask = np.zeros((48, 64), np.uint8)
+    mask[10:20, 30:50] = 2
+    Image.fromarray(mask).save(img / "seg_mask.png")
+    Image.fromarray(np.zeros((48, 60), np.uint8)).save(img / "seg_mask_small.png")
+    Image.fromarray(np.zeros((48, 64), np.uint8)).save(img / "seg_mask_empty.png")
+    # 3D segmentation on nibabel's anatomical.nii: label 1 in canonical axial slices 10..13 only
+    anat = nib.load(os.path.join(NIFTI_DIR, "anatomical.nii"))
+    canonical = nib.as_closest_canonical(anat)
+    vol_mask = np.zeros(canonical.shape, np.uint8)
+    vol_mask[10:20, 12:25, 10:14] = 1
+    shutil.copy(os.path.join(NIFTI_DIR, "anatomical.nii"), img / "anat.nii")
+    nib.save(nib.Nifti1Image(vol_mask, canonical.affine), img / "anat_mask.nii.gz")
+
+    write_csv(root / "cls.csv", [{"image": f"xray{i}.png", "label": LABELS[i]} for i in range(4)]
+              + [{"image": "ct.dcm", "label": "nodule"}, {"image": "corrupt.png", "label": "normal"},
+                 {"image": "truncated.dcm", "label": "normal"}, {"image": "notes.dcm", "label": "normal"},
+                 {"image": "badvr.dcm", "label": "normal"}])
+    write_csv(root / "seg.csv", [{"image": "seg.png", "mask": "seg_mask.png"},
+                                 {"image": "seg.png", "mask": "seg_mask_small.png"},
+                                 {"image": "seg.png", "mask": "seg_mask_empty.png"},
+                                 {"image": "anat.nii", "mask": "anat_mask.nii.gz"}])
+    with open(root / "det.jsonl", "w") as f:
+        f.write(json.dumps({"image": "mr.dcm", "boxes": [{"label": "lesion", "box": [8, 16, 32, 48]},
+                                                         {"label": "lesion", "box": [40, 0, 64, 10]}]}) + "\n")
+        f.write(json.dumps({"image": "xray1.png", "boxes": []}) + "\n")
+    with open(root / "rep.jsonl", "w") as f:
+        f.write(json.dumps({"image": "ct.dcm", "report": "Small nodule in the left lower lobe.",
+                            "impression": "Follow-up CT in 6 months."}) + "\n")
+    with open(root / "vqa.jsonl", "w") as f:
+        f.write(json.dumps({"image": "mr.dcm", "question": "Is the scan T1 or T2 weighted?", "answer": "T1",
+                            "options": ["T1", "T2", "FLAIR"]}) + "\n")
+        f.write(json.dumps({"image": "xray2.png", "question": "Which side is the marker on?",
+                            "answer": "left"}) + "\n")
+    manifest = {"datasets": [
+        {"name": "chest_cls", "task": "classification", "image_root": "images", "annotations": "cls.csv",
+         "labels": LABELS, "modality": "X-ray", "department": "pulmonology"},
+        {"name": "organ_seg", "task": "segmentation", "image_root": "images", "annotations": "seg.csv",
+         "labels": ["liver", "kidney"], "department": "radiology", "empty_slice_every": 5},
+        {"name": "lesion_det", "task": "detection", "image_root": "images", "annotations": "det.jsonl",
+         "labels": ["lesion"], "department": "oncology"},
+        {"name": "ct_reports", "task": "report", "image_root": "images", "annotations": "rep.jsonl"},
+        {"name": "small_vqa", "task": "vqa", "image_root": "images", "annotations": "vqa.jsonl"},
+    ]}
+    path = root / "manifest.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    bad = {("chest_cls", "corrupt.png"), ("chest_cls", "truncated.dcm"), ("chest_cls", "notes.dcm"),
+           ("chest_cls", "badvr.dcm"), ("organ_seg", "seg.png")}
+    return path, {"bad": bad, "anat_mask_slices": 4, "anat_axial_slices": canonical.shape[2]}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sources")
+    manifest, expect = make_sources(root)
+    out = root / "out"
+    summary = build_dataset(out, manifest=manifest, seed=7, progress=False)
+    return out, manifest, summary, expect
+
+
+def records_of(out, name):
+    return read_jsonl(out / "annotations" / f"{name}.jsonl")
+
+
+def test_output_layout_and_record_format(built):
+    out, _, summary, _ = built
+    meta = json.loads((out / "meta.json").read_text())
+    assert set(meta) == {"chest_cls", "organ_seg", "lesion_det", "ct_reports", "small_vqa"}
+    total = 0
+    for name, entry in meta.items():
+        assert set(entry) == {"image_dir", "annotations", "sample_ratio", "length", "data_augment"}
+        records = read_jsonl(out / entry["annotations"])
+        assert entry["length"] == len(records) > 0
+        total += len(records)
+        ids = [r["id"] for r in records]
+        assert len(set(ids)) == len(ids), "ids must be unique"
+        for r in records:
+            assert set(r) == {"image", "conversations", "id", "width", "height"}
+            with Image.open(out / entry["image_dir"] / r["image"]) as im:
+                assert im.size == (r["width"], r["height"]) and im.mode == "RGB"
+            conv = r["conversations"]
+            assert len(conv) >= 2 and len(conv) % 2 == 0
+            assert [t["from"] for t in conv] == ["human", "gpt"] * (len(conv) // 2)
+            assert conv[0]["value"].startswith("<image>\n")
+            assert sum(t["value"].count("<image>") for t in conv) == 1
+            assert all(t["value"].strip() for t in conv)
+            dim, task, modality, dataset, label, file_part = r["id"].split("#")
+            assert dim in ("2d", "3d") and dataset == name and re.fullmatch(r"[a-z0-9._+-]+", modality + label)
+    assert summary["records"] == total
+    # images are named by content: the same picture used by several datasets is stored once
+    pngs = [p for p in (out / "images").rglob("*.png")]
+    assert len(pngs) == len({p.name for p in pngs}) == summary["new_png_files"]
+    assert len(pngs) < summary["images_converted"]
+
+
+def test_bad_items_land_in_errors_and_good_items_are_all_written(built):
+    out, _, summary, expect = built
+    errors = read_jsonl(out / "errors.jsonl")
+    assert {(e["dataset"], e["source"]) for e in errors} == expect["bad"]
+    assert summary["errors"] == len(errors) == 6  # organ_seg/seg.png fails twice (size mismatch, empty mask)
+    reasons = " | ".join(e["reason"] for e in errors)
+    for needle in ("corrupt.png", "truncated.dcm", "notes.dcm: not a DICOM file", "badvr.dcm",
+                   "does not match", "mask is empty"):
+        assert needle in reasons
+    cls_sources = {r["id"].split("#")[-1] for r in records_of(out, "chest_cls")}
+    assert cls_sources == {"xray0", "xray1", "xray2", "xray3", "ct"}
+    assert summary["errors_by_kind"]["mask"] == 2
+
+
+def test_classification_open_and_multiple_choice_are_grounded(built):
+    out = built[0]
+    records = records_of(out, "chest_cls")
+    truth = {f"xray{i}": LABELS[i] for i in range(4)} | {"ct": "nodule"}
+    kinds = {r["id"].split("#")[1] for r in records}
+    assert kinds == {"cap", "cls", "cls-mc"}
+    for r in records:
+        _, kind, _, _, label, stem = r["id"].split("#")
+        assert label == truth[stem]
+        question, answer = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        if kind == "cls":
+            assert truth[stem].lower() in answer.lower()
+        if kind == "cls-mc":
+            options = dict(re.findall(r"^([A-H])\. (.+)$", question, flags=re.M))
+            assert truth[stem] in options.values() and set(options.values()) <= set(LABELS)
+            assert len(options) == 4
+            letter = answer.split(".")[0]
+            assert options[letter] == truth[stem]
+
+
+def test_segmentation_location_and_size_come_from_the_mask(built):
+    out, _, summary, expect = built
+    records = records_of(out, "organ_seg")
+    seg2d = [r for r in records if r["id"].split("#")[1] == "seg" and r["id"].endswith("#seg")]
+    assert len(seg2d) == 1
+    text = json.dumps(seg2d[0]["conversations"])
+    mask = np.asarray(Image.open(out.parent / "images" / "seg_mask.png"))
+    ys, xs = np.nonzero(mask == 2)  # label value 2 -> "kidney"
+    box = [xs.min() / 64, ys.min() / 48, (xs.max() + 1) / 64, (ys.max() + 1) / 48]
+    assert "[" + ", ".join(f"{v:.3f}" for v in box) + "]" in text
+    assert "kidney" in text and f"{100 * (mask == 2).mean():.1f}%" in text
+    assert "upper" in text  # rows 10..19 of 48
+    # 3D: 4 labelled slices kept, empty slices kept every 5th
+    slices = [r for r in records if "anat_axial" in r["id"] and r["id"].split("#")[1] == "seg"]
+    labelled = [r for r in slices if r["id"].split("#")[4] == "liver"]
+    empty = expect["anat_axial_slices"] - expect["anat_mask_slices"]
+    assert len(labelled) == expect["anat_mask_slices"]
+    assert len(slices) - len(labelled) == (empty + 4) // 5
+    assert summary["empty_slices_skipped"] == empty - (empty + 4) // 5
+
+
+def test_detection_boxes_are_normalised_with_three_decimals(built):
+    out = built[0]
+    records = {r["id"].split("#")[-1]: r for r in records_of(out, "lesion_det") if "#det#" in r["id"]}
+    answer = records["mr"]["conversations"][1]["value"]
+    assert "[0.125, 0.250, 0.500, 0.750]" in answer and "[0.625, 0.000, 1.000, 0.156]" in answer  # 64x64 MR
+    assert "no lesion" in records["xray1"]["conversations"][1]["value"].lower() or \
+        "none" in records["xray1"]["conversations"][1]["value"].lower()
+
+
+def test_report_and_vqa_keep_their_text(built):
+    out = built[0]
+    rep = [r for r in records_of(out, "ct_reports") if "#rep#" in r["id"]][0]
+    assert "Small nodule in the left lower lobe." in rep["conversations"][1]["value"]
+    assert "Follow-up CT in 6 months." in rep["conversations"][1]["value"]
+    vqa = {r["id"].split("#")[-1]: r for r in records_of(out, "small_vqa") if "#vqa#" in r["id"]}
+    q, a = vqa["mr"]["conversations"][0]["value"], vqa["mr"]["conversations"][1]["value"]
+    options = dict(re.findall(r"^([A-H])\. (.+)$", q, flags=re.M))
+    assert set(options.values()) == {"T1", "T2", "FLAIR"} and options[a.split(".")[0]] == "T1"
+    assert vqa["xray2"]["conversations"][1]["value"] == "left"
+
+
+def test_rerun_resumes_and_is_deterministic(built, tmp_path):
+    out, manifest, first, _ = built
+    before = {p: p.read_bytes() for p in (out / "annotations").glob("*.jsonl")}
+    again = build_dataset(out, manifest=manifest, seed=7, progress=False)
+    assert again["items_resumed"] == sum(1 for _ in (out / ".work").rglob("*.json")) > 0
+    assert again["new_png_files"] == 0 and again["records"] == first["records"]
+    assert {p: p.read_bytes() for p in before} == before
+    fresh = build_dataset(tmp_path / "fresh", manifest=manifest, seed=7, progress=False)
+    assert fresh["items_resumed"] == 0
+    assert (tmp_path / "fresh/annotations/chest_cls.jsonl").read_bytes() == before[out / "annotations/chest_cls.jsonl"]
+    other = build_dataset(tmp_path / "other", manifest=manifest, seed=8, progress=False)
+    assert other["records"] == first["records"]
+    assert (tmp_path / "other/annotations/chest_cls.jsonl").read_bytes() != before[out / "annotations/chest_cls.jsonl"]
+
+
+def test_demo_build_and_template_variety(tmp_path):
+    summary = build_dataset(tmp_path, demo=True, progress=False)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert summary["errors"] == 0 and summary["records"] >= 300
+    assert set(meta) == {"demo_dicom", "demo_nifti_brain_mri"}
+    records = [r for name in meta for r in read_jsonl(tmp_path / meta[name]["annotations"])]
+    questions = {r["conversations"][0]["value"] for r in records if "#cap#" in r["id"]}
+    assert len(questions) >= 5
+    modality_answers = [t["value"] for r in records if "#vqa#ct#" in r["id"] for t in r["conversations"]
+                        if t["from"] == "gpt" and "CT" in t["value"]]
+    assert modality_answers, "the demo must teach the modality of a DICOM"
+    assert {"MRI", "CT", "ultrasound"} <= set(summary["by_modality"])
+    assert (tmp_path / "summary.png").stat().st_size > 10_000
+    with Image.open(tmp_path / "summary.png") as im:
+        assert im.format == "PNG"
+
+
+class _EchoUpper(http.server.BaseHTTPRequestHandler):
+    """A minimal OpenAI-compatible server: answers with the user text upper-cased."""
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        assert self.path == "/v1/chat/completions"
+        text = body["messages"][-1]["content"].split("Text: ", 1)[1]
+        reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": text.upper()}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_rewriter_callable_and_url(tmp_path):
+    src = tmp_path / "scans"
+    src.mkdir()
+    shutil.copy(os.path.join(DICOM_DIR, "CT_small.dcm"), src / "a.dcm")
+    seen = []
+
+    def rewrite(text, context):
+        seen.append(context)
+        return "REWRITTEN: " + text
+
+    summary = build_dataset(tmp_path / "cb", input_dir=src, rewriter=rewrite, progress=False)
+    records = read_jsonl(tmp_path / "cb/annotations/scans.jsonl")
+    assert summary["records"] == 1 and records[0]["conversations"][1]["value"].startswith("REWRITTEN: ")
+    assert seen[0]["modality"] == "CT"
+    server = http.server.HTTPServer(("127.0.0.1", 0), _EchoUpper)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        build_dataset(tmp_path / "url", input_dir=src, rewriter=f"http://127.0.0.1:{server.server_port}",
+                      progress=False)
+    finally:
+        server.shutdown()
+    answer = read_jsonl(tmp_path / "url/annotations/scans.jsonl")[0]["conversations"][1]["value"]
+    assert answer == answer.upper() and "CT" in answer
+
+    def broken(text, context):
+        raise RuntimeError("server down")
+
+    failed = build_dataset(tmp_path / "broken", input_dir=src, rewriter=broken, progress=False)
+    assert failed["rewrite_failures"] == 1 and failed["records"] == 1
+
+
+def test_cli_input_folder_captions(tmp_path, capsys):
+    src = tmp_path / "folder"
+    (src / "sub").mkdir(parents=True)
+    shutil.copy(os.path.join(DICOM_DIR, "MR_small.dcm"), src / "sub" / "scan.dcm")
+    shutil.copy(os.path.join(NIFTI_DIR, "standard.nii.gz"), src / "vol.nii.gz")
+    (src / "README.txt").write_text("not an image")
+    assert cli_main(["data", "build", "--input", str(src), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    records = read_jsonl(tmp_path / "out/annotations/folder.jsonl")
+    assert printed["records"] == len(records) == 1 + 7  # one DICOM frame + 7 axial slices
+    assert all("#cap#" in r["id"] for r in records)
+    assert any("MRI" in r["conversations"][1]["value"] for r in records)
