@@ -1,0 +1,247 @@
+"""`gmaivl_rt.load(path, backend=...)`: one generate() over three backends.
+
+- "torch":    `TorchBackend`, a thin wrapper over `GMAIVL.from_pretrained(path)` (a model folder).
+- "onnx":     `gmaivl_rt.export.ort_backend.OnnxBackend` over a folder written by `gmaivl-rt export onnx`.
+- "tensorrt": `gmaivl_rt.export.trt_backend.TensorRTBackend` over a folder written by `gmaivl-rt export tensorrt`.
+
+Every backend's `generate` follows `GMAIVL.generate`: left-padded prompts, image features written over the image
+tokens, a KV cache kept between steps, next tokens chosen by `gmaivl_rt.sampling.select_next_token`, finished rows
+filled with pad_token_id. Graph backends share the loop in `GraphBackend`; they only run the three graphs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gmaivl_rt.sampling import SamplingParams, select_next_token
+
+BACKENDS = ("torch", "onnx", "tensorrt")
+
+
+def load(path, backend: str = "torch", **kwargs):
+    """path: a model folder (torch) or an exported folder (onnx / tensorrt). kwargs go to the backend:
+    torch: dtype, device; onnx: providers, threads; tensorrt: device."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"load: {str(path)!r} is not a folder")
+    if backend == "torch":
+        return TorchBackend(path, **kwargs)
+    if backend == "onnx":
+        from gmaivl_rt.export.ort_backend import OnnxBackend
+
+        return OnnxBackend(path, **kwargs)
+    if backend == "tensorrt":
+        from gmaivl_rt.export.trt_backend import TensorRTBackend
+
+        return TensorRTBackend(path, **kwargs)
+    raise ValueError(f"load: backend {backend!r} is not one of {', '.join(BACKENDS)}")
+
+
+def _as_list(ids):
+    if ids is None:
+        return []
+    return [int(i) for i in ids] if isinstance(ids, (list, tuple)) else [int(ids)]
+
+
+class _ChatHelpers:
+    """Tokenizer and template helpers shared by the backends (need `tokenizer.json` in the folder)."""
+
+    path: Path
+    config = None
+    _tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            if not (self.path / "tokenizer.json").is_file():
+                raise FileNotFoundError(f"{self.path}: no tokenizer.json, so text cannot be tokenized here")
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+        return self._tokenizer
+
+    def prepare(self, messages, images=(), system=None) -> dict:
+        """Chat messages (with one `<image>` per image) and images (PIL or uint8 arrays) -> generate() inputs:
+        input_ids (1, S), attention_mask (1, S), pixel_values (N, 3, S, S) or a list in dynamic mode, or None."""
+        from gmaivl_rt import chat
+
+        vision = self.config.vision
+        if vision.dynamic_resolution:
+            pixels = [chat.preprocess_image_dynamic(im, vision.patch_size, vision.min_pixels, vision.max_pixels)
+                      for im in images]
+            counts = [(p.shape[1] // vision.patch_size) * (p.shape[2] // vision.patch_size)
+                      + (vision.select_strategy == "full") for p in pixels]
+        else:
+            pixels = [chat.preprocess_image(im, vision.image_size) for im in images]
+            counts = [self.config.num_image_tokens] * len(pixels)
+        text = chat.expand_image_tokens(chat.build_prompt(messages, system=system), counts)
+        ids = torch.tensor([self.tokenizer.encode(text, add_special_tokens=False)], dtype=torch.long)
+        pixel_values = None
+        if pixels:
+            pixel_values = pixels if vision.dynamic_resolution else torch.stack(pixels)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixel_values}
+
+    def decode(self, ids, skip_special_tokens=True) -> list[str]:
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+class TorchBackend(_ChatHelpers):
+    """`GMAIVL.from_pretrained(path)` behind the common backend interface."""
+
+    name = "torch"
+
+    def __init__(self, path, dtype=None, device=None):
+        from gmaivl_rt.model import GMAIVL
+
+        self.path = Path(path)
+        self.model = GMAIVL.from_pretrained(self.path, dtype=dtype, device=device).eval()
+        self.config = self.model.config
+
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, **kwargs):
+        device = self.model.lm_head.weight.device
+        to = (lambda t: t.to(device)) if isinstance(input_ids, torch.Tensor) else torch.as_tensor  # noqa: E731
+        if pixel_values is not None and not isinstance(pixel_values, (list, tuple)):
+            pixel_values = to(torch.as_tensor(pixel_values)).to(self.model.lm_head.weight.dtype)
+        mask = None if attention_mask is None else to(torch.as_tensor(attention_mask))
+        return self.model.generate(to(torch.as_tensor(input_ids)), pixel_values=pixel_values, attention_mask=mask,
+                                   **kwargs).cpu()
+
+
+class GraphBackend(_ChatHelpers):
+    """The generation loop over exported graphs. Subclasses implement:
+    `_vision(pixel_values (N, 3, H, W) float32 torch) -> (N, T, hidden) torch`,
+    `_embed(ids (B, S) int64 torch) -> (B, S, hidden) torch`,
+    `_decode(embeds, attention_mask (B, P+S), position_ids (B, S), past) -> (logits (B, S, V) fp32 torch, past)`,
+    `_empty_past(batch)`; `past` is whatever the backend keeps its cache in (arrays, device buffers)."""
+
+    name = "graphs"
+
+    def _init_from_deploy(self, deploy: dict):
+        from gmaivl_rt.config import GMAIVLConfig
+
+        self.deploy = deploy
+        self.config = GMAIVLConfig.from_hf_config(deploy["config"])
+        self.image_token_index = int(deploy["image"]["image_token_index"])
+
+    # ------------------------------------------------------------------ inputs
+    def _check_pixels(self, pixel_values) -> list[torch.Tensor]:
+        """-> a list of (n, 3, H, W) float32 batches, each of one image size, in image order."""
+        vision = self.config.vision
+        if isinstance(pixel_values, (list, tuple)):
+            images = [torch.as_tensor(p) for p in pixel_values]
+            for i, img in enumerate(images):
+                if img.dim() != 3:
+                    raise ValueError(f"pixel_values[{i}] has shape {tuple(img.shape)}; expected (3, H, W)")
+            batches = [img[None] for img in images]
+        else:
+            pixel_values = torch.as_tensor(pixel_values)
+            if pixel_values.dim() != 4:
+                raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected (num_images, 3, H, W)")
+            batches = [pixel_values]
+        for b in batches:
+            if not b.is_floating_point():
+                raise ValueError(f"pixel_values must be floating point (CLIP-normalised), got {b.dtype}")
+            n, c, h, w = b.shape
+            if c != 3:
+                raise ValueError(f"pixel_values has {c} channels; expected 3")
+            if vision.dynamic_resolution:
+                if h % vision.patch_size or w % vision.patch_size:
+                    raise ValueError(f"image of {h}x{w}: dynamic resolution needs sides that are multiples of the "
+                                     f"patch size {vision.patch_size}")
+            elif (h, w) != (vision.image_size, vision.image_size):
+                raise ValueError(f"image of {h}x{w}, but this model takes {vision.image_size}x{vision.image_size} "
+                                 "images (preprocess them with gmaivl_rt.chat.preprocess_image)")
+        if vision.dynamic_resolution and len(batches) > 1:  # group consecutive equal sizes into one run
+            grouped = [batches[0]]
+            for b in batches[1:]:
+                if b.shape[2:] == grouped[-1].shape[2:]:
+                    grouped[-1] = torch.cat([grouped[-1], b])
+                else:
+                    grouped.append(b)
+            batches = grouped
+        return [b.to(torch.float32) for b in batches]
+
+    def encode_images(self, pixel_values) -> torch.Tensor:
+        """(N, 3, H, W) or a list of (3, H_i, W_i) -> projected features (total_image_tokens, hidden) fp32."""
+        feats = [self._vision(batch) for batch in self._check_pixels(pixel_values)]
+        return torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]).float()
+
+    def _prompt_embeds(self, input_ids, pixel_values):
+        embeds = self._embed(input_ids)
+        is_image = input_ids == self.image_token_index
+        n_tokens = int(is_image.sum())
+        if pixel_values is None:
+            if n_tokens:
+                raise ValueError(f"input_ids hold {n_tokens} image tokens but no pixel_values were given")
+            return embeds
+        features = self.encode_images(pixel_values)
+        if features.shape[0] != n_tokens:
+            raise ValueError(f"input_ids hold {n_tokens} image tokens but pixel_values give {features.shape[0]} "
+                             "image features (expand <image> to the image token count)")
+        embeds = embeds.clone()
+        embeds[is_image] = features.to(embeds.dtype)
+        return embeds
+
+    @staticmethod
+    def _check_ids(input_ids, attention_mask):
+        input_ids = torch.as_tensor(input_ids)
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be a (batch, seq) integer tensor, got {input_ids.dtype} "
+                             f"{tuple(input_ids.shape)}")
+        mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask)
+        if mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+        mask = mask.to(torch.int64)
+        if bool((mask.sum(1) == 0).any()):
+            raise ValueError("a prompt is empty (its attention_mask is all zeros)")
+        if bool((mask[:, -1] == 0).any()):
+            raise ValueError("attention_mask has padding at the end of a row: pad prompts on the left")
+        return input_ids.to(torch.int64), mask
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 32,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, eos_token_id=None,
+                 pad_token_id=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """As `GMAIVL.generate`: input_ids (B, S) left-padded -> (B, S + new) int64 on the CPU."""
+        params = SamplingParams(do_sample, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size)
+        text = self.config.text
+        eos = _as_list(text.eos_token_id if eos_token_id is None else eos_token_id)
+        pad = pad_token_id if pad_token_id is not None else (text.pad_token_id or (eos or [0])[0])
+        input_ids, mask = self._check_ids(input_ids, attention_mask)
+        B, S = input_ids.shape
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits, past = self._decode(self._prompt_embeds(input_ids, pixel_values), mask, positions,
+                                    self._empty_past(B))
+        step_logits = logits[:, -1]
+        sequences = input_ids
+        finished = torch.zeros(B, dtype=torch.bool)
+        eos_tensor = torch.tensor(eos, dtype=torch.long)
+        next_position = positions[:, -1:] + 1
+        for _ in range(max_new_tokens):
+            next_tokens = select_next_token(step_logits, sequences, params, generator)
+            next_tokens = torch.where(finished, torch.full_like(next_tokens, pad), next_tokens)
+            sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
+            finished |= torch.isin(next_tokens, eos_tensor)
+            if bool(finished.all()) or sequences.shape[1] == S + max_new_tokens:
+                break
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.int64)], dim=1)
+            logits, past = self._decode(self._embed(next_tokens[:, None]), mask, next_position, past)
+            step_logits = logits[:, -1]
+            next_position = next_position + 1
+        return sequences
+
+    # ------------------------------------------------------------------ for subclasses
+    def _vision(self, pixel_values):
+        raise NotImplementedError
+
+    def _embed(self, ids):
+        raise NotImplementedError
+
+    def _decode(self, embeds, attention_mask, position_ids, past):
+        raise NotImplementedError
+
+    def _empty_past(self, batch):
+        raise NotImplementedError
