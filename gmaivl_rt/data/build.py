@@ -479,8 +479,8 @@ def _build(out_dir, specs, rewriter, rewriter_id, seed, progress, make_summary, 
                         raise ItemError("error", _safe_reason(e)) from None
                 except ItemError as e:
                     errors.append({"dataset": spec.name, "source": scrub(str(row.get("image", "")), converter.phi),
-                                   "kind": e.kind, "reason": e.reason})
-                    logger.warning("skipped %s item %s: %s", spec.name, errors[-1]["source"], e.reason)
+                                   "kind": e.kind, "reason": scrub(e.reason, converter.phi)})
+                    logger.warning("skipped %s item %s: %s", spec.name, errors[-1]["source"], errors[-1]["reason"])
                     bar.update(1)
                     continue
                 atomic_write_json(work_file, {"records": result.records, "tags": result.tags,
