@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ._dispatch import use_triton
 from ._rowwise import (as_rows, backward_warps_for_block, check_float, partial_sum_programs, row_block,
@@ -90,6 +91,7 @@ class _RMSNormFunction(torch.autograd.Function):
         return y.view(x.shape)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x_rows, weight, rstd = ctx.saved_tensors
         n_rows, n_cols = x_rows.shape

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ._dispatch import use_triton
 from ._rowwise import check_float
@@ -130,6 +131,7 @@ class _RoPEFunction(torch.autograd.Function):
         return q_out.view(q.shape), k_out.view(k.shape)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dq_out, dk_out):
         cos_rows, sin_rows = ctx.saved_tensors
         q_shape, q_dtype, k_shape, k_dtype = ctx.shapes_and_dtypes

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from ._dispatch import use_triton
 from ._rowwise import check_float
@@ -72,6 +73,7 @@ class _SwiGLUFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, d_out):
         gate, up = ctx.saved_tensors
         d_out = d_out.contiguous()
