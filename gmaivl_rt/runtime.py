@@ -180,7 +180,7 @@ class GraphBackend(_ChatHelpers):
             raise ValueError(f"input_ids hold {n_tokens} image tokens but pixel_values give {features.shape[0]} "
                              "image features (expand <image> to the image token count)")
         embeds = embeds.clone()
-        embeds[is_image] = features.to(embeds.dtype)
+        embeds[is_image.to(embeds.device)] = features.to(embeds.device, embeds.dtype)
         return embeds
 
     @staticmethod

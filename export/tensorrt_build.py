@@ -1,0 +1,208 @@
+"""`gmaivl-rt export tensorrt ONNX_DIR OUT_DIR`: TensorRT engines from the exported ONNX graphs.
+
+One engine per graph, built with `trt.Builder` + `trt.OnnxParser`, fp16 or bf16, a timing cache file reused across
+builds, and optimization profiles from min/opt/max sizes:
+    vision_encoder:        num_images (and height/width in dynamic-resolution mode)
+    embed_tokens:          batch_size, sequence_length
+    decoder_model_merged:  profile 0 "prefill" (sequence_length range, past 0) and profile 1 "decode"
+                           (sequence_length 1, past_sequence_length range); total = past + sequence.
+Graphs exported with `--attention trt_plugin` carry our Triton attention as the AOT plugin
+"gmaivl::flash_attention" (see trt_plugin.py); it is registered before parsing, and its PTX ends up in the engine.
+
+TensorRT is imported lazily: everything up to `build_engine` (profile arithmetic, plugin detection, the
+op inventory check) runs without it. Written against the TensorRT >= 10.9 Python API.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from gmaivl_rt.atomic import atomic_path, atomic_write_bytes, atomic_write_json
+
+from .onnx_export import DEPLOY_JSON, GRAPH_FILES
+from .op_inventory import check_graph
+from .trt_plugin import PLUGIN_ID, PLUGIN_NAME, PLUGIN_NAMESPACE, import_tensorrt, register_plugin
+
+log = logging.getLogger(__name__)
+
+ENGINE_JSON = "gmaivl_trt.json"
+ENGINE_FILES = {name: file.replace(".onnx", ".engine") for name, file in GRAPH_FILES.items()}
+PRECISIONS = ("fp16", "bf16", "fp32")
+SIZE_KEYS = ("batch", "images", "seq", "past", "height", "width")
+
+
+@dataclass
+class Sizes:
+    """One corner (min, opt or max) of the shapes the engines accept."""
+    batch: int = 1        # sequences per generate() call
+    images: int = 1       # images per vision run
+    seq: int = 1          # prompt tokens per prefill
+    past: int = 0         # cached tokens during decode
+    height: int = 0       # dynamic resolution only (pixels; 0 = the model's image_size)
+    width: int = 0
+
+    @classmethod
+    def parse(cls, text: str, base: "Sizes | None" = None) -> "Sizes":
+        """"batch=1,seq=512,past=512" -> Sizes (unnamed keys keep `base`'s values)."""
+        values = asdict(base or cls())
+        for item in filter(None, (t.strip() for t in text.split(","))):
+            key, _, value = item.partition("=")
+            if key not in SIZE_KEYS or not value.strip().isdigit():
+                raise ValueError(f"shape size {item!r}: expected KEY=INT with KEY one of {', '.join(SIZE_KEYS)}")
+            values[key] = int(value)
+        return cls(**values)
+
+
+@dataclass
+class ProfileSizes:
+    min: Sizes = field(default_factory=lambda: Sizes(batch=1, images=1, seq=1, past=1))
+    opt: Sizes = field(default_factory=lambda: Sizes(batch=1, images=1, seq=512, past=512))
+    max: Sizes = field(default_factory=lambda: Sizes(batch=4, images=4, seq=2048, past=2048))
+
+    def validate(self):
+        for key in SIZE_KEYS:
+            lo, mid, hi = (getattr(s, key) for s in (self.min, self.opt, self.max))
+            if not lo <= mid <= hi:
+                raise ValueError(f"profile sizes for {key}: need min <= opt <= max, got {lo}, {mid}, {hi}")
+            if key in ("batch", "images", "seq") and lo < 1:
+                raise ValueError(f"profile sizes for {key}: the minimum must be at least 1, got {lo}")
+
+
+def _dim_ranges(deploy: dict, sizes: ProfileSizes, phase: str) -> dict[str, tuple[int, int, int]]:
+    """Symbolic dim name -> (min, opt, max) for one profile. phase: "prefill" (no past) | "decode" (one token)."""
+    image = deploy["image"]
+    patch, side = image["patch_size"], image["image_size"]
+    corners = (sizes.min, sizes.opt, sizes.max)
+    pick = lambda key: tuple(getattr(c, key) for c in corners)  # noqa: E731
+    seq, past = pick("seq"), pick("past")
+    if phase == "prefill":
+        past = (0, 0, 0)
+    elif phase == "decode":
+        seq = (1, 1, 1)
+        past = tuple(max(p, 1) for p in past)
+    pixels = lambda key: tuple((getattr(c, key) or side) // patch * patch for c in corners)  # noqa: E731
+    return {"batch_size": pick("batch"), "num_images": pick("images"), "sequence_length": seq,
+            "past_sequence_length": past, "total_sequence_length": tuple(p + s for p, s in zip(past, seq)),
+            "height": pixels("height"), "width": pixels("width")}
+
+
+def profile_shapes(deploy: dict, graph: str, sizes: ProfileSizes) -> list[dict[str, tuple]]:
+    """Optimization profiles of one graph: a list of {input name: (min_shape, opt_shape, max_shape)}.
+    Static dims are copied from the graph; symbolic ones come from `sizes` (see `_dim_ranges`)."""
+    sizes.validate()
+    phases = ("prefill", "decode") if graph == "decoder_model_merged" else ("any",)
+    profiles = []
+    for phase in phases:
+        ranges = _dim_ranges(deploy, sizes, phase)
+        profile = {}
+        for spec in deploy["graphs"][graph]["inputs"]:
+            corners = [[], [], []]
+            for dim in spec["shape"]:
+                if isinstance(dim, int):
+                    lo = mid = hi = dim
+                elif dim in ranges:
+                    lo, mid, hi = ranges[dim]
+                else:
+                    raise ValueError(f"{graph}: input {spec['name']} has dim {dim!r} with no profile range")
+                for corner, value in zip(corners, (lo, mid, hi)):
+                    corner.append(value)
+            profile[spec["name"]] = tuple(tuple(c) for c in corners)
+        profiles.append(profile)
+    return profiles
+
+
+def graph_plugins(onnx_path: Path) -> set[str]:
+    """Plugin ids ("namespace::name") the graph's custom-domain nodes ask for."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    found = set()
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            namespace = next((a.s.decode() for a in node.attribute if a.name == "plugin_namespace"), node.domain)
+            found.add(f"{namespace}::{node.op_type}")
+    return found
+
+
+def build_engine(onnx_path: Path, engine_path: Path, profiles: list[dict], *, precision="fp16",
+                 timing_cache: Path | None = None, workspace_bytes: int = 8 << 30) -> dict:
+    """Parse one ONNX graph and build a serialized engine with the given profiles. Returns build facts."""
+    trt, _ = import_tensorrt()
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    plugins = graph_plugins(onnx_path)
+    if plugins - {PLUGIN_ID}:
+        raise ValueError(f"{onnx_path.name}: unknown plugins {sorted(plugins - {PLUGIN_ID})}")
+    if plugins:
+        register_plugin()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # resolves external data beside the file
+        errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path.name}:\n{errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "bf16":
+        config.set_flag(trt.BuilderFlag.BF16)
+    cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    for shapes in profiles:
+        profile = builder.create_optimization_profile()
+        for name, (lo, mid, hi) in shapes.items():
+            profile.set_shape(name, lo, mid, hi)
+        config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path.name} (see the log above)")
+    atomic_write_bytes(engine_path, bytes(serialized))
+    if timing_cache is not None:
+        atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
+    return {"engine": engine_path.name, "plugins": sorted(plugins), "num_profiles": len(profiles),
+            "profiles": [{k: [list(c) for c in v] for k, v in p.items()} for p in profiles]}
+
+
+def export_tensorrt(onnx_dir, out_dir, *, precision="fp16", sizes: ProfileSizes | None = None,
+                    timing_cache=None, workspace_gb: float = 8.0, graphs=tuple(GRAPH_FILES)) -> Path:
+    """Build engines for every graph of an ONNX export folder into out_dir, with the deployment JSON copied
+    beside them and `gmaivl_trt.json` describing engines and profiles. Returns the path of that JSON."""
+    onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
+    deploy_file = onnx_dir / DEPLOY_JSON
+    if not deploy_file.is_file():
+        raise FileNotFoundError(f"{onnx_dir}: no {DEPLOY_JSON}; run `gmaivl-rt export onnx` first")
+    deploy = json.loads(deploy_file.read_text())
+    sizes = sizes or ProfileSizes()
+    # Everything that can fail without TensorRT fails before the (slow) builds start.
+    for name in graphs:
+        report = check_graph(onnx_dir / GRAPH_FILES[name], plugins={PLUGIN_ID})
+        if not report.ok:
+            raise ValueError(f"TensorRT cannot parse {GRAPH_FILES[name]}:\n{report}")
+    plan = {name: profile_shapes(deploy, name, sizes) for name in graphs}
+    import_tensorrt()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache = Path(timing_cache) if timing_cache else out_dir / "timing.cache"
+    built = {}
+    for name in graphs:
+        log.info("building %s (%s)", ENGINE_FILES[name], precision)
+        built[name] = build_engine(onnx_dir / GRAPH_FILES[name], out_dir / ENGINE_FILES[name], plan[name],
+                                   precision=precision, timing_cache=cache, workspace_bytes=int(workspace_gb * 2**30))
+    with atomic_path(out_dir / DEPLOY_JSON) as tmp:
+        shutil.copyfile(deploy_file, tmp)
+    for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (onnx_dir / fname).is_file():
+            with atomic_path(out_dir / fname) as tmp:
+                shutil.copyfile(onnx_dir / fname, tmp)
+    info = {"format": "gmaivl-rt-tensorrt", "format_version": 1, "precision": precision,
+            "plugin": {"id": PLUGIN_ID, "namespace": PLUGIN_NAMESPACE, "name": PLUGIN_NAME},
+            "sizes": {k: asdict(getattr(sizes, k)) for k in ("min", "opt", "max")}, "engines": built,
+            "decoder_profiles": {"prefill": 0, "decode": 1}}
+    path = out_dir / ENGINE_JSON
+    atomic_write_json(path, info)
+    return path
