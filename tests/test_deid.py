@@ -105,7 +105,9 @@ def test_no_identity_value_anywhere_in_the_output(tmp_path):
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     assert any("broken" in e["source"] for e in errors)
     records = [json.loads(line) for line in (out / "annotations" / "dicom.jsonl").read_text().splitlines()]
-    assert any("head" in json.dumps(r) for r in records)  # the rich copy itself was converted
+    # the rich copy itself was converted (the only MRI of the head), under a hashed name
+    rich = [r for r in records if "#mri#" in r["id"] and "head" in json.dumps(r)]
+    assert rich and all(r["id"].split("#")[-1].startswith("file-") for r in rich)
 
     scanned = 0
     for path in out.rglob("*"):
