@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ._dispatch import use_triton
 from ._spec import KernelSpec, Roofline
-from .projector import matmul, matmul_specs
+from .projector import autocast_operands, matmul, matmul_specs
 
 # Vocabulary block of the row kernel: a row of 92544 logits is swept in 46 blocks, twice (statistics, gradient).
 CE_BLOCK_V = 2048
@@ -174,11 +174,13 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, red
     hidden and weight share a dtype (fp32/fp16/bf16): logits and loss in fp32, gradients in that dtype.
     chunk_size: tokens per chunk (default `chunk_rows`). Never materialises the (N, V) logits: Triton kernels when
     `use_triton`, else the same chunked algorithm in PyTorch."""
+    hidden, weight = autocast_operands(hidden, weight)  # as lm_head's F.linear would run under autocast
     _check_inputs(hidden, weight, labels, reduction, chunk_size)
     _check_labels(labels, weight.shape[0], ignore_index)
     step = _chunk_step_triton if use_triton(hidden, weight) else _chunk_step_torch
-    labels = labels.contiguous()
-    return _FusedLinearCrossEntropy.apply(hidden, weight, labels, ignore_index, reduction, chunk_size, step)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _FusedLinearCrossEntropy.apply(hidden, weight, labels.contiguous(), ignore_index, reduction,
+                                              chunk_size, step)
 
 
 def fused_linear_cross_entropy_reference(hidden, weight, labels, *, ignore_index=-100, reduction="mean"):

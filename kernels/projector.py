@@ -192,6 +192,16 @@ def gelu_backward(grad, pre):
     return out
 
 
+def autocast_operands(*tensors):
+    """The operands as F.linear sees them under torch.autocast: floating tensors cast (differentiably) to the
+    autocast dtype; unchanged when autocast is off. Our autograd Functions then run with autocast disabled."""
+    device_type = next(t for t in tensors if t is not None).device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
 class _FusedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, weight, bias, apply_gelu):
@@ -243,6 +253,7 @@ def mlp2x_gelu(x, w1, b1, w2, b2):
 
 
 def _fused_linear_triton(x, weight, bias, activation):
+    x, weight, bias = autocast_operands(x, weight, bias)
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"fused_linear: x {tuple(x.shape)} does not match weight {tuple(weight.shape)} "
                          "(expected x (..., K), weight (N, K))")
@@ -251,7 +262,8 @@ def _fused_linear_triton(x, weight, bias, activation):
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"fused_linear: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
     x2d = x.reshape(-1, x.shape[-1])
-    y = _FusedLinear.apply(x2d, weight, bias, activation == "gelu")
+    with torch.autocast(x.device.type, enabled=False):
+        y = _FusedLinear.apply(x2d, weight, bias, activation == "gelu")
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

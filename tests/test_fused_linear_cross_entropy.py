@@ -147,3 +147,15 @@ def test_report_specs():
     assert all(s.uses_dot for s in specs if s.kernel != "flce_softmax_grad")
     for name in kernels:
         assert sum(s.default for s in specs if s.kernel == name) == 1
+
+
+def test_follows_autocast(torch_path):
+    # Like lm_head's F.linear under autocast: operands cast to bf16, loss still fp32, fp32 leaves get fp32 grads.
+    hidden, weight, labels = _inputs(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(hidden, weight, labels, chunk_size=CHUNK)
+        ref = fused_linear_cross_entropy_reference(hidden, weight, labels)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=1e-2, atol=0)
+    loss.backward()
+    assert hidden.grad.dtype == weight.grad.dtype == torch.float32

@@ -129,3 +129,15 @@ def test_report_specs_cover_every_config():
         assert len(rows) == len(projector.GEMM_CONFIGS)
         assert sum(s.default for s in rows) == 1
         assert all(s.roofline is not None and s.roofline.flops > 0 for s in rows)
+
+
+def test_fused_linear_follows_autocast(triton_path):
+    # Under autocast F.linear runs in the autocast dtype; so does fused_linear, and grads reach the fp32 leaves.
+    x, w, b = _inputs((5, 16), 8, torch.float32, True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = fused_linear(x, w, b, "gelu")
+        ref = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b))
+    assert y.dtype == ref.dtype == torch.float16
+    torch.testing.assert_close(y.float(), ref.float(), atol=4e-3, rtol=4e-3)
+    y.float().sum().backward()
+    assert x.grad.dtype == w.grad.dtype == b.grad.dtype == torch.float32
