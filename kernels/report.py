@@ -246,13 +246,16 @@ def _table(header, lines) -> str:
 
 def format_table(rows) -> str:
     compiled = [r for r in rows if r["arch"] is not None]
+    def resource_line(r):
+        measured = ("-",) * 5 if r["error"] else (r["registers"], r["spill_bytes"], r["shared_bytes"], r["mma"],
+                                                  r["wgmma"])
+        status = _short("FAIL: " + "; ".join(r["problems"]), 60) if r["problems"] else "ok"
+        return (r["kernel"], r["config"], f"sm_{r['arch']}", "*" if r["default"] else "", *measured,
+                "yes" if r["uses_dot"] else "", status)
+
     resources = _table(
         ("kernel", "config", "arch", "default", "regs", "spill", "smem", "mma", "wgmma", "dot", "status"),
-        [(r["kernel"], r["config"], f"sm_{r['arch']}", "*" if r["default"] else "",
-          *(("-",) * 5 if r["error"] else (r["registers"], r["spill_bytes"], r["shared_bytes"], r["mma"],
-                                            r["wgmma"])),
-          "yes" if r["uses_dot"] else "", "ok" if not r["problems"] else _short("FAIL: " + "; ".join(r["problems"]), 60))
-         for r in compiled])
+        [resource_line(r) for r in compiled])
     seen, roof_lines = set(), []
     for r in compiled:
         if r["flops"] is None or r["kernel"] in seen:
