@@ -230,7 +230,7 @@ class _Converter:
     def __init__(self, store: ImageStore, seed: int, rewriter):
         self.store, self.seed, self.rewriter = store, seed, rewriter
 
-    def convert(self, spec: DatasetSpec, row: dict, key: str) -> ItemResult:
+    def convert(self, spec: DatasetSpec, row: dict) -> ItemResult:
         self.phi: set[str] = set()
         missing = missing_columns(spec, row)
         if missing:
@@ -242,7 +242,9 @@ class _Converter:
         fmt = detect_format(path)
         self.phi = phi = phi_values_of_file(path) if fmt == "dicom" else set()
         stem = safe_stem(rel, phi)
-        rng = random.Random(int(hashlib.sha256(f"{self.seed}:{key}".encode()).hexdigest()[:16], 16))
+        # Seeded by what the item is, not where it lives: the same data gives the same text on any machine.
+        rng_key = json.dumps([self.seed, spec.name, spec.task, row], sort_keys=True, default=str)
+        rng = random.Random(int(hashlib.sha256(rng_key.encode()).hexdigest()[:16], 16))
         result = ItemResult()
         task = spec.task
         label = str(row.get("label", "")).strip() or None
@@ -474,7 +476,7 @@ def _build(out_dir, specs, rewriter, rewriter_id, seed, progress, make_summary, 
             else:
                 try:
                     try:
-                        result = converter.convert(spec, row, key)
+                        result = converter.convert(spec, row)
                     except (KeyError, ValueError, TypeError, OSError) as e:  # malformed row or file system
                         raise ItemError("error", _safe_reason(e)) from None
                 except ItemError as e:
