@@ -1,0 +1,261 @@
+"""ONNX export + ONNX Runtime backend against the torch model and transformers, on a checkpoint transformers made.
+
+Tolerances: fp32 graphs 1e-4 absolute against the torch model (ONNX Runtime CPU provider); fp16 graphs
+5e-2 absolute + 5e-2 relative against the fp32 torch model (fp16 weights and activations, outputs of order 1).
+Shapes checked differ from the ones traced at export (batch 2, sequence 3, past 4, 42x70 pixels).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from export_fixtures import dynamic_checkpoint, exported, hf_checkpoint
+from hf_reference import IMAGE_TOKEN
+from transformers import LlavaForConditionalGeneration
+
+import gmaivl_rt
+from gmaivl_rt import GMAIVL, GMAIVLConfig
+from gmaivl_rt.export import onnx_export
+from gmaivl_rt.export.onnx_export import DEPLOY_JSON, GRAPH_FILES, past_names
+
+ATOL_FP32 = 1e-4
+TOL_FP16 = dict(atol=5e-2, rtol=5e-2)
+N_IMG = 4  # (28 / 14)^2 image tokens per image
+
+
+@pytest.fixture(scope="module")
+def model():
+    return GMAIVL.from_pretrained(hf_checkpoint()).eval()
+
+
+@pytest.fixture(scope="module")
+def onnx_dir():
+    return exported("fp32")
+
+
+def _session(folder, graph):
+    return ort.InferenceSession(str(folder / GRAPH_FILES[graph]), providers=["CPUExecutionProvider"])
+
+
+def _prompts(batch, seed=1, lengths=(3, 1, 6)):
+    """`batch` left-padded prompts, each text + one image + text, with their images."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(batch):
+        before = torch.randint(0, 100, (lengths[i % len(lengths)],), generator=g).tolist()
+        after = torch.randint(0, 100, (2 + i,), generator=g).tolist()
+        rows.append(before + [IMAGE_TOKEN] * N_IMG + after)
+    width = max(map(len, rows))
+    ids = torch.zeros(batch, width, dtype=torch.long)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for r, seq in enumerate(rows):
+        ids[r, width - len(seq):] = torch.tensor(seq)
+        mask[r, width - len(seq):] = 1
+    return ids, mask, torch.randn(batch, 3, 28, 28, generator=g)
+
+
+def _decoder_feeds(embeds, mask, positions, past):
+    feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
+    return {**feeds, **dict(zip(past_names(len(past) // 2), past))}
+
+
+# ------------------------------------------------------------------------------------------ files and metadata
+def test_export_writes_checked_graphs_and_deploy_json(onnx_dir, model):
+    for graph, file in GRAPH_FILES.items():
+        proto = onnx.load(str(onnx_dir / file))
+        onnx.checker.check_model(proto, full_check=True)
+        assert {o.domain for o in proto.opset_import} >= {""}
+        assert next(o.version for o in proto.opset_import if o.domain == "") == 23
+    deploy = json.loads((onnx_dir / DEPLOY_JSON).read_text())
+    assert GMAIVLConfig.from_hf_config(deploy["config"]) == model.config
+    assert deploy["image"]["image_token_index"] == IMAGE_TOKEN and deploy["image"]["tokens_per_image"] == N_IMG
+    decoder = deploy["graphs"]["decoder_model_merged"]
+    assert [i["name"] for i in decoder["inputs"]][:3] == ["inputs_embeds", "attention_mask", "position_ids"]
+    assert decoder["inputs"][3] == {"name": "past_key_values.0.key", "dtype": "float32",
+                                    "shape": ["batch_size", 2, "past_sequence_length", 16]}
+    assert decoder["outputs"][1]["shape"] == ["batch_size", 2, "total_sequence_length", 16]
+    assert deploy["graphs"]["vision_encoder"]["inputs"][0]["shape"] == ["num_images", 3, 28, 28]
+
+
+def test_deploy_chat_template_renders_like_build_prompt(onnx_dir):
+    jinja2 = pytest.importorskip("jinja2")
+    from gmaivl_rt.chat import build_prompt
+
+    template = json.loads((onnx_dir / DEPLOY_JSON).read_text())["chat_template"]
+    messages = [{"role": "system", "content": "You are a radiologist."}, {"from": "human", "value": "<image>\nFindings?"},
+                {"role": "assistant", "content": "None."}, {"role": "user", "content": "Sure?"}]
+    rendered = jinja2.Environment().from_string(template).render(messages=messages, add_generation_prompt=True)
+    assert rendered == build_prompt(messages[1:], system="You are a radiologist.")
+
+
+def test_attention_is_the_standard_onnx_op(onnx_dir):
+    for graph in ("vision_encoder", "decoder_model_merged"):
+        nodes = onnx.load(str(onnx_dir / GRAPH_FILES[graph])).graph.node
+        attention = [n for n in nodes if n.op_type == "Attention"]
+        assert attention and all(n.domain == "" for n in attention)
+        assert not [n for n in nodes if n.domain not in ("", "ai.onnx")]
+    decoder = onnx.load(str(onnx_dir / GRAPH_FILES["decoder_model_merged"]))
+    assert sum(n.op_type == "Attention" for n in decoder.graph.node) == 2  # one per layer
+
+
+def test_large_graphs_use_external_data(tmp_path, monkeypatch, model):
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    onnx_export.export_onnx(model, tmp_path, graphs=("embed_tokens",))
+    assert (tmp_path / "embed_tokens.onnx.data").is_file()
+    onnx.checker.check_model(str(tmp_path / "embed_tokens.onnx"))
+    ids = np.array([[1, 5, 120]], dtype=np.int64)
+    (embeds,) = _session(tmp_path, "embed_tokens").run(None, {"input_ids": ids})
+    np.testing.assert_array_equal(embeds, model.language_model.embed_tokens.weight.detach()[torch.from_numpy(ids)].numpy())
+
+
+# ------------------------------------------------------------------------------------------ numerics vs torch
+@pytest.mark.parametrize("num_images", [1, 3])
+def test_vision_encoder_matches_torch_fp32(onnx_dir, model, num_images):
+    pixels = torch.randn(num_images, 3, 28, 28)
+    (got,) = _session(onnx_dir, "vision_encoder").run(None, {"pixel_values": pixels.numpy()})
+    with torch.no_grad():
+        expected = model.encode_images(pixels)
+    assert got.shape == (num_images, N_IMG, 64)
+    torch.testing.assert_close(torch.from_numpy(got).reshape(-1, 64), expected, atol=ATOL_FP32, rtol=0)
+
+
+def test_dynamic_resolution_vision_encoder_matches_torch_fp32():
+    folder = exported("dynamic")
+    model = GMAIVL.from_pretrained(dynamic_checkpoint()).eval()
+    session = _session(folder, "vision_encoder")
+    for height, width in [(28, 42), (56, 28), (14, 14)]:  # export traced 42 x 70
+        pixels = torch.randn(2, 3, height, width)
+        (got,) = session.run(None, {"pixel_values": pixels.numpy()})
+        with torch.no_grad():
+            expected = model.encode_images(list(pixels))  # bicubic position embeddings, packed attention
+        torch.testing.assert_close(torch.from_numpy(got).reshape(expected.shape), expected, atol=ATOL_FP32, rtol=0)
+
+
+def test_decoder_prefill_and_decode_match_torch_fp32(onnx_dir, model):
+    """Batch 3, left padding, prefill of 12 then three decode steps (past 12, 13, 14) vs the torch model on the
+    whole sequences."""
+    torch.manual_seed(3)
+    ids = torch.randint(0, 110, (3, 15))
+    mask = torch.ones_like(ids)
+    mask[0, :4], mask[2, :1] = 0, 0
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+    embed, decoder = _session(onnx_dir, "embed_tokens"), _session(onnx_dir, "decoder_model_merged")
+    t = model.config.text
+    past = [np.zeros((3, t.num_kv_heads, 0, t.head_dim), np.float32)] * (2 * t.num_layers)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    start = 0
+    for stop in (12, 13, 14, 15):
+        (embeds,) = embed.run(None, {"input_ids": ids[:, start:stop].numpy()})
+        logits, *past = decoder.run(None, _decoder_feeds(embeds, mask[:, :stop].numpy(),
+                                                         positions[:, start:stop].numpy(), past))
+        real = mask[:, start:stop].bool()
+        torch.testing.assert_close(torch.from_numpy(logits)[real], expected[:, start:stop][real], atol=ATOL_FP32,
+                                   rtol=0)
+        assert past[0].shape == (3, t.num_kv_heads, stop, t.head_dim)
+        start = stop
+
+
+def test_fp16_graphs_run_within_tolerance(model):
+    folder = exported("fp16")
+    pixels = torch.randn(3, 3, 28, 28)
+    (features,) = _session(folder, "vision_encoder").run(None, {"pixel_values": pixels.half().numpy()})
+    assert features.dtype == np.float16
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(features).float().reshape(-1, 64), model.encode_images(pixels),
+                                   **TOL_FP16)
+    ids, mask, _ = _prompts(3)
+    ids = torch.where(ids == IMAGE_TOKEN, 7, ids)  # text only here
+    (embeds,) = _session(folder, "embed_tokens").run(None, {"input_ids": ids.numpy()})
+    t = model.config.text
+    past = [np.zeros((3, t.num_kv_heads, 0, t.head_dim), np.float16)] * (2 * t.num_layers)
+    logits, *_ = _session(folder, "decoder_model_merged").run(
+        None, _decoder_feeds(embeds, mask.numpy(), (mask.cumsum(1) - 1).clamp(min=0).numpy(), past))
+    assert logits.dtype == np.float32 and np.isfinite(logits).all()
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(torch.from_numpy(logits)[real], expected[real], **TOL_FP16)
+
+
+# ------------------------------------------------------------------------------------------ generation
+def test_greedy_generation_matches_torch_backend_and_transformers(onnx_dir):
+    ids, mask, pixels = _prompts(2)
+    onnx_backend = gmaivl_rt.load(onnx_dir, backend="onnx")
+    torch_backend = gmaivl_rt.load(hf_checkpoint(), backend="torch")
+    hf = LlavaForConditionalGeneration.from_pretrained(hf_checkpoint()).eval()
+    got = onnx_backend.generate(ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=32, eos_token_id=[],
+                                pad_token_id=0)
+    ours = torch_backend.generate(ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=32,
+                                  eos_token_id=[], pad_token_id=0)
+    expected = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=32,
+                           min_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert got.shape == (2, ids.shape[1] + 32)
+    assert torch.equal(got, ours)
+    assert torch.equal(got, expected)
+
+
+def test_sampling_and_stopping_follow_the_torch_backend(onnx_dir):
+    """Same shared sampling code, same random stream: identical samples; eos stops a row, pads the rest."""
+    ids, mask, pixels = _prompts(2, seed=5)
+    onnx_backend = gmaivl_rt.load(onnx_dir, backend="onnx")
+    torch_backend = gmaivl_rt.load(hf_checkpoint(), backend="torch")
+    settings = dict(max_new_tokens=12, do_sample=True, temperature=0.8, top_p=0.9, top_k=50,
+                    repetition_penalty=1.12, no_repeat_ngram_size=3, pad_token_id=0)
+    got = onnx_backend.generate(ids, pixel_values=pixels, attention_mask=mask,
+                                generator=torch.Generator().manual_seed(0), **settings)
+    ours = torch_backend.generate(ids, pixel_values=pixels, attention_mask=mask,
+                                  generator=torch.Generator().manual_seed(0), **settings)
+    assert torch.equal(got, ours)
+    eos = int(got[0, ids.shape[1] + 1])  # make the second new token of row 0 its eos
+    stopped = onnx_backend.generate(ids, pixel_values=pixels, attention_mask=mask, eos_token_id=eos,
+                                    generator=torch.Generator().manual_seed(0), **settings)
+    assert torch.equal(stopped, torch_backend.generate(ids, pixel_values=pixels, attention_mask=mask,
+                                                       eos_token_id=eos, generator=torch.Generator().manual_seed(0),
+                                                       **settings))
+
+
+# ------------------------------------------------------------------------------------------ errors
+def test_wrong_inputs_give_clear_errors(onnx_dir):
+    backend = gmaivl_rt.load(onnx_dir, backend="onnx")
+    ids, mask, pixels = _prompts(1)
+    with pytest.raises(ValueError, match="30x30.*28x28"):
+        backend.generate(ids, pixel_values=torch.randn(1, 3, 30, 30), max_new_tokens=1)
+    with pytest.raises(ValueError, match="floating point"):
+        backend.generate(ids, pixel_values=pixels.to(torch.uint8), max_new_tokens=1)
+    with pytest.raises(ValueError, match="4 image tokens but pixel_values give 8"):
+        backend.generate(ids, pixel_values=torch.randn(2, 3, 28, 28), max_new_tokens=1)
+    with pytest.raises(ValueError, match="integer"):
+        backend.generate(ids.float(), pixel_values=pixels, max_new_tokens=1)
+    right_padded = torch.ones_like(ids)
+    right_padded[0, -1] = 0
+    with pytest.raises(ValueError, match="pad prompts on the left"):
+        backend.generate(ids, pixel_values=pixels, attention_mask=right_padded, max_new_tokens=1)
+    vision = backend.graphs["vision_encoder"]
+    with pytest.raises(ValueError, match=r"vision_encoder: input 'pixel_values' must be float32 .*got float64"):
+        vision.run({"pixel_values": np.zeros((1, 3, 28, 28))})
+    with pytest.raises(ValueError, match=r"must be float32 of shape \('num_images', 3, 28, 28\), got float32 \(3, 28, 28\)"):
+        vision.run({"pixel_values": np.zeros((3, 28, 28), np.float32)})
+    with pytest.raises(ValueError, match="missing inputs"):
+        backend.graphs["decoder_model_merged"].run({"inputs_embeds": np.zeros((1, 1, 64), np.float32)})
+
+
+def test_load_errors(tmp_path, onnx_dir):
+    with pytest.raises(ValueError, match="backend 'jax'"):
+        gmaivl_rt.load(onnx_dir, backend="jax")
+    with pytest.raises(FileNotFoundError, match="gmaivl_deploy.json"):
+        gmaivl_rt.load(tmp_path, backend="onnx")
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        gmaivl_rt.load(tmp_path / "nothing", backend="onnx")
+
+
+def test_cli_check_reports_supported_graphs(onnx_dir, capsys):
+    from gmaivl_rt.cli import main
+
+    assert main(["export", "check", str(onnx_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "decoder_model_merged.onnx: opset 23" in out and "all supported by TensorRT" in out
