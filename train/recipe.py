@@ -60,6 +60,9 @@ def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps
 
     from gmaivl_rt import GMAIVL, GMAIVLConfig
 
+    if preset is None and init is not None and (Path(init) / "train_config.yaml").is_file():
+        # The previous stage's preset keeps its config layer (e.g. compact's max_length) for this stage too.
+        preset = yaml.safe_load((Path(init) / "train_config.yaml").read_text()).get("preset")
     cfg = load_train_config(stage, preset, config_file, overrides)
     out.mkdir(parents=True, exist_ok=True)
     if info.is_main:
