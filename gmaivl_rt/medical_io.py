@@ -161,6 +161,8 @@ def iter_medical_images(path: str | os.PathLike, *, window=None, plane: str = "a
     """
     source = _open_source(path, window=window, plane=plane, volume=volume)
     masks = _open_mask(mask, source) if mask is not None else None
+    if isinstance(source, _DicomSource) and source.count > 1:
+        source.frames = source._decode(None)  # all frames in one decode
     for index in range(0, source.count, max(1, int(step))):
         image = source.image(index)
         if masks is not None:
@@ -353,7 +355,7 @@ class _DicomSource:
         self._check_decoder()
         with quiet_pydicom():
             self._read_attributes()
-        self._frames = None
+        self.frames: np.ndarray | None = None  # all decoded frames, when iterating a multi-frame file
 
     def _read_attributes(self):
         ds, path = self.ds, self.path
@@ -411,9 +413,7 @@ class _DicomSource:
         """Stored values of one frame: (H, W) or (H, W, 3) (colour already RGB by pydicom)."""
         if self.count == 1:
             return self._decode(None)
-        if self._frames is None and index != 0:
-            self._frames = self._decode(None)  # decoding all frames once beats per-frame calls in iteration
-        return self._frames[index] if self._frames is not None else self._decode(index)
+        return self.frames[index] if self.frames is not None else self._decode(index)
 
     def image(self, index: int) -> MedicalImage:
         arr = self.frame_pixels(index)

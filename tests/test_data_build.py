@@ -317,3 +317,35 @@ def test_cli_input_folder_captions(tmp_path, capsys):
     assert printed["records"] == len(records) == 1 + 7  # one DICOM frame + 7 axial slices
     assert all("#cap#" in r["id"] for r in records)
     assert any("MRI" in r["conversations"][1]["value"] for r in records)
+
+
+def test_manifest_errors_name_the_file_and_field(tmp_path):
+    from gmaivl_rt.data.manifest import ManifestError, load_manifest
+
+    bad = tmp_path / "m.json"
+    cases = [({"datasets": [{"name": "a", "task": "ocr", "image_root": "."}]}, "task 'ocr'"),
+             ({"datasets": [{"name": "a", "task": "classification", "image_root": ".", "annotations": "x.csv"}]},
+              "needs 'labels'"),
+             ({"datasets": [{"name": "a b", "task": "caption", "image_root": "."}]}, "name 'a b'"),
+             ({"datasets": [{"name": "a", "task": "caption", "image_root": ".", "colour": 1}]}, "unknown field"),
+             ({"datasets": []}, "non-empty 'datasets'")]
+    for manifest, needle in cases:
+        bad.write_text(json.dumps(manifest))
+        with pytest.raises(ManifestError, match=re.escape(needle)) as err:
+            load_manifest(bad)
+        assert "m.json" in str(err.value)
+
+
+def test_json_manifest_with_json_list_annotations(tmp_path):
+    shutil.copy(os.path.join(DICOM_DIR, "CT_small.dcm"), tmp_path / "ct.dcm")
+    (tmp_path / "rows.json").write_text(json.dumps([{"image": "ct.dcm", "label": "nodule"}]))
+    (tmp_path / "m.json").write_text(json.dumps({"datasets": [
+        {"name": "ct", "task": "classification", "image_root": ".", "annotations": "rows.json",
+         "labels": ["nodule", "mass"], "window": "lung"}]}))
+    summary = build_dataset(tmp_path / "out", manifest=tmp_path / "m.json", progress=False)
+    records = read_jsonl(tmp_path / "out/annotations/ct.jsonl")
+    assert summary["errors"] == 0 and {r["id"].split("#")[1] for r in records} == {"cap", "cls", "cls-mc"}
+    from gmaivl_rt.medical_io import read_medical_image
+
+    lung = read_medical_image(tmp_path / "ct.dcm", window="lung").pixels  # the manifest's window was used
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out/images" / records[0]["image"])), lung)

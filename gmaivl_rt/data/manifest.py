@@ -6,7 +6,7 @@ Manifest::
       - name: brain_tumour_seg        # -> annotations/<name>.jsonl; letters, digits, '_', '-', '.'
         task: segmentation            # classification | segmentation | detection | report | vqa | caption
         image_root: images            # folder of the source images (relative to the manifest file)
-        annotations: seg.csv          # CSV or JSONL, relative to the manifest; not needed for `caption`
+        annotations: seg.csv          # CSV, JSONL or a JSON list, relative to the manifest; not for `caption`
         labels: [tumour, oedema]      # label names; segmentation masks use value i for labels[i-1]
         modality: MRI                 # optional: overrides the DICOM Modality (NIfTI and PNG record none)
         body_part: brain              # optional: overrides BodyPartExamined
@@ -149,7 +149,14 @@ def read_annotations(spec: DatasetSpec) -> list[dict]:
     path = spec.annotations
     try:
         with open(path, encoding="utf-8", newline="") as f:
-            if path.endswith((".jsonl", ".json")):
+            if path.endswith(".json"):  # one JSON list of rows
+                try:
+                    rows = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ManifestError(f"{path}: bad JSON ({e.msg}, line {e.lineno})") from None
+                if not isinstance(rows, list):
+                    raise ManifestError(f"{path}: a .json annotation file must hold a list of rows")
+            elif path.endswith(".jsonl"):
                 rows = []
                 for line_no, line in enumerate(f, 1):
                     if line.strip():
