@@ -107,8 +107,9 @@ def patch_embed_reference(images, weight, bias, class_embedding, position_embedd
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------------
 
-# Columns of the per-image table (int64, one row per image).
-_PIXEL_OFFSET, _HEIGHT, _WIDTH, _FIRST_ROW, _POS_OFFSET, _TABLE_COLS = 0, 1, 2, 3, 4, 5
+# The per-image table: int64 (N, 5), columns (pixel offset of the image in the flat pixel buffer, height, width,
+# first patch row of the image among all patch rows, first row of its grid's table in the packed position table).
+_TABLE_COLUMNS = ("pixel_offset", "height", "width", "first_row", "pos_offset")
 
 
 @triton.jit
@@ -118,7 +119,7 @@ def _patch_rows(rows, num_rows, patch_image_ptr, image_table_ptr, PATCH: tl.cons
     channel 0, channel plane stride, image width, row of the image's first entry in the position table)."""
     row_ok = rows < num_rows
     image = tl.load(patch_image_ptr + rows, mask=row_ok, other=0)
-    entry = image_table_ptr + image * 5  # _TABLE_COLS
+    entry = image_table_ptr + image * 5  # a row of the image table, columns as _TABLE_COLUMNS
     pixel_offset = tl.load(entry + 0, mask=row_ok, other=0)
     height = tl.load(entry + 1, mask=row_ok, other=1).to(tl.int32)
     width = tl.load(entry + 2, mask=row_ok, other=PATCH).to(tl.int32)
@@ -304,7 +305,7 @@ class _PatchEmbedFunction(torch.autograd.Function):
                     PATCH=ctx.patch, CHANNELS=ctx.channels, NORMALIZE=normalize, ALLOW_TF32=_allow_tf32())
         grad_cls_rows = grad_out[cls_rows].float()
         if ctx.needs_input_grad[6] and ctx.has_bias:
-            grad_bias = (grad_out.float().sum(0) - grad_cls_rows.sum(0)).to(b_dtype)
+            grad_bias = (grad_out.sum(0, dtype=torch.float32) - grad_cls_rows.sum(0)).to(b_dtype)
         if ctx.needs_input_grad[7]:
             grad_cls = grad_cls_rows.sum(0).to(cls_dtype)
         if ctx.needs_input_grad[8]:
@@ -333,34 +334,31 @@ def _patch_embed_triton(images, weight, bias, class_embedding, position_embeddin
     pos_table = torch.cat(pos_tables).contiguous()
     cls_row = class_embedding + position_embedding[0]
 
-    # The per-image table: where each image's pixels start, its size, its first patch row and its position table
     dtypes = {img.dtype for img in images}
     pixel_dtype = dtypes.pop() if len(dtypes) == 1 else weight.dtype
     pixels = torch.cat([img.detach().to(device=device, dtype=pixel_dtype).reshape(-1) for img in images])
-    rows, pixel_offset, first_row, table = 0, 0, [], []
-    for img, grid in zip(images, grids):
-        first_row.append(rows)
-        table.append((pixel_offset, img.shape[1], img.shape[2], rows, pos_start[distinct.index(grid)]))
-        rows += grid[0] * grid[1]
+    # Per image: a row of the image table (_TABLE_COLUMNS), and for each of its output rows the row of pos_table
+    # it adds (CLS rows point at one extra row past the end, which collects nothing useful and is dropped).
+    table, out_to_pos, rows, pixel_offset = [], [], 0, 0
+    for img, (gh, gw) in zip(images, grids):
+        pos_offset = pos_start[distinct.index((gh, gw))]
+        table.append((pixel_offset, img.shape[1], img.shape[2], rows, pos_offset))
+        out_to_pos.append(torch.arange(pos_offset - 1, pos_offset + gh * gw))
+        out_to_pos[-1][0] = pos_table.shape[0]
+        rows += gh * gw
         pixel_offset += img.numel()
     image_table = torch.tensor(table, dtype=torch.int64, device=device)
+    out_to_pos = torch.cat(out_to_pos).to(device)
     lengths = torch.tensor([gh * gw for gh, gw in grids], device=device)
     patch_image = torch.repeat_interleave(torch.arange(len(images), device=device, dtype=torch.int32), lengths)
-
     cu_seqlens = torch.zeros(len(images) + 1, dtype=torch.int32, device=device)
     cu_seqlens[1:] = torch.cumsum(lengths + 1, 0)
-    cls_rows = cu_seqlens[:-1].long()
-    # each output row's position-table row; CLS rows map to one extra row past the end (dropped in backward)
-    local = torch.arange(rows, device=device) - image_table[:, _FIRST_ROW].repeat_interleave(lengths)
-    out_to_pos = torch.full((rows + len(images),), pos_table.shape[0], dtype=torch.int64, device=device)
-    out_to_pos[torch.arange(rows, device=device) + patch_image.long() + 1] = \
-        image_table[:, _POS_OFFSET].repeat_interleave(lengths) + local
 
     scale = shift = None
     if mean is not None:
         scale = (1.0 / std.detach().float()).to(device).contiguous()
         shift = (-mean.detach().float().to(device) * scale).contiguous()
-    out = _PatchEmbedFunction.apply(pixels, patch_image, image_table, out_to_pos, cls_rows,
+    out = _PatchEmbedFunction.apply(pixels, patch_image, image_table, out_to_pos, cu_seqlens[:-1].long(),
                                     weight.reshape(hidden, -1).contiguous(),
                                     bias.contiguous() if bias is not None else None, cls_row, pos_table,
                                     scale, shift, patch)
