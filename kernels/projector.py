@@ -291,7 +291,7 @@ def matmul_specs(kernel: str, roofline: Roofline, *, layout: str, a: str = "*bf1
     unit = _UNIT_STRIDES[layout]
     signature.update(dict.fromkeys(unit, "constexpr"))
     divisible = [name for name, ty in signature.items() if ty != "constexpr"]
-    attrs = {(_matmul_kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+    attrs = {(_matmul_kernel.arg_names.index(name),): (("tt.divisibility", 16),) for name in divisible}
     flags = dict(dict(HAS_BIAS=False, APPLY_GELU=False, STORE_PRE=False, ACCUMULATE=False), **flags)
     specs = []
     for i, (block_m, block_n, block_k, group_m, warps, stages) in enumerate(GEMM_CONFIGS):
