@@ -106,12 +106,14 @@ def collect_specs(modules=KERNEL_MODULES):
 
 
 @functools.lru_cache(maxsize=None)
-def _compile_cached(fn, signature: tuple, constexprs: tuple, num_warps: int, num_stages: int, arch: int) -> dict:
+def _compile_cached(fn, signature: tuple, constexprs: tuple, num_warps: int, num_stages: int, arch: int,
+                    attrs: tuple = ()) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    source = ASTSource(fn=fn, signature=dict(signature), constexprs=dict(constexprs))
+    # attrs: the argument specialization a real launch derives (e.g. 16-divisible pointers and strides)
+    source = ASTSource(fn=fn, signature=dict(signature), constexprs=dict(constexprs), attrs=dict(attrs))
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     with tempfile.TemporaryDirectory() as tmp:
@@ -129,7 +131,7 @@ def _compile_cached(fn, signature: tuple, constexprs: tuple, num_warps: int, num
 def compile_spec(spec, arch: int) -> dict:
     """Compile one KernelSpec for sm_<arch>; registers, spill_bytes, shared_bytes, mma, wgmma."""
     return _compile_cached(spec.fn, tuple(spec.signature.items()), tuple(spec.constexprs.items()),
-                           spec.num_warps, spec.num_stages, arch)
+                           spec.num_warps, spec.num_stages, arch, tuple(spec.extra.get("attrs", {}).items()))
 
 
 def roofline_fields(roofline) -> dict:
