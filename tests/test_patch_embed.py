@@ -106,6 +106,26 @@ def test_triton_fixed_size_batch_matches_clip_without_interpolation(triton_path)
     torch.testing.assert_close(out, expected, atol=TOLERANCE[torch.float32][0], rtol=0)
 
 
+def test_triton_frozen_weight_single_patch_image(triton_path):
+    """Only the embeddings train (weight and bias frozen, so no weight-gradient kernel runs); a lone 14x14 image
+    is a single patch, interpolated down from a 2x2 grid."""
+    hidden = 16
+    weight, bias = torch.randn(hidden, 3, PATCH, PATCH) * 0.05, torch.randn(hidden)
+    class_embedding, positions = torch.randn(hidden, requires_grad=True), torch.randn(5, hidden, requires_grad=True)
+    images = [torch.randn(3, 14, 14)]
+    out, cu_seqlens, _ = patch_embed(images, weight, bias, class_embedding, positions)
+    grad_output = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (class_embedding, positions), grad_output)
+    ref_params = [class_embedding.detach().clone().requires_grad_(), positions.detach().clone().requires_grad_()]
+    expected = patch_embed_reference(images, weight, bias, *ref_params)[0]
+    expected_grads = torch.autograd.grad(expected, ref_params, grad_output)
+    assert cu_seqlens.tolist() == [0, 2]
+    atol, grad_atol = TOLERANCE[torch.float32]
+    torch.testing.assert_close(out, expected, atol=atol, rtol=0)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, atol=grad_atol, rtol=0)
+
+
 @pytest.mark.parametrize("case, message", [
     ("not_multiple", "multiples of the patch size 14"),
     ("wrong_channels", r"expected \(3, H, W\)"),
