@@ -59,6 +59,10 @@ class MedicalImageError(ValueError):
     """A medical image (or mask) could not be read. The message names the file and the problem, never PHI."""
 
 
+class MaskError(MedicalImageError):
+    """A segmentation mask is unreadable or does not fit its image (size, shape, frame count)."""
+
+
 @dataclass(frozen=True)
 class MedicalImage:
     """One 2D picture taken from a medical image file.
@@ -308,7 +312,7 @@ def quiet_pydicom():
 _UID_OR_NUMBER = re.compile(r"\d[\d.]{5,}")
 
 
-def _safe_reason(error: BaseException) -> str:
+def safe_reason(error: BaseException) -> str:
     """An exception's class and message with long numbers / UIDs masked (messages may quote header values)."""
     text = " ".join(str(error).split())[:160]
     return f"{type(error).__name__}: {_UID_OR_NUMBER.sub('#', text)}" if text else type(error).__name__
@@ -347,7 +351,7 @@ class _DicomSource:
         except MedicalImageError:
             raise
         except Exception as e:  # pydicom raises many types on damaged files
-            raise MedicalImageError(f"{_label(path)}: unreadable DICOM ({_safe_reason(e)})") from None
+            raise MedicalImageError(f"{_label(path)}: unreadable DICOM ({safe_reason(e)})") from None
         if "PixelData" not in ds:
             raise MedicalImageError(f"{_label(path)}: DICOM file has no pixel data "
                                     f"(modality {ds.get('Modality', 'unknown')}: not an image)")
@@ -367,7 +371,7 @@ class _DicomSource:
             spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
             self.spacing = (round(float(spacing[0]), 6), round(float(spacing[1]), 6)) if spacing and len(spacing) >= 2 else None
         except Exception as e:
-            raise MedicalImageError(f"{_label(path)}: bad DICOM image attributes ({_safe_reason(e)})") from None
+            raise MedicalImageError(f"{_label(path)}: bad DICOM image attributes ({safe_reason(e)})") from None
         if self.count < 1:
             raise MedicalImageError(f"{_label(path)}: DICOM NumberOfFrames is {self.count}")
         modality = str(ds.get("Modality", "") or "").strip().upper()
@@ -403,7 +407,7 @@ class _DicomSource:
                 self.ds.pixel_array_options(index=index)
                 arr = self.ds.pixel_array
         except Exception as e:
-            raise MedicalImageError(f"{_label(self.path)}: cannot decode DICOM pixel data ({_safe_reason(e)})") \
+            raise MedicalImageError(f"{_label(self.path)}: cannot decode DICOM pixel data ({safe_reason(e)})") \
                 from None
         finally:
             self.ds._pixel_array = None  # do not keep a frame cached under the all-frames options
@@ -423,7 +427,7 @@ class _DicomSource:
         except MedicalImageError:
             raise
         except Exception as e:
-            raise MedicalImageError(f"{_label(self.path)}: cannot map DICOM pixel values ({_safe_reason(e)})") \
+            raise MedicalImageError(f"{_label(self.path)}: cannot map DICOM pixel values ({safe_reason(e)})") \
                 from None
         spacing = self.spacing
         if unit.ndim == 2:
@@ -502,7 +506,7 @@ def _load_nifti(path, volume: int, what: str = "NIfTI"):
     except MedicalImageError:
         raise
     except Exception as e:
-        raise MedicalImageError(f"{_label(path)}: unreadable {what} file ({_safe_reason(e)})") from None
+        raise MedicalImageError(f"{_label(path)}: unreadable {what} file ({safe_reason(e)})") from None
     zooms = zooms + (1.0,) * (3 - len(zooms))
     return data, zooms, (shape[3] if len(shape) == 4 else 1)
 
@@ -566,7 +570,7 @@ def _pillow_open(path):
     except UnidentifiedImageError:
         raise MedicalImageError(f"{_label(path)}: not a readable image file") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise MedicalImageError(f"{_label(path)}: corrupt or truncated image ({_safe_reason(e)})") from None
+        raise MedicalImageError(f"{_label(path)}: corrupt or truncated image ({safe_reason(e)})") from None
 
 
 def _pillow_frame(path, img, index: int):
@@ -575,7 +579,7 @@ def _pillow_frame(path, img, index: int):
             img.seek(index)
             img.load()
         except (OSError, EOFError, ValueError) as e:
-            raise MedicalImageError(f"{_label(path)}: cannot read frame {index} ({_safe_reason(e)})") from None
+            raise MedicalImageError(f"{_label(path)}: cannot read frame {index} ({safe_reason(e)})") from None
     return img
 
 
@@ -623,17 +627,17 @@ class _MaskSlices:
         image_name = _label(source.path)
         if isinstance(source, _NiftiSource):
             if detect_format(path) != "nifti":
-                raise MedicalImageError(f"{_label(path)}: a NIfTI image needs a NIfTI mask")
+                raise MaskError(f"{_label(path)}: a NIfTI image needs a NIfTI mask")
             data, self.zooms, _ = _load_nifti(path, 0, what="NIfTI mask")
             if data.shape != source.data.shape:
-                raise MedicalImageError(f"{_label(path)}: mask shape {data.shape} does not match image "
+                raise MaskError(f"{_label(path)}: mask shape {data.shape} does not match image "
                                         f"{image_name} shape {source.data.shape}")
             self.volume = np.rint(np.nan_to_num(data)).astype(np.int32)
             return
         # 2D image (or each DICOM frame): one 2D label map, or one per frame in a multi-page TIFF.
         img = _pillow_open(path) if detect_format(path) not in ("dicom", "nifti") else None
         if img is None:
-            raise MedicalImageError(f"{_label(path)}: 2D masks must be PNG / TIFF / BMP label images")
+            raise MaskError(f"{_label(path)}: 2D masks must be PNG / TIFF / BMP label images")
         pages = []
         for i in range(int(getattr(img, "n_frames", 1))):
             page = _pillow_frame(path, img, i)
@@ -642,10 +646,10 @@ class _MaskSlices:
         expected = (source.rows, source.columns) if isinstance(source, _DicomSource) else \
             (source.img.size[1], source.img.size[0])
         if pages[0].shape != expected:
-            raise MedicalImageError(f"{_label(path)}: mask size {pages[0].shape[1]}x{pages[0].shape[0]} does "
+            raise MaskError(f"{_label(path)}: mask size {pages[0].shape[1]}x{pages[0].shape[0]} does "
                                     f"not match image {image_name} size {expected[1]}x{expected[0]}")
         if len(pages) not in (1, source.count):
-            raise MedicalImageError(f"{_label(path)}: mask has {len(pages)} frames, image {image_name} has "
+            raise MaskError(f"{_label(path)}: mask has {len(pages)} frames, image {image_name} has "
                                     f"{source.count}")
         self.pages = pages
 
@@ -661,5 +665,10 @@ class _MaskSlices:
 
 def _open_mask(path, source) -> _MaskSlices:
     if not os.path.isfile(path):
-        raise MedicalImageError(f"{_label(path)}: no such mask file")
-    return _MaskSlices(path, source)
+        raise MaskError(f"{_label(path)}: no such mask file")
+    try:
+        return _MaskSlices(path, source)
+    except MaskError:
+        raise
+    except MedicalImageError as e:  # the mask file itself is unreadable
+        raise MaskError(f"mask {e}") from None

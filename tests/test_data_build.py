@@ -349,3 +349,28 @@ def test_json_manifest_with_json_list_annotations(tmp_path):
 
     lung = read_medical_image(tmp_path / "ct.dcm", window="lung").pixels  # the manifest's window was used
     assert np.array_equal(np.asarray(Image.open(tmp_path / "out/images" / records[0]["image"])), lung)
+
+
+def test_templates_vary_but_keep_the_facts():
+    import random
+
+    from gmaivl_rt.data import templates as T
+
+    rng = random.Random(0)
+    facts = T.ImageFacts(modality="CT", body_part="chest", plane="axial", labels=["nodule", "mass", "normal"])
+    questions, answers = set(), set()
+    for _ in range(200):
+        (q, a), = T.classification_open_turns(facts, rng, "nodule")
+        questions.add(q)
+        answers.add(a)
+        assert "nodule" in a.lower()
+        turns = T.segmentation_turns(facts, rng, {"mass": {"box": [0.7, 0.1, 0.9, 0.3], "fraction": 0.01,
+                                                          "pixels": 40}})
+        assert any("[0.700, 0.100, 0.900, 0.300]" in a and "upper right" in a for _, a in turns)
+        assert any(a.startswith("No") and "nodule" in q for q, a in turns) or \
+            any(a.startswith("No") and "normal" in q for q, a in turns)
+    assert len(questions) >= 5 and len(answers) >= 5
+    assert [T.article(w) for w in ("MRI", "CT", "X-ray", "ultrasound", "PET", "axial")] == \
+        ["an MRI", "a CT", "an X-ray", "an ultrasound", "a PET", "an axial"]
+    unknown = T.caption_text(T.ImageFacts(modality="medical image"), random.Random(1))
+    assert unknown.split(".")[0].endswith("medical image")

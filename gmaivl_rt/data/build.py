@@ -40,8 +40,8 @@ from gmaivl_rt.data import templates as T
 from gmaivl_rt.data.deid import find_phi, phi_values_of_file, safe_stem, safe_token, scrub
 from gmaivl_rt.data.manifest import (TASK_CODES, DatasetSpec, ManifestError, load_manifest, missing_columns,
                                      parse_boxes, parse_options, read_annotations)
-from gmaivl_rt.medical_io import (DICOM_SUFFIXES, NIFTI_SUFFIXES, PILLOW_SUFFIXES, MedicalImageError, _safe_reason,
-                                  detect_format, iter_medical_images, modality_name, read_medical_image)
+from gmaivl_rt.medical_io import (DICOM_SUFFIXES, NIFTI_SUFFIXES, PILLOW_SUFFIXES, MaskError, MedicalImageError,
+                                  detect_format, iter_medical_images, modality_name, read_medical_image, safe_reason)
 
 logger = logging.getLogger("gmaivl_rt.data")
 IMAGE_TOKEN = "<image>"
@@ -285,7 +285,7 @@ class _Converter:
                                 continue
                     self._image_records(spec, row, image, fmt, stem, rng, result, label, present, boxes)
         except MedicalImageError as e:
-            raise ItemError("unreadable" if "mask" not in str(e) else "mask", scrub(str(e), phi)) from None
+            raise ItemError("mask" if isinstance(e, MaskError) else "unreadable", scrub(str(e), phi)) from None
         if task == "segmentation" and not any_label:
             raise ItemError("mask", f"{rel}: mask is empty (no pixel carries a label 1..{len(spec.labels)})")
         return result
@@ -297,8 +297,7 @@ class _Converter:
             modality=modality, body_part=spec.body_part or image.body_part, plane=image.orientation,
             department=spec.department, window_name=image.window_name, is_color=image.is_color,
             index=image.index, count=image.count, dim=dim,
-            spacing_mm=image.pixel_spacing[0] if image.pixel_spacing else None,
-            width=image.width, height=image.height, labels=spec.labels)
+            spacing_mm=image.pixel_spacing[0] if image.pixel_spacing else None, labels=spec.labels)
         where = f"_{image.orientation}_s{image.index:03d}" if fmt == "nifti" else \
             (f"_f{image.index:03d}" if image.count > 1 else "")
         file_part = stem + where
@@ -478,7 +477,7 @@ def _build(out_dir, specs, rewriter, rewriter_id, seed, progress, make_summary, 
                     try:
                         result = converter.convert(spec, row)
                     except (KeyError, ValueError, TypeError, OSError) as e:  # malformed row or file system
-                        raise ItemError("error", _safe_reason(e)) from None
+                        raise ItemError("error", safe_reason(e)) from None
                 except ItemError as e:
                     errors.append({"dataset": spec.name, "source": scrub(str(row.get("image", "")), converter.phi),
                                    "kind": e.kind, "reason": scrub(e.reason, converter.phi)})

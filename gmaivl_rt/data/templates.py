@@ -29,8 +29,6 @@ class ImageFacts:
     count: int = 1
     dim: str = "2d"
     spacing_mm: float | None = None    # square pixel side in mm, when known
-    width: int = 0
-    height: int = 0
     labels: list[str] = field(default_factory=list)  # the dataset's label set (for distractors)
 
 
@@ -163,9 +161,8 @@ def region_of(box) -> str:
 
 
 def _view(f: ImageFacts) -> str:
-    parts = [f.plane] if f.plane in ("axial", "coronal", "sagittal") else []
-    parts.append(f.modality if f.modality != "medical image" else "medical")
-    text = " ".join(parts) + (" image" if not f.modality.endswith(("image", "map", "photograph")) else "")
+    name = f.modality if f.modality.endswith(("image", "map", "photograph")) else f"{f.modality} image"
+    text = f"{f.plane} {name}" if f.plane in ("axial", "coronal", "sagittal") else name
     if f.body_part:
         text += f" of the {f.body_part}"
     return text
