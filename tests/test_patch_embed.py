@@ -43,11 +43,7 @@ def test_matches_clip_embeddings_on_mixed_aspect_ratios(path, dtype):
     # wide, single-patch, tall, and the trained size (no interpolation)
     images = [torch.randn(3, 28, 42), torch.randn(3, 14, 14), torch.randn(3, 56, 28), torch.randn(3, 42, 42)]
 
-    expected, cls_expected = [], []
-    for img in images:
-        emb = module(img[None], interpolate_pos_encoding=True)[0]
-        expected.append(emb)
-    expected = torch.cat(expected)
+    expected = torch.cat([module(img[None], interpolate_pos_encoding=True)[0] for img in images])
     grad_output = torch.randn_like(expected)
     expected_grads = torch.autograd.grad(
         expected, (module.patch_embedding.weight, module.class_embedding, module.position_embedding.weight),
