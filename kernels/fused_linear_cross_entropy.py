@@ -86,7 +86,10 @@ def _chunk_step_triton(h, weight, labels, logits, scale, ignore_index, loss_rows
 
 
 def _chunk_step_torch(h, weight, labels, logits, scale, ignore_index, loss_rows, grad_hidden, grad_weight):
-    torch.matmul(h, weight.t(), out=logits) if h.dtype == torch.float32 else logits.copy_(h @ weight.t())
+    if h.dtype == torch.float32:
+        torch.matmul(h, weight.t(), out=logits)
+    else:  # half logits upcast, as lm_head + .float() would give
+        logits.copy_(h @ weight.t())
     valid = labels != ignore_index
     target = torch.where(valid, labels, 0).unsqueeze(1)
     lse = torch.logsumexp(logits, dim=1, keepdim=True)

@@ -17,8 +17,6 @@ import triton.language as tl
 from ._dispatch import interpreting, pick_config, use_triton
 from ._spec import KernelSpec, Roofline
 
-_SQRT1_2 = 0.7071067811865476        # 1 / sqrt(2)
-_INV_SQRT_2PI = 0.3989422804014327   # 1 / sqrt(2 pi)
 _INT32_LIMIT = 2**31                 # offsets are computed in int32
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). The first is the default (interpreter / no
