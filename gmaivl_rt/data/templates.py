@@ -173,9 +173,9 @@ def caption_text(f: ImageFacts, rng: random.Random, label: str | None = None) ->
     sentences = [rng.choice(CAPTION_OPENINGS).format(a_view=article(_view(f)))]
     details = []
     if f.count > 1:
-        what = "slice" if f.dim == "3d" else "frame"
+        what, whole = ("slice", "volume") if f.dim == "3d" else ("frame", "series")
         details.append(rng.choice([f"It is {what} {f.index + 1} of {f.count}.",
-                                   f"This is {what} {f.index + 1} out of {f.count} in the {'volume' if f.dim == '3d' else 'series'}."]))
+                                   f"This is {what} {f.index + 1} out of {f.count} in the {whole}."]))
     if f.window_name and f.window_name not in ("none", "file", "file VOI LUT", "percentile", "bit depth", "palette",
                                                "user"):
         details.append(rng.choice([f"It is displayed with {article(f.window_name)} window.",
