@@ -52,3 +52,43 @@ def make_dataset(root, records_per_source=(12, 8), sample_ratios=(1.0, 0.5), see
                       "length": count, "data_augment": False}
     (root / "meta.json").write_text(json.dumps(meta, indent=2))
     return root
+
+
+def make_training_setup(root, records_per_source=(24, 16)) -> tuple[Path, Path]:
+    """A fixture dataset plus a BPE tokenizer trained on it: (data_root, tokenizer_dir)."""
+    from gmaivl_rt.train.tokenizer import conversation_texts, train_bpe_tokenizer
+
+    root = Path(root)
+    data = make_dataset(root / "data", records_per_source=records_per_source, sample_ratios=(1.0, 1.0))
+    train_bpe_tokenizer(conversation_texts(data), root / "tokenizer", vocab_size=320, min_frequency=1)
+    return data, root / "tokenizer"
+
+
+def write_config(path, config: dict) -> Path:
+    """A YAML config layer for `gmaivl-rt train --config`."""
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(config))
+    return Path(path)
+
+
+def eval_loss(model_dir, data, tokenizer_dir, max_length=256) -> float:
+    """Mean next-token loss over every predicted token of the data, packed as in training (no grad)."""
+    import torch
+
+    from gmaivl_rt import GMAIVL
+    from gmaivl_rt.train.dataset import ImagePolicy, PackedDataset
+    from gmaivl_rt.train.tokenizer import load_tokenizer
+
+    model = GMAIVL.from_pretrained(model_dir).eval()
+    dataset = PackedDataset(data, load_tokenizer(tokenizer_dir), ImagePolicy.from_model_config(model.config),
+                            max_length=max_length, seed=0, progress=False)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            batch = dataset[i]
+            loss = model(batch["input_ids"], pixel_values=batch["pixel_values"], position_ids=batch["position_ids"],
+                         labels=batch["labels"], cu_seqlens=batch["cu_seqlens"]).loss
+            total += float(loss) * dataset.num_targets(i)
+            count += dataset.num_targets(i)
+    return total / count

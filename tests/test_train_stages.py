@@ -1,0 +1,118 @@
+"""The three stages on the tiny preset: which parameters each stage changes (and which stay bit-identical), and
+the loss on the whole (demo-like) fixture dataset falls from stage to stage.
+
+The parameters that can change are decided independently of the trainer: the stage config's trainable prefixes
+intersected with the parameters autograd gives a non-zero gradient (the vision tower's last layer and
+post_layernorm never run with feature_layer -2, so even a trainable one stays put)."""
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_fixtures import eval_loss, make_training_setup
+
+from gmaivl_rt import GMAIVL, GMAIVLConfig
+from gmaivl_rt.train import train
+from gmaivl_rt.train.config import load_train_config
+from gmaivl_rt.train.dataset import ImagePolicy, PackedDataset
+from gmaivl_rt.train.recipe import _preset_config
+from gmaivl_rt.train.tokenizer import load_tokenizer
+
+OVERRIDES = {"batch": {"global_batch_size": 2}, "schedule": {"total_steps": 5, "warmup_ratio": 0.0}}
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    data, tokenizer_dir = make_training_setup(root)
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    GMAIVL(_preset_config(GMAIVLConfig, "tiny", tokenizer)).save_pretrained(root / "init")
+    dirs, init = {0: root / "init"}, root / "init"
+    for stage in (1, 2, 3):
+        train(stage, data, root / f"s{stage}", preset="tiny", init=init, tokenizer=tokenizer_dir,
+              overrides=OVERRIDES, progress=False)
+        init = dirs[stage] = root / f"s{stage}"
+    return data, tokenizer_dir, dirs
+
+
+def _weights(model_dir):
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def _params_with_gradient(model_dir, data, tokenizer_dir) -> set[str]:
+    """Names (on-disk) of the parameters that get a non-zero gradient from the training loss, by autograd."""
+    from gmaivl_rt.checkpoint import disk_name
+
+    model = GMAIVL.from_pretrained(model_dir)
+    dataset = PackedDataset(data, load_tokenizer(tokenizer_dir), ImagePolicy.from_model_config(model.config),
+                            max_length=256, progress=False)
+    batch = dataset[0]
+    model(batch["input_ids"], pixel_values=batch["pixel_values"], position_ids=batch["position_ids"],
+          labels=batch["labels"], cu_seqlens=batch["cu_seqlens"]).loss.backward()
+    return {disk_name(n) for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_stage_changes_exactly_its_trainable_parameters(stages, stage):
+    from gmaivl_rt.checkpoint import disk_name
+
+    data, tokenizer_dir, dirs = stages
+    before, after = _weights(dirs[stage - 1]), _weights(dirs[stage])
+    assert before.keys() == after.keys()
+    prefixes = load_train_config(stage)["trainable"]
+    model = GMAIVL.from_pretrained(dirs[stage - 1])
+    trainable = {disk_name(n) for n, _ in model.named_parameters()
+                 if any(n == p or n.startswith(p + ".") for p in prefixes)}
+    with_gradient = _params_with_gradient(dirs[stage - 1], data, tokenizer_dir)
+    should_change = trainable & with_gradient
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == should_change
+    unchanged_trainable = trainable - with_gradient
+    last = model.config.vision.num_layers - 1
+    if stage == 1:
+        assert {k.split(".")[0] for k in changed} == {"multi_modal_projector"}
+        assert len(changed) == 4  # linear_1/linear_2 weight and bias
+    else:
+        # Only the unused tail of the vision tower stays put among the trainable parameters.
+        assert unchanged_trainable and all(f"encoder.layers.{last}." in k or "post_layernorm" in k
+                                           for k in unchanged_trainable)
+        assert any(k.startswith("vision_tower.") for k in changed)
+    if stage == 3:
+        assert any("language_model" in k for k in changed) and any("lm_head" in k for k in changed)
+    else:
+        assert not any("language_model" in k or "lm_head" in k for k in changed)
+
+
+def test_loss_falls_across_the_stages(stages):
+    data, tokenizer_dir, dirs = stages
+    losses = [eval_loss(dirs[s], data, tokenizer_dir) for s in (0, 1, 2, 3)]
+    print("eval loss after stages 0..3:", losses)
+    assert losses[0] > losses[1] > losses[2] > losses[3], losses
+
+
+def test_stage_outputs(stages):
+    import json
+
+    _, _, dirs = stages
+    out = dirs[3]
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in history] == [1] * 5 + [2] * 5 + [3] * 5
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
+    for record in log:
+        assert set(record) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_mb"}
+        assert record["tokens_per_s"] > 0 and record["grad_norm"] > 0
+    assert [r["lr"] for r in log][0] == pytest.approx(1e-5)  # stage III's rate, no warm-up in this run
+    png = (out / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "tokenizer.json").is_file() and (out / "train_config.yaml").is_file()
+
+
+def test_stage_configs_carry_the_paper_schedule():
+    lrs = [load_train_config(s, preset="gmai-vl-7b")["optimizer"]["lr"] for s in (1, 2, 3)]
+    assert lrs == [1e-3, 1e-4, 1e-5]
+    cfg = load_train_config(1, preset="gmai-vl-7b")
+    assert cfg["optimizer"]["betas"] == [0.9, 0.999] and cfg["optimizer"]["weight_decay"] == 0.0
+    assert cfg["data"]["max_length"] == 2048 and cfg["batch"]["global_batch_size"] == 512
+    assert cfg["distributed"]["strategy"] == "fsdp"
+    with pytest.raises(ValueError, match="stage must be one of"):
+        load_train_config(4)
