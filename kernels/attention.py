@@ -76,12 +76,27 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens
 # in those units for the backward pass.
 # ----------------------------------------------------------------------------------------------------------------
 _LOG2E = 1.4426950408889634
-_NEG_BIG = -1.0e30  # finite "minus infinity" for the running max, so fully masked rows never give inf - inf
+_NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" for the running max, so fully masked rows never give inf - inf
 
 
 @triton.jit
-def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
+def _tile_ptrs(base, offsets, HEAD_DIM: tl.constexpr):
+    """base + offsets of a (rows, head_dim) tile, telling the compiler each row starts 16-byte aligned so loads are
+    vectorised even when compiled ahead of time without argument specialisation. True because the launcher passes
+    16-byte-aligned contiguous buffers and a row is a multiple of 16 bytes when head_dim % 8 == 0. (The hint must sit
+    on the add itself: on a function argument it is dropped.)"""
+    if HEAD_DIM % 8 == 0:
+        ptrs = tl.multiple_of(base + offsets, [1, 16])
+    else:
+        ptrs = base + offsets
+    return ptrs
+
+
+@triton.jit
+def _load_tile(base, offsets, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               CHECK_ROWS: tl.constexpr):
     """Load a (rows, BLOCK_D) tile; masks only what can be out of range (keeps full-width loads vectorised)."""
+    ptrs = _tile_ptrs(base, offsets, HEAD_DIM)
     if CHECK_ROWS:
         if HEAD_DIM == BLOCK_D:
             x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
@@ -96,7 +111,8 @@ def _load_tile(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
-def _store_tile(ptrs, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+def _store_tile(base, offsets, x, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    ptrs = _tile_ptrs(base, offsets, HEAD_DIM)
     if HEAD_DIM == BLOCK_D:
         tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=rows[:, None] < n_rows)
     else:
@@ -118,8 +134,8 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, kv_stride, rows, lo, hi, l
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kv_off = cols[:, None] * kv_stride + offs_d[None, :]
-        k = _load_tile(k_base + kv_off, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        v = _load_tile(v_base + kv_off, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        k = _load_tile(k_base, kv_off, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_tile(v_base, kv_off, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -157,8 +173,9 @@ def _attn_fwd_kernel(Q, K, V, Out, LSE, CU_Q, CU_K, qk_scale, NUM_HEADS, GROUP, 
     kv_stride = (NUM_HEADS // GROUP) * HEAD_DIM
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_ptrs = Q + start_q * q_stride + head * HEAD_DIM + rows[:, None] * q_stride + offs_d[None, :]
-    q = _load_tile(q_ptrs, rows, len_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    # 64-bit sequence/head offset on the scalar base, 32-bit offsets within the tile (fewer live registers)
+    q_off = rows[:, None] * q_stride + offs_d[None, :]
+    q = _load_tile(Q + start_q * q_stride + head * HEAD_DIM, q_off, rows, len_q, offs_d, HEAD_DIM, BLOCK_D, True)
     if UPCAST:
         q = q.to(tl.float32)
     k_base = K + start_k * kv_stride + kv_head * HEAD_DIM
@@ -180,8 +197,7 @@ def _attn_fwd_kernel(Q, K, V, Out, LSE, CU_Q, CU_K, qk_scale, NUM_HEADS, GROUP, 
                                     qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, UPCAST, PRECISION)
     has_keys = l_i > 0.0  # a row with no visible key (empty k sequence) gives 0 and an LSE of +inf
     acc = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    o_ptrs = Out + start_q * q_stride + head * HEAD_DIM + rows[:, None] * q_stride + offs_d[None, :]
-    _store_tile(o_ptrs, acc, rows, len_q, offs_d, HEAD_DIM, BLOCK_D)
+    _store_tile(Out + start_q * q_stride + head * HEAD_DIM, q_off, acc, rows, len_q, offs_d, HEAD_DIM, BLOCK_D)
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("inf"))
     tl.store(LSE + head * total_q + start_q + rows, lse, mask=rows < len_q)
 
@@ -194,8 +210,8 @@ def _attn_bwd_delta_kernel(Out, DO, DELTA, total_q, NUM_HEADS,
     head = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
     off = rows[:, None].to(tl.int64) * (NUM_HEADS * HEAD_DIM) + head * HEAD_DIM + offs_d[None, :]
-    o = _load_tile(Out + off, rows, total_q, offs_d, HEAD_DIM, BLOCK_D, True).to(tl.float32)
-    do = _load_tile(DO + off, rows, total_q, offs_d, HEAD_DIM, BLOCK_D, True).to(tl.float32)
+    o = _load_tile(Out, off, rows, total_q, offs_d, HEAD_DIM, BLOCK_D, True).to(tl.float32)
+    do = _load_tile(DO, off, rows, total_q, offs_d, HEAD_DIM, BLOCK_D, True).to(tl.float32)
     tl.store(DELTA + head * total_q + rows, tl.sum(o * do, 1), mask=rows < total_q)
 
 
@@ -209,8 +225,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         q_off = rows[:, None] * q_stride + offs_d[None, :]
-        q = _load_tile(q_base + q_off, rows, len_q, offs_d, HEAD_DIM, BLOCK_D, True)
-        do = _load_tile(do_base + q_off, rows, len_q, offs_d, HEAD_DIM, BLOCK_D, True)
+        q = _load_tile(q_base, q_off, rows, len_q, offs_d, HEAD_DIM, BLOCK_D, True)
+        do = _load_tile(do_base, q_off, rows, len_q, offs_d, HEAD_DIM, BLOCK_D, True)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
@@ -247,9 +263,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, qk_scale,
     kv_stride = num_kv_heads * HEAD_DIM
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_off = (start_k + cols[:, None]) * kv_stride + kv_head * HEAD_DIM + offs_d[None, :]
-    k = _load_tile(K + kv_off, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, True)
-    v = _load_tile(V + kv_off, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, True)
+    kv_base = start_k * kv_stride + kv_head * HEAD_DIM
+    kv_off = cols[:, None] * kv_stride + offs_d[None, :]
+    k = _load_tile(K + kv_base, kv_off, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, True)
+    v = _load_tile(V + kv_base, kv_off, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, True)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -273,8 +290,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, qk_scale,
         dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_stride, cols,
                                       full_lo, len_q, len_q, offs_d, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False,
                                       UPCAST, PRECISION)
-    _store_tile(DK + kv_off, dk * sm_scale, cols, len_k, offs_d, HEAD_DIM, BLOCK_D)
-    _store_tile(DV + kv_off, dv, cols, len_k, offs_d, HEAD_DIM, BLOCK_D)
+    _store_tile(DK + kv_base, kv_off, dk * sm_scale, cols, len_k, offs_d, HEAD_DIM, BLOCK_D)
+    _store_tile(DV + kv_base, kv_off, dv, cols, len_k, offs_d, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -285,8 +302,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kv_stride, rows, l
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kv_off = cols[:, None] * kv_stride + offs_d[None, :]
-        k = _load_tile(k_base + kv_off, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        v = _load_tile(v_base + kv_off, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        k = _load_tile(k_base, kv_off, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_tile(v_base, kv_off, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -321,9 +338,10 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, qk_scale, sm_sc
     kv_stride = (NUM_HEADS // GROUP) * HEAD_DIM
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_off = (start_q + rows[:, None]) * q_stride + head * HEAD_DIM + offs_d[None, :]
-    q = _load_tile(Q + q_off, rows, len_q, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_tile(DO + q_off, rows, len_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    q_base = start_q * q_stride + head * HEAD_DIM
+    q_off = rows[:, None] * q_stride + offs_d[None, :]
+    q = _load_tile(Q + q_base, q_off, rows, len_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_tile(DO + q_base, q_off, rows, len_q, offs_d, HEAD_DIM, BLOCK_D, True)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -342,16 +360,18 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, qk_scale, sm_sc
                             qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, UPCAST, PRECISION)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kv_stride, rows, full_hi, hi, len_k, offs_d,
                             qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, CAUSAL, UPCAST, PRECISION)
-    _store_tile(DQ + q_off, dq * sm_scale, rows, len_q, offs_d, HEAD_DIM, BLOCK_D)
+    _store_tile(DQ + q_base, q_off, dq * sm_scale, rows, len_q, offs_d, HEAD_DIM, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configs. (BLOCK_M, BLOCK_N, num_warps, num_stages); the first of each list is the default (interpreter / report).
-# Chosen so every one compiles for sm_80 and sm_90 at head dim 128 (bf16) without spills; see report_specs().
+# Every one compiles for sm_80 and sm_90 at head dim 128 (bf16) without spills and with mma / wgmma (checked with
+# triton.compile + cuobjdump, see report_specs()). q and the fp32 accumulator live in registers, so at head dim 128 a
+# 128-row q block needs 8 warps (4 warps spill); the dk/dv kernel holds k, v, dk, dv and so takes 64-row key blocks.
 # ----------------------------------------------------------------------------------------------------------------
-FWD_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)]
-BWD_DKDV_CONFIGS = [(32, 128, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3)]
-BWD_DQ_CONFIGS = [(128, 32, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3)]
+FWD_CONFIGS = [(128, 32, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 4)]
+BWD_DKDV_CONFIGS = [(32, 64, 8, 3), (16, 64, 8, 3), (32, 64, 8, 2)]
+BWD_DQ_CONFIGS = [(128, 32, 8, 3), (128, 32, 8, 2), (64, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)]
 DELTA_BLOCK_M = 64
 
 
@@ -387,12 +407,18 @@ def _kernel_flags(q):
     )
 
 
+def _contiguous_aligned(t):
+    """Contiguous and 16-byte aligned, as the kernels' vectorisation hints assume (a view may start anywhere)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
 class _FlashAttention(torch.autograd.Function):
     """Packed q (Tq, Hq, D), k/v (Tk, Hkv, D) with per-sequence bounds cu_q / cu_k (int32, n + 1)."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q, k, v = (_contiguous_aligned(t) for t in (q, k, v))
         total_q, num_heads, _ = q.shape
         group = num_heads // k.shape[1]
         n_seqs = cu_q.numel() - 1
@@ -410,7 +436,7 @@ class _FlashAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         max_q, max_k, causal, scale = ctx.args
-        grad_out = grad_out.contiguous()
+        grad_out = _contiguous_aligned(grad_out)
         total_q, num_heads, _ = q.shape
         num_kv_heads = k.shape[1]
         group = num_heads // num_kv_heads
