@@ -203,19 +203,23 @@ def report_specs() -> list[KernelSpec]:
     shape = f"N={tokens} H={hidden_size} V={vocab} bf16, {chunks} chunks of {rows}"
     gemm_flops = 2.0 * tokens * hidden_size * vocab
     weight_bytes = 2.0 * vocab * hidden_size
+    hidden_bytes = 2.0 * tokens * hidden_size
     logits_bytes = 4.0 * tokens * vocab   # fp32 chunk logits, summed over all chunks
+    # Each GEMM re-reads the weight once per chunk (grad_weight reads and writes its fp32 accumulator instead);
+    # hidden is read once; the chunk logits are written / read in fp32.
+    rooflines = {
+        "logits": Roofline(f"{shape}: logits = h @ W.T", gemm_flops, chunks * weight_bytes + hidden_bytes
+                           + logits_bytes),
+        "grad_hidden": Roofline(f"{shape}: dlogits @ W", gemm_flops, chunks * weight_bytes + logits_bytes
+                                + hidden_bytes),
+        "grad_weight": Roofline(f"{shape}: grad_W += dlogits.T @ h (fp32)", gemm_flops,
+                                chunks * 2 * 2 * weight_bytes + logits_bytes + hidden_bytes),
+    }
     specs = []
-    # The weight is re-read once per chunk by each GEMM; hidden read once; chunk logits written / read in fp32.
-    specs += matmul_specs("flce_logits", Roofline(f"{shape}: logits = h @ W.T", gemm_flops,
-                                                  chunks * weight_bytes + 2.0 * tokens * hidden_size + logits_bytes),
-                          layout="nt", c="*fp32")
-    specs += matmul_specs("flce_grad_hidden", Roofline(f"{shape}: dlogits @ W", gemm_flops,
-                                                       chunks * weight_bytes + logits_bytes + 2.0 * tokens * hidden_size),
-                          layout="nn", a="*fp32")
-    specs += matmul_specs("flce_grad_weight", Roofline(f"{shape}: grad_W += dlogits.T @ h (fp32)", gemm_flops,
-                                                       chunks * 2 * 4.0 * vocab * hidden_size + logits_bytes
-                                                       + 2.0 * tokens * hidden_size),
-                          layout="tn", a="*fp32", b="*bf16", c="*fp32", ACCUMULATE=True)
+    specs += matmul_specs("flce_logits", rooflines["logits"], layout="nt", c="*fp32")
+    specs += matmul_specs("flce_grad_hidden", rooflines["grad_hidden"], layout="nn", a="*fp32")
+    specs += matmul_specs("flce_grad_weight", rooflines["grad_weight"], layout="tn", a="*fp32", c="*fp32",
+                          ACCUMULATE=True)
     specs.append(KernelSpec(
         kernel="flce_softmax_grad", fn=_cross_entropy_chunk_kernel,
         signature={"logits_ptr": "*fp32", "stride_row": "i32", "labels_ptr": "*i64", "loss_ptr": "*fp32", "V": "i32",
