@@ -1,10 +1,8 @@
 """Projector GEMMs on a GPU: our Triton fused_linear (bias + GELU in the epilogue, autotuned) vs torch's cuBLAS
 matmul + bias followed by a separate GELU kernel, in TFLOP/s, forward and forward+backward, bf16, at GMAI-VL's
 projector shapes (8 images x 576 patches; 1024 -> 4096 and 4096 -> 4096). Reported as ratios in extra_info
-(no timing assertions). Skips on machines without CUDA."""
+(no timing assertions). Skipped, with the reason, on machines without CUDA."""
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
@@ -12,29 +10,10 @@ import torch.nn.functional as F
 
 from gmaivl_rt.kernels import fused_linear, kernels
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: needs a CUDA device to compare the "
-                       "Triton GEMM with cuBLAS (the CPU build only has the interpreter)"),
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
-                       reason="TRITON_INTERPRET is set: the compiled kernels would not run"),
-]
+pytestmark = pytest.mark.gpu  # bench/conftest.py skips these, with the reason, where no CUDA device runs Triton
 
 TOKENS = 576 * 8
 SHAPES = [(TOKENS, 1024, 4096, "gelu"), (TOKENS, 4096, 4096, None)]
-
-
-def _cuda_ms(fn, reps=50, warmup=10):
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def _torch_linear(x, w, b, activation):
@@ -49,13 +28,13 @@ def _inputs(m, k, n, requires_grad):
     return x, w, b
 
 
-def _report(benchmark, ours_fn, torch_fn, flops):
+def _report(benchmark, cuda_ms, tflops, ours_fn, torch_fn, flops):
     with kernels("triton"):
         ours_fn()  # autotune outside the timed region
         benchmark.pedantic(lambda: (ours_fn(), torch.cuda.synchronize()), rounds=20, warmup_rounds=3)
-        ours_ms = _cuda_ms(ours_fn)
-    cublas_ms = _cuda_ms(torch_fn)
-    ours_tflops, cublas_tflops = flops / ours_ms / 1e9, flops / cublas_ms / 1e9
+        ours_ms = cuda_ms(ours_fn)
+    cublas_ms = cuda_ms(torch_fn)
+    ours_tflops, cublas_tflops = tflops(flops, ours_ms), tflops(flops, cublas_ms)
     benchmark.extra_info.update(ours_ms=ours_ms, cublas_ms=cublas_ms, ours_tflops=ours_tflops,
                                 cublas_tflops=cublas_tflops, ratio_vs_cublas=ours_tflops / cublas_tflops)
     print(f"\n{benchmark.name}: ours {ours_tflops:.0f} TFLOP/s, torch/cuBLAS {cublas_tflops:.0f} TFLOP/s "
@@ -63,14 +42,14 @@ def _report(benchmark, ours_fn, torch_fn, flops):
 
 
 @pytest.mark.parametrize("m,k,n,activation", SHAPES, ids=lambda v: str(v))
-def test_fused_linear_forward(benchmark, m, k, n, activation):
+def test_fused_linear_forward(benchmark, cuda_ms, tflops, m, k, n, activation):
     x, w, b = _inputs(m, k, n, requires_grad=False)
-    _report(benchmark, lambda: fused_linear(x, w, b, activation), lambda: _torch_linear(x, w, b, activation),
-            flops=2.0 * m * n * k)
+    _report(benchmark, cuda_ms, tflops, lambda: fused_linear(x, w, b, activation),
+            lambda: _torch_linear(x, w, b, activation), flops=2.0 * m * n * k)
 
 
 @pytest.mark.parametrize("m,k,n,activation", SHAPES, ids=lambda v: str(v))
-def test_fused_linear_forward_backward(benchmark, m, k, n, activation):
+def test_fused_linear_forward_backward(benchmark, cuda_ms, tflops, m, k, n, activation):
     x, w, b = _inputs(m, k, n, requires_grad=True)
     grad_y = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
 
@@ -80,4 +59,4 @@ def test_fused_linear_forward_backward(benchmark, m, k, n, activation):
             x.grad = w.grad = b.grad = None
         return run
 
-    _report(benchmark, step(fused_linear), step(_torch_linear), flops=3 * 2.0 * m * n * k)
+    _report(benchmark, cuda_ms, tflops, step(fused_linear), step(_torch_linear), flops=3 * 2.0 * m * n * k)

@@ -101,9 +101,7 @@ def test_fused_cross_entropy_memory_vs_naive(benchmark, monkeypatch):
           f"time x{naive['seconds'] / fused['seconds']:.2f}")
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmark: needs a CUDA device for the Triton path")
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="TRITON_INTERPRET is set")
+@pytest.mark.gpu  # skipped with the reason by bench/conftest.py where no CUDA device runs Triton
 def test_fused_cross_entropy_gpu_memory_vs_naive(benchmark, monkeypatch):
     from gmaivl_rt.kernels import fused_linear_cross_entropy_reference
 
