@@ -165,7 +165,9 @@ def restore(state: dict, model, optimizer, scheduler, info: DistInfo) -> int:
     if state["world_size"] != info.world_size:
         raise ValueError(f"checkpoint was written by {state['world_size']} ranks; resume it with the same number "
                          f"(got {info.world_size}) so every rank reads the same data shard")
-    options = StateDictOptions(full_state_dict=True) if info.enabled else None
+    # strict=False: a trainable parameter that never got a gradient (the vision layers past feature_layer) has no
+    # AdamW state yet, exactly as in the uninterrupted run.
+    options = StateDictOptions(full_state_dict=info.enabled, strict=False)
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state["optimizer"], options=options)
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"][info.rank])
