@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-from ._dispatch import use_triton
+from ._dispatch import interpreting, pick_config, use_triton
+from ._spec import KernelSpec, Roofline
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None):
@@ -27,5 +30,205 @@ def decode_attention_reference(q, k_cache, v_cache, cache_seqlens, *, softmax_sc
     return out[:, :, 0, :]
 
 
-def _decode_attention_triton(q, k_cache, v_cache, cache_seqlens, softmax_scale):
-    raise NotImplementedError("Triton decode attention kernel not written yet")
+_LOG2E = 1.4426950408889634
+_NEG_BIG = tl.constexpr(-1.0e30)  # finite running-max start: an empty split then gives weight exp2(-1e30 - m) = 0
+
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, SEQLENS, PART_M, PART_L, PART_ACC, qk_scale,
+                         stride_qb, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
+                         NUM_KV_HEADS, GROUP, NUM_SPLITS, split_len,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+                         BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr, UPCAST: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """Grid: (batch * kv_heads, NUM_SPLITS). One program: the GROUP q heads sharing one kv head (padded to BLOCK_H
+    rows so tl.dot has >= 16 rows) against one split_len-long chunk of that sequence's cache. Writes the chunk's
+    running max, sum and unnormalised output (log2 units) for the reduce kernel. ALIGNED: every cache row starts
+    16-byte aligned (the launcher checks), which lets loads vectorise without argument specialisation."""
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    batch = pid_bh // NUM_KV_HEADS
+    kv_head = pid_bh % NUM_KV_HEADS
+    seqlen = tl.load(SEQLENS + batch)
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, seqlen)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = kv_head * GROUP + offs_h
+    head_ok = offs_h < GROUP
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + batch.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=head_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + batch.to(tl.int64) * stride_kb + kv_head * stride_kh
+    v_base = V + batch.to(tl.int64) * stride_vb + kv_head * stride_vh
+
+    m_i = tl.full([BLOCK_H], _NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + offs_n
+        pos_ok = pos < hi
+        mask = pos_ok[:, None] & d_ok[None, :]
+        k_ptrs = k_base + pos[:, None] * stride_kl + offs_d[None, :]
+        v_ptrs = v_base + pos[:, None] * stride_vl + offs_d[None, :]
+        if ALIGNED:
+            k_ptrs = tl.multiple_of(k_ptrs, [1, 16])
+            v_ptrs = tl.multiple_of(v_ptrs, [1, 16])
+        k = tl.load(k_ptrs, mask=mask, other=0.0)
+        v = tl.load(v_ptrs, mask=mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where(pos_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+
+    row = (batch * NUM_KV_HEADS * GROUP + heads) * NUM_SPLITS + split  # partials laid out (B, Hq, NUM_SPLITS, ...)
+    tl.store(PART_M + row, m_i, mask=head_ok)
+    tl.store(PART_L + row, l_i, mask=head_ok)
+    tl.store(PART_ACC + row[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :], acc,
+             mask=head_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _decode_reduce_kernel(PART_M, PART_L, PART_ACC, Out, stride_ob, stride_oh, NUM_HEADS, NUM_SPLITS,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Grid: (batch * q_heads,). Combines the splits' partial softmaxes: out = sum_s w_s acc_s / sum_s w_s l_s with
+    w_s = exp2(m_s - max m). A sequence with no cache entries gives 0."""
+    pid = tl.program_id(0)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < NUM_SPLITS
+    rows = pid * NUM_SPLITS + offs_s
+    m = tl.load(PART_M + rows, mask=s_ok, other=_NEG_BIG)
+    l = tl.load(PART_L + rows, mask=s_ok, other=0.0)
+    acc = tl.load(PART_ACC + rows[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :],
+                  mask=s_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    w = tl.exp2(m - tl.max(m, 0))
+    total = tl.sum(w * l, 0)
+    out = tl.sum(w[:, None] * acc, 0) / tl.where(total > 0.0, total, 1.0)
+    batch = pid // NUM_HEADS
+    head = pid % NUM_HEADS
+    tl.store(Out + batch.to(tl.int64) * stride_ob + head * stride_oh + offs_d, out.to(Out.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+# (BLOCK_N, num_warps, num_stages); the first is the default (interpreter / report). All compile for sm_80 and
+# sm_90 at head dim 128 (bf16) without spills, with mma on both (16 q rows are below wgmma's 64-row minimum).
+SPLIT_CONFIGS = [(64, 4, 3), (128, 4, 3), (64, 4, 4), (32, 2, 4), (128, 8, 3)]
+REDUCE_WARPS = 4
+MAX_SPLITS = 64
+
+
+def _split_triton_configs():
+    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn, w, s in SPLIT_CONFIGS]
+
+
+_decode_split_tuned = triton.autotune(_split_triton_configs(), key=["HEAD_DIM", "BLOCK_H", "PRECISION"])(
+    _decode_split_kernel)
+
+
+def _num_splits(batch, kv_heads, cache_len, device):
+    """Enough (batch, kv head, split) programs to cover the GPU about twice; a few under the interpreter."""
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4
+    splits = triton.cdiv(target, batch * kv_heads)
+    return max(1, min(splits, MAX_SPLITS, triton.cdiv(cache_len, 64)))
+
+
+def _rows_aligned(t):
+    """Every row along the last dim starts on a 16-byte boundary (base pointer and all outer strides)."""
+    return t.data_ptr() % 16 == 0 and all(stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1])
+
+
+def _decode_attention_triton(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits=None):
+    batch, num_heads, head_dim = q.shape
+    cache_len, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if num_heads % num_kv_heads or k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
+        raise ValueError(f"decode_attention: q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)} disagree on "
+                         "batch or head_dim, or kv heads do not divide q heads")
+    if cache_seqlens.shape != (batch,):
+        raise ValueError(f"decode_attention: cache_seqlens has shape {tuple(cache_seqlens.shape)}, expected ({batch},)")
+    if head_dim > 256:
+        raise ValueError(f"decode_attention: head_dim {head_dim} > 256 is not supported by the Triton kernel")
+    # The kernels index the last dim with stride 1; anything else is copied.
+    q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
+    seqlens = cache_seqlens.to(device=q.device, dtype=torch.int32)
+    group = num_heads // num_kv_heads
+    scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
+    splits = num_splits or _num_splits(batch, num_kv_heads, cache_len, q.device)
+    split_len = triton.cdiv(cache_len, splits)
+    part_m = torch.empty((batch, num_heads, splits), device=q.device, dtype=torch.float32)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty((batch, num_heads, splits, head_dim), device=q.device, dtype=torch.float32)
+    out = torch.empty_like(q)
+    flags = dict(HEAD_DIM=head_dim, ALIGNED=all(_rows_aligned(t) for t in (k_cache, v_cache)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                 BLOCK_H=max(16, triton.next_power_of_2(group)),
+                 UPCAST=interpreting() and q.dtype == torch.bfloat16,  # interpreter cannot compute on bf16
+                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    args = (q, k_cache, v_cache, seqlens, part_m, part_l, part_acc, scale * _LOG2E, q.stride(0), q.stride(1),
+            *k_cache.stride()[:3], *v_cache.stride()[:3], num_kv_heads, group, splits, split_len)
+    grid = (batch * num_kv_heads, splits)
+    if q.is_cuda:
+        _decode_split_tuned[grid](*args, **flags)
+    else:
+        block_n, warps, stages = pick_config(SPLIT_CONFIGS)
+        _decode_split_kernel[grid](*args, **flags, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    _decode_reduce_kernel[(batch * num_heads,)](
+        part_m, part_l, part_acc, out, out.stride(0), out.stride(1), num_heads, splits, HEAD_DIM=head_dim,
+        BLOCK_D=flags["BLOCK_D"], BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=REDUCE_WARPS)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU readiness report
+# ----------------------------------------------------------------------------------------------------------------
+REPORT_SHAPE = dict(batch=1, cache_len=8192, q_heads=32, kv_heads=8, head_dim=128)
+REPORT_SPLITS = 32  # what _num_splits picks for this shape on a 132-SM H100 (2 * 132 / 8 programs, rounded up)
+
+
+def report_specs(dtype: str = "bf16") -> list[KernelSpec]:
+    """Every (kernel, config) decode attention can launch, for the named shape, with `dtype` pointers."""
+    b, length, hq, hkv, d = (REPORT_SHAPE[k] for k in ("batch", "cache_len", "q_heads", "kv_heads", "head_dim"))
+    name = f"B={b} L={length} Hq={hq} Hkv={hkv} D={d} {dtype}"
+    esize = 4 if dtype == "fp32" else 2
+    partial_bytes = 4.0 * b * hq * REPORT_SPLITS * (d + 2)
+    split_roof = Roofline(f"{name} decode splits={REPORT_SPLITS}", 4.0 * b * hq * length * d,
+                          esize * (2.0 * b * length * hkv * d + b * hq * d) + partial_bytes)
+    reduce_roof = Roofline(f"{name} decode reduce", 3.0 * b * hq * REPORT_SPLITS * d,
+                           partial_bytes + esize * b * hq * d)
+    ptr = f"*{dtype}"
+    split_signature = {
+        "Q": ptr, "K": ptr, "V": ptr, "SEQLENS": "*i32", "PART_M": "*fp32", "PART_L": "*fp32", "PART_ACC": "*fp32",
+        "qk_scale": "fp32", **dict.fromkeys(("stride_qb", "stride_qh", "stride_kb", "stride_kl", "stride_kh",
+                                             "stride_vb", "stride_vl", "stride_vh"), "i32"),
+        "NUM_KV_HEADS": "i32", "GROUP": "i32", "NUM_SPLITS": "i32", "split_len": "i32",
+        **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_H", "BLOCK_N", "ALIGNED", "UPCAST", "PRECISION"),
+                        "constexpr"),
+    }
+    base = dict(HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_H=max(16, triton.next_power_of_2(hq // hkv)),
+                ALIGNED=True, UPCAST=False, PRECISION="ieee" if dtype == "fp32" else "tf32")
+    specs = [KernelSpec(kernel="decode_attention_split", fn=_decode_split_kernel, signature=split_signature,
+                        constexprs={**base, "BLOCK_N": bn}, num_warps=w, num_stages=st, default=i == 0,
+                        uses_dot=True, roofline=split_roof)
+             for i, (bn, w, st) in enumerate(SPLIT_CONFIGS)]
+    specs.append(KernelSpec(
+        kernel="decode_attention_reduce", fn=_decode_reduce_kernel,
+        signature={"PART_M": "*fp32", "PART_L": "*fp32", "PART_ACC": "*fp32", "Out": ptr, "stride_ob": "i32",
+                   "stride_oh": "i32", "NUM_HEADS": "i32", "NUM_SPLITS": "i32", "HEAD_DIM": "constexpr",
+                   "BLOCK_D": "constexpr", "BLOCK_S": "constexpr"},
+        constexprs={"HEAD_DIM": d, "BLOCK_D": triton.next_power_of_2(d),
+                    "BLOCK_S": triton.next_power_of_2(REPORT_SPLITS)},
+        num_warps=REDUCE_WARPS, num_stages=1, default=True, uses_dot=False, roofline=reduce_roof))
+    return specs
