@@ -236,6 +236,13 @@ def test_rerun_resumes_and_is_deterministic(built, tmp_path):
     other = build_dataset(tmp_path / "other", manifest=manifest, seed=8, progress=False)
     assert other["records"] == first["records"]
     assert (tmp_path / "other/annotations/chest_cls.jsonl").read_bytes() != before[out / "annotations/chest_cls.jsonl"]
+    # a moved source folder resumes, except for the one file that changed (the fixture's sources stay as they are)
+    sources = tmp_path / "sources"
+    shutil.copytree(out.parent, sources, ignore=shutil.ignore_patterns("out"))
+    shutil.copytree(out, tmp_path / "resumed")
+    Image.fromarray(np.full((40, 50), 7, np.uint8)).save(sources / "images" / "xray3.png")
+    changed = build_dataset(tmp_path / "resumed", manifest=sources / "manifest.yaml", seed=7, progress=False)
+    assert changed["new_png_files"] == 1 and changed["items_resumed"] == again["items_resumed"] - 1
 
 
 def test_demo_build_and_template_variety(tmp_path):

@@ -388,7 +388,16 @@ def _items(spec: DatasetSpec) -> list[dict]:
 
 
 def _item_key(spec: DatasetSpec, row: dict, seed: int, rewriter_id: str) -> str:
-    blob = json.dumps({"v": _WORK_VERSION, "spec": spec.fingerprint(), "row": row, "seed": seed,
+    """Resume key: the settings, the annotation row and the size / mtime of the files it names."""
+    files = {}
+    for column in ("image", "mask"):
+        if row.get(column):
+            try:
+                st = os.stat(os.path.join(spec.image_root, str(row[column])))
+                files[column] = [st.st_size, st.st_mtime_ns]
+            except OSError:
+                files[column] = None
+    blob = json.dumps({"v": _WORK_VERSION, "spec": spec.fingerprint(), "row": row, "files": files, "seed": seed,
                        "rewriter": rewriter_id}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 

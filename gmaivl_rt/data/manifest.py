@@ -77,9 +77,11 @@ class DatasetSpec:
     metadata_vqa: bool = False
 
     def fingerprint(self) -> dict:
-        """The settings that change this dataset's records (for resume keys)."""
+        """The settings that change this dataset's records (for resume keys). Where the data lives is left out:
+        a moved source folder still resumes (files are recognised by relative path, size and mtime)."""
         d = asdict(self)
-        d.pop("sample_ratio"), d.pop("data_augment")
+        for key in ("sample_ratio", "data_augment", "image_root", "annotations"):
+            d.pop(key)
         return d
 
 
