@@ -164,60 +164,92 @@ def row_problems(row: dict) -> list[str]:
     return problems
 
 
-def _report_rows(archs, defaults_only: bool, progress: bool) -> list[dict]:
+def _compile_row(job) -> dict:
+    """Compile one (module, spec index, arch) job; runs in a worker process (specs are found again by index, as
+    Triton functions do not pickle)."""
+    module, index, arch = job
+    spec = _module_specs(module)[index]
+    row = {"module": module, "kernel": spec.kernel, "config": spec.config, "arch": arch, "default": spec.default,
+           "uses_dot": spec.uses_dot, "num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    started = time.perf_counter()
+    try:
+        row.update(compile_spec(spec, arch))
+        row["error"] = None
+    except Exception as e:  # report a config that does not compile instead of stopping
+        row["error"] = _short(f"compile failed: {type(e).__name__}: {' '.join(str(e).split())}", 300)
+    row["compile_s"] = round(time.perf_counter() - started, 2)
+    row.update(roofline_fields(spec.roofline))
+    return row
+
+
+@functools.lru_cache(maxsize=None)
+def _module_specs(module: str) -> list:
+    return list(importlib.import_module(f"gmaivl_rt.kernels.{module}").report_specs())
+
+
+def _report_rows(archs, defaults_only: bool, progress: bool, jobs: int) -> list[dict]:
+    from concurrent.futures import ProcessPoolExecutor
+
     from tqdm import tqdm
 
     specs, missing = collect_specs()
-    if defaults_only:
-        specs = [(module, spec) for module, spec in specs if spec.default]
+    by_module: dict = {}
+    work = []
+    for module, spec in specs:
+        index = by_module[module] = by_module.get(module, -1) + 1
+        if spec.default or not defaults_only:
+            work.extend((module, index, arch) for arch in archs)
     rows = [{"module": module, "kernel": module, "config": None, "arch": None, "default": None,
              "error": f"missing: {why}"} for module, why in missing.items()]
-    jobs = [(module, spec, arch) for module, spec in specs for arch in archs]
-    for module, spec, arch in tqdm(jobs, desc="compiling kernels", unit="kernel", disable=not progress,
-                                   file=sys.stderr):
-        row = {"module": module, "kernel": spec.kernel, "config": spec.config, "arch": arch,
-               "default": spec.default, "uses_dot": spec.uses_dot, "num_warps": spec.num_warps,
-               "num_stages": spec.num_stages}
-        started = time.perf_counter()
-        try:
-            row.update(compile_spec(spec, arch))
-            row["error"] = None
-        except Exception as e:  # report a config that does not compile instead of stopping
-            row["error"] = _short(f"compile failed: {type(e).__name__}: {' '.join(str(e).split())}", 300)
-        row["compile_s"] = round(time.perf_counter() - started, 2)
-        row.update(roofline_fields(spec.roofline))
-        rows.append(row)
+    bar = functools.partial(tqdm, total=len(work), desc="compiling kernels", unit="kernel", disable=not progress,
+                            file=sys.stderr)
+    if jobs > 1 and len(work) > 1:
+        import multiprocessing
+
+        # fork: the workers inherit the imported kernel modules instead of importing torch and triton again
+        context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+            rows.extend(bar(pool.map(_compile_row, work)))
+    else:
+        rows.extend(bar(map(_compile_row, work)))
     for row in rows:
         row["problems"] = row_problems(row) if row["arch"] is not None else [row["error"]]
     return rows
 
 
+def default_jobs() -> int:
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
 _CHILD_RESULTS: dict = {}
 
 
-def build_report(archs=(80, 90), *, defaults_only: bool = False, progress: bool = True) -> list[dict]:
+def build_report(archs=(80, 90), *, defaults_only: bool = False, progress: bool = True,
+                 jobs: int | None = None) -> list[dict]:
     """Compile every kernel spec for each arch; one dict per (kernel, config, arch) with kernel, config, arch,
     default, registers, spill_bytes, shared_bytes, mma, wgmma, uses_dot, roofline fields (shape, flops, bytes,
     intensity, a100_us, h100_us), error and problems (empty when GPU-ready). Modules without `report_specs()`
-    appear as one row each with arch None and an error starting "missing:"."""
+    appear as one row each with arch None and an error starting "missing:". `jobs` compile processes (default: up
+    to 4, one per available core)."""
     archs = tuple(int(a) for a in archs)
+    jobs = default_jobs() if jobs is None else max(1, int(jobs))
     from ._dispatch import interpreting
 
     if not interpreting():
-        return _report_rows(archs, defaults_only, progress)
+        return _report_rows(archs, defaults_only, progress, jobs)
     key = (archs, defaults_only)
     if key not in _CHILD_RESULTS:
-        _CHILD_RESULTS[key] = _build_in_child(archs, defaults_only, progress)
+        _CHILD_RESULTS[key] = _build_in_child(archs, defaults_only, progress, jobs)
     return [dict(row) for row in _CHILD_RESULTS[key]]
 
 
-def _build_in_child(archs, defaults_only, progress):
+def _build_in_child(archs, defaults_only, progress, jobs):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "report.json")
         command = [sys.executable, "-m", "gmaivl_rt.kernels.report", "--json", out, "--quiet",
-                   "--arch", ",".join(map(str, archs))]
+                   "--arch", ",".join(map(str, archs)), "--jobs", str(jobs)]
         if defaults_only:
             command.append("--defaults-only")
         if not progress:
@@ -303,12 +335,13 @@ def _add_arguments(parser):
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON to FILE")
     parser.add_argument("--arch", type=_parse_archs, default=(80, 90), help="CUDA archs, e.g. 80,90 (default)")
     parser.add_argument("--defaults-only", action="store_true", help="only the default config of each kernel")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: cores, <= 4)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--quiet", action="store_true", help="no table on stdout")
 
 
 def run(args) -> int:
-    rows = build_report(args.arch, defaults_only=args.defaults_only, progress=not args.no_progress)
+    rows = build_report(args.arch, defaults_only=args.defaults_only, progress=not args.no_progress, jobs=args.jobs)
     if args.json:
         import triton
 
