@@ -112,15 +112,17 @@ def chunk_rows(n_tokens: int, vocab: int, hidden_size: int) -> int:
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk_size, step):
+    def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk_size, step, grad_enabled):
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
         n_valid = int((labels != ignore_index).sum())
         # "mean" divides by the non-ignored tokens; with none, every row contributes 0 (loss 0, zero gradients).
         scale = 1.0 / n_valid if reduction == "mean" and n_valid > 0 else 1.0
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        # Gradients only for inputs that need them, and none under torch.no_grad (an eval loss), where
+        # needs_input_grad alone would still say True.
+        grad_hidden = torch.empty_like(hidden) if grad_enabled and ctx.needs_input_grad[0] else None
         # fp32 accumulation over the chunks, cast to the weight's dtype at the end
         grad_weight = (torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-                       if ctx.needs_input_grad[1] else None)
+                       if grad_enabled and ctx.needs_input_grad[1] else None)
         loss_rows = torch.empty(n_tokens, device=hidden.device, dtype=torch.float32)
         rows = chunk_size or chunk_rows(n_tokens, vocab, hidden.shape[1])
         logits = torch.empty((min(rows, n_tokens), vocab), device=hidden.device, dtype=torch.float32)
@@ -142,7 +144,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden.mul_(grad_output.to(grad_hidden.dtype))
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(grad_output.to(grad_weight.dtype))
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def _check_inputs(hidden, weight, labels, reduction, chunk_size):
@@ -183,7 +185,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, red
     step = _chunk_step_triton if use_triton(hidden, weight) else _chunk_step_torch
     with torch.autocast(hidden.device.type, enabled=False):
         return _FusedLinearCrossEntropy.apply(hidden, weight, labels.contiguous(), ignore_index, reduction,
-                                              chunk_size, step)
+                                              chunk_size, step, torch.is_grad_enabled())
 
 
 def fused_linear_cross_entropy_reference(hidden, weight, labels, *, ignore_index=-100, reduction="mean"):

@@ -202,9 +202,10 @@ def autocast_operands(*tensors):
 
 class _FusedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d, weight, bias, apply_gelu):
-        # Keep the pre-activation only when a backward pass will need GELU's derivative.
-        keep_pre = apply_gelu and any(ctx.needs_input_grad[:3])
+    def forward(ctx, x2d, weight, bias, apply_gelu, grad_enabled):
+        # Keep the pre-activation only when a backward pass will need GELU's derivative (needs_input_grad alone
+        # stays True under torch.no_grad, hence grad_enabled from the caller).
+        keep_pre = apply_gelu and grad_enabled and any(ctx.needs_input_grad[:3])
         y = torch.empty((x2d.shape[0], weight.shape[0]), device=x2d.device, dtype=x2d.dtype)
         pre = torch.empty_like(y) if keep_pre else None
         matmul(x2d, weight.t(), y, bias=bias, gelu=apply_gelu, pre=pre)
@@ -223,7 +224,7 @@ class _FusedLinear(torch.autograd.Function):
             grad_w = matmul(grad_z.t(), x2d, torch.empty_like(weight))      # (N, M) @ (M, K)
         if ctx.needs_input_grad[2]:
             grad_b = grad_z.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -261,7 +262,7 @@ def _fused_linear_triton(x, weight, bias, activation):
         raise ValueError(f"fused_linear: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
     x2d = x.reshape(-1, x.shape[-1])
     with torch.autocast(x.device.type, enabled=False):
-        y = _FusedLinear.apply(x2d, weight, bias, activation == "gelu")
+        y = _FusedLinear.apply(x2d, weight, bias, activation == "gelu", torch.is_grad_enabled())
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -119,6 +119,23 @@ def test_cpu_auto_takes_the_chunked_path(monkeypatch):
     assert seen == [(16, V), (16, V), (5, V)]
 
 
+def test_no_grad_computes_no_gradients(torch_path, monkeypatch):
+    """An eval loss under torch.no_grad skips the gradient GEMMs (the parameters still require grad)."""
+    grads_asked = []
+    step = flce._chunk_step_torch
+
+    def recording_step(*args):
+        grads_asked.append((args[-2] is not None, args[-1] is not None))
+        return step(*args)
+
+    monkeypatch.setattr(flce, "_chunk_step_torch", recording_step)
+    hidden, weight, labels = _inputs(torch.float32)
+    with torch.no_grad():
+        loss = fused_linear_cross_entropy(hidden, weight, labels, chunk_size=CHUNK)
+    assert grads_asked == [(False, False)] * 3
+    torch.testing.assert_close(loss, fused_linear_cross_entropy_reference(hidden, weight, labels), rtol=1e-5, atol=0)
+
+
 def test_chunk_rows_rule():
     # InternLM2-7B head on 8192 tokens: Liger's rule gives 512 rows; small hidden sizes are lifted to 256 rows
     assert flce.chunk_rows(8192, 92544, 4096) == 512

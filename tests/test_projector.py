@@ -100,12 +100,22 @@ def test_matmul_transposed_operands_and_accumulate(triton_path):
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_fused_linear_no_grad_keeps_no_pre_activation(triton_path):
+def test_fused_linear_no_grad_keeps_no_pre_activation(triton_path, monkeypatch):
+    stored_pre = []
+    matmul = projector.matmul
+
+    def recording_matmul(*args, **kwargs):
+        stored_pre.append(kwargs.get("pre") is not None)
+        return matmul(*args, **kwargs)
+
+    monkeypatch.setattr(projector, "matmul", recording_matmul)
     x, w, b = _inputs((9, 16), 8, torch.float32, True)
     with torch.no_grad():
         y = fused_linear(x, w, b, "gelu")
-    assert y.grad_fn is None
+    assert y.grad_fn is None and stored_pre == [False]
     torch.testing.assert_close(y, fused_linear_reference(x, w, b, "gelu").detach(), atol=1e-5, rtol=1e-5)
+    fused_linear(x, w, b, "gelu")
+    assert stored_pre == [False, True]
 
 
 def test_fused_linear_rejects_bad_input(triton_path):
