@@ -1,0 +1,121 @@
+"""Triton attention (interpreted on CPU) against torch SDPA and autograd: forward and gradients.
+
+Tolerances (max abs error vs an fp32 SDPA reference on the same, upcast, inputs; values and gradients are O(1)):
+  fp32: 1e-4 forward and gradients
+  fp16: 2e-3 forward, 1e-2 gradients (fp16 operands of the tensor-core products, fp32 accumulation)
+  bf16: 2e-2 forward, 5e-2 gradients (8-bit mantissa; the interpreter upcasts bf16, see the kernel's UPCAST)
+"""
+import importlib
+
+import pytest
+import torch
+
+from gmaivl_rt.kernels import attention, attention_reference
+from gmaivl_rt.kernels.attention import _attention_triton
+
+TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 1e-2), torch.bfloat16: (2e-2, 5e-2)}  # (fwd, grads)
+
+
+def _inputs(q_shape, kv_shape, dtype):
+    q, k, v = torch.randn(q_shape), torch.randn(kv_shape), torch.randn(kv_shape)
+    return [t.to(dtype).requires_grad_() for t in (q, k, v)]
+
+
+def _check(q, k, v, causal, cu_seqlens=None, max_seqlen=None, softmax_scale=None):
+    """Run the Triton path and the fp32 reference on the same inputs; compare output and all three gradients."""
+    fwd_tol, grad_tol = TOL[q.dtype]
+    out = _attention_triton(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    ref_inputs = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = attention_reference(*ref_inputs, causal=causal, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens)
+    torch.testing.assert_close(out.float(), ref, atol=fwd_tol, rtol=0)
+
+    grad_out = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out.to(q.dtype))
+    ref_grads = torch.autograd.grad(ref, ref_inputs, grad_out)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        assert got.dtype == q.dtype
+        torch.testing.assert_close(got.float(), want, atol=grad_tol, rtol=grad_tol, msg=lambda m: f"d{name}: {m}")
+
+
+# (batch, seq, q_heads, kv_heads, head_dim): seq 1, 17, 127 and others not a multiple of any block; MHA, GQA, MQA;
+# head dim 80 exercises the masked (non power of two) head dimension.
+PADDED_SHAPES = [(1, 1, 2, 2, 16), (2, 17, 4, 2, 32), (1, 127, 2, 1, 80), (1, 70, 4, 4, 64)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("shape", PADDED_SHAPES, ids=lambda s: "B{}_S{}_Hq{}_Hkv{}_D{}".format(*s))
+def test_padded_forward_backward(shape, causal, dtype):
+    batch, seq, hq, hkv, d = shape
+    _check(*_inputs((batch, seq, hq, d), (batch, seq, hkv, d), dtype), causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_packed_unequal_lengths(causal, dtype):
+    lengths = [1, 17, 40]  # block-diagonal: no token may see another sequence's keys
+    cu_seqlens = torch.tensor([0, 1, 18, 58], dtype=torch.int32)
+    total = sum(lengths)
+    q, k, v = _inputs((total, 4, 32), (total, 2, 32), dtype)
+    _check(q, k, v, causal, cu_seqlens=cu_seqlens, max_seqlen=max(lengths))
+
+
+def test_packed_max_seqlen_inferred_and_empty_sequence():
+    cu_seqlens = torch.tensor([0, 5, 5, 38], dtype=torch.int32)  # the middle sequence is empty
+    q, k, v = _inputs((38, 2, 16), (38, 1, 16), torch.float32)
+    _check(q, k, v, True, cu_seqlens=cu_seqlens, max_seqlen=None)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_bf16(causal):
+    _check(*_inputs((1, 45, 4, 64), (1, 45, 2, 64), torch.bfloat16), causal)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_padded_query_and_key_lengths_differ(causal):
+    # SDPA's is_causal with Sq != Sk masks top-left (key j visible to query i iff j <= i); the kernel does the same
+    q = torch.randn(2, 9, 2, 16, requires_grad=True)
+    _check(q, *_inputs((2, 23, 2, 16), (2, 23, 2, 16), torch.float32)[1:], causal)
+
+
+def test_softmax_scale():
+    _check(*_inputs((1, 33, 2, 32), (1, 33, 2, 32), torch.float32), True, softmax_scale=0.3)
+
+
+def test_strided_and_misaligned_inputs():
+    # q/k/v as views into one fused projection output, and a view whose start is not 16-byte aligned:
+    # the launcher must copy into aligned contiguous buffers rather than mis-read them.
+    batch, seq, heads, d = 2, 19, 2, 32
+    fused = torch.randn(batch, seq, 3, heads, d)
+    q, k, v = (fused[:, :, i].requires_grad_() for i in range(3))
+    _check(q, k, v, True)
+    flat = torch.randn(1 + batch * seq * heads * d)
+    odd = flat[1:].view(batch, seq, heads, d).requires_grad_()
+    assert odd.data_ptr() % 16 != 0
+    _check(odd, *_inputs((batch, seq, heads, d), (batch, seq, heads, d), torch.float32)[1:], False)
+
+
+def test_public_entry_point_dispatches_to_triton(triton_path, monkeypatch):
+    module = importlib.import_module("gmaivl_rt.kernels.attention")  # the package's `attention` is the function
+
+    calls = []
+    real = module._attention_triton
+    monkeypatch.setattr(module, "_attention_triton", lambda *a: calls.append(1) or real(*a))
+    q, k, v = _inputs((1, 20, 4, 32), (1, 20, 2, 32), torch.float32)
+    out = attention(q, k, v, causal=True)
+    assert calls == [1]
+    torch.testing.assert_close(out, attention_reference(q, k, v, causal=True), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kwargs, q_shape, k_shape, v_shape, match", [
+    ({}, (2, 4, 16), (2, 4, 16), (2, 4, 16), "expected \\(batch, seq, heads, head_dim\\)"),
+    ({}, (1, 4, 2, 16), (1, 4, 2, 16), (1, 4, 1, 16), "differ"),
+    ({}, (1, 4, 3, 16), (1, 4, 2, 16), (1, 4, 2, 16), "kv heads must divide q heads"),
+    ({}, (1, 4, 2, 16), (1, 4, 2, 8), (1, 4, 2, 8), "head dims must match"),
+    ({"cu_seqlens": torch.tensor([0, 4])}, (4, 2, 16), (4, 2, 16), (4, 2, 16), "int32"),
+    ({"cu_seqlens": torch.tensor([0, 4], dtype=torch.int32)}, (4, 2, 16), (3, 2, 16), (3, 2, 16), "tokens"),
+])
+def test_shape_errors(triton_path, kwargs, q_shape, k_shape, v_shape, match):
+    with pytest.raises(ValueError, match=match):
+        attention(torch.randn(q_shape), torch.randn(k_shape), torch.randn(v_shape), **kwargs)
