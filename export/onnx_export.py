@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from gmaivl_rt.atomic import atomic_write_json
-from gmaivl_rt.chat import CLIP_MEAN, CLIP_STD, IM_END, IM_START
+from gmaivl_rt.chat import CLIP_MEAN, CLIP_STD
+from gmaivl_rt.train.tokenizer import CHAT_TEMPLATE
 
 from .graphs import build_graphs, num_image_tokens
 
@@ -35,17 +36,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt")
 # GMAI-VL's demo decoding settings (see the README's model facts); runtimes read them as defaults.
 DEMO_SEARCH = {"do_sample": True, "top_p": 0.9, "repetition_penalty": 1.12, "no_repeat_ngram_size": 5}
-# gmaivl_rt.chat.build_prompt as the Jinja template tokenizers carry (HF `apply_chat_template` convention), for
-# runtimes outside Python; used when the model folder brings no template of its own.
-CHATML_JINJA = (
-    "{% for message in messages %}"
-    "{% set role = {'human': 'user', 'gpt': 'assistant'}.get(message.get('role', message.get('from')), "
-    "message.get('role', message.get('from'))) %}"
-    "{{ '" + IM_START + "' + role + '\\n' + message.get('content', message.get('value')) + '" + IM_END
-    + "' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '" + IM_START + "assistant\\n' }}{% endif %}"
-)
 
 
 def past_names(num_layers: int) -> list[str]:
@@ -232,7 +222,7 @@ def export_onnx(model_or_dir, out_dir, *, dtype="fp32", opset=DEFAULT_OPSET, att
             os.replace(item, out_dir / item.name)
     vision, text = config.vision, config.text
     hf_config = config.to_hf_config() if hasattr(config, "to_hf_config") else None
-    template = _chat_template(model_dir) or CHATML_JINJA
+    template = _chat_template(model_dir) or CHAT_TEMPLATE  # the internlm2 chatml of gmaivl_rt.chat
     deploy = {
         "format": "gmaivl-rt-onnx", "format_version": 1,
         "dtype": dtype, "opset": opset, "attention": attention,

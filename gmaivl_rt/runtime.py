@@ -45,7 +45,7 @@ def _as_list(ids):
 
 
 class _ChatHelpers:
-    """Tokenizer and template helpers shared by the backends (need `tokenizer.json` in the folder)."""
+    """Tokenizer and template helpers shared by the backends (need the tokenizer files in the folder)."""
 
     path: Path
     config = None
@@ -54,11 +54,14 @@ class _ChatHelpers:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            if not (self.path / "tokenizer.json").is_file():
-                raise FileNotFoundError(f"{self.path}: no tokenizer.json, so text cannot be tokenized here")
-            from transformers import AutoTokenizer
+            from gmaivl_rt.train.tokenizer import IMAGE, load_tokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self.path))
+            tokenizer = load_tokenizer(self.path)
+            image_id = tokenizer.convert_tokens_to_ids(IMAGE)
+            if image_id != self.config.image_token_index:
+                raise ValueError(f"{self.path}: the tokenizer's {IMAGE} is id {image_id} but the model's "
+                                 f"image_token_index is {self.config.image_token_index}")
+            self._tokenizer = tokenizer
         return self._tokenizer
 
     def prepare(self, messages, images=(), system=None) -> dict:

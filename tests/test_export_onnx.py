@@ -86,7 +86,7 @@ def test_deploy_chat_template_renders_like_build_prompt(onnx_dir):
     from gmaivl_rt.chat import build_prompt
 
     template = json.loads((onnx_dir / DEPLOY_JSON).read_text())["chat_template"]
-    messages = [{"role": "system", "content": "You are a radiologist."}, {"from": "human", "value": "<image>\nFindings?"},
+    messages = [{"role": "system", "content": "You are a radiologist."}, {"role": "user", "content": "<image>\nFindings?"},
                 {"role": "assistant", "content": "None."}, {"role": "user", "content": "Sure?"}]
     rendered = jinja2.Environment().from_string(template).render(messages=messages, add_generation_prompt=True)
     assert rendered == build_prompt(messages[1:], system="You are a radiologist.")
@@ -259,3 +259,27 @@ def test_cli_check_reports_supported_graphs(onnx_dir, capsys):
     assert main(["export", "check", str(onnx_dir)]) == 0
     out = capsys.readouterr().out
     assert "decoder_model_merged.onnx: opset 23" in out and "all supported by TensorRT" in out
+
+
+def test_prepare_tokenizes_the_chat_and_expands_images(tmp_path):
+    """Tokenizer + template helpers: a folder with our BPE tokenizer, a model whose vocabulary matches it."""
+    from PIL import Image
+
+    from gmaivl_rt.train.tokenizer import IMAGE, train_bpe_tokenizer
+
+    texts = ["<image>\nIs there a nodule in the left lung?", "No nodule is visible.", "Findings: normal chest."] * 20
+    tokenizer = train_bpe_tokenizer(texts, tmp_path, vocab_size=300, min_frequency=1)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE)
+    config = GMAIVLConfig.preset("tiny").replace(image_token_index=image_id,
+                                                 text={"vocab_size": len(tokenizer)})
+    GMAIVL(config).save_pretrained(tmp_path)
+    backend = gmaivl_rt.load(tmp_path, backend="torch")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
+    inputs = backend.prepare([{"role": "user", "content": "<image>\nIs there a nodule?"}], images=[image])
+    assert inputs["pixel_values"].shape == (1, 3, 28, 28)
+    assert int((inputs["input_ids"] == image_id).sum()) == config.num_image_tokens
+    text = tokenizer.decode(inputs["input_ids"][0])
+    assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n")
+    out = backend.generate(**inputs, max_new_tokens=3, eos_token_id=[])
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 3)
+    assert isinstance(backend.decode(out[:, -3:])[0], str)
