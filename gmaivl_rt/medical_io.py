@@ -8,8 +8,9 @@ matching slice of a segmentation mask).
   (PS3.3 C.11.2.1.2 LINEAR / LINEAR_EXACT / SIGMOID); CT files without a window get a named CT window picked from
   the body part; other greyscale files a 0.5-99.5 percentile stretch. MONOCHROME1 is inverted. Colour data
   (RGB, YBR_* - converted to RGB by pydicom's decoder path) and PALETTE COLOR (`apply_color_lut`) are supported.
-  Compressed transfer syntaxes decode when a decoder plugin is installed; otherwise the error names the transfer
-  syntax and the packages that decode it.
+  Enhanced multi-frame objects take spacing, orientation, rescale and window from their (per-frame or shared)
+  functional groups. Compressed transfer syntaxes decode when a decoder plugin is installed; otherwise the error
+  names the transfer syntax and the packages that decode it.
 * NIfTI (nibabel): reoriented to the closest canonical (RAS+) orientation, sliced along axial / coronal / sagittal
   in radiological display convention (patient right on image left, anterior / superior at the top), resampled so
   pixels are square (the voxel spacing sets the aspect ratio), normalised by the 0.5-99.5 percentiles of the whole
@@ -368,7 +369,8 @@ class _DicomSource:
             self.samples = int(ds.get("SamplesPerPixel", 1))
             self.photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
             self.rows, self.columns = int(ds.Rows), int(ds.Columns)
-            spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+            spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing") or \
+                _functional_group(ds, "PixelMeasuresSequence", "PixelSpacing")
             self.spacing = (round(float(spacing[0]), 6), round(float(spacing[1]), 6)) \
                 if spacing and len(spacing) >= 2 else None
         except Exception as e:
@@ -379,8 +381,9 @@ class _DicomSource:
         body_part = str(ds.get("BodyPartExamined", "") or "").strip().lower()
         self.modality = modality or None
         self.body_part = body_part or None
-        self.orientation = _plane_from_iop(ds.get("ImageOrientationPatient")) if "ImageOrientationPatient" in ds \
-            else None
+        iop = ds.get("ImageOrientationPatient") or \
+            _functional_group(ds, "PlaneOrientationSequence", "ImageOrientationPatient")
+        self.orientation = _plane_from_iop(iop) if iop else None
 
     def _check_decoder(self):
         from pydicom.pixels import get_decoder
@@ -429,7 +432,7 @@ class _DicomSource:
         arr = self.frame_pixels(index)
         try:
             with quiet_pydicom():
-                unit, window, window_name = self._to_unit(arr)
+                unit, window, window_name = self._to_unit(arr, index)
         except MedicalImageError:
             raise
         except Exception as e:
@@ -443,7 +446,7 @@ class _DicomSource:
                             source_format="dicom", window=window, window_name=window_name,
                             photometric=self.photometric, source_size=(self.rows, self.columns))
 
-    def _to_unit(self, arr: np.ndarray):
+    def _to_unit(self, arr: np.ndarray, index: int = 0):
         """Stored values -> [0, 1] float32, plus the window (centre, width) and how it was chosen."""
         from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
@@ -458,6 +461,13 @@ class _DicomSource:
             bits = int(ds.get("BitsStored", arr.dtype.itemsize * 8))
             return arr.astype(np.float32) / float(2 ** bits - 1), None, "bit depth"
         values = apply_modality_lut(arr, ds)
+        if "RescaleSlope" not in ds and "ModalityLUTSequence" not in ds:  # enhanced multi-frame objects
+            slope = _functional_group(ds, "PixelValueTransformationSequence", "RescaleSlope", index)
+            intercept = _functional_group(ds, "PixelValueTransformationSequence", "RescaleIntercept", index)
+            if slope is not None:
+                values = values * float(slope) + float(intercept or 0.0)
+        frame_center = _functional_group(ds, "FrameVOILUTSequence", "WindowCenter", index)
+        frame_width = _functional_group(ds, "FrameVOILUTSequence", "WindowWidth", index)
         if self.window is not None:
             unit, window, name = apply_window(values, *self.window), self.window, self.window_name
         elif "VOILUTSequence" in ds:
@@ -466,9 +476,14 @@ class _DicomSource:
             lo, hi = float(data.min()), float(data.max())
             voi = apply_voi_lut(values, ds, index=0, prefer_lut=True)
             unit, window, name = (voi - lo) / max(hi - lo, 1.0), None, "file VOI LUT"
-        elif "WindowCenter" in ds and "WindowWidth" in ds:
-            center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
-            function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
+        elif ("WindowCenter" in ds and "WindowWidth" in ds) or (frame_center is not None and frame_width is not None):
+            if "WindowCenter" in ds and "WindowWidth" in ds:
+                center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+                function = ds.get("VOILUTFunction")
+            else:
+                center, width = _first(frame_center), _first(frame_width)
+                function = _functional_group(ds, "FrameVOILUTSequence", "VOILUTFunction", index)
+            function = str(function or "LINEAR")
             unit, window, name = apply_window(values, center, width, function), (center, width), "file"
         elif self.modality == "CT":
             name = _CT_WINDOW_BY_BODY_PART.get((self.body_part or "").replace(" ", ""), "abdomen")
@@ -479,6 +494,20 @@ class _DicomSource:
         if self.photometric == "MONOCHROME1":  # low values are white
             unit = 1.0 - unit
         return np.asarray(unit, np.float32), window, name
+
+
+def _functional_group(ds, sequence: str, keyword: str, frame: int = 0):
+    """`keyword` from an enhanced multi-frame object's per-frame functional group of `frame`, else from the
+    shared functional groups, else None (e.g. PixelMeasuresSequence / PixelSpacing)."""
+    for groups, item_index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        try:
+            group = ds.get(groups)[item_index]
+            value = group.get(sequence)[0].get(keyword)
+        except (TypeError, IndexError, AttributeError):
+            continue
+        if value is not None and value != "":
+            return value
+    return None
 
 
 def _first(value) -> float:

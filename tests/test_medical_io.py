@@ -110,6 +110,33 @@ def test_voi_lut_sequence_is_applied(tmp_path):
     assert np.abs(image.pixels[..., 0] - expected).max() <= 1.0
 
 
+def test_enhanced_multiframe_functional_groups(tmp_path):
+    ds = pydicom.dcmread(dcm("MR_small.dcm"))
+    raw = ds.pixel_array.astype(np.float64)
+    for keyword in ("PixelSpacing", "WindowCenter", "WindowWidth", "ImageOrientationPatient"):
+        delattr(ds, keyword)
+
+    def item(**attrs):
+        out = pydicom.Dataset()
+        for k, v in attrs.items():
+            setattr(out, k, v)
+        return out
+
+    shared = item(PixelMeasuresSequence=[item(PixelSpacing=[0.5, 0.5])],
+                  PlaneOrientationSequence=[item(ImageOrientationPatient=[1, 0, 0, 0, 0, -1])],
+                  FrameVOILUTSequence=[item(WindowCenter=1100, WindowWidth=3000)],
+                  PixelValueTransformationSequence=[item(RescaleSlope=2, RescaleIntercept=-100)])
+    ds.SharedFunctionalGroupsSequence = [shared]
+    path = tmp_path / "enhanced.dcm"
+    ds.save_as(path)
+    image = read_medical_image(path)
+    assert image.pixel_spacing == (0.5, 0.5) and image.orientation == "coronal" and image.window == (1100, 3000)
+    reference = ds.copy()
+    reference.WindowCenter, reference.WindowWidth = 1100, 3000
+    expected = voi_to_uint8(raw * 2 - 100, reference)
+    assert np.abs(image.pixels[..., 0] - expected).max() <= 1.0
+
+
 def test_rgb_ybr_and_palette_colour():
     rgb = read_medical_image(dcm("SC_rgb_rle.dcm"))
     assert np.array_equal(rgb.pixels, pydicom.dcmread(dcm("SC_rgb_rle.dcm")).pixel_array) and rgb.is_color
