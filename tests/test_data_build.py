@@ -348,10 +348,14 @@ def test_json_manifest_with_json_list_annotations(tmp_path):
     (tmp_path / "rows.json").write_text(json.dumps([{"image": "ct.dcm", "label": "nodule"}]))
     (tmp_path / "m.json").write_text(json.dumps({"datasets": [
         {"name": "ct", "task": "classification", "image_root": ".", "annotations": "rows.json",
-         "labels": ["nodule", "mass"], "window": "lung"}]}))
+         "labels": ["nodule", "mass"], "window": "lung"},
+        {"name": "lost", "task": "report", "image_root": ".", "annotations": "missing.jsonl"}]}))
     summary = build_dataset(tmp_path / "out", manifest=tmp_path / "m.json", progress=False)
     records = read_jsonl(tmp_path / "out/annotations/ct.jsonl")
-    assert summary["errors"] == 0 and {r["id"].split("#")[1] for r in records} == {"cap", "cls", "cls-mc"}
+    errors = read_jsonl(tmp_path / "out/errors.jsonl")
+    assert [(e["dataset"], e["kind"]) for e in errors] == [("lost", "annotation")]  # the run went on
+    assert "missing.jsonl" in errors[0]["reason"] and "lost" not in json.loads((tmp_path / "out/meta.json").read_text())
+    assert summary["errors"] == 1 and {r["id"].split("#")[1] for r in records} == {"cap", "cls", "cls-mc"}
     from gmaivl_rt.medical_io import read_medical_image
 
     lung = read_medical_image(tmp_path / "ct.dcm", window="lung").pixels  # the manifest's window was used
