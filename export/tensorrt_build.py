@@ -143,7 +143,8 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: list[dict], *, pr
     network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # resolves external data beside the file
-        errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        errors = "\n".join(f"  node {e.node_name()!r} ({e.node_operator()}): {e.desc()}"
+                           for e in (parser.get_error(i) for i in range(parser.num_errors)))
         raise RuntimeError(f"TensorRT could not parse {onnx_path.name}:\n{errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)

@@ -15,8 +15,8 @@ TensorRT passes an AOT kernel its arguments as (inputs..., extra scalar args...,
 has exactly that order and calls the team kernel `kernels.attention._attn_fwd_kernel`, so the maths is not copied.
 `compile_attention_ptx` needs only Triton (no GPU, no TensorRT) and is what `aot_impl` returns.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: tensorrt.plugin reads the decorated functions' annotations as
+# real objects (trtp.TensorDesc, Tuple[...]) to tell tensors from attributes.
 import functools
 import json
 import os
@@ -24,6 +24,7 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import List, Optional, Tuple, Union
 
 import torch
 import triton
@@ -69,7 +70,7 @@ def kernel_signature(dtype: str) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def compile_attention_ptx(dtype: str, head_dim: int, causal: bool, softmax_scale: float | None = None,
+def compile_attention_ptx(dtype: str, head_dim: int, causal: bool, softmax_scale: Optional[float] = None,
                           arch: int = DEFAULT_ARCH) -> AotKernel:
     """Compile `_attn_fwd_trt` to PTX for sm_<arch> with the default forward config of kernels/attention.py.
     Runs anywhere Triton is installed: no GPU and no TensorRT needed. Under TRITON_INTERPRET=1 `@triton.jit`
@@ -140,7 +141,7 @@ def strip_hidden_params(ptx: str, name: str, visible: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ ONNX side
-def plugin_attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None):
+def plugin_attention(q, k, v, *, causal: bool = False, softmax_scale: Optional[float] = None):
     """q: (B, S, Hq, D), k/v: (B, S, Hkv, D). During torch.onnx.export: the plugin node; otherwise the plain
     PyTorch reference, so the module stays runnable (and comparable) in eager mode."""
     if not torch.onnx.is_in_onnx_export():
@@ -187,18 +188,21 @@ def register_plugin():
 
     @trtp.register(PLUGIN_ID)
     def _describe(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, cu_seqlens: trtp.TensorDesc,
-                  causal: int, softmax_scale: float) -> tuple[trtp.TensorDesc, trtp.TensorDesc]:
+                  causal: int, softmax_scale: float) -> Tuple[trtp.TensorDesc, trtp.TensorDesc]:
         lse = trtp.from_shape_expr((q.shape_expr[2], q.shape_expr[0] * q.shape_expr[1]), dtype=trt.float32)
         return q.like(), lse
 
     @trtp.autotune(PLUGIN_ID)
-    def _formats(q, k, v, cu_seqlens, causal, softmax_scale, outputs):
+    def _formats(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, cu_seqlens: trtp.TensorDesc,
+                 causal: int, softmax_scale: float,
+                 outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
         # q, k, v and out share fp16 or bf16; cu_seqlens int32; lse fp32.
         return [trtp.AutoTuneCombination("FP16|BF16, FP16|BF16, FP16|BF16, INT32, FP16|BF16, FP32", "LINEAR")]
 
     @trtp.aot_impl(PLUGIN_ID)
     def _aot(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, cu_seqlens: trtp.TensorDesc,
-             causal: int, softmax_scale: float, outputs: tuple[trtp.TensorDesc], tactic: int):
+             causal: int, softmax_scale: float, outputs: Tuple[trtp.TensorDesc, trtp.TensorDesc], tactic: int
+             ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
         head_dim = q.shape_expr[3]
         if not head_dim.is_constant:
             raise ValueError("flash_attention plugin: head_dim must be static")
@@ -217,7 +221,8 @@ def register_plugin():
         return kernel.name.encode(), kernel.ptx.encode(), launch, extra
 
     @trtp.impl(PLUGIN_ID)
-    def _jit(q, k, v, cu_seqlens, causal, softmax_scale, outputs, stream):
+    def _jit(q: trtp.Tensor, k: trtp.Tensor, v: trtp.Tensor, cu_seqlens: trtp.Tensor, causal: int,
+             softmax_scale: float, outputs: Tuple[trtp.Tensor, trtp.Tensor], stream: int) -> None:
         # Python fallback when a graph asks for aot=0: the same kernel through gmaivl_rt.kernels.attention.
         from gmaivl_rt.kernels.attention import attention
 
