@@ -14,7 +14,8 @@ def register(subparsers):
     onnx = sub.add_parser("onnx", help="vision_encoder / embed_tokens / decoder_model_merged ONNX graphs + JSON")
     onnx.add_argument("model_dir", help="model folder (config.json + safetensors)")
     onnx.add_argument("out_dir", help="folder for the .onnx files and gmaivl_deploy.json")
-    onnx.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    onnx.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                      help="weights and activations; bf16 graphs are for TensorRT (ONNX Runtime CPU lacks bf16)")
     onnx.add_argument("--opset", type=int, default=23, help="ONNX opset (>= 23 for the Attention op)")
     onnx.add_argument("--attention", choices=("sdpa", "trt_plugin"), default="sdpa",
                       help="sdpa: standard ONNX Attention (ONNX Runtime, TensorRT); trt_plugin: the vision "

@@ -96,6 +96,9 @@ class OnnxBackend(GraphBackend):
         if deploy.get("attention") not in (None, "sdpa"):
             raise ValueError(f"{self.path}: these graphs use the {deploy['attention']!r} attention node, which only "
                              "TensorRT runs; export with the default attention for ONNX Runtime")
+        if deploy.get("dtype") == "bf16":
+            raise ValueError(f"{self.path}: bf16 graphs are meant for TensorRT (numpy and ONNX Runtime's CPU "
+                             "provider have no bf16); export fp16 or fp32 for ONNX Runtime")
         self._init_from_deploy(deploy)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
