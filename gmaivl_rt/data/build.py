@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gmaivl_rt.atomic import atomic_write_bytes
 from gmaivl_rt.data import templates as T
 from gmaivl_rt.data.deid import find_phi, phi_values_of_file, safe_stem, safe_token, scrub
 from gmaivl_rt.data.manifest import (TASK_CODES, DatasetSpec, ManifestError, load_manifest, missing_columns,
@@ -61,15 +62,6 @@ class ItemError(Exception):
 # --------------------------------------------------------------------------------------------------------------
 # atomic files and the image store
 # --------------------------------------------------------------------------------------------------------------
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it over `path`."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def atomic_write_json(path: str, obj, indent: int | None = 2) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode("utf-8"))
 
@@ -200,18 +192,9 @@ def discover_images(root: str) -> list[str]:
             if name.startswith("."):
                 continue
             path = os.path.join(dirpath, name)
-            if name.lower().endswith(known) or (
-                    "." not in name and _has_dicom_magic(path)):
+            if name.lower().endswith(known) or ("." not in name and detect_format(path) == "dicom"):
                 found.append(os.path.relpath(path, root).replace(os.sep, "/"))
     return found
-
-
-def _has_dicom_magic(path: str) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(132)[128:132] == b"DICM"
-    except OSError:
-        return False
 
 
 # --------------------------------------------------------------------------------------------------------------

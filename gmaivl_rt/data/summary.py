@@ -45,7 +45,7 @@ def plot_summary(summary: dict, path: str) -> None:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from gmaivl_rt.data.build import atomic_write_bytes
+    from gmaivl_rt.atomic import atomic_write_bytes
 
     fig, axes = plt.subplots(2, 3, figsize=(16, 11), layout="constrained")
     fig.suptitle(f"{summary['records']} records from {summary['images_converted']} images "
