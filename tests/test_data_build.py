@@ -317,11 +317,14 @@ def test_cli_input_folder_captions(tmp_path, capsys):
     (src / "sub").mkdir(parents=True)
     shutil.copy(os.path.join(DICOM_DIR, "MR_small.dcm"), src / "sub" / "scan.dcm")
     shutil.copy(os.path.join(NIFTI_DIR, "standard.nii.gz"), src / "vol.nii.gz")
+    shutil.copy(os.path.join(DICOM_DIR, "CT_small.dcm"), src / "sub" / "IM0001")  # DICOM without a suffix
     (src / "README.txt").write_text("not an image")
+    (src / "NOTES").write_text("no suffix, not DICOM")
     assert cli_main(["data", "build", "--input", str(src), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
     printed = json.loads(capsys.readouterr().out)
     records = read_jsonl(tmp_path / "out/annotations/folder.jsonl")
-    assert printed["records"] == len(records) == 1 + 7  # one DICOM frame + 7 axial slices
+    assert printed["records"] == len(records) == 2 + 7  # two DICOM files + 7 axial slices
+    assert printed["errors"] == 0
     assert all("#cap#" in r["id"] for r in records)
     assert any("MRI" in r["conversations"][1]["value"] for r in records)
 
