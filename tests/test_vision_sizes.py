@@ -3,8 +3,9 @@ import math
 import random
 
 import pytest
+import torch
 
-from gmaivl_rt.vision_sizes import dynamic_resize_shape
+from gmaivl_rt.vision_sizes import dynamic_resize_shape, resize_for_dynamic_resolution
 
 PATCH = 14
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 672 * 672
@@ -62,3 +63,14 @@ def test_rejects_bad_arguments(kwargs, message):
     args = dict(height=100, width=200, patch_size=PATCH, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS) | kwargs
     with pytest.raises(ValueError, match=message):
         dynamic_resize_shape(**args)
+
+
+def test_resize_for_dynamic_resolution_gives_the_planned_grid():
+    image = torch.rand(3, 300, 451)
+    resized = resize_for_dynamic_resolution(image, PATCH, MIN_PIXELS, 200 * 200)
+    assert tuple(resized.shape) == (3, *dynamic_resize_shape(300, 451, PATCH, MIN_PIXELS, 200 * 200))
+    flat = torch.full((3, 90, 40), 0.25)  # resampling keeps a constant image constant
+    torch.testing.assert_close(resize_for_dynamic_resolution(flat, PATCH, MIN_PIXELS, MAX_PIXELS),
+                               torch.full((3, *dynamic_resize_shape(90, 40, PATCH, MIN_PIXELS, MAX_PIXELS)), 0.25))
+    with pytest.raises(ValueError, match=r"\(C, H, W\) float tensor"):
+        resize_for_dynamic_resolution(torch.zeros(3, 20, 20, dtype=torch.uint8), PATCH, MIN_PIXELS, MAX_PIXELS)
