@@ -58,6 +58,8 @@ def make_sources(root):
     Image.fromarray(mask).save(img / "seg_mask.png")
     Image.fromarray(np.zeros((48, 60), np.uint8)).save(img / "seg_mask_small.png")
     Image.fromarray(np.zeros((48, 64), np.uint8)).save(img / "seg_mask_empty.png")
+    mask[0:2, 0:2] = 7  # a value without a label name
+    Image.fromarray(mask).save(img / "seg_mask_unnamed.png")
     # 3D segmentation on nibabel's anatomical.nii: label 1 in canonical axial slices 10..13 only
     anat = nib.load(os.path.join(NIFTI_DIR, "anatomical.nii"))
     canonical = nib.as_closest_canonical(anat)
@@ -73,6 +75,7 @@ def make_sources(root):
     write_csv(root / "seg.csv", [{"image": "seg.png", "mask": "seg_mask.png"},
                                  {"image": "seg.png", "mask": "seg_mask_small.png"},
                                  {"image": "seg.png", "mask": "seg_mask_empty.png"},
+                                 {"image": "seg.png", "mask": "seg_mask_unnamed.png"},
                                  {"image": "anat.nii", "mask": "anat_mask.nii.gz"}])
     with open(root / "det.jsonl", "w") as f:
         f.write(json.dumps({"image": "mr.dcm", "boxes": [{"label": "lesion", "box": [8, 16, 32, 48]},
@@ -151,14 +154,14 @@ def test_bad_items_land_in_errors_and_good_items_are_all_written(built):
     out, _, summary, expect = built
     errors = read_jsonl(out / "errors.jsonl")
     assert {(e["dataset"], e["source"]) for e in errors} == expect["bad"]
-    assert summary["errors"] == len(errors) == 6  # organ_seg/seg.png fails twice (size mismatch, empty mask)
+    assert summary["errors"] == len(errors) == 7  # organ_seg/seg.png fails 3 times (size, empty, unnamed value)
     reasons = " | ".join(e["reason"] for e in errors)
     for needle in ("corrupt.png", "truncated.dcm", "notes.dcm: not a DICOM file", "badvr.dcm",
-                   "does not match", "mask is empty"):
+                   "does not match", "mask is empty", "mask values [7] have no label name"):
         assert needle in reasons
     cls_sources = {r["id"].split("#")[-1] for r in records_of(out, "chest_cls")}
     assert cls_sources == {"xray0", "xray1", "xray2", "xray3", "ct"}
-    assert summary["errors_by_kind"]["mask"] == 2
+    assert summary["errors_by_kind"]["mask"] == 3
 
 
 def test_classification_open_and_multiple_choice_are_grounded(built):

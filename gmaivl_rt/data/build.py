@@ -259,6 +259,10 @@ class _Converter:
                 for image in images:
                     present = None
                     if task == "segmentation":
+                        if image.mask.max() > len(spec.labels) or image.mask.min() < 0:
+                            unnamed = sorted(set(np.unique(image.mask).tolist()) - set(range(len(spec.labels) + 1)))
+                            raise ItemError("mask", f"{rel}: mask values {unnamed[:5]} have no label name "
+                                                    f"(labels are 1..{len(spec.labels)})")
                         present = T.mask_facts(image.mask, spec.labels)
                         any_label |= bool(present)
                         if not present:
