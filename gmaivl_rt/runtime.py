@@ -102,13 +102,16 @@ class TorchBackend(_ChatHelpers):
         self.config = self.model.config
 
     def generate(self, input_ids, pixel_values=None, attention_mask=None, **kwargs):
-        device = self.model.lm_head.weight.device
-        to = (lambda t: t.to(device)) if isinstance(input_ids, torch.Tensor) else torch.as_tensor  # noqa: E731
-        if pixel_values is not None and not isinstance(pixel_values, (list, tuple)):
-            pixel_values = to(torch.as_tensor(pixel_values)).to(self.model.lm_head.weight.dtype)
-        mask = None if attention_mask is None else to(torch.as_tensor(attention_mask))
-        return self.model.generate(to(torch.as_tensor(input_ids)), pixel_values=pixel_values, attention_mask=mask,
-                                   **kwargs).cpu()
+        """`GMAIVL.generate` on the model's device; inputs may be tensors or arrays, the result is on the CPU."""
+        weight = self.model.lm_head.weight
+        if isinstance(pixel_values, (list, tuple)):
+            pixel_values = [torch.as_tensor(p).to(weight.device, weight.dtype) for p in pixel_values]
+        elif pixel_values is not None:
+            pixel_values = torch.as_tensor(pixel_values).to(weight.device, weight.dtype)
+        if attention_mask is not None:
+            attention_mask = torch.as_tensor(attention_mask).to(weight.device)
+        return self.model.generate(torch.as_tensor(input_ids).to(weight.device), pixel_values=pixel_values,
+                                   attention_mask=attention_mask, **kwargs).cpu()
 
 
 class GraphBackend(_ChatHelpers):
