@@ -32,6 +32,7 @@ ENGINE_JSON = "gmaivl_trt.json"
 ENGINE_FILES = {name: file.replace(".onnx", ".engine") for name, file in GRAPH_FILES.items()}
 PRECISIONS = ("fp16", "bf16", "fp32")
 SIZE_KEYS = ("batch", "images", "seq", "past", "height", "width")
+PARSER_MIN_VERSION = (10, 15)  # the operator table export/tensorrt_onnx_ops.py was taken from
 
 
 @dataclass
@@ -186,7 +187,8 @@ def export_tensorrt(onnx_dir, out_dir, *, precision="fp16", sizes: ProfileSizes 
         if not report.ok:
             raise ValueError(f"TensorRT cannot parse {GRAPH_FILES[name]}:\n{report}")
     plan = {name: profile_shapes(deploy, name, sizes) for name in graphs}
-    import_tensorrt()
+    # The graphs hold ONNX Attention and RMSNormalization nodes; TensorRT's parser reads the latter from 10.15.
+    import_tensorrt(PARSER_MIN_VERSION, "the exported graphs' RMSNormalization/Attention nodes need")
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = Path(timing_cache) if timing_cache else out_dir / "timing.cache"
     built = {}

@@ -157,7 +157,7 @@ def plugin_attention(q, k, v, *, causal: bool = False, softmax_scale: Optional[f
 
 
 # ------------------------------------------------------------------------------------------------ TensorRT side
-def import_tensorrt():
+def import_tensorrt(min_version=(10, 9), why="AOT Python plugins need"):
     """(tensorrt, tensorrt.plugin), or an ImportError saying what to install."""
     try:
         import tensorrt as trt
@@ -169,8 +169,9 @@ def import_tensorrt():
             "NVIDIA's index, pypi.nvidia.com) on a machine with an NVIDIA GPU and driver, plus `cuda-python` "
             f"or torch with CUDA to run engines. ({e})") from None
     version = tuple(int(p) for p in trt.__version__.split(".")[:2])
-    if version < (10, 9):
-        raise ImportError(f"TensorRT {trt.__version__} is too old: AOT Python plugins need TensorRT >= 10.9")
+    if version < tuple(min_version):
+        wanted = ".".join(map(str, min_version))
+        raise ImportError(f"TensorRT {trt.__version__} is too old: {why} TensorRT >= {wanted}")
     return trt, trtp
 
 
