@@ -502,6 +502,15 @@ def _rooflines():
     }
 
 
+def launch_attrs(fn, signature: dict, int_values: dict) -> dict:
+    """Triton's launch-time specialisation as ASTSource `attrs` (KernelSpec.extra["attrs"]): every pointer is 16-byte
+    aligned (the launchers guarantee it for the tensors they pass) and so is each integer argument whose value at the
+    report shape is a multiple of 16."""
+    names = [name for name, ty in signature.items()
+             if ty.startswith("*") or (ty == "i32" and int_values.get(name, 1) % 16 == 0)]
+    return {(fn.arg_names.index(name),): (("tt.divisibility", 16),) for name in names}
+
+
 def report_specs(dtype: str = "bf16") -> list[KernelSpec]:
     """Every (kernel, config) the attention op can launch, for the named shape, with `dtype` pointers."""
     ptr, f32, i32 = f"*{dtype}", "*fp32", "*i32"
@@ -521,18 +530,22 @@ def report_specs(dtype: str = "bf16") -> list[KernelSpec]:
          {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "DQ": ptr, "LSE": f32, "DELTA": f32, "CU_Q": i32, "CU_K": i32,
           **bwd_scalars}),
     ]
+    int_values = {"NUM_HEADS": REPORT_SHAPE["q_heads"], "GROUP": REPORT_SHAPE["q_heads"] // REPORT_SHAPE["kv_heads"],
+                  "total_q": REPORT_SHAPE["batch"] * REPORT_SHAPE["seqlen"]}
     specs = []
     for name, fn, configs, roofline, signature in kernels:
         constexpr_names = ("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "CAUSAL", "UPCAST", "PRECISION")
+        attrs = launch_attrs(fn, signature, int_values)
         for i, (bm, bn, warps, stages) in enumerate(configs):
             specs.append(KernelSpec(
                 kernel=name, fn=fn, signature={**signature, **dict.fromkeys(constexpr_names, "constexpr")},
                 constexprs={**base, "BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages,
-                default=i == 0, uses_dot=True, roofline=roofline))
+                default=i == 0, uses_dot=True, roofline=roofline, extra={"attrs": attrs}))
+    delta_signature = {"Out": ptr, "DO": ptr, "DELTA": f32, "total_q": "i32", "NUM_HEADS": "i32"}
     specs.append(KernelSpec(
         kernel="attention_bwd_delta", fn=_attn_bwd_delta_kernel,
-        signature={"Out": ptr, "DO": ptr, "DELTA": f32, "total_q": "i32", "NUM_HEADS": "i32",
-                   "HEAD_DIM": "constexpr", "BLOCK_D": "constexpr", "BLOCK_M": "constexpr"},
+        signature={**delta_signature, **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_M"), "constexpr")},
         constexprs={"HEAD_DIM": d, "BLOCK_D": base["BLOCK_D"], "BLOCK_M": DELTA_BLOCK_M}, num_warps=4, num_stages=1,
-        default=True, uses_dot=False, roofline=roof["delta"]))
+        default=True, uses_dot=False, roofline=roof["delta"],
+        extra={"attrs": launch_attrs(_attn_bwd_delta_kernel, delta_signature, int_values)}))
     return specs

@@ -8,6 +8,7 @@ import triton.language as tl
 
 from ._dispatch import interpreting, pick_config, use_triton
 from ._spec import KernelSpec, Roofline
+from .attention import launch_attrs
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None):
@@ -219,15 +220,22 @@ def report_specs(dtype: str = "bf16") -> list[KernelSpec]:
     }
     base = dict(HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_H=max(16, triton.next_power_of_2(hq // hkv)),
                 ALIGNED=True, UPCAST=False, PRECISION="ieee" if dtype == "fp32" else "tf32")
+    # integer arguments at the report shape (contiguous (B, L, Hkv, D) caches), for the launch specialisation
+    int_values = {"stride_qb": hq * d, "stride_qh": d, "stride_kb": length * hkv * d, "stride_kl": hkv * d,
+                  "stride_kh": d, "NUM_KV_HEADS": hkv, "GROUP": hq // hkv, "NUM_SPLITS": REPORT_SPLITS,
+                  "split_len": length // REPORT_SPLITS, "stride_ob": hq * d, "stride_oh": d, "NUM_HEADS": hq}
+    int_values.update(stride_vb=int_values["stride_kb"], stride_vl=int_values["stride_kl"], stride_vh=d)
+    split_attrs = launch_attrs(_decode_split_kernel, split_signature, int_values)
     specs = [KernelSpec(kernel="decode_attention_split", fn=_decode_split_kernel, signature=split_signature,
                         constexprs={**base, "BLOCK_N": bn}, num_warps=w, num_stages=st, default=i == 0,
-                        uses_dot=True, roofline=split_roof)
+                        uses_dot=True, roofline=split_roof, extra={"attrs": split_attrs})
              for i, (bn, w, st) in enumerate(SPLIT_CONFIGS)]
+    reduce_signature = {"PART_M": "*fp32", "PART_L": "*fp32", "PART_ACC": "*fp32", "Out": ptr, "stride_ob": "i32",
+                        "stride_oh": "i32", "NUM_HEADS": "i32", "NUM_SPLITS": "i32"}
     specs.append(KernelSpec(
         kernel="decode_attention_reduce", fn=_decode_reduce_kernel,
-        signature={"PART_M": "*fp32", "PART_L": "*fp32", "PART_ACC": "*fp32", "Out": ptr, "stride_ob": "i32",
-                   "stride_oh": "i32", "NUM_HEADS": "i32", "NUM_SPLITS": "i32", "HEAD_DIM": "constexpr",
-                   "BLOCK_D": "constexpr", "BLOCK_S": "constexpr"},
+        signature={**reduce_signature, **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_S"), "constexpr")},
+        extra={"attrs": launch_attrs(_decode_reduce_kernel, reduce_signature, int_values)},
         constexprs={"HEAD_DIM": d, "BLOCK_D": triton.next_power_of_2(d),
                     "BLOCK_S": triton.next_power_of_2(REPORT_SPLITS)},
         num_warps=REDUCE_WARPS, num_stages=1, default=True, uses_dot=False, roofline=reduce_roof))
