@@ -226,14 +226,15 @@ def _patch_embed_dweight_kernel(
 
 
 # Candidate tilings. The first is the fixed default used under the interpreter; the GPU autotunes over all. The
-# patch gather costs registers per element (no contiguous rows to vectorise), so the forward wants 8 warps for a
-# 64x64 tile; every candidate compiles without spills on sm_80 and sm_90 (see `gmaivl-rt kernels report`).
-# BLOCK_K of 16/32 keeps the padding of K = 3*14*14 = 588 small.
+# patch gather costs registers per element (rows of 14 pixels at arbitrary offsets), so wide tiles want 8 warps;
+# every candidate compiles without spills on sm_80 and sm_90 (`gmaivl-rt kernels report`). BLOCK_K=32 keeps the
+# padding of K = 3*14*14 = 588 (-> 608) small.
 _FWD_CONFIGS = [
     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
-    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
 ]
 _DWEIGHT_CONFIGS = [
     dict(BLOCK_N=64, BLOCK_K=64, BLOCK_R=32, num_warps=4, num_stages=3),
@@ -388,22 +389,30 @@ def report_specs(dtype="bf16"):
               "scale_ptr": "*fp32", "shift_ptr": "*fp32", "num_rows": "i32", "hidden": "i32",
               "PATCH": "constexpr", "CHANNELS": "constexpr", "NORMALIZE": "constexpr", "ALLOW_TF32": "constexpr"}
     common_constexprs = {"PATCH": patch, "CHANNELS": channels, "NORMALIZE": True, "ALLOW_TF32": False}
+
+    def launch_attrs(fn, signature):
+        # what a real launch at this shape specializes on: fresh torch buffers are 16-byte aligned, and
+        # num_rows = 4608 and hidden = 1024 are multiples of 16 (Triton's tt.divisibility)
+        return {(fn.arg_names.index(name),): (("tt.divisibility", 16),)
+                for name, ty in signature.items() if ty != "constexpr"}
+
     specs = []
     for i, cfg in enumerate(_FWD_CONFIGS):
         blocks = {k: v for k, v in cfg.items() if k.isupper()}
+        signature = {**common, "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "pos_ptr": f"*{dtype}",
+                     "out_ptr": f"*{dtype}", "HAS_BIAS": "constexpr", **{k: "constexpr" for k in blocks}}
         specs.append(KernelSpec(
-            kernel="patch_embed_fwd", fn=_patch_embed_fwd_kernel,
-            signature={**common, "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "pos_ptr": f"*{dtype}",
-                       "out_ptr": f"*{dtype}", "HAS_BIAS": "constexpr",
-                       **{k: "constexpr" for k in blocks}},
+            kernel="patch_embed_fwd", fn=_patch_embed_fwd_kernel, signature=signature,
             constexprs={**common_constexprs, "HAS_BIAS": True, **blocks}, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"], default=i == 0, uses_dot=True, roofline=fwd))
+            num_stages=cfg["num_stages"], default=i == 0, uses_dot=True, roofline=fwd,
+            extra={"attrs": launch_attrs(_patch_embed_fwd_kernel, signature)}))
     for i, cfg in enumerate(_DWEIGHT_CONFIGS):
         blocks = {k: v for k, v in cfg.items() if k.isupper()}
+        signature = {**common, "grad_out_ptr": f"*{dtype}", "grad_weight_ptr": f"*{dtype}",
+                     **{k: "constexpr" for k in blocks}}
         specs.append(KernelSpec(
-            kernel="patch_embed_dweight", fn=_patch_embed_dweight_kernel,
-            signature={**common, "grad_out_ptr": f"*{dtype}", "grad_weight_ptr": f"*{dtype}",
-                       **{k: "constexpr" for k in blocks}},
+            kernel="patch_embed_dweight", fn=_patch_embed_dweight_kernel, signature=signature,
             constexprs={**common_constexprs, **blocks}, num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"], default=i == 0, uses_dot=True, roofline=dweight))
+            num_stages=cfg["num_stages"], default=i == 0, uses_dot=True, roofline=dweight,
+            extra={"attrs": launch_attrs(_patch_embed_dweight_kernel, signature)}))
     return specs
