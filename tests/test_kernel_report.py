@@ -99,6 +99,12 @@ def test_count_tensor_core_instructions_counts_instructions_not_mentions():
     assert report.count_tensor_core_instructions(ptx) == (2, 1)
 
 
+def test_modules_without_specs_are_reported_not_fatal():
+    specs, missing = report.collect_specs(("patch_embed", "no_such_kernel"))
+    assert {module for module, _ in specs} == {"patch_embed"}
+    assert list(missing) == ["no_such_kernel"] and missing["no_such_kernel"].startswith("import failed")
+
+
 @pytest.mark.slow
 def test_every_autotune_config_compiles_within_limits():
     """All candidates, not only the defaults: the autotuner may pick any of them on a real GPU."""
