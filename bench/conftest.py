@@ -1,7 +1,7 @@
 """Shared benchmark helpers.
 
-- `@pytest.mark.gpu` benchmarks are skipped, with the reason, where no CUDA device runs compiled Triton kernels
-  (a CPU build of torch, or TRITON_INTERPRET set).
+- `pytestmark = pytest.mark.gpu` (the requires-CUDA marker): such benchmarks are skipped, with the reason, where
+  no CUDA device runs compiled Triton kernels (a CPU build of torch, or TRITON_INTERPRET set).
 - fixtures `cuda_ms(fn, reps=50, warmup=10) -> milliseconds per call` (CUDA events) and
   `tflops(flops, ms) -> TFLOP/s`.
 """
@@ -19,9 +19,6 @@ def cuda_skip_reason() -> str | None:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return "GPU benchmark: TRITON_INTERPRET is set, so Triton kernels would be interpreted, not compiled"
     return None
-
-
-requires_cuda = pytest.mark.skipif(cuda_skip_reason() is not None, reason=cuda_skip_reason() or "")
 
 
 def pytest_collection_modifyitems(config, items):
