@@ -38,12 +38,6 @@ def load(path, backend: str = "torch", **kwargs):
     raise ValueError(f"load: backend {backend!r} is not one of {', '.join(BACKENDS)}")
 
 
-def _as_list(ids):
-    if ids is None:
-        return []
-    return [int(i) for i in ids] if isinstance(ids, (list, tuple)) else [int(ids)]
-
-
 class _ChatHelpers:
     """Tokenizer and template helpers shared by the backends (need the tokenizer files in the folder)."""
 
@@ -212,6 +206,8 @@ class GraphBackend(_ChatHelpers):
                  repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, eos_token_id=None,
                  pad_token_id=None, generator: torch.Generator | None = None) -> torch.Tensor:
         """As `GMAIVL.generate`: input_ids (B, S) left-padded -> (B, S + new) int64 on the CPU."""
+        from gmaivl_rt.model import _as_list
+
         params = SamplingParams(do_sample, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size)
         text = self.config.text
         eos = _as_list(text.eos_token_id if eos_token_id is None else eos_token_id)

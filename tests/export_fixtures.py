@@ -36,7 +36,7 @@ def dynamic_checkpoint() -> Path:
 
 @functools.lru_cache(maxsize=None)
 def exported(variant: str) -> Path:
-    """variant: "fp32" (all three graphs), "fp16" (all three), "dynamic" (fp32 vision encoder only),
+    """variant: "fp32", "fp16" (all three graphs), "dynamic" (fp32, dynamic-resolution checkpoint),
     "plugin" (fp16 vision encoder with the TensorRT attention plugin node)."""
     from gmaivl_rt.export.onnx_export import export_onnx
 
@@ -44,7 +44,7 @@ def exported(variant: str) -> Path:
     if variant in ("fp32", "fp16"):
         export_onnx(hf_checkpoint(), out, dtype=variant)
     elif variant == "dynamic":
-        export_onnx(dynamic_checkpoint(), out, graphs=("vision_encoder",))
+        export_onnx(dynamic_checkpoint(), out)
     elif variant == "plugin":
         export_onnx(hf_checkpoint(), out, dtype="fp16", attention="trt_plugin", graphs=("vision_encoder",))
     else:

@@ -199,6 +199,19 @@ def test_greedy_generation_matches_torch_backend_and_transformers(onnx_dir):
     assert torch.equal(got, expected)
 
 
+def test_dynamic_resolution_generation_matches_torch_backend():
+    """Images of different sizes in one prompt: runs of equal sizes batched through the vision graph."""
+    sizes = [(28, 42), (28, 42), (42, 14)]
+    counts = [(h // 14) * (w // 14) for h, w in sizes]
+    ids = torch.tensor([[5, 6] + sum(([IMAGE_TOKEN] * n + [9] for n in counts), []) + [11]])
+    images = [torch.randn(3, h, w) for h, w in sizes]
+    got = gmaivl_rt.load(exported("dynamic"), backend="onnx").generate(ids, pixel_values=images, max_new_tokens=16,
+                                                                       eos_token_id=[], pad_token_id=0)
+    expected = gmaivl_rt.load(dynamic_checkpoint(), backend="torch").generate(
+        ids, pixel_values=images, max_new_tokens=16, eos_token_id=[], pad_token_id=0)
+    assert torch.equal(got, expected)
+
+
 def test_sampling_and_stopping_follow_the_torch_backend(onnx_dir):
     """Same shared sampling code, same random stream: identical samples; eos stops a row, pads the rest."""
     ids, mask, pixels = _prompts(2, seed=5)
