@@ -85,7 +85,7 @@ class VisionEncoderGraph(nn.Module):
     def __init__(self, vision, text_hidden, attention="sdpa"):
         super().__init__()
         C, P = vision.hidden_size, vision.patch_size
-        self.patch, self.grid = P, vision.image_size // P
+        self.grid = vision.image_size // P
         self.dynamic = bool(vision.dynamic_resolution)
         self.keep_cls = vision.select_strategy == "full"
         self.embeddings = nn.Module()
