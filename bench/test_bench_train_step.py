@@ -1,0 +1,145 @@
+"""One training step (forward with labels, backward, AdamW step; every parameter trained as in stage III) of the
+`compact` preset: ours (packed varlen attention over cu_seqlens, fused linear cross-entropy, fused projector and
+patch embedding) vs transformers' LlavaForConditionalGeneration (attn_implementation="sdpa", logits + its loss)
+with the same weights (our save_pretrained, loaded by transformers), the same 4 x 512-token batch (ours packed as
+one (1, 2048) sequence with cu_seqlens, theirs as a (4, 512) batch: no padding either way) on CPU, fp32.
+Twice: at the compact preset's own vocabulary and at InternLM2's 92544 entries, where the full logits that
+transformers materialises dominate memory and the fused cross-entropy shows its cut.
+
+Each variant runs in a fresh subprocess; peak memory is the resident-set high-water mark of the measured steps
+above the resident set after a warm-up step (`/proc/self/clear_refs`, as in test_bench_loss_memory.py), so weights,
+gradients-to-be and AdamW state are in the baseline and the figure is what the step itself needs. Ratios (ours
+over transformers' memory, transformers' over ours in time) go to extra_info; only the first-step losses are
+asserted equal (same weights and batch, fp32: rtol 1e-4), never a timing."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from gmaivl_rt import GMAIVL, GMAIVLConfig
+
+SEQS, SEQ_LEN, STEPS = 4, 512, 3
+
+def build_step(variant: str, model_dir, seqs: int = SEQS, seq_len: int = SEQ_LEN):
+    """A closure running one full training step of `variant` ("ours" | "transformers"); returns the loss."""
+    from gmaivl_rt import GMAIVLConfig
+
+    cfg = GMAIVLConfig.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    n_img, image = cfg.num_image_tokens, cfg.vision.image_size
+    ids = torch.randint(0, cfg.image_token_index, (seqs, seq_len))
+    ids[:, 4:4 + n_img] = cfg.image_token_index
+    labels = ids.clone()
+    labels[:, :4 + n_img + 8] = -100  # prompt and image: no loss, as the dataset masks them
+    pixels = torch.randn(seqs, 3, image, image)
+    if variant == "ours":
+        model = GMAIVL.from_pretrained(model_dir)
+        cu = torch.arange(0, seqs * seq_len + 1, seq_len, dtype=torch.int32)
+        pos = torch.arange(seq_len).repeat(seqs)[None]
+
+        def loss_fn():
+            return model(ids.reshape(1, -1), pixel_values=pixels, position_ids=pos, labels=labels.reshape(1, -1),
+                         cu_seqlens=cu).loss
+    else:
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(model_dir, attn_implementation="sdpa",
+                                                              dtype=torch.float32)
+
+        def loss_fn():
+            return model(input_ids=ids, pixel_values=pixels, labels=labels).loss
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.999), weight_decay=0.0)
+
+    def step() -> float:
+        loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+    return step
+
+
+_SCRIPT = textwrap.dedent("""
+    import importlib.util, json, statistics, sys, time
+
+    def rss_kib(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+    spec = importlib.util.spec_from_file_location("bench_train_step", sys.argv[1])
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    step = bench.build_step(sys.argv[2], sys.argv[3])
+    first_loss = step()                       # warm-up: allocates AdamW state
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        method = "VmHWM after clear_refs"
+    except OSError:
+        method = "ru_maxrss (clear_refs not writable)"
+    before = rss_kib("VmRSS")
+    times = []
+    for _ in range(bench.STEPS):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    if method.startswith("VmHWM"):
+        peak = rss_kib("VmHWM")
+    else:
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    seconds = statistics.median(times)
+    print(json.dumps({"first_loss": first_loss, "seconds": seconds,
+                      "tokens_per_s": bench.SEQS * bench.SEQ_LEN / seconds,
+                      "peak_extra_mib": (peak - before) / 1024, "method": method}))
+""")
+
+
+def _measure(variant: str, model_dir) -> dict:
+    env = dict(os.environ, GMAIVL_KERNELS="auto")  # CPU: the torch paths of our ops (chunked fused CE)
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-c", _SCRIPT, __file__, variant, str(model_dir)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"{variant} training step failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("vocab", [None, 92544], ids=["compact-vocab", "vocab-92544"])
+def test_train_step_vs_transformers(benchmark, tmp_path, vocab):
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("TRITON_INTERPRET is set; this benchmark measures the CPU paths")
+    config = GMAIVLConfig.preset("compact")
+    if vocab is not None:
+        config = config.replace(image_token_index=vocab - 1, text={"vocab_size": vocab})
+    torch.manual_seed(0)
+    GMAIVL(config).save_pretrained(tmp_path)
+    ours = _measure("ours", tmp_path)
+    theirs = _measure("transformers", tmp_path)
+    torch.testing.assert_close(ours["first_loss"], theirs["first_loss"], rtol=1e-4, atol=1e-4)
+
+    # pytest-benchmark's own row: our training step timed in this process (the ratios come from the subprocesses).
+    benchmark.pedantic(build_step("ours", tmp_path), rounds=2, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(
+        batch=f"{SEQS} x {SEQ_LEN} tokens ({config.num_image_tokens} image tokens each), fp32, CPU",
+        vocab_size=config.text.vocab_size,
+        memory_method=ours["method"],
+        ours_peak_extra_mib=round(ours["peak_extra_mib"], 1),
+        transformers_peak_extra_mib=round(theirs["peak_extra_mib"], 1),
+        peak_memory_ratio_ours_over_transformers=round(ours["peak_extra_mib"] / theirs["peak_extra_mib"], 3),
+        ours_tokens_per_s=round(ours["tokens_per_s"], 1),
+        transformers_tokens_per_s=round(theirs["tokens_per_s"], 1),
+        speedup_vs_transformers=round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3),
+        first_step_loss=round(ours["first_loss"], 5),
+    )
+    print(f"\ntrain step, vocab {config.text.vocab_size}: ours {ours['tokens_per_s']:.0f} tok/s, peak "
+          f"+{ours['peak_extra_mib']:.0f} MiB | transformers {theirs['tokens_per_s']:.0f} tok/s, peak "
+          f"+{theirs['peak_extra_mib']:.0f} MiB | memory x{ours['peak_extra_mib'] / theirs['peak_extra_mib']:.2f}, "
+          f"speed x{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}")
