@@ -62,7 +62,7 @@ def build_step(variant: str, model_dir, seqs: int = SEQS, seq_len: int = SEQ_LEN
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
     return step
 
 
