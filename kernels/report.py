@@ -272,14 +272,18 @@ def _short(text: str, limit: int) -> str:
 
 def _table(header, lines) -> str:
     widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
-    fmt = lambda cells: "  ".join(str(c).rjust(w) if i > 1 else str(c).ljust(w)  # noqa: E731
-                                  for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    def fmt(cells):  # the first two columns (names) left-aligned, numbers right-aligned
+        return "  ".join(str(c).rjust(w) if i > 1 else str(c).ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([fmt(header), rule, *(fmt(line) for line in lines)])
 
 
 def format_table(rows) -> str:
     compiled = [r for r in rows if r["arch"] is not None]
+
     def resource_line(r):
         measured = ("-",) * 5 if r["error"] else (r["registers"], r["spill_bytes"], r["shared_bytes"], r["mma"],
                                                   r["wgmma"])
@@ -295,8 +299,7 @@ def format_table(rows) -> str:
         if r["flops"] is None or r["kernel"] in seen:
             continue
         seen.add(r["kernel"])
-        bound = "compute" if r["intensity"] and r["flops"] / PEAKS["H100"][0] >= r["bytes"] / PEAKS["H100"][1] \
-            else "memory"
+        bound = "compute" if r["flops"] / PEAKS["H100"][0] >= r["bytes"] / PEAKS["H100"][1] else "memory"
         roof_lines.append((r["kernel"], r["shape"], f"{r['flops'] / 1e9:.2f}", f"{r['bytes'] / 1e6:.2f}",
                            f"{r['intensity']:.1f}", f"{r['a100_us']:.1f}", f"{r['h100_us']:.1f}", bound))
     roofline = _table(("kernel", "shape", "GFLOP", "MB", "FLOP/B", "A100 us", "H100 us", "H100 bound"),
