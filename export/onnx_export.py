@@ -81,7 +81,8 @@ def _dynamic_shapes(name, config):
         return ({0: auto, 2: auto, 3: auto} if getattr(config.vision, "dynamic_resolution", False) else {0: auto},)
     if name == "embed_tokens":
         return ({0: auto, 1: auto},)
-    return ({0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 1: auto}, [{0: auto, 2: auto}] * (2 * config.text.num_layers))
+    cache = [{0: auto, 2: auto}] * (2 * config.text.num_layers)
+    return ({0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 1: auto}, cache)
 
 
 def _dim_names(name, num_layers, dynamic_resolution):
