@@ -301,7 +301,8 @@ def format_table(rows) -> str:
         seen.add(r["kernel"])
         bound = "compute" if r["flops"] / PEAKS["H100"][0] >= r["bytes"] / PEAKS["H100"][1] else "memory"
         roof_lines.append((r["kernel"], r["shape"], f"{r['flops'] / 1e9:.2f}", f"{r['bytes'] / 1e6:.2f}",
-                           f"{r['intensity']:.1f}", f"{r['a100_us']:.1f}", f"{r['h100_us']:.1f}", bound))
+                           "-" if r["intensity"] is None else f"{r['intensity']:.1f}", f"{r['a100_us']:.1f}",
+                           f"{r['h100_us']:.1f}", bound))
     roofline = _table(("kernel", "shape", "GFLOP", "MB", "FLOP/B", "A100 us", "H100 us", "H100 bound"),
                       roof_lines)
     return resources + "\n\nRoofline (predicted time at peak = max(flops/peak, bytes/bandwidth)):\n" + roofline
