@@ -141,9 +141,10 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, kv_stride, rows, lo, hi, l
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
-            valid = cols[None, :] < len_k
-            if CAUSAL:
-                valid = valid & (cols[None, :] <= rows[:, None])
+            if CAUSAL:  # key j visible to query i iff j <= i and j < len_k: one compare against min(i, len_k - 1)
+                valid = cols[None, :] <= tl.minimum(rows, len_k - 1)[:, None]
+            else:
+                valid = cols[None, :] < len_k
             s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -309,9 +310,10 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kv_stride, rows, l
             v = v.to(tl.float32)
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
         if MASKED:
-            valid = cols[None, :] < len_k
-            if CAUSAL:
-                valid = valid & (cols[None, :] <= rows[:, None])
+            if CAUSAL:  # key j visible to query i iff j <= i and j < len_k: one compare against min(i, len_k - 1)
+                valid = cols[None, :] <= tl.minimum(rows, len_k - 1)[:, None]
+            else:
+                valid = cols[None, :] < len_k
             p = tl.where(valid, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
