@@ -21,6 +21,11 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, max
 
     q: (B, S, Hq, D) or (T, Hq, D) with cu_seqlens; k, v: same layout with Hkv heads, Hq % Hkv == 0.
     fp32/fp16/bf16; accumulation in fp32. Returns a tensor shaped and typed like q.
+    causal: query i sees keys j <= i of its own sequence (top-left aligned, as SDPA's is_causal).
+    softmax_scale: defaults to D ** -0.5.
+    cu_seqlens: int32 (n + 1,) sequence boundaries into T (block-diagonal attention; empty sequences allowed).
+    max_seqlen: the longest sequence in cu_seqlens, sizing the Triton grid; computed (a device sync) when None.
+    The Triton path (FlashAttention-2, differentiable) supports head dims up to 256.
     """
     _check_shapes(q, k, v, cu_seqlens)
     if use_triton(q, k, v):

@@ -13,7 +13,10 @@ from .attention import launch_attrs
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None):
     """q: (B, Hq, D); k_cache, v_cache: (B, L, Hkv, D); cache_seqlens: (B,) int32, valid entries per
-    sequence (the new token's k/v already written at position cache_seqlens - 1). Returns (B, Hq, D)."""
+    sequence (the new token's k/v already written at position cache_seqlens - 1). Returns (B, Hq, D).
+    Hkv must divide Hq; fp32/fp16/bf16 with fp32 accumulation. The caches may be strided views (e.g. a slice of a
+    preallocated buffer) as long as the head dim is contiguous. softmax_scale defaults to D ** -0.5.
+    The Triton path splits each cache into chunks (flash-decoding) so a batch of one still fills the GPU."""
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"decode_attention: q {tuple(q.shape)} must be (B, Hq, D) and k/v caches "
                          f"{tuple(k_cache.shape)}/{tuple(v_cache.shape)} (B, L, Hkv, D)")
