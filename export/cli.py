@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .tensorrt_build import PRECISIONS, ProfileSizes, Sizes
+from .profiles import PRECISIONS, ProfileSizes, Sizes  # light: tensorrt_build itself pulls in triton
 
 
 def register(subparsers):

@@ -18,7 +18,7 @@ import gmaivl_rt
 from gmaivl_rt.export import tensorrt_build
 from gmaivl_rt.export.onnx_export import DEPLOY_JSON, GRAPH_FILES
 from gmaivl_rt.export.op_inventory import check_graph
-from gmaivl_rt.export.tensorrt_build import ProfileSizes, Sizes, profile_shapes
+from gmaivl_rt.export.profiles import ProfileSizes, Sizes, profile_shapes
 from gmaivl_rt.export.trt_plugin import (PLUGIN_ID, _attn_fwd_trt, compile_attention_ptx, ptx_entry_params,
                                          strip_hidden_params)
 from gmaivl_rt.kernels.attention import _LOG2E, FWD_CONFIGS, attention_reference
