@@ -182,3 +182,53 @@ def test_plugin_engine_matches_torch_fp16(tmp_path):
     with torch.no_grad():
         expected = GMAIVL.from_pretrained(hf_checkpoint()).eval().encode_images(pixels)
     torch.testing.assert_close(got.reshape(expected.shape), expected, atol=5e-2, rtol=5e-2)
+
+
+def test_build_flow_with_a_stand_in_tensorrt(tmp_path, monkeypatch):
+    """The builder calls, profiles, timing cache and files of `export_tensorrt`, against a recording stand-in for
+    the tensorrt module (the real one cannot be installed here); the real build runs in the skipped tests."""
+    from unittest import mock
+
+    trt = mock.MagicMock(name="tensorrt")
+    builder = trt.Builder.return_value
+    builder.build_serialized_network.return_value = b"serialized-engine"
+    config = builder.create_builder_config.return_value
+    config.get_timing_cache.return_value.serialize.return_value = b"timing-cache"
+    trt.OnnxParser.return_value.parse_from_file.return_value = True
+    profiles = []
+    builder.create_optimization_profile.side_effect = lambda: profiles.append(mock.MagicMock()) or profiles[-1]
+    monkeypatch.setattr(tensorrt_build, "import_tensorrt", lambda *a: (trt, mock.MagicMock()))
+    sizes = ProfileSizes(min=Sizes(), opt=Sizes(batch=2, seq=8, past=8), max=Sizes(batch=2, seq=32, past=64))
+    info_path = tensorrt_build.export_tensorrt(exported("fp32"), tmp_path, precision="bf16", sizes=sizes)
+
+    for name, file in tensorrt_build.ENGINE_FILES.items():
+        assert (tmp_path / file).read_bytes() == b"serialized-engine"
+    assert (tmp_path / "timing.cache").read_bytes() == b"timing-cache"
+    assert (tmp_path / DEPLOY_JSON).read_text() == (exported("fp32") / DEPLOY_JSON).read_text()
+    parsed = [c.args[0] for c in trt.OnnxParser.return_value.parse_from_file.call_args_list]
+    assert [p.rsplit("/", 1)[-1] for p in parsed] == list(GRAPH_FILES.values())
+    config.set_flag.assert_called_with(trt.BuilderFlag.BF16)
+    assert len(profiles) == 4  # vision 1, embed 1, decoder prefill + decode
+    decode = {c.args[0]: c.args[1:] for c in profiles[3].set_shape.call_args_list}
+    assert decode["attention_mask"] == ((1, 2), (2, 9), (2, 65))
+    assert decode["past_key_values.1.key"] == ((1, 2, 1, 16), (2, 2, 8, 16), (2, 2, 64, 16))
+    info = json.loads(info_path.read_text())
+    assert info["precision"] == "bf16" and info["decoder_profiles"] == {"prefill": 0, "decode": 1}
+    assert info["engines"]["decoder_model_merged"]["num_profiles"] == 2
+
+
+def test_parser_errors_are_reported(tmp_path, monkeypatch):
+    from unittest import mock
+
+    trt = mock.MagicMock(name="tensorrt")
+    parser = trt.OnnxParser.return_value
+    parser.parse_from_file.return_value = False
+    parser.num_errors = 1
+    error = parser.get_error.return_value
+    error.node_name.return_value, error.node_operator.return_value = "node_Attention_7", "Attention"
+    error.desc.return_value = "unsupported attribute"
+    monkeypatch.setattr(tensorrt_build, "import_tensorrt", lambda *a: (trt, mock.MagicMock()))
+    with pytest.raises(RuntimeError, match=r"could not parse embed_tokens.onnx:\n  node 'node_Attention_7' "
+                                           r"\(Attention\): unsupported attribute"):
+        tensorrt_build.export_tensorrt(exported("fp32"), tmp_path, graphs=("embed_tokens",))
+    assert not (tmp_path / "embed_tokens.engine").exists()
