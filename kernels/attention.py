@@ -131,6 +131,42 @@ def _seq_bounds(CU, seq):
 
 
 @triton.jit
+def online_softmax_step(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
+    """Fold one block of scores s (rows x keys, log2 units, -inf where masked) and its values v into the running
+    max m_i, sum l_i and unnormalised output acc (FlashAttention's rescaling)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _q_program(CU_Q, CU_K, NUM_HEADS, GROUP):
+    """Decode a (q block, seq * NUM_HEADS + head) program: its head, kv head and both sequences' bounds."""
+    pid_bh = tl.program_id(1)
+    seq = pid_bh // NUM_HEADS
+    head = pid_bh % NUM_HEADS
+    start_q, len_q = _seq_bounds(CU_Q, seq)
+    start_k, len_k = _seq_bounds(CU_K, seq)
+    return head, head // GROUP, start_q, len_q, start_k, len_k
+
+
+@triton.jit
+def _key_range(start_m, len_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """Key blocks a q block starting at start_m visits: [0, full_hi) need no mask (wholly before the diagonal and
+    inside the sequence), [full_hi, hi) do."""
+    if CAUSAL:
+        hi = tl.minimum(len_k, start_m + BLOCK_M)
+        full_hi = tl.minimum(start_m, len_k) // BLOCK_N * BLOCK_N
+    else:
+        hi = len_k
+        full_hi = len_k // BLOCK_N * BLOCK_N
+    return full_hi, hi
+
+
+@triton.jit
 def _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, kv_stride, rows, lo, hi, len_k, offs_d, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -151,12 +187,7 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, kv_stride, rows, lo, hi, l
             else:
                 valid = cols[None, :] < len_k
             s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, PRECISION)
     return acc, m_i, l_i
 
 
@@ -166,12 +197,7 @@ def _attn_fwd_kernel(Q, K, V, Out, LSE, CU_Q, CU_K, qk_scale, NUM_HEADS, GROUP, 
                      CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Grid: (cdiv(max_seqlen_q, BLOCK_M), n_seqs * NUM_HEADS). One program: one q block of one head."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    seq = pid_bh // NUM_HEADS
-    head = pid_bh % NUM_HEADS
-    kv_head = head // GROUP
-    start_q, len_q = _seq_bounds(CU_Q, seq)
-    start_k, len_k = _seq_bounds(CU_K, seq)
+    head, kv_head, start_q, len_q, start_k, len_k = _q_program(CU_Q, CU_K, NUM_HEADS, GROUP)
     start_m = pid_m * BLOCK_M
     if start_m >= len_q:
         return
@@ -190,13 +216,7 @@ def _attn_fwd_kernel(Q, K, V, Out, LSE, CU_Q, CU_K, qk_scale, NUM_HEADS, GROUP, 
     m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # Key blocks wholly before this q block (causal) / inside the sequence need no mask; the rest do.
-    if CAUSAL:
-        hi = tl.minimum(len_k, start_m + BLOCK_M)
-        full_hi = tl.minimum(start_m, len_k) // BLOCK_N * BLOCK_N
-    else:
-        hi = len_k
-        full_hi = len_k // BLOCK_N * BLOCK_N
+    full_hi, hi = _key_range(start_m, len_k, BLOCK_M, BLOCK_N, CAUSAL)
     acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, kv_stride, rows, 0, full_hi, len_k, offs_d,
                                     qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, UPCAST, PRECISION)
     acc, m_i, l_i = _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, kv_stride, rows, full_hi, hi, len_k, offs_d,
@@ -332,12 +352,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, qk_scale, sm_sc
                         CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Grid: (cdiv(max_seqlen_q, BLOCK_M), n_seqs * NUM_HEADS). One program: dq of one q block of one head."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    seq = pid_bh // NUM_HEADS
-    head = pid_bh % NUM_HEADS
-    kv_head = head // GROUP
-    start_q, len_q = _seq_bounds(CU_Q, seq)
-    start_k, len_k = _seq_bounds(CU_K, seq)
+    head, kv_head, start_q, len_q, start_k, len_k = _q_program(CU_Q, CU_K, NUM_HEADS, GROUP)
     start_m = pid_m * BLOCK_M
     if start_m >= len_q:
         return
@@ -357,12 +372,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, qk_scale, sm_sc
     k_base = K + start_k * kv_stride + kv_head * HEAD_DIM
     v_base = V + start_k * kv_stride + kv_head * HEAD_DIM
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if CAUSAL:
-        hi = tl.minimum(len_k, start_m + BLOCK_M)
-        full_hi = tl.minimum(start_m, len_k) // BLOCK_N * BLOCK_N
-    else:
-        hi = len_k
-        full_hi = len_k // BLOCK_N * BLOCK_N
+    full_hi, hi = _key_range(start_m, len_k, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kv_stride, rows, 0, full_hi, len_k, offs_d,
                             qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, CAUSAL, UPCAST, PRECISION)
     dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kv_stride, rows, full_hi, hi, len_k, offs_d,
@@ -465,6 +475,9 @@ class _FlashAttention(torch.autograd.Function):
 
 
 def _attention_triton(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen):
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); the kernel multiplies "
+                         "them together, cast them to one dtype first")
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     if cu_seqlens is None:  # padded: the same kernels with uniform sequence bounds
         batch, len_q, num_heads, head_dim = q.shape

@@ -8,7 +8,7 @@ import triton.language as tl
 
 from ._dispatch import interpreting, pick_config, use_triton
 from ._spec import KernelSpec, Roofline
-from .attention import launch_attrs
+from .attention import launch_attrs, online_softmax_step
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None):
@@ -89,12 +89,7 @@ def _decode_split_kernel(Q, K, V, SEQLENS, PART_M, PART_L, PART_ACC, qk_scale,
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(pos_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, PRECISION)
 
     row = (batch * NUM_KV_HEADS * GROUP + heads) * NUM_SPLITS + split  # partials laid out (B, Hq, NUM_SPLITS, ...)
     tl.store(PART_M + row, m_i, mask=head_ok)
@@ -164,6 +159,9 @@ def _decode_attention_triton(q, k_cache, v_cache, cache_seqlens, softmax_scale, 
                          "batch or head_dim, or kv heads do not divide q heads")
     if cache_seqlens.shape != (batch,):
         raise ValueError(f"decode_attention: cache_seqlens has shape {tuple(cache_seqlens.shape)}, expected ({batch},)")
+    if not q.dtype == k_cache.dtype == v_cache.dtype:
+        raise ValueError(f"decode_attention: q, k_cache, v_cache dtypes differ ({q.dtype}, {k_cache.dtype}, "
+                         f"{v_cache.dtype}); cast them to one dtype first")
     if head_dim > 256:
         raise ValueError(f"decode_attention: head_dim {head_dim} > 256 is not supported by the Triton kernel")
     # The kernels index the last dim with stride 1; anything else is copied.

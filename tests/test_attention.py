@@ -119,3 +119,9 @@ def test_public_entry_point_dispatches_to_triton(triton_path, monkeypatch):
 def test_shape_errors(triton_path, kwargs, q_shape, k_shape, v_shape, match):
     with pytest.raises(ValueError, match=match):
         attention(torch.randn(q_shape), torch.randn(k_shape), torch.randn(v_shape), **kwargs)
+
+
+def test_mixed_dtypes_error(triton_path):
+    q, k, v = torch.randn(1, 4, 2, 16), torch.randn(1, 4, 2, 16).half(), torch.randn(1, 4, 2, 16)
+    with pytest.raises(ValueError, match="dtypes differ"):
+        attention(q, k, v)

@@ -68,3 +68,9 @@ def test_shape_errors(triton_path, q_shape, k_shape, seqlens_shape, match):
     with pytest.raises(ValueError, match=match):
         decode_attention(torch.randn(q_shape), torch.randn(k_shape), torch.randn(k_shape),
                          torch.ones(seqlens_shape, dtype=torch.int32))
+
+
+def test_mixed_dtypes_error(triton_path):
+    with pytest.raises(ValueError, match="dtypes differ"):
+        decode_attention(torch.randn(2, 4, 32), torch.randn(2, 10, 2, 32).half(), torch.randn(2, 10, 2, 32).half(),
+                         torch.ones(2, dtype=torch.int32))
