@@ -1,4 +1,4 @@
-"""TensorRT path. Engines need the `tensorrt` package (>= 10.9, from NVIDIA's index) and a CUDA GPU, neither
+"""TensorRT path. Engines need the `tensorrt` package (>= 10.15, from NVIDIA's index) and a CUDA GPU, neither
 available on our CI machines: those tests are skipped there. Everything up to the engine build runs here:
 the plugin's kernel (through the Triton interpreter, against the PyTorch reference; fp16 inputs, 2e-3 absolute),
 its AOT PTX for sm_80, the plugin node in the exported ONNX graph, profile arithmetic and the error when
@@ -26,7 +26,7 @@ from gmaivl_rt.kernels.attention import _LOG2E, FWD_CONFIGS, attention_reference
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 needs_tensorrt = pytest.mark.skipif(
     not (HAS_TENSORRT and torch.cuda.is_available()),
-    reason="needs the tensorrt Python package >= 10.9 (pip install tensorrt-cu12, from NVIDIA's index) and a "
+    reason="needs the tensorrt Python package >= 10.15 (pip install tensorrt-cu12, from NVIDIA's index) and a "
            "CUDA GPU; neither can be installed on the CI machines")
 
 
