@@ -494,8 +494,12 @@ def _attention_triton(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen):
         raise ValueError(f"attention: packed q has {q.shape[0]} tokens but k has {k.shape[0]}; with cu_seqlens "
                          "both index the same sequences")
     cu = cu_seqlens.to(q.device)
-    if max_seqlen is None:
-        max_seqlen = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    if max_seqlen is None:  # this syncs with the device anyway, so also check the bounds the kernels will trust
+        lengths = cu[1:] - cu[:-1]
+        if cu.numel() < 1 or int(cu[0]) != 0 or bool((lengths < 0).any()) or int(cu[-1]) > q.shape[0]:
+            raise ValueError(f"attention: cu_seqlens must start at 0, not decrease and end at most at the "
+                             f"{q.shape[0]} tokens of q; got {cu_seqlens.tolist()}")
+        max_seqlen = int(lengths.max()) if lengths.numel() else 0
     if q.numel() == 0 or max_seqlen == 0:
         return torch.zeros_like(q)
     return _FlashAttention.apply(q, k, v, cu, cu, max_seqlen, max_seqlen, causal, scale)

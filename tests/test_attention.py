@@ -115,6 +115,8 @@ def test_public_entry_point_dispatches_to_triton(triton_path, monkeypatch):
     ({}, (1, 4, 2, 16), (1, 4, 2, 8), (1, 4, 2, 8), "head dims must match"),
     ({"cu_seqlens": torch.tensor([0, 4])}, (4, 2, 16), (4, 2, 16), (4, 2, 16), "int32"),
     ({"cu_seqlens": torch.tensor([0, 4], dtype=torch.int32)}, (4, 2, 16), (3, 2, 16), (3, 2, 16), "tokens"),
+    ({"cu_seqlens": torch.tensor([0, 3, 6], dtype=torch.int32)}, (4, 2, 16), (4, 2, 16), (4, 2, 16), "at most"),
+    ({"cu_seqlens": torch.tensor([0, 3, 2], dtype=torch.int32)}, (4, 2, 16), (4, 2, 16), (4, 2, 16), "decrease"),
 ])
 def test_shape_errors(triton_path, kwargs, q_shape, k_shape, v_shape, match):
     with pytest.raises(ValueError, match=match):
