@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from gmaivl_rt.kernels._dispatch import interpreting, pick_config
-from gmaivl_rt.kernels.attention import _LOG2E, FWD_CONFIGS, _attn_fwd_kernel, attention_reference
+from gmaivl_rt.kernels.attention import _LOG2E, FWD_CONFIGS, _attn_fwd_kernel, attention_reference, launch_attrs
 
 PLUGIN_NAMESPACE = "gmaivl"
 PLUGIN_NAME = "flash_attention"
@@ -102,14 +102,18 @@ def _compile(dtype, head_dim, causal, softmax_scale, arch) -> AotKernel:
     constexprs = {"QK_SCALE": float(scale * _LOG2E), "HEAD_DIM": head_dim,
                   "BLOCK_D": max(16, triton.next_power_of_2(head_dim)), "BLOCK_M": block_m, "BLOCK_N": block_n,
                   "CAUSAL": bool(causal), "UPCAST": False, "PRECISION": "tf32"}
-    source = ASTSource(fn=_attn_fwd_trt, signature=kernel_signature(dtype), constexprs=constexprs)
+    # TensorRT hands plugins 256-byte-aligned buffers: specialise every pointer as 16-divisible, as a Triton launch
+    # would, so loads vectorise.
+    signature = kernel_signature(dtype)
+    source = ASTSource(fn=_attn_fwd_trt, signature=signature, constexprs=constexprs,
+                       attrs=launch_attrs(_attn_fwd_trt, signature, {}))
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     scratch = getattr(compiled.metadata, "global_scratch_size", 0) or 0
     if scratch:
         raise RuntimeError(f"flash_attention plugin: the kernel wants {scratch} bytes of global scratch, which a "
                            "TensorRT AOT plugin cannot provide")
-    visible = sum(1 for t in kernel_signature(dtype).values() if t != "constexpr")
+    visible = sum(1 for t in signature.values() if t != "constexpr")
     ptx = strip_hidden_params(compiled.asm["ptx"], compiled.metadata.name, visible)
     return AotKernel(name=compiled.metadata.name, ptx=ptx, block_m=block_m, num_warps=num_warps,
                      shared_bytes=int(compiled.metadata.shared))
