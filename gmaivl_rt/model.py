@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gmaivl_rt import ops
 from gmaivl_rt.config import GMAIVLConfig
-from gmaivl_rt.sampling import SamplingParams, select_next_token
+from gmaivl_rt.sampling import generate_tokens
 
 IGNORE_INDEX = -100
 
@@ -435,24 +435,15 @@ class GMAIVL(nn.Module):
         """input_ids: (B, S) left-padded prompts (attention_mask 0 on padding). Returns (B, S + new) int64 like
         transformers: generation stops when every row has produced an eos; finished rows are filled with
         pad_token_id. eos_token_id: int or list (default: the config's)."""
-        params = SamplingParams(do_sample, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size)
-        eos = _as_list(self.config.text.eos_token_id if eos_token_id is None else eos_token_id)
-        pad = pad_token_id if pad_token_id is not None else (self.config.text.pad_token_id or (eos or [0])[0])
         B, S = input_ids.shape
         cache = self.new_cache(B, S + max_new_tokens)
-        step_logits = self._last_logits(input_ids, pixel_values, attention_mask, cache)
-        sequences = input_ids
-        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        eos_tensor = torch.tensor(eos, device=input_ids.device, dtype=torch.long)
-        for _ in range(max_new_tokens):
-            next_tokens = select_next_token(step_logits, sequences, params, generator)
-            next_tokens = torch.where(finished, torch.full_like(next_tokens, pad), next_tokens)
-            sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
-            finished |= torch.isin(next_tokens, eos_tensor)
-            if bool(finished.all()) or sequences.shape[1] == S + max_new_tokens:
-                break
-            step_logits = self._last_logits(next_tokens[:, None], None, None, cache)
-        return sequences
+        return generate_tokens(
+            lambda: self._last_logits(input_ids, pixel_values, attention_mask, cache),
+            lambda next_tokens: self._last_logits(next_tokens[:, None], None, None, cache),
+            input_ids, self.config.text, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+            top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+            no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+            generator=generator)
 
     def _last_logits(self, input_ids, pixel_values, attention_mask, cache):
         """Run the tokens through the model with the cache; lm_head only on each sequence's last token."""
@@ -472,12 +463,6 @@ def _shift_within_sequences(labels, cu_seqlens):
     targets[:-1] = labels[1:]
     targets[cu_seqlens[1:].long() - 1] = IGNORE_INDEX
     return targets
-
-
-def _as_list(x):
-    if x is None:
-        return []
-    return list(x) if isinstance(x, (list, tuple)) else [int(x)]
 
 
 def _init_weights(module):

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import torch
 
-from gmaivl_rt.sampling import SamplingParams, select_next_token
+from gmaivl_rt.sampling import generate_tokens
 
 BACKENDS = ("torch", "onnx", "tensorrt")
+# GMAI-VL's demo decoding settings, greedy so answers are reproducible.
+DEFAULT_GENERATION = {"max_new_tokens": 128, "repetition_penalty": 1.12, "no_repeat_ngram_size": 5}
 
 
 def load(path, backend: str = "torch", **kwargs):
@@ -81,6 +83,35 @@ class _ChatHelpers:
 
     def decode(self, ids, skip_special_tokens=True) -> list[str]:
         return self.tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Where a chat reply ends: `<|im_end|>` and the tokenizer's eos."""
+        from gmaivl_rt.chat import IM_END
+
+        tok = self.tokenizer
+        return sorted({i for i in (tok.convert_tokens_to_ids(IM_END), tok.eos_token_id)
+                       if i is not None and i != tok.unk_token_id})
+
+    def ask(self, question: str, image=None, system: str | None = None, **generation) -> str:
+        """Answer one question about one image (or none). image: a path (DICOM, NIfTI, PNG, JPEG, TIFF, BMP, read
+        with `gmaivl_rt.medical_io`), a MedicalImage, a PIL image or a uint8 array. `generation` overrides
+        DEFAULT_GENERATION (GMAI-VL's demo settings, greedy)."""
+        from gmaivl_rt.chat import IMAGE_TOKEN
+        from gmaivl_rt.medical_io import MedicalImage, read_medical_image
+
+        images = []
+        if image is not None:
+            if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
+                image = read_medical_image(image)
+            images = [image.pixels if isinstance(image, MedicalImage) else image]
+            if IMAGE_TOKEN not in question:
+                question = f"{IMAGE_TOKEN}\n{question}"
+        inputs = self.prepare([{"role": "user", "content": question}], images, system=system)
+        options = {**DEFAULT_GENERATION, "eos_token_id": self.eos_token_ids,
+                   "pad_token_id": self.tokenizer.pad_token_id or 0, **generation}
+        out = self.generate(**inputs, **options)
+        return self.decode(out[:, inputs["input_ids"].shape[1]:])[0].strip()
 
 
 class TorchBackend(_ChatHelpers):
@@ -206,34 +237,26 @@ class GraphBackend(_ChatHelpers):
                  repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, eos_token_id=None,
                  pad_token_id=None, generator: torch.Generator | None = None) -> torch.Tensor:
         """As `GMAIVL.generate`: input_ids (B, S) left-padded -> (B, S + new) int64 on the CPU."""
-        from gmaivl_rt.model import _as_list
-
-        params = SamplingParams(do_sample, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size)
-        text = self.config.text
-        eos = _as_list(text.eos_token_id if eos_token_id is None else eos_token_id)
-        pad = pad_token_id if pad_token_id is not None else (text.pad_token_id or (eos or [0])[0])
         input_ids, mask = self._check_ids(input_ids, attention_mask)
-        B, S = input_ids.shape
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        logits, past = self._decode(self._prompt_embeds(input_ids, pixel_values), mask, positions,
-                                    self._empty_past(B))
-        step_logits = logits[:, -1]
-        sequences = input_ids
-        finished = torch.zeros(B, dtype=torch.bool)
-        eos_tensor = torch.tensor(eos, dtype=torch.long)
-        next_position = positions[:, -1:] + 1
-        for _ in range(max_new_tokens):
-            next_tokens = select_next_token(step_logits, sequences, params, generator)
-            next_tokens = torch.where(finished, torch.full_like(next_tokens, pad), next_tokens)
-            sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
-            finished |= torch.isin(next_tokens, eos_tensor)
-            if bool(finished.all()) or sequences.shape[1] == S + max_new_tokens:
-                break
-            mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.int64)], dim=1)
-            logits, past = self._decode(self._embed(next_tokens[:, None]), mask, next_position, past)
-            step_logits = logits[:, -1]
-            next_position = next_position + 1
-        return sequences
+        state = {"mask": mask, "position": positions[:, -1:] + 1, "past": self._empty_past(input_ids.shape[0])}
+
+        def prefill():
+            logits, state["past"] = self._decode(self._prompt_embeds(input_ids, pixel_values), mask, positions,
+                                                 state["past"])
+            return logits[:, -1]
+
+        def step(next_tokens):
+            state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
+            logits, state["past"] = self._decode(self._embed(next_tokens[:, None]), state["mask"],
+                                                 state["position"], state["past"])
+            state["position"] = state["position"] + 1
+            return logits[:, -1]
+
+        return generate_tokens(prefill, step, input_ids, self.config.text, max_new_tokens=max_new_tokens,
+                               do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+                               repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                               eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator)
 
     # ------------------------------------------------------------------ for subclasses
     def _vision(self, pixel_values):
@@ -247,3 +270,20 @@ class GraphBackend(_ChatHelpers):
 
     def _empty_past(self, batch):
         raise NotImplementedError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("ask", help="answer a question about a medical image with a model or exported folder")
+    p.add_argument("model", help="model folder (config.json, safetensors, tokenizer.json) or exported folder")
+    p.add_argument("--image", help="DICOM, NIfTI, PNG, JPEG, TIFF or BMP file")
+    p.add_argument("--question", required=True)
+    p.add_argument("--backend", default="torch", choices=BACKENDS)
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_GENERATION["max_new_tokens"])
+    p.add_argument("--system", default=None, help="optional system prompt")
+    p.set_defaults(func=_ask_cli)
+
+
+def _ask_cli(args) -> int:
+    backend = load(args.model, backend=args.backend)
+    print(backend.ask(args.question, args.image, system=args.system, max_new_tokens=args.max_new_tokens))
+    return 0
