@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -55,16 +56,17 @@ def run_demo(out="runs/demo", config=None, question: str = DEMO_QUESTION, progre
     summary = build_dataset(out / "data", demo=True, progress=progress)
     print(f"      {summary['records']} conversations from {summary['images_converted']} images", flush=True)
 
+    data = balanced_meta_list(out / "data", out / "demo_meta.json")
     tokenizer_cfg = read_yaml(config).get("tokenizer", {})
     vocab_size = int(tokenizer_cfg.get("vocab_size", 2048))
     print(f"[2/4] training a {vocab_size}-token byte-level BPE tokenizer -> {out / 'tokenizer'}", flush=True)
-    train_bpe_tokenizer(conversation_texts(out / "data"), out / "tokenizer", vocab_size=vocab_size,
+    train_bpe_tokenizer(conversation_texts(data), out / "tokenizer", vocab_size=vocab_size,
                         min_frequency=int(tokenizer_cfg.get("min_frequency", 2)))
 
     stages, init = [], None
     for stage in (1, 2, 3):
         print(f"[3/4] stage {stage} -> {out / f'stage{stage}'}", flush=True)
-        result = train(stage, out / "data", out / f"stage{stage}", config=config, init=init,
+        result = train(stage, data, out / f"stage{stage}", config=config, init=init,
                        tokenizer=out / "tokenizer", progress=progress)
         stages.append({k: result[k] for k in ("stage", "steps", "final_loss")} |
                       {"first_loss": result["losses"][0] if result["losses"] else None})
@@ -92,6 +94,22 @@ def run_demo(out="runs/demo", config=None, question: str = DEMO_QUESTION, progre
     return result
 
 
+def balanced_meta_list(data_dir: Path, path: Path) -> Path:
+    """A meta-list over the built data whose `sample_ratio`s give every source as many records as the largest
+    (the demo has ~7x more brain-MRI slices than DICOM images; GMAI-VL balances its sources the same way)."""
+    from gmaivl_rt.atomic import atomic_write_json
+
+    meta = json.loads((data_dir / "meta.json").read_text())
+    largest = max(entry["length"] for entry in meta.values())
+    rel = os.path.relpath(data_dir, path.parent)
+    balanced = {name: {**entry, "image_dir": os.path.join(rel, entry["image_dir"]),
+                       "annotations": os.path.join(rel, entry["annotations"]),
+                       "sample_ratio": round(largest / max(1, entry["length"]), 3)}
+                for name, entry in meta.items()}
+    atomic_write_json(path, balanced)
+    return path
+
+
 def _demo_dicom_path() -> Path:
     import pydicom.data
 
@@ -116,8 +134,9 @@ def answer_about_dicom(model_dir, dicom_path, question: str, max_new_tokens: int
     input_ids = torch.tensor([tokenizer(prompt)["input_ids"]])
     eos = [tokenizer.convert_tokens_to_ids(IM_END)] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id else [])
     with torch.no_grad():
+        # Greedy with GMAI-VL's demo repetition settings (repetition_penalty 1.12, no_repeat_ngram_size 5).
         out = model.generate(input_ids, pixel_values=pixels, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                             pad_token_id=tokenizer.pad_token_id)
+                             pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.12, no_repeat_ngram_size=5)
     return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
 
 

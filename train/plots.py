@@ -21,7 +21,7 @@ def plot_loss_curves(history: list[dict], path) -> Path:
     for stage in sorted({r["stage"] for r in history}, key=[r["stage"] for r in history].index):
         records = [r for r in history if r["stage"] == stage]
         xs = [offset + r["step"] for r in records]
-        ax.plot(xs, [r["loss"] for r in records], marker="o" if len(records) < 30 else None, markersize=3,
+        ax.plot(xs, [r["loss"] for r in records], marker="o" if len(history) <= 100 else None, markersize=3,
                 label=f"stage {STAGE_NAMES.get(stage, stage)}")
         offset = xs[-1]
         ax.axvline(offset + 0.5, color="0.85", linewidth=0.8)
