@@ -145,3 +145,13 @@ def test_bad_inputs_name_the_problem(data, tmp_path):
         _encoder(tokenizer).encode(record, tmp_path)
     with pytest.raises(ValueError, match="no assistant"):
         _encoder(tokenizer).encode({"id": "y", "conversations": [{"from": "human", "value": "Hi"}]}, tmp_path)
+
+
+def test_demo_balanced_meta_list_evens_out_sources(tmp_path):
+    from gmaivl_rt.demo import balanced_meta_list
+
+    root = make_dataset(tmp_path / "data", records_per_source=(12, 4), sample_ratios=(1.0, 1.0))
+    meta = balanced_meta_list(root, tmp_path / "balanced.json")
+    picked = sample_records(load_meta(meta), seed=0)
+    assert [sum(1 for s, _ in picked if s.name == n) for n in ("source0", "source1")] == [12, 12]
+    assert all((s.image_dir / r["image"]).is_file() for s, r in picked)
