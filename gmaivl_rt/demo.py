@@ -117,27 +117,10 @@ def _demo_dicom_path() -> Path:
 
 
 def answer_about_dicom(model_dir, dicom_path, question: str, max_new_tokens: int = 32) -> str:
-    """Greedy answer of the model in `model_dir` (with its tokenizer) to `question` about one DICOM image."""
-    import torch
+    """The model in `model_dir` answers `question` about one DICOM (torch backend, GMAI-VL's demo settings)."""
+    import gmaivl_rt
 
-    from gmaivl_rt import GMAIVL
-    from gmaivl_rt.chat import IM_END, IMAGE_TOKEN, build_prompt, expand_image_tokens, preprocess_image
-    from gmaivl_rt.medical_io import read_medical_image
-    from gmaivl_rt.train.tokenizer import load_tokenizer
-
-    model = GMAIVL.from_pretrained(model_dir).eval()
-    tokenizer = load_tokenizer(model_dir)
-    image = read_medical_image(dicom_path)
-    pixels = preprocess_image(image.pixels, model.config.vision.image_size)[None]
-    prompt = build_prompt([{"role": "user", "content": f"{IMAGE_TOKEN}\n{question}"}])
-    prompt = expand_image_tokens(prompt, model.config.num_image_tokens)
-    input_ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-    eos = [tokenizer.convert_tokens_to_ids(IM_END)] + ([tokenizer.eos_token_id] if tokenizer.eos_token_id else [])
-    with torch.no_grad():
-        # Greedy with GMAI-VL's demo repetition settings (repetition_penalty 1.12, no_repeat_ngram_size 5).
-        out = model.generate(input_ids, pixel_values=pixels, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                             pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.12, no_repeat_ngram_size=5)
-    return tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
+    return gmaivl_rt.load(model_dir).ask(question, Path(dicom_path), max_new_tokens=max_new_tokens)
 
 
 def _reference_answer(data_dir: Path, question: str) -> str | None:
