@@ -118,15 +118,16 @@ def test_stage_configs_carry_the_paper_schedule():
         load_train_config(4)
 
 
-def test_activation_checkpointing_and_bf16_autocast(tmp_path):
-    """Activation checkpointing recomputes the same numbers (fp32: identical losses); bf16 autocast trains close to
-    fp32 (bf16 has 8 mantissa bits: rtol 2e-2 on the losses of 3 steps)."""
+def test_step_options_activation_checkpointing_bf16_and_loader_workers(tmp_path):
+    """Activation checkpointing recomputes the same numbers and a DataLoader worker feeds the same packs (fp32:
+    identical losses); bf16 autocast trains close to fp32 (8 mantissa bits: rtol 2e-2 on the losses of 3 steps)."""
     data, tokenizer_dir = make_training_setup(tmp_path, records_per_source=(8, 4))
     common = dict(preset="tiny", tokenizer=tokenizer_dir, progress=False)
     base = {"batch": {"global_batch_size": 2}, "schedule": {"total_steps": 3}}
-    runs = {name: train(3, data, tmp_path / name, overrides={**base, "train": train_cfg}, **common)["losses"]
-            for name, train_cfg in [("fp32", {}), ("checkpointed", {"activation_checkpointing": True}),
-                                    ("bf16", {"precision": "bf16"})]}
-    assert runs["checkpointed"] == runs["fp32"]
+    variants = {"fp32": {}, "checkpointed": {"train": {"activation_checkpointing": True}},
+                "bf16": {"train": {"precision": "bf16"}}, "worker": {"data": {"num_workers": 1}}}
+    runs = {name: train(3, data, tmp_path / name, overrides={**base, **extra}, **common)["losses"]
+            for name, extra in variants.items()}
+    assert runs["checkpointed"] == runs["fp32"] and runs["worker"] == runs["fp32"]
     torch.testing.assert_close(runs["bf16"], runs["fp32"], rtol=2e-2, atol=0)
     assert runs["bf16"] != runs["fp32"]  # autocast really ran in bf16

@@ -119,6 +119,10 @@ def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps
     precision = cfg["train"]["precision"]
     use_bf16 = precision == "bf16" or (precision == "auto" and info.device.type == "cuda")
     grad_clip = float(cfg["train"]["grad_clip"])
+    # This rank's packs for every remaining step, in order; workers (data.num_workers) decode images ahead.
+    loader = iter(torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=[i for s in range(start_step, end_step) for i in sampler.rank_batch(s)],
+        num_workers=int(cfg["data"]["num_workers"]), pin_memory=info.device.type == "cuda"))
     bar = tqdm(total=end_step, initial=start_step, desc=f"stage {stage}", unit="step",
                disable=not (progress and info.is_main))
     for step in range(start_step, end_step):
@@ -128,7 +132,7 @@ def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps
         local_packs = global_packs[info.rank::info.world_size]
         loss_share, tokens = 0.0, 0
         for k, index in enumerate(local_packs):
-            batch = _to_device(dataset[index], info.device)
+            batch = _to_device(next(loader), info.device)
             weight = dataset.num_targets(index) / global_targets
             with _no_grad_sync(model, last=k == len(local_packs) - 1):
                 with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=use_bf16):
