@@ -79,7 +79,10 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, dist_config: dict) -> tor
 
     policy = MixedPrecisionPolicy(param_dtype=getattr(torch, dist_config["fsdp_param_dtype"]),
                                   reduce_dtype=getattr(torch, dist_config["fsdp_reduce_dtype"]))
-    for layer in list(model.vision_tower.encoder.layers) + list(model.language_model.layers):
+    # Vision layers past `feature_layer` never run; as their own FSDP groups they would never be unsharded and
+    # FSDP2's gradient accumulation trips over them, so they stay in the root group with the other small tensors.
+    used_vision_layers = list(model.vision_tower.encoder.layers[: model.config.vision.layers_used])
+    for layer in used_vision_layers + list(model.language_model.layers):
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
