@@ -131,3 +131,20 @@ def test_step_options_activation_checkpointing_bf16_and_loader_workers(tmp_path)
     assert runs["checkpointed"] == runs["fp32"] and runs["worker"] == runs["fp32"]
     torch.testing.assert_close(runs["bf16"], runs["fp32"], rtol=2e-2, atol=0)
     assert runs["bf16"] != runs["fp32"]  # autocast really ran in bf16
+
+
+def test_dynamic_resolution_model_trains(tmp_path):
+    """A native-resolution model (images kept at their aspect ratio, per-image patch grids) trains through the same
+    recipe: stage II moves the vision tower, and the saved model keeps dynamic_resolution."""
+    data, tokenizer_dir = make_training_setup(tmp_path, records_per_source=(8, 4))
+    config = _preset_config(GMAIVLConfig, "tiny", load_tokenizer(tokenizer_dir)).replace(
+        vision={"dynamic_resolution": True, "min_pixels": 14 * 14, "max_pixels": 56 * 56})
+    torch.manual_seed(0)
+    GMAIVL(config).save_pretrained(tmp_path / "init")
+    result = train(2, data, tmp_path / "s2", init=tmp_path / "init", tokenizer=tokenizer_dir, progress=False,
+                   overrides={"batch": {"global_batch_size": 2}, "schedule": {"total_steps": 3}})
+    assert len(result["losses"]) == 3 and all(torch.isfinite(torch.tensor(result["losses"])))
+    before, after = _weights(tmp_path / "init"), _weights(tmp_path / "s2")
+    assert not torch.equal(before["vision_tower.embeddings.patch_embedding.weight"],
+                           after["vision_tower.embeddings.patch_embedding.weight"])
+    assert GMAIVL.from_pretrained(tmp_path / "s2").config.vision.dynamic_resolution
