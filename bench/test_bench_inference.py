@@ -10,7 +10,6 @@ no timing assertions.
 from __future__ import annotations
 
 import statistics
-import time
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from transformers import LlavaForConditionalGeneration
 
 import gmaivl_rt
 from gmaivl_rt import GMAIVL, GMAIVLConfig
+from measure import median_seconds
 from gmaivl_rt.export.onnx_export import export_onnx
 
 DECODE_TOKENS = 32
@@ -51,16 +51,6 @@ def runners(tmp_path_factory):
     return {"onnx": ours(onnx_backend), "torch": ours(torch_backend), "transformers": transformers_generate}
 
 
-def _median_seconds(fn, rounds):
-    fn()  # warm-up
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _report(benchmark, kind, seconds):
     onnx_s = seconds["onnx"]
     benchmark.extra_info.update({f"{name}_{kind}_s": s for name, s in seconds.items()})
@@ -77,18 +67,18 @@ def test_prefill_latency(benchmark, runners):
     benchmark.pedantic(lambda: onnx(1), rounds=5, iterations=1)
     seconds = {"onnx": statistics.median(benchmark.stats.stats.data)}
     for name in ("torch", "transformers"):
-        seconds[name] = _median_seconds(lambda: runners[name](1), rounds=5)
+        seconds[name] = median_seconds(lambda: runners[name](1), rounds=5)
     _report(benchmark, "prefill", seconds)
 
 
 def test_decode_latency_per_token(benchmark, runners):
     def per_token(run):
-        return (_median_seconds(lambda: run(1 + DECODE_TOKENS), 3) - _median_seconds(lambda: run(1), 3)) / DECODE_TOKENS
+        return (median_seconds(lambda: run(1 + DECODE_TOKENS), 3) - median_seconds(lambda: run(1), 3)) / DECODE_TOKENS
 
     onnx = runners["onnx"]
     onnx(1 + DECODE_TOKENS)
     benchmark.pedantic(lambda: onnx(1 + DECODE_TOKENS), rounds=3, iterations=1)
-    prefill = _median_seconds(lambda: onnx(1), 3)
+    prefill = median_seconds(lambda: onnx(1), 3)
     seconds = {"onnx": (statistics.median(benchmark.stats.stats.data) - prefill) / DECODE_TOKENS}
     for name in ("torch", "transformers"):
         seconds[name] = per_token(runners[name])

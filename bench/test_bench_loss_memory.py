@@ -1,73 +1,41 @@
 """Peak memory and time of the loss head. On CPU: our chunked fused linear cross-entropy vs the naive path (full
 logits + F.cross_entropy), forward + backward, at InternLM2's vocabulary (V=92544), N=2048 tokens, H=256, fp32.
 
-How memory is measured: each variant runs in a fresh Python subprocess. After the inputs are built the process
-resets its resident-set high-water mark (`echo 5 > /proc/self/clear_refs`, Linux >= 4.0), runs forward and
-backward, and reports VmHWM - VmRSS(before): the extra physical memory the loss needed at its peak. torch's CPU
-allocator hands large blocks straight to the OS (mmap) and returns them on free, and every buffer here is written,
-so RSS tracks the tensors (tracemalloc does not see torch's allocations). Where clear_refs is not writable the
-script falls back to ru_maxrss, which is only meaningful when the inputs dominate earlier peaks; the method used is
-recorded in extra_info. On a GPU (skipped elsewhere): the Triton path at InternLM2-7B's head (8192 tokens,
+How memory is measured: each variant runs in a fresh Python process; after the inputs are built, the extra peak
+resident memory of forward + backward (bench/measure.py explains how; the method used is recorded in extra_info).
+On a GPU (skipped elsewhere): the Triton path at InternLM2-7B's head (8192 tokens,
 H=4096, bf16) against the same naive path, peak from torch.cuda.max_memory_allocated. Results are ratios against
 the naive path measured in the same run; nothing is asserted.
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import textwrap
+import time
 
 import pytest
 import torch
 
-from gmaivl_rt.kernels import fused_linear_cross_entropy
+from gmaivl_rt.kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
+from measure import in_fresh_process, peak_extra_mib
 
 TOKENS, HIDDEN, VOCAB = 2048, 256, 92544
 
-_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, time
-    import torch
-    from gmaivl_rt.kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
-
-    def rss_kib(field):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-    variant, tokens, hidden_size, vocab = sys.argv[1], *map(int, sys.argv[2:5])
+def measure(variant: str, tokens: str, hidden_size: str, vocab: str) -> dict:
+    """Run in a fresh process (measure.in_fresh_process): peak memory and time of one forward + backward."""
+    tokens, hidden_size, vocab = int(tokens), int(hidden_size), int(vocab)
     torch.manual_seed(0)
     hidden = torch.randn(tokens, hidden_size, requires_grad=True)
     weight = (torch.randn(vocab, hidden_size) / hidden_size ** 0.5).requires_grad_()
     labels = torch.randint(0, vocab, (tokens,))
     labels[::7] = -100
     loss_fn = fused_linear_cross_entropy if variant == "fused" else fused_linear_cross_entropy_reference
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        method = "VmHWM after clear_refs"
-    except OSError:
-        method = "ru_maxrss (clear_refs not writable)"
-    before = rss_kib("VmRSS")
     start = time.perf_counter()
-    loss_fn(hidden, weight, labels).backward()
-    seconds = time.perf_counter() - start
-    if method.startswith("VmHWM"):
-        peak = rss_kib("VmHWM")
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_extra_mib": (peak - before) / 1024, "seconds": seconds, "method": method}))
-""")
+    _, peak, method = peak_extra_mib(lambda: loss_fn(hidden, weight, labels).backward())
+    return {"peak_extra_mib": peak, "seconds": time.perf_counter() - start, "method": method}
 
 
 def _measure(variant: str) -> dict:
-    env = dict(os.environ, GMAIVL_KERNELS="auto")  # CPU tensors: the chunked torch path for "fused"
-    env.pop("TRITON_INTERPRET", None)
-    done = subprocess.run([sys.executable, "-c", _SCRIPT, variant, str(TOKENS), str(HIDDEN), str(VOCAB)],
-                          capture_output=True, text=True, env=env, timeout=600)
-    if done.returncode != 0:
-        raise RuntimeError(f"{variant} measurement failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return in_fresh_process(__file__, "measure", variant, TOKENS, HIDDEN, VOCAB, timeout=600)
 
 
 def test_fused_cross_entropy_memory_vs_naive(benchmark, monkeypatch):

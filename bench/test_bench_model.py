@@ -3,13 +3,13 @@ weights, same inputs, same run. Reported as ratios in extra_info (no timing asse
 from __future__ import annotations
 
 import statistics
-import time
 
 import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
 from gmaivl_rt import GMAIVL, GMAIVLConfig
+from measure import median_seconds
 
 
 @pytest.fixture(scope="module")
@@ -26,20 +26,11 @@ def pair(tmp_path_factory):
     return ours, theirs, ids, pixels
 
 
-def _median_seconds(fn, rounds):
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _compare(benchmark, ours_fn, theirs_fn, rounds):
     ours_fn(), theirs_fn()  # warm-up
     benchmark.pedantic(ours_fn, rounds=rounds, iterations=1)
     ours_s = statistics.median(benchmark.stats.stats.data)
-    theirs_s = _median_seconds(theirs_fn, rounds)
+    theirs_s = median_seconds(theirs_fn, rounds)
     benchmark.extra_info.update(ours_s=ours_s, transformers_s=theirs_s, speedup_vs_transformers=theirs_s / ours_s)
     print(f"\n{benchmark.name}: ours {ours_s * 1e3:.1f} ms, transformers {theirs_s * 1e3:.1f} ms, "
           f"speedup {theirs_s / ours_s:.2f}x")

@@ -7,22 +7,21 @@ Twice: at the compact preset's own vocabulary and at InternLM2's 92544 entries, 
 transformers materialises dominate memory and the fused cross-entropy shows its cut.
 
 Each variant runs in a fresh subprocess; peak memory is the resident-set high-water mark of the measured steps
-above the resident set after a warm-up step (`/proc/self/clear_refs`, as in test_bench_loss_memory.py), so weights,
+above the resident set after a warm-up step (bench/measure.py), so weights,
 gradients-to-be and AdamW state are in the baseline and the figure is what the step itself needs. Ratios (ours
 over transformers' memory, transformers' over ours in time) go to extra_info; only the first-step losses are
 asserted equal (same weights and batch, fp32: rtol 1e-4), never a timing."""
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import textwrap
+import statistics
+import time
 
 import pytest
 import torch
 
 from gmaivl_rt import GMAIVL, GMAIVLConfig
+from measure import in_fresh_process, peak_extra_mib
 
 SEQS, SEQ_LEN, STEPS = 4, 512, 3
 
@@ -66,50 +65,25 @@ def build_step(variant: str, model_dir, seqs: int = SEQS, seq_len: int = SEQ_LEN
     return step
 
 
-_SCRIPT = textwrap.dedent("""
-    import importlib.util, json, statistics, sys, time
-
-    def rss_kib(field):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-    spec = importlib.util.spec_from_file_location("bench_train_step", sys.argv[1])
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    step = bench.build_step(sys.argv[2], sys.argv[3])
-    first_loss = step()                       # warm-up: allocates AdamW state
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        method = "VmHWM after clear_refs"
-    except OSError:
-        method = "ru_maxrss (clear_refs not writable)"
-    before = rss_kib("VmRSS")
-    times = []
-    for _ in range(bench.STEPS):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    if method.startswith("VmHWM"):
-        peak = rss_kib("VmHWM")
-    else:
-        import resource
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def measure(variant: str, model_dir: str) -> dict:
+    """Run in a fresh process (measure.in_fresh_process): a warm-up step (allocates AdamW state), then STEPS
+    measured steps: median time, tokens/s and the extra peak memory above the warmed-up resident set."""
+    step = build_step(variant, model_dir)
+    first_loss = step()
+    times, peak, method = peak_extra_mib(lambda: [_timed(step) for _ in range(STEPS)])
     seconds = statistics.median(times)
-    print(json.dumps({"first_loss": first_loss, "seconds": seconds,
-                      "tokens_per_s": bench.SEQS * bench.SEQ_LEN / seconds,
-                      "peak_extra_mib": (peak - before) / 1024, "method": method}))
-""")
+    return {"first_loss": first_loss, "seconds": seconds, "tokens_per_s": SEQS * SEQ_LEN / seconds,
+            "peak_extra_mib": peak, "method": method}
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def _measure(variant: str, model_dir) -> dict:
-    env = dict(os.environ, GMAIVL_KERNELS="auto")  # CPU: the torch paths of our ops (chunked fused CE)
-    env.pop("TRITON_INTERPRET", None)
-    done = subprocess.run([sys.executable, "-c", _SCRIPT, __file__, variant, str(model_dir)],
-                          capture_output=True, text=True, env=env, timeout=900)
-    if done.returncode != 0:
-        raise RuntimeError(f"{variant} training step failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return in_fresh_process(__file__, "measure", variant, model_dir)
 
 
 @pytest.mark.parametrize("vocab", [None, 92544], ids=["compact-vocab", "vocab-92544"])

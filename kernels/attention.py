@@ -81,7 +81,8 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens
 # in those units for the backward pass.
 # ----------------------------------------------------------------------------------------------------------------
 _LOG2E = 1.4426950408889634
-_NEG_BIG = tl.constexpr(-1.0e30)  # finite "minus infinity" for the running max, so fully masked rows never give inf - inf
+# finite "minus infinity" for the running max, so fully masked rows never give inf - inf
+_NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -487,7 +488,8 @@ def _attention_triton(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen):
         cu_q = torch.arange(0, (batch + 1) * len_q, len_q, dtype=torch.int32, device=q.device)
         cu_k = cu_q if len_k == len_q else torch.arange(0, (batch + 1) * len_k, len_k, dtype=torch.int32,
                                                        device=q.device)
-        out = _FlashAttention.apply(q.reshape(batch * len_q, num_heads, head_dim), k.reshape(batch * len_k, *k.shape[2:]),
+        out = _FlashAttention.apply(q.reshape(batch * len_q, num_heads, head_dim),
+                                    k.reshape(batch * len_k, *k.shape[2:]),
                                     v.reshape(batch * len_k, *v.shape[2:]), cu_q, cu_k, len_q, len_k, causal, scale)
         return out.view(q.shape)
     if k.shape[0] != q.shape[0]:

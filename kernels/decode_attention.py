@@ -175,7 +175,8 @@ def _decode_attention_triton(q, k_cache, v_cache, cache_seqlens, softmax_scale, 
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty((batch, num_heads, splits, head_dim), device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)
-    flags = dict(HEAD_DIM=head_dim, ALIGNED=all(_rows_aligned(t) for t in (k_cache, v_cache)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+    flags = dict(HEAD_DIM=head_dim, ALIGNED=all(_rows_aligned(t) for t in (k_cache, v_cache)),
+                 BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                  BLOCK_H=max(16, triton.next_power_of_2(group)),
                  UPCAST=interpreting() and q.dtype == torch.bfloat16,  # interpreter cannot compute on bf16
                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
