@@ -168,6 +168,30 @@ def _key_range(start_m, len_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAU
 
 
 @triton.jit
+def _load_kv_block(k_base, v_base, kv_stride, cols, len_k, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   MASKED: tl.constexpr, UPCAST: tl.constexpr):
+    """k and v tiles (BLOCK_N, BLOCK_D) of key rows `cols`; fp32 when UPCAST (the interpreter cannot do bf16 math)."""
+    kv_off = cols[:, None] * kv_stride + offs_d[None, :]
+    k = _load_tile(k_base, kv_off, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+    v = _load_tile(v_base, kv_off, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
+def _key_visible(rows, cols, len_k, CAUSAL: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) mask: key j is visible to query i iff j < len_k and, when causal, j <= i; one compare
+    against min(i, len_k - 1)."""
+    if CAUSAL:
+        last_visible = tl.minimum(rows, len_k - 1)
+    else:
+        last_visible = tl.zeros_like(rows) + (len_k - 1)
+    return cols[None, :] <= last_visible[:, None]
+
+
+@triton.jit
 def _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, kv_stride, rows, lo, hi, len_k, offs_d, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -175,18 +199,10 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, kv_stride, rows, lo, hi, l
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kv_off = cols[:, None] * kv_stride + offs_d[None, :]
-        k = _load_tile(k_base, kv_off, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        v = _load_tile(v_base, kv_off, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_kv_block(k_base, v_base, kv_stride, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, MASKED, UPCAST)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
-            if CAUSAL:  # key j visible to query i iff j <= i and j < len_k: one compare against min(i, len_k - 1)
-                valid = cols[None, :] <= tl.minimum(rows, len_k - 1)[:, None]
-            else:
-                valid = cols[None, :] < len_k
+            valid = _key_visible(rows, cols, len_k, CAUSAL)
             s = tl.where(valid, s, float("-inf"))
         acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, PRECISION)
     return acc, m_i, l_i
@@ -292,11 +308,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, qk_scale,
     offs_d = tl.arange(0, BLOCK_D)
     kv_base = start_k * kv_stride + kv_head * HEAD_DIM
     kv_off = cols[:, None] * kv_stride + offs_d[None, :]
-    k = _load_tile(K + kv_base, kv_off, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, True)
-    v = _load_tile(V + kv_base, kv_off, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, True)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k, v = _load_kv_block(K + kv_base, V + kv_base, kv_stride, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, True, UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if CAUSAL:  # q blocks touching the diagonal need the causal mask; later ones see the whole key block
@@ -328,18 +340,10 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kv_stride, rows, l
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kv_off = cols[:, None] * kv_stride + offs_d[None, :]
-        k = _load_tile(k_base, kv_off, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        v = _load_tile(v_base, kv_off, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_kv_block(k_base, v_base, kv_stride, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, MASKED, UPCAST)
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
         if MASKED:
-            if CAUSAL:  # key j visible to query i iff j <= i and j < len_k: one compare against min(i, len_k - 1)
-                valid = cols[None, :] <= tl.minimum(rows, len_k - 1)[:, None]
-            else:
-                valid = cols[None, :] < len_k
+            valid = _key_visible(rows, cols, len_k, CAUSAL)
             p = tl.where(valid, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
