@@ -164,3 +164,26 @@ def test_training_step_runs_on_the_triton_kernels(tmp_path, monkeypatch):
     a, b = _weights(tmp_path / "torch"), _weights(tmp_path / "triton")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5, msg=key)
+
+
+def test_loss_falls_across_the_stages_on_the_demo_data(tmp_path):
+    """The embedded demo dataset (pydicom's and nibabel's files), the tiny preset, a few steps per stage at the
+    demo config's rates: the loss over the whole demo data falls after every stage."""
+    from gmaivl_rt.data.build import build_dataset
+    from gmaivl_rt.train.config import CONFIG_DIR
+    from gmaivl_rt.train.tokenizer import conversation_texts, train_bpe_tokenizer
+
+    data = tmp_path / "data"
+    build_dataset(data, demo=True, progress=False)
+    tokenizer_dir = tmp_path / "tokenizer"
+    tokenizer = train_bpe_tokenizer(conversation_texts(data), tokenizer_dir, vocab_size=512)
+    torch.manual_seed(0)
+    GMAIVL(_preset_config(GMAIVLConfig, "tiny", tokenizer)).save_pretrained(tmp_path / "s0")
+    overrides = {"batch": {"global_batch_size": 2}, "data": {"max_length": 256},
+                 "stages": {s: {"schedule": {"total_steps": 6, "warmup_ratio": 0.0}} for s in (1, 2, 3)}}
+    for stage in (1, 2, 3):
+        train(stage, data, tmp_path / f"s{stage}", config=CONFIG_DIR / "demo.yaml", preset="tiny",
+              init=tmp_path / f"s{stage - 1}", tokenizer=tokenizer_dir, overrides=overrides, progress=False)
+    losses = [eval_loss(tmp_path / f"s{s}", data, tokenizer_dir) for s in (0, 1, 2, 3)]
+    print("demo-data loss after stages 0..3:", losses)
+    assert losses[0] > losses[1] > losses[2] > losses[3], losses
