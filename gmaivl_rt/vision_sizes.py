@@ -51,17 +51,3 @@ def dynamic_resize_shape(height: int, width: int, patch_size: int, min_pixels: i
             break
         new_h, new_w = min(options, key=lambda hw: abs(math.log(hw[0] / hw[1]) - target))
     return new_h, new_w
-
-
-def resize_for_dynamic_resolution(image, patch_size: int, min_pixels: int, max_pixels: int):
-    """(C, H, W) float tensor -> (C, new_h, new_w) with (new_h, new_w) = dynamic_resize_shape(H, W, ...): bicubic
-    with antialiasing (as PIL's BICUBIC resample used by CLIP/Qwen2-VL image processors), values not clamped."""
-    import torch.nn.functional as F
-
-    if image.dim() != 3 or not image.is_floating_point():
-        raise ValueError(f"resize_for_dynamic_resolution: image must be a (C, H, W) float tensor, got "
-                         f"{tuple(image.shape)} {image.dtype}")
-    size = dynamic_resize_shape(image.shape[1], image.shape[2], patch_size, min_pixels, max_pixels)
-    if size == tuple(image.shape[1:]):
-        return image
-    return F.interpolate(image[None], size=size, mode="bicubic", align_corners=False, antialias=True)[0]

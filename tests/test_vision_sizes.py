@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from gmaivl_rt.vision_sizes import dynamic_resize_shape, resize_for_dynamic_resolution
+from gmaivl_rt.vision_sizes import dynamic_resize_shape
 
 PATCH = 14
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 672 * 672
@@ -65,12 +65,17 @@ def test_rejects_bad_arguments(kwargs, message):
         dynamic_resize_shape(**args)
 
 
-def test_resize_for_dynamic_resolution_gives_the_planned_grid():
-    image = torch.rand(3, 300, 451)
-    resized = resize_for_dynamic_resolution(image, PATCH, MIN_PIXELS, 200 * 200)
-    assert tuple(resized.shape) == (3, *dynamic_resize_shape(300, 451, PATCH, MIN_PIXELS, 200 * 200))
-    flat = torch.full((3, 90, 40), 0.25)  # resampling keeps a constant image constant
-    torch.testing.assert_close(resize_for_dynamic_resolution(flat, PATCH, MIN_PIXELS, MAX_PIXELS),
-                               torch.full((3, *dynamic_resize_shape(90, 40, PATCH, MIN_PIXELS, MAX_PIXELS)), 0.25))
-    with pytest.raises(ValueError, match=r"\(C, H, W\) float tensor"):
-        resize_for_dynamic_resolution(torch.zeros(3, 20, 20, dtype=torch.uint8), PATCH, MIN_PIXELS, MAX_PIXELS)
+def test_preprocess_image_dynamic_gives_the_planned_grid():
+    """The dynamic-mode preprocessing resizes to dynamic_resize_shape and CLIP-normalises (a flat grey image stays
+    flat at its normalised value)."""
+    import numpy as np
+
+    from gmaivl_rt.chat import CLIP_MEAN, CLIP_STD, preprocess_image_dynamic
+
+    image = np.random.default_rng(0).integers(0, 255, (300, 451, 3), dtype=np.uint8)
+    pixels = preprocess_image_dynamic(image, PATCH, MIN_PIXELS, 200 * 200)
+    assert tuple(pixels.shape) == (3, *dynamic_resize_shape(300, 451, PATCH, MIN_PIXELS, 200 * 200))
+    flat = preprocess_image_dynamic(np.full((90, 40, 3), 64, np.uint8), PATCH, MIN_PIXELS, MAX_PIXELS)
+    assert tuple(flat.shape[1:]) == dynamic_resize_shape(90, 40, PATCH, MIN_PIXELS, MAX_PIXELS)
+    expected = (64 / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    torch.testing.assert_close(flat, expected[:, None, None].expand_as(flat))
