@@ -12,13 +12,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
-from gmaivl_rt.atomic import atomic_write_json
+from gmaivl_rt.atomic import atomic_write_json, staged_files
 from gmaivl_rt.chat import CLIP_MEAN, CLIP_STD
 from gmaivl_rt.train.tokenizer import CHAT_TEMPLATE
 
@@ -205,11 +204,9 @@ def export_onnx(model_or_dir, out_dir, *, dtype="fp32", opset=DEFAULT_OPSET, att
     model, model_dir = load_model(model_or_dir)
     config = model.config
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     modules = build_graphs(config, model.state_dict(), dtype=DTYPES[dtype], attention=attention)
     described = {}
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
-        tmp = Path(tmp)
+    with staged_files(out_dir, prefix=".export-") as tmp:
         for name in graphs:
             log.info("exporting %s (%s)", name, dtype)
             proto = export_graph(modules[name], name, config, tmp / GRAPH_FILES[name], opset=opset)
@@ -219,8 +216,6 @@ def export_onnx(model_or_dir, out_dir, *, dtype="fp32", opset=DEFAULT_OPSET, att
             for fname in TOKENIZER_FILES:
                 if (model_dir / fname).is_file():
                     shutil.copyfile(model_dir / fname, tmp / fname)
-        for item in sorted(tmp.iterdir()):
-            os.replace(item, out_dir / item.name)
     vision, text = config.vision, config.text
     hf_config = config.to_hf_config() if hasattr(config, "to_hf_config") else None
     template = _chat_template(model_dir) or CHAT_TEMPLATE  # the internlm2 chatml of gmaivl_rt.chat

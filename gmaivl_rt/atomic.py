@@ -28,6 +28,18 @@ def atomic_path(path: str | Path):
         raise
 
 
+@contextlib.contextmanager
+def staged_files(out_dir: str | Path, prefix: str = ".staging-"):
+    """Yield a temporary folder inside `out_dir`; on success every file written there is moved into `out_dir`
+    (each rename atomic), on error nothing lands. For writers that only take a folder (save_pretrained, exporters)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=prefix) as tmp:
+        yield Path(tmp)
+        for item in sorted(Path(tmp).iterdir()):
+            os.replace(item, out_dir / item.name)
+
+
 def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -7,10 +7,10 @@ chat template) so `transformers.AutoTokenizer.from_pretrained(dir)` loads it, an
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from gmaivl_rt.atomic import staged_files
 
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
 IM_START, IM_END, IMAGE = "<|im_start|>", "<|im_end|>", "<image>"
@@ -79,12 +79,8 @@ def save_tokenizer(tokenizer, out_dir):
 
 def save_hf_tokenizer(tokenizer, out_dir) -> None:
     """`tokenizer.save_pretrained(out_dir)`, each file landing whole (written to a temp dir, then os.replace)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tok-") as tmp:
+    with staged_files(out_dir, prefix=".tok-") as tmp:
         tokenizer.save_pretrained(tmp)
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), out_dir / name)
 
 
 def load_tokenizer(path):
