@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -12,7 +13,15 @@ def main(argv=None) -> int:
     for register in _registrars():
         register(sub)
     args = parser.parse_args(argv)
-    return args.func(args) or 0
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as error:
+        # Bad input (a corrupt checkpoint, a wrong path, a missing optional package): one clear line, no traceback,
+        # unless GMAIVL_DEBUG=1 asks for it.
+        if os.environ.get("GMAIVL_DEBUG", "0") not in ("", "0"):
+            raise
+        print(f"gmaivl-rt {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 def _registrars():
