@@ -39,8 +39,9 @@ def _check(q, k, v, causal, cu_seqlens=None, max_seqlen=None, softmax_scale=None
 
 
 # (batch, seq, q_heads, kv_heads, head_dim): seq 1, 17, 127 and others not a multiple of any block; MHA, GQA, MQA;
-# head dim 80 exercises the masked (non power of two) head dimension.
-PADDED_SHAPES = [(1, 1, 2, 2, 16), (2, 17, 4, 2, 32), (1, 127, 2, 1, 80), (1, 70, 4, 4, 64)]
+# head dims 80 and 96 exercise the masked (non power of two) head dimension; 64 and 128 are the models' own.
+PADDED_SHAPES = [(1, 1, 2, 2, 16), (2, 17, 4, 2, 32), (1, 127, 2, 1, 80), (1, 70, 4, 4, 64), (1, 33, 4, 2, 96),
+                 (1, 45, 2, 1, 128)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
