@@ -353,11 +353,8 @@ class GMAIVL(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         cache = past_key_values
-        batch, token_index = self._token_batch(input_ids, attention_mask, position_ids, cu_seqlens, cache)
-        ids = input_ids.reshape(-1)[token_index]
-        hidden = self.language_model(self._embed(ids, pixel_values), batch, cache)
-        if cache is not None:
-            cache.advance(batch.lengths)
+        hidden, batch, token_index = self._decoder(input_ids, pixel_values, attention_mask, position_ids,
+                                                   cu_seqlens, cache)
         loss = None
         if labels is not None:
             if labels.shape != input_ids.shape:
@@ -370,6 +367,18 @@ class GMAIVL(nn.Module):
             logits = packed.new_zeros(input_ids.numel(), packed.shape[-1]).index_copy(0, token_index, packed)
             logits = logits.view(*input_ids.shape, -1)
         return GMAIVLOutput(logits=logits, loss=loss, past_key_values=cache)
+
+    def _decoder(self, input_ids, pixel_values, attention_mask, position_ids, cu_seqlens, cache):
+        """Embed the tokens (image features over the image tokens), run the decoder over them packed, extend the
+        cache. Returns the final hidden states (T, hidden), the TokenBatch, and each token's flat index in
+        input_ids."""
+        batch, token_index = self._token_batch(input_ids, attention_mask, position_ids, cu_seqlens, cache)
+        ids = input_ids.reshape(-1)[token_index]
+        decoding = pixel_values is None and cache is not None and any(batch.cache_starts)
+        hidden = self.language_model(self._embed(ids, pixel_values, decoding), batch, cache)
+        if cache is not None:
+            cache.advance(batch.lengths)
+        return hidden, batch, token_index
 
     def _embed(self, ids, pixel_values, decoding=False):
         """Token embeddings with image features written over the image tokens. While decoding, a generated
@@ -447,13 +456,9 @@ class GMAIVL(nn.Module):
 
     def _last_logits(self, input_ids, pixel_values, attention_mask, cache):
         """Run the tokens through the model with the cache; lm_head only on each sequence's last token."""
-        batch, token_index = self._token_batch(input_ids, attention_mask, None, None, cache)
-        if min(batch.lengths) == 0:
+        if attention_mask is not None and bool((attention_mask.sum(1) == 0).any()):
             raise ValueError("a prompt is empty (its attention_mask is all zeros)")
-        ids = input_ids.reshape(-1)[token_index]
-        decoding = pixel_values is None and any(batch.cache_starts)
-        hidden = self.language_model(self._embed(ids, pixel_values, decoding), batch, cache)
-        cache.advance(batch.lengths)
+        hidden, batch, _ = self._decoder(input_ids, pixel_values, attention_mask, None, None, cache)
         return self.lm_head(hidden[batch.cu_seqlens[1:].long() - 1]).float()
 
 
