@@ -7,6 +7,7 @@ Parameter names follow transformers' in-memory Llava names (without the leading 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -181,6 +182,12 @@ class TokenBatch:
     def max_seqlen(self) -> int:
         return max(self.lengths, default=0)
 
+    @functools.cached_property
+    def cache_seqlens_after(self) -> torch.Tensor:
+        """(n,) int32: tokens each sequence holds in the cache once this batch is stored (made once, used per layer)."""
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]) + torch.tensor(
+            self.cache_starts, dtype=torch.int32, device=self.cu_seqlens.device)
+
 
 class KVCache:
     """Per-layer keys/values (batch, max_length, kv_heads, head_dim), each sequence's entries left-aligned
@@ -202,8 +209,7 @@ class KVCache:
         if all(s == 0 for s in batch.cache_starts):  # prefill: the cache held nothing before
             return ops.attention(q, k, v, causal=True, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)
         if all(n == 1 for n in batch.lengths):  # decode: one token per sequence
-            seqlens = torch.tensor([s + 1 for s in batch.cache_starts], dtype=torch.int32, device=q.device)
-            return ops.decode_attention(q, keys, values, seqlens)
+            return ops.decode_attention(q, keys, values, batch.cache_seqlens_after)
         return _attention_after_prefix(q, keys, values, batch)  # rare: several new tokens after a prefix
 
     def advance(self, lengths):
