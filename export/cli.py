@@ -47,7 +47,10 @@ def _describe(sizes: Sizes) -> str:
 
 
 def _onnx(args) -> int:
+    from . import require
     from .onnx_export import export_onnx
+
+    require("onnx", "onnxscript", "onnxruntime")
 
     path = export_onnx(args.model_dir, args.out_dir, dtype=args.dtype, opset=args.opset, attention=args.attention)
     print(f"wrote {path.parent} ({args.dtype}, opset {args.opset})")
@@ -70,7 +73,10 @@ def _tensorrt(args) -> int:
 
 
 def _check(args) -> int:
+    from . import require
     from .op_inventory import check_folder
+
+    require("onnx")
     from .trt_plugin import PLUGIN_ID
 
     reports = check_folder(args.onnx_dir, plugins={PLUGIN_ID})

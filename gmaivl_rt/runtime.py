@@ -30,7 +30,10 @@ def load(path, backend: str = "torch", **kwargs):
     if backend == "torch":
         return TorchBackend(path, **kwargs)
     if backend == "onnx":
+        from gmaivl_rt.export import require
         from gmaivl_rt.export.ort_backend import OnnxBackend
+
+        require("onnxruntime")
 
         return OnnxBackend(path, **kwargs)
     if backend == "tensorrt":

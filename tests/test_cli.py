@@ -24,3 +24,13 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     except FileNotFoundError:
         return
     raise AssertionError("GMAIVL_DEBUG=1 should re-raise")
+
+
+def test_missing_optional_package_names_the_extra(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxscript" else real_find_spec(name, *a))
+    assert main(["export", "onnx", str(tmp_path), str(tmp_path / "out")]) == 2
+    assert "onnxscript not installed: pip install 'gmaivl-rt[onnx]'" in capsys.readouterr().err
