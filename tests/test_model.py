@@ -272,3 +272,19 @@ def test_presets_are_valid():
         assert sum(p.numel() for p in model.parameters()) > 0
     with pytest.raises(ValueError, match="unknown preset"):
         GMAIVLConfig.preset("huge")
+
+
+def test_cache_continues_a_prompt_in_chunks(hf_dir):
+    """A prompt fed as prefill + a multi-token chunk + a one-token step through one KV cache gives the logits of a
+    single forward over the whole prompt (prefill, append-after-prefix and decode attention paths)."""
+    ours = GMAIVL.from_pretrained(hf_dir)
+    ids, _, pixels = _batch()
+    ids = ids[:1, -(N_IMG + 8):]  # 3 text, 4 image, 5 text tokens
+    with torch.no_grad():
+        full = ours(ids, pixel_values=pixels[:1]).logits
+        cache = ours.new_cache(1, ids.shape[1])
+        first = ours(ids[:, :8], pixel_values=pixels[:1], past_key_values=cache).logits
+        middle = ours(ids[:, 8:11], past_key_values=cache).logits
+        last = ours(ids[:, 11:], past_key_values=cache).logits
+    assert cache.lengths == [ids.shape[1]]
+    torch.testing.assert_close(torch.cat([first, middle, last], dim=1), full, atol=ATOL_FP32, rtol=0)
