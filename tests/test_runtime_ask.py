@@ -48,3 +48,12 @@ def test_cli_ask_says_what_the_api_says(folder, capsys):
     expected = gmaivl_rt.load(folder).ask(QUESTION, ct, max_new_tokens=5)
     assert main(["ask", str(folder), "--image", ct, "--question", QUESTION, "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.strip() == expected
+
+
+def test_ask_through_the_onnx_backend_gives_the_same_answer(folder, tmp_path):
+    from gmaivl_rt.export.onnx_export import export_onnx
+
+    export_onnx(folder, tmp_path / "onnx")
+    ct = get_testdata_file("CT_small.dcm")
+    expected = gmaivl_rt.load(folder).ask(QUESTION, ct, max_new_tokens=8)
+    assert gmaivl_rt.load(tmp_path / "onnx", backend="onnx").ask(QUESTION, ct, max_new_tokens=8) == expected
