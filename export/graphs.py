@@ -265,12 +265,3 @@ def build_graphs(config, state_dict, *, dtype=torch.float32, attention="sdpa"):
         if isinstance(module, DecoderGraph):
             module.exponents = module.exponents.float()  # rope angles stay fp32 in every graph dtype
     return modules
-
-
-def num_image_tokens(vision, height=None, width=None) -> int:
-    """Features one image of height x width (default: the fixed size) yields; CLS only in the "full" strategy."""
-    patch = vision.patch_size
-    h = height or vision.image_size
-    w = width or vision.image_size
-    return (h // patch) * (w // patch) + (1 if vision.select_strategy == "full" else 0)
-

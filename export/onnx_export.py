@@ -21,7 +21,7 @@ from gmaivl_rt.atomic import atomic_write_json, staged_files
 from gmaivl_rt.chat import CLIP_MEAN, CLIP_STD
 from gmaivl_rt.train.tokenizer import CHAT_TEMPLATE
 
-from .graphs import build_graphs, num_image_tokens
+from .graphs import build_graphs
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def export_onnx(model_or_dir, out_dir, *, dtype="fp32", opset=DEFAULT_OPSET, att
                     "past_key": "past_key_values.{layer}.key", "past_value": "past_key_values.{layer}.value",
                     "present_key": "present.{layer}.key", "present_value": "present.{layer}.value",
                     "kv_layout": "batch, kv_heads, sequence, head_dim", "padding_side": "left"},
-        "image": {"image_token_index": int(config.image_token_index), "tokens_per_image": num_image_tokens(vision),
+        "image": {"image_token_index": int(config.image_token_index), "tokens_per_image": vision.tokens_per_image(),
                   "image_size": vision.image_size, "patch_size": vision.patch_size,
                   "dynamic_resolution": bool(getattr(vision, "dynamic_resolution", False)),
                   "min_pixels": getattr(vision, "min_pixels", None), "max_pixels": getattr(vision, "max_pixels", None),

@@ -35,6 +35,12 @@ class VisionConfig:
     def grid_size(self) -> int:
         return self.image_size // self.patch_size
 
+    def tokens_per_image(self, height: int | None = None, width: int | None = None) -> int:
+        """Image features (= image tokens in input_ids) of one image of height x width pixels as fed to the tower
+        (default: the fixed image_size): one per patch, plus the CLS token under the "full" strategy."""
+        h, w = height or self.image_size, width or self.image_size
+        return (h // self.patch_size) * (w // self.patch_size) + (self.select_strategy == "full")
+
     @property
     def layers_used(self) -> int:
         """How many encoder layers run to produce the selected hidden state."""
@@ -105,7 +111,7 @@ class GMAIVLConfig:
     @property
     def num_image_tokens(self) -> int:
         """Image features (= image tokens in input_ids) per image at the fixed resolution."""
-        return self.vision.grid_size ** 2 + (1 if self.vision.select_strategy == "full" else 0)
+        return self.vision.tokens_per_image()
 
     # ---------------------------------------------------------------- presets
     @classmethod

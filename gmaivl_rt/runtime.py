@@ -72,11 +72,9 @@ class _ChatHelpers:
         if vision.dynamic_resolution:
             pixels = [chat.preprocess_image_dynamic(im, vision.patch_size, vision.min_pixels, vision.max_pixels)
                       for im in images]
-            counts = [(p.shape[1] // vision.patch_size) * (p.shape[2] // vision.patch_size)
-                      + (vision.select_strategy == "full") for p in pixels]
         else:
             pixels = [chat.preprocess_image(im, vision.image_size) for im in images]
-            counts = [self.config.num_image_tokens] * len(pixels)
+        counts = [vision.tokens_per_image(p.shape[1], p.shape[2]) for p in pixels]
         text = chat.expand_image_tokens(chat.build_prompt(messages, system=system), counts)
         ids = torch.tensor([self.tokenizer.encode(text, add_special_tokens=False)], dtype=torch.long)
         pixel_values = None

@@ -113,24 +113,24 @@ class ImagePolicy:
     under the pixel budget, (H / P) * (W / P) tokens (+1 when select_strategy "full" keeps the CLS token).
     """
 
-    def __init__(self, image_size: int, patch_size: int, num_image_tokens: int, dynamic: bool = False,
-                 min_pixels: int | None = None, max_pixels: int | None = None, keeps_cls: bool = False):
-        self.image_size, self.patch_size, self.num_image_tokens = image_size, patch_size, num_image_tokens
-        self.dynamic, self.min_pixels, self.max_pixels, self.keeps_cls = dynamic, min_pixels, max_pixels, keeps_cls
+    def __init__(self, vision):
+        self.vision = vision  # the model's VisionConfig
 
     @classmethod
     def from_model_config(cls, cfg) -> "ImagePolicy":
-        v = cfg.vision
-        return cls(v.image_size, v.patch_size, cfg.num_image_tokens, v.dynamic_resolution, v.min_pixels,
-                   v.max_pixels, keeps_cls=v.select_strategy == "full")
+        return cls(cfg.vision)
+
+    @property
+    def dynamic(self) -> bool:
+        return self.vision.dynamic_resolution
 
     def num_tokens(self, width: int, height: int) -> int:
+        v = self.vision
         if not self.dynamic:
-            return self.num_image_tokens
+            return v.tokens_per_image()
         from gmaivl_rt.vision_sizes import dynamic_resize_shape
 
-        h, w = dynamic_resize_shape(height, width, self.patch_size, self.min_pixels, self.max_pixels)
-        return (h // self.patch_size) * (w // self.patch_size) + int(self.keeps_cls)
+        return v.tokens_per_image(*dynamic_resize_shape(height, width, v.patch_size, v.min_pixels, v.max_pixels))
 
     def load(self, path) -> torch.Tensor:
         """(3, H, W) float32, CLIP-normalised (H = W = image_size in fixed mode)."""
@@ -141,8 +141,9 @@ class ImagePolicy:
         with Image.open(path) as im:
             image = im.convert("RGB")
         if self.dynamic:
-            return preprocess_image_dynamic(image, self.patch_size, self.min_pixels, self.max_pixels)
-        return preprocess_image(image, self.image_size)
+            return preprocess_image_dynamic(image, self.vision.patch_size, self.vision.min_pixels,
+                                            self.vision.max_pixels)
+        return preprocess_image(image, self.vision.image_size)
 
 
 # ----------------------------------------------------------------------------------------------------- conversations
