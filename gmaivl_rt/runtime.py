@@ -53,13 +53,10 @@ class _ChatHelpers:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from gmaivl_rt.train.tokenizer import IMAGE, load_tokenizer
+            from gmaivl_rt.train.tokenizer import check_tokenizer_fits, load_tokenizer
 
             tokenizer = load_tokenizer(self.path)
-            image_id = tokenizer.convert_tokens_to_ids(IMAGE)
-            if image_id != self.config.image_token_index:
-                raise ValueError(f"{self.path}: the tokenizer's {IMAGE} is id {image_id} but the model's "
-                                 f"image_token_index is {self.config.image_token_index}")
+            check_tokenizer_fits(self.config, tokenizer, self.path)
             self._tokenizer = tokenizer
         return self._tokenizer
 

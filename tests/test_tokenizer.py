@@ -64,3 +64,16 @@ def test_model_vocab_fields_and_bad_size(trained, tmp_path):
         train_bpe_tokenizer(["a b c"], tmp_path, vocab_size=100)
     config = json.loads((trained[1] / "tokenizer_config.json").read_text())
     assert "chat_template" in config or (trained[1] / "chat_template.jinja").is_file()
+
+
+def test_model_and_tokenizer_that_disagree_are_refused(trained):
+    from gmaivl_rt import GMAIVLConfig
+    from gmaivl_rt.train.tokenizer import check_tokenizer_fits
+
+    tokenizer = AutoTokenizer.from_pretrained(trained[1])
+    fits = GMAIVLConfig.preset("tiny").replace(**model_vocab_fields(tokenizer))
+    check_tokenizer_fits(fits, tokenizer, "tok/")
+    with pytest.raises(ValueError, match=r"tokenizer tok/: <image> is id 6 but the model's image_token_index is 7"):
+        check_tokenizer_fits(fits.replace(image_token_index=7), tokenizer, "tok/")
+    with pytest.raises(ValueError, match="more than the model's vocab_size 100"):
+        check_tokenizer_fits(fits.replace(text={"vocab_size": 100}), tokenizer, "tok/")

@@ -32,8 +32,8 @@ from . import distributed as dist_utils
 from .checkpointing import latest_checkpoint, load_trainer_state, restore, save_checkpoint, write_model
 from .config import load_train_config
 from .dataset import ImagePolicy, PackedDataset
-from .tokenizer import (IM_END, conversation_texts, load_tokenizer, model_vocab_fields, save_hf_tokenizer,
-                        train_bpe_tokenizer)
+from .tokenizer import (IM_END, check_tokenizer_fits, conversation_texts, load_tokenizer, model_vocab_fields,
+                        save_hf_tokenizer, train_bpe_tokenizer)
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps
         model = GMAIVL.from_pretrained(init)
     else:
         model = GMAIVL(_preset_config(GMAIVLConfig, cfg["preset"], tokenizer))
-    _check_vocab(model.config, tokenizer, tokenizer_dir)
+    check_tokenizer_fits(model.config, tokenizer, tokenizer_dir)
     trainable = set_trainable(model, cfg["trainable"])
     model.set_gradient_checkpointing(bool(cfg["train"]["activation_checkpointing"]))
     model.to(info.device).train()
@@ -213,16 +213,6 @@ def _preset_config(config_cls, preset: str, tokenizer):
         image_token_index=fields["image_token_index"],
         text={"vocab_size": fields["vocab_size"], "bos_token_id": tokenizer.bos_token_id,
               "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id})
-
-
-def _check_vocab(model_config, tokenizer, tokenizer_dir) -> None:
-    fields = model_vocab_fields(tokenizer)
-    if fields["image_token_index"] != model_config.image_token_index:
-        raise ValueError(f"tokenizer {tokenizer_dir}: <image> is id {fields['image_token_index']} but the model's "
-                         f"image_token_index is {model_config.image_token_index}")
-    if fields["vocab_size"] > model_config.text.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer_dir} has {fields['vocab_size']} tokens, more than the model's "
-                         f"vocab_size {model_config.text.vocab_size}")
 
 
 def _resolve_tokenizer(explicit, init, out: Path, data, cfg, info) -> Path:

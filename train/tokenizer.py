@@ -104,3 +104,15 @@ def image_token_id(tokenizer) -> int:
 def model_vocab_fields(tokenizer) -> dict:
     """The model config fields a tokenizer decides: the text vocab size and the image token's id."""
     return {"vocab_size": len(tokenizer), "image_token_index": image_token_id(tokenizer)}
+
+
+def check_tokenizer_fits(model_config, tokenizer, where) -> None:
+    """A clear error (naming `where`) when a tokenizer and a model config disagree: `<image>` ids, or more tokens
+    than the model's vocabulary."""
+    fields = model_vocab_fields(tokenizer)
+    if fields["image_token_index"] != model_config.image_token_index:
+        raise ValueError(f"tokenizer {where}: {IMAGE} is id {fields['image_token_index']} but the model's "
+                         f"image_token_index is {model_config.image_token_index}")
+    if fields["vocab_size"] > model_config.text.vocab_size:
+        raise ValueError(f"tokenizer {where} has {fields['vocab_size']} tokens, more than the model's "
+                         f"vocab_size {model_config.text.vocab_size}")
