@@ -84,12 +84,10 @@ class _ChatHelpers:
 
     @property
     def eos_token_ids(self) -> list[int]:
-        """Where a chat reply ends: `<|im_end|>` and the tokenizer's eos."""
-        from gmaivl_rt.chat import IM_END
+        """Where a chat reply ends: the tokenizer's eos and `<|im_end|>`."""
+        from gmaivl_rt.train.tokenizer import chat_stop_ids
 
-        tok = self.tokenizer
-        return sorted({i for i in (tok.convert_tokens_to_ids(IM_END), tok.eos_token_id)
-                       if i is not None and i != tok.unk_token_id})
+        return chat_stop_ids(self.tokenizer)
 
     def ask(self, question: str, image=None, system: str | None = None, **generation) -> str:
         """Answer one question about one image (or none). image: a path (DICOM, NIfTI, PNG, JPEG, TIFF, BMP, read

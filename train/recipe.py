@@ -32,7 +32,7 @@ from . import distributed as dist_utils
 from .checkpointing import latest_checkpoint, load_trainer_state, restore, save_checkpoint, write_model
 from .config import load_train_config
 from .dataset import ImagePolicy, PackedDataset
-from .tokenizer import (IM_END, check_tokenizer_fits, conversation_texts, load_tokenizer, model_vocab_fields,
+from .tokenizer import (chat_stop_ids, check_tokenizer_fits, conversation_texts, load_tokenizer, model_vocab_fields,
                         save_hf_tokenizer, train_bpe_tokenizer)
 
 logger = logging.getLogger(__name__)
@@ -207,8 +207,7 @@ def set_trainable(model: torch.nn.Module, prefixes: list[str]) -> list[str]:
 def _preset_config(config_cls, preset: str, tokenizer):
     """The preset's dimensions with the vocabulary, `<image>` id and special ids our tokenizer decides."""
     fields = model_vocab_fields(tokenizer)
-    im_end = tokenizer.convert_tokens_to_ids(IM_END)
-    eos = [t for t in (tokenizer.eos_token_id, im_end) if t is not None]
+    eos = chat_stop_ids(tokenizer)
     return config_cls.preset(preset).replace(
         image_token_index=fields["image_token_index"],
         text={"vocab_size": fields["vocab_size"], "bos_token_id": tokenizer.bos_token_id,

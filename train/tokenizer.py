@@ -106,6 +106,12 @@ def model_vocab_fields(tokenizer) -> dict:
     return {"vocab_size": len(tokenizer), "image_token_index": image_token_id(tokenizer)}
 
 
+def chat_stop_ids(tokenizer) -> list[int]:
+    """Where a chat reply ends: the tokenizer's eos, then `<|im_end|>` (unknown or missing ones left out)."""
+    ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)]
+    return list(dict.fromkeys(i for i in ids if i is not None and i != tokenizer.unk_token_id))
+
+
 def check_tokenizer_fits(model_config, tokenizer, where) -> None:
     """A clear error (naming `where`) when a tokenizer and a model config disagree: `<image>` ids, or more tokens
     than the model's vocabulary."""
