@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gmaivl_rt.kernels import apply_rope_reference, rms_norm_reference
 from gmaivl_rt.model import ACTIVATIONS
 
 ATTENTION_IMPLS = ("sdpa", "trt_plugin")
@@ -138,15 +139,8 @@ class _RMSNorm(nn.Module):
         super().__init__()
         self.weight, self.eps = nn.Parameter(torch.ones(hidden)), eps
 
-    def forward(self, x):  # fp32 statistics, as the model and HF Llama do
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
-def _rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    def forward(self, x):  # the model's own reference: fp32 statistics, as HF Llama
+        return rms_norm_reference(x, self.weight, self.eps)
 
 
 class _DecoderLayer(nn.Module):
@@ -167,10 +161,10 @@ class _DecoderLayer(nn.Module):
         B, S, _ = x.shape
         h = self.input_layernorm(x)
         a = self.self_attn
-        q = a["q_proj"](h).reshape(B, S, self.hq, self.d).transpose(1, 2)
-        k = a["k_proj"](h).reshape(B, S, self.hkv, self.d).transpose(1, 2)
+        q = a["q_proj"](h).reshape(B, S, self.hq, self.d)
+        k = a["k_proj"](h).reshape(B, S, self.hkv, self.d)
+        q, k = (t.transpose(1, 2) for t in apply_rope_reference(q, k, cos, sin))
         v = a["v_proj"](h).reshape(B, S, self.hkv, self.d).transpose(1, 2)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=self.hq != self.hkv)
         x = x + a["o_proj"](out.transpose(1, 2).reshape(B, S, self.hq * self.d))
@@ -216,7 +210,7 @@ class DecoderGraph(nn.Module):
         key_ok = attention_mask[:, None, None, :].to(torch.bool) | (k_pos == q_pos)[None, None]
         allowed = (k_pos <= q_pos)[None, None] & key_ok  # (B, 1, S, T)
         freqs = position_ids.to(torch.float32)[..., None] * self._inv_freq(position_ids)  # (B, S, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, S, D)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, S, D)
         cos, sin = emb.cos().to(inputs_embeds.dtype), emb.sin().to(inputs_embeds.dtype)
         x, presents = inputs_embeds, []
         for i, layer in enumerate(self.layers):
