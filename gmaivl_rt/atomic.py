@@ -58,5 +58,10 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | Path, obj, **kwargs) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, **kwargs) + "\n")
+def atomic_write_json(path: str | Path, obj, indent: int | None = 2, **kwargs) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, **kwargs) + "\n")
+
+
+def atomic_write_jsonl(path: str | Path, rows) -> None:
+    """One JSON object per line, the whole file replaced at once."""
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

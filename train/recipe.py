@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from gmaivl_rt.atomic import atomic_write_text
+from gmaivl_rt.atomic import atomic_write_jsonl, atomic_write_text
 
 from . import distributed as dist_utils
 from .checkpointing import latest_checkpoint, load_trainer_state, restore, save_checkpoint, write_model
@@ -111,7 +111,7 @@ def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps
     log_path = out / "log.jsonl"
     log = _read_log(log_path)[:start_step] if checkpoint is not None else []
     if info.is_main:
-        _write_log(log_path, log)
+        atomic_write_jsonl(log_path, log)
         logger.info("stage %d (%s): %s; %d trainable tensors; steps %d..%d of %d", stage, cfg.get("name"),
                     dataset.stats(), len(trainable), start_step, end_step, total_steps)
 
@@ -171,7 +171,7 @@ def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps
             save_hf_tokenizer(tokenizer, out)
         history = _read_log(Path(init) / "history.jsonl") if init is not None else []
         history = [r for r in history if r.get("stage") != stage] + log
-        _write_log(out / "history.jsonl", history)
+        atomic_write_jsonl(out / "history.jsonl", history)
         from .plots import plot_loss_curves
 
         plot_loss_curves(history, out / "loss.png")
@@ -275,6 +275,3 @@ def _read_log(path: Path) -> list[dict]:
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-
-def _write_log(path: Path, records: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))

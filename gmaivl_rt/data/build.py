@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gmaivl_rt.atomic import atomic_write_bytes
+from gmaivl_rt.atomic import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 from gmaivl_rt.data import templates as T
 from gmaivl_rt.data.deid import find_phi, phi_values_of_file, safe_stem, safe_token, scrub
 from gmaivl_rt.data.manifest import (TASK_CODES, DatasetSpec, ManifestError, load_manifest, missing_columns,
@@ -62,14 +62,6 @@ class ItemError(Exception):
 # --------------------------------------------------------------------------------------------------------------
 # atomic files and the image store
 # --------------------------------------------------------------------------------------------------------------
-def atomic_write_json(path: str, obj, indent: int | None = 2) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode("utf-8"))
-
-
-def write_jsonl(path: str, rows) -> None:
-    atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
-
-
 class ImageStore:
     """PNG files under `root`, named by the SHA-256 of the pixel array (shape included): identical pictures
     are stored once."""
@@ -491,13 +483,13 @@ def _build(out_dir, specs, rewriter, rewriter_id, seed, progress, make_summary, 
             counters["rewrite_failures"] += result.rewrite_failures
             bar.update(1)
         annotations = f"annotations/{spec.name}.jsonl"
-        write_jsonl(os.path.join(out_dir, annotations), records)
+        atomic_write_jsonl(os.path.join(out_dir, annotations), records)
         if records:
             meta[spec.name] = {"image_dir": "images", "annotations": annotations, "sample_ratio": spec.sample_ratio,
                                "length": len(records), "data_augment": bool(spec.data_augment)}
     bar.close()
     seconds = time.perf_counter() - started
-    write_jsonl(os.path.join(out_dir, "errors.jsonl"), errors)
+    atomic_write_jsonl(os.path.join(out_dir, "errors.jsonl"), errors)
     atomic_write_json(os.path.join(out_dir, "meta.json"), meta)
     summary = make_summary(tags, errors, specs, counters, seconds, store.written)
     atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
