@@ -29,6 +29,25 @@ def median_seconds(fn, rounds: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def compact_checkpoint(path) -> None:
+    """The `compact` preset with seeded random weights, saved to `path` (the CPU benchmarks' shared model)."""
+    import torch
+
+    from gmaivl_rt import GMAIVL, GMAIVLConfig
+
+    torch.manual_seed(0)
+    GMAIVL(GMAIVLConfig.preset("compact")).save_pretrained(path)
+
+
+def image_prompt(config, length: int = 96):
+    """A (1, length) prompt with one image's tokens at position 8, and that image's (1, 3, S, S) pixels."""
+    import torch
+
+    ids = torch.randint(0, config.image_token_index, (1, length))
+    ids[0, 8:8 + config.num_image_tokens] = config.image_token_index
+    return ids, torch.randn(1, 3, config.vision.image_size, config.vision.image_size)
+
+
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))

@@ -16,28 +16,23 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 import gmaivl_rt
-from gmaivl_rt import GMAIVL, GMAIVLConfig
-from measure import median_seconds
 from gmaivl_rt.export.onnx_export import export_onnx
+from measure import compact_checkpoint, image_prompt, median_seconds
 
 DECODE_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
 def runners(tmp_path_factory):
-    torch.manual_seed(0)
     model_dir = tmp_path_factory.mktemp("compact")
-    GMAIVL(GMAIVLConfig.preset("compact")).save_pretrained(model_dir)
+    compact_checkpoint(model_dir)
     onnx_dir = tmp_path_factory.mktemp("compact_onnx")
     export_onnx(model_dir, onnx_dir)
     # Same thread budget for both runtimes (ONNX Runtime otherwise spins one thread per core).
     onnx_backend = gmaivl_rt.load(onnx_dir, backend="onnx", threads=torch.get_num_threads())
     torch_backend = gmaivl_rt.load(model_dir, backend="torch")
     hf = LlavaForConditionalGeneration.from_pretrained(model_dir, attn_implementation="sdpa").eval()
-    cfg = torch_backend.config
-    ids = torch.randint(0, cfg.image_token_index, (1, 96))
-    ids[0, 8:8 + cfg.num_image_tokens] = cfg.image_token_index
-    pixels = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size)
+    ids, pixels = image_prompt(torch_backend.config)
 
     def ours(backend):
         return lambda n: backend.generate(ids, pixel_values=pixels, max_new_tokens=n, eos_token_id=[],

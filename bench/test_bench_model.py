@@ -8,21 +8,17 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from gmaivl_rt import GMAIVL, GMAIVLConfig
-from measure import median_seconds
+from gmaivl_rt import GMAIVL
+from measure import compact_checkpoint, image_prompt, median_seconds
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("compact")
-    GMAIVL(GMAIVLConfig.preset("compact")).save_pretrained(path)
+    compact_checkpoint(path)
     ours = GMAIVL.from_pretrained(path)
     theirs = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa").eval()
-    cfg = ours.config
-    ids = torch.randint(0, cfg.image_token_index, (1, 96))
-    ids[0, 8:8 + cfg.num_image_tokens] = cfg.image_token_index
-    pixels = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size)
+    ids, pixels = image_prompt(ours.config)
     return ours, theirs, ids, pixels
 
 
