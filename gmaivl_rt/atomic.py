@@ -65,3 +65,14 @@ def atomic_write_json(path: str | Path, obj, indent: int | None = 2, **kwargs) -
 def atomic_write_jsonl(path: str | Path, rows) -> None:
     """One JSON object per line, the whole file replaced at once."""
     atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def file_sha256(path: str | Path, chunk_bytes: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks (checkpoint and dataset digests)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_bytes), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from gmaivl_rt.atomic import atomic_path, atomic_write_json
 from gmaivl_rt.config import GMAIVLConfig
+from gmaivl_rt.errors import ModelError
 
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 
@@ -49,7 +50,7 @@ _INTERNLM2_NAMES = [
 _WQKV = ".attention.wqkv."
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ModelError):
     """A checkpoint folder that cannot be loaded; the message names the file and what is wrong."""
 
 

@@ -34,6 +34,8 @@ from typing import Iterator
 
 import numpy as np
 
+from gmaivl_rt.errors import InputError
+
 # Named CT windows (centre, width) in Hounsfield units.
 CT_WINDOWS: dict[str, tuple[float, float]] = {
     "lung": (-600.0, 1500.0),
@@ -56,7 +58,7 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 PILLOW_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "tiff", ".tiff": "tiff", ".bmp": "bmp"}
 
 
-class MedicalImageError(ValueError):
+class MedicalImageError(InputError):
     """A medical image (or mask) could not be read. The message names the file and the problem, never PHI."""
 
 
