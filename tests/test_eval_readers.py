@@ -5,6 +5,7 @@ from eval_fixtures import image_file, png_base64, write_csv, write_json, write_t
 from gmaivl_rt.errors import InputError
 from gmaivl_rt.eval.prompts import item_prompt
 from gmaivl_rt.eval.readers import Base64Image, detect_format, read_benchmark
+from gmaivl_rt.eval.scoring import score_prediction
 
 
 def test_vlmevalkit_tsv_image_reuse_nan_options_hint_and_unscored_rows(tmp_path):
@@ -42,6 +43,18 @@ def test_vlmevalkit_tsv_bad_rows_are_named(tmp_path):
     rows = [{"index": 1, "image": png_base64((1, 2, 3)), "question": "q", "A": "a", "B": "b", "answer": "C"}]
     with pytest.raises(InputError, match="answer 'C' is not one of its option letters"):
         read_benchmark(write_tsv(tmp_path / "b.tsv", rows))
+
+
+def test_vlmevalkit_tsv_open_question_scored_as_mmmu_preproc_does(tmp_path):
+    path = write_tsv(tmp_path / "mmmu.tsv", [{"index": 5, "image": png_base64((0, 0, 9)), "question": "Dose in mg?",
+                                              "A": None, "B": None, "answer": "42"}])
+    item = read_benchmark(path).items[0]
+    assert item.options == {} and item_prompt(item).endswith("Dose in mg?\nAnswer with the option's letter from "
+                                                             "the given choices directly.")
+    # MMMU_preproc: A = the answer, B = "Other Answers", gold A; so an answer holding "42" is A (right)
+    assert item.scoring_options == {"A": "42", "B": "Other Answers"} and item.answer == "A"
+    assert score_prediction(item, "42 mg")["correct"] is True
+    assert score_prediction(item, "7 mg")["correct"] is False
 
 
 def test_vlmevalkit_tsv_image_path_and_chinese_instruction(tmp_path):

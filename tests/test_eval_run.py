@@ -9,16 +9,14 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from eval_fixtures import colour_benchmark
+from train_fixtures import make_tiny_chat_model
 
 import gmaivl_rt
-from gmaivl_rt import GMAIVL, GMAIVLConfig
 from gmaivl_rt.cli import main
 from gmaivl_rt.eval import evaluate, score
 from gmaivl_rt.eval.prompts import DECODING, mcq_prompt
 from gmaivl_rt.eval.readers import read_benchmark
-from gmaivl_rt.train.tokenizer import model_vocab_fields, train_bpe_tokenizer
 
 TEXTS = ["<image>\nWhich colour is the image?\nA. red\nB. green\nC. blue\nD. grey\nAnswer with the option's letter "
          "from the given choices directly.", "A", "B", "C", "D", "The answer is B.", "red green blue grey"] * 20
@@ -26,12 +24,7 @@ TEXTS = ["<image>\nWhich colour is the image?\nA. red\nB. green\nC. blue\nD. gre
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("eval_model")
-    tokenizer = train_bpe_tokenizer(TEXTS, path, vocab_size=300, min_frequency=1)
-    config = GMAIVLConfig.preset("tiny").replace(**model_vocab_fields(tokenizer))
-    torch.manual_seed(0)
-    GMAIVL(config).save_pretrained(path)
-    return path
+    return make_tiny_chat_model(tmp_path_factory.mktemp("eval_model"), TEXTS)
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ CHOICES = {"A": "Pneumonia", "B": "Normal", "C": "Effusion", "D": "Edema"}  # op
     ("答案是B。", ("Z", False)),
     ("（B）", ("Z", False)),
     ("B.", ("B", True)),
+    ("**B**", ("B", True)),  # "*" is spaced like "." : the bare token B remains
     # one letter but first at index 0 of 8 tokens (not > 3); the regex needs "answer is" -> falls through -> "Z"
     ("B is the right choice for this one", ("Z", False)),
     # no letter token ("c" is lower case); the case-insensitive "answer is" regex reads c -> C
@@ -46,10 +47,24 @@ def test_vlmevalkit_letter_position_window():
     assert can_infer_option("so B is it then ok", CHOICES) is None
 
 
+def test_vlmevalkit_answer_is_regex_knows_only_a_to_d_and_only_options():
+    five = {**CHOICES, "E": "Atelectasis"}
+    # two letter tokens (A, E): the option rule gives up; the regex reads A-D only, so "E" is not taken -> "Z"
+    assert extract_option("A is wrong, the answer is E", five) == ("Z", False)
+    assert extract_option("A is wrong, the answer is D", five) == ("D", True)
+    # D matches the regex but is no option of this row: not taken
+    assert extract_option("A or maybe the answer is D", {"A": "x", "B": "y", "C": "z"}) == ("Z", False)
+
+
 def test_vlmevalkit_text_rule_needs_a_unique_option():
     choices = {"A": "left lung", "B": "lung", "C": "heart"}
     assert can_infer_text("the left lung", choices) is None  # "lung" and "left lung" both occur
     assert can_infer_text("the heart", choices) == "C"
+
+
+def test_vlmevalkit_strips_the_prediction_before_the_length_guard():
+    # options "ab" + "cd": the text rule gives up above 8 characters; stripped, "    ab    " is "ab" -> A
+    assert extract_option("    ab    ", {"A": "ab", "B": "cd"}) == ("A", True)
 
 
 def test_vlmevalkit_choices_are_the_rows_options_only():

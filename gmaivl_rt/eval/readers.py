@@ -46,6 +46,7 @@ class Item:
     hint: str | None = None
     images: list = field(default_factory=list)
     groups: dict[str, str] = field(default_factory=dict)
+    scoring_options: dict[str, str] | None = None  # options the scorer reads when they differ from the prompt's
 
 
 @dataclass
@@ -143,6 +144,9 @@ def read_vlmevalkit_tsv(path: Path, protocol: str = "mcq") -> list[Item]:
     the row is predicted but not scored."""
     if protocol != "mcq":
         raise InputError("VLMEvalKit TSV benchmarks are multiple choice: use --protocol mcq")
+    from gmaivl_rt.export import require
+
+    require("pandas", extra="eval")
     import pandas as pd
 
     try:
@@ -168,11 +172,17 @@ def read_vlmevalkit_tsv(path: Path, protocol: str = "mcq") -> list[Item]:
     for index, record in zip(indexes, records):
         options = {letter: str(record[letter]) for letter in string.ascii_uppercase
                    if letter in record and not pd.isna(record[letter])}
-        if not options:
-            raise InputError(f"benchmark file (--data) {path.name!r}, row index {index}: no options (columns A..Z)")
         answer = record.get("answer")
         answer = None if answer is None or pd.isna(answer) else str(answer).strip()
-        if answer is not None and answer not in options:
+        scoring_options = None
+        if not options:
+            if answer is None:
+                raise InputError(f"benchmark file (--data) {path.name!r}, row index {index}: no options (columns "
+                                 "A..Z) and no answer")
+            # VLMEvalKit's MMMU_preproc: an open question is asked without options and scored as the choice
+            # between A = its answer and B = "Other Answers" (gold A)
+            scoring_options, answer = {"A": answer, "B": "Other Answers"}, "A"
+        elif answer is not None and answer not in options:
             raise InputError(f"benchmark file (--data) {path.name!r}, row index {index}: answer {answer[:8]!r} "
                              "is not one of its option letters")
         hint = record.get("hint")
@@ -183,7 +193,8 @@ def read_vlmevalkit_tsv(path: Path, protocol: str = "mcq") -> list[Item]:
             refs = [_resolve_image(path.parent, p, ("images",)) for p in _image_list(str(record["image_path"]))]
         groups = {c: str(record[c]) for c in TSV_GROUP_COLUMNS if c in record and not pd.isna(record[c])}
         items.append(Item(index=index, question=str(record["question"]), kind="mcq", answer=answer,
-                          scorer="vlmevalkit", options=options, hint=hint, images=refs, groups=groups))
+                          scorer="vlmevalkit", options=options, hint=hint, images=refs, groups=groups,
+                          scoring_options=scoring_options))
     return items
 
 

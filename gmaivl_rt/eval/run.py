@@ -109,7 +109,7 @@ def _scored_row(item, prediction: str) -> tuple[dict, dict]:
             "answer": item.answer, "correct": result["correct"], **item.groups}
     line.update({k: result[k] for k in ("recall", "f1", "exact_match") if k in result})
     row = {"kind": item.kind, "correct": result["correct"], "parsed": result["parsed"],
-           "n_options": max(1, len(item.options)), "groups": item.groups,
+           "n_options": max(1, len(item.scoring_options or item.options)), "groups": item.groups,
            **{k: result[k] for k in ("recall", "f1", "exact_match") if k in result}}
     return line, row
 

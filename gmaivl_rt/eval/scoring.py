@@ -165,11 +165,12 @@ def score_prediction(item, prediction: str) -> dict:
     """One item's scoring by its rule: {"extracted", "correct" (None when the item has no gold answer), "parsed"}
     plus {"recall", "f1", "exact_match"} for open questions. item: a `readers.Item`."""
     if item.kind == "mcq":
+        choices = item.scoring_options or item.options
         if item.scorer == "huatuo":
-            letter, rule = huatuo_match_choice(str(prediction), item.options)
+            letter, rule = huatuo_match_choice(str(prediction), choices)
             extracted, parsed = letter, rule == 1
         else:
-            extracted, parsed = extract_option(prediction, item.options)
+            extracted, parsed = extract_option(prediction, choices)
         correct = None if item.answer is None else extracted == item.answer
         return {"extracted": extracted, "correct": correct, "parsed": parsed}
     extracted = normalize_answer(prediction)
