@@ -18,7 +18,7 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -152,22 +152,24 @@ class ImagePolicy:
 
 
 # ----------------------------------------------------------------------------------------------------- conversations
-@dataclass
+@dataclass(slots=True)
 class EncodedSample:
-    """One tokenized conversation: `input_ids`/`labels` int32 (L,), images already expanded to their tokens."""
+    """One tokenized conversation: `input_ids`/`labels` int32 (L,), images already expanded to their tokens.
+    num_targets: tokens the model is trained to predict, i.e. labels after the in-sample shift (the first is never a
+    target); counted from `labels` when not given."""
     input_ids: np.ndarray
     labels: np.ndarray
     image_paths: list[str] = field(default_factory=list)
     record_id: str = ""
     truncated: bool = False
+    num_targets: int = -1
+
+    def __post_init__(self):
+        if self.num_targets < 0:
+            self.num_targets = int((self.labels[1:] != IGNORE_INDEX).sum())
 
     def __len__(self) -> int:
         return len(self.input_ids)
-
-    @property
-    def num_targets(self) -> int:
-        """Tokens the model is trained to predict: labels after the in-sample shift (the first is never a target)."""
-        return int((self.labels[1:] != IGNORE_INDEX).sum())
 
 
 class ConversationEncoder:
@@ -295,34 +297,39 @@ class PackedDataset(torch.utils.data.Dataset):
         cache = TokenCache(cache_dir, _encoding_key(encoder, image_policy)) if cache_dir is not None else None
         encoded = _encode_sources(sources, encoder, cache, progress)
         self.tokenized_records = sum(n for _, n in encoded)
-        per_source = [samples for samples, _ in encoded]
-        chosen = sample_indices(sources, [len(samples) for samples in per_source], seed)
+        tables = [table for table, _ in encoded]
+        chosen = sample_indices(sources, [len(table) for table in tables], seed)
         if not chosen:
             raise ValueError(f"training data {data}: no records")
         random.Random(seed).shuffle(chosen)
-        self.samples, self.num_without_targets, self.num_truncated = [], 0, 0
-        for s, i in chosen:
-            sample = per_source[s][i]
-            self.num_truncated += sample.truncated
-            if sample.num_targets == 0:  # truncation cut away every answer token: nothing to learn, and 0/0 loss
-                logger.warning("record %r: no answer tokens left after truncation to %d; left out of training",
-                               sample.record_id, max_length)
-                self.num_without_targets += 1
-                continue
-            self.samples.append(sample)
-        if not self.samples:
+        # Per chosen sample: its source table, index, length, targets, truncation (vectorised: millions of samples).
+        table_of, index = np.array(chosen, dtype=np.int64).T
+        lengths, targets, truncated = (np.zeros(len(chosen), dtype=np.int64) for _ in range(3))
+        for t, table in enumerate(tables):
+            rows = table_of == t
+            lengths[rows], targets[rows] = table.lengths[index[rows]], table.targets[index[rows]]
+            truncated[rows] = table.truncated[index[rows]]
+        self.num_truncated = int(truncated.sum())
+        for k in np.flatnonzero(targets == 0):  # truncation cut away every answer token: nothing to learn, 0/0 loss
+            logger.warning("record %r: no answer tokens left after truncation to %d; left out of training",
+                           tables[table_of[k]].info[index[k]][0], max_length)
+        keep = targets > 0
+        self.num_without_targets = int((~keep).sum())
+        if not keep.any():
             raise ValueError(f"training data {data}: no sample keeps an answer token within max_length {max_length}")
         if self.num_truncated:
             logger.warning("%d of %d samples were truncated to max_length %d", self.num_truncated,
-                           len(self.samples), max_length)
-        self.packs: list[Pack] = pack_samples([len(s) for s in self.samples], max_length, open_packs=open_packs)
+                           int(keep.sum()), max_length)
+        self.samples = ChosenSamples(tables, table_of[keep], index[keep])
+        self._targets = targets[keep].tolist()
+        self.packs: list[Pack] = pack_samples(lengths[keep].tolist(), max_length, open_packs=open_packs)
 
     def __len__(self) -> int:
         return len(self.packs)
 
     def num_targets(self, index: int) -> int:
         """Predicted tokens in pack `index` (used to normalise the loss over a global batch)."""
-        return sum(self.samples[i].num_targets for i in self.packs[index].sample_indices)
+        return sum(self._targets[i] for i in self.packs[index].sample_indices)
 
     def num_tokens(self, index: int) -> int:
         return self.packs[index].length
@@ -367,6 +374,52 @@ def _encoding_key(encoder: ConversationEncoder, image_policy: ImagePolicy) -> di
             "image_token_id": encoder.image_token_id, "prefix": encoder._prefix}
 
 
+class SampleTable:
+    """One source's encoded samples stored flat, as the cache file holds them: concatenated `ids`/`labels` int32,
+    `offsets` (n + 1,) int64, `truncated` (n,) bool and `info` [[record_id, [image paths relative to image_dir]]].
+    Item i is an `EncodedSample` made on demand, so millions of samples cost a few arrays, not millions of objects."""
+
+    def __init__(self, ids, labels, offsets, truncated, info, image_dir: Path):
+        self.ids, self.labels, self.offsets, self.truncated, self.info = ids, labels, offsets, truncated, info
+        self.image_dir = Path(image_dir)
+        self.lengths = np.diff(offsets)
+        is_target = labels != IGNORE_INDEX
+        is_target[offsets[:-1][self.lengths > 0]] = False  # a sample's first token is never a target (shift)
+        self.targets = np.add.reduceat(is_target, offsets[:-1]) if len(labels) else np.zeros(len(info), np.int64)
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[EncodedSample], image_dir: Path) -> "SampleTable":
+        offsets = np.zeros(len(samples) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(s) for s in samples])
+        empty = np.zeros(0, np.int32)
+        info = [[s.record_id, [Path(p).relative_to(image_dir).as_posix() for p in s.image_paths]] for s in samples]
+        return cls(np.concatenate([s.input_ids for s in samples]) if samples else empty,
+                   np.concatenate([s.labels for s in samples]) if samples else empty, offsets,
+                   np.array([s.truncated for s in samples], dtype=bool), info, image_dir)
+
+    def __len__(self) -> int:
+        return len(self.info)
+
+    def __getitem__(self, i: int) -> EncodedSample:
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        record_id, images = self.info[i]
+        return EncodedSample(self.ids[a:b], self.labels[a:b], [str(self.image_dir / p) for p in images], record_id,
+                             bool(self.truncated[i]), int(self.targets[i]))
+
+
+class ChosenSamples(Sequence):
+    """The dataset's samples in packing order: item k is sample `index[k]` of table `table_of[k]`."""
+
+    def __init__(self, tables: list[SampleTable], table_of: np.ndarray, index: np.ndarray):
+        self.tables, self.table_of, self.index = tables, table_of, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, k: int) -> EncodedSample:
+        return self.tables[self.table_of[k]][int(self.index[k])]
+
+
 class TokenCache:
     """Encoded samples of one annotation file, stored as `<dir>/<source>-<key>.npz` (no pickle): the key hashes the
     file's bytes and `_encoding_key`, so any change of data, tokenizer, template or max_length misses."""
@@ -380,30 +433,22 @@ class TokenCache:
         blob = json.dumps({**self.encoding_key, "annotations": file_sha256(source.annotations)}, sort_keys=True)
         return self.folder / f"{source.name}-{hashlib.sha256(blob.encode()).hexdigest()[:24]}.npz"
 
-    def load(self, path: Path, source: Source) -> list[EncodedSample] | None:
+    def load(self, path: Path, source: Source) -> SampleTable | None:
         try:
             with np.load(path, allow_pickle=False) as z:
-                ids, labels, offsets, truncated = z["ids"], z["labels"], z["offsets"], z["truncated"]
-                info = json.loads(z["info"].tobytes().decode("utf-8"))
+                return SampleTable(z["ids"], z["labels"], z["offsets"], z["truncated"],
+                                   json.loads(z["info"].tobytes().decode("utf-8")), source.image_dir)
         except (OSError, ValueError, KeyError):
             return None
-        return [EncodedSample(ids[a:b], labels[a:b], [str(source.image_dir / p) for p in images], record_id, bool(t))
-                for a, b, t, (record_id, images) in zip(offsets[:-1], offsets[1:], truncated, info)]
 
-    def save(self, path: Path, source: Source, samples: list[EncodedSample]) -> None:
+    def save(self, path: Path, source: Source, table: SampleTable) -> None:
         import io
 
         from gmaivl_rt.atomic import atomic_write_bytes
 
-        offsets = np.zeros(len(samples) + 1, dtype=np.int64)
-        offsets[1:] = np.cumsum([len(s) for s in samples])
-        info = [[s.record_id, [Path(p).relative_to(source.image_dir).as_posix() for p in s.image_paths]]
-                for s in samples]
         buf = io.BytesIO()
-        np.savez(buf, ids=np.concatenate([s.input_ids for s in samples]) if samples else np.zeros(0, np.int32),
-                 labels=np.concatenate([s.labels for s in samples]) if samples else np.zeros(0, np.int32),
-                 offsets=offsets, truncated=np.array([s.truncated for s in samples], dtype=bool),
-                 info=np.frombuffer(json.dumps(info).encode("utf-8"), dtype=np.uint8))
+        np.savez(buf, ids=table.ids, labels=table.labels, offsets=table.offsets, truncated=table.truncated,
+                 info=np.frombuffer(json.dumps(table.info).encode("utf-8"), dtype=np.uint8))
         try:
             atomic_write_bytes(path, buf.getvalue())
             for stale in path.parent.glob(f"{source.name}-*.npz"):  # older encodings of this source
@@ -414,8 +459,8 @@ class TokenCache:
                            path.parent, e.strerror or type(e).__name__)
 
 
-def _encode_sources(sources, encoder, cache: TokenCache | None, progress: bool) -> list[tuple[list, int]]:
-    """Each source's encoded samples (in file order) and how many records were tokenized for it (0 when cached).
+def _encode_sources(sources, encoder, cache: TokenCache | None, progress: bool) -> list[tuple[SampleTable, int]]:
+    """Each source's encoded samples (a SampleTable, in file order) and how many records were tokenized for it (0 when cached).
     Under torch.distributed rank 0 fills the cache first; the other ranks then read it."""
     import torch.distributed as dist
 
@@ -427,7 +472,7 @@ def _encode_sources(sources, encoder, cache: TokenCache | None, progress: bool) 
         dist.barrier()
     tokenized = sum(n for _, n in out)
     logger.info("training data: %d records tokenized, %d read from the cache", tokenized,
-                sum(len(samples) for samples, _ in out) - tokenized)
+                sum(len(table) for table, _ in out) - tokenized)
     return out
 
 
@@ -436,9 +481,9 @@ def _encode_source(source: Source, encoder, cache: TokenCache | None, progress: 
 
     path = cache.path(source) if cache is not None else None
     if path is not None and path.is_file():
-        samples = cache.load(path, source)
-        if samples is not None:
-            return samples, 0
+        table = cache.load(path, source)
+        if table is not None:
+            return table, 0
     records = list(iter_records(source))
     samples = []
     with tqdm(total=len(records), desc=f"tokenizing {source.name}", unit="sample",
@@ -446,6 +491,7 @@ def _encode_source(source: Source, encoder, cache: TokenCache | None, progress: 
         for start in range(0, len(records), chunk):
             samples += encoder.encode_many(records[start:start + chunk], source.image_dir)
             bar.update(len(records[start:start + chunk]))
+    table = SampleTable.from_samples(samples, source.image_dir)
     if path is not None:
-        cache.save(path, source, samples)
-    return samples, len(records)
+        cache.save(path, source, table)
+    return table, len(records)

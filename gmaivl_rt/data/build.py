@@ -385,7 +385,8 @@ def _item_key(spec: DatasetSpec, row: dict, seed: int, rewriter_id: str) -> str:
 def build_dataset(out_dir: str | os.PathLike, *, manifest: str | os.PathLike | None = None,
                   input_dir: str | os.PathLike | None = None, demo: bool = False,
                   datasets: list[DatasetSpec] | None = None, rewriter=None, seed: int = 0,
-                  progress: bool | None = None, workers: int | None = 1, shard: tuple[int, int] | None = None) -> dict:
+                  progress: bool | None = None, workers: int | None = None,
+                  shard: tuple[int, int] | None = None) -> dict:
     """Convert source datasets into GMAI-VL-format training data under `out_dir` (layout in the module doc).
 
     Exactly one source: `manifest` (YAML/JSON file, see gmaivl_rt.data.manifest), `input_dir` (unlabelled
