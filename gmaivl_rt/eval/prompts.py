@@ -33,12 +33,17 @@ def closed_open_prompt(question: str) -> str:
     return f"{question}\n{CLOSED_OPEN_INSTRUCTION}"
 
 
+def item_text(item) -> str:
+    """The protocol's text for one `readers.Item` (what `build_request` gets as the question)."""
+    if item.kind == "mcq":
+        return mcq_prompt(item.question, item.options, item.hint)
+    return closed_open_prompt(item.question)
+
+
 def item_prompt(item) -> str:
-    """The user turn for one `readers.Item`: one `<image>` line per image (LLaVA-XTuner puts the image first),
-    then the protocol's text."""
-    text = mcq_prompt(item.question, item.options, item.hint) if item.kind == "mcq" else closed_open_prompt(
-        item.question)
-    return f"{IMAGE_TOKEN}\n" * len(item.images) + text
+    """The user turn as recorded in predictions.jsonl: one `<image>` line per image (the slots the chat template
+    puts first, as LLaVA-XTuner does), then the protocol's text."""
+    return f"{IMAGE_TOKEN}\n" * len(item.images) + item_text(item)
 
 
 def decoding_for(protocol: str) -> dict:

@@ -1,13 +1,13 @@
 """`evaluate`: a model answers a benchmark in batches, each answer appended to predictions.jsonl as it comes (so a
 killed run resumes), then scored. `score`: the same scoring over a saved predictions file, no model needed.
 
-Generation goes through the runtime (`gmaivl_rt.load(...)`): its `prepare` (chat template, image preprocessing),
-`generate` (the shared decoding loop) and `decode`. `_answer_batch` is the one place that talks to it."""
+Generation goes through the runtime (`gmaivl_rt.load(...)`): its `build_request` (limits, image reading, chat
+template, preprocessing, generation options), `generate` (the shared decoding loop) and `decode`. `_answer_batch`
+is the one place that talks to it."""
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import torch
 
 from gmaivl_rt.atomic import atomic_write_json, file_sha256
 from gmaivl_rt.errors import InputError
-from gmaivl_rt.eval.prompts import decoding_for, item_prompt
+from gmaivl_rt.eval.prompts import decoding_for, item_prompt, item_text
 from gmaivl_rt.eval.readers import Base64Image, read_benchmark
 from gmaivl_rt.eval.report import aggregate, write_report
 from gmaivl_rt.eval.scoring import score_prediction
@@ -24,48 +24,40 @@ PREDICTIONS = "predictions.jsonl"
 
 
 # ------------------------------------------------------------------------------------------------ model side
-def _read_image(ref, scratch: Path):
-    """An item's image reference -> (H, W, 3) uint8 through `gmaivl_rt.medical_io` (base64 TSV images are written
-    to a scratch file first, as VLMEvalKit dumps them, so every format takes the one reader)."""
-    from gmaivl_rt.medical_io import read_medical_image
-
+def _image_input(ref):
+    """An item's image reference -> what `runtime.build_request` reads (through
+    `gmaivl_rt.image_input.to_medical_image`): a file path, or the decoded bytes of a base64 TSV image."""
     if isinstance(ref, Base64Image):
         import base64
         import binascii
-        import hashlib
 
         try:
-            data = base64.b64decode(ref.data, validate=False)
+            return base64.b64decode(ref.data, validate=False)
         except (binascii.Error, ValueError):
             raise InputError("a benchmark image (TSV `image` column) is not valid base64") from None
-        path = scratch / hashlib.sha256(ref.data.encode()).hexdigest()[:24]
-        if not path.exists():
-            path.write_bytes(data)
-        ref = path
-    return read_medical_image(ref).pixels
+    return ref
 
 
-def _answer_batch(runtime, prompts: list[str], images: list[list], decoding: dict) -> list[str]:
-    """One batch through the runtime: each prompt (a user turn with one `<image>` per image) and its images
-    (uint8 arrays) prepared by the runtime, left-padded into one batch, generated with `decoding`, decoded.
-    Returns the stripped answer texts, in order."""
-    prepared = [runtime.prepare([{"role": "user", "content": p}], imgs) for p, imgs in zip(prompts, images)]
-    pad_id = runtime.tokenizer.pad_token_id or 0
-    width = max(p["input_ids"].shape[1] for p in prepared)
-    ids = torch.full((len(prepared), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prepared), width), dtype=torch.long)
+def _answer_batch(runtime, questions: list[str], images: list[list], decoding: dict) -> list[str]:
+    """One batch through the runtime: each question (literal text; the chat template puts one image slot per image
+    before it) and its images checked and prepared by `runtime.build_request`, left-padded into one batch,
+    generated with `decoding`, decoded. Returns the stripped answer texts, in order."""
+    requests = [runtime.build_request(q, images=list(imgs), **decoding) for q, imgs in zip(questions, images)]
+    generation = requests[0].generation  # the same options for every item: eos / pad ids, decoding
+    pad_id = generation["pad_token_id"]
+    width = max(r.prompt_tokens for r in requests)
+    ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(requests), width), dtype=torch.long)
     pixels = []
-    for row, p in enumerate(prepared):
-        n = p["input_ids"].shape[1]
-        ids[row, width - n:] = p["input_ids"][0]
-        mask[row, width - n:] = 1
-        if p["pixel_values"] is not None:  # images in row order = image tokens in row-major order
-            pixels.extend(list(p["pixel_values"]))
+    for row, request in enumerate(requests):
+        ids[row, width - request.prompt_tokens:] = request.input_ids[0]
+        mask[row, width - request.prompt_tokens:] = 1
+        if request.pixel_values is not None:  # images in row order = image tokens in row-major order
+            pixels.extend(list(request.pixel_values))
     pixel_values = None
     if pixels:
         pixel_values = pixels if runtime.config.vision.dynamic_resolution else torch.stack(pixels)
-    out = runtime.generate(input_ids=ids, attention_mask=mask, pixel_values=pixel_values,
-                           eos_token_id=runtime.eos_token_ids, pad_token_id=pad_id, **decoding)
+    out = runtime.generate(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, **generation)
     return [text.strip() for text in runtime.decode(out[:, width:])]
 
 
@@ -157,15 +149,13 @@ def evaluate(model_dir, data, out, *, format: str = "auto", protocol: str | None
                disable=not progress)
     # Batches are fixed slices of the item list, and a slice with any item left is generated whole: a resumed run
     # feeds the model the same batches (same padding) as an uninterrupted one.
-    with tempfile.TemporaryDirectory(prefix="gmaivl-eval-") as scratch, \
-            open(predictions_path, "a", encoding="utf-8") as handle:
+    with open(predictions_path, "a", encoding="utf-8") as handle:
         for start in range(0, len(items), batch_size):
             batch = items[start:start + batch_size]
             if all(item.index in done for item in batch):
                 continue
-            answers = _answer_batch(runtime, [item_prompt(i) for i in batch],
-                                    [[_read_image(ref, Path(scratch)) for ref in i.images] for i in batch],
-                                    decoding)
+            answers = _answer_batch(runtime, [item_text(i) for i in batch],
+                                    [[_image_input(ref) for ref in i.images] for i in batch], decoding)
             for item, answer in zip(batch, answers):
                 if item.index in done:
                     continue
