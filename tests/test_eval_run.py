@@ -117,3 +117,13 @@ def test_onnx_backend_predicts_what_torch_predicts(model_dir, bench_file, full_r
                                                            for line in _lines(full_out / "predictions.jsonl")]
     assert scores == full_scores
     assert json.loads((tmp_path / "out" / "run.json").read_text())["backend"] == "onnx"
+
+
+def test_an_unreadable_image_names_its_rows(model_dir, tmp_path):
+    from eval_fixtures import write_tsv
+
+    garbage = base64.b64encode(b"not an image at all " * 8).decode()
+    path = write_tsv(tmp_path / "bad.tsv", [{"index": 7, "image": garbage, "question": "q", "A": "x", "B": "y",
+                                             "answer": "A"}])
+    with pytest.raises(ValueError, match=r"benchmark items 7\.\.7: image 1"):
+        evaluate(model_dir, path, tmp_path / "out", progress=False)

@@ -154,8 +154,11 @@ def evaluate(model_dir, data, out, *, format: str = "auto", protocol: str | None
             batch = items[start:start + batch_size]
             if all(item.index in done for item in batch):
                 continue
-            answers = _answer_batch(runtime, [item_text(i) for i in batch],
-                                    [[_image_input(ref) for ref in i.images] for i in batch], decoding)
+            try:
+                answers = _answer_batch(runtime, [item_text(i) for i in batch],
+                                        [[_image_input(ref) for ref in i.images] for i in batch], decoding)
+            except InputError as error:  # name the benchmark rows: the runtime names only "image 1", "question"
+                raise type(error)(f"benchmark items {batch[0].index}..{batch[-1].index}: {error}") from None
             for item, answer in zip(batch, answers):
                 if item.index in done:
                     continue
