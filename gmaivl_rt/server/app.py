@@ -319,6 +319,8 @@ def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None
             role = f"image {i}"
             source = read_image_url(image_url.url, role=role, max_bytes=_limit(limits, "image_bytes"),
                                     **media_options)
+            if isinstance(source, bytes):  # as a file object: short bytes are never taken for a server path
+                source = io.BytesIO(source)
             out.append(_to_medical_image(source, role=role, limits=limits, **image_url.reader_options()))
         return out
 
@@ -480,6 +482,6 @@ def _check_image_count(limits, count: int) -> None:
 
 
 def _to_medical_image(source, *, role: str, limits, **reader_options):
-    from gmaivl_rt.boundary import to_medical_image
+    from gmaivl_rt.image_input import to_medical_image
 
     return to_medical_image(source, role=role, limits=limits, **reader_options)

@@ -1,0 +1,332 @@
+"""The HTTP server, started for real on a free loopback port and spoken to by clients we did not write (the official
+`openai` client, httpx): its answers must equal `Engine.ask` on the same inputs, its errors must have vLLM's shape and
+status codes, and nothing of a DICOM's patient identity may reach a response or a log line."""
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from PIL import Image  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from pydicom.data import get_testdata_file  # noqa: E402
+from server_fixtures import (PATIENT_ID, PATIENT_NAME, QUESTION, LogRecorder, data_uri,  # noqa: E402
+                             dicom_with_identity, make_model_folder)
+from train_fixtures import make_image  # noqa: E402
+
+from gmaivl_rt import Engine  # noqa: E402
+from gmaivl_rt.server import create_app  # noqa: E402
+from gmaivl_rt.server.background import BackgroundServer  # noqa: E402
+
+API_KEY = "test-key-123"
+MODEL = "tiny-gmaivl"
+MAX_REQUEST_BYTES = 600_000
+TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_model_folder(tmp_path_factory.mktemp("serve_model"))
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    root = tmp_path_factory.mktemp("media")
+    make_image(root / "square.png", "red", size=(48, 40))
+    outside = tmp_path_factory.mktemp("outside")
+    make_image(outside / "secret.png", "blue")
+    return root, outside
+
+
+@pytest.fixture(scope="module")
+def engine(folder):
+    with Engine(folder, backend="torch", max_batch_size=8) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="module")
+def server(engine, media):
+    app = create_app(engine, served_model_name=MODEL, api_key=API_KEY, max_request_bytes=MAX_REQUEST_BYTES,
+                     max_images_per_request=2, allowed_local_media_path=media[0])
+    with LogRecorder() as log:
+        background = BackgroundServer(app, log_level="info")
+        log.__enter__()  # uvicorn's logging set-up replaced the handlers: attach again
+        with background as running:
+            running.log = log
+            yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, timeout=60, max_retries=0)
+
+
+def http(server, method, path, **kwargs):
+    headers = {"Authorization": f"Bearer {API_KEY}", **kwargs.pop("headers", {})}
+    return httpx.request(method, server.url + path, headers=headers, timeout=60, **kwargs)
+
+
+def image_message(url: str, question: str = QUESTION, image_first: bool = True, **image_options) -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": url, **image_options}}, {"type": "text", "text": question}]
+    return [{"role": "user", "content": parts if image_first else parts[::-1]}]
+
+
+def chat_body(url: str, **fields) -> dict:
+    return {"model": MODEL, "messages": image_message(url), "max_tokens": TOKENS, "temperature": 0, **fields}
+
+
+def png_bytes(path) -> bytes:
+    return path.read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------ answers
+@pytest.mark.parametrize("kind", ["png", "dicom"])
+def test_openai_client_answers_as_engine_ask(kind, client, engine, media):
+    path = media[0] / "square.png" if kind == "png" else get_testdata_file("CT_small.dcm")
+    url = data_uri(open(path, "rb").read(), "image/png" if kind == "png" else "application/dicom")
+    expected = engine.ask(QUESTION, image=str(path), max_new_tokens=TOKENS)
+    assert expected, "the tiny model should say something in 8 tokens"
+
+    reply = client.chat.completions.create(model=MODEL, messages=image_message(url), max_tokens=TOKENS,
+                                           temperature=0)
+    assert reply.choices[0].message.content == expected
+    assert reply.object == "chat.completion" and reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens >= 1
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+    stream = client.chat.completions.create(model=MODEL, messages=image_message(url, image_first=False),
+                                            max_tokens=TOKENS, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == reply.usage.prompt_tokens
+
+
+def test_left_out_parameters_take_the_runtime_defaults(client, engine):
+    """No temperature, no max_tokens: DEFAULT_GENERATION (greedy, GMAI-VL's demo settings), as Engine.ask."""
+    ct = get_testdata_file("CT_small.dcm")
+    reply = client.chat.completions.create(model=MODEL, messages=image_message(
+        data_uri(open(ct, "rb").read(), "application/octet-stream")))
+    assert reply.choices[0].message.content == engine.ask(QUESTION, image=ct)
+
+
+def test_stop_strings_cut_the_answer(client, engine, media):
+    url = data_uri(png_bytes(media[0] / "square.png"), "image/png")
+    full = engine.ask(QUESTION, image=str(media[0] / "square.png"), max_new_tokens=TOKENS)
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    assert stop.strip(), full
+    reply = client.chat.completions.create(model=MODEL, messages=image_message(url), max_tokens=TOKENS,
+                                           temperature=0, stop=[stop])
+    assert reply.choices[0].message.content == full[: full.index(stop)]
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_file_urls_under_the_allowed_folder(client, engine, media):
+    path = media[0] / "square.png"
+    reply = client.chat.completions.create(model=MODEL, messages=image_message(path.as_uri()), max_tokens=TOKENS,
+                                           temperature=0)
+    assert reply.choices[0].message.content == engine.ask(QUESTION, image=str(path), max_new_tokens=TOKENS)
+
+
+def test_eight_concurrent_streams_equal_sequential_answers(server, client, engine, media):
+    ct = get_testdata_file("CT_small.dcm")
+    cases = [(f"{QUESTION} ({i})" if i % 2 else "Which plane is shown?", ct if i % 3 else media[0] / "square.png")
+             for i in range(8)]
+    expected = [engine.ask(q, image=str(p), max_new_tokens=TOKENS) for q, p in cases]
+    answers, errors = [None] * 8, []
+
+    def stream(i):
+        try:
+            q, p = cases[i]
+            kind = "image/png" if str(p).endswith(".png") else "application/dicom"
+            events = client.chat.completions.create(
+                model=MODEL, messages=image_message(data_uri(open(p, "rb").read(), kind), q), max_tokens=TOKENS,
+                temperature=0, stream=True)
+            answers[i] = "".join(c.choices[0].delta.content or "" for c in events if c.choices)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert answers == expected
+
+
+def test_client_disconnect_cancels_the_request(server, engine):
+    ct = get_testdata_file("CT_small.dcm")
+    before = engine.stats()
+    body = chat_body(data_uri(open(ct, "rb").read(), "application/dicom"), max_tokens=900, stream=True)
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if '"content":"' in line and '"content":""' not in line:
+                break  # one token arrived: hang up
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (engine.stats()["running"] or engine.stats()["waiting"]):
+        time.sleep(0.05)
+    after = engine.stats()
+    assert after["running"] == 0 and after["waiting"] == 0
+    assert after["kv_blocks_used"] <= before["kv_blocks_used"] + _cached_prefix_blocks(after)
+    assert after["generated_tokens"] - before["generated_tokens"] < 900
+
+
+def _cached_prefix_blocks(stats) -> int:
+    # Finished prompts stay in the prefix cache (by design); only blocks a running request holds must be freed.
+    return int(stats.get("prefix_cache_blocks", stats.get("cached_blocks", 0)))
+
+
+# ------------------------------------------------------------------------------------------------ endpoints
+def test_models_health_and_metrics_move(server, client, media):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+
+    def scrape():
+        text = httpx.get(server.url + "/metrics", timeout=10).text
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return samples
+
+    before = scrape()
+    for name in ("gmaivl:num_requests_running", "gmaivl:num_requests_waiting", "gmaivl:kv_cache_usage_perc",
+                 "gmaivl:prefix_cache_hits_total"):
+        assert (name, ()) in before, name
+    url = data_uri(png_bytes(media[0] / "square.png"), "image/png")
+    reply = client.chat.completions.create(model=MODEL, messages=image_message(url), max_tokens=3, temperature=0)
+    after = scrape()
+
+    def moved(name, labels=()):
+        return after.get((name, labels), 0) - before.get((name, labels), 0)
+
+    assert moved("gmaivl:prompt_tokens_total") == reply.usage.prompt_tokens
+    assert moved("gmaivl:generation_tokens_total") == reply.usage.completion_tokens
+    reason = reply.choices[0].finish_reason
+    assert moved("gmaivl:request_success_total", (("finished_reason", reason),)) == 1
+    for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds"):
+        assert moved(f"gmaivl:{histogram}_count") == 1
+    assert moved("gmaivl:inter_token_latency_seconds_count") == reply.usage.completion_tokens - 1
+    assert after[("gmaivl:e2e_request_latency_seconds_sum", ())] >= after[
+        ("gmaivl:time_to_first_token_seconds_sum", ())]
+
+
+def test_the_page_and_its_files_are_served(server):
+    page = httpx.get(server.url + "/", timeout=10)
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    for asset in ("/static/app.js", "/static/style.css"):
+        assert asset in page.text
+        assert httpx.get(server.url + asset, timeout=10).status_code == 200
+    assert "http://" not in page.text and "https://" not in page.text  # nothing from a CDN
+
+
+def test_preview_renders_what_the_model_sees(server):
+    from gmaivl_rt.image_input import to_medical_image
+
+    import base64
+
+    import numpy as np
+
+    ct = get_testdata_file("CT_small.dcm")
+    response = http(server, "POST", "/v1/gmaivl/preview", json={"image_url": {
+        "url": data_uri(open(ct, "rb").read(), "application/dicom"), "window": "lung"}})
+    assert response.status_code == 200
+    body = response.json()
+    expected = to_medical_image(ct, window="lung")
+    png = base64.b64decode(body["image"].split(",", 1)[1])
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), expected.pixels)
+    meta = body["metadata"]
+    assert (meta["modality"], meta["width"], meta["height"], meta["count"]) == (
+        "CT", expected.width, expected.height, 1)
+    assert meta["window_name"] == "lung"
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def _big_png() -> bytes:
+    import numpy as np
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+ERROR_CASES = {
+    # name: (request kwargs builder, status, words the message must contain)
+    "bad json": (lambda u: {"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, "JSON"),
+    "no messages": (lambda u: {"json": {"model": MODEL, "messages": []}}, 400, "messages"),
+    "bad base64": (lambda u: {"json": chat_body("data:image/png;base64,@@@notbase64@@@")}, 400, "base64"),
+    "not an image": (lambda u: {"json": chat_body(data_uri(b"hello, this is not an image" * 10, "image/png"))},
+                     400, "image 1"),
+    "negative max_tokens": (lambda u: {"json": chat_body(u, max_tokens=-5)}, 400, "max_new_tokens"),
+    "float max_tokens": (lambda u: {"json": chat_body(u, max_tokens=1.5)}, 400, "max_tokens"),
+    "negative temperature": (lambda u: {"json": chat_body(u, temperature=-1)}, 400, "temperature"),
+    "n=2": (lambda u: {"json": chat_body(u, n=2)}, 400, "n"),
+    "http url": (lambda u: {"json": chat_body("http://127.0.0.1:9/x.png")}, 400, "http"),
+    "file outside": (lambda u: {"json": chat_body("file:///etc/hostname")}, 400, "allowed"),
+    "unknown scheme": (lambda u: {"json": chat_body("ftp://host/x.dcm")}, 400, "scheme"),
+    "too many images": (lambda u: {"json": {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": u}}] * 3 + [{"type": "text", "text": "?"}]}]}}, 400, "3 images"),
+    "frame out of range": (lambda u: {"json": chat_body(u, messages=image_message(u, frame=5))}, 400, "image 1"),
+    "body too large": (lambda u: {"json": chat_body(data_uri(_big_png(), "image/png"))}, 413, "bytes"),
+    "no api key": (lambda u: {"json": chat_body(u), "headers": {"Authorization": ""}}, 401, "API key"),
+    "wrong api key": (lambda u: {"json": chat_body(u), "headers": {"Authorization": "Bearer nope"}}, 401, "API key"),
+    "unknown model": (lambda u: {"json": chat_body(u, model="gpt-5")}, 404, "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+def test_errors_have_vllm_shape_and_status(case, server, media):
+    build, status, words = ERROR_CASES[case]
+    url = data_uri(png_bytes(media[0] / "square.png"), "image/png")
+    response = http(server, "POST", "/v1/chat/completions", **build(url))
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == status
+    assert words.lower() in error["message"].lower(), error["message"]
+    assert len(error["message"]) <= 300
+
+
+def test_unknown_path_is_a_404_in_the_same_shape(server):
+    response = http(server, "GET", "/v1/nothing-here")
+    assert response.status_code == 404 and response.json()["error"]["code"] == 404
+
+
+def test_a_saturated_engine_answers_429(engine):
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(engine, max_waiting=0)) as local:
+        response = local.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 429 and response.json()["error"]["type"] == "TooManyRequests"
+
+
+def test_patient_identity_reaches_no_response_and_no_log_line(server, client):
+    bad = data_uri(dicom_with_identity(truncate_pixels=True), "application/dicom")
+    good = data_uri(dicom_with_identity(), "application/dicom")
+    texts = []
+    for url in (bad, good):
+        for path, body in (("/v1/chat/completions", chat_body(url, max_tokens=2)),
+                           ("/v1/chat/completions", chat_body(url, max_tokens=2, stream=True)),
+                           ("/v1/gmaivl/preview", {"image_url": {"url": url}})):
+            response = http(server, "POST", path, json=body)
+            texts.append(response.text)
+            if url is bad:
+                assert response.status_code == 400 and "image 1" in response.json()["error"]["message"]
+    time.sleep(0.2)  # let the access log of the last request land
+    server.log.lines.append(" ".join(texts))
+    seen = server.log.text
+    assert "POST /v1/chat/completions" in seen  # the recorder did capture the server's log
+    for secret in (PATIENT_NAME, PATIENT_ID, *PATIENT_NAME.split("^")):
+        assert secret not in seen
+    assert json.loads(texts[-1])["metadata"]["modality"] == "CT"  # the good file did render
