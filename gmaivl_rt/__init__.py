@@ -1,9 +1,10 @@
 """gmaivl-rt: a Triton-kernel-optimized runtime and trainer for GMAI-VL-style medical vision-language models."""
 from gmaivl_rt.config import GMAIVLConfig, TextConfig, VisionConfig
+from gmaivl_rt.engine import Engine
 from gmaivl_rt.model import GMAIVL, GMAIVLOutput, KVCache
 
 __version__ = "0.1.0"
-__all__ = ["GMAIVL", "GMAIVLConfig", "GMAIVLOutput", "KVCache", "TextConfig", "VisionConfig", "load"]
+__all__ = ["Engine", "GMAIVL", "GMAIVLConfig", "GMAIVLOutput", "KVCache", "TextConfig", "VisionConfig", "load"]
 
 
 def load(path, backend: str = "torch", **kwargs):

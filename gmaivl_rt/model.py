@@ -221,16 +221,21 @@ def _attention_after_prefix(q, keys, values, batch: TokenBatch):
     out = torch.empty_like(q)
     bounds = batch.cu_seqlens.tolist()
     for row, (start, n) in enumerate(zip(batch.cache_starts, batch.lengths)):
-        if n == 0:
-            continue
-        total = start + n
-        qi = q[bounds[row]:bounds[row + 1]].transpose(0, 1)[None]
-        ki, vi = keys[row, :total].transpose(0, 1)[None], values[row, :total].transpose(0, 1)[None]
-        allowed = torch.arange(total, device=q.device)[None, :] <= torch.arange(start, total, device=q.device)[:, None]
-        o = F.scaled_dot_product_attention(qi, ki.to(qi.dtype), vi.to(qi.dtype), attn_mask=allowed,
-                                           enable_gqa=qi.shape[1] != ki.shape[1])
-        out[bounds[row]:bounds[row + 1]] = o[0].transpose(0, 1)
+        if n:
+            out[bounds[row]:bounds[row + 1]] = attend_after_prefix(q[bounds[row]:bounds[row + 1]],
+                                                                   keys[row, :start + n], values[row, :start + n])
     return out
+
+
+def attend_after_prefix(q, keys, values):
+    """q: (n, Hq, D), the last n of the total = keys.shape[0] positions; keys, values: (total, Hkv, D), the
+    sequence's whole cache. Causal attention of those n queries over the cache (SDPA), (n, Hq, D)."""
+    n, total = q.shape[0], keys.shape[0]
+    qi, ki, vi = q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None]
+    allowed = torch.arange(total, device=q.device)[None, :] <= torch.arange(total - n, total, device=q.device)[:, None]
+    o = F.scaled_dot_product_attention(qi, ki.to(qi.dtype), vi.to(qi.dtype), attn_mask=allowed,
+                                       enable_gqa=qi.shape[1] != ki.shape[1])
+    return o[0].transpose(0, 1)
 
 
 class TextAttention(nn.Module):
