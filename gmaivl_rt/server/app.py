@@ -77,6 +77,22 @@ class _BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
+class _BearerToken:
+    """401 on /v1 paths without `Authorization: Bearer <api_key>` (plain ASGI: streams and disconnects pass through
+    untouched)."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            header = dict(scope.get("headers") or ()).get(b"authorization", b"")
+            if not hmac.compare_digest(header, self.expected):
+                response = error_response(401, "missing or wrong API key (Authorization: Bearer ...)")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def _validation_message(error: RequestValidationError) -> tuple[str, str | None]:
     """Field paths and pydantic's messages only: `input` values (the request's own data) are never quoted."""
     problems, param = [], None
@@ -138,33 +154,9 @@ def generation_options(body: protocol.ChatCompletionRequest) -> dict:
         options["top_p"] = body.top_p
     if body.seed is not None:
         options["seed"] = body.seed
+    if body.stop:
+        options["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
     return options
-
-
-class StopStrings:
-    """Cut the answer at the first of `stops`: `feed(delta)` returns the text safe to send (holding back a tail that
-    could still begin a stop string) and sets `hit` once a stop string appears."""
-
-    def __init__(self, stops):
-        self.stops = [s for s in ([stops] if isinstance(stops, str) else (stops or [])) if s]
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
-        self.pending, self.hit = "", False
-
-    def feed(self, delta: str) -> str:
-        if not self.stops:
-            return delta
-        self.pending += delta
-        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            out, self.pending, self.hit = self.pending[:cut], "", True
-            return out
-        keep = len(self.pending) - self.hold
-        out, self.pending = (self.pending[:keep], self.pending[keep:]) if keep > 0 else ("", self.pending)
-        return out
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
 
 
 # ---------------------------------------------------------------------------------------------------- engine
@@ -172,49 +164,39 @@ _END = object()
 
 
 class Generation:
-    """One engine request seen from the event loop: its text deltas, stop strings, client cancel and metrics."""
+    """One engine request seen from the event loop: its text deltas (read in a worker thread, so the loop never
+    blocks), cancellation, and the metrics it records when it ends. Times are the server's monotonic clock, from the
+    HTTP request's arrival (image decoding included)."""
 
-    def __init__(self, request, arrival: float, stop, metrics: ServerMetrics):
+    def __init__(self, request, arrival: float, metrics: ServerMetrics):
         self.request, self.arrival, self.metrics = request, arrival, metrics
         self._iterator = iter(request)
-        self._stop = StopStrings(stop)
-        self._last_token: float | None = None
         self.first_token: float | None = None
-        self.token_gaps: list[float] = []
         self.done = False
         self.text = ""
 
     async def next_delta(self):
-        """The next piece of answer text (may be ''), or `_END`. Raises the request's error."""
+        """The next piece of the answer, or `_END`. Raises the request's error (InputError, LimitError, ...)."""
         if self.done:
             return _END
-        delta = await run_in_threadpool(next, self._iterator, _END)
+        try:
+            delta = await run_in_threadpool(next, self._iterator, _END)
+        except Exception:  # the request failed (ended); a CancelledError here is the client leaving: cancel() follows
+            self.done = True
+            raise
         now = time.monotonic()
         if delta is _END:
             self.done = True
-            tail = self._stop.flush()
-            self.text += tail
             self._finished(now)
-            return tail if tail else _END
-        if self._last_token is None:
+            return _END
+        if self.first_token is None:
             self.first_token = now
-        else:
-            self.token_gaps.append(now - self._last_token)
-        self._last_token = now
-        piece = self._stop.feed(delta)
-        self.text += piece
-        if self._stop.hit:
-            self.done = True
-            self.request.cancel()
-            self._finished(now)
-        return piece
+        self.text += delta
+        return delta
 
     @property
     def finish_reason(self) -> str:
-        if self._stop.hit:
-            return "stop"
-        reason = getattr(self.request, "finish_reason", None) or "stop"
-        return "stop" if reason in ("eos", "stop_token") else str(reason)
+        return str(getattr(self.request, "finish_reason", None) or "stop")
 
     @property
     def prompt_tokens(self) -> int:
@@ -228,27 +210,39 @@ class Generation:
         self.metrics.observe_finished(
             finish_reason=self.finish_reason, prompt_tokens=self.prompt_tokens,
             generated_tokens=self.completion_tokens, arrival=self.arrival, first_token=self.first_token,
-            finish=now, scheduled=_request_time(self.request, "scheduled", self.arrival), token_gaps=self.token_gaps)
+            finish=now, scheduled=_request_time(self.request, "scheduled"), token_gaps=self._token_gaps())
+
+    def _token_gaps(self) -> list[float]:
+        """Inter-token latency: the engine's first-token to finish time spread over the tokens after the first
+        (streamed deltas may join several tokens, so the gaps between deltas are not the gaps between tokens)."""
+        first, finish = getattr(self.request, "first_token_time", None), getattr(self.request, "finish_time", None)
+        n = self.completion_tokens
+        if first is None or finish is None or n < 2:
+            return []
+        return [max(0.0, finish - first) / (n - 1)] * (n - 1)
 
     def cancel(self):
+        """Stop the engine request (client gone, or an error): its batch slot and KV blocks are freed."""
         if not self.done:
             self.done = True
             self.request.cancel()
 
 
-def _request_time(request, what: str, arrival: float) -> float | None:
-    """An engine request's timestamp (`<what>_time`) on the server's monotonic clock, or None when unknown."""
-    stamp, engine_arrival = getattr(request, f"{what}_time", None), getattr(request, "arrival_time", None)
-    if stamp is None or engine_arrival is None:
-        return None
-    return arrival + (stamp - engine_arrival)
+def _request_time(request, what: str) -> float | None:
+    """An engine request's `<what>_time` stamp (time.time()) on the server's monotonic clock, or None if unset."""
+    stamp = getattr(request, f"{what}_time", None)
+    return None if stamp is None else time.monotonic() - (time.time() - stamp)
 
 
 def engine_alive(engine) -> bool:
-    alive = getattr(engine, "is_alive", None)
+    """The engine takes and runs requests: `is_alive()` where the engine has it, else its scheduler thread."""
     try:
+        alive = getattr(engine, "is_alive", None)
         if alive is not None:
             return bool(alive() if callable(alive) else alive)
+        thread = getattr(engine, "_thread", None)
+        if getattr(engine, "_closed", False) or (thread is not None and not thread.is_alive()):
+            return False
         engine.stats()
         return True
     except Exception:
@@ -297,14 +291,8 @@ def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None
         log.error("internal error: %s", type(error).__name__)  # no message: it might quote input
         return error_response(500, "internal server error")
 
-    @app.middleware("http")
-    async def _authenticate(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            header = request.headers.get("authorization", "")
-            if not hmac.compare_digest(header.encode(), f"Bearer {api_key}".encode()):
-                return error_response(401, "missing or wrong API key (Authorization: Bearer ...)")
-        return await call_next(request)
-
+    if api_key:
+        app.add_middleware(_BearerToken, api_key=api_key)
     app.add_middleware(_BodyLimit, max_bytes=max_request_bytes)
 
     # --------------------------------------------------------------- helpers
@@ -336,7 +324,7 @@ def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None
         images = await run_in_threadpool(read_images, urls)
         request = await run_in_threadpool(lambda: engine.submit(messages=turns, images=images, system=system,
                                                                 **generation_options(body)))
-        return Generation(request, arrival, body.stop, metrics)
+        return Generation(request, arrival, metrics)
 
     # --------------------------------------------------------------- endpoints
     @app.post("/v1/chat/completions")
