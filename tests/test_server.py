@@ -1,12 +1,18 @@
 """The HTTP server, started for real on a free loopback port and spoken to by clients we did not write (the official
 `openai` client, httpx): its answers must equal `Engine.ask` on the same inputs, its errors must have vLLM's shape and
-status codes, and nothing of a DICOM's patient identity may reach a response or a log line."""
+status codes, and nothing of a DICOM's patient identity may reach a response or a log line. The web page is driven
+in a real headless browser (Debian's chromium + chromedriver, through selenium): `make test` installs them where it
+can (root on an apt machine); elsewhere that test skips and says why. GMAIVL_PAGE_SCREENSHOT=path also saves its
+screenshot there (the README's docs/serve_page.png)."""
 from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -332,3 +338,81 @@ def test_patient_identity_reaches_no_response_and_no_log_line(server, client):
     for secret in (PATIENT_NAME, PATIENT_ID, *PATIENT_NAME.split("^")):
         assert secret not in seen
     assert json.loads(texts[-1])["metadata"]["modality"] == "CT"  # the good file did render
+
+
+# ------------------------------------------------------------------------------------------------ the page
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+def _browser_missing() -> str | None:
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    if missing:
+        return (f"headless browser test: {' and '.join(missing)} not installed (`make test` installs Debian's "
+                "chromium and chromium-driver when run as root on an apt machine)")
+    return None
+
+
+@pytest.fixture
+def browser(tmp_path):
+    reason = _browser_missing()
+    if reason:
+        pytest.skip(reason)
+    webdriver = pytest.importorskip("selenium.webdriver", reason="headless browser test: selenium not installed")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--no-first-run",
+                 "--disable-sync", "--window-size=1200,820", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(30)
+    driver.set_script_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_page_uploads_a_dicom_streams_the_answer_the_api_gives(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    ct = get_testdata_file("CT_small.dcm")
+    expected = http(server, "POST", "/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_uri(open(ct, "rb").read(), "application/dicom")}},
+            {"type": "text", "text": QUESTION}]}],
+        "max_tokens": TOKENS}).json()["choices"][0]["message"]["content"]
+    assert expected
+
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 60)
+    browser.find_element(By.ID, "api-key").send_keys(API_KEY)  # this server wants one: the page sends it
+    upload = browser.find_element(By.ID, "file")
+    browser.execute_script("arguments[0].style.display = 'block';", upload)  # hidden behind the drop zone
+    upload.send_keys(ct)
+    wait.until(lambda d: d.find_element(By.ID, "ask").is_enabled())
+    preview = browser.find_element(By.ID, "preview")
+    assert preview.is_displayed() and preview.get_attribute("src").startswith("data:image/png;base64,")
+    meta = browser.find_element(By.ID, "meta").text
+    assert "CT" in meta and "128 × 128" in meta
+
+    question = browser.find_element(By.ID, "question")
+    question.clear()
+    question.send_keys(QUESTION)
+    tokens = browser.find_element(By.ID, "max-tokens")
+    tokens.clear()
+    tokens.send_keys(str(TOKENS))
+    browser.find_element(By.ID, "ask").click()
+    wait.until(lambda d: d.find_element(By.ID, "answer").get_attribute("data-done") in ("true", "error"))
+    status = browser.find_element(By.ID, "status").text
+    assert browser.find_element(By.ID, "answer").get_attribute("data-done") == "true", status
+    assert browser.find_element(By.ID, "answer").get_attribute("textContent") == expected
+    assert "total" in browser.find_element(By.ID, "latency").text
+
+    shot = tmp_path / "serve_page.png"
+    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 0
+    if os.environ.get("GMAIVL_PAGE_SCREENSHOT"):
+        shutil.copyfile(shot, os.environ["GMAIVL_PAGE_SCREENSHOT"])

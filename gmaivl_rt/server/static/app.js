@@ -55,7 +55,7 @@ function imageUrl(withIndex) {
 
 function showMeta(meta) {
   const rows = [
-    ["Format", meta.format], ["Modality", meta.modality_name && meta.modality ? meta.modality_name + " (" + meta.modality + ")" : meta.modality],
+    ["Format", meta.format], ["Modality", meta.modality && meta.modality_name !== meta.modality ? meta.modality_name + " (" + meta.modality + ")" : meta.modality],
     ["Body part", meta.body_part], ["Size", meta.width + " × " + meta.height + " px"],
     [meta.format === "nifti" ? "Slices" : "Frames", meta.count], ["Plane", meta.orientation],
     ["Pixel spacing", meta.pixel_spacing ? meta.pixel_spacing.map((v) => v.toFixed(3)).join(" × ") + " mm" : null],
