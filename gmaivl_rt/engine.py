@@ -43,13 +43,14 @@ SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penal
 class Request:
     """One submitted question. Iterate it for text deltas (blocks until each arrives); `result(timeout)` waits
     for the whole answer (str); `cancel()` stops it and frees its slot and KV blocks.
-    prompt_tokens, generated_tokens: counts; finish_reason: None while running, then "stop" | "length" |
+    prompt_tokens, generated_tokens: counts; token_ids: the generated ids (eos included); finish_reason: None while running, then "stop" | "length" |
     "cancelled" | "error"; arrival_time, first_token_time, finish_time: time.time() stamps (None until reached)."""
 
     def __init__(self, engine, request_id: int, sink=None):
         self.id, self._engine = request_id, engine
         self.prompt_tokens = 0
         self.generated_tokens = 0
+        self.token_ids: list[int] = []
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.arrival_time = time.time()
@@ -303,6 +304,7 @@ class Engine:
         token, seq.sequences, finished = decode_step(logits, seq.sequences, finished, seq.params, seq.stop,
                                                      seq.generator)
         seq.ids.append(int(token))
+        seq.request.token_ids.append(int(token))
         seq.request.generated_tokens += 1
         self._counters["generated_tokens"] += 1
         reason = "stop" if bool(finished) else ("length" if len(seq.generated) >= seq.max_new_tokens else None)

@@ -3,8 +3,12 @@
 One step: admit waiting requests while slots and blocks allow (first looking their prompt up in the prefix cache),
 give every running request the blocks its next tokens need (preempting the youngest when the pool is full), run
 one forward of `GMAIVL` over all of them (new prompts packed with single decode tokens) and hand each request's
-last-position logits to the engine, which picks and streams the token."""
+last-position logits to the engine, which picks and streams the token. Projected image features are kept per
+image (by content key, LRU), so a follow-up about the same image never runs the vision tower again, even where its
+prompt departs from the cached one inside a KV block."""
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 
@@ -13,6 +17,7 @@ from gmaivl_rt.paged_cache import PagedKVCache, block_keys
 
 
 class TorchStepper:
+    FEATURE_CACHE_IMAGES = 32  # projected features of recent images kept for follow-up questions
     def __init__(self, engine, block_size: int, kv_cache_tokens: int | None):
         self.engine = engine
         self.model = engine.backend.model
@@ -26,6 +31,7 @@ class TorchStepper:
             raise ValueError(f"kv_cache_tokens must be >= 1, got {kv_cache_tokens}")
         self.cache = PagedKVCache(self.config, num_blocks, block_size, self.dtype, self.device)
         self.pool = self.cache.pool
+        self._features = OrderedDict()  # image key -> projected features (tokens, hidden), least recent first
 
     # ------------------------------------------------------------------ engine hooks
     def block_stats(self) -> dict:
@@ -104,18 +110,12 @@ class TorchStepper:
             seq.hit_tokens = seq.hit_tokens or hit
 
     def _lookup(self, seq) -> int:
-        """Take the longest cached prefix of the sequence's tokens (keeping at least one token to run, and never
-        ending inside an image); returns the tokens found."""
-        bs = self.pool.block_size
-        keys = block_keys(seq.ids[:len(seq.ids) - 1], bs, seq.image_spans, seq.image_keys)
-        blocks = self.pool.lookup(keys)
-        matched = len(blocks) * bs
-        for start, end in seq.image_spans:
-            if start < matched < end:  # image features come whole from the vision tower
-                matched = start // bs * bs
-        self.pool.release(blocks[matched // bs:])
-        seq.blocks, seq.cached = blocks[:matched // bs], matched
-        return matched
+        """Take the longest cached prefix of the sequence's tokens (keeping at least one token to run); returns
+        the tokens found."""
+        keys = block_keys(seq.ids[:len(seq.ids) - 1], self.pool.block_size, seq.image_spans, seq.image_keys)
+        seq.blocks = self.pool.lookup(keys)
+        seq.cached = len(seq.blocks) * self.pool.block_size
+        return seq.cached
 
     def _grow_blocks(self) -> None:
         """Every running sequence gets the blocks for the tokens it runs next; when the pool is out, the youngest
@@ -142,15 +142,40 @@ class TorchStepper:
         """Usually one forward. A generated image-token id fed back while new images are encoded in the same
         forward would be taken for an image position, so such steps run decode and prefill apart."""
         image_id = self.config.image_token_index
-        has_images = any(self._new_pixels(seq) for seq in rows)
+        has_images = any(self._images_to_feed(seq) for seq in rows)
         if has_images and any(seq.cached and seq.ids[-1] == image_id for seq in rows):
             return [[s for s in rows if not s.cached or s.ids[-1] != image_id],
                     [s for s in rows if s.cached and s.ids[-1] == image_id]]
         return [rows]
 
     @staticmethod
-    def _new_pixels(seq) -> list:
-        return [p for p, (start, _) in zip(seq.pixels, seq.image_spans) if start >= seq.cached]
+    def _images_to_feed(seq) -> list:
+        """(image index, first uncached feature) of each image with tokens still to run."""
+        return [(i, max(0, seq.cached - start)) for i, (start, end) in enumerate(seq.image_spans) if end > seq.cached]
+
+    def _image_features(self, rows):
+        """Projected features of the image tokens the rows run next, (tokens, hidden), in token order, or None.
+        Images not in the feature cache go through the vision tower together, once each."""
+        wanted = [(seq, i, first) for seq in rows for i, first in self._images_to_feed(seq)]
+        if not wanted:
+            return None
+        missing = {}
+        for seq, i, _ in wanted:
+            key = seq.image_keys[i]
+            if key in self._features:
+                self._features.move_to_end(key)
+            else:
+                missing.setdefault(key, seq.pixels[i])
+        if missing:
+            pixels = list(missing.values())
+            encoded = self.model.encode_images(pixels if self.config.vision.dynamic_resolution
+                                               else torch.stack(pixels))
+            counts = [self.config.vision.tokens_per_image(p.shape[-2], p.shape[-1]) for p in pixels]
+            for key, features in zip(missing, encoded.split(counts)):
+                self._features[key] = features
+            while len(self._features) > max(self.FEATURE_CACHE_IMAGES, len(missing)):
+                self._features.popitem(last=False)
+        return torch.cat([self._features[seq.image_keys[i]][first:] for seq, i, first in wanted])
 
     @torch.no_grad()
     def _forward(self, rows) -> torch.Tensor:
@@ -162,9 +187,7 @@ class TorchStepper:
         for r, ids in enumerate(new):
             input_ids[r, :len(ids)] = torch.tensor(ids)
             mask[r, :len(ids)] = 1
-        pixels = [p for seq in rows for p in self._new_pixels(seq)]
-        pixel_values = None
-        if pixels:
-            pixel_values = pixels if self.config.vision.dynamic_resolution else torch.stack(pixels)
+        features = self._image_features(rows)
         self.cache.bind([seq.blocks for seq in rows], [seq.cached for seq in rows])
-        return self.model._last_logits(input_ids.to(self.device), pixel_values, mask.to(self.device), self.cache)
+        return self.model._last_logits(input_ids.to(self.device), None, mask.to(self.device), self.cache,
+                                       image_features=features)

@@ -379,29 +379,32 @@ class GMAIVL(nn.Module):
             logits = logits.view(*input_ids.shape, -1)
         return GMAIVLOutput(logits=logits, loss=loss, past_key_values=cache)
 
-    def _decoder(self, input_ids, pixel_values, attention_mask, position_ids, cu_seqlens, cache):
+    def _decoder(self, input_ids, pixel_values, attention_mask, position_ids, cu_seqlens, cache,
+                 image_features=None):
         """Embed the tokens (image features over the image tokens), run the decoder over them packed, extend the
-        cache. Returns the final hidden states (T, hidden), the TokenBatch, and each token's flat index in
-        input_ids."""
+        cache. image_features: projected features (image_tokens, text_hidden) computed earlier, instead of
+        pixel_values (the serving engine caches them per image). Returns the final hidden states (T, hidden), the
+        TokenBatch, and each token's flat index in input_ids."""
         batch, token_index = self._token_batch(input_ids, attention_mask, position_ids, cu_seqlens, cache)
         ids = input_ids.reshape(-1)[token_index]
-        decoding = pixel_values is None and cache is not None and any(batch.cache_starts)
-        hidden = self.language_model(self._embed(ids, pixel_values, decoding), batch, cache)
+        no_images = pixel_values is None and image_features is None
+        decoding = no_images and cache is not None and any(batch.cache_starts)
+        hidden = self.language_model(self._embed(ids, pixel_values, decoding, image_features), batch, cache)
         if cache is not None:
             cache.advance(batch.lengths)
         return hidden, batch, token_index
 
-    def _embed(self, ids, pixel_values, decoding=False):
-        """Token embeddings with image features written over the image tokens. While decoding, a generated
-        image-token id is embedded like any token (as transformers does)."""
+    def _embed(self, ids, pixel_values, decoding=False, image_features=None):
+        """Token embeddings with image features (given, or from pixel_values) written over the image tokens.
+        While decoding, a generated image-token id is embedded like any token (as transformers does)."""
         is_image = ids == self.config.image_token_index
         embeds = self.language_model.embed_tokens(ids)
         n_image_tokens = int(is_image.sum())
-        if pixel_values is None:
+        if pixel_values is None and image_features is None:
             if n_image_tokens and not decoding:
                 raise ValueError(f"input_ids hold {n_image_tokens} image tokens but no pixel_values were given")
             return embeds
-        features = self.encode_images(pixel_values)
+        features = self.encode_images(pixel_values) if image_features is None else image_features
         if features.shape[0] != n_image_tokens:
             raise ValueError(f"input_ids hold {n_image_tokens} image tokens but pixel_values give "
                              f"{features.shape[0]} image features (expand <image> to the image token count)")
@@ -465,11 +468,11 @@ class GMAIVL(nn.Module):
             no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
             generator=generator)
 
-    def _last_logits(self, input_ids, pixel_values, attention_mask, cache):
+    def _last_logits(self, input_ids, pixel_values, attention_mask, cache, image_features=None):
         """Run the tokens through the model with the cache; lm_head only on each sequence's last token."""
         if attention_mask is not None and bool((attention_mask.sum(1) == 0).any()):
             raise ValueError("a prompt is empty (its attention_mask is all zeros)")
-        hidden, batch, _ = self._decoder(input_ids, pixel_values, attention_mask, None, None, cache)
+        hidden, batch, _ = self._decoder(input_ids, pixel_values, attention_mask, None, None, cache, image_features)
         return self.lm_head(hidden[batch.cu_seqlens[1:].long() - 1]).float()
 
 
