@@ -109,13 +109,13 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
 
 # ---------------------------------------------------------------------------------------------------- requests
 def chat_turns(messages: list[protocol.ChatMessage]) -> tuple[str | None, list[dict], list[protocol.ImageURL]]:
-    """OpenAI messages -> (system prompt, chat turns with one `<image>` per image, image URLs in order).
+    """OpenAI messages -> (system prompt, chat turns for the request boundary, image URLs in order).
 
-    As vLLM does for InternVL-family models, a turn's image placeholders come first, one `<image>\\n` each, then its
-    text parts joined by newlines, so [image, text] and [text, image] both ask what `Engine.ask(text, image)` asks.
+    Turns carry content parts (`gmaivl_rt.chat.chat_parts`), so text a client sends stays literal text (a typed
+    `<image>` or `<|im_start|>` is not a slot or a marker). As vLLM does for InternVL-family models, a turn's image
+    slots come first, each followed by a newline, then its text parts joined by newlines: [image, text] and
+    [text, image] both ask exactly what `Engine.ask(text, image)` asks.
     """
-    from gmaivl_rt.chat import IMAGE_TOKEN
-
     system_parts, turns, images = [], [], []
     for i, message in enumerate(messages):
         content = message.content
@@ -134,7 +134,8 @@ def chat_turns(messages: list[protocol.ChatMessage]) -> tuple[str | None, list[d
         if urls and message.role == "assistant":
             raise InputError(f"messages[{i}]: an assistant message cannot carry images")
         images.extend(urls)
-        turns.append({"role": message.role, "content": f"{IMAGE_TOKEN}\n" * len(urls) + "\n".join(texts)})
+        parts = [{"type": "image"}, {"type": "text", "text": "\n"}] * len(urls)
+        turns.append({"role": message.role, "content": parts + [{"type": "text", "text": "\n".join(texts)}]})
     if not turns or turns[-1]["role"] != "user":
         raise InputError("messages: the last message must be a user message")
     return ("\n".join(system_parts) if system_parts else None), turns, images
@@ -452,7 +453,8 @@ def _server_limits(engine, limits, max_images_per_request):
 
     from gmaivl_rt.limits import Limits
 
-    limits = limits or getattr(engine, "limits", None) or Limits()
+    runtime = getattr(engine, "backend", None)
+    limits = limits or getattr(engine, "limits", None) or getattr(runtime, "limits", None) or Limits()
     if max_images_per_request is not None:
         limits = replace(limits, max_images_per_request=int(max_images_per_request))
     return limits
