@@ -241,3 +241,30 @@ def test_follow_up_on_the_same_image_reuses_the_prefix(folder):
     assert stats["prefix_cache_hit_tokens"] == image_end // 4 * 4  # up to the block where the prompts part
     assert encoded == [1, 1]  # only the different image ran the vision tower again
     assert engine.stats()["prefix_cache_hits"] == 2  # its system prompt still came from the cache
+
+
+def test_onnx_backend_serves_through_the_same_api(folder, tmp_path):
+    from gmaivl_rt.export.onnx_export import export_onnx
+
+    export_onnx(folder, tmp_path / "onnx")
+    backend = gmaivl_rt.load(tmp_path / "onnx", backend="onnx")
+    cases = [("What modality is this image?", _image(30, 40, seed=5), {"max_new_tokens": 6}),
+             ("Which plane is shown?", None, {"max_new_tokens": 9}),
+             ("Describe the image.", _image(28, 28, seed=6), {"max_new_tokens": 7, "do_sample": True, "seed": 3})]
+    expected = [_alone(backend, q, im, **g) for q, im, g in cases]
+    with Engine(tmp_path / "onnx", backend="onnx", max_batch_size=4) as engine:
+        gate = StepGate(engine)
+        requests = [engine.submit(q, image=im, **g) for q, im, g in cases]
+        doomed = engine.submit("Describe the image.", max_new_tokens=20)
+        _wait_prepared(engine, 4)
+        gate.steps(3)  # one static batch of all four: prefill and two decode steps
+        assert engine.stats()["running"] == 4
+        doomed.cancel()
+        while not all(r.done for r in requests):
+            gate.steps(1)
+        assert doomed.finish_reason == "cancelled" and doomed.generated_tokens == 3
+        late = engine.submit("Which plane is shown?", max_new_tokens=9)  # the next batch
+        while not late.done:
+            gate.steps(1)
+    assert [r.token_ids for r in requests] == expected
+    assert late.token_ids == expected[1]
