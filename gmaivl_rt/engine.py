@@ -44,7 +44,8 @@ class Request:
     """One submitted question. Iterate it for text deltas (blocks until each arrives); `result(timeout)` waits
     for the whole answer (str); `cancel()` stops it and frees its slot and KV blocks.
     prompt_tokens, generated_tokens: counts; token_ids: the generated ids (eos included); finish_reason: None while running, then "stop" | "length" |
-    "cancelled" | "error"; arrival_time, first_token_time, finish_time: time.time() stamps (None until reached)."""
+    "cancelled" | "error"; arrival_time (submit), first_token_time (first token
+    produced), finish_time: time.time() stamps (None until reached)."""
 
     def __init__(self, engine, request_id: int, sink=None):
         self.id, self._engine = request_id, engine
@@ -99,8 +100,6 @@ class Request:
     def _push(self, delta: str) -> None:
         if not delta:
             return
-        if self.first_token_time is None:
-            self.first_token_time = time.time()
         self._text.append(delta)
         self._emit(delta)
 
@@ -217,7 +216,7 @@ class Engine:
 
     def stats(self) -> dict:
         """running, waiting (being prepared or queued), kv_blocks_used, kv_blocks_free, kv_blocks_cached,
-        generated_tokens, prompt_tokens, prefix_cache_hits, prefix_cache_hit_tokens, preemptions, finished."""
+        kv_blocks_peak (most in use at once), kv_block_size, kv_block_bytes, generated_tokens, prompt_tokens, prefix_cache_hits, prefix_cache_hit_tokens, preemptions, finished."""
         with self._cv:
             return {"running": len(self._running), "waiting": len(self._waiting) + self._preparing,
                     **self._stepper.block_stats(), **self._counters}
@@ -305,6 +304,8 @@ class Engine:
                                                      seq.generator)
         seq.ids.append(int(token))
         seq.request.token_ids.append(int(token))
+        if seq.request.first_token_time is None:
+            seq.request.first_token_time = time.time()
         seq.request.generated_tokens += 1
         self._counters["generated_tokens"] += 1
         reason = "stop" if bool(finished) else ("length" if len(seq.generated) >= seq.max_new_tokens else None)

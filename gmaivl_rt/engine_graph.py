@@ -17,7 +17,8 @@ class GraphStepper:
 
     def block_stats(self) -> dict:
         """Graph backends keep their KV cache inside the graphs' state: no paged blocks."""
-        return {"kv_blocks_used": 0, "kv_blocks_free": 0, "kv_blocks_cached": 0, "kv_block_size": 0}
+        return dict.fromkeys(("kv_blocks_used", "kv_blocks_free", "kv_blocks_cached", "kv_blocks_peak",
+                              "kv_block_size", "kv_block_bytes"), 0)
 
     def make_sequence(self, request, prepared):
         from gmaivl_rt.engine import sequence_from_request

@@ -36,7 +36,8 @@ class TorchStepper:
     # ------------------------------------------------------------------ engine hooks
     def block_stats(self) -> dict:
         return {"kv_blocks_used": self.pool.num_used, "kv_blocks_free": self.pool.num_free,
-                "kv_blocks_cached": self.pool.num_cached, "kv_block_size": self.pool.block_size}
+                "kv_blocks_cached": self.pool.num_cached, "kv_blocks_peak": self.pool.peak_used,
+                "kv_block_size": self.pool.block_size, "kv_block_bytes": self.cache.bytes_per_block}
 
     def make_sequence(self, request, prepared):
         from gmaivl_rt.engine import sequence_from_request
