@@ -12,7 +12,6 @@ import torch
 
 import gmaivl_rt
 from gmaivl_rt import Engine, GMAIVL, GMAIVLConfig
-from gmaivl_rt.engine import build_request
 from gmaivl_rt.errors import InputError, LimitError
 from gmaivl_rt.train.tokenizer import model_vocab_fields, train_bpe_tokenizer
 
@@ -50,7 +49,7 @@ def _image(height, width, seed):
 
 def _alone(backend, question, image=None, system=None, seed=None, **generation):
     """The request's generated ids from `GMAIVL.generate` on it alone (contiguous KV cache, batch of one)."""
-    prepared = build_request(backend, question, image, None, None, system, generation)
+    prepared = backend.build_request(question, image, system=system, **generation)
     options = dict(prepared.generation)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     out = backend.generate(prepared.input_ids, prepared.pixel_values, generator=generator, **options)
@@ -236,7 +235,7 @@ def test_follow_up_on_the_same_image_reuses_the_prefix(folder):
     assert again.token_ids == expected
     assert stats["prefix_cache_hits"] == 1
     # the system prompt, the image and the tokens up to the question came from the cache: no vision tower run
-    ids = build_request(backend, follow_up, image, None, None, SYSTEM, {}).input_ids[0].tolist()
+    ids = backend.build_request(follow_up, image, system=SYSTEM).input_ids[0].tolist()
     image_end = max(i for i, t in enumerate(ids) if t == backend.config.image_token_index) + 1
     assert stats["prefix_cache_hit_tokens"] == image_end // 4 * 4  # up to the block where the prompts part
     assert encoded == [1, 1]  # only the different image ran the vision tower again
