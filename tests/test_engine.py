@@ -152,6 +152,15 @@ def test_streamed_deltas_join_to_the_answer_and_async_stream_does_not_block_the_
         assert "".join(parts) == request.result()
         assert ticks > 10  # the loop kept running while the engine worked
 
+        # a stop string ends the answer before it
+        answer = request.result()
+        cut = answer[len(answer) // 2:len(answer) // 2 + 2]
+        stopped = engine.submit("What modality is this image?", image=image, max_new_tokens=10, stop=[cut])
+        assert stopped.result(timeout=30) == answer[:answer.index(cut)].rstrip()
+        assert stopped.finish_reason == "stop" and stopped.generated_tokens < 10
+        with pytest.raises(InputError, match="stop"):
+            engine.submit("Describe the image.", stop=[""]).result(timeout=30)
+
 
 def test_cancel_mid_stream_frees_the_blocks_and_leaves_the_others_alone(folder):
     backend = gmaivl_rt.load(folder)
