@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
 import itertools
 import queue
 import threading
@@ -33,18 +32,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gmaivl_rt.errors import GmaivlError, LimitError
+from gmaivl_rt.limits import SAMPLING_OPTIONS
 from gmaivl_rt.sampling import SamplingParams, StopRule, decode_step
 
 _END = object()
-SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size")
 
 
 class Request:
     """One submitted question. Iterate it for text deltas (blocks until each arrives); `result(timeout)` waits
     for the whole answer (str); `cancel()` stops it and frees its slot and KV blocks.
     prompt_tokens, generated_tokens: counts; token_ids: the generated ids (eos included); finish_reason: None while running, then "stop" | "length" |
-    "cancelled" | "error"; arrival_time, first_token_time, finish_time: time.time() stamps (None until reached)."""
+    "cancelled" | "error"; arrival_time (submit), first_token_time (first token
+    produced), finish_time: time.time() stamps (None until reached)."""
 
     def __init__(self, engine, request_id: int, sink=None):
         self.id, self._engine = request_id, engine
@@ -99,8 +98,6 @@ class Request:
     def _push(self, delta: str) -> None:
         if not delta:
             return
-        if self.first_token_time is None:
-            self.first_token_time = time.time()
         self._text.append(delta)
         self._emit(delta)
 
@@ -183,17 +180,19 @@ class Engine:
 
     # ------------------------------------------------------------------ public API
     def submit(self, question: str | None = None, image=None, *, messages=None, images=None, system=None,
-               _sink=None, **generation) -> Request:
-        """Queue one request and return at once (thread-safe). question + image (a path, MedicalImage, PIL image
-        or uint8 array), or chat `messages` with `images`; generation: max_new_tokens, do_sample, temperature,
-        top_p, top_k, repetition_penalty, no_repeat_ngram_size, seed (reproducible sampling), stop (strings),
-        eos_token_id, pad_token_id. Errors in the input surface from the request (result / iteration)."""
+               _sink=None, **options) -> Request:
+        """Queue one request and return at once (thread-safe). question + image, or chat `messages` with `images`,
+        as `backend.build_request` takes them (also frame, slice_index, plane, window); generation options:
+        max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size,
+        eos_token_id, pad_token_id, plus seed (int: reproducible sampling, alone or batched) and stop (strings
+        that end the answer, not included). Errors in the input (InputError, LimitError) surface from the request
+        (result / iteration), never from the engine."""
         request = Request(self, next(self._ids), sink=_sink)
         with self._cv:
             if self._closed:
                 raise RuntimeError("the engine is closed")
             self._preparing += 1
-        self._prep_pool.submit(self._prepare, request, question, image, messages, images, system, generation)
+        self._prep_pool.submit(self._prepare, request, question, image, messages, images, system, options)
         return request
 
     def ask(self, question: str | None = None, image=None, **kwargs) -> str:
@@ -217,7 +216,7 @@ class Engine:
 
     def stats(self) -> dict:
         """running, waiting (being prepared or queued), kv_blocks_used, kv_blocks_free, kv_blocks_cached,
-        generated_tokens, prompt_tokens, prefix_cache_hits, prefix_cache_hit_tokens, preemptions, finished."""
+        kv_blocks_peak (most in use at once), kv_block_size, kv_block_bytes, generated_tokens, prompt_tokens, prefix_cache_hits, prefix_cache_hit_tokens, preemptions, finished."""
         with self._cv:
             return {"running": len(self._running), "waiting": len(self._waiting) + self._preparing,
                     **self._stepper.block_stats(), **self._counters}
@@ -244,10 +243,12 @@ class Engine:
         self.close(cancel=exc[0] is not None)
 
     # ------------------------------------------------------------------ preparation (worker pool)
-    def _prepare(self, request, question, image, messages, images, system, generation):
+    def _prepare(self, request, question, image, messages, images, system, options):
         try:
-            seq = self._stepper.make_sequence(request, build_request(self.backend, question, image, messages, images,
-                                                                     system, generation))
+            own, rest = split_engine_options(options)
+            prepared = self.backend.build_request(question, image, messages=messages, images=images, system=system,
+                                                  **rest)
+            seq = self._stepper.make_sequence(request, prepared, own)
         except BaseException as e:  # a bad request fails itself only
             with self._cv:
                 self._preparing -= 1
@@ -305,6 +306,8 @@ class Engine:
                                                      seq.generator)
         seq.ids.append(int(token))
         seq.request.token_ids.append(int(token))
+        if seq.request.first_token_time is None:
+            seq.request.first_token_time = time.time()
         seq.request.generated_tokens += 1
         self._counters["generated_tokens"] += 1
         reason = "stop" if bool(finished) else ("length" if len(seq.generated) >= seq.max_new_tokens else None)
@@ -341,61 +344,37 @@ class Engine:
 
 
 # ---------------------------------------------------------------------------------------------- request boundary
-@dataclass
-class PreparedRequest:
-    """What the engine needs of one request: input_ids (1, S) int64, pixel_values ((N, 3, H, W), a list of
-    (3, H_i, W_i) in dynamic mode, or None), generation options and each image's content key."""
-    input_ids: torch.Tensor
-    pixel_values: object
-    generation: dict
-    image_keys: list
-    prompt_tokens: int
+ENGINE_OPTIONS = ("seed", "stop")  # generation options the engine handles itself; the rest go to build_request
 
 
-def build_request(backend, question, image, messages, images, system, generation) -> PreparedRequest:
-    """The runtime's request boundary: chat template, image reading and preprocessing, generation defaults.
-    (Until `backend.build_request` lands, the same steps `ask` takes, through `backend.prepare`.)"""
-    from gmaivl_rt.chat import IMAGE_TOKEN
-    from gmaivl_rt.medical_io import MedicalImage, read_medical_image
-    from gmaivl_rt.runtime import DEFAULT_GENERATION
+def split_engine_options(options: dict) -> tuple[dict, dict]:
+    """(engine options: seed (int) and stop (str or list of str), checked; everything else, for build_request)."""
+    from gmaivl_rt.errors import InputError
 
-    pictures = list(images or ([] if image is None else [image]))
-    pictures = [read_medical_image(p) if isinstance(p, (str, bytes)) or hasattr(p, "__fspath__") else p
-                for p in pictures]
-    pictures = [p.pixels if isinstance(p, MedicalImage) else p for p in pictures]
-    if messages is None:
-        if question is None:
-            raise GmaivlError("a request needs a question or messages")
-        if pictures and IMAGE_TOKEN not in question:
-            question = f"{IMAGE_TOKEN}\n{question}"
-        messages = [{"role": "user", "content": question}]
-    inputs = backend.prepare(messages, pictures, system=system)
-    options = {**DEFAULT_GENERATION, "eos_token_id": backend.eos_token_ids,
-               "pad_token_id": backend.tokenizer.pad_token_id or 0, **generation}
-    pixels = inputs["pixel_values"]
-    keys = [hashlib.sha256(p.contiguous().numpy().tobytes()).hexdigest() for p in (pixels if pixels is not None else [])]
-    ids = inputs["input_ids"]
-    return PreparedRequest(ids, pixels, options, keys, ids.shape[1])
+    own = {k: options[k] for k in ENGINE_OPTIONS if options.get(k) is not None}
+    rest = {k: v for k, v in options.items() if k not in ENGINE_OPTIONS}
+    if "seed" in own and (isinstance(own["seed"], bool) or not isinstance(own["seed"], int)):
+        raise InputError(f"seed must be an int, got {type(own['seed']).__name__}")
+    stop = own.get("stop", [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
+        raise InputError("stop must be a non-empty string or a list of at most 16 of them")
+    own["stop"] = list(stop)
+    return own, rest
 
 
-def sequence_from_request(request: Request, prepared: PreparedRequest, text_config, image_token_index: int,
+def sequence_from_request(request: Request, prepared, engine_options: dict, text_config, image_token_index: int,
                           tokens_per_image, device=None) -> Sequence:
-    """The scheduler's view of a prepared request: decoding options split into sampling parameters, stop rule,
-    seeded generator and stop strings; image token spans located in the prompt."""
+    """The scheduler's view of a `gmaivl_rt.request.PreparedRequest` (generation options already validated
+    there): sampling parameters, stop rule, a generator seeded from `seed`, stop strings, and each image's token
+    span in the prompt."""
     options = dict(prepared.generation)
-    max_new_tokens = int(options.pop("max_new_tokens"))
-    seed = options.pop("seed", None)
-    stop_strings = options.pop("stop", None) or []
-    stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+    max_new_tokens = options.pop("max_new_tokens")
     stop = StopRule.from_config(text_config, options.pop("eos_token_id", None), options.pop("pad_token_id", None))
-    params = SamplingParams(**{k: options.pop(k) for k in SAMPLING_KEYS if k in options})
-    if options:
-        raise GmaivlError(f"unknown generation options: {', '.join(sorted(options))}")
-    if max_new_tokens < 1:
-        raise LimitError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device or "cpu").manual_seed(int(seed))
+    params = SamplingParams(**{k: options.pop(k) for k in SAMPLING_OPTIONS if k in options})
+    generator = options.pop("generator", None)
+    if engine_options.get("seed") is not None:
+        generator = torch.Generator(device=device or "cpu").manual_seed(engine_options["seed"])
     ids = prepared.input_ids[0].tolist()
     pixels = prepared.pixel_values
     pixels = [] if pixels is None else list(pixels)
@@ -407,4 +386,5 @@ def sequence_from_request(request: Request, prepared: PreparedRequest, text_conf
         start += count
     request.prompt_tokens = len(ids)
     return Sequence(request, ids, len(ids), pixels, spans, list(prepared.image_keys), params, stop, max_new_tokens,
-                    generator, stop_strings, sequences=prepared.input_ids.to(device=device, dtype=torch.int64))
+                    generator, engine_options.get("stop", []),
+                    sequences=prepared.input_ids.to(device=device, dtype=torch.int64))

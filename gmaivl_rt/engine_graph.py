@@ -17,12 +17,13 @@ class GraphStepper:
 
     def block_stats(self) -> dict:
         """Graph backends keep their KV cache inside the graphs' state: no paged blocks."""
-        return {"kv_blocks_used": 0, "kv_blocks_free": 0, "kv_blocks_cached": 0, "kv_block_size": 0}
+        return dict.fromkeys(("kv_blocks_used", "kv_blocks_free", "kv_blocks_cached", "kv_blocks_peak",
+                              "kv_block_size", "kv_block_bytes"), 0)
 
-    def make_sequence(self, request, prepared):
+    def make_sequence(self, request, prepared, engine_options):
         from gmaivl_rt.engine import sequence_from_request
 
-        return sequence_from_request(request, prepared, self.config.text, self.config.image_token_index,
+        return sequence_from_request(request, prepared, engine_options, self.config.text, self.config.image_token_index,
                                      self.config.vision.tokens_per_image)
 
     def release(self, seq, keep_prefix: bool) -> None:

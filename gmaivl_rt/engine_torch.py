@@ -36,12 +36,13 @@ class TorchStepper:
     # ------------------------------------------------------------------ engine hooks
     def block_stats(self) -> dict:
         return {"kv_blocks_used": self.pool.num_used, "kv_blocks_free": self.pool.num_free,
-                "kv_blocks_cached": self.pool.num_cached, "kv_block_size": self.pool.block_size}
+                "kv_blocks_cached": self.pool.num_cached, "kv_blocks_peak": self.pool.peak_used,
+                "kv_block_size": self.pool.block_size, "kv_block_bytes": self.cache.bytes_per_block}
 
-    def make_sequence(self, request, prepared):
+    def make_sequence(self, request, prepared, engine_options):
         from gmaivl_rt.engine import sequence_from_request
 
-        seq = sequence_from_request(request, prepared, self.config.text, self.config.image_token_index,
+        seq = sequence_from_request(request, prepared, engine_options, self.config.text, self.config.image_token_index,
                                     self.config.vision.tokens_per_image, self.device)
         # the last token is never fed, so prompt + max_new_tokens - 1 positions need keys/values
         needed = self.pool.blocks_for(seq.prompt_len + seq.max_new_tokens - 1)

@@ -27,6 +27,7 @@ class BlockPool:
     def __init__(self, num_blocks: int, block_size: int):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.refcount = [0] * num_blocks
+        self.peak_used = 0
         self._free = deque(range(num_blocks))
         self._cached: dict[bytes, int] = {}          # prefix key -> block
         self._key_of: dict[int, bytes] = {}          # block -> prefix key
@@ -61,6 +62,7 @@ class BlockPool:
                 del self._cached[self._key_of.pop(block)]
             self.refcount[block] = 1
             blocks.append(block)
+        self.peak_used = max(self.peak_used, self.num_used)
         return blocks
 
     def release(self, blocks) -> None:
@@ -83,6 +85,7 @@ class BlockPool:
                 del self._evictable[block]
             self.refcount[block] += 1
             blocks.append(block)
+        self.peak_used = max(self.peak_used, self.num_used)
         return blocks
 
     def register(self, key: bytes, block: int) -> None:

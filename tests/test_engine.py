@@ -12,7 +12,6 @@ import torch
 
 import gmaivl_rt
 from gmaivl_rt import Engine, GMAIVL, GMAIVLConfig
-from gmaivl_rt.engine import build_request
 from gmaivl_rt.errors import InputError, LimitError
 from gmaivl_rt.train.tokenizer import model_vocab_fields, train_bpe_tokenizer
 
@@ -50,7 +49,7 @@ def _image(height, width, seed):
 
 def _alone(backend, question, image=None, system=None, seed=None, **generation):
     """The request's generated ids from `GMAIVL.generate` on it alone (contiguous KV cache, batch of one)."""
-    prepared = build_request(backend, question, image, None, None, system, generation)
+    prepared = backend.build_request(question, image, system=system, **generation)
     options = dict(prepared.generation)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     out = backend.generate(prepared.input_ids, prepared.pixel_values, generator=generator, **options)
@@ -153,6 +152,15 @@ def test_streamed_deltas_join_to_the_answer_and_async_stream_does_not_block_the_
         assert "".join(parts) == request.result()
         assert ticks > 10  # the loop kept running while the engine worked
 
+        # a stop string ends the answer before it
+        answer = request.result()
+        cut = answer[len(answer) // 2:len(answer) // 2 + 2]
+        stopped = engine.submit("What modality is this image?", image=image, max_new_tokens=10, stop=[cut])
+        assert stopped.result(timeout=30) == answer[:answer.index(cut)].rstrip()
+        assert stopped.finish_reason == "stop" and stopped.generated_tokens < 10
+        with pytest.raises(InputError, match="stop"):
+            engine.submit("Describe the image.", stop=[""]).result(timeout=30)
+
 
 def test_cancel_mid_stream_frees_the_blocks_and_leaves_the_others_alone(folder):
     backend = gmaivl_rt.load(folder)
@@ -236,8 +244,35 @@ def test_follow_up_on_the_same_image_reuses_the_prefix(folder):
     assert again.token_ids == expected
     assert stats["prefix_cache_hits"] == 1
     # the system prompt, the image and the tokens up to the question came from the cache: no vision tower run
-    ids = build_request(backend, follow_up, image, None, None, SYSTEM, {}).input_ids[0].tolist()
+    ids = backend.build_request(follow_up, image, system=SYSTEM).input_ids[0].tolist()
     image_end = max(i for i, t in enumerate(ids) if t == backend.config.image_token_index) + 1
     assert stats["prefix_cache_hit_tokens"] == image_end // 4 * 4  # up to the block where the prompts part
     assert encoded == [1, 1]  # only the different image ran the vision tower again
     assert engine.stats()["prefix_cache_hits"] == 2  # its system prompt still came from the cache
+
+
+def test_onnx_backend_serves_through_the_same_api(folder, tmp_path):
+    from gmaivl_rt.export.onnx_export import export_onnx
+
+    export_onnx(folder, tmp_path / "onnx")
+    backend = gmaivl_rt.load(tmp_path / "onnx", backend="onnx")
+    cases = [("What modality is this image?", _image(30, 40, seed=5), {"max_new_tokens": 6}),
+             ("Which plane is shown?", None, {"max_new_tokens": 9}),
+             ("Describe the image.", _image(28, 28, seed=6), {"max_new_tokens": 7, "do_sample": True, "seed": 3})]
+    expected = [_alone(backend, q, im, **g) for q, im, g in cases]
+    with Engine(tmp_path / "onnx", backend="onnx", max_batch_size=4) as engine:
+        gate = StepGate(engine)
+        requests = [engine.submit(q, image=im, **g) for q, im, g in cases]
+        doomed = engine.submit("Describe the image.", max_new_tokens=20)
+        _wait_prepared(engine, 4)
+        gate.steps(3)  # one static batch of all four: prefill and two decode steps
+        assert engine.stats()["running"] == 4
+        doomed.cancel()
+        while not all(r.done for r in requests):
+            gate.steps(1)
+        assert doomed.finish_reason == "cancelled" and doomed.generated_tokens == 3
+        late = engine.submit("Which plane is shown?", max_new_tokens=9)  # the next batch
+        while not late.done:
+            gate.steps(1)
+    assert [r.token_ids for r in requests] == expected
+    assert late.token_ids == expected[1]

@@ -286,3 +286,65 @@ def test_cli_reader_options_reach_the_reader(folder, capsys):
     code, out, _ = run_cli(capsys, folder, "--image", CT, "--question", "q", "--window", "40,400",
                            "--max-new-tokens", "3")
     assert code == 0 and out.strip() == gmaivl_rt.load(folder).ask("q", CT, window=(40, 400), max_new_tokens=3)
+
+
+# ------------------------------------------------------------------------------------------------- PHI
+PATIENT_NAME, PATIENT_ID = "Zyxwabc^Jonquil", "PID-48213-QX"
+
+
+def phi_dicoms(tmp_path):
+    """CT_small with a known patient name / ID: intact, with its pixel data cut short, and cut in the header."""
+    import pydicom
+
+    ds = pydicom.dcmread(CT)
+    ds.PatientName, ds.PatientID = PATIENT_NAME, PATIENT_ID
+    ds.InstitutionName = "Jonquil Clinic"
+    ds.save_as(tmp_path / "good.dcm")
+    good = (tmp_path / "good.dcm").read_bytes()
+    ds.PixelData = ds.PixelData[:1000]
+    ds.save_as(tmp_path / "short.dcm")
+    short = (tmp_path / "short.dcm").read_bytes()
+    cut = good[: good.index(PATIENT_ID.encode()) + 40]
+    (tmp_path / "cut.dcm").write_bytes(cut)
+    return good, short, cut
+
+
+def test_patient_identifiers_reach_no_message_log_or_traceback(runtime, tmp_path, caplog):
+    import logging
+    import traceback
+    import warnings
+
+    import pydicom
+
+    good, short, cut = phi_dicoms(tmp_path)
+    assert PATIENT_NAME.encode() in good and PATIENT_ID.encode() in short and PATIENT_ID.encode() in cut
+    secrets = (PATIENT_NAME, PATIENT_ID, "Zyxwabc", "Jonquil", "48213")
+    texts = []
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bad_forms = [short, io.BytesIO(short), pydicom.dcmread(io.BytesIO(short)), tmp_path / "short.dcm",
+                     str(tmp_path / "short.dcm"), os.fsencode(tmp_path / "short.dcm"), cut, io.BytesIO(cut),
+                     tmp_path / "cut.dcm"]
+        for form in bad_forms:
+            with pytest.raises(InputError) as e:
+                runtime.ask("What modality is this image?", form, max_new_tokens=2)
+            assert len(str(e.value)) <= 300 and "image 1" in str(e.value)
+            texts.append("".join(traceback.format_exception(e.value)))
+        # refused by a limit, and answered: no identifier anywhere either
+        small = Limits(max_image_pixels=100)
+        runtime.limits = small
+        try:
+            for form in (good, pydicom.dcmread(io.BytesIO(good))):
+                with pytest.raises(LimitError) as e:
+                    runtime.ask("q", form, max_new_tokens=2)
+                texts.append("".join(traceback.format_exception(e.value)))
+        finally:
+            runtime.limits = Limits()
+        for form in (good, io.BytesIO(good), pydicom.dcmread(io.BytesIO(good)), tmp_path / "good.dcm"):
+            texts.append(runtime.ask("What modality is this image?", form, max_new_tokens=2))
+    texts += [record.getMessage() for record in caplog.records]
+    texts += [str(w.message) for w in caught]
+    for text in texts:
+        for secret in secrets:
+            assert secret not in text, text
