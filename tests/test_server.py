@@ -224,11 +224,49 @@ def test_models_health_and_metrics_move(server, client, media):
     assert moved("gmaivl:generation_tokens_total") == reply.usage.completion_tokens
     reason = reply.choices[0].finish_reason
     assert moved("gmaivl:request_success_total", (("finished_reason", reason),)) == 1
-    for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds"):
+    for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds"):
         assert moved(f"gmaivl:{histogram}_count") == 1
     assert moved("gmaivl:inter_token_latency_seconds_count") == reply.usage.completion_tokens - 1
     assert after[("gmaivl:e2e_request_latency_seconds_sum", ())] >= after[
         ("gmaivl:time_to_first_token_seconds_sum", ())]
+
+
+def test_health_is_503_once_the_engine_is_closed(folder):
+    from fastapi.testclient import TestClient
+
+    engine = Engine(folder, backend="torch", max_batch_size=1)
+    with TestClient(create_app(engine)) as local:
+        assert local.get("/health").status_code == 200
+        engine.close()
+        assert local.get("/health").status_code == 503
+
+
+def test_a_failure_mid_stream_sends_an_error_object_then_done(engine):
+    """A request that fails after its first tokens (the engine's own Request, driven by hand)."""
+    import asyncio
+
+    from gmaivl_rt.engine import Request
+    from gmaivl_rt.errors import LimitError
+    from gmaivl_rt.server.app import Generation, _sse
+    from gmaivl_rt.server.metrics import ServerMetrics
+
+    request = Request(engine, -1)
+    request._push("Hello")
+    request._push(" wor")
+    request._finish("error", LimitError("image 1: went over a limit"))
+    generation = Generation(request, time.monotonic(), ServerMetrics(engine))
+
+    async def events():
+        first = await generation.next_delta()
+        return [e async for e in _sse(generation, first, "chatcmpl-1", MODEL, include_usage=True)]
+
+    out = asyncio.run(events())
+    assert all(e.startswith("data: ") and e.endswith("\n\n") for e in out) and out[-1] == "data: [DONE]\n\n"
+    chunks = [json.loads(e[6:]) for e in out[:-1]]
+    assert [c["choices"][0]["delta"].get("content") for c in chunks[:3]] == ["", "Hello", " wor"]
+    assert chunks[3] == {"error": {"message": "image 1: went over a limit", "type": "BadRequestError", "param": None,
+                                   "code": 400}}
+    assert len(chunks) == 4  # no finish chunk, no usage after an error
 
 
 def test_the_page_and_its_files_are_served(server):
