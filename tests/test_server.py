@@ -231,6 +231,30 @@ def test_models_health_and_metrics_move(server, client, media):
         ("gmaivl:time_to_first_token_seconds_sum", ())]
 
 
+def test_serve_cli_builds_the_app_its_flags_describe(folder, monkeypatch):
+    """`gmaivl-rt serve` wiring: the app uvicorn would run answers as the flags say (uvicorn.run is intercepted)."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from gmaivl_rt.cli import main
+
+    seen = {}
+
+    def run(app, host, port, **kwargs):
+        seen.update(host=host, port=port)
+        with TestClient(app) as local:
+            seen["models"] = local.get("/v1/models", headers={"Authorization": "Bearer k"}).json()
+            seen["no key"] = local.get("/v1/models").status_code
+            seen["big"] = local.post("/v1/chat/completions", content=b"x" * 2000,
+                                     headers={"Authorization": "Bearer k"}).status_code
+
+    monkeypatch.setattr(uvicorn, "run", run)
+    assert main(["serve", str(folder), "--port", "8123", "--api-key", "k", "--max-request-bytes", "1000",
+                 "--max-batch-size", "1"]) == 0
+    assert (seen["host"], seen["port"], seen["no key"], seen["big"]) == ("127.0.0.1", 8123, 401, 413)
+    assert [m["id"] for m in seen["models"]["data"]] == [folder.name]
+
+
 def test_health_is_503_once_the_engine_is_closed(folder):
     from fastapi.testclient import TestClient
 

@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gmaivl_rt.errors import GmaivlError, InputError, LimitError
 from gmaivl_rt.server import protocol
@@ -270,13 +271,7 @@ def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None
         message, param = _validation_message(error)
         return error_response(400, message, param)
 
-    @app.exception_handler(HTTPException)
-    async def _http(request, error):
-        return error_response(error.status_code, str(error.detail))
-
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    @app.exception_handler(StarletteHTTPException)
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException, 404 and 405 included
     async def _starlette_http(request, error):
         return error_response(error.status_code, str(error.detail))
 
@@ -316,6 +311,8 @@ def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None
     async def start(body: protocol.ChatCompletionRequest, http_request: Request) -> Generation:
         arrival = time.monotonic()
         check_model(body.model)
+        if not engine_alive(engine):
+            raise HTTPException(503, "the engine is not running")
         if body.n != 1:
             raise InputError("n: only n=1 is supported")
         system, turns, urls = chat_turns(body.messages)
