@@ -323,6 +323,31 @@ def test_preview_renders_what_the_model_sees(server):
     assert meta["window_name"] == "lung"
 
 
+def test_volume_slice_and_plane_choices_reach_the_reader(server, client, engine):
+    """A NIfTI volume: the preview and the answer use the slice / plane the request names, as Engine.ask does."""
+    import base64
+    import os
+
+    import numpy as np
+    from nibabel.testing import data_path
+
+    from gmaivl_rt.image_input import to_medical_image
+
+    path = os.path.join(data_path, "anatomical.nii")
+    url = data_uri(open(path, "rb").read(), "application/octet-stream")
+    choice = {"plane": "coronal", "slice_index": 3}
+    response = http(server, "POST", "/v1/gmaivl/preview", json={"image_url": {"url": url, **choice}})
+    assert response.status_code == 200, response.text
+    expected = to_medical_image(path, **choice)
+    png = base64.b64decode(response.json()["image"].split(",", 1)[1])
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), expected.pixels)
+    assert (response.json()["metadata"]["count"], response.json()["metadata"]["index"]) == (expected.count, 3)
+    reply = client.chat.completions.create(model=MODEL, messages=image_message(url, **choice), max_tokens=TOKENS,
+                                           temperature=0)
+    assert reply.choices[0].message.content == engine.ask(QUESTION, image=path, max_new_tokens=TOKENS, **choice)
+    assert reply.choices[0].message.content != engine.ask(QUESTION, image=path, max_new_tokens=TOKENS)
+
+
 # ------------------------------------------------------------------------------------------------ errors
 def _big_png() -> bytes:
     import numpy as np
