@@ -321,8 +321,10 @@ def _bit_depth_unit(values: np.ndarray) -> np.ndarray:
     return (values.astype(np.float32) / float(2 ** bits - 1)).astype(np.float32)
 
 
-def _square_pixels(plane2d: np.ndarray, spacing, nearest: bool) -> tuple[np.ndarray, tuple[float, float] | None]:
-    """Resample a (H, W) float/int plane so both pixel sides equal the finer spacing. Returns (plane, spacing)."""
+def _square_pixels(plane2d: np.ndarray, spacing, nearest: bool, path=None) -> tuple[np.ndarray,
+                                                                                    tuple[float, float] | None]:
+    """Resample a (H, W) float/int plane so both pixel sides equal the finer spacing. Returns (plane, spacing).
+    path: the image, whose pixel limit (if any) the resampled size must keep (a header's spacing sets it)."""
     if spacing is None:
         return plane2d, None
     row, col = float(spacing[0]), float(spacing[1])
@@ -333,6 +335,8 @@ def _square_pixels(plane2d: np.ndarray, spacing, nearest: bool) -> tuple[np.ndar
     target = min(row, col)
     h, w = plane2d.shape
     new_h, new_w = max(1, round(h * row / target)), max(1, round(w * col / target))
+    if path is not None:
+        _check_pixels(path, new_h, new_w, "picture resampled to square pixels")
     if nearest:
         img = Image.fromarray(plane2d.astype(np.int32), mode="I").resize((new_w, new_h), Image.NEAREST)
         return np.asarray(img).astype(np.int32), (target, target)
@@ -530,7 +534,7 @@ class _DicomSource:
                 from None
         spacing = self.spacing
         if unit.ndim == 2:
-            unit, spacing = _square_pixels(unit, spacing, nearest=False)
+            unit, spacing = _square_pixels(unit, spacing, nearest=False, path=self.path)
         return MedicalImage(pixels=_to_uint8(unit), modality=self.modality, body_part=self.body_part,
                             pixel_spacing=spacing, orientation=self.orientation, index=index, count=self.count,
                             source_format="dicom", window=window, window_name=window_name,
@@ -711,7 +715,7 @@ class _NiftiSource:
             unit = apply_window(plane2d, *self.window)
         else:
             unit = np.clip((np.nan_to_num(plane2d, nan=self.lo) - self.lo) / (self.hi - self.lo), 0, 1)
-        unit, spacing = _square_pixels(unit, spacing, nearest=False)
+        unit, spacing = _square_pixels(unit, spacing, nearest=False, path=self.path)
         return MedicalImage(pixels=_to_uint8(unit), pixel_spacing=spacing, orientation=self.plane, index=index,
                             count=self.count, volume=self.volume_index if self.volumes > 1 else None,
                             source_format="nifti", window=self.window,

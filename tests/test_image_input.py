@@ -253,3 +253,16 @@ def test_bad_reader_arguments_name_them():
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def test_a_header_spacing_cannot_blow_up_the_resampled_picture():
+    ds = pydicom.dcmread(CT)
+    ds.PixelSpacing = [0.001, 50.0]  # 128x128 stored, 128x6,400,000 once resampled to square pixels
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    with pytest.raises(LimitError) as e:
+        to_medical_image(buffer.getvalue())
+    assert_clean(e.value)
+    assert "square pixels" in str(e.value)
+    ds.PixelSpacing = [0.5, 1.0]  # an ordinary anisotropic spacing still resamples
+    assert to_medical_image(ds).pixels.shape[:2] == (128, 256)
