@@ -372,3 +372,15 @@ def test_patient_identifiers_reach_no_message_log_or_traceback(runtime, tmp_path
     for text in texts:
         for secret in secrets:
             assert secret not in text, text
+
+
+def test_cli_refuses_a_pixel_bomb_and_an_all_nan_volume(folder, capsys, tmp_path):
+    import nibabel as nib
+    from PIL import Image
+
+    Image.fromarray(np.zeros((9400, 9400), bool)).save(tmp_path / "bomb.png")
+    nib.save(nib.Nifti1Image(np.full((4, 5, 6), np.nan, np.float32), np.eye(4)), tmp_path / "nan.nii.gz")
+    for name, word in (("bomb.png", "limit"), ("nan.nii.gz", "no finite value")):
+        code, out, err = run_cli(capsys, folder, "--image", tmp_path / name, "--question", "q")
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+        assert err.startswith("gmaivl-rt ask: error: image 1") and word in err and name not in err
