@@ -748,7 +748,7 @@ def _pillow_open(path):
                                 f"({Image.MAX_IMAGE_PIXELS}), a possible decompression bomb") from None
     except UnidentifiedImageError:
         raise MedicalImageError(f"{_label(path)}: not a readable image file") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except Exception as e:  # Pillow's plugins raise many types (OSError, SyntaxError, TypeError, KeyError, ...)
         raise MedicalImageError(f"{_label(path)}: corrupt or truncated image ({safe_reason(e)})") from None
 
 
@@ -757,7 +757,7 @@ def _pillow_frame(path, img, index: int):
         try:
             img.seek(index)
             img.load()
-        except (OSError, EOFError, ValueError) as e:
+        except Exception as e:  # damaged later frames fail as variously as the first
             raise MedicalImageError(f"{_label(path)}: cannot read frame {index} ({safe_reason(e)})") from None
     return img
 
@@ -768,7 +768,10 @@ class _PillowSource:
         self.window, self.window_name = _parse_window(window, path)
         self.img = _pillow_open(path)
         self.fmt = fmt if fmt != "image" else (self.img.format or "image").lower()
-        self.count = int(getattr(self.img, "n_frames", 1))
+        try:
+            self.count = int(getattr(self.img, "n_frames", 1))
+        except Exception as e:  # counting frames walks a damaged file
+            raise MedicalImageError(f"{_label(path)}: corrupt image frames ({safe_reason(e)})") from None
 
     def default_index(self) -> int:
         return 0
@@ -776,10 +779,15 @@ class _PillowSource:
     def image(self, index: int) -> MedicalImage:
         img = _pillow_frame(self.path, self.img, index)
         mode = img.mode
-        if mode.startswith("I;16") or mode in ("I", "F", "L"):
-            unit, name = grey_unit(np.asarray(img), self.window, self.window_name, _label(self.path))
-        else:
-            unit, name = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0, "none"
+        try:
+            if mode.startswith("I;16") or mode in ("I", "F", "L"):
+                unit, name = grey_unit(np.asarray(img), self.window, self.window_name, _label(self.path))
+            else:
+                unit, name = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0, "none"
+        except MedicalImageError:
+            raise
+        except Exception as e:  # a damaged file can fail as late as the conversion
+            raise MedicalImageError(f"{_label(self.path)}: corrupt image data ({safe_reason(e)})") from None
         return MedicalImage(pixels=_to_uint8(unit), index=index, count=self.count, source_format=self.fmt,
                             window_name=name, photometric=mode, source_size=(img.size[1], img.size[0]))
 
