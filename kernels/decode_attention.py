@@ -63,9 +63,16 @@ def split_program(Q, SEQLENS, stride_qb, stride_qh, NUM_KV_HEADS, GROUP, split_l
 
 
 @triton.jit
-def split_chunk(q, k, v, pos_ok, acc, m_i, l_i, qk_scale, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Fold one chunk of keys/values (BLOCK_N, BLOCK_D) into the running softmax; pos_ok masks positions past the
-    chunk's end."""
+def split_chunk(q, k_ptrs, v_ptrs, pos_ok, d_ok, acc, m_i, l_i, qk_scale, ALIGNED: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """Load one chunk of keys/values (BLOCK_N rows of BLOCK_D, at k_ptrs / v_ptrs) and fold it into the running
+    softmax; pos_ok masks positions past the chunk's end."""
+    mask = pos_ok[:, None] & d_ok[None, :]
+    if ALIGNED:
+        k_ptrs = tl.multiple_of(k_ptrs, [1, 16])
+        v_ptrs = tl.multiple_of(v_ptrs, [1, 16])
+    k = tl.load(k_ptrs, mask=mask, other=0.0)
+    v = tl.load(v_ptrs, mask=mask, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -110,15 +117,10 @@ def _decode_split_kernel(Q, K, V, SEQLENS, PART_M, PART_L, PART_ACC, qk_scale,
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
         pos_ok = pos < hi
-        mask = pos_ok[:, None] & d_ok[None, :]
         k_ptrs = k_base + pos[:, None] * stride_kl + offs_d[None, :]
         v_ptrs = v_base + pos[:, None] * stride_vl + offs_d[None, :]
-        if ALIGNED:
-            k_ptrs = tl.multiple_of(k_ptrs, [1, 16])
-            v_ptrs = tl.multiple_of(v_ptrs, [1, 16])
-        k = tl.load(k_ptrs, mask=mask, other=0.0)
-        v = tl.load(v_ptrs, mask=mask, other=0.0)
-        acc, m_i, l_i = split_chunk(q, k, v, pos_ok, acc, m_i, l_i, qk_scale, UPCAST, PRECISION)
+        acc, m_i, l_i = split_chunk(q, k_ptrs, v_ptrs, pos_ok, d_ok, acc, m_i, l_i, qk_scale, ALIGNED, UPCAST,
+                                    PRECISION)
     store_split(PART_M, PART_L, PART_ACC, batch, heads, split, m_i, l_i, acc, head_ok, d_ok, NUM_KV_HEADS, GROUP,
                 NUM_SPLITS, HEAD_DIM, BLOCK_D)
 

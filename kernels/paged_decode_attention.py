@@ -66,15 +66,10 @@ def _paged_split_kernel(Q, K, V, TABLES, SEQLENS, PART_M, PART_L, PART_ACC, qk_s
         pos_ok = pos < hi
         block = tl.load(table + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
         offset = pos % BLOCK_SIZE
-        mask = pos_ok[:, None] & d_ok[None, :]
         k_ptrs = K + (block * stride_kn + offset * stride_kl + kv_head * stride_kh)[:, None] + offs_d[None, :]
         v_ptrs = V + (block * stride_vn + offset * stride_vl + kv_head * stride_vh)[:, None] + offs_d[None, :]
-        if ALIGNED:
-            k_ptrs = tl.multiple_of(k_ptrs, [1, 16])
-            v_ptrs = tl.multiple_of(v_ptrs, [1, 16])
-        k = tl.load(k_ptrs, mask=mask, other=0.0)
-        v = tl.load(v_ptrs, mask=mask, other=0.0)
-        acc, m_i, l_i = split_chunk(q, k, v, pos_ok, acc, m_i, l_i, qk_scale, UPCAST, PRECISION)
+        acc, m_i, l_i = split_chunk(q, k_ptrs, v_ptrs, pos_ok, d_ok, acc, m_i, l_i, qk_scale, ALIGNED, UPCAST,
+                                    PRECISION)
     store_split(PART_M, PART_L, PART_ACC, batch, heads, split, m_i, l_i, acc, head_ok, d_ok, NUM_KV_HEADS, GROUP,
                 NUM_SPLITS, HEAD_DIM, BLOCK_D)
 
