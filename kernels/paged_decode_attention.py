@@ -10,11 +10,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting, pick_config, use_triton
+from ._dispatch import use_triton
 from ._spec import KernelSpec, Roofline
-from .attention import launch_attrs, online_softmax_step
-from .decode_attention import (_LOG2E, _NEG_BIG, MAX_SPLITS, REDUCE_WARPS, _decode_reduce_kernel, _rows_aligned,
-                               decode_attention_reference)
+from .attention import launch_attrs
+from .decode_attention import (_NEG_BIG, _num_splits, decode_attention_reference, launch_split_decode, split_chunk,
+                               split_program, store_split)
 
 
 def paged_decode_attention(q, k_pool, v_pool, block_tables, cache_seqlens, *, softmax_scale=None):
@@ -52,24 +52,10 @@ def _paged_split_kernel(Q, K, V, TABLES, SEQLENS, PART_M, PART_L, PART_ACC, qk_s
                         UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Grid: (batch * kv_heads, NUM_SPLITS). As decode_attention's split kernel, except that the K/V rows of
     positions pos come from block TABLES[batch, pos // BLOCK_SIZE], offset pos % BLOCK_SIZE, of the pools."""
-    pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
-    batch = pid_bh // NUM_KV_HEADS
-    kv_head = pid_bh % NUM_KV_HEADS
-    seqlen = tl.load(SEQLENS + batch)
-    lo = split * split_len
-    hi = tl.minimum(lo + split_len, seqlen)
-
-    offs_h = tl.arange(0, BLOCK_H)
+    batch, kv_head, split, lo, hi, q, heads, head_ok, d_ok = split_program(
+        Q, SEQLENS, stride_qb, stride_qh, NUM_KV_HEADS, GROUP, split_len, HEAD_DIM, BLOCK_D, BLOCK_H, UPCAST)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    heads = kv_head * GROUP + offs_h
-    head_ok = offs_h < GROUP
-    d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + batch.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=head_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
     table = TABLES + batch.to(tl.int64) * stride_tb
 
     m_i = tl.full([BLOCK_H], _NEG_BIG, tl.float32)
@@ -80,26 +66,12 @@ def _paged_split_kernel(Q, K, V, TABLES, SEQLENS, PART_M, PART_L, PART_ACC, qk_s
         pos_ok = pos < hi
         block = tl.load(table + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
         offset = pos % BLOCK_SIZE
-        mask = pos_ok[:, None] & d_ok[None, :]
         k_ptrs = K + (block * stride_kn + offset * stride_kl + kv_head * stride_kh)[:, None] + offs_d[None, :]
         v_ptrs = V + (block * stride_vn + offset * stride_vl + kv_head * stride_vh)[:, None] + offs_d[None, :]
-        if ALIGNED:
-            k_ptrs = tl.multiple_of(k_ptrs, [1, 16])
-            v_ptrs = tl.multiple_of(v_ptrs, [1, 16])
-        k = tl.load(k_ptrs, mask=mask, other=0.0)
-        v = tl.load(v_ptrs, mask=mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(pos_ok[None, :], s, float("-inf"))
-        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, PRECISION)
-
-    row = (batch * NUM_KV_HEADS * GROUP + heads) * NUM_SPLITS + split  # partials laid out (B, Hq, NUM_SPLITS, ...)
-    tl.store(PART_M + row, m_i, mask=head_ok)
-    tl.store(PART_L + row, l_i, mask=head_ok)
-    tl.store(PART_ACC + row[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :], acc,
-             mask=head_ok[:, None] & d_ok[None, :])
+        acc, m_i, l_i = split_chunk(q, k_ptrs, v_ptrs, pos_ok, d_ok, acc, m_i, l_i, qk_scale, ALIGNED, UPCAST,
+                                    PRECISION)
+    store_split(PART_M, PART_L, PART_ACC, batch, heads, split, m_i, l_i, acc, head_ok, d_ok, NUM_KV_HEADS, GROUP,
+                NUM_SPLITS, HEAD_DIM, BLOCK_D)
 
 
 # (BLOCK_N, num_warps, num_stages); the first is the default (interpreter / report). BLOCK_N spans whole or part
@@ -113,12 +85,6 @@ def _split_triton_configs():
 
 _paged_split_tuned = triton.autotune(_split_triton_configs(), key=["HEAD_DIM", "BLOCK_H", "BLOCK_SIZE",
                                                                     "PRECISION"])(_paged_split_kernel)
-
-
-def _num_splits(batch, kv_heads, max_len, device):
-    """Enough (batch, kv head, split) programs to cover the GPU about twice; a few under the interpreter."""
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(triton.cdiv(target, batch * kv_heads), MAX_SPLITS, triton.cdiv(max_len, 64)))
 
 
 def _paged_decode_attention_triton(q, k_pool, v_pool, block_tables, cache_seqlens, softmax_scale,
@@ -141,31 +107,12 @@ def _paged_decode_attention_triton(q, k_pool, v_pool, block_tables, cache_seqlen
     q, k_pool, v_pool = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_pool, v_pool))
     tables = block_tables.to(device=q.device, dtype=torch.int32).contiguous()
     seqlens = cache_seqlens.to(device=q.device, dtype=torch.int32)
-    group = num_heads // num_kv_heads
-    scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
     max_len = tables.shape[1] * block_size
     splits = num_splits or _num_splits(batch, num_kv_heads, max_len, q.device)
-    split_len = triton.cdiv(max_len, splits)
-    part_m = torch.empty((batch, num_heads, splits), device=q.device, dtype=torch.float32)
-    part_l = torch.empty_like(part_m)
-    part_acc = torch.empty((batch, num_heads, splits, head_dim), device=q.device, dtype=torch.float32)
-    out = torch.empty_like(q)
-    flags = dict(HEAD_DIM=head_dim, BLOCK_SIZE=block_size, ALIGNED=all(_rows_aligned(t) for t in (k_pool, v_pool)),
-                 BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_H=max(16, triton.next_power_of_2(group)),
-                 UPCAST=interpreting() and q.dtype == torch.bfloat16,  # interpreter cannot compute on bf16
-                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    args = (q, k_pool, v_pool, tables, seqlens, part_m, part_l, part_acc, scale * _LOG2E, q.stride(0), q.stride(1),
-            *k_pool.stride()[:3], *v_pool.stride()[:3], tables.stride(0), num_kv_heads, group, splits, split_len)
-    grid = (batch * num_kv_heads, splits)
-    if q.is_cuda:
-        _paged_split_tuned[grid](*args, **flags)
-    else:
-        block_n, warps, stages = pick_config(SPLIT_CONFIGS)
-        _paged_split_kernel[grid](*args, **flags, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-    _decode_reduce_kernel[(batch * num_heads,)](
-        part_m, part_l, part_acc, out, out.stride(0), out.stride(1), num_heads, splits, HEAD_DIM=head_dim,
-        BLOCK_D=flags["BLOCK_D"], BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=REDUCE_WARPS)
-    return out
+    return launch_split_decode((_paged_split_kernel, _paged_split_tuned, SPLIT_CONFIGS), q, k_pool, v_pool,
+                               (tables, seqlens), (*k_pool.stride()[:3], *v_pool.stride()[:3], tables.stride(0)),
+                               num_kv_heads, splits, triton.cdiv(max_len, splits), softmax_scale,
+                               BLOCK_SIZE=block_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
