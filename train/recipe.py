@@ -27,15 +27,22 @@ import torch
 import yaml
 
 from gmaivl_rt.atomic import atomic_write_jsonl, atomic_write_text
+from gmaivl_rt.errors import GmaivlError, ModelError
 
 from . import distributed as dist_utils
-from .checkpointing import latest_checkpoint, load_trainer_state, restore, save_checkpoint, write_model
+from .checkpointing import (checkpoints_dir, latest_checkpoint, load_trainer_state, restore, save_checkpoint,
+                            write_model)
 from .config import load_train_config
 from .dataset import ImagePolicy, PackedDataset
 from .tokenizer import (chat_stop_ids, check_tokenizer_fits, conversation_texts, load_tokenizer, model_vocab_fields,
                         save_hf_tokenizer, train_bpe_tokenizer)
 
 logger = logging.getLogger(__name__)
+NAN_POLICIES = ("stop", "skip")
+
+
+class NonFiniteTrainingError(GmaivlError, ValueError):
+    """A step's loss or gradient norm is NaN/Inf (train.nan_policy decides when this stops the run)."""
 
 
 def train(stage: int, data, out, *, config=None, preset: str | None = None, init=None, tokenizer=None,
@@ -82,6 +89,7 @@ def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps
     else:
         model = GMAIVL(_preset_config(GMAIVLConfig, cfg["preset"], tokenizer))
     check_tokenizer_fits(model.config, tokenizer, tokenizer_dir)
+    check_finite_weights(model, checkpoint or init or "the new model")
     trainable = set_trainable(model, cfg["trainable"])
     model.set_gradient_checkpointing(bool(cfg["train"]["activation_checkpointing"]))
     model.to(info.device).train()
@@ -106,8 +114,11 @@ def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(total_steps, warmup, float(cfg["schedule"]["min_lr_ratio"])))
     start_step = 0
+    counters = {"skipped_steps": 0, "nonfinite_in_row": 0}  # batches dropped for a non-finite loss / grad norm
     if checkpoint is not None:
-        start_step = restore(load_trainer_state(checkpoint), model, optimizer, scheduler, info)
+        state = load_trainer_state(checkpoint)
+        start_step = restore(state, model, optimizer, scheduler, info)
+        counters.update({k: int(state["trainer"].get(k, 0)) for k in counters})
     log_path = out / "log.jsonl"
     log = _read_log(log_path)[:start_step] if checkpoint is not None else []
     if info.is_main:
@@ -119,6 +130,9 @@ def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps
     precision = cfg["train"]["precision"]
     use_bf16 = precision == "bf16" or (precision == "auto" and info.device.type == "cuda")
     grad_clip = float(cfg["train"]["grad_clip"])
+    nan_policy, nan_max_skips = str(cfg["train"]["nan_policy"]), int(cfg["train"]["nan_max_skips"])
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"train.nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
     # This rank's packs for every remaining step, in order; workers (data.num_workers) decode images ahead.
     loader = iter(torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=[i for s in range(start_step, end_step) for i in sampler.rank_batch(s)],
@@ -145,22 +159,39 @@ def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps
             tokens += dataset.num_tokens(index)
         grad_norm = _grad_norm(torch.nn.utils.clip_grad_norm_(params, grad_clip))
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        # Every rank sees the same global loss and grad norm, so every rank takes the same branch below.
         loss = dist_utils.all_reduce_sum(loss_share, info)
         tokens = dist_utils.all_reduce_sum(float(tokens), info)
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+            counters["nonfinite_in_row"] = 0
+        else:  # the batch is dropped: no optimizer step, and the weights stay those of the last good step
+            counters["skipped_steps"] += 1
+            counters["nonfinite_in_row"] += 1
+        stop = not finite and (nan_policy == "stop" or counters["nonfinite_in_row"] >= nan_max_skips)
+        stop_reason = _nonfinite_message(step + 1, loss, grad_norm, model, nan_policy, counters["nonfinite_in_row"],
+                                         out) if stop else None  # before zero_grad: it names the bad gradients
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started
         record = {"stage": stage, "step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens": int(tokens), "tokens_per_s": tokens / seconds, "peak_mem_mb": _peak_memory_mb(info)}
+        if not finite:
+            record["skipped"] = True
+        record = strict_json_record(record)
         log.append(record)
         if info.is_main:
             with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(record, allow_nan=False) + "\n")
+        if stop:
+            bar.close()
+            raise NonFiniteTrainingError(stop_reason)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
         if (step + 1) % int(cfg["train"]["save_every"]) == 0 or step + 1 == end_step:
-            save_checkpoint(out, step + 1, model, optimizer, scheduler, {"stage": stage, "total_steps": total_steps},
+            save_checkpoint(out, step + 1, model, optimizer, scheduler,
+                            {"stage": stage, "total_steps": total_steps, **counters},
                             info, keep_last=int(cfg["train"]["keep_last"]))
     bar.close()
 
@@ -178,7 +209,7 @@ def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps
     dist_utils.barrier(info)
     return {"out": str(out), "stage": stage, "steps": end_step, "total_steps": total_steps,
             "losses": [r["loss"] for r in log], "final_loss": log[-1]["loss"] if log else None,
-            "data": dataset.stats()}
+            "skipped_steps": counters["skipped_steps"], "data": dataset.stats()}
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -268,6 +299,37 @@ def _peak_memory_mb(info) -> float:
     if info.device.type == "cuda":
         return torch.cuda.max_memory_allocated(info.device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB: process peak RSS
+
+
+def strict_json_record(record: dict) -> dict:
+    """The log record with NaN/Inf floats as null and their keys listed under "nonfinite" (strict JSON)."""
+    bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return record
+    return {**{k: (None if k in bad else v) for k, v in record.items()}, "nonfinite": bad}
+
+
+def check_finite_weights(model: torch.nn.Module, source) -> None:
+    """Refuse a model with NaN/Inf weights before step 1 (a silently corrupt input trains into NaN)."""
+    bad = [name for name, p in dist_utils.unwrap(model).named_parameters()
+           if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all())]
+    if bad:
+        raise ModelError(f"{source}: the input model has non-finite (NaN/Inf) weights in {len(bad)} tensor(s), "
+                         f"e.g. {', '.join(bad[:3])}; the weights are corrupt")
+
+
+def _nonfinite_message(step: int, loss: float, grad_norm: float, model, policy: str, in_row: int, out) -> str:
+    bad = []
+    for name, p in dist_utils.unwrap(model).named_parameters():
+        grad = getattr(p.grad, "to_local", lambda: p.grad)() if p.grad is not None else None
+        if (grad is not None and not bool(torch.isfinite(grad).all())) or \
+                not bool(torch.isfinite(getattr(p, "to_local", lambda: p)().detach()).all()):
+            bad.append(name)
+    where = f"non-finite gradients or weights in {len(bad)} parameter(s), e.g. {', '.join(bad[:3])}" if bad \
+        else "no parameter is non-finite (the loss itself is)"
+    why = "train.nan_policy is stop" if policy == "stop" else f"{in_row} non-finite steps in a row (nan_max_skips)"
+    return (f"step {step}: loss {loss}, grad norm {grad_norm}; {where}. Stopped before the optimizer step "
+            f"({why}); the last good checkpoint in {checkpoints_dir(out)} stays 'latest'")
 
 
 def _read_log(path: Path) -> list[dict]:

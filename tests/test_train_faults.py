@@ -1,0 +1,116 @@
+"""Training faults: a non-finite loss never reaches the weights (stop or skip), the log stays strict JSON, a
+corrupt input model is refused before step 1, and resume survives (or reports) a bad checkpoint."""
+import json
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from train_fixtures import make_training_setup
+
+from gmaivl_rt import GMAIVL, GMAIVLConfig
+from gmaivl_rt.errors import ModelError
+from gmaivl_rt.train import train
+from gmaivl_rt.train.checkpointing import latest_checkpoint
+from gmaivl_rt.train.recipe import NonFiniteTrainingError, _preset_config
+from gmaivl_rt.train.tokenizer import load_tokenizer
+
+
+def _overrides(steps, **train_keys):
+    return {"batch": {"global_batch_size": 1}, "schedule": {"total_steps": steps}, "optimizer": {"lr": 1e-3},
+            "data": {"max_length": 128}, "train": {"save_every": 1, "keep_last": 10, **train_keys}}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return make_training_setup(tmp_path_factory.mktemp("data"), records_per_source=(6, 4))
+
+
+def _strict_log(out):
+    """log.jsonl parsed as strict JSON: a bare NaN / Infinity fails the test."""
+    def refuse(constant):
+        raise AssertionError(f"log.jsonl holds {constant}, which is not JSON")
+    return [json.loads(line, parse_constant=refuse) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def nan_at(monkeypatch):
+    """nan_at({3}): the loss of the 3rd forward pass (= optimizer step 3 at one pack per step) becomes NaN."""
+    calls, bad = [0], set()
+    forward = GMAIVL.forward
+
+    def poisoned(self, *args, **kwargs):
+        output = forward(self, *args, **kwargs)
+        calls[0] += 1
+        if calls[0] in bad and output.loss is not None:
+            output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(GMAIVL, "forward", poisoned)
+    return bad.update
+
+
+def _weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_nan_loss_stops_before_the_optimizer_step(tmp_path, setup, nan_at):
+    data, tokenizer = setup
+    nan_at({3})
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteTrainingError, match=r"step 3: loss nan.*non-finite gradients.*parameter") as e:
+        train(1, data, out, preset="tiny", tokenizer=tokenizer, overrides=_overrides(4), progress=False)
+    assert "stays 'latest'" in str(e.value)
+    assert latest_checkpoint(out).name == "step-00000002"
+    assert not (out / "checkpoints" / "step-00000003").exists() and not (out / "model.safetensors").exists()
+    log = _strict_log(out)
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert log[2]["loss"] is None and "loss" in log[2]["nonfinite"] and log[2]["skipped"] is True
+    assert all(math.isfinite(r["loss"]) and "nonfinite" not in r for r in log[:2])
+    assert all(bool(torch.isfinite(t).all()) for t in _weights(latest_checkpoint(out)).values())
+
+
+def test_nan_skip_drops_the_batch_and_stops_after_a_run_of_them(tmp_path, setup, nan_at):
+    data, tokenizer = setup
+    nan_at({2, 6, 7})
+    out = tmp_path / "skip"
+    result = train(1, data, out, preset="tiny", tokenizer=tokenizer, progress=False,
+                   overrides=_overrides(4, nan_policy="skip", nan_max_skips=2))
+    assert result["skipped_steps"] == 1 and result["steps"] == 4
+    log = _strict_log(out)
+    assert log[1]["loss"] is None and log[1]["skipped"] is True
+    assert all("skipped" not in r for r in (log[0], log[2], log[3]))
+    # The dropped step changed no weight: step 2's checkpoint equals step 1's; step 3 trained on.
+    ckpt = out / "checkpoints"
+    one, two, three = (_weights(ckpt / f"step-0000000{i}") for i in (1, 2, 3))
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert not all(torch.equal(two[k], three[k]) for k in two)
+    assert all(bool(torch.isfinite(t).all()) for t in _weights(out).values())
+
+    # A second run's steps 2 and 3 (forward calls 6 and 7) are two bad steps in a row: nan_max_skips=2 stops.
+    with pytest.raises(NonFiniteTrainingError, match=r"step 3: .*2 non-finite steps in a row"):
+        train(1, data, tmp_path / "skip2", preset="tiny", tokenizer=tokenizer, progress=False,
+              overrides=_overrides(5, nan_policy="skip", nan_max_skips=2))
+    assert latest_checkpoint(tmp_path / "skip2").name == "step-00000002"
+
+
+def _overwrite_tensor_in_place(file, name, byte=0xFF):
+    """Overwrite one tensor's bytes in a safetensors file (same size: the file still parses). 0xFF.. is NaN."""
+    with safe_open(str(file), "pt") as f:
+        assert name in f.keys()
+    raw = file.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    start, end = json.loads(raw[8:8 + header_len])[name]["data_offsets"]
+    base = 8 + header_len
+    file.write_bytes(raw[:base + start] + bytes([byte]) * (end - start) + raw[base + end:])
+
+
+def test_input_model_with_nan_weights_is_refused_before_step_1(tmp_path, setup):
+    data, tokenizer = setup
+    init = tmp_path / "init"
+    GMAIVL(_preset_config(GMAIVLConfig, "tiny", load_tokenizer(tokenizer))).save_pretrained(init)
+    _overwrite_tensor_in_place(init / "model.safetensors", "multi_modal_projector.linear_1.weight")
+    with pytest.raises(ModelError, match=r"non-finite .*multi_modal_projector\.linear_1\.weight"):
+        train(2, data, tmp_path / "out", init=init, tokenizer=tokenizer, overrides=_overrides(1), progress=False)
+    assert not (tmp_path / "out" / "checkpoints").exists() and not (tmp_path / "out" / "log.jsonl").exists()
