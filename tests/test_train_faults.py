@@ -1,18 +1,23 @@
 """Training faults: a non-finite loss never reaches the weights (stop or skip), the log stays strict JSON, a
 corrupt input model is refused before step 1, and resume survives (or reports) a bad checkpoint."""
 import json
+import logging
 import math
+import random
+import re
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from train_fixtures import make_training_setup
+from train_fixtures import make_training_setup, write_config
 
 from gmaivl_rt import GMAIVL, GMAIVLConfig
+from gmaivl_rt.checkpoint import CheckpointError
 from gmaivl_rt.errors import ModelError
 from gmaivl_rt.train import train
-from gmaivl_rt.train.checkpointing import latest_checkpoint
+from gmaivl_rt.train.checkpointing import latest_checkpoint, resume_checkpoint, verify_checkpoint
 from gmaivl_rt.train.recipe import NonFiniteTrainingError, _preset_config
 from gmaivl_rt.train.tokenizer import load_tokenizer
 
@@ -114,3 +119,89 @@ def test_input_model_with_nan_weights_is_refused_before_step_1(tmp_path, setup):
     with pytest.raises(ModelError, match=r"non-finite .*multi_modal_projector\.linear_1\.weight"):
         train(2, data, tmp_path / "out", init=init, tokenizer=tokenizer, overrides=_overrides(1), progress=False)
     assert not (tmp_path / "out" / "checkpoints").exists() and not (tmp_path / "out" / "log.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------------------------------ resume
+@pytest.fixture(scope="module")
+def four_checkpoints(setup, tmp_path_factory):
+    """A finished 4-step run with a checkpoint after every step."""
+    data, tokenizer = setup
+    out = tmp_path_factory.mktemp("run") / "out"
+    train(1, data, out, preset="tiny", tokenizer=tokenizer, overrides=_overrides(4), progress=False)
+    return out
+
+
+def _copy_run(source, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(source, tmp_path / "out"))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _scramble(path):
+    path.write_bytes(random.Random(0).randbytes(path.stat().st_size))
+
+
+CORRUPTIONS = {  # name: (damage to step-4, what the one-line report must say)
+    "state truncated": (lambda c: _truncate(c / "trainer_state.pt"),
+                        r"step-00000004/trainer_state\.pt: \d+ bytes, the manifest says \d+ \(truncated"),
+    "state random bytes": (lambda c: _scramble(c / "trainer_state.pt"),
+                           r"step-00000004/trainer_state\.pt: SHA-256 does not match"),
+    "weights deleted": (lambda c: (c / "model.safetensors").unlink(),
+                        r"step-00000004/model\.safetensors is missing"),
+    "weights truncated": (lambda c: _truncate(c / "model.safetensors"),
+                          r"step-00000004/model\.safetensors: \d+ bytes, the manifest says"),
+    "state random, no manifest": (lambda c: ((c / "manifest.json").unlink(), _scramble(c / "trainer_state.pt")),
+                                  r"step-00000004/trainer_state\.pt: not a readable trainer state"),
+    "config deleted": (lambda c: (c / "config.json").unlink(), r"step-00000004/config\.json is missing"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(CORRUPTIONS))
+def test_resume_reports_a_bad_checkpoint_and_falls_back(tmp_path, four_checkpoints, damage, caplog):
+    out = _copy_run(four_checkpoints, tmp_path)
+    corrupt, report = CORRUPTIONS[damage]
+    corrupt(out / "checkpoints" / "step-00000004")
+    with caplog.at_level(logging.WARNING, logger="gmaivl_rt.train.checkpointing"):
+        folder, state, model = resume_checkpoint(out, GMAIVL.from_pretrained)
+    assert folder.name == "step-00000003" and state["step"] == 3 and isinstance(model, GMAIVL)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any(re.search(report, w) for w in warnings), warnings
+    assert all("\n" not in w for w in warnings)
+    with pytest.raises(CheckpointError, match=report + r".*--resume strict"):
+        resume_checkpoint(out, GMAIVL.from_pretrained, strict=True)
+
+
+def test_resume_with_every_checkpoint_corrupt_is_one_clear_error(tmp_path, four_checkpoints):
+    out = _copy_run(four_checkpoints, tmp_path)
+    for folder in (out / "checkpoints").glob("step-*"):
+        _truncate(folder / "trainer_state.pt")
+    (out / "checkpoints" / "latest").write_text("step-00000099\n")  # names a checkpoint that is not there
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint to resume from \(5 checked"):
+        resume_checkpoint(out, GMAIVL.from_pretrained)
+
+
+def test_cli_resume_falls_back_and_reproduces_the_run_or_refuses_when_strict(tmp_path, setup, four_checkpoints,
+                                                                              capsys):
+    from gmaivl_rt.cli import main
+
+    data, tokenizer = setup
+    out = _copy_run(four_checkpoints, tmp_path)
+    _truncate(out / "checkpoints" / "step-00000004" / "trainer_state.pt")
+    config = write_config(tmp_path / "cfg.yaml", _overrides(4))
+    argv = ["train", "--stage", "1", "--data", str(data), "--out", str(out), "--preset", "tiny", "--tokenizer",
+            str(tokenizer), "--config", str(config), "--no-progress", "--resume"]
+    assert main(argv + ["strict"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    assert re.search(r"trainer_state\.pt: \d+ bytes, the manifest says .*--resume strict", err[0]), err
+
+    assert main(argv) == 0
+    resumed, original = _strict_log(out), _strict_log(four_checkpoints)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in original]  # step 4 redone bit-identically
+    assert latest_checkpoint(out).name == "step-00000004"
+    verify_checkpoint(out / "checkpoints" / "step-00000004")  # rewritten whole

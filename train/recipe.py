@@ -30,8 +30,7 @@ from gmaivl_rt.atomic import atomic_write_jsonl, atomic_write_text
 from gmaivl_rt.errors import GmaivlError, ModelError
 
 from . import distributed as dist_utils
-from .checkpointing import (checkpoints_dir, latest_checkpoint, load_trainer_state, restore, save_checkpoint,
-                            write_model)
+from .checkpointing import checkpoints_dir, restore, resume_checkpoint, save_checkpoint, write_model
 from .config import load_train_config
 from .dataset import ImagePolicy, PackedDataset
 from .tokenizer import (chat_stop_ids, check_tokenizer_fits, conversation_texts, load_tokenizer, model_vocab_fields,
@@ -46,12 +45,13 @@ class NonFiniteTrainingError(GmaivlError, ValueError):
 
 
 def train(stage: int, data, out, *, config=None, preset: str | None = None, init=None, tokenizer=None,
-          max_steps: int | None = None, resume: bool = False, overrides: dict | None = None,
+          max_steps: int | None = None, resume: bool | str = False, overrides: dict | None = None,
           progress: bool = True) -> dict:
     """Run one stage. data: data folder (meta.json) or meta-list; out: the stage's output folder; config: an extra
     YAML layer; preset: model preset when there is no `init`; init: the previous stage's output folder;
     tokenizer: a tokenizer folder (default: init's, else trained on `data`); max_steps: stop after this many
-    optimizer steps (the schedule keeps its full length); resume: continue from OUT's latest checkpoint.
+    optimizer steps (the schedule keeps its full length); resume: continue from OUT's newest complete checkpoint
+    (True: a corrupt newest one is reported and the one before it used; "strict": a corrupt one is an error).
     Works the same under torchrun. Returns a summary dict (steps, losses, final_loss, out)."""
     info = dist_utils.setup()
     try:
@@ -79,15 +79,13 @@ def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps
     # ---- tokenizer and model
     tokenizer_dir = _resolve_tokenizer(tokenizer_dir, init, out, data, cfg, info)
     tokenizer = load_tokenizer(tokenizer_dir)
-    checkpoint = latest_checkpoint(out) if resume else None
+    found = resume_checkpoint(out, GMAIVL.from_pretrained, strict=resume == "strict") if resume else None
+    checkpoint, state, model = found or (None, None, None)
     if resume and checkpoint is None and info.is_main:
         logger.warning("--resume: no checkpoint in %s yet; starting from the beginning", out)
-    if checkpoint is not None:
-        model = GMAIVL.from_pretrained(checkpoint)
-    elif init is not None:
-        model = GMAIVL.from_pretrained(init)
-    else:
-        model = GMAIVL(_preset_config(GMAIVLConfig, cfg["preset"], tokenizer))
+    if checkpoint is None:  # else the model is the checkpoint's, loaded (and verified) by resume_checkpoint
+        model = GMAIVL.from_pretrained(init) if init is not None else \
+            GMAIVL(_preset_config(GMAIVLConfig, cfg["preset"], tokenizer))
     check_tokenizer_fits(model.config, tokenizer, tokenizer_dir)
     check_finite_weights(model, checkpoint or init or "the new model")
     trainable = set_trainable(model, cfg["trainable"])
@@ -116,7 +114,6 @@ def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps
     start_step = 0
     counters = {"skipped_steps": 0, "nonfinite_in_row": 0}  # batches dropped for a non-finite loss / grad norm
     if checkpoint is not None:
-        state = load_trainer_state(checkpoint)
         start_step = restore(state, model, optimizer, scheduler, info)
         counters.update({k: int(state["trainer"].get(k, 0)) for k in counters})
     log_path = out / "log.jsonl"
