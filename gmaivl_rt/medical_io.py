@@ -356,8 +356,7 @@ class _DicomSource:
         except Exception as e:  # pydicom raises many types on damaged files
             raise MedicalImageError(f"{_label(path)}: unreadable DICOM ({safe_reason(e)})") from None
         if "PixelData" not in ds:
-            raise MedicalImageError(f"{_label(path)}: DICOM file has no pixel data "
-                                    f"(modality {ds.get('Modality', 'unknown')}: not an image)")
+            raise MedicalImageError(f"{_label(path)}: DICOM file has no pixel data (not an image)")
         self.ds = ds
         self._check_decoder()
         with quiet_pydicom():

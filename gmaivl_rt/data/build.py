@@ -38,7 +38,7 @@ import numpy as np
 
 from gmaivl_rt.atomic import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 from gmaivl_rt.data import templates as T
-from gmaivl_rt.data.deid import find_phi, phi_values_of_file, safe_stem, safe_token, scrub
+from gmaivl_rt.data.deid import find_phi, phi_values_of_file, safe_path, safe_stem, safe_token, scrub
 from gmaivl_rt.data.manifest import (TASK_CODES, DatasetSpec, ManifestError, load_manifest, missing_columns,
                                      parse_boxes, parse_options, read_annotations)
 from gmaivl_rt.medical_io import (DICOM_SUFFIXES, NIFTI_SUFFIXES, PILLOW_SUFFIXES, MaskError, MedicalImageError,
@@ -467,8 +467,9 @@ def _build(out_dir, specs, rewriter, rewriter_id, seed, progress, make_summary, 
                     except (KeyError, ValueError, TypeError, OSError) as e:  # malformed row or file system
                         raise ItemError("error", safe_reason(e)) from None
                 except ItemError as e:
-                    errors.append({"dataset": spec.name, "source": scrub(str(row.get("image", "")), converter.phi),
-                                   "kind": e.kind, "reason": scrub(e.reason, converter.phi)})
+                    source = safe_path(str(row.get("image", "")), converter.phi)
+                    errors.append({"dataset": spec.name, "source": source, "kind": e.kind,
+                                   "reason": scrub(e.reason, converter.phi)})
                     logger.warning("skipped %s item %s: %s", spec.name, errors[-1]["source"], errors[-1]["reason"])
                     bar.update(1)
                     continue
