@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gmaivl_rt.atomic import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
+from gmaivl_rt.atomic import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, remove_partial_files
 from gmaivl_rt.data import templates as T
 from gmaivl_rt.data.deid import find_phi, phi_values_of_file, safe_path, safe_stem, safe_token, scrub
 from gmaivl_rt.data.manifest import (TASK_CODES, DatasetSpec, ManifestError, load_manifest, missing_columns,
@@ -433,6 +433,7 @@ def _build(out_dir, specs, rewriter, rewriter_id, seed, progress, make_summary, 
     from tqdm import tqdm
 
     started = time.perf_counter()
+    partial = _remove_partial_files(out_dir)
     store = ImageStore(os.path.join(out_dir, "images"))
     converter = _Converter(store, seed, rewriter)
     work_root = os.path.join(out_dir, ".work")
@@ -451,7 +452,8 @@ def _build(out_dir, specs, rewriter, rewriter_id, seed, progress, make_summary, 
     if progress is None:
         progress = sys.stderr.isatty()
     bar = tqdm(total=total, unit="item", desc="data build", disable=not progress)
-    meta, tags, counters = {}, [], {"images": 0, "empty_slices_skipped": 0, "rewrite_failures": 0, "resumed": 0}
+    meta, tags, counters = {}, [], {"images": 0, "empty_slices_skipped": 0, "rewrite_failures": 0, "resumed": 0,
+                                    "partial_files_removed": partial}
     for spec, rows in plan:
         records = []
         for row in rows:
@@ -498,6 +500,15 @@ def _build(out_dir, specs, rewriter, rewriter_id, seed, progress, make_summary, 
     logger.info("wrote %d records (%d images converted, %d new PNGs), %d items skipped with errors, %.1f s",
                 summary["records"], counters["images"], store.written, len(errors), seconds)
     return summary
+
+
+def _remove_partial_files(out_dir: str) -> int:
+    """Delete the temporary files a killed run left in this build's own folders (by atomic's naming pattern)."""
+    removed = remove_partial_files(out_dir, recursive=False)  # meta.json, summary.json, errors.jsonl
+    removed += sum(remove_partial_files(os.path.join(out_dir, sub)) for sub in ("images", "annotations", ".work"))
+    if removed:
+        logger.info("removed %d partial file(s) left by an interrupted run", removed)
+    return removed
 
 
 def _load_work(path: str, image_root: str) -> ItemResult | None:

@@ -22,6 +22,7 @@ def make_summary(tags: list[dict], errors: list[dict], specs, counters: dict, se
         "images_converted": counters["images"],
         "new_png_files": new_pngs,
         "items_resumed": counters["resumed"],
+        "partial_files_removed": counters.get("partial_files_removed", 0),
         "errors": len(errors),
         "errors_by_kind": dict(Counter(e["kind"] for e in errors).most_common()),
         "errors_by_dataset": dict(Counter(e["dataset"] for e in errors).most_common()),
