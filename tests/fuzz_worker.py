@@ -3,10 +3,12 @@
     python tests/fuzz_worker.py FORMAT WORK_DIR EXAMPLES SEED_FILE [SEED_FILE ...]
 
 Mutations: bit flips, truncation, length / size fields set to huge values, random bytes and (DICOM) random data
-elements inserted, whole header fields replaced. Each call runs under a wall-clock bound (SIGALRM) and the process
-under an address-space bound (RLIMIT_AS), so a hang or a huge allocation is a finding, not a stuck machine. The only
-exceptions allowed are MedicalImageError and LimitError, and neither may come from a MemoryError (the reader must
-refuse an oversized image before allocating it). A finding's bytes are saved under WORK_DIR/findings/ (add them to
+elements inserted, whole header fields replaced. Each input is read from its file and from its bytes through
+`to_medical_image` (the service's entry point, default limits) into `read_medical_image`. Each call runs under a
+wall-clock bound (SIGALRM) and the process under an address-space bound (RLIMIT_AS), so a hang or a huge allocation
+is a finding, not a stuck machine. The only exceptions allowed are InputError's (MedicalImageError, LimitError, and
+'not a recognised image' for bytes), naming the input by its role, and none may come from a MemoryError (the reader
+must refuse an oversized image from its header, before allocating it). A finding's bytes are saved under WORK_DIR/findings/ (add them to
 tests/fuzz_regressions/ once fixed) and the process exits 1 with a JSON report; success prints the counts."""
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import time
 
 CALL_SECONDS = float(os.environ.get("FUZZ_CALL_SECONDS", "10"))
 MEMORY_BYTES = int(float(os.environ.get("FUZZ_MEMORY_GB", "6")) * 2**30)  # address space; torch alone maps ~2 GB
+ROLE = "fuzz input"
 SUFFIX = {"dicom": ".dcm", "png": ".png", "jpeg": ".jpg", "nifti": ".nii", "nifti-gz": ".nii.gz"}
 HUGE = [b"\xff\xff\xff\xff", b"\xff\xff\xff\x7f", b"\x00\x00\x00\x40", b"\xff\xff", b"\xff\x7f", b"\x00\x80"]
 
@@ -75,8 +78,8 @@ def main(argv: list[str]) -> int:
     fmt, work, examples, seed_files = argv[0], argv[1], int(argv[2]), argv[3:]
     from hypothesis import HealthCheck, Phase, given, settings
 
-    from gmaivl_rt.errors import LimitError
-    from gmaivl_rt.medical_io import MedicalImageError, read_medical_image
+    from gmaivl_rt.errors import InputError
+    from gmaivl_rt.image_input import to_medical_image
 
     seeds = [open(p, "rb").read() for p in seed_files]
     target = os.path.join(work, "input" + SUFFIX[fmt])
@@ -87,27 +90,28 @@ def main(argv: list[str]) -> int:
     shrink = os.environ.get("FUZZ_SHRINK") == "1"
 
     def read(data: bytes) -> str | None:
-        """None if the reader behaved, else what went wrong (one line)."""
+        """None if the reader behaved from the file and from the bytes, else what went wrong (one line)."""
         with open(target, "wb") as f:
             f.write(data)
-        started = time.perf_counter()
-        signal.setitimer(signal.ITIMER_REAL, CALL_SECONDS)
-        try:
-            read_medical_image(target)
-            stats["decoded"] += 1
-        except (MedicalImageError, LimitError) as e:
-            stats["refused"] += 1
-            if "MemoryError" in str(e):
-                return f"allocation over the memory bound, reported as: {e}"
-            if not str(e).startswith(os.path.basename(target)) and not isinstance(e, LimitError):
-                return f"error does not name the input: {e}"
-        except CallTimeout:
-            return f"no answer within {CALL_SECONDS} s"
-        except BaseException as e:  # noqa: BLE001 - anything else is the finding
-            return f"{type(e).__name__} escaped: {' '.join(str(e).split())[:300]}"
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            stats["slowest_s"] = max(stats["slowest_s"], round(time.perf_counter() - started, 3))
+        for route, given in (("file", target), ("bytes", data)):
+            started = time.perf_counter()
+            signal.setitimer(signal.ITIMER_REAL, CALL_SECONDS)
+            try:
+                to_medical_image(given, role=ROLE)  # the default limits: pixels, voxels, bytes
+                stats["decoded"] += 1
+            except InputError as e:  # MedicalImageError, LimitError, or 'not a recognised image' for bytes
+                stats["refused"] += 1
+                if "MemoryError" in str(e) or "not enough memory" in str(e):
+                    return f"{route}: allocation over the memory bound, reported as: {e}"
+                if not str(e).startswith(ROLE):
+                    return f"{route}: error does not name the input by its role: {e}"
+            except CallTimeout:
+                return f"{route}: no answer within {CALL_SECONDS} s"
+            except BaseException as e:  # noqa: BLE001 - anything else is the finding
+                return f"{route}: {type(e).__name__} escaped: {' '.join(str(e).split())[:300]}"
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                stats["slowest_s"] = max(stats["slowest_s"], round(time.perf_counter() - started, 3))
         return None
 
     for path in sorted(os.environ.get("FUZZ_REGRESSIONS", "").split(os.pathsep)):
