@@ -8,8 +8,9 @@ elements inserted, whole header fields replaced. Each input is read from its fil
 wall-clock bound (SIGALRM) and the process under an address-space bound (RLIMIT_AS), so a hang or a huge allocation
 is a finding, not a stuck machine. The only exceptions allowed are InputError's (MedicalImageError, LimitError, and
 'not a recognised image' for bytes), naming the input by its role, and none may come from a MemoryError (the reader
-must refuse an oversized image from its header, before allocating it). A finding's bytes are saved under WORK_DIR/findings/ (add them to
-tests/fuzz_regressions/ once fixed) and the process exits 1 with a JSON report; success prints the counts."""
+must refuse an oversized image from its header, before allocating it). A finding's bytes are saved under
+WORK_DIR/findings/ (add them to tests/fuzz_regressions/ once fixed) and the process exits 1 with a JSON report;
+success prints the counts."""
 from __future__ import annotations
 
 import hashlib
@@ -121,7 +122,9 @@ def main(argv: list[str]) -> int:
                 print(json.dumps({"format": fmt, "regression": os.path.basename(path), "problem": problem}))
                 return 1
 
-    @settings(max_examples=examples, derandomize=True, database=None, deadline=None, print_blob=False,
+    # CI: derandomized (the same inputs every run); `make fuzz` (FUZZ_RANDOM=1): new inputs every run.
+    @settings(max_examples=examples, derandomize=os.environ.get("FUZZ_RANDOM") != "1", database=None,
+              deadline=None, print_blob=False,
               phases=[Phase.generate, Phase.shrink] if shrink else [Phase.generate],
               suppress_health_check=list(HealthCheck))
     @given(mutations(seeds, dicom=fmt == "dicom"))
