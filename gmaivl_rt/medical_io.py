@@ -411,6 +411,12 @@ def safe_reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+def _is_decoder_panic(error: BaseException) -> bool:
+    """A Rust decoder's panic on damaged data (pyo3's PanicException, e.g. pylibjpeg-rle): a BaseException, so
+    `except Exception` misses it, but it only means the data cannot be decoded."""
+    return type(error).__name__ == "PanicException"
+
+
 def _plane_from_iop(iop) -> str | None:
     try:
         v = np.asarray([float(x) for x in iop], dtype=np.float64)
@@ -517,7 +523,9 @@ class _DicomSource:
                 with quiet_pydicom():
                     self.ds.pixel_array_options(index=index, decoding_plugin=plugin)
                     return self.ds.pixel_array
-            except Exception as e:  # pydicom and its plugins raise many types on damaged or unsupported data
+            except BaseException as e:  # pydicom and its plugins raise many types on damaged or unsupported data
+                if not (isinstance(e, Exception) or _is_decoder_panic(e)):
+                    raise  # KeyboardInterrupt, SystemExit, ...
                 error = error or e
             finally:
                 self.ds._pixel_array = None  # do not keep a frame cached under the all-frames options

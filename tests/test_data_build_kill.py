@@ -16,6 +16,9 @@ from PIL import Image
 from gmaivl_rt.data.build import build_dataset
 
 DICOM_DIR = os.path.join(os.path.dirname(pydicom.data.__file__), "test_files")
+# One process, so the N-th file move is the same one in every run (worker processes would each count their own;
+# --workers N gives the same output whatever N, tested in test_data_build.py).
+WORKERS = 1
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,7 @@ def _count_replaces(out, src, monkeypatch) -> int:
         real(a, b)
 
     monkeypatch.setattr(os, "replace", counting)
-    build_dataset(out, input_dir=src, progress=False)
+    build_dataset(out, input_dir=src, progress=False, workers=WORKERS)
     monkeypatch.setattr(os, "replace", real)
     return calls[0]
 
@@ -56,7 +59,7 @@ def _build_and_die(out, src, kill_at, before):
             os.kill(os.getpid(), signal.SIGKILL)
 
     os.replace = replace
-    build_dataset(out, input_dir=src, progress=False)
+    build_dataset(out, input_dir=src, progress=False, workers=WORKERS)
     os._exit(0)
 
 
@@ -87,7 +90,7 @@ def test_build_killed_at_many_points_resumes_to_the_same_output(tmp_path, source
         (out / "images" / ".keep.me.tmp").parent.mkdir(parents=True, exist_ok=True)
         (out / "images" / ".keep.me.tmp").write_text("not the build's: the name does not match its pattern")
 
-        summary = build_dataset(out, input_dir=source, progress=False)
+        summary = build_dataset(out, input_dir=source, progress=False, workers=WORKERS)
         assert summary["partial_files_removed"] == len(left), kill_at
         assert _partial_files(out) == [out / "images" / ".keep.me.tmp"]
         assert _annotations(out) == expected, kill_at

@@ -111,12 +111,20 @@ def _overwrite_tensor_in_place(file, name, byte=0xFF):
     file.write_bytes(raw[:base + start] + bytes([byte]) * (end - start) + raw[base + end:])
 
 
-def test_input_model_with_nan_weights_is_refused_before_step_1(tmp_path, setup):
+@pytest.mark.parametrize("damage", ["overwritten in place", "saved with NaN"])
+def test_input_model_with_nan_weights_is_refused_before_step_1(tmp_path, setup, damage):
     data, tokenizer = setup
     init = tmp_path / "init"
-    GMAIVL(_preset_config(GMAIVLConfig, "tiny", load_tokenizer(tokenizer))).save_pretrained(init)
-    _overwrite_tensor_in_place(init / "model.safetensors", "multi_modal_projector.linear_1.weight")
-    with pytest.raises(ModelError, match=r"non-finite .*multi_modal_projector\.linear_1\.weight"):
+    model = GMAIVL(_preset_config(GMAIVLConfig, "tiny", load_tokenizer(tokenizer)))
+    name = "multi_modal_projector.linear_1.weight"
+    if damage == "saved with NaN":  # its digest matches: only the non-finite check can see it
+        with torch.no_grad():
+            model.get_parameter(name)[0, 0] = float("nan")
+    model.save_pretrained(init)
+    if damage == "overwritten in place":  # same size, still parses: the SHA-256 saved with it no longer matches
+        _overwrite_tensor_in_place(init / "model.safetensors", name)
+    reason = "SHA-256" if damage == "overwritten in place" else r"non-finite values \(NaN or inf\)"
+    with pytest.raises(ModelError, match=rf"{name}.*{reason}|{reason}"):
         train(2, data, tmp_path / "out", init=init, tokenizer=tokenizer, overrides=_overrides(1), progress=False)
     assert not (tmp_path / "out" / "checkpoints").exists() and not (tmp_path / "out" / "log.jsonl").exists()
 

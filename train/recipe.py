@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from gmaivl_rt.atomic import atomic_write_jsonl, atomic_write_text
-from gmaivl_rt.errors import GmaivlError, ModelError
+from gmaivl_rt.errors import GmaivlError
 
 from . import distributed as dist_utils
 from .checkpointing import checkpoints_dir, restore, resume_checkpoint, save_checkpoint, write_model
@@ -83,11 +83,12 @@ def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps
     checkpoint, state, model = found or (None, None, None)
     if resume and checkpoint is None and info.is_main:
         logger.warning("--resume: no checkpoint in %s yet; starting from the beginning", out)
+    # GMAIVL.from_pretrained refuses weights that are non-finite or do not match their saved SHA-256 (ModelError),
+    # so a silently corrupt --init or checkpoint never reaches step 1.
     if checkpoint is None:  # else the model is the checkpoint's, loaded (and verified) by resume_checkpoint
         model = GMAIVL.from_pretrained(init) if init is not None else \
             GMAIVL(_preset_config(GMAIVLConfig, cfg["preset"], tokenizer))
     check_tokenizer_fits(model.config, tokenizer, tokenizer_dir)
-    check_finite_weights(model, checkpoint or init or "the new model")
     trainable = set_trainable(model, cfg["trainable"])
     model.set_gradient_checkpointing(bool(cfg["train"]["activation_checkpointing"]))
     model.to(info.device).train()
@@ -304,15 +305,6 @@ def strict_json_record(record: dict) -> dict:
     if not bad:
         return record
     return {**{k: (None if k in bad else v) for k, v in record.items()}, "nonfinite": bad}
-
-
-def check_finite_weights(model: torch.nn.Module, source) -> None:
-    """Refuse a model with NaN/Inf weights before step 1 (a silently corrupt input trains into NaN)."""
-    bad = [name for name, p in dist_utils.unwrap(model).named_parameters()
-           if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all())]
-    if bad:
-        raise ModelError(f"{source}: the input model has non-finite (NaN/Inf) weights in {len(bad)} tensor(s), "
-                         f"e.g. {', '.join(bad[:3])}; the weights are corrupt")
 
 
 def _nonfinite_message(step: int, loss: float, grad_norm: float, model, policy: str, in_row: int, out) -> str:
