@@ -5,13 +5,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
 
+# The temporary name atomic_path writes to: '.<target name>.<8 random characters from mkstemp>.tmp'.
+PARTIAL_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path in the target's folder; on success it replaces `path`, on error it is removed."""
+    """Yield a temporary path in the target's folder; on success it replaces `path`, on error it is removed.
+    A process killed in between leaves the temporary file (named as PARTIAL_FILE matches) behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -38,6 +44,21 @@ def staged_files(out_dir: str | Path, prefix: str = ".staging-"):
         yield Path(tmp)
         for item in sorted(Path(tmp).iterdir()):
             os.replace(item, out_dir / item.name)
+
+
+def remove_partial_files(folder: str | Path, recursive: bool = True) -> int:
+    """Delete the temporary files `atomic_path` left in `folder` (and below when `recursive`) by a killed writer:
+    only those whose name matches PARTIAL_FILE. Returns how many were removed."""
+    removed = 0
+    for dirpath, dirnames, filenames in os.walk(folder):
+        if not recursive:
+            dirnames.clear()
+        for name in filenames:
+            if PARTIAL_FILE.fullmatch(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(dirpath, name))
+                    removed += 1
+    return removed
 
 
 def _read_umask() -> int:

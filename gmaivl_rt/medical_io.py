@@ -59,6 +59,9 @@ PLANES = ("axial", "coronal", "sagittal")
 _PLANE_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}  # RAS axis normal to each plane
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# Compressed DICOM: the [dicom-codecs] extra's decoders first (pylibjpeg-libjpeg / -openjpeg / -rle, pyjpegls,
+# python-gdcm), then pydicom's own order among whatever else is installed (Pillow).
+DICOM_PLUGIN_PREFERENCE = ("pylibjpeg", "pyjpegls", "gdcm")
 PILLOW_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "tiff", ".tiff": "tiff", ".bmp": "bmp"}
 
 
@@ -387,14 +390,16 @@ def _open_source(path, *, window, plane, volume):
 def quiet_pydicom():
     """Silence pydicom's warnings and its logger for the block: both quote raw header values (UIDs, names)."""
     pydicom_logger = logging.getLogger("pydicom")
-    was_disabled = pydicom_logger.disabled
-    pydicom_logger.disabled = True
+    was_disabled, was_propagating = pydicom_logger.disabled, pydicom_logger.propagate
+    # disabled silences pydicom's own logger; its children (pydicom.pixels.decoders.base logs decode failures)
+    # still propagate to the root's handlers unless the parent stops propagation.
+    pydicom_logger.disabled, pydicom_logger.propagate = True, False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        pydicom_logger.disabled = was_disabled
+        pydicom_logger.disabled, pydicom_logger.propagate = was_disabled, was_propagating
 
 
 _UID_OR_NUMBER = re.compile(r"\d[\d.]{5,}")
@@ -408,6 +413,12 @@ def safe_reason(error: BaseException) -> str:
     text = " ".join(str(error).split())[:160]
     text = _UID_OR_NUMBER.sub("#", _QUOTED_OR_PATH.sub("…", text))
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _is_decoder_panic(error: BaseException) -> bool:
+    """A Rust decoder's panic on damaged data (pyo3's PanicException, e.g. pylibjpeg-rle): a BaseException, so
+    `except Exception` misses it, but it only means the data cannot be decoded."""
+    return type(error).__name__ == "PanicException"
 
 
 def _plane_from_iop(iop) -> str | None:
@@ -479,11 +490,17 @@ class _DicomSource:
         self.orientation = _plane_from_iop(iop) if iop else None
 
     def _check_decoder(self):
+        """Refuse a compressed transfer syntax nothing installed decodes; choose the plugins to try, in order."""
         from pydicom.pixels import get_decoder
 
         meta = getattr(self.ds, "file_meta", None)
         uid = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
-        if uid is None or not uid.is_compressed:
+        self._syntax, self._plugins = uid, [""]  # "": pydicom picks among every available plugin
+        try:
+            compressed = uid is not None and uid.is_compressed
+        except Exception:  # a damaged or private transfer syntax UID
+            compressed = False
+        if not compressed:
             return
         try:
             decoder = get_decoder(uid)
@@ -494,21 +511,31 @@ class _DicomSource:
             raise MedicalImageError(
                 f"{_label(self.path)}: transfer syntax '{uid.name}' ({uid}) needs a decoder package; install one "
                 f"of: {'; '.join(decoder.missing_dependencies)}")
+        preferred = [p for p in DICOM_PLUGIN_PREFERENCE if p in decoder.available_plugins]
+        self._plugins = preferred + [""]
 
     def default_index(self) -> int:
         return 0
 
     def _decode(self, index: int | None) -> np.ndarray:
-        try:
-            with quiet_pydicom():
-                self.ds.pixel_array_options(index=index)
-                arr = self.ds.pixel_array
-        except Exception as e:
-            raise MedicalImageError(f"{_label(self.path)}: cannot decode DICOM pixel data ({safe_reason(e)})") \
-                from None
-        finally:
-            self.ds._pixel_array = None  # do not keep a frame cached under the all-frames options
-        return arr
+        """Stored values of frame `index` (None: all frames). Compressed data tries the dedicated codec packages
+        (DICOM_PLUGIN_PREFERENCE) before pydicom's own choice among the rest (Pillow's JPEG and J2K decoders
+        fail on 12-bit JPEG Extended and some J2K files the dedicated ones read)."""
+        error = None
+        for plugin in self._plugins:
+            try:
+                with quiet_pydicom():
+                    self.ds.pixel_array_options(index=index, decoding_plugin=plugin)
+                    return self.ds.pixel_array
+            except BaseException as e:  # pydicom and its plugins raise many types on damaged or unsupported data
+                if not (isinstance(e, Exception) or _is_decoder_panic(e)):
+                    raise  # KeyboardInterrupt, SystemExit, ...
+                error = error or e
+            finally:
+                self.ds._pixel_array = None  # do not keep a frame cached under the all-frames options
+        syntax = f"transfer syntax '{self._syntax.name}'" if self._syntax is not None else "unknown transfer syntax"
+        raise MedicalImageError(f"{_label(self.path)}: cannot decode DICOM pixel data ({syntax}; "
+                                f"{safe_reason(error)})") from None
 
     def preload_frames(self) -> None:
         """Decode every frame of a multi-frame file at once (faster than one decode per frame)."""
