@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from gmaivl_rt.atomic import (atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text,
-                              remove_partial_files)
+from gmaivl_rt.atomic import (atomic_create_bytes, atomic_write_bytes, atomic_write_json, atomic_write_jsonl,
+                              atomic_write_text, remove_partial_files)
 from gmaivl_rt.data import templates as T
 from gmaivl_rt.data.deid import find_phi, phi_values_of_file, safe_path, safe_stem, safe_token, scrub
 from gmaivl_rt.data.manifest import (TASK_CODES, DatasetSpec, ManifestError, load_manifest, missing_columns,
@@ -82,8 +82,7 @@ class ImageStore:
         if not os.path.exists(path):
             buf = io.BytesIO()
             Image.fromarray(pixels, mode="RGB").save(buf, format="PNG", compress_level=3)
-            atomic_write_bytes(path, buf.getvalue())
-            self.written += 1
+            self.written += atomic_create_bytes(path, buf.getvalue())  # a parallel worker may have won the race
         return rel
 
 
