@@ -252,7 +252,13 @@ def _label(path) -> str:
 
 
 def _limits(path):
-    return path.limits if isinstance(path, ImageSource) else None
+    """The limits a read obeys: the request's (to_medical_image) or, for a plain path, the defaults, so no reader
+    (the data builder's included) decodes a decompression bomb."""
+    from gmaivl_rt.limits import DEFAULT_LIMITS
+
+    if isinstance(path, ImageSource):
+        return path.limits
+    return DEFAULT_LIMITS
 
 
 def _check_pixels(path, height: int, width: int, what: str = "picture") -> None:
