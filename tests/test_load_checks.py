@@ -8,19 +8,19 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
-from chat_model_folder import make_chat_model_folder
+from train_fixtures import make_tiny_chat_model
 
 import gmaivl_rt
 from gmaivl_rt import GMAIVL, GMAIVLConfig, ModelError
 from gmaivl_rt.checkpoint import DIGEST_KEY, CheckpointError, verify_safetensors
 from gmaivl_rt.cli import main
 
+TEXTS = ["<image>\nWhat modality is this image?", "This is a CT scan of the chest."] * 20
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return make_chat_model_folder(tmp_path_factory.mktemp("served"))
+    return make_tiny_chat_model(tmp_path_factory.mktemp("served"), TEXTS)
 
 
 def header_of(file):

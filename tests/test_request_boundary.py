@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 from pydicom.data import get_testdata_file
-
-from chat_model_folder import make_chat_model_folder
+from train_fixtures import make_tiny_chat_model
 
 import gmaivl_rt
 from gmaivl_rt import InputError, LimitError, Limits
@@ -20,10 +19,13 @@ from gmaivl_rt.request import PreparedRequest
 CT = get_testdata_file("CT_small.dcm")
 MR = get_testdata_file("MR_small.dcm")
 
+TEXTS = ["<image>\nWhat modality is this image?", "A CT scan of the chest.", "Which plane is shown?",
+         "An axial slice.", "Describe the image.", "An MRI of the head."] * 20
+
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return make_chat_model_folder(tmp_path_factory.mktemp("boundary"))
+    return make_tiny_chat_model(tmp_path_factory.mktemp("boundary"), TEXTS)
 
 
 @pytest.fixture(scope="module")

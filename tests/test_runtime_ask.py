@@ -3,8 +3,7 @@ generation and decoding, checked piece by piece against the components it must a
 import pytest
 import torch
 from pydicom.data import get_testdata_file
-
-from chat_model_folder import make_chat_model_folder
+from train_fixtures import make_tiny_chat_model
 
 import gmaivl_rt
 from gmaivl_rt import GMAIVL
@@ -12,12 +11,14 @@ from gmaivl_rt.chat import IMAGE_TOKEN, build_prompt, preprocess_image
 from gmaivl_rt.cli import main
 from gmaivl_rt.medical_io import read_medical_image
 
+TEXTS = ["<image>\nWhat modality is this image?", "This is a CT scan of the chest.", "Which plane is shown?",
+         "An axial slice.", "Describe the image.", "A magnetic resonance image of the head."] * 20
 QUESTION = "What modality is this image?"
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return make_chat_model_folder(tmp_path_factory.mktemp("ask"))
+    return make_tiny_chat_model(tmp_path_factory.mktemp("ask"), TEXTS)
 
 
 def test_ask_reads_the_dicom_and_decodes_what_generate_produces(folder):
