@@ -8,28 +8,24 @@ import numpy as np
 import pytest
 import torch
 from pydicom.data import get_testdata_file
+from train_fixtures import make_tiny_chat_model
 
 import gmaivl_rt
-from gmaivl_rt import GMAIVL, GMAIVLConfig, InputError, LimitError, Limits, ModelError
+from gmaivl_rt import InputError, LimitError, Limits
 from gmaivl_rt.chat import IMAGE_TOKEN, build_prompt
 from gmaivl_rt.cli import main
 from gmaivl_rt.request import PreparedRequest
-from gmaivl_rt.train.tokenizer import model_vocab_fields, train_bpe_tokenizer
 
-TEXTS = ["<image>\nWhat modality is this image?", "This is a CT scan of the chest.", "Which plane is shown?",
-         "An axial slice.", "Describe the image.", "A magnetic resonance image of the head."] * 20
 CT = get_testdata_file("CT_small.dcm")
 MR = get_testdata_file("MR_small.dcm")
+
+TEXTS = ["<image>\nWhat modality is this image?", "A CT scan of the chest.", "Which plane is shown?",
+         "An axial slice.", "Describe the image.", "An MRI of the head."] * 20
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("boundary")
-    tokenizer = train_bpe_tokenizer(TEXTS, path, vocab_size=300, min_frequency=1)
-    config = GMAIVLConfig.preset("tiny").replace(**model_vocab_fields(tokenizer))
-    torch.manual_seed(0)
-    GMAIVL(config).save_pretrained(path)
-    return path
+    return make_tiny_chat_model(tmp_path_factory.mktemp("boundary"), TEXTS)
 
 
 @pytest.fixture(scope="module")
