@@ -42,8 +42,9 @@ class Request:
     """One submitted question. Iterate it for text deltas (blocks until each arrives); `result(timeout)` waits
     for the whole answer (str); `cancel()` stops it and frees its slot and KV blocks.
     prompt_tokens, generated_tokens: counts; token_ids: the generated ids (eos included); finish_reason: None
-    while running, then "stop" | "length" | "cancelled" | "error"; arrival_time (submit), first_token_time (first
-    token produced), finish_time: time.time() stamps (None until reached). Iterate a request once."""
+    while running, then "stop" | "length" | "cancelled" | "error"; arrival_time (submit), scheduled_time (first
+    admitted to a batch), first_token_time (first token produced), finish_time: time.time() stamps (None until
+    reached). Iterate a request once."""
 
     def __init__(self, engine, request_id: int, sink=None):
         self.id, self._engine = request_id, engine
@@ -53,6 +54,7 @@ class Request:
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.arrival_time = time.time()
+        self.scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
         self.cancel_requested = False
@@ -95,6 +97,10 @@ class Request:
         return "".join(self._text)
 
     # ------------------------------------------------------------------ engine side
+    def _scheduled(self) -> None:
+        if self.scheduled_time is None:  # a preempted request keeps its first admission time
+            self.scheduled_time = time.time()
+
     def _push(self, delta: str) -> None:
         if not delta:
             return

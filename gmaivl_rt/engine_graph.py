@@ -39,6 +39,7 @@ class GraphStepper:
                 rows = []
                 while engine._waiting and len(rows) < engine.max_batch_size:
                     rows.append(engine._waiting.popleft())
+                    rows[-1].request._scheduled()
                 engine._running.extend(rows)
             if rows:
                 self._prefill(rows)

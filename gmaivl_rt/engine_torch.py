@@ -105,6 +105,7 @@ class TorchStepper:
             seq.blocks += pool.allocate(need)
             engine._waiting.popleft()
             engine._running.append(seq)
+            seq.request._scheduled()
             if hit and not seq.hit_tokens:
                 engine._counters["prefix_cache_hits"] += 1
                 engine._counters["prefix_cache_hit_tokens"] += hit

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gmaivl_rt import ops
 from gmaivl_rt.config import GMAIVLConfig
+from gmaivl_rt.errors import InputError
 from gmaivl_rt.limits import check_context, check_max_new_tokens
 from gmaivl_rt.sampling import generate_tokens
 
@@ -147,10 +148,10 @@ class VisionTower(nn.Module):
             h, w = img.shape[-2:]
             if self.cfg.dynamic_resolution:
                 if h % patch or w % patch:
-                    raise ValueError(f"image {i} is {h}x{w}; dynamic resolution needs sides that are multiples of "
+                    raise InputError(f"image {i} is {h}x{w}; dynamic resolution needs sides that are multiples of "
                                      f"the patch size {patch}")
             elif (h, w) != (size, size):
-                raise ValueError(f"image {i} is {h}x{w} but this model takes {size}x{size} images "
+                raise InputError(f"image {i} is {h}x{w} but this model takes {size}x{size} images "
                                  "(preprocess them, or enable vision.dynamic_resolution)")
 
 
@@ -403,11 +404,11 @@ class GMAIVL(nn.Module):
         n_image_tokens = int(is_image.sum())
         if pixel_values is None and image_features is None:
             if n_image_tokens and not decoding:
-                raise ValueError(f"input_ids hold {n_image_tokens} image tokens but no pixel_values were given")
+                raise InputError(f"input_ids hold {n_image_tokens} image tokens but no pixel_values were given")
             return embeds
         features = self.encode_images(pixel_values) if image_features is None else image_features
         if features.shape[0] != n_image_tokens:
-            raise ValueError(f"input_ids hold {n_image_tokens} image tokens but pixel_values give "
+            raise InputError(f"input_ids hold {n_image_tokens} image tokens but pixel_values give "
                              f"{features.shape[0]} image features (expand <image> to the image token count)")
         return embeds.index_put((is_image.nonzero()[:, 0],), features.to(embeds.dtype))
 
@@ -431,7 +432,7 @@ class GMAIVL(nn.Module):
             return TokenBatch(lengths, cu_seqlens, positions, rows, ranks, [0] * len(lengths)), token_index
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         if mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+            raise InputError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(input_ids.shape)}")
         lengths = mask.sum(1).tolist()
         starts = cache.lengths if cache is not None else [0] * B
         if cache is not None:
@@ -475,7 +476,7 @@ class GMAIVL(nn.Module):
     def _last_logits(self, input_ids, pixel_values, attention_mask, cache, image_features=None):
         """Run the tokens through the model with the cache; lm_head only on each sequence's last token."""
         if attention_mask is not None and bool((attention_mask.sum(1) == 0).any()):
-            raise ValueError("a prompt is empty (its attention_mask is all zeros)")
+            raise InputError("a prompt is empty (its attention_mask is all zeros)")
         hidden, batch, _ = self._decoder(input_ids, pixel_values, attention_mask, None, None, cache, image_features)
         return self.lm_head(hidden[batch.cu_seqlens[1:].long() - 1]).float()
 
