@@ -41,9 +41,10 @@ _END = object()
 class Request:
     """One submitted question. Iterate it for text deltas (blocks until each arrives); `result(timeout)` waits
     for the whole answer (str); `cancel()` stops it and frees its slot and KV blocks.
-    prompt_tokens, generated_tokens: counts; token_ids: the generated ids (eos included); finish_reason: None while running, then "stop" | "length" |
-    "cancelled" | "error"; arrival_time (submit), scheduled_time (first admitted to a batch), first_token_time
-    (first token produced), finish_time: time.time() stamps (None until reached)."""
+    prompt_tokens, generated_tokens: counts; token_ids: the generated ids (eos included); finish_reason: None
+    while running, then "stop" | "length" | "cancelled" | "error"; arrival_time (submit), scheduled_time (first
+    admitted to a batch), first_token_time (first token produced), finish_time: time.time() stamps (None until
+    reached). Iterate a request once."""
 
     def __init__(self, engine, request_id: int, sink=None):
         self.id, self._engine = request_id, engine
@@ -221,7 +222,8 @@ class Engine:
 
     def stats(self) -> dict:
         """running, waiting (being prepared or queued), kv_blocks_used, kv_blocks_free, kv_blocks_cached,
-        kv_blocks_peak (most in use at once), kv_block_size, kv_block_bytes, generated_tokens, prompt_tokens, prefix_cache_hits, prefix_cache_hit_tokens, preemptions, finished."""
+        kv_blocks_peak (most in use at once), kv_block_size, kv_block_bytes (zeros on graph backends),
+        generated_tokens, prompt_tokens, prefix_cache_hits, prefix_cache_hit_tokens, preemptions, finished."""
         with self._cv:
             return {"running": len(self._running), "waiting": len(self._waiting) + self._preparing,
                     **self._stepper.block_stats(), **self._counters}
@@ -234,11 +236,11 @@ class Engine:
             self._closed = True
             self._cv.notify_all()
         self._prep_pool.shutdown(wait=True)
-        if cancel:
-            with self._cv:
+        with self._cv:
+            if cancel:
                 for seq in [*self._waiting, *self._running]:
                     seq.request.cancel_requested = True
-                self._cv.notify_all()
+            self._cv.notify_all()
         self._thread.join()
 
     def __enter__(self):
@@ -257,6 +259,7 @@ class Engine:
         except BaseException as e:  # a bad request fails itself only
             with self._cv:
                 self._preparing -= 1
+                self._cv.notify_all()
             request._finish("error", e if isinstance(e, Exception) else RuntimeError(str(e)))
             return
         with self._cv:

@@ -19,6 +19,7 @@ TEXTS = ["<image>\nWhat modality is this image?", "This is a CT scan of the ches
          "An axial slice.", "Describe the image.", "A magnetic resonance image of the head.",
          "You are a careful radiology assistant."] * 20
 SYSTEM = "You are a careful radiology assistant."
+NO_STOP = {"eos_token_id": []}  # run to max_new_tokens
 
 
 def _model_folder(path, **vision):
@@ -278,3 +279,23 @@ def test_onnx_backend_serves_through_the_same_api(folder, tmp_path):
             gate.steps(1)
     assert [r.token_ids for r in requests] == expected
     assert late.token_ids == expected[1]
+
+
+def test_running_requests_that_outgrow_the_pool_are_preempted_and_still_answer_alike(folder):
+    backend = gmaivl_rt.load(folder)
+    cases = [("Which plane is shown?", None), ("Describe the image.", _image(28, 28, seed=8))]
+    expected = [_alone(backend, q, im, max_new_tokens=30, **NO_STOP) for q, im in cases]
+    # 10 blocks of 8 tokens: both prompts fit at once, and each request alone (prompt + 30 new), both do not
+    with Engine(folder, max_batch_size=4, kv_cache_tokens=80, block_size=8) as engine:
+        gate = StepGate(engine)
+        requests = [engine.submit(q, image=im, max_new_tokens=30, **NO_STOP) for q, im in cases]
+        _wait_prepared(engine, 2)
+        gate.steps(1)
+        assert engine.stats()["running"] == 2
+        while not all(r.done for r in requests):
+            gate.steps(1)
+        answers = [r.result() for r in requests]
+        stats = engine.stats()
+    assert stats["preemptions"] >= 1 and stats["kv_blocks_peak"] <= 10
+    assert [r.token_ids for r in requests] == expected
+    assert all(len(ids) == 30 for ids in expected) and all(answers)

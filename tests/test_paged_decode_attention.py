@@ -40,7 +40,7 @@ def _paged_case(seqlens, block_size, hq, hkv, d, dtype, spare_blocks=3):
 # (seqlens, block_size, q_heads, kv_heads, head_dim, num_splits): ragged lengths (1, exact block multiples, one
 # past a block), GQA / MHA / MQA, one split, several, more splits than positions (empty splits), automatic
 CASES = [([5, 16, 33], 16, 4, 2, 32, None), ([1, 64, 65], 32, 8, 1, 16, 3), ([100, 7], 16, 4, 4, 64, 7),
-         ([31], 32, 6, 2, 32, 1), ([17, 48, 3, 90], 16, 2, 2, 32, 20)]
+         ([31], 32, 6, 2, 32, 1), ([17, 48, 3, 90], 16, 2, 2, 32, 9)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
