@@ -160,14 +160,17 @@ def verify_safetensors(file, check_finite: bool = True) -> dict:
     file = Path(file)
     header = _check_complete(file)
     if check_finite:
-        try:
-            handle = safe_open(file, framework="pt", device="cpu")
-        except Exception as e:
-            raise CheckpointError(f"{file}: not a readable safetensors file ({e}); it may be truncated") from None
-        with handle:
+        with _open_safetensors(file) as handle:
             for key in handle.keys():
                 _read(handle, key, file)
     return header
+
+
+def _open_safetensors(file: Path):
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except Exception as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); it may be truncated") from None
 
 
 def load_pretrained(cls, path, dtype=None, device=None):
@@ -184,11 +187,7 @@ def load_pretrained(cls, path, dtype=None, device=None):
     loaded, unexpected, mismatched = set(), [], []
     for file in files:
         _check_complete(file)
-        try:
-            handle = safe_open(file, framework="pt", device="cpu")
-        except Exception as e:
-            raise CheckpointError(f"{file}: not a readable safetensors file ({e}); it may be truncated") from None
-        with handle:
+        with _open_safetensors(file) as handle:
             for key in handle.keys():
                 name = canonical_name(key)
                 if _WQKV in name:
