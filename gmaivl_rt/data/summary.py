@@ -6,7 +6,7 @@ import io
 import os
 from collections import Counter
 
-TASK_NAMES = {"cls": "classification", "seg": "segmentation", "det": "detection", "rep": "report", "vqa": "VQA",
+TASK_NAMES = {"cls": "classification", "seg": "segmentation", "det": "detection", "rep": "report", "vqa": "vqa",
               "cap": "caption"}
 
 

@@ -1,0 +1,59 @@
+"""What a new user tripped over (issue 16): each silent surprise, now said out loud or fixed, checked end to end."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gmaivl_rt.cli import main as cli_main
+
+
+def _read_jsonl(path):
+    return [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------------- data builder
+def test_metadata_questions_for_an_image_without_modality_say_it_is_not_recorded(tmp_path):
+    """A PNG records no modality: the text must not become "a medical image image" / "The modality is medical
+    image." but say the modality is unknown; a DICOM CT keeps its modality answer."""
+    import pydicom.data
+
+    from gmaivl_rt.data.build import build_dataset
+    from gmaivl_rt.data.manifest import DatasetSpec
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):  # several images so several answer phrasings are drawn
+        Image.fromarray(np.full((16, 16), 40 * i, np.uint8)).save(src / f"p{i}.png")
+    ct = os.path.join(os.path.dirname(pydicom.data.__file__), "test_files", "CT_small.dcm")
+    os.symlink(ct, src / "ct.dcm")
+    spec = DatasetSpec(name="mixed", task="caption", image_root=str(src), metadata_vqa=True)
+    build_dataset(tmp_path / "out", datasets=[spec], progress=False)
+    records = _read_jsonl(tmp_path / "out/annotations/mixed.jsonl")
+    png_vqa = [r for r in records if "#vqa#" in r["id"] and r["id"].endswith(tuple(f"p{i}" for i in range(6)))]
+    assert len(png_vqa) == 6
+    png_text = " ".join(t["value"] for r in records if "p" in r["id"].split("#")[-1] for t in r["conversations"])
+    assert "image image" not in png_text and "modality is medical image" not in png_text.lower()
+    answers = [t["value"] for r in png_vqa for q, t in zip(r["conversations"][::2], r["conversations"][1::2])
+               if "modality" in q["value"].lower() or "kind of" in q["value"].lower()]
+    assert answers and all("not record" in a for a in answers)
+    ct_vqa = [r for r in records if "#vqa#" in r["id"] and r["id"].endswith("ct")]
+    assert any("CT" in t["value"] for r in ct_vqa for t in r["conversations"][1::2])
+
+
+def test_rewriter_module_in_the_current_folder_is_found(tmp_path, monkeypatch):
+    """`--rewriter mymod:fn` from the console script finds mymod.py in the current folder, as `python -m` would;
+    a module that exists nowhere is a clear error."""
+    from gmaivl_rt.data.build import load_rewriter
+
+    (tmp_path / "my_rewriter_16.py").write_text("def shout(text, context):\n    return text.upper()\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "my_rewriter_16", raising=False)
+    assert load_rewriter("my_rewriter_16:shout")("abc", {}) == "ABC"
+    with pytest.raises(ValueError, match="no module 'no_such_rewriter_16'.*current folder"):
+        load_rewriter("no_such_rewriter_16:fn")
+    with pytest.raises(ValueError, match="has no 'missing'"):
+        load_rewriter("my_rewriter_16:missing")
