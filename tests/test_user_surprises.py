@@ -57,3 +57,23 @@ def test_rewriter_module_in_the_current_folder_is_found(tmp_path, monkeypatch):
         load_rewriter("no_such_rewriter_16:fn")
     with pytest.raises(ValueError, match="has no 'missing'"):
         load_rewriter("my_rewriter_16:missing")
+
+
+# ------------------------------------------------------------------------------------------------- tokenizer
+def test_tokenizer_reports_the_size_it_reached_and_why(tmp_path, capsys, caplog):
+    """A small dataset cannot fill 2048 tokens: the CLI prints the size reached (as tokenizer.json holds it),
+    the size asked for, and why; a size the text can reach gives no note."""
+    from train_fixtures import make_dataset
+
+    data = make_dataset(tmp_path / "data", records_per_source=(6, 4))
+    assert cli_main(["tokenizer", "--data", str(data), "--out", str(tmp_path / "tok"), "--vocab-size", "2048"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    reached = len(saved["model"]["vocab"])
+    assert printed["vocab_size"] == reached < 2048 and printed["requested_vocab_size"] == 2048
+    assert f"reached {reached} tokens, not the 2048 asked for" in printed["note"]
+    assert "min-frequency" in printed["note"]
+    assert any("reached" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert cli_main(["tokenizer", "--data", str(data), "--out", str(tmp_path / "tok2"), "--vocab-size", "280"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["vocab_size"] == 280 and "note" not in printed

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 
 
 def register(subparsers) -> None:
@@ -26,8 +27,9 @@ def register(subparsers) -> None:
     t = subparsers.add_parser("tokenizer", help="train a byte-level BPE tokenizer on a built dataset's text")
     t.add_argument("--data", required=True, help="data folder with meta.json or a meta-list")
     t.add_argument("--out", required=True, help="folder for tokenizer.json + tokenizer_config.json")
-    t.add_argument("--vocab-size", type=int, default=2048)
-    t.add_argument("--min-frequency", type=int, default=2)
+    t.add_argument("--vocab-size", type=int, default=2048,
+                   help="the most tokens (a small dataset may give fewer: the size reached is reported)")
+    t.add_argument("--min-frequency", type=int, default=2, help="merge only symbol pairs seen this often")
     t.set_defaults(func=_run_tokenizer)
 
 
@@ -38,14 +40,20 @@ def _run_train(args: argparse.Namespace) -> int:
     summary = train(args.stage, args.data, args.out, config=args.config, preset=args.preset, init=args.init,
                     tokenizer=args.tokenizer, max_steps=args.max_steps, resume=args.resume,
                     progress=not args.no_progress)
-    print(json.dumps({k: summary[k] for k in ("out", "stage", "steps", "total_steps", "final_loss")}))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun one result line, not one per rank
+        print(json.dumps({k: summary[k] for k in ("out", "stage", "steps", "total_steps", "final_loss")}))
     return 0
 
 
 def _run_tokenizer(args: argparse.Namespace) -> int:
-    from .tokenizer import conversation_texts, train_bpe_tokenizer
+    from .tokenizer import conversation_texts, train_bpe_tokenizer, vocab_size_shortfall
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     tokenizer = train_bpe_tokenizer(conversation_texts(args.data), args.out, vocab_size=args.vocab_size,
                                     min_frequency=args.min_frequency)
-    print(json.dumps({"out": args.out, "vocab_size": len(tokenizer)}))
+    report = {"out": args.out, "vocab_size": len(tokenizer), "requested_vocab_size": args.vocab_size}
+    shortfall = vocab_size_shortfall(len(tokenizer), args.vocab_size, args.min_frequency)
+    if shortfall:
+        report["note"] = shortfall
+    print(json.dumps(report))
     return 0
