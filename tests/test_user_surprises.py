@@ -77,3 +77,52 @@ def test_tokenizer_reports_the_size_it_reached_and_why(tmp_path, capsys, caplog)
     assert cli_main(["tokenizer", "--data", str(data), "--out", str(tmp_path / "tok2"), "--vocab-size", "280"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["vocab_size"] == 280 and "note" not in printed
+
+
+# ------------------------------------------------------------------------------------------------- training
+def test_resume_restores_the_runs_own_settings_and_refuses_contradicting_flags(tmp_path, capsys, caplog):
+    """A run stopped early and resumed with only `--out O --resume` continues exactly like the same resume given
+    every original flag (its config has a non-default lr and schedule, so a fresh default merge would differ);
+    flags that contradict the saved run are refused, each named."""
+    import shutil
+
+    from train_fixtures import make_training_setup, write_config
+
+    data, tokenizer = make_training_setup(tmp_path, records_per_source=(8, 4))
+    config = write_config(tmp_path / "cfg.yaml", {"batch": {"global_batch_size": 2}, "schedule": {"total_steps": 3},
+                                                  "optimizer": {"lr": 3e-3}, "train": {"save_every": 1}})
+    flags = ["--stage", "3", "--data", str(data), "--preset", "tiny", "--tokenizer", str(tokenizer),
+             "--config", str(config), "--no-progress"]
+    stopped = tmp_path / "stopped"
+    assert cli_main(["train", "--out", str(stopped), "--max-steps", "2"] + flags) == 0
+    assert "starts from random weights" in caplog.text and "'tiny' preset" in caplog.text
+    saved = (stopped / "train_config.yaml").read_text()
+    shutil.copytree(stopped, tmp_path / "bare")
+    capsys.readouterr()
+
+    assert cli_main(["train", "--out", str(stopped), "--resume"] + flags) == 0
+    assert cli_main(["train", "--out", str(tmp_path / "bare"), "--resume", "--no-progress"]) == 0
+    full, bare = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert bare["steps"] == full["steps"] == bare["total_steps"] == 3
+    assert _read_jsonl(tmp_path / "bare/log.jsonl") and \
+        [r["loss"] for r in _read_jsonl(tmp_path / "bare/log.jsonl")] == \
+        [r["loss"] for r in _read_jsonl(stopped / "log.jsonl")]
+    assert (tmp_path / "bare/train_config.yaml").read_text() == saved  # not overwritten by a fresh merge
+
+    other = write_config(tmp_path / "other.yaml", {"batch": {"global_batch_size": 2},
+                                                    "schedule": {"total_steps": 3}, "optimizer": {"lr": 1e-4},
+                                                    "train": {"save_every": 1}})
+    bad = [(["--preset", "compact"], "--preset compact (the run uses tiny)"),
+           (["--stage", "2"], "--stage 2 (the run is stage 3)"),
+           (["--config", str(other)], "optimizer.lr (0.003 -> 0.0001)"),
+           (["--data", str(tmp_path)], f"--data {tmp_path} (the run used {data.resolve()})"),
+           (["--init", str(stopped)], "--init"),
+           (["--stage", "1", "--preset", "compact"], "--stage 1 (the run is stage 3); --preset compact")]
+    for extra, named in bad:
+        assert cli_main(["train", "--out", str(tmp_path / "bare"), "--resume", "--no-progress"] + extra) == 2
+        err = capsys.readouterr().err
+        assert "contradict" in err and named in err, (extra, err)
+    assert (tmp_path / "bare/train_config.yaml").read_text() == saved
+    # without a saved run there is nothing to restore: stage and data are required
+    assert cli_main(["train", "--out", str(tmp_path / "new"), "--resume"]) == 2
+    assert "give the stage and --data" in capsys.readouterr().err

@@ -11,16 +11,23 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="run one GMAI-VL training stage (1 projector, 2 +vision, 3 all)",
         description="Run one GMAI-VL training stage; under torchrun it trains on all ranks "
-                    "(e.g. torchrun --nproc_per_node 2 -m gmaivl_rt.cli train ...).")
-    p.add_argument("--stage", type=int, choices=(1, 2, 3), required=True)
-    p.add_argument("--data", required=True, help="data folder with meta.json (gmaivl-rt data build) or a meta-list")
+                    "(e.g. torchrun --nproc_per_node 2 -m gmaivl_rt.cli train ...). Without --init the model "
+                    "starts from random weights, and without --preset it is the tiny preset (for tests; the "
+                    "demo uses compact).")
+    p.add_argument("--stage", type=int, choices=(1, 2, 3), help="the stage (required unless --resume)")
+    p.add_argument("--data", help="data folder with meta.json (gmaivl-rt data build) or a meta-list "
+                                  "(required unless --resume)")
     p.add_argument("--out", required=True, help="output folder: model, tokenizer, logs, checkpoints")
     p.add_argument("--config", help="extra YAML config layer (over train/configs/common, stageN, presets/PRESET)")
-    p.add_argument("--preset", choices=("tiny", "compact", "gmai-vl-7b"), help="model preset when there is no --init")
-    p.add_argument("--init", help="previous stage's output folder (or any model folder) to start from")
+    p.add_argument("--preset", choices=("tiny", "compact", "gmai-vl-7b"),
+                   help="model preset when there is no --init (default: --init's preset, else tiny, the test size)")
+    p.add_argument("--init", help="previous stage's output folder (or any model folder) to start from; without it "
+                                  "the model starts from random weights")
     p.add_argument("--tokenizer", help="tokenizer folder (default: --init's, else trained on --data)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (schedule unchanged)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT's latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT's latest checkpoint with the run's own settings (OUT/train_config.yaml); "
+                        "flags left out are taken from it, flags that contradict it are refused")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_train)
 
@@ -36,6 +43,8 @@ def register(subparsers) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from .recipe import train
 
+    if not args.resume and (args.stage is None or args.data is None):
+        raise ValueError("train: --stage and --data are required (unless --resume continues a run in --out)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     summary = train(args.stage, args.data, args.out, config=args.config, preset=args.preset, init=args.init,
                     tokenizer=args.tokenizer, max_steps=args.max_steps, resume=args.resume,
