@@ -19,6 +19,7 @@ import torch
 
 from gmaivl_rt.atomic import atomic_write_json, staged_files
 from gmaivl_rt.chat import CLIP_MEAN, CLIP_STD
+from gmaivl_rt.runtime import DEFAULT_GENERATION
 from gmaivl_rt.train.tokenizer import CHAT_TEMPLATE
 
 from .graphs import build_graphs
@@ -33,8 +34,6 @@ DEFAULT_OPSET = 23  # first opset with the standard Attention op
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, minus room for the graph itself
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt")
-# GMAI-VL's demo decoding settings (see the README's model facts); runtimes read them as defaults.
-DEMO_SEARCH = {"do_sample": True, "top_p": 0.9, "repetition_penalty": 1.12, "no_repeat_ngram_size": 5}
 
 
 def past_names(num_layers: int) -> list[str]:
@@ -235,7 +234,7 @@ def export_onnx(model_or_dir, out_dir, *, dtype="fp32", opset=DEFAULT_OPSET, att
                   "mean": list(CLIP_MEAN), "std": list(CLIP_STD)},
         "special_tokens": _special_tokens(config, model_dir),
         "chat_template": template,
-        "search": DEMO_SEARCH,
+        "search": dict(DEFAULT_GENERATION),  # the runtime's demo settings, what every backend's ask uses
         "config": hf_config,
     }
     path = out_dir / DEPLOY_JSON

@@ -17,8 +17,11 @@ import torch
 from gmaivl_rt.sampling import generate_tokens
 
 BACKENDS = ("torch", "onnx", "tensorrt")
-# GMAI-VL's demo decoding settings, greedy so answers are reproducible.
-DEFAULT_GENERATION = {"max_new_tokens": 128, "repetition_penalty": 1.12, "no_repeat_ngram_size": 5}
+# The one source of the demo decoding settings: `ask` on every backend, the CLI's defaults and the "search" block
+# `export onnx` writes into gmaivl_deploy.json. GMAI-VL's demo penalties and top_p; greedy unless do_sample, so
+# answers are reproducible (do_sample=True gives GMAI-VL's demo sampling, top_p 0.9).
+DEFAULT_GENERATION = {"max_new_tokens": 128, "do_sample": False, "temperature": 1.0, "top_p": 0.9, "top_k": 0,
+                      "repetition_penalty": 1.12, "no_repeat_ngram_size": 5}
 
 
 def load(path, backend: str = "torch", **kwargs):
@@ -274,12 +277,27 @@ def register(subparsers) -> None:
     p.add_argument("--image", help="DICOM, NIfTI, PNG, JPEG, TIFF or BMP file")
     p.add_argument("--question", required=True)
     p.add_argument("--backend", default="torch", choices=BACKENDS)
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_GENERATION["max_new_tokens"])
     p.add_argument("--system", default=None, help="optional system prompt")
+    g = DEFAULT_GENERATION
+    p.add_argument("--max-new-tokens", type=int, default=g["max_new_tokens"], help="default %(default)s")
+    p.add_argument("--do-sample", action="store_true", default=g["do_sample"],
+                   help="sample (with --temperature, --top-p, --top-k) instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=g["temperature"], help="default %(default)s")
+    p.add_argument("--top-p", type=float, default=g["top_p"], help="default %(default)s")
+    p.add_argument("--top-k", type=int, default=g["top_k"], help="default %(default)s (0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=g["repetition_penalty"], help="default %(default)s")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=g["no_repeat_ngram_size"],
+                   help="default %(default)s (0: off)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling RNG (reproducible --do-sample)")
     p.set_defaults(func=_ask_cli)
 
 
 def _ask_cli(args) -> int:
     backend = load(args.model, backend=args.backend)
-    print(backend.ask(args.question, args.image, system=args.system, max_new_tokens=args.max_new_tokens))
+    generation = {key: getattr(args, key) for key in DEFAULT_GENERATION}
+    if args.seed is not None:  # logits reach the sampler on the model's device (torch) or the CPU (graphs)
+        model = getattr(backend, "model", None)
+        device = model.lm_head.weight.device if model is not None else "cpu"
+        generation["generator"] = torch.Generator(device=device).manual_seed(args.seed)
+    print(backend.ask(args.question, args.image, system=args.system, **generation))
     return 0
