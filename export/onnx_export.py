@@ -8,6 +8,7 @@ Every file is written to a temporary folder first and moved into place with os.r
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -124,6 +125,21 @@ def _tensor_io(values) -> list[dict]:
     return out
 
 
+def _torchvision_notice(record: logging.LogRecord) -> bool:
+    """False for the exporter's "torchvision is not installed. Skipping torchvision::..." lines: it lists the
+    torchvision ops it cannot register, none of which our graphs use."""
+    return not record.getMessage().startswith("torchvision is not installed")
+
+
+@contextlib.contextmanager
+def _filtered(logger: logging.Logger, keep):
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
 def export_graph(module, name, config, path: Path, *, opset=DEFAULT_OPSET):
     """Trace one export module with torch.onnx.export(dynamo=True) and save it, with external data when the
     weights exceed protobuf's 2 GB limit. Returns the saved onnx.ModelProto (without external tensors loaded)."""
@@ -132,7 +148,8 @@ def export_graph(module, name, config, path: Path, *, opset=DEFAULT_OPSET):
     dtype = next(module.parameters()).dtype
     inputs = _sample_inputs(name, config, dtype)
     in_names, out_names = graph_io_names(config.text.num_layers)[name]
-    with warnings.catch_warnings(), torch.no_grad():
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    with warnings.catch_warnings(), torch.no_grad(), _filtered(registry_log, _torchvision_notice):
         warnings.simplefilter("ignore")  # torch.export's FutureWarnings and dim-renaming chatter
         program = torch.onnx.export(module, inputs, dynamo=True, opset_version=opset, input_names=in_names,
                                     output_names=out_names, dynamic_shapes=_dynamic_shapes(name, config),

@@ -83,6 +83,12 @@ class _ChatHelpers:
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixel_values}
 
     def decode(self, ids, skip_special_tokens=True) -> list[str]:
+        """ids: (batch, seq) or one sequence (seq,), tensor, array or lists -> one string per sequence."""
+        if getattr(ids, "ndim", 2) == 1:  # one sequence: as a batch of one (batch_decode of 1-D is deprecated)
+            ids = ids[None]
+        elif isinstance(ids, (list, tuple)) and ids and not isinstance(ids[0], (list, tuple)) \
+                and getattr(ids[0], "ndim", 0) == 0:
+            ids = [list(ids)]
         return self.tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
 
     @property
