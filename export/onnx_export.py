@@ -20,7 +20,7 @@ import torch
 
 from gmaivl_rt.atomic import atomic_write_json, staged_files
 from gmaivl_rt.chat import CLIP_MEAN, CLIP_STD
-from gmaivl_rt.runtime import DEFAULT_GENERATION
+from gmaivl_rt.request import DEFAULT_GENERATION
 from gmaivl_rt.train.tokenizer import CHAT_TEMPLATE
 
 from .graphs import build_graphs

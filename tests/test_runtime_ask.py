@@ -11,7 +11,7 @@ from gmaivl_rt import GMAIVL, GMAIVLConfig
 from gmaivl_rt.chat import IMAGE_TOKEN, build_prompt, preprocess_image
 from gmaivl_rt.cli import main
 from gmaivl_rt.medical_io import read_medical_image
-from gmaivl_rt.runtime import DEFAULT_GENERATION
+from gmaivl_rt.request import DEFAULT_GENERATION
 from gmaivl_rt.train.tokenizer import model_vocab_fields, train_bpe_tokenizer
 
 TEXTS = ["<image>\nWhat modality is this image?", "This is a CT scan of the chest.", "Which plane is shown?",
