@@ -1,6 +1,7 @@
 """The README's quick paths, run as written, so a README that lies fails CI.
 
-Quick paths: every fenced ```bash block under the README headings in QUICK_SECTIONS. Each block is split into
+Quick paths: the first fenced ```bash block under each README heading in QUICK_SECTIONS (later blocks are recipes
+for scale: a Slurm array, a shell loop). Each block is split into
 commands (shlex: comments dropped, `\\` continuations joined) and every command runs, in README order, in one
 temporary folder (the README's relative paths are relative to it). To fit CI, MAPPING rewrites them first, rule by
 rule, and nothing else is changed:
@@ -16,6 +17,10 @@ rule, and nothing else is changed:
     torchrun --nproc_per_node 8 -m gmaivl_rt.cli ARGS
                                 -> ARGS are parsed by the CLI only (tests/test_train_distributed.py runs this command
                                    with 2 gloo ranks)
+    data merge shards/K ... --out D
+                                -> the shard folders named are first built from the manifest line's sources.yaml
+                                   with --shard K/N (N: how many are named), and the merge writes D-merged, which
+                                   must equal the unsharded D file for file (annotations, meta, errors, summary)
     export onnx ...             -> run in a fresh process, whose stderr must hold no warnings (torchvision notices)
     export tensorrt ...         -> without the tensorrt package: must exit 2 naming TensorRT >= 10.15
 
@@ -67,7 +72,7 @@ def quick_path_commands() -> list[str]:
     assert not missing, f"README lost the quick-path sections {missing}"
     commands = []
     for name in QUICK_SECTIONS:
-        for block in fenced_blocks(sections[name], "(?:bash|sh)"):
+        for block in fenced_blocks(sections[name], "(?:bash|sh)")[:1]:
             for line in block.replace("\\\n", " ").splitlines():
                 words = shlex.split(line, comments=True)
                 if words:
@@ -120,6 +125,9 @@ def test_readme_quick_paths_run_as_written(tmp_path, monkeypatch, capsys):
             assert cli_main(argv[1:]) == 2, readme_command
             assert "TensorRT >= 10.15" in capsys.readouterr().err
             continue
+        if argv[1:3] == ["data", "merge"]:
+            _merge_built_shards(argv, capsys)
+            continue
         if argv[1:3] == ["export", "onnx"]:
             _run_quietly(argv[1:])
             continue
@@ -139,6 +147,20 @@ def test_readme_quick_paths_run_as_written(tmp_path, monkeypatch, capsys):
             assert (tmp_path / "runs" / stage / name).is_file(), (stage, name)
     assert (tmp_path / "runs/s3/checkpoints/step-00000002").is_dir()  # the README's example name
     assert (tmp_path / "runs/demo/onnx/gmaivl_deploy.json").is_file()
+
+
+def _merge_built_shards(argv, capsys):
+    out = argv[argv.index("--out") + 1]
+    shards = [a for a in argv[3:argv.index("--out")]]
+    for k, folder in enumerate(shards):
+        assert folder.endswith(f"/{k}"), f"shard folders should be numbered from 0: {argv}"
+        assert cli_main(["data", "build", "--manifest", "sources.yaml", "--out", folder, "--shard",
+                         f"{k}/{len(shards)}", "--no-progress"]) == 0
+    assert cli_main(["data", "merge", *shards, "--out", out + "-merged"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    for name in ("meta.json", "errors.jsonl", "summary.json", *(f"annotations/{p.name}" for p in
+                                                                   (Path(out) / "annotations").iterdir())):
+        assert (Path(out) / name).read_bytes() == (Path(out + "-merged") / name).read_bytes(), name
 
 
 def _run_quietly(args):
