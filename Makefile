@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/gmaivl-rt demo --out runs/demo
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q -ra
 
 bench: setup
@@ -31,3 +31,11 @@ bench: setup
 
 report: setup
 	$(BIN)/gmaivl-rt kernels report --json runs/kernel_report.json
+
+# The server's browser test drives Debian's chromium + chromedriver. Installed once, only where they are missing
+# and we are root on an apt machine (CI); elsewhere the test skips and says why.
+.PHONY: browser
+browser:
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver) \
+		|| echo "chromium could not be installed: the browser test will skip"; fi

@@ -325,8 +325,10 @@ def _bit_depth_unit(values: np.ndarray) -> np.ndarray:
     return (values.astype(np.float32) / float(2 ** bits - 1)).astype(np.float32)
 
 
-def _square_pixels(plane2d: np.ndarray, spacing, nearest: bool) -> tuple[np.ndarray, tuple[float, float] | None]:
-    """Resample a (H, W) float/int plane so both pixel sides equal the finer spacing. Returns (plane, spacing)."""
+def _square_pixels(plane2d: np.ndarray, spacing, nearest: bool, path=None) -> tuple[np.ndarray,
+                                                                                    tuple[float, float] | None]:
+    """Resample a (H, W) float/int plane so both pixel sides equal the finer spacing. Returns (plane, spacing).
+    path: the image, whose pixel limit (if any) the resampled size must keep (a header's spacing sets it)."""
     if spacing is None:
         return plane2d, None
     row, col = float(spacing[0]), float(spacing[1])
@@ -337,6 +339,8 @@ def _square_pixels(plane2d: np.ndarray, spacing, nearest: bool) -> tuple[np.ndar
     target = min(row, col)
     h, w = plane2d.shape
     new_h, new_w = max(1, round(h * row / target)), max(1, round(w * col / target))
+    if path is not None:
+        _check_pixels(path, new_h, new_w, "picture resampled to square pixels")
     if nearest:
         img = Image.fromarray(plane2d.astype(np.int32), mode="I").resize((new_w, new_h), Image.NEAREST)
         return np.asarray(img).astype(np.int32), (target, target)
@@ -534,7 +538,7 @@ class _DicomSource:
                 from None
         spacing = self.spacing
         if unit.ndim == 2:
-            unit, spacing = _square_pixels(unit, spacing, nearest=False)
+            unit, spacing = _square_pixels(unit, spacing, nearest=False, path=self.path)
         return MedicalImage(pixels=_to_uint8(unit), modality=self.modality, body_part=self.body_part,
                             pixel_spacing=spacing, orientation=self.orientation, index=index, count=self.count,
                             source_format="dicom", window=window, window_name=window_name,
@@ -715,7 +719,7 @@ class _NiftiSource:
             unit = apply_window(plane2d, *self.window)
         else:
             unit = np.clip((np.nan_to_num(plane2d, nan=self.lo) - self.lo) / (self.hi - self.lo), 0, 1)
-        unit, spacing = _square_pixels(unit, spacing, nearest=False)
+        unit, spacing = _square_pixels(unit, spacing, nearest=False, path=self.path)
         return MedicalImage(pixels=_to_uint8(unit), pixel_spacing=spacing, orientation=self.plane, index=index,
                             count=self.count, volume=self.volume_index if self.volumes > 1 else None,
                             source_format="nifti", window=self.window,
@@ -748,7 +752,7 @@ def _pillow_open(path):
                                 f"({Image.MAX_IMAGE_PIXELS}), a possible decompression bomb") from None
     except UnidentifiedImageError:
         raise MedicalImageError(f"{_label(path)}: not a readable image file") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except Exception as e:  # Pillow's plugins raise many types (OSError, SyntaxError, TypeError, KeyError, ...)
         raise MedicalImageError(f"{_label(path)}: corrupt or truncated image ({safe_reason(e)})") from None
 
 
@@ -757,7 +761,7 @@ def _pillow_frame(path, img, index: int):
         try:
             img.seek(index)
             img.load()
-        except (OSError, EOFError, ValueError) as e:
+        except Exception as e:  # damaged later frames fail as variously as the first
             raise MedicalImageError(f"{_label(path)}: cannot read frame {index} ({safe_reason(e)})") from None
     return img
 
@@ -768,7 +772,10 @@ class _PillowSource:
         self.window, self.window_name = _parse_window(window, path)
         self.img = _pillow_open(path)
         self.fmt = fmt if fmt != "image" else (self.img.format or "image").lower()
-        self.count = int(getattr(self.img, "n_frames", 1))
+        try:
+            self.count = int(getattr(self.img, "n_frames", 1))
+        except Exception as e:  # counting frames walks a damaged file
+            raise MedicalImageError(f"{_label(path)}: corrupt image frames ({safe_reason(e)})") from None
 
     def default_index(self) -> int:
         return 0
@@ -776,10 +783,15 @@ class _PillowSource:
     def image(self, index: int) -> MedicalImage:
         img = _pillow_frame(self.path, self.img, index)
         mode = img.mode
-        if mode.startswith("I;16") or mode in ("I", "F", "L"):
-            unit, name = grey_unit(np.asarray(img), self.window, self.window_name, _label(self.path))
-        else:
-            unit, name = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0, "none"
+        try:
+            if mode.startswith("I;16") or mode in ("I", "F", "L"):
+                unit, name = grey_unit(np.asarray(img), self.window, self.window_name, _label(self.path))
+            else:
+                unit, name = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0, "none"
+        except MedicalImageError:
+            raise
+        except Exception as e:  # a damaged file can fail as late as the conversion
+            raise MedicalImageError(f"{_label(self.path)}: corrupt image data ({safe_reason(e)})") from None
         return MedicalImage(pixels=_to_uint8(unit), index=index, count=self.count, source_format=self.fmt,
                             window_name=name, photometric=mode, source_size=(img.size[1], img.size[0]))
 
