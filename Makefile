@@ -3,6 +3,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# PyPI's Linux torch is the CUDA build (GBs of CUDA libraries). Without an NVIDIA GPU we take the CPU build from
+# PyTorch's CPU wheel index, unless pip is configured with its own index or wheel folder (a mirror, a local
+# torch+cpu wheel): then pip's configuration decides. `make setup TORCH_INDEX=URL` (or TORCH_INDEX=) overrides.
+PIP_HAS_SOURCES := $(shell $(PYTHON) -m pip config list 2>/dev/null | grep -E 'index-url|find-links')
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+TORCH_INDEX ?= $(if $(or $(HAS_GPU),$(PIP_HAS_SOURCES)),,https://download.pytorch.org/whl/cpu)
 
 .PHONY: setup demo test bench report fuzz
 setup: $(VENV)/.installed
@@ -10,7 +16,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 

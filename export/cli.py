@@ -22,12 +22,14 @@ def register(subparsers):
                            "encoder's attention as our Triton TensorRT plugin (TensorRT only)")
     onnx.set_defaults(func=_onnx)
 
-    trt = sub.add_parser("tensorrt", help="TensorRT engines from an ONNX export folder (needs tensorrt >= 10.9)")
+    trt = sub.add_parser("tensorrt", help="TensorRT engines from an ONNX export folder (needs tensorrt >= 10.15 "
+                                                "and an NVIDIA GPU)")
     trt.add_argument("onnx_dir")
     trt.add_argument("out_dir")
     precision = trt.add_mutually_exclusive_group()
     for p in PRECISIONS:
-        precision.add_argument(f"--{p}", dest="precision", action="store_const", const=p)
+        precision.add_argument(f"--{p}", dest="precision", action="store_const", const=p,
+                               help=f"{p} engines" + (" (the default)" if p == "fp16" else ""))
     defaults = ProfileSizes()
     for corner in ("min", "opt", "max"):
         trt.add_argument(f"--{corner}", default="", metavar="K=V,...",

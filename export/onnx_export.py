@@ -8,6 +8,7 @@ Every file is written to a temporary folder first and moved into place with os.r
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import torch
 
 from gmaivl_rt.atomic import atomic_write_json, staged_files
 from gmaivl_rt.chat import CLIP_MEAN, CLIP_STD
+from gmaivl_rt.request import DEFAULT_GENERATION
 from gmaivl_rt.train.tokenizer import CHAT_TEMPLATE
 
 from .graphs import build_graphs
@@ -33,8 +35,6 @@ DEFAULT_OPSET = 23  # first opset with the standard Attention op
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, minus room for the graph itself
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt")
-# GMAI-VL's demo decoding settings (see the README's model facts); runtimes read them as defaults.
-DEMO_SEARCH = {"do_sample": True, "top_p": 0.9, "repetition_penalty": 1.12, "no_repeat_ngram_size": 5}
 
 
 def past_names(num_layers: int) -> list[str]:
@@ -125,6 +125,21 @@ def _tensor_io(values) -> list[dict]:
     return out
 
 
+def _torchvision_notice(record: logging.LogRecord) -> bool:
+    """False for the exporter's "torchvision is not installed. Skipping torchvision::..." lines: it lists the
+    torchvision ops it cannot register, none of which our graphs use."""
+    return not record.getMessage().startswith("torchvision is not installed")
+
+
+@contextlib.contextmanager
+def _filtered(logger: logging.Logger, keep):
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
 def export_graph(module, name, config, path: Path, *, opset=DEFAULT_OPSET):
     """Trace one export module with torch.onnx.export(dynamo=True) and save it, with external data when the
     weights exceed protobuf's 2 GB limit. Returns the saved onnx.ModelProto (without external tensors loaded)."""
@@ -133,7 +148,8 @@ def export_graph(module, name, config, path: Path, *, opset=DEFAULT_OPSET):
     dtype = next(module.parameters()).dtype
     inputs = _sample_inputs(name, config, dtype)
     in_names, out_names = graph_io_names(config.text.num_layers)[name]
-    with warnings.catch_warnings(), torch.no_grad():
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    with warnings.catch_warnings(), torch.no_grad(), _filtered(registry_log, _torchvision_notice):
         warnings.simplefilter("ignore")  # torch.export's FutureWarnings and dim-renaming chatter
         program = torch.onnx.export(module, inputs, dynamo=True, opset_version=opset, input_names=in_names,
                                     output_names=out_names, dynamic_shapes=_dynamic_shapes(name, config),
@@ -235,7 +251,7 @@ def export_onnx(model_or_dir, out_dir, *, dtype="fp32", opset=DEFAULT_OPSET, att
                   "mean": list(CLIP_MEAN), "std": list(CLIP_STD)},
         "special_tokens": _special_tokens(config, model_dir),
         "chat_template": template,
-        "search": DEMO_SEARCH,
+        "search": dict(DEFAULT_GENERATION),  # the runtime's demo settings, what every backend's ask uses
         "config": hf_config,
     }
     path = out_dir / DEPLOY_JSON

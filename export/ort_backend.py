@@ -31,6 +31,10 @@ def default_providers() -> list[str]:
 def read_deploy(path: Path) -> dict:
     file = Path(path) / DEPLOY_JSON
     if not file.is_file():
+        if (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path} is a model folder, not an ONNX export (no {DEPLOY_JSON}): export it once with `gmaivl-rt "
+                f"export onnx {path} ONNX_DIR`, then load or ask ONNX_DIR with the onnx backend")
         raise FileNotFoundError(f"{path}: no {DEPLOY_JSON}; export the model first with `gmaivl-rt export onnx`")
     return json.loads(file.read_text())
 

@@ -163,18 +163,18 @@ def plugin_attention(q, k, v, *, causal: bool = False, softmax_scale: Optional[f
 # ------------------------------------------------------------------------------------------------ TensorRT side
 def import_tensorrt(min_version=(10, 9), why="AOT Python plugins need"):
     """(tensorrt, tensorrt.plugin), or an ImportError saying what to install."""
+    wanted = ".".join(map(str, min_version))
     try:
         import tensorrt as trt
         import tensorrt.plugin as trtp
     except ImportError as e:
         raise ImportError(
-            "TensorRT is not installed. Install NVIDIA's TensorRT >= 10.9 Python package for your CUDA version "
+            f"TensorRT is not installed. Install NVIDIA's TensorRT >= {wanted} Python package for your CUDA version "
             "(`pip install tensorrt-cu12` for CUDA 12.x, `tensorrt-cu13` for CUDA 13.x; the wheels come from "
             "NVIDIA's index, pypi.nvidia.com) on a machine with an NVIDIA GPU and driver, plus `cuda-python` "
             f"or torch with CUDA to run engines. ({e})") from None
     version = tuple(int(p) for p in trt.__version__.split(".")[:2])
     if version < tuple(min_version):
-        wanted = ".".join(map(str, min_version))
         raise ImportError(f"TensorRT {trt.__version__} is too old: {why} TensorRT >= {wanted}")
     return trt, trtp
 

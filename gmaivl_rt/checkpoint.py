@@ -185,6 +185,7 @@ def load_pretrained(cls, path, dtype=None, device=None):
     expected = dict(model.named_parameters())
     t = config.text
     loaded, unexpected, mismatched = set(), [], []
+    wrong_shape = set()  # present but mis-shaped: listed once, as a mismatch, not again as missing
     for file in files:
         _check_complete(file)
         with _open_safetensors(file) as handle:
@@ -203,6 +204,7 @@ def load_pretrained(cls, path, dtype=None, device=None):
                     shape = tuple(handle.get_slice(key).get_shape())
                     if shape != tuple(expected[name].shape):
                         mismatched.append(f"{key}: checkpoint {shape} vs model {tuple(expected[name].shape)}")
+                        wrong_shape.add(name)
                         continue
                     items = [(name, None)]
                 for target, tensor in items:
@@ -213,10 +215,11 @@ def load_pretrained(cls, path, dtype=None, device=None):
                     if tuple(tensor.shape) != tuple(expected[target].shape):
                         mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model "
                                           f"{tuple(expected[target].shape)}")
+                        wrong_shape.add(target)
                         continue
                     _assign(model, target, tensor.to(device=device, dtype=dtype or tensor.dtype))
                     loaded.add(target)
-    missing = sorted(set(expected) - loaded)
+    missing = sorted(set(expected) - loaded - wrong_shape)
     if missing or unexpected or mismatched:
         raise CheckpointError(_describe_problems(path, missing, unexpected, mismatched))
     if t.tie_word_embeddings:

@@ -228,15 +228,19 @@ def apply_window(values: np.ndarray, center: float, width: float, function: str 
     return out.astype(np.float32)
 
 
+UNKNOWN_MODALITY = "medical image"  # modality_name() of a file that records no modality
+
+
 def modality_name(code: str | None) -> str:
-    """Human name of a DICOM modality code, for text ("MR" -> "MRI"); unknown codes pass through."""
+    """Human name of a DICOM modality code, for text ("MR" -> "MRI"); unknown codes pass through; no code at all
+    gives UNKNOWN_MODALITY."""
     names = {"CT": "CT", "MR": "MRI", "MRI": "MRI", "US": "ultrasound", "CR": "X-ray", "DX": "X-ray",
              "DR": "X-ray", "XR": "X-ray", "X-RAY": "X-ray", "MG": "mammography", "NM": "nuclear medicine",
              "PT": "PET", "PET": "PET", "XA": "angiography", "RF": "fluoroscopy", "OT": "secondary capture",
              "SC": "secondary capture", "RTDOSE": "radiotherapy dose map", "SM": "pathology slide",
              "OP": "fundus photograph", "OCT": "OCT", "ES": "endoscopy", "SEG": "segmentation"}
     if not code:
-        return "medical image"
+        return UNKNOWN_MODALITY
     return names.get(code.upper(), code)
 
 

@@ -17,8 +17,11 @@ import torch
 from gmaivl_rt.errors import InputError, LimitError
 from gmaivl_rt.limits import DEFAULT_LIMITS, Limits, check_generation, check_text, type_name
 
-# GMAI-VL's demo decoding settings, greedy so answers are reproducible.
-DEFAULT_GENERATION = {"max_new_tokens": 128, "repetition_penalty": 1.12, "no_repeat_ngram_size": 5}
+# The one source of the demo decoding settings: `ask` on every backend, the CLI's defaults and the "search" block
+# `export onnx` writes into gmaivl_deploy.json. GMAI-VL's demo penalties and top_p; greedy unless do_sample, so
+# answers are reproducible (do_sample=True gives GMAI-VL's demo sampling, top_p 0.9).
+DEFAULT_GENERATION = {"max_new_tokens": 128, "do_sample": False, "temperature": 1.0, "top_p": 0.9, "top_k": 0,
+                      "repetition_penalty": 1.12, "no_repeat_ngram_size": 5}
 
 
 @dataclass

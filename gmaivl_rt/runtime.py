@@ -105,6 +105,12 @@ class _ChatHelpers:
         return request.generate_inputs()
 
     def decode(self, ids, skip_special_tokens=True) -> list[str]:
+        """ids: (batch, seq) or one sequence (seq,), tensor, array or lists -> one string per sequence."""
+        if getattr(ids, "ndim", 2) == 1:  # one sequence: as a batch of one (batch_decode of 1-D is deprecated)
+            ids = ids[None]
+        elif isinstance(ids, (list, tuple)) and ids and not isinstance(ids[0], (list, tuple)) \
+                and getattr(ids[0], "ndim", 0) == 0:
+            ids = [list(ids)]
         return self.tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
 
     @property
@@ -290,8 +296,18 @@ def register(subparsers) -> None:
     p.add_argument("--image", help="DICOM, NIfTI, PNG, JPEG, TIFF or BMP file")
     p.add_argument("--question", required=True)
     p.add_argument("--backend", default="torch", choices=BACKENDS)
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_GENERATION["max_new_tokens"])
     p.add_argument("--system", default=None, help="optional system prompt")
+    g = DEFAULT_GENERATION
+    p.add_argument("--max-new-tokens", type=int, default=g["max_new_tokens"], help="default %(default)s")
+    p.add_argument("--do-sample", action="store_true", default=g["do_sample"],
+                   help="sample (with --temperature, --top-p, --top-k) instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=g["temperature"], help="default %(default)s")
+    p.add_argument("--top-p", type=float, default=g["top_p"], help="default %(default)s")
+    p.add_argument("--top-k", type=int, default=g["top_k"], help="default %(default)s (0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=g["repetition_penalty"], help="default %(default)s")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=g["no_repeat_ngram_size"],
+                   help="default %(default)s (0: off)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling RNG (reproducible --do-sample)")
     p.add_argument("--frame", type=int, default=None, help="DICOM / TIFF frame (default 0)")
     p.add_argument("--slice", type=int, default=None, dest="slice_index",
                    help="NIfTI slice along --plane (default the middle one)")
@@ -315,7 +331,11 @@ def _cli_window(text):
 def _ask_cli(args) -> int:
     backend = load(args.model, backend=args.backend)
     backend.tokenizer  # noqa: B018  (a folder without a tokenizer cannot answer: say so before reading the image)
+    generation = {key: getattr(args, key) for key in DEFAULT_GENERATION}
+    if args.seed is not None:  # logits reach the sampler on the model's device (torch) or the CPU (graphs)
+        model = getattr(backend, "model", None)
+        device = model.lm_head.weight.device if model is not None else "cpu"
+        generation["generator"] = torch.Generator(device=device).manual_seed(args.seed)
     print(backend.ask(args.question, args.image, system=args.system, frame=args.frame,
-                      slice_index=args.slice_index, plane=args.plane, window=_cli_window(args.window),
-                      max_new_tokens=args.max_new_tokens))
+                      slice_index=args.slice_index, plane=args.plane, window=_cli_window(args.window), **generation))
     return 0

@@ -1,5 +1,11 @@
 """Triton kernels on the hot paths, each beside its plain PyTorch reference (see `_dispatch` for which runs)."""
-from ._dispatch import interpreting, kernel_mode, kernels, triton_available, use_triton
+import os
+
+# Our kernels are written and tested with FP fusion (FMA contraction) on, Triton's current default; saying so
+# explicitly, in this one place, keeps the behaviour when Triton's default changes and silences its warning.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+from ._dispatch import interpreting, kernel_mode, kernels, triton_available, use_triton  # noqa: E402
 from .attention import attention, attention_reference
 from .decode_attention import decode_attention, decode_attention_reference
 from .fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference

@@ -246,8 +246,7 @@ def build_report(archs=(80, 90), *, defaults_only: bool = False, progress: bool 
 
 
 def _build_in_child(archs, defaults_only, progress, jobs):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # fusion knob: set by the package
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "report.json")
         command = [sys.executable, "-m", "gmaivl_rt.kernels.report", "--json", out, "--quiet",

@@ -327,7 +327,13 @@ def test_cli_input_folder_captions(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     records = read_jsonl(tmp_path / "out/annotations/folder.jsonl")
     assert printed["records"] == len(records) == 2 + 7  # two DICOM files + 7 axial slices
-    assert printed["errors"] == 0
+    # the two stray files are skipped with a line each in errors.jsonl and the summary, not silently
+    assert printed["errors"] == 2
+    errors = read_jsonl(tmp_path / "out/errors.jsonl")
+    assert sorted(e["source"] for e in errors) == ["NOTES", "README.txt"]
+    assert {e["kind"] for e in errors} == {"not_an_image"}
+    summary = json.loads((tmp_path / "out/summary.json").read_text())
+    assert summary["errors_by_kind"] == {"not_an_image": 2}
     assert all("#cap#" in r["id"] for r in records)
     assert any("MRI" in r["conversations"][1]["value"] for r in records)
 

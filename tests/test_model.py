@@ -212,8 +212,9 @@ def test_unexpected_key_is_listed(hf_dir, tmp_path):
 def test_wrong_shape_is_listed(hf_dir, tmp_path):
     state = _state(hf_dir)
     state["multi_modal_projector.linear_1.weight"] = torch.zeros(3, 3)
-    with pytest.raises(CheckpointError, match=r"shape mismatches[\s\S]*linear_1.weight: checkpoint \(3, 3\)"):
+    with pytest.raises(CheckpointError, match=r"shape mismatches[\s\S]*linear_1.weight: checkpoint \(3, 3\)") as err:
         GMAIVL.from_pretrained(_write_variant(hf_dir, tmp_path / "s", state))
+    assert str(err.value).count("linear_1.weight") == 1 and "missing keys" not in str(err.value)  # listed once
 
 
 def test_truncated_safetensors(hf_dir, tmp_path):

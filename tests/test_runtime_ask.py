@@ -1,5 +1,7 @@
 """The ask-a-question path: a real DICOM from pydicom's test data through reading, preprocessing, template,
 generation and decoding, checked piece by piece against the components it must agree with."""
+import json
+
 import pytest
 import torch
 from pydicom.data import get_testdata_file
@@ -10,6 +12,11 @@ from gmaivl_rt import GMAIVL
 from gmaivl_rt.chat import IMAGE_TOKEN, build_prompt, preprocess_image
 from gmaivl_rt.cli import main
 from gmaivl_rt.medical_io import read_medical_image
+<<<<<<< HEAD
+=======
+from gmaivl_rt.request import DEFAULT_GENERATION
+from gmaivl_rt.train.tokenizer import model_vocab_fields, train_bpe_tokenizer
+>>>>>>> issue-16
 
 TEXTS = ["<image>\nWhat modality is this image?", "This is a CT scan of the chest.", "Which plane is shown?",
          "An axial slice.", "Describe the image.", "A magnetic resonance image of the head."] * 20
@@ -49,6 +56,35 @@ def test_ask_through_the_onnx_backend_gives_the_same_answer(folder, tmp_path):
     from gmaivl_rt.export.onnx_export import export_onnx
 
     export_onnx(folder, tmp_path / "onnx")
+    # one source of the demo settings: the deploy file carries what every backend's ask uses
+    assert json.loads((tmp_path / "onnx" / "gmaivl_deploy.json").read_text())["search"] == DEFAULT_GENERATION
     ct = get_testdata_file("CT_small.dcm")
     expected = gmaivl_rt.load(folder).ask(QUESTION, ct, max_new_tokens=8)
     assert gmaivl_rt.load(tmp_path / "onnx", backend="onnx").ask(QUESTION, ct, max_new_tokens=8) == expected
+
+
+def test_cli_ask_sampling_flags_reach_generation(folder, capsys):
+    """Every sampling flag of `gmaivl-rt ask` is passed on: --do-sample --top-k 1 is greedy whatever the
+    temperature; a seeded hot sample is reproducible and equals the API's with the same seeded generator; the
+    penalties change what the API says exactly as the flags do."""
+    ct = get_testdata_file("CT_small.dcm")
+    api = gmaivl_rt.load(folder)
+
+    def cli(*flags):
+        assert main(["ask", str(folder), "--image", ct, "--question", QUESTION, "--max-new-tokens", "6", *flags]) == 0
+        return capsys.readouterr().out.strip()
+
+    greedy = api.ask(QUESTION, ct, max_new_tokens=6)
+    assert cli("--do-sample", "--top-k", "1", "--temperature", "5") == greedy
+    hot = ["--do-sample", "--temperature", "3", "--top-p", "1.0", "--repetition-penalty", "1.0",
+           "--no-repeat-ngram-size", "0"]
+    sampled = api.ask(QUESTION, ct, max_new_tokens=6, do_sample=True, temperature=3.0, top_p=1.0,
+                      repetition_penalty=1.0, no_repeat_ngram_size=0, generator=torch.Generator().manual_seed(7))
+    assert cli(*hot, "--seed", "7") == cli(*hot, "--seed", "7") == sampled
+    plain = api.ask(QUESTION, ct, max_new_tokens=6, repetition_penalty=1.0, no_repeat_ngram_size=0)
+    assert cli("--repetition-penalty", "1.0", "--no-repeat-ngram-size", "0") == plain
+
+
+def test_onnx_backend_on_a_model_folder_says_to_export_first(folder):
+    with pytest.raises(FileNotFoundError, match="is a model folder, not an ONNX export.*gmaivl-rt export onnx"):
+        gmaivl_rt.load(folder, backend="onnx")

@@ -54,6 +54,8 @@ def test_two_gloo_ranks_match_one_process(tmp_path, strategy, param_dtype, loss_
          "--preset", "tiny", "--tokenizer", str(tokenizer), "--config", str(config), "--no-progress"],
         env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 1 and results[0]["steps"] == 3, run.stdout  # rank 0 alone prints the result
 
     single = train(3, data, tmp_path / "single", preset="tiny", tokenizer=tokenizer, config=config, progress=False)
     ddp_log = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]

@@ -85,3 +85,64 @@ def _validate(config: dict) -> None:
         problems.append(f"distributed.strategy {config['distributed']['strategy']!r} is not ddp or fsdp")
     if problems:
         raise ValueError(f"training config (stage {config.get('stage')}): " + "; ".join(problems))
+
+
+# ------------------------------------------------------------------------------------------------------ resume
+SAVED_CONFIG = "train_config.yaml"  # OUT/train_config.yaml: the run's merged config plus its `run` block
+RUN_KEY = "run"                     # the run's own inputs: data, init, tokenizer (absolute paths or null)
+RUN_FLAGS = {"data": "--data", "init": "--init", "tokenizer": "--tokenizer"}
+
+
+def run_inputs(data, init, tokenizer) -> dict:
+    """The `run` block saved beside the merged config: the paths that decide the run's model and packs."""
+    return {key: (str(Path(value).resolve()) if value is not None else None)
+            for key, value in (("data", data), ("init", init), ("tokenizer", tokenizer))}
+
+
+def resume_config(out, stage: int | None = None, preset: str | None = None, config_file=None,
+                  overrides: dict | None = None, **inputs) -> dict:
+    """`--resume`: the run's own merged config from OUT/train_config.yaml (with its `run` block), never one merged
+    anew from defaults. Flags left out are taken from it; flags given must agree with it: stage, preset, the
+    settings a `--config` file or `overrides` would produce, and the `inputs` data / init / tokenizer paths.
+    Raises InputError naming every flag that contradicts the saved run."""
+    from gmaivl_rt.errors import InputError
+
+    path = Path(out) / SAVED_CONFIG
+    saved = read_yaml(path)
+    run = saved.get(RUN_KEY) or {}
+    problems = []
+    if stage is not None and int(stage) != int(saved["stage"]):
+        problems.append(f"--stage {stage} (the run is stage {saved['stage']})")
+    if preset is not None and preset != saved.get("preset"):
+        problems.append(f"--preset {preset} (the run uses {saved.get('preset')})")
+    if config_file is not None or overrides:
+        wanted = load_train_config(int(saved["stage"]), preset or saved.get("preset"), config_file, overrides)
+        mine = {k: v for k, v in saved.items() if k != RUN_KEY}
+        changed = [key for key in sorted(set(_flatten(wanted)) | set(_flatten(mine)))
+                   if _flatten(wanted).get(key) != _flatten(mine).get(key)]
+        if changed:
+            shown = ", ".join(f"{k} ({_flatten(mine).get(k)!r} -> {_flatten(wanted).get(k)!r})" for k in changed[:8])
+            more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+            problems.append(f"{'--config ' + str(config_file) if config_file else 'overrides'} changes {shown}{more}")
+    given = run_inputs(**{k: inputs.get(k) for k in RUN_FLAGS})
+    for key, flag in RUN_FLAGS.items():
+        if given[key] is not None and run.get(key) is not None and given[key] != run[key]:
+            problems.append(f"{flag} {inputs[key]} (the run used {run[key]})")
+        elif given[key] is not None and key in run and run[key] is None:
+            problems.append(f"{flag} {inputs[key]} (the run had none)")
+    if problems:
+        raise InputError(f"--resume: {path} holds this run's settings and these flags contradict them: "
+                         + "; ".join(problems) + ". Leave them out to continue the run as it was, or train into a "
+                         "new --out.")
+    return saved
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -27,11 +27,11 @@ import torch
 import yaml
 
 from gmaivl_rt.atomic import atomic_write_jsonl, atomic_write_text
-from gmaivl_rt.errors import GmaivlError
+from gmaivl_rt.errors import GmaivlError, InputError
 
 from . import distributed as dist_utils
 from .checkpointing import checkpoints_dir, restore, resume_checkpoint, save_checkpoint, write_model
-from .config import load_train_config
+from .config import RUN_KEY, SAVED_CONFIG, load_train_config, read_yaml, resume_config, run_inputs
 from .dataset import ImagePolicy, PackedDataset
 from .tokenizer import (chat_stop_ids, check_tokenizer_fits, conversation_texts, load_tokenizer, model_vocab_fields,
                         save_hf_tokenizer, train_bpe_tokenizer)
@@ -51,8 +51,10 @@ def train(stage: int, data, out, *, config=None, preset: str | None = None, init
     YAML layer; preset: model preset when there is no `init`; init: the previous stage's output folder;
     tokenizer: a tokenizer folder (default: init's, else trained on `data`); max_steps: stop after this many
     optimizer steps (the schedule keeps its full length); resume: continue from OUT's newest complete checkpoint
-    (True: a corrupt newest one is reported and the one before it used; "strict": a corrupt one is an error).
-    Works the same under torchrun. Returns a summary dict (steps, losses, final_loss, out)."""
+    with the run's own config and inputs (OUT/train_config.yaml; stage and data may then be None, and arguments that
+    contradict the saved run raise InputError); True: a corrupt newest checkpoint is reported and the one before it
+    used; "strict": a corrupt one is an error. Without `init` the model is the preset with random weights (a
+    warning says so). Works the same under torchrun. Returns a summary dict (steps, losses, final_loss, out)."""
     info = dist_utils.setup()
     try:
         return _train(stage, data, Path(out), config, preset, init, tokenizer, max_steps, resume, overrides or {},
@@ -67,13 +69,31 @@ def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps
 
     from gmaivl_rt import GMAIVL, GMAIVLConfig
 
-    if preset is None and init is not None and (Path(init) / "train_config.yaml").is_file():
-        # The previous stage's preset keeps its config layer (e.g. compact's max_length) for this stage too.
-        preset = yaml.safe_load((Path(init) / "train_config.yaml").read_text()).get("preset")
-    cfg = load_train_config(stage, preset, config_file, overrides)
+    if resume and (out / SAVED_CONFIG).is_file():
+        # The run's own merged config and inputs, never a fresh merge from defaults; contradicting flags fail.
+        cfg = resume_config(out, stage, preset, config_file, overrides, data=data, init=init, tokenizer=tokenizer_dir)
+        run = cfg.get(RUN_KEY) or {}
+        stage, data = int(cfg["stage"]), data if data is not None else run.get("data")
+        init = init if init is not None else run.get("init")
+        tokenizer_dir = tokenizer_dir if tokenizer_dir is not None else run.get("tokenizer")
+        if data is None:
+            raise InputError(f"--resume: {out / SAVED_CONFIG} does not record the data; give --data")
+    else:
+        if stage is None or data is None:
+            raise InputError(f"train: give the stage and --data ({out / SAVED_CONFIG} is not there to resume from)")
+        if preset is None and init is not None and (Path(init) / SAVED_CONFIG).is_file():
+            # The previous stage's preset keeps its config layer (e.g. compact's max_length) for this stage too.
+            preset = yaml.safe_load((Path(init) / SAVED_CONFIG).read_text()).get("preset")
+        cfg = load_train_config(stage, preset, config_file, overrides)
+        cfg[RUN_KEY] = run_inputs(data, init, tokenizer_dir)
+        if init is None and info.is_main:
+            chosen = "chosen" if preset or (config_file and read_yaml(config_file).get("preset")) or \
+                overrides.get("preset") else "the default; --preset chooses another"
+            logger.warning("stage %d starts from random weights: no --init, so the model is the %r preset (%s). "
+                           "Pass --init MODEL_DIR to start from a trained model.", stage, cfg["preset"], chosen)
     out.mkdir(parents=True, exist_ok=True)
     if info.is_main:
-        atomic_write_text(out / "train_config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        atomic_write_text(out / SAVED_CONFIG, yaml.safe_dump(cfg, sort_keys=False))
     torch.manual_seed(cfg["train"]["seed"])
 
     # ---- tokenizer and model

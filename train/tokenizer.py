@@ -7,6 +7,7 @@ chat template) so `transformers.AutoTokenizer.from_pretrained(dir)` loads it, an
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -59,7 +60,19 @@ def train_bpe_tokenizer(texts: Iterable[str], out_dir, vocab_size: int = 4096, m
     )
     # `<image>` is a special token: splitting it out before training keeps it from shaping merges.
     tokenizer.train_from_iterator((t.replace(IMAGE, " ") for t in texts), trainer=trainer)
+    shortfall = vocab_size_shortfall(tokenizer.get_vocab_size(), vocab_size, min_frequency)
+    if shortfall:
+        logging.getLogger(__name__).warning("tokenizer: %s", shortfall)
     return save_tokenizer(tokenizer, out_dir)
+
+
+def vocab_size_shortfall(reached: int, requested: int, min_frequency: int) -> str | None:
+    """Why a BPE stopped below the size asked for (None when it reached it): BPE merges only pairs of symbols
+    seen at least `min_frequency` times, so a small text runs out of merges."""
+    if reached >= requested:
+        return None
+    return (f"reached {reached} tokens, not the {requested} asked for: the text has no more symbol pairs seen at "
+            f"least {min_frequency} times (more text or a lower --min-frequency gives more merges)")
 
 
 def save_tokenizer(tokenizer, out_dir):

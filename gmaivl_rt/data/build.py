@@ -121,12 +121,34 @@ def openai_rewriter(url: str, model: str = "default", timeout: float = 60.0, api
     return rewrite
 
 
+def _import_from_path_or_cwd(module_name: str):
+    """The module, searching the current folder last as `python -m` does (the console script does not);
+    None when its top-level package is nowhere."""
+    top = module_name.split(".")[0]
+    for add_cwd in (False, True):
+        if add_cwd:
+            if os.getcwd() in sys.path:
+                return None
+            sys.path.append(os.getcwd())
+        try:
+            return importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != top:
+                raise
+    return None
+
+
 def load_rewriter(spec: str):
     """'package.module:function' -> that callable (fn(text: str, context: dict) -> str)."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"rewriter {spec!r} must look like 'package.module:function'")
-    fn = getattr(importlib.import_module(module_name), attr)
+    module = _import_from_path_or_cwd(module_name)
+    if module is None:
+        raise ValueError(f"rewriter {spec!r}: no module {module_name!r} on the Python path or in the current folder")
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise ValueError(f"rewriter {spec!r}: module {module_name!r} has no {attr!r}")
     if not callable(fn):
         raise ValueError(f"rewriter {spec!r} is not callable")
     return fn
@@ -177,17 +199,25 @@ def input_dir_dataset(input_dir: str) -> DatasetSpec:
 
 def discover_images(root: str) -> list[str]:
     """Image files under `root` (relative posix paths, sorted): known suffixes, or DICOM by its 'DICM' magic."""
+    return _discover(root)[0]
+
+
+def _discover(root: str) -> tuple[list[str], list[str]]:
+    """(image files, other files) under `root`, relative posix paths, sorted; hidden files and folders ignored."""
     known = DICOM_SUFFIXES + NIFTI_SUFFIXES + tuple(PILLOW_SUFFIXES)
-    found = []
+    found, others = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
             path = os.path.join(dirpath, name)
+            relative = os.path.relpath(path, root).replace(os.sep, "/")
             if name.lower().endswith(known) or ("." not in name and detect_format(path) == "dicom"):
-                found.append(os.path.relpath(path, root).replace(os.sep, "/"))
-    return found
+                found.append(relative)
+            else:
+                others.append(relative)
+    return found, others
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -360,11 +390,12 @@ def _normalised_boxes(boxes, image, fmt) -> dict[str, list[list[float]]]:
 # --------------------------------------------------------------------------------------------------------------
 # the build
 # --------------------------------------------------------------------------------------------------------------
-def _items(spec: DatasetSpec) -> list[dict]:
+def _items(spec: DatasetSpec) -> tuple[list[dict], list[str]]:
+    """(annotation rows, files of the image folder that are not images and are skipped)."""
     if spec.task == "caption" and not spec.annotations:
-        files = spec.files if spec.files is not None else discover_images(spec.image_root)
-        return [{"image": f} for f in files]
-    return read_annotations(spec)
+        files, others = (spec.files, []) if spec.files is not None else _discover(spec.image_root)
+        return [{"image": f} for f in files], others
+    return read_annotations(spec), []
 
 
 def _item_key(spec: DatasetSpec, row: dict, seed: int, rewriter_id: str) -> str:
@@ -486,11 +517,15 @@ def _plan(specs) -> tuple[list[tuple[DatasetSpec, list[dict]]], list[dict]]:
     plan, errors = [], []
     for spec in specs:
         try:
-            rows = _items(spec)
+            rows, not_images = _items(spec)
         except ManifestError as e:
             errors.append({"dataset": spec.name, "source": os.path.basename(spec.annotations or spec.image_root),
                            "kind": "annotation", "reason": str(e)})
-            rows = []
+            rows, not_images = [], []
+        for name in not_images:  # recorded, so a folder's stray files are not dropped without a word
+            errors.append({"dataset": spec.name, "source": name, "kind": "not_an_image",
+                           "reason": "not a DICOM, NIfTI, PNG, JPEG, TIFF or BMP file; skipped"})
+            logger.warning("skipped %s item %s: %s", spec.name, errors[-1]["source"], errors[-1]["reason"])
         plan.append((spec, rows))
     return plan, errors
 

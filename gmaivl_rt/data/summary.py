@@ -6,7 +6,7 @@ import io
 import os
 from collections import Counter
 
-TASK_NAMES = {"cls": "classification", "seg": "segmentation", "det": "detection", "rep": "report", "vqa": "VQA",
+TASK_NAMES = {"cls": "classification", "seg": "segmentation", "det": "detection", "rep": "report", "vqa": "vqa",
               "cap": "caption"}
 
 
@@ -90,5 +90,5 @@ def _bars(ax, counts: dict, title: str, top: int = 12) -> None:
     ax.set_xlabel("records")
     for bar, v in zip(bars, values):
         ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {v}", va="center", fontsize=9)
-    ax.set_xlim(0, max(values) * 1.15)
+    ax.set_xlim(0, max(max(values) * 1.15, 1))  # all-zero bars (an empty shard) need a non-empty axis
     ax.spines[["top", "right"]].set_visible(False)

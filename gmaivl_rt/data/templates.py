@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gmaivl_rt.medical_io import UNKNOWN_MODALITY
+
 Turns = list[tuple[str, str]]
 
 
@@ -59,6 +61,8 @@ MODALITY_QUESTIONS = [
 ]
 MODALITY_ANSWERS = ["This is {a_modality} image.", "The modality is {modality}.", "It was acquired with {modality}.",
                     "{Modality}.", "This image comes from {a_modality} scan."]
+UNKNOWN_MODALITY_ANSWERS = ["The image's metadata does not record the imaging modality.",
+                            "The modality is not recorded for this image."]
 PLANE_QUESTIONS = ["In which plane is this image displayed?", "What is the orientation of this slice?",
                    "Is this an axial, coronal or sagittal view?", "Which anatomical plane does this image show?"]
 PLANE_ANSWERS = ["It is {a_plane} view.", "This is {a_plane} slice.", "The image is shown in the {plane} plane.",
@@ -206,8 +210,11 @@ def caption_turns(f: ImageFacts, rng: random.Random, label: str | None = None) -
 def metadata_vqa_turns(f: ImageFacts, rng: random.Random) -> Turns:
     """Questions answerable from metadata alone: modality, plane, body part, colour (2-4 turns, shuffled)."""
     m = f.modality
-    turns = [(rng.choice(MODALITY_QUESTIONS),
-              rng.choice(MODALITY_ANSWERS).format(a_modality=article(m), modality=m, Modality=cap(m)))]
+    if m == UNKNOWN_MODALITY:  # the file records none: say so rather than "This is a medical image image."
+        answer = rng.choice(UNKNOWN_MODALITY_ANSWERS)
+    else:
+        answer = rng.choice(MODALITY_ANSWERS).format(a_modality=article(m), modality=m, Modality=cap(m))
+    turns = [(rng.choice(MODALITY_QUESTIONS), answer)]
     if f.plane in ("axial", "coronal", "sagittal"):
         turns.append((rng.choice(PLANE_QUESTIONS),
                       rng.choice(PLANE_ANSWERS).format(a_plane=article(f.plane), plane=f.plane, Plane=cap(f.plane))))

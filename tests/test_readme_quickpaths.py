@@ -1,0 +1,211 @@
+"""The README's quick paths, run as written, so a README that lies fails CI.
+
+Quick paths: the first fenced ```bash block under each README heading in QUICK_SECTIONS (later blocks are recipes
+for scale: a Slurm array, a shell loop). Each block is split into
+commands (shlex: comments dropped, `\\` continuations joined) and every command runs, in README order, in one
+temporary folder (the README's relative paths are relative to it). To fit CI, MAPPING rewrites them first, rule by
+rule, and nothing else is changed:
+
+    --demo                      -> --input scans/     (scans/ holds pydicom's CT_small.dcm and one PNG, not the whole
+                                                        pydicom/nibabel test sets)
+    runs/demo/stage3            -> runs/s3             (the stage III model these quick paths train, not `make demo`'s)
+    --preset compact            -> --preset tiny
+    --max-steps N               -> --max-steps 1       (the next command, `--resume`, then has a step left)
+    train --stage ...           +  --config quick.yaml --no-progress   (global batch 1, 2 steps)
+    scan.dcm                    -> pydicom's CT_small.dcm
+    ask ...                     +  --max-new-tokens 4
+    torchrun --nproc_per_node 8 -m gmaivl_rt.cli ARGS
+                                -> ARGS are parsed by the CLI only (tests/test_train_distributed.py runs this command
+                                   with 2 gloo ranks)
+    data merge shards/K ... --out D
+                                -> the shard folders named are first built from the manifest line's sources.yaml
+                                   with --shard K/N (N: how many are named), and the merge writes D-merged, which
+                                   must equal the unsharded D file for file (annotations, meta, errors, summary)
+    export onnx ...             -> run in a fresh process, whose stderr must hold no warnings (torchvision notices)
+    export tensorrt ...         -> without the tensorrt package: must exit 2 naming TensorRT >= 10.15
+
+The manifest line reads `sources.yaml` = the README's own manifest example (its ```yaml block), with the two
+images and `cls.csv` it names. After the commands, the output files the README names are checked.
+"""
+import importlib.util
+import os
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from gmaivl_rt.cli import main as cli_main
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+QUICK_SECTIONS = ("Data pipeline", "Training", "Export and deployment", "Runtime")
+QUICK_CONFIG = {"batch": {"global_batch_size": 1}, "schedule": {"total_steps": 2}}
+CT = get_testdata_file("CT_small.dcm")
+MAPPING = [  # (pattern, replacement) on the command line, in order
+    (r"(?<=\s)--demo(?=\s|$)", "--input scans/"),
+    (r"runs/demo/stage3", "runs/s3"),
+    (r"--preset compact", "--preset tiny"),
+    (r"--max-steps \d+", "--max-steps 1"),
+    (r"^(gmaivl-rt train --stage .*)$", r"\1 --config quick.yaml --no-progress"),
+    (r"(?<=\s)scan\.dcm(?=\s|$)", lambda match: CT),
+    (r"^(gmaivl-rt ask .*)$", r"\1 --max-new-tokens 4"),
+]
+
+
+def readme_sections() -> dict[str, str]:
+    """'## Heading' -> the text under it."""
+    parts = re.split(r"^## (.+)$", README.read_text(), flags=re.M)
+    return {parts[i].strip(): parts[i + 1] for i in range(1, len(parts), 2)}
+
+
+def fenced_blocks(text: str, language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.M | re.S)
+
+
+def quick_path_commands() -> list[str]:
+    sections = readme_sections()
+    missing = [name for name in QUICK_SECTIONS if name not in sections]
+    assert not missing, f"README lost the quick-path sections {missing}"
+    commands = []
+    for name in QUICK_SECTIONS:
+        for block in fenced_blocks(sections[name], "(?:bash|sh)")[:1]:
+            for line in block.replace("\\\n", " ").splitlines():
+                words = shlex.split(line, comments=True)
+                if words:
+                    commands.append(shlex.join(words))
+    return commands
+
+
+def mapped(command: str) -> str:
+    for pattern, replacement in MAPPING:
+        command = re.sub(pattern, replacement, command)
+    return command
+
+
+def _write_sources(root: Path) -> None:
+    """The README's manifest example as sources.yaml, with the files it names."""
+    blocks = fenced_blocks(readme_sections()["Data pipeline"], "yaml")
+    assert len(blocks) == 1, "the Data pipeline section should hold one manifest example"
+    (root / "sources.yaml").write_text(blocks[0])
+    dataset = yaml.safe_load(blocks[0])["datasets"][0]
+    images = root / dataset["image_root"]
+    images.mkdir()
+    rows = ["image,label"]
+    for i, label in enumerate(dataset["labels"][:2]):
+        Image.fromarray(np.full((24, 24), 60 + 80 * i, np.uint8)).save(images / f"x{i}.png")
+        rows.append(f"x{i}.png,{label}")
+    (root / dataset["annotations"]).write_text("\n".join(rows) + "\n")
+
+
+def test_readme_quick_paths_run_as_written(tmp_path, monkeypatch, capsys):
+    commands = quick_path_commands()
+    assert sum(c.startswith("gmaivl-rt ") for c in commands) >= 12  # the blocks were found and parsed
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "scans").mkdir()
+    os.symlink(CT, tmp_path / "scans" / "ct.dcm")
+    Image.fromarray(np.arange(32 * 32, dtype=np.uint8).reshape(32, 32)).save(tmp_path / "scans" / "photo.png")
+    _write_sources(tmp_path)
+    (tmp_path / "quick.yaml").write_text(yaml.safe_dump(QUICK_CONFIG))
+    have_tensorrt = importlib.util.find_spec("tensorrt") is not None
+    for readme_command in commands:
+        command = mapped(readme_command)
+        argv = shlex.split(command)
+        if argv[0] == "torchrun":
+            assert argv[1:4] == ["--nproc_per_node", "8", "-m"] and argv[4] == "gmaivl_rt.cli", readme_command
+            _parses(argv[5:])
+            continue
+        assert argv[0] == "gmaivl-rt", f"quick path command with no mapping: {readme_command}"
+        if argv[1:3] == ["export", "tensorrt"]:
+            if have_tensorrt:
+                continue  # engines need a GPU: tests/test_tensorrt.py
+            assert cli_main(argv[1:]) == 2, readme_command
+            assert "TensorRT >= 10.15" in capsys.readouterr().err
+            continue
+        if argv[1:3] == ["data", "merge"]:
+            _merge_built_shards(argv, capsys)
+            continue
+        if argv[1:3] == ["export", "onnx"]:
+            _run_quietly(argv[1:])
+            continue
+        code = cli_main(argv[1:])
+        printed = capsys.readouterr()
+        assert code == 0, f"{readme_command}\n(run as: {command})\n{printed.out[-2000:]}\n{printed.err[-2000:]}"
+        if argv[1] == "ask":
+            assert printed.out.strip() or printed.out == "\n", command  # an answer line (may be empty text)
+
+    # the outputs the README names
+    for name in ("annotations", "images", "meta.json", "errors.jsonl", "summary.json", "summary.png",
+                 "build.log"):
+        assert (tmp_path / "data/demo" / name).exists(), name
+    assert (tmp_path / "data/gm/annotations/chest_cls.jsonl").is_file()  # the manifest example's dataset name
+    for stage in ("s1", "s2", "s3"):
+        for name in ("config.json", "tokenizer.json", "train_config.yaml", "log.jsonl", "history.jsonl", "loss.png"):
+            assert (tmp_path / "runs" / stage / name).is_file(), (stage, name)
+    assert (tmp_path / "runs/s3/checkpoints/step-00000002").is_dir()  # the README's example name
+    assert (tmp_path / "runs/demo/onnx/gmaivl_deploy.json").is_file()
+
+
+def _merge_built_shards(argv, capsys):
+    out = argv[argv.index("--out") + 1]
+    shards = [a for a in argv[3:argv.index("--out")]]
+    for k, folder in enumerate(shards):
+        assert folder.endswith(f"/{k}"), f"shard folders should be numbered from 0: {argv}"
+        assert cli_main(["data", "build", "--manifest", "sources.yaml", "--out", folder, "--shard",
+                         f"{k}/{len(shards)}", "--no-progress"]) == 0
+    assert cli_main(["data", "merge", *shards, "--out", out + "-merged"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    for name in ("meta.json", "errors.jsonl", "summary.json", *(f"annotations/{p.name}" for p in
+                                                                   (Path(out) / "annotations").iterdir())):
+        assert (Path(out) / name).read_bytes() == (Path(out + "-merged") / name).read_bytes(), name
+
+
+def _run_quietly(args):
+    """`export onnx` in a fresh process (the exporter builds its op registry, where it looks for torchvision, once
+    per process): it must succeed without the exporter's "torchvision is not installed" notices."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_DEFAULT_FP_FUSION", "PYTHONWARNINGS")}
+    run = subprocess.run([sys.executable, "-m", "gmaivl_rt.cli", *args], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for noise in ("torchvision", "FP_FUSION", "Warning"):
+        assert noise not in run.stderr, run.stderr[-3000:]
+
+
+def _parses(argv):
+    """The CLI accepts these arguments (argparse exits on an unknown flag or a missing value)."""
+    import argparse
+
+    from gmaivl_rt.cli import _registrars
+
+    parser = argparse.ArgumentParser(prog="gmaivl-rt")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for register in _registrars():
+        register(sub)
+    parser.parse_args(argv)
+
+
+def test_mapping_rewrites_only_what_it_documents():
+    assert mapped("gmaivl-rt data build --demo --out data/demo") == "gmaivl-rt data build --input scans/ --out data/demo"
+    assert mapped("gmaivl-rt train --stage 1 --preset compact --max-steps 20") == \
+        "gmaivl-rt train --stage 1 --preset tiny --max-steps 1 --config quick.yaml --no-progress"
+    assert mapped("gmaivl-rt train --out runs/s3 --resume") == "gmaivl-rt train --out runs/s3 --resume"
+    assert mapped("gmaivl-rt ask runs/demo/stage3 --image scan.dcm") == \
+        f"gmaivl-rt ask runs/s3 --image {CT} --max-new-tokens 4"
+
+
+def test_readme_install_commands_name_real_extras():
+    """Every `.[extra]` / `gmaivl-rt` extra the README tells people to install exists in pyproject.toml."""
+    import tomllib
+
+    extras = tomllib.loads((README.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    named = set()
+    for text in re.findall(r"`[^`]*\[[a-z-]+\][^`]*`", README.read_text()):
+        named |= set(re.findall(r"\[([a-z][a-z-]*)\]", text))
+    named -= {"fp16", "bf16", "fp32"}  # `[--fp16 ...]`-style option groups are not extras
+    assert named and named <= set(extras), named - set(extras)
