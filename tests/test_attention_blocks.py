@@ -44,8 +44,8 @@ def _check(q, k, v, causal, cu_seqlens=None, max_seqlen=None, grads=True):
                          ids=["129-causal", "200-causal", "300-causal", "200-bidirectional"])
 def test_padded_past_one_query_block(seq, causal):
     """Mutant: `hi = tl.minimum(len_k, BLOCK_M)` (start_m dropped from the causal key range in _key_range): the
-    second q block then never sees keys past 128 (off by ~0.4 at S=200). Mutant: `full_hi = tl.minimum(start_m,
-    len_k) // BLOCK_N * BLOCK_N + BLOCK_N` (an unmasked block that crosses the diagonal: later rows' future keys
+    second q block then never sees keys past 128 (off by ~0.4 at S=200). Mutant: `full_hi = (tl.minimum(start_m,
+    len_k) // BLOCK_N + 1) * BLOCK_N` (an unmasked block that crosses the diagonal: later rows' future keys
     leak). Both need S > 128; 129 puts a single row in the second block, 300 a third, partial block."""
     _check(*_inputs((1, seq, 1, 16), (1, seq, 1, 16)), causal)
 
@@ -53,8 +53,8 @@ def test_padded_past_one_query_block(seq, causal):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_packed_sequences_longer_than_one_block(causal):
     """Packed sequences of 150 and 131 tokens (after a 3-token one): each has a second q block whose keys start at
-    its own sequence start. Mutant: the second block's LSE row written at `head * total_q + rows` (start_q dropped)
-    or the causal range without start_m both fail here."""
+    its own sequence start. Mutant: the LSE row written at `head * total_q + rows` (start_q dropped: the backward
+    pass reads another sequence's LSE)."""
     lengths = [3, 150, 131]
     cu_seqlens = torch.tensor([0, 3, 153, 284], dtype=torch.int32)
     total = sum(lengths)
@@ -64,9 +64,9 @@ def test_packed_sequences_longer_than_one_block(causal):
 
 def test_query_longer_than_keys_with_a_later_block():
     """Sq = 200 > Sk = 70 with the causal (top-left) mask: rows 70..199 see every key, including the rows of the
-    second q block, whose key range is clipped by len_k. Mutant: `hi = tl.minimum(len_k, BLOCK_M)` passes here but
-    `hi = start_m + BLOCK_M` (len_k dropped: reads past the keys, masked only by _key_visible) must still match;
-    and `last_visible = rows` in _key_visible (the len_k clip dropped) shows up as NaN/garbage."""
+    second q block, whose unmasked key range must be clipped by len_k. Mutant: `full_hi = start_m // BLOCK_N *
+    BLOCK_N` (the len_k clip dropped: the second block reads unmasked keys past the sequence) passes
+    test_attention.py and fails here."""
     q = torch.randn(1, 200, 2, 16, requires_grad=True)
     k, v = (torch.randn(1, 70, 1, 16, requires_grad=True) for _ in range(2))
     _check(q, k, v, True)
