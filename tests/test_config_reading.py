@@ -23,8 +23,8 @@ CONTEXT = 16  # max_position_embeddings: dynamic NTK stretches the rope base for
 N_IMG = 5  # (28 / 14)^2 patches + the CLS token under select_strategy "full"
 NON_DEFAULT = dict(
     tie=True,
-    text=dict(rms_norm_eps=0.05, max_position_embeddings=CONTEXT, attention_bias=True,
-              rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 300.0}),
+    text=dict(rms_norm_eps=0.05, max_position_embeddings=CONTEXT, attention_bias=True, rope_theta=300.0,
+              rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
     vision=dict(layer_norm_eps=0.1, hidden_act="gelu"),
     vision_feature_select_strategy="full",
     vision_feature_layer=1,
@@ -34,7 +34,16 @@ NON_DEFAULT = dict(
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("non_default")
-    make_hf_llava(path, **NON_DEFAULT)
+    model = make_hf_llava(**NON_DEFAULT)
+    with torch.no_grad():
+        # Random init gives near-uniform attention, where rotary angles (theta, NTK) hardly change the output:
+        # embeddings of order 1 and larger q/k projections make the attention sharp, so the positions matter.
+        model.model.language_model.embed_tokens.weight.mul_(50)
+        for name, p in model.named_parameters():
+            if ".q_proj." in name or ".k_proj." in name:
+                p.mul_(10)
+    model.save_pretrained(path)
+    assert _hf(path).config.text_config.rope_parameters["rope_theta"] == 300.0
     return path
 
 

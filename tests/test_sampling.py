@@ -107,6 +107,17 @@ def test_sampled_tokens_stay_inside_the_kept_set():
         assert bool(kept.gather(1, got[:, None]).all())
 
 
+def test_tiny_top_p_keeps_the_most_likely_token():
+    """top_p = 1e-9: 1 - top_p rounds to 1.0 in fp32, so every cumulative probability is "below" it; the most
+    likely token must still be kept (transformers' min_tokens_to_keep=1), making sampling greedy.
+    Mutant: `drop[:, -1] = False` removed (a survivor of the first mutation run): rows lose every token."""
+    params = SamplingParams(do_sample=True, top_p=1e-9)
+    logits, history = _logits_and_history(2)
+    assert torch.equal(_hf_scores(logits, history, params).argmax(-1), logits.argmax(-1))
+    got = select_next_token(logits, history, params, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got, logits.argmax(-1))
+
+
 # ---------------------------------------------------------------------------------------------- stopping
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
