@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench report
+.PHONY: setup demo test bench report mutate
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -25,3 +25,8 @@ bench: setup
 
 report: setup
 	$(BIN)/gmaivl-rt kernels report --json runs/kernel_report.json
+
+# Mutation testing (not CI: hours): cosmic-ray over mutation/*.toml; TARGETS= and MUTATE_TIMEOUT= narrow it.
+mutate: setup
+	$(BIN)/pip install -q -e '.[mutate]'
+	PATH="$(abspath $(BIN)):$$PATH" mutation/run.sh
