@@ -118,6 +118,26 @@ def test_tiny_top_p_keeps_the_most_likely_token():
     assert torch.equal(got, logits.argmax(-1))
 
 
+def test_top_p_boundary_and_top_k_above_the_vocabulary():
+    """Two survivors of `make mutate`. A cumulative probability exactly at 1 - top_p is dropped (transformers'
+    `<=`): uniform logits over 4 tokens give exact quarters, so top_p 0.5 keeps 2 tokens (mutant `<` keeps 3).
+    top_k larger than the vocabulary keeps everything (mutant: clamped by the batch size instead of the vocabulary,
+    `scores.shape[-0]`, asks topk for more entries than exist)."""
+    rows = 64
+    uniform, history = torch.zeros(rows, 4), torch.zeros(rows, 1, dtype=torch.long)
+    params = SamplingParams(do_sample=True, top_p=0.5)
+    kept = _hf_scores(uniform, history, params).isfinite()
+    assert bool((kept.sum(-1) == 2).all())
+    got = select_next_token(uniform, history, params, generator=torch.Generator().manual_seed(0))
+    assert bool(kept.gather(1, got[:, None]).all())
+
+    params = SamplingParams(do_sample=True, top_k=VOCAB + 60)
+    logits, history = _logits_and_history(3)
+    want = torch.multinomial(_hf_scores(logits, history, params).softmax(-1), 1,
+                             generator=torch.Generator().manual_seed(3))[:, 0]
+    assert torch.equal(select_next_token(logits, history, params, generator=torch.Generator().manual_seed(3)), want)
+
+
 # ---------------------------------------------------------------------------------------------- stopping
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
