@@ -8,24 +8,19 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from train_fixtures import make_tiny_chat_model
 
 import gmaivl_rt
 from gmaivl_rt import GMAIVL, GMAIVLConfig, ModelError
 from gmaivl_rt.checkpoint import DIGEST_KEY, CheckpointError, verify_safetensors
 from gmaivl_rt.cli import main
-from gmaivl_rt.train.tokenizer import model_vocab_fields, train_bpe_tokenizer
 
 TEXTS = ["<image>\nWhat modality is this image?", "This is a CT scan of the chest."] * 20
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("served")
-    tokenizer = train_bpe_tokenizer(TEXTS, path, vocab_size=300, min_frequency=1)
-    config = GMAIVLConfig.preset("tiny").replace(**model_vocab_fields(tokenizer))
-    torch.manual_seed(0)
-    GMAIVL(config).save_pretrained(path)
-    return path
+    return make_tiny_chat_model(tmp_path_factory.mktemp("served"), TEXTS)
 
 
 def header_of(file):
@@ -85,7 +80,7 @@ def test_files_without_a_digest_load(folder, tmp_path):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("with_digest", [True, False])
 def test_non_finite_weights_are_named(folder, tmp_path, bad, with_digest):
     model = GMAIVL.from_pretrained(folder)

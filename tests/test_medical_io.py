@@ -343,3 +343,18 @@ def test_2d_mask_must_match_the_image(tmp_path):
     assert image.mask.sum() == 6 and image.mask.max() == 1
     with pytest.raises(MedicalImageError, match="bad.png: mask size 11x10 does not match image img.png"):
         read_medical_image(tmp_path / "img.png", mask=tmp_path / "bad.png")
+
+
+def test_a_plain_path_read_obeys_the_default_pixel_limit(tmp_path):
+    """A 9400x9400 1-bit PNG is 11 kB on disk and ~88 MP decoded: refused from its header, also when read by path
+    (the data builder's way), before any decoding. Mutant: limits applied to to_medical_image only."""
+    from PIL import Image
+
+    from gmaivl_rt.errors import LimitError
+    from gmaivl_rt.limits import DEFAULT_LIMITS
+
+    path = tmp_path / "bomb.png"
+    Image.new("1", (9400, 9400)).save(path)
+    assert path.stat().st_size < 100_000 and 9400 * 9400 > DEFAULT_LIMITS.max_image_pixels
+    with pytest.raises(LimitError, match="over the limit"):
+        read_medical_image(path)

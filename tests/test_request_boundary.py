@@ -8,28 +8,24 @@ import numpy as np
 import pytest
 import torch
 from pydicom.data import get_testdata_file
+from train_fixtures import make_tiny_chat_model
 
 import gmaivl_rt
-from gmaivl_rt import GMAIVL, GMAIVLConfig, InputError, LimitError, Limits, ModelError
+from gmaivl_rt import InputError, LimitError, Limits
 from gmaivl_rt.chat import IMAGE_TOKEN, build_prompt
 from gmaivl_rt.cli import main
 from gmaivl_rt.request import PreparedRequest
-from gmaivl_rt.train.tokenizer import model_vocab_fields, train_bpe_tokenizer
 
-TEXTS = ["<image>\nWhat modality is this image?", "This is a CT scan of the chest.", "Which plane is shown?",
-         "An axial slice.", "Describe the image.", "A magnetic resonance image of the head."] * 20
 CT = get_testdata_file("CT_small.dcm")
 MR = get_testdata_file("MR_small.dcm")
+
+TEXTS = ["<image>\nWhat modality is this image?", "A CT scan of the chest.", "Which plane is shown?",
+         "An axial slice.", "Describe the image.", "An MRI of the head."] * 20
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("boundary")
-    tokenizer = train_bpe_tokenizer(TEXTS, path, vocab_size=300, min_frequency=1)
-    config = GMAIVLConfig.preset("tiny").replace(**model_vocab_fields(tokenizer))
-    torch.manual_seed(0)
-    GMAIVL(config).save_pretrained(path)
-    return path
+    return make_tiny_chat_model(tmp_path_factory.mktemp("boundary"), TEXTS)
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +150,30 @@ def test_ask_takes_every_form_of_the_same_dicom(runtime):
 
     for form in (os.fsencode(CT), raw, io.BytesIO(raw), pydicom.dcmread(CT)):
         assert runtime.ask("What modality is this image?", form, max_new_tokens=3) == expected
+
+
+@pytest.mark.parametrize("kind", ["uint8", "uint16", "float32"])
+def test_every_form_gives_identical_pixel_values(runtime, tmp_path, kind):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    values = {"uint8": rng.integers(0, 256, (30, 41)).astype(np.uint8),
+              "uint16": rng.integers(0, 4096, (30, 41)).astype(np.uint16),
+              "float32": rng.normal(0, 1, (30, 41)).astype(np.float32)}[kind]
+    path = tmp_path / ("x.tif" if kind == "float32" else "x.png")
+    Image.fromarray(values).save(path)
+    data = path.read_bytes()
+    forms = [path, str(path), os.fsencode(path), data, io.BytesIO(data), Image.open(path), values,
+             torch.from_numpy(values)]
+    pixel_values = [runtime.build_request("q", form, max_new_tokens=1).pixel_values for form in forms]
+    for i, got in enumerate(pixel_values[1:], 1):
+        assert torch.equal(got, pixel_values[0]), (kind, i)
+    # and the file read as before the boundary existed: medical_io's reader, then CLIP preprocessing
+    from gmaivl_rt.chat import preprocess_image
+    from gmaivl_rt.medical_io import read_medical_image
+
+    expected = preprocess_image(read_medical_image(path).pixels, runtime.config.vision.image_size)[None]
+    assert torch.equal(pixel_values[0], expected)
 
 
 def test_prepared_request_is_what_generate_needs(runtime):
@@ -348,3 +368,15 @@ def test_patient_identifiers_reach_no_message_log_or_traceback(runtime, tmp_path
     for text in texts:
         for secret in secrets:
             assert secret not in text, text
+
+
+def test_cli_refuses_a_pixel_bomb_and_an_all_nan_volume(folder, capsys, tmp_path):
+    import nibabel as nib
+    from PIL import Image
+
+    Image.fromarray(np.zeros((9400, 9400), bool)).save(tmp_path / "bomb.png")
+    nib.save(nib.Nifti1Image(np.full((4, 5, 6), np.nan, np.float32), np.eye(4)), tmp_path / "nan.nii.gz")
+    for name, word in (("bomb.png", "limit"), ("nan.nii.gz", "no finite value")):
+        code, out, err = run_cli(capsys, folder, "--image", tmp_path / name, "--question", "q")
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+        assert err.startswith("gmaivl-rt ask: error: image 1") and word in err and name not in err
