@@ -10,7 +10,7 @@ PIP_HAS_SOURCES := $(shell $(PYTHON) -m pip config list 2>/dev/null | grep -E 'i
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 TORCH_INDEX ?= $(if $(or $(HAS_GPU),$(PIP_HAS_SOURCES)),,https://download.pytorch.org/whl/cpu)
 
-.PHONY: setup demo test bench report fuzz
+.PHONY: setup demo test bench report fuzz mutate
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -44,3 +44,8 @@ browser:
 	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver) \
 		|| echo "chromium could not be installed: the browser test will skip"; fi
+
+# Mutation testing (not CI: hours): cosmic-ray over mutation/*.toml; TARGETS= and MUTATE_TIMEOUT= narrow it.
+mutate: setup
+	$(BIN)/pip install -q -e '.[mutate]'
+	PATH="$(abspath $(BIN)):$$PATH" mutation/run.sh

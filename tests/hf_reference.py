@@ -8,14 +8,17 @@ IMAGE_TOKEN = 120
 VOCAB = 128
 
 
-def tiny_llava_config(image_size=28, patch=14, vocab=VOCAB, image_token=IMAGE_TOKEN, tie=False) -> LlavaConfig:
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                              image_size=image_size, patch_size=patch, projection_dim=16)
-    text = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256, rope_theta=10000.0,
-                       tie_word_embeddings=tie)
+def tiny_llava_config(image_size=28, patch=14, vocab=VOCAB, image_token=IMAGE_TOKEN, tie=False, vision=None,
+                      text=None, **llava) -> LlavaConfig:
+    """vision / text / llava: overrides of the CLIP, Llama and Llava config fields (e.g. non-default eps)."""
+    vision = CLIPVisionConfig(**{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                        num_attention_heads=2, image_size=image_size, patch_size=patch,
+                                        projection_dim=16), **(vision or {})})
+    text = LlamaConfig(**{**dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256,
+                                 rope_theta=10000.0, tie_word_embeddings=tie), **(text or {})})
     return LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
-                       tie_word_embeddings=tie)
+                       tie_word_embeddings=tie, **llava)
 
 
 def make_hf_llava(path=None, seed=0, **config_kwargs) -> LlavaForConditionalGeneration:

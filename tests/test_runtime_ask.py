@@ -12,11 +12,7 @@ from gmaivl_rt import GMAIVL
 from gmaivl_rt.chat import IMAGE_TOKEN, build_prompt, preprocess_image
 from gmaivl_rt.cli import main
 from gmaivl_rt.medical_io import read_medical_image
-<<<<<<< HEAD
-=======
 from gmaivl_rt.request import DEFAULT_GENERATION
-from gmaivl_rt.train.tokenizer import model_vocab_fields, train_bpe_tokenizer
->>>>>>> issue-16
 
 TEXTS = ["<image>\nWhat modality is this image?", "This is a CT scan of the chest.", "Which plane is shown?",
          "An axial slice.", "Describe the image.", "A magnetic resonance image of the head."] * 20

@@ -25,15 +25,11 @@ def register(subparsers) -> None:
                                   "the model starts from random weights")
     p.add_argument("--tokenizer", help="tokenizer folder (default: --init's, else trained on --data)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (schedule unchanged)")
-<<<<<<< HEAD
     p.add_argument("--resume", nargs="?", const=True, choices=(True, "strict"), metavar="strict",
-                   help="continue from OUT's newest complete checkpoint (a corrupt newest one is reported and the "
-                        "one before it used); `--resume strict` stops at a corrupt one instead")
-=======
-    p.add_argument("--resume", action="store_true",
-                   help="continue from OUT's latest checkpoint with the run's own settings (OUT/train_config.yaml); "
-                        "flags left out are taken from it, flags that contradict it are refused")
->>>>>>> issue-16
+                   help="continue from OUT's newest complete checkpoint with the run's own settings "
+                        "(OUT/train_config.yaml): flags left out are taken from it, flags that contradict it are "
+                        "refused; a corrupt newest checkpoint is reported and the one before it used "
+                        "(`--resume strict` stops at a corrupt one instead)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_train)
 
