@@ -67,7 +67,7 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens
         (length,) = lengths
         shape = lambda t: t.reshape(n, length, *t.shape[1:])  # noqa: E731
         return _sdpa(shape(q), shape(k), shape(v), causal, softmax_scale).reshape(q.shape)
-    out = torch.empty_like(q)
+    out = torch.zeros_like(q)  # rows past cu_seqlens[-1] belong to no sequence: 0, as on the Triton path
     for s, e in zip(bounds[:-1], bounds[1:]):
         if e > s:
             out[s:e] = _sdpa(q[None, s:e], k[None, s:e], v[None, s:e], causal, softmax_scale)[0]
@@ -439,25 +439,27 @@ class _FlashAttention(torch.autograd.Function):
     """Packed q (Tq, Hq, D), k/v (Tk, Hkv, D) with per-sequence bounds cu_q / cu_k (int32, n + 1)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, covers_all):
+        """covers_all: cu_q[-1] == Tq and cu_k[-1] == Tk (the padded layout). Otherwise rows past the last
+        sequence are written by no program, so outputs and gradients start zeroed (the reference gives 0 there)."""
         q, k, v = (_contiguous_aligned(t) for t in (q, k, v))
         total_q, num_heads, _ = q.shape
         group = num_heads // k.shape[1]
         n_seqs = cu_q.numel() - 1
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if covers_all else torch.zeros_like(q)
         lse = torch.empty((num_heads, total_q), device=q.device, dtype=torch.float32)
         flags = _kernel_flags(q)
         _launch(_attn_fwd_kernel, _attn_fwd_tuned, FWD_CONFIGS,
                 lambda bm, bn: (triton.cdiv(max_q, bm), n_seqs * num_heads), q,
                 q, k, v, out, lse, cu_q, cu_k, scale * _LOG2E, num_heads, group, total_q, CAUSAL=causal, **flags)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-        ctx.args = (max_q, max_k, causal, scale)
+        ctx.args = (max_q, max_k, causal, scale, covers_all)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        max_q, max_k, causal, scale = ctx.args
+        max_q, max_k, causal, scale, covers_all = ctx.args
         grad_out = _contiguous_aligned(grad_out)
         total_q, num_heads, _ = q.shape
         num_kv_heads = k.shape[1]
@@ -468,7 +470,8 @@ class _FlashAttention(torch.autograd.Function):
         _attn_bwd_delta_kernel[(triton.cdiv(total_q, DELTA_BLOCK_M), num_heads)](
             out, grad_out, delta, total_q, num_heads, HEAD_DIM=flags["HEAD_DIM"], BLOCK_D=flags["BLOCK_D"],
             BLOCK_M=DELTA_BLOCK_M)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        new_grad = torch.empty_like if covers_all else torch.zeros_like
+        dq, dk, dv = new_grad(q), new_grad(k), new_grad(v)
         common = (cu_q, cu_k, scale * _LOG2E, scale, num_heads, group, total_q)
         _launch(_attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned, BWD_DKDV_CONFIGS,
                 lambda bm, bn: (triton.cdiv(max_k, bn), n_seqs * num_kv_heads), q,
@@ -476,7 +479,7 @@ class _FlashAttention(torch.autograd.Function):
         _launch(_attn_bwd_dq_kernel, _attn_bwd_dq_tuned, BWD_DQ_CONFIGS,
                 lambda bm, bn: (triton.cdiv(max_q, bm), n_seqs * num_heads), q,
                 q, k, v, grad_out, dq, lse, delta, *common, CAUSAL=causal, **flags)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def _attention_triton(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen):
@@ -494,7 +497,8 @@ def _attention_triton(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen):
                                                        device=q.device)
         out = _FlashAttention.apply(q.reshape(batch * len_q, num_heads, head_dim),
                                     k.reshape(batch * len_k, *k.shape[2:]),
-                                    v.reshape(batch * len_k, *v.shape[2:]), cu_q, cu_k, len_q, len_k, causal, scale)
+                                    v.reshape(batch * len_k, *v.shape[2:]), cu_q, cu_k, len_q, len_k, causal, scale,
+                                    True)
         return out.view(q.shape)
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"attention: packed q has {q.shape[0]} tokens but k has {k.shape[0]}; with cu_seqlens "
@@ -508,7 +512,7 @@ def _attention_triton(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen):
         max_seqlen = int(lengths.max()) if lengths.numel() else 0
     if q.numel() == 0 or max_seqlen == 0:
         return torch.zeros_like(q)
-    return _FlashAttention.apply(q, k, v, cu, cu, max_seqlen, max_seqlen, causal, scale)
+    return _FlashAttention.apply(q, k, v, cu, cu, max_seqlen, max_seqlen, causal, scale, False)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import triton.language as tl
 from ._dispatch import interpreting, pick_config, use_triton
 from ._spec import KernelSpec, Roofline
 from .attention import launch_attrs, online_softmax_step
+from .projector import autocast_operands
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None):
@@ -21,6 +22,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None):
         raise ValueError(f"decode_attention: q {tuple(q.shape)} must be (B, Hq, D) and k/v caches "
                          f"{tuple(k_cache.shape)}/{tuple(v_cache.shape)} (B, L, Hkv, D)")
     if use_triton(q, k_cache, v_cache):
+        # under autocast, the dtypes SDPA (the reference) would compute in; a no-op when the cache already holds
+        # the activation dtype (GMAIVL.new_cache)
+        q, k_cache, v_cache = autocast_operands(q, k_cache, v_cache)
         return _decode_attention_triton(q, k_cache, v_cache, cache_seqlens, softmax_scale)
     return decode_attention_reference(q, k_cache, v_cache, cache_seqlens, softmax_scale=softmax_scale)
 

