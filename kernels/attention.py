@@ -145,13 +145,21 @@ def online_softmax_step(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
 
 @triton.jit
 def _q_program(CU_Q, CU_K, NUM_HEADS, GROUP):
-    """Decode a (q block, seq * NUM_HEADS + head) program: its head, kv head and both sequences' bounds."""
-    pid_bh = tl.program_id(1)
+    """Decode a (seq * NUM_HEADS + head, q block) program: its head, kv head and both sequences' bounds. The
+    (sequence, head) pairs sit on grid axis 0, which may be 2**31 - 1 long (axis 1 stops at 65535)."""
+    pid_bh = tl.program_id(0)
     seq = pid_bh // NUM_HEADS
     head = pid_bh % NUM_HEADS
     start_q, len_q = _seq_bounds(CU_Q, seq)
     start_k, len_k = _seq_bounds(CU_K, seq)
     return head, head // GROUP, start_q, len_q, start_k, len_k
+
+
+@triton.jit
+def _q_block(BLOCK_M: tl.constexpr):
+    """This program's q block along grid axis 1, last block first: under a causal mask the late blocks see the most
+    keys, so launching them first keeps the tail of the grid short."""
+    return tl.num_programs(1) - 1 - tl.program_id(1)
 
 
 @triton.jit
@@ -212,8 +220,8 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, kv_stride, rows, lo, hi, l
 def _attn_fwd_kernel(Q, K, V, Out, LSE, CU_Q, CU_K, qk_scale, NUM_HEADS, GROUP, total_q,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Grid: (cdiv(max_seqlen_q, BLOCK_M), n_seqs * NUM_HEADS). One program: one q block of one head."""
-    pid_m = tl.program_id(0)
+    """Grid: (n_seqs * NUM_HEADS, cdiv(max_seqlen_q, BLOCK_M)). One program: one q block of one head."""
+    pid_m = _q_block(BLOCK_M)
     head, kv_head, start_q, len_q, start_k, len_k = _q_program(CU_Q, CU_K, NUM_HEADS, GROUP)
     start_m = pid_m * BLOCK_M
     if start_m >= len_q:
@@ -290,10 +298,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, qk_scale,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                           PRECISION: tl.constexpr):
-    """Grid: (cdiv(max_seqlen_k, BLOCK_N), n_seqs * kv_heads). One program owns one key block of one kv head and
+    """Grid: (n_seqs * kv_heads, cdiv(max_seqlen_k, BLOCK_N)). One program owns one key block of one kv head and
     loops over the GROUP q heads sharing it, so grouped-query dk/dv are summed without atomics."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
     num_kv_heads = NUM_HEADS // GROUP
     seq = pid_bh // num_kv_heads
     kv_head = pid_bh % num_kv_heads
@@ -355,8 +363,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kv_stride, rows, l
 def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, qk_scale, sm_scale, NUM_HEADS, GROUP, total_q,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Grid: (cdiv(max_seqlen_q, BLOCK_M), n_seqs * NUM_HEADS). One program: dq of one q block of one head."""
-    pid_m = tl.program_id(0)
+    """Grid: (n_seqs * NUM_HEADS, cdiv(max_seqlen_q, BLOCK_M)). One program: dq of one q block of one head."""
+    pid_m = _q_block(BLOCK_M)
     head, kv_head, start_q, len_q, start_k, len_k = _q_program(CU_Q, CU_K, NUM_HEADS, GROUP)
     start_m = pid_m * BLOCK_M
     if start_m >= len_q:
@@ -416,6 +424,18 @@ def _launch(kernel, tuned, configs, grid_of, device_tensor, *args, **constexprs)
         kernel[grid_of(bm, bn)](*args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
 
 
+# CUDA's grid limits: axis 0 up to 2**31 - 1 programs, axes 1 and 2 up to 65535.
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def _grid(*sizes):
+    """A launch grid, checked against CUDA's limits (a launch past them fails with an opaque driver error)."""
+    for axis, (size, limit) in enumerate(zip(sizes, GRID_LIMITS)):
+        if size > limit:
+            raise ValueError(f"attention: {size} programs on grid axis {axis} exceed CUDA's limit of {limit}")
+    return tuple(sizes)
+
+
 def _kernel_flags(q):
     head_dim = q.shape[-1]
     if head_dim > 256:
@@ -450,7 +470,7 @@ class _FlashAttention(torch.autograd.Function):
         lse = torch.empty((num_heads, total_q), device=q.device, dtype=torch.float32)
         flags = _kernel_flags(q)
         _launch(_attn_fwd_kernel, _attn_fwd_tuned, FWD_CONFIGS,
-                lambda bm, bn: (triton.cdiv(max_q, bm), n_seqs * num_heads), q,
+                lambda bm, bn: _grid(n_seqs * num_heads, triton.cdiv(max_q, bm)), q,
                 q, k, v, out, lse, cu_q, cu_k, scale * _LOG2E, num_heads, group, total_q, CAUSAL=causal, **flags)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
         ctx.args = (max_q, max_k, causal, scale, covers_all)
@@ -474,10 +494,10 @@ class _FlashAttention(torch.autograd.Function):
         dq, dk, dv = new_grad(q), new_grad(k), new_grad(v)
         common = (cu_q, cu_k, scale * _LOG2E, scale, num_heads, group, total_q)
         _launch(_attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned, BWD_DKDV_CONFIGS,
-                lambda bm, bn: (triton.cdiv(max_k, bn), n_seqs * num_kv_heads), q,
+                lambda bm, bn: _grid(n_seqs * num_kv_heads, triton.cdiv(max_k, bn)), q,
                 q, k, v, grad_out, dk, dv, lse, delta, *common, CAUSAL=causal, **flags)
         _launch(_attn_bwd_dq_kernel, _attn_bwd_dq_tuned, BWD_DQ_CONFIGS,
-                lambda bm, bn: (triton.cdiv(max_q, bm), n_seqs * num_heads), q,
+                lambda bm, bn: _grid(n_seqs * num_heads, triton.cdiv(max_q, bm)), q,
                 q, k, v, grad_out, dq, lse, delta, *common, CAUSAL=causal, **flags)
         return dq, dk, dv, None, None, None, None, None, None, None
 

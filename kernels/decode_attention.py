@@ -45,12 +45,13 @@ _NEG_BIG = tl.constexpr(-1.0e30)  # finite running-max start: an empty split the
 @triton.jit
 def _decode_split_kernel(Q, K, V, SEQLENS, PART_M, PART_L, PART_ACC, qk_scale,
                          stride_qb, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
-                         NUM_KV_HEADS, GROUP, NUM_SPLITS, split_len,
+                         NUM_KV_HEADS, GROUP, NUM_SPLITS,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
                          BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr, UPCAST: tl.constexpr,
                          PRECISION: tl.constexpr):
     """Grid: (batch * kv_heads, NUM_SPLITS). One program: the GROUP q heads sharing one kv head (padded to BLOCK_H
-    rows so tl.dot has >= 16 rows) against one split_len-long chunk of that sequence's cache. Writes the chunk's
+    rows so tl.dot has >= 16 rows) against one of NUM_SPLITS chunks of that sequence's own cache length (as SGLang:
+    a short sequence in a long cache still spreads over every split). Writes the chunk's
     running max, sum and unnormalised output (log2 units) for the reduce kernel. ALIGNED: every cache row starts
     16-byte aligned (the launcher checks), which lets loads vectorise without argument specialisation."""
     pid_bh = tl.program_id(0)
@@ -58,6 +59,7 @@ def _decode_split_kernel(Q, K, V, SEQLENS, PART_M, PART_L, PART_ACC, qk_scale,
     batch = pid_bh // NUM_KV_HEADS
     kv_head = pid_bh % NUM_KV_HEADS
     seqlen = tl.load(SEQLENS + batch)
+    split_len = tl.cdiv(seqlen, NUM_SPLITS)
     lo = split * split_len
     hi = tl.minimum(lo + split_len, seqlen)
 
@@ -141,7 +143,8 @@ _decode_split_tuned = triton.autotune(_split_triton_configs(), key=["HEAD_DIM", 
 
 
 def _num_splits(batch, kv_heads, cache_len, device):
-    """Enough (batch, kv head, split) programs to cover the GPU about twice; a few under the interpreter."""
+    """Enough (batch, kv head, split) programs to cover the GPU about twice; a few under the interpreter. Bounded by
+    the cache length (no more splits than 64-entry blocks); each sequence then divides its own length by it."""
     if device.type == "cuda":
         target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
@@ -156,6 +159,19 @@ def _rows_aligned(t):
 
 
 def _decode_attention_triton(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits=None):
+    part_m, part_l, part_acc, out = _decode_partials(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits)
+    batch, num_heads, head_dim = q.shape
+    splits = part_m.shape[2]
+    _decode_reduce_kernel[(batch * num_heads,)](
+        part_m, part_l, part_acc, out, out.stride(0), out.stride(1), num_heads, splits, HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_S=max(2, triton.next_power_of_2(splits)),
+        num_warps=REDUCE_WARPS)
+    return out
+
+
+def _decode_partials(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits=None):
+    """The split kernel's per-split running max, sum (B, Hq, splits) and unnormalised output (B, Hq, splits, D),
+    all fp32, and the (empty) output tensor the reduce kernel fills."""
     batch, num_heads, head_dim = q.shape
     cache_len, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if num_heads % num_kv_heads or k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
@@ -174,7 +190,6 @@ def _decode_attention_triton(q, k_cache, v_cache, cache_seqlens, softmax_scale, 
     group = num_heads // num_kv_heads
     scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
     splits = num_splits or _num_splits(batch, num_kv_heads, cache_len, q.device)
-    split_len = triton.cdiv(cache_len, splits)
     part_m = torch.empty((batch, num_heads, splits), device=q.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty((batch, num_heads, splits, head_dim), device=q.device, dtype=torch.float32)
@@ -185,17 +200,14 @@ def _decode_attention_triton(q, k_cache, v_cache, cache_seqlens, softmax_scale, 
                  UPCAST=interpreting() and q.dtype == torch.bfloat16,  # interpreter cannot compute on bf16
                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     args = (q, k_cache, v_cache, seqlens, part_m, part_l, part_acc, scale * _LOG2E, q.stride(0), q.stride(1),
-            *k_cache.stride()[:3], *v_cache.stride()[:3], num_kv_heads, group, splits, split_len)
+            *k_cache.stride()[:3], *v_cache.stride()[:3], num_kv_heads, group, splits)
     grid = (batch * num_kv_heads, splits)
     if q.is_cuda:
         _decode_split_tuned[grid](*args, **flags)
     else:
         block_n, warps, stages = pick_config(SPLIT_CONFIGS)
         _decode_split_kernel[grid](*args, **flags, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-    _decode_reduce_kernel[(batch * num_heads,)](
-        part_m, part_l, part_acc, out, out.stride(0), out.stride(1), num_heads, splits, HEAD_DIM=head_dim,
-        BLOCK_D=flags["BLOCK_D"], BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=REDUCE_WARPS)
-    return out
+    return part_m, part_l, part_acc, out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -220,7 +232,7 @@ def report_specs(dtype: str = "bf16") -> list[KernelSpec]:
         "Q": ptr, "K": ptr, "V": ptr, "SEQLENS": "*i32", "PART_M": "*fp32", "PART_L": "*fp32", "PART_ACC": "*fp32",
         "qk_scale": "fp32", **dict.fromkeys(("stride_qb", "stride_qh", "stride_kb", "stride_kl", "stride_kh",
                                              "stride_vb", "stride_vl", "stride_vh"), "i32"),
-        "NUM_KV_HEADS": "i32", "GROUP": "i32", "NUM_SPLITS": "i32", "split_len": "i32",
+        "NUM_KV_HEADS": "i32", "GROUP": "i32", "NUM_SPLITS": "i32",
         **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_H", "BLOCK_N", "ALIGNED", "UPCAST", "PRECISION"),
                         "constexpr"),
     }
@@ -229,7 +241,7 @@ def report_specs(dtype: str = "bf16") -> list[KernelSpec]:
     # integer arguments at the report shape (contiguous (B, L, Hkv, D) caches), for the launch specialisation
     int_values = {"stride_qb": hq * d, "stride_qh": d, "stride_kb": length * hkv * d, "stride_kl": hkv * d,
                   "stride_kh": d, "NUM_KV_HEADS": hkv, "GROUP": hq // hkv, "NUM_SPLITS": REPORT_SPLITS,
-                  "split_len": length // REPORT_SPLITS, "stride_ob": hq * d, "stride_oh": d, "NUM_HEADS": hq}
+                  "stride_ob": hq * d, "stride_oh": d, "NUM_HEADS": hq}
     int_values.update(stride_vb=int_values["stride_kb"], stride_vl=int_values["stride_kl"], stride_vh=d)
     split_attrs = launch_attrs(_decode_split_kernel, split_signature, int_values)
     specs = [KernelSpec(kernel="decode_attention_split", fn=_decode_split_kernel, signature=split_signature,

@@ -86,3 +86,45 @@ def test_decode_attention_op_under_autocast_takes_mixed_dtypes_on_both_paths():
             outs[mode] = decode_attention(q, k_cache, v_cache, seqlens)
     assert outs["triton"].dtype == outs["torch"].dtype == torch.bfloat16
     torch.testing.assert_close(outs["triton"].float(), outs["torch"].float(), atol=2e-2, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------- items 8, 9
+def test_decode_splits_each_sequence_not_the_cache():
+    """A long cache (max_new_tokens sized) holding short sequences: every split program gets keys of its own
+    sequence (partial sum > 0) instead of the later splits falling past the sequence and idling."""
+    from gmaivl_rt.kernels.decode_attention import SPLIT_CONFIGS, _decode_attention_triton, _decode_partials
+    from gmaivl_rt.kernels import decode_attention_reference
+
+    block_n = SPLIT_CONFIGS[0][0]
+    splits = 4
+    q, k_cache, v_cache = torch.randn(2, 4, 16), torch.randn(2, 1024, 2, 16), torch.randn(2, 1024, 2, 16)
+    seqlens = torch.tensor([splits * block_n, splits * block_n + 5], dtype=torch.int32)
+    _, part_l, _, _ = _decode_partials(q, k_cache, v_cache, seqlens, None, splits)
+    assert part_l.shape == (2, 4, splits)
+    assert bool((part_l > 0).all()), part_l
+    out = _decode_attention_triton(q, k_cache, v_cache, seqlens, None, splits)
+    torch.testing.assert_close(out, decode_attention_reference(q, k_cache, v_cache, seqlens), atol=1e-5, rtol=0)
+
+
+def test_attention_grid_holds_thousands_of_sequences(monkeypatch):
+    """2048 sequences x 32 heads = 65536 (sequence, head) programs: more than grid axis 1 or 2 may hold (65535),
+    so they must sit on axis 0. Records every grid the packed forward and backward launch with."""
+    import importlib
+
+    attention_module = importlib.import_module("gmaivl_rt.kernels.attention")  # the package exports a function too
+
+    grids = []
+
+    def record(kernel, tuned, configs, grid_of, device_tensor, *args, **constexprs):
+        bm, bn = configs[0][:2]
+        grids.append(grid_of(bm, bn))
+
+    monkeypatch.setattr(attention_module, "_launch", record)
+    cu = torch.tensor([0] + [4] * 2048, dtype=torch.int32)  # one 4-token sequence, 2047 empty ones
+    q = torch.randn(4, 32, 16, requires_grad=True)
+    with kernels("triton"):
+        attention(q, q[:, :8].detach(), q[:, :8].detach(), cu_seqlens=cu, max_seqlen=4).sum().backward()
+    assert len(grids) == 3  # forward, dk/dv, dq
+    for grid in grids:
+        assert all(size <= limit for size, limit in zip(grid, attention_module.GRID_LIMITS)), grid
+        assert max(grid[1:], default=1) <= 65535, grid
