@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting, pick_config, use_triton
+from ._dispatch import interpreting, pick_config, unsupported_head_dim, use_triton
 from ._spec import KernelSpec, Roofline
 
 
@@ -25,10 +25,11 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, max
     softmax_scale: defaults to D ** -0.5.
     cu_seqlens: int32 (n + 1,) sequence boundaries into T (block-diagonal attention; empty sequences allowed).
     max_seqlen: the longest sequence in cu_seqlens, sizing the Triton grid; computed (a device sync) when None.
-    The Triton path (FlashAttention-2, differentiable) supports head dims up to 256.
+    The Triton path (FlashAttention-2, differentiable) supports head dims that are multiples of 8 up to 128; others
+    take the reference under GMAIVL_KERNELS=auto and are refused under GMAIVL_KERNELS=triton.
     """
     _check_shapes(q, k, v, cu_seqlens)
-    if use_triton(q, k, v):
+    if use_triton(q, k, v, gemm=True, head_dim=q.shape[-1]):
         return _attention_triton(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen)
     return attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens)
 
@@ -438,8 +439,8 @@ def _grid(*sizes):
 
 def _kernel_flags(q):
     head_dim = q.shape[-1]
-    if head_dim > 256:
-        raise ValueError(f"attention: head_dim {head_dim} > 256 is not supported by the Triton kernel")
+    if unsupported_head_dim(head_dim):
+        raise ValueError(f"attention: {unsupported_head_dim(head_dim)}")
     return dict(
         HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),

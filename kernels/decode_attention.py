@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting, pick_config, use_triton
+from ._dispatch import interpreting, pick_config, unsupported_head_dim, use_triton
 from ._spec import KernelSpec, Roofline
 from .attention import launch_attrs, online_softmax_step
 from .projector import autocast_operands
@@ -21,7 +21,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None):
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"decode_attention: q {tuple(q.shape)} must be (B, Hq, D) and k/v caches "
                          f"{tuple(k_cache.shape)}/{tuple(v_cache.shape)} (B, L, Hkv, D)")
-    if use_triton(q, k_cache, v_cache):
+    if use_triton(q, k_cache, v_cache, gemm=True, head_dim=q.shape[-1]):
         # under autocast, the dtypes SDPA (the reference) would compute in; a no-op when the cache already holds
         # the activation dtype (GMAIVL.new_cache)
         q, k_cache, v_cache = autocast_operands(q, k_cache, v_cache)
@@ -182,8 +182,8 @@ def _decode_partials(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_spli
     if not q.dtype == k_cache.dtype == v_cache.dtype:
         raise ValueError(f"decode_attention: q, k_cache, v_cache dtypes differ ({q.dtype}, {k_cache.dtype}, "
                          f"{v_cache.dtype}); cast them to one dtype first")
-    if head_dim > 256:
-        raise ValueError(f"decode_attention: head_dim {head_dim} > 256 is not supported by the Triton kernel")
+    if unsupported_head_dim(head_dim):
+        raise ValueError(f"decode_attention: {unsupported_head_dim(head_dim)}")
     # The kernels index the last dim with stride 1; anything else is copied.
     q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
     seqlens = cache_seqlens.to(device=q.device, dtype=torch.int32)

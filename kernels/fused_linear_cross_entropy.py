@@ -4,8 +4,8 @@
 The Liger-Kernel algorithm. Per chunk of tokens:
   logits = h_chunk @ W.T                     (chunk, V) fp32, the only vocab-sized buffer, reused across chunks
   loss   = logsumexp(logits) - logits[label]
-  logits <- (softmax(logits) - onehot(label)) * scale      in place: d loss / d logits (ignored rows: 0)
-  grad_hidden[chunk] = dlogits @ W,  grad_weight += dlogits.T @ h_chunk
+  logits <- softmax(logits) - onehot(label)  in place: d loss / d logits up to the reduction's scale (ignored rows 0)
+  grad_hidden[chunk] = scale * (dlogits @ W),  grad_weight += scale * (dlogits.T @ h_chunk)   (scale in fp32)
 so the backward pass only scales the stored gradients by grad_output. Two implementations of the per-chunk step
 share the loop and the autograd Function: Triton (GEMMs from `projector.matmul`, a row-wise online-softmax kernel)
 and chunked PyTorch (CPU tensors, `GMAIVL_KERNELS=torch`).
@@ -38,12 +38,13 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _cross_entropy_chunk_kernel(
-    logits_ptr, stride_row, labels_ptr, loss_ptr, V, ignore_index, scale,
+    logits_ptr, stride_row, labels_ptr, loss_ptr, V, ignore_index,
     BLOCK_V: tl.constexpr,
 ):
     """One program per row. Pass 1: online max / sum-exp over the vocabulary in BLOCK_V blocks (one read).
-    Pass 2: overwrite the row with (softmax - onehot) * scale. loss_ptr[row] = logsumexp - logit[label], 0 when
-    the label is ignore_index (whose row of gradients is zeroed)."""
+    Pass 2: overwrite the row with softmax - onehot (unscaled: the GEMMs that consume it apply the reduction's
+    scale to their fp32 accumulators, as a 1/n_tokens factor here would underflow once cast to fp16).
+    loss_ptr[row] = logsumexp - logit[label], 0 when the label is ignore_index (whose row of gradients is zeroed)."""
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     label = tl.load(labels_ptr + row)
@@ -65,24 +66,25 @@ def _cross_entropy_chunk_kernel(
         for start in range(0, V, BLOCK_V):
             mask = start + offs < V
             x = tl.load(row_ptr + start + offs, mask=mask, other=0.0)
-            grad = tl.exp(x - lse) * scale
-            grad = tl.where(start + offs == label, grad - scale, grad)
+            grad = tl.exp(x - lse)
+            grad = tl.where(start + offs == label, grad - 1.0, grad)
             tl.store(row_ptr + start + offs, grad, mask=mask)
         tl.store(loss_ptr + row, lse - target_logit)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The per-chunk step, two ways. Both fill loss_rows (fp32, per token), grad_hidden rows (or skip when None) and
-# add into grad_weight (fp32, or skip when None). `logits` is the reusable (rows, V) fp32 buffer.
+# add into grad_weight (fp32, or skip when None). `logits` is the reusable (rows, V) fp32 buffer; it receives the
+# unscaled softmax - onehot, and `scale` (the reduction's 1/n_valid) is applied in fp32 after each gradient GEMM.
 # ----------------------------------------------------------------------------------------------------------------
 def _chunk_step_triton(h, weight, labels, logits, scale, ignore_index, loss_rows, grad_hidden, grad_weight):
     matmul(h, weight.t(), logits)                                   # (rows, H) @ (H, V) -> fp32
     _cross_entropy_chunk_kernel[(h.shape[0],)](logits, logits.stride(0), labels, loss_rows, logits.shape[1],
-                                               ignore_index, scale, BLOCK_V=CE_BLOCK_V, num_warps=CE_NUM_WARPS)
+                                               ignore_index, BLOCK_V=CE_BLOCK_V, num_warps=CE_NUM_WARPS)
     if grad_hidden is not None:
-        matmul(logits, weight, grad_hidden)                         # (rows, V) @ (V, H), logits cast to W's dtype
+        matmul(logits, weight, grad_hidden, alpha=scale)            # (rows, V) @ (V, H), logits cast to W's dtype
     if grad_weight is not None:
-        matmul(logits.t(), h, grad_weight, accumulate=True)         # (V, rows) @ (rows, H), += in fp32
+        matmul(logits.t(), h, grad_weight, accumulate=True, alpha=scale)  # (V, rows) @ (rows, H), += in fp32
 
 
 def _chunk_step_torch(h, weight, labels, logits, scale, ignore_index, loss_rows, grad_hidden, grad_weight):
@@ -94,13 +96,13 @@ def _chunk_step_torch(h, weight, labels, logits, scale, ignore_index, loss_rows,
     target = torch.where(valid, labels, 0).unsqueeze(1)
     lse = torch.logsumexp(logits, dim=1, keepdim=True)
     loss_rows.copy_(torch.where(valid, (lse - logits.gather(1, target)).squeeze(1), 0.0))
-    # softmax - onehot, scaled, in place; ignored rows scaled by 0
-    logits.sub_(lse).exp_().mul_(torch.where(valid, scale, 0.0).unsqueeze(1))
-    logits.scatter_add_(1, target, torch.where(valid, -scale, 0.0).unsqueeze(1))
-    if grad_hidden is not None:
-        grad_hidden.copy_(logits.to(weight.dtype) @ weight)
+    # softmax - onehot in place (unscaled, as the Triton kernel); ignored rows 0
+    logits.sub_(lse).exp_().mul_(valid.unsqueeze(1))
+    logits.scatter_add_(1, target, torch.where(valid, -1.0, 0.0).unsqueeze(1))
+    if grad_hidden is not None:  # the scale in fp32, after the product
+        grad_hidden.copy_(torch.matmul(logits.to(weight.dtype), weight).float().mul_(scale))
     if grad_weight is not None:
-        grad_weight.addmm_(logits.t(), h.float())
+        grad_weight.addmm_(logits.t(), h.float(), alpha=scale)
 
 
 def chunk_rows(n_tokens: int, vocab: int, hidden_size: int) -> int:
@@ -182,7 +184,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, red
     hidden, weight = autocast_operands(hidden, weight)  # as lm_head's F.linear would run under autocast
     _check_inputs(hidden, weight, labels, reduction, chunk_size)
     _check_labels(labels, weight.shape[0], ignore_index)
-    step = _chunk_step_triton if use_triton(hidden, weight) else _chunk_step_torch
+    step = _chunk_step_triton if use_triton(hidden, weight, gemm=True) else _chunk_step_torch
     with torch.autocast(hidden.device.type, enabled=False):
         return _FusedLinearCrossEntropy.apply(hidden, weight, labels.contiguous(), ignore_index, reduction,
                                               chunk_size, step, torch.is_grad_enabled())
@@ -225,7 +227,7 @@ def report_specs() -> list[KernelSpec]:
     specs.append(KernelSpec(
         kernel="flce_softmax_grad", fn=_cross_entropy_chunk_kernel,
         signature={"logits_ptr": "*fp32", "stride_row": "i32", "labels_ptr": "*i64", "loss_ptr": "*fp32", "V": "i32",
-                   "ignore_index": "i32", "scale": "fp32", "BLOCK_V": "constexpr"},
+                   "ignore_index": "i32", "BLOCK_V": "constexpr"},
         constexprs={"BLOCK_V": CE_BLOCK_V}, num_warps=CE_NUM_WARPS, num_stages=1, default=True,
         roofline=Roofline(f"{shape}: row softmax/loss/grad in place", 6.0 * tokens * vocab, 3 * logits_bytes)))
     return specs

@@ -60,7 +60,7 @@ def patch_embed(images, weight, bias, class_embedding, position_embedding, *, me
     if mean is not None and (tuple(mean.shape) != (channels,) or tuple(std.shape) != (channels,)):
         raise ValueError(f"patch_embed: mean {tuple(mean.shape)} and std {tuple(std.shape)} must have shape "
                          f"({channels},)")
-    if use_triton(weight, *images):
+    if use_triton(weight, *images, gemm=True):
         return _patch_embed_triton(images, weight, bias, class_embedding, position_embedding, mean, std)
     return patch_embed_reference(images, weight, bias, class_embedding, position_embedding, mean=mean, std=std)
 
