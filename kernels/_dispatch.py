@@ -22,6 +22,15 @@ import torch
 
 _MODES = ("auto", "triton", "torch")
 
+# Floating-point contraction (FMA) explicitly on for every kernel we launch and every compile the report makes:
+# triton 3.9 warns when TRITON_DEFAULT_FP_FUSION is unset and 3.10 flips the default. A caller's own setting wins.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+
+def fp_fusion() -> bool:
+    """Whether our kernels compile with FMA contraction (TRITON_DEFAULT_FP_FUSION, set to 1 by this package)."""
+    return os.environ.get("TRITON_DEFAULT_FP_FUSION", "1").strip().lower() not in ("0", "false", "off", "")
+
 
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (`TRITON_INTERPRET=1`)."""

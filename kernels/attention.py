@@ -600,7 +600,7 @@ def report_specs(dtype: str = "bf16") -> list[KernelSpec]:
     specs.append(KernelSpec(
         kernel="attention_bwd_delta", fn=_attn_bwd_delta_kernel,
         signature={**delta_signature, **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_M"), "constexpr")},
-        constexprs={"HEAD_DIM": d, "BLOCK_D": base["BLOCK_D"], "BLOCK_M": DELTA_BLOCK_M}, num_warps=4, num_stages=1,
+        constexprs={"HEAD_DIM": d, "BLOCK_D": base["BLOCK_D"], "BLOCK_M": DELTA_BLOCK_M}, num_warps=4,
         default=True, uses_dot=False, roofline=roof["delta"],
         extra={"attrs": launch_attrs(_attn_bwd_delta_kernel, delta_signature, int_values)}))
     return specs

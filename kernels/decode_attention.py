@@ -256,5 +256,5 @@ def report_specs(dtype: str = "bf16") -> list[KernelSpec]:
         extra={"attrs": launch_attrs(_decode_reduce_kernel, reduce_signature, int_values)},
         constexprs={"HEAD_DIM": d, "BLOCK_D": triton.next_power_of_2(d),
                     "BLOCK_S": triton.next_power_of_2(REPORT_SPLITS)},
-        num_warps=REDUCE_WARPS, num_stages=1, default=True, uses_dot=False, roofline=reduce_roof))
+        num_warps=REDUCE_WARPS, default=True, uses_dot=False, roofline=reduce_roof))
     return specs

@@ -228,6 +228,6 @@ def report_specs() -> list[KernelSpec]:
         kernel="flce_softmax_grad", fn=_cross_entropy_chunk_kernel,
         signature={"logits_ptr": "*fp32", "stride_row": "i32", "labels_ptr": "*i64", "loss_ptr": "*fp32", "V": "i32",
                    "ignore_index": "i32", "BLOCK_V": "constexpr"},
-        constexprs={"BLOCK_V": CE_BLOCK_V}, num_warps=CE_NUM_WARPS, num_stages=1, default=True,
+        constexprs={"BLOCK_V": CE_BLOCK_V}, num_warps=CE_NUM_WARPS, default=True,
         roofline=Roofline(f"{shape}: row softmax/loss/grad in place", 6.0 * tokens * vocab, 3 * logits_bytes)))
     return specs

@@ -351,6 +351,6 @@ def report_specs() -> list[KernelSpec]:
         kernel="projector_gelu_bwd", fn=_gelu_backward_kernel,
         signature={"grad_ptr": "*bf16", "pre_ptr": "*bf16", "out_ptr": "*bf16", "n_elements": "i32",
                    "BLOCK": "constexpr"},
-        constexprs={"BLOCK": GELU_BWD_BLOCK}, num_warps=4, num_stages=1, default=True,
+        constexprs={"BLOCK": GELU_BWD_BLOCK}, num_warps=4, default=True,
         roofline=Roofline(shape=f"{tokens}x{c_txt} bf16", flops=12.0 * n, bytes=2.0 * 3 * n)))
     return specs

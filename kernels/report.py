@@ -28,6 +28,7 @@ KERNEL_MODULES = ("attention", "decode_attention", "rms_norm", "layer_norm", "ro
 # (dense fp16/bf16 tensor-core FLOP/s, HBM bytes/s)
 PEAKS = {"A100": (312e12, 2.0e12), "H100": (989e12, 3.35e12)}
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block
+TESTED_TRITON = "3.9"  # the version the configs' figures (registers, spills) were taken with; pyproject bounds it
 MAX_REGISTERS = 255
 
 _RESOURCE_LINE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
@@ -114,8 +115,11 @@ def _compile_cached(fn, signature: tuple, constexprs: tuple, num_warps: int, num
 
     # attrs: the argument specialization a real launch derives (e.g. 16-divisible pointers and strides)
     source = ASTSource(fn=fn, signature=dict(signature), constexprs=dict(constexprs), attrs=dict(attrs))
+    from ._dispatch import fp_fusion
+
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+                              options={"num_warps": num_warps, "num_stages": num_stages,
+                                       "enable_fp_fusion": fp_fusion()})
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
         with open(cubin, "wb") as f:
@@ -245,7 +249,6 @@ def build_report(archs=(80, 90), *, defaults_only: bool = False, progress: bool 
 
 def _build_in_child(archs, defaults_only, progress, jobs):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "report.json")
         command = [sys.executable, "-m", "gmaivl_rt.kernels.report", "--json", out, "--quiet",
@@ -309,12 +312,18 @@ def format_table(rows) -> str:
 
 
 def format_summary(rows) -> str:
+    """Counts and failing rows, headed by the Triton version (figures move between versions)."""
+    import triton
+
+    from ._dispatch import fp_fusion
     missing = [r for r in rows if r["arch"] is None]
     compiled = [r for r in rows if r["arch"] is not None]
     failing = [r for r in compiled if r["problems"]]
     failing_defaults = [r for r in failing if r["default"]]
     kernels = {r["kernel"] for r in compiled}
-    lines = [f"{len(compiled)} compiled rows ({len(kernels)} kernels from "
+    lines = [f"triton {triton.__version__} (figures taken with {TESTED_TRITON}), fp fusion "
+             f"{'on' if fp_fusion() else 'off'}",
+             f"{len(compiled)} compiled rows ({len(kernels)} kernels from "
              f"{len({r['module'] for r in compiled})} modules), {len(failing)} failing a check "
              f"({len(failing_defaults)} default configs)"]
     for r in failing:
@@ -351,7 +360,10 @@ def run(args) -> int:
 
         from gmaivl_rt.atomic import atomic_write_json
 
-        atomic_write_json(args.json, {"triton_version": triton.__version__, "archs": list(args.arch),
+        from ._dispatch import fp_fusion
+
+        atomic_write_json(args.json, {"triton_version": triton.__version__, "fp_fusion": fp_fusion(),
+                                      "tested_triton": TESTED_TRITON, "archs": list(args.arch),
                                       "peaks": {gpu: {"flops_per_s": f, "bytes_per_s": b}
                                                 for gpu, (f, b) in PEAKS.items()},
                                       "rows": rows})

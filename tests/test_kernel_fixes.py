@@ -168,3 +168,46 @@ def test_gemm_autotune_keys_on_bucketed_sizes():
     assert "M" not in projector.TUNE_KEY and "K" not in projector.TUNE_KEY
     assert {"M_BUCKET", "K_BUCKET"} <= set(projector.TUNE_KEY) <= set(projector._matmul_kernel.arg_names) | {
         "ACCUMULATE"}
+
+
+# ---------------------------------------------------------------------------------------------------- item 11
+def test_report_specs_name_the_stages_and_warps_launches_use(monkeypatch):
+    """Every kernel launched by the ops (interpreted here) is declared in its module's report_specs() with the
+    num_stages it is launched with (a launch that names none gets triton's CUDA default, 3): the report compiles
+    what runs. Row kernels were declared with 1-2 stages while launched with 3."""
+    import importlib
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from gmaivl_rt.kernels import _spec, fused_linear, fused_linear_cross_entropy, report
+    from gmaivl_rt.kernels import apply_rope, decode_attention, layer_norm, rms_norm, swiglu
+
+    launched = {}
+    real_run = InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        launched[self] = kwargs.get("num_stages", _spec.LAUNCH_NUM_STAGES)
+        return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    x = torch.randn(3, 32, requires_grad=True)
+    w = torch.ones(32, requires_grad=True)
+    with kernels("triton"):
+        rms_norm(x, w, 1e-5).sum().backward()
+        layer_norm(x, w, w, 1e-5).sum().backward()
+        swiglu(x, x).sum().backward()
+        fused_linear(x, torch.randn(16, 32, requires_grad=True), None, "gelu").sum().backward()
+        fused_linear_cross_entropy(x, torch.randn(40, 32, requires_grad=True), torch.tensor([1, 2, 3])).backward()
+        q = torch.randn(1, 5, 2, 16, requires_grad=True)
+        attention(q, q, q, causal=True).sum().backward()
+        cos, sin = torch.ones(5, 16), torch.zeros(5, 16)
+        apply_rope(q[0], q[0], cos, sin)[0].sum().backward()
+        decode_attention(q[:, 0], q, q, torch.tensor([5], dtype=torch.int32))
+    declared = {}
+    for module in report.KERNEL_MODULES:
+        for spec in importlib.import_module(f"gmaivl_rt.kernels.{module}").report_specs():
+            declared.setdefault(spec.fn, set()).add(spec.num_stages)
+    assert len(launched) >= 12
+    for fn, stages in launched.items():
+        assert fn in declared, f"{fn.__name__} launches but no report spec declares it"
+        assert stages in declared[fn], f"{fn.__name__} launches with num_stages={stages}, specs say {declared[fn]}"
