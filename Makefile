@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench report
+.PHONY: setup demo test bench report gpu-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -25,3 +25,8 @@ bench: setup
 
 report: setup
 	$(BIN)/gmaivl-rt kernels report --json runs/kernel_report.json
+
+# One-shot check on a lent GPU (see README "Kernels"): results appended to runs/gpu_check/gpu_check.jsonl as they come.
+GPU_CHECK_BUDGET ?= 420
+gpu-check: setup
+	$(BIN)/python -m gmaivl_rt.gpu_check --out runs/gpu_check --budget $(GPU_CHECK_BUDGET)

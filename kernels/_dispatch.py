@@ -126,6 +126,32 @@ def kernels(mode: str):
             os.environ["GMAIVL_KERNELS"] = old
 
 
+_FORCED_CONFIGS: dict = {}  # id(config list) -> index, while `forced_config` is active
+
+
 def pick_config(configs: list, default_index: int = 0):
-    """Under the interpreter (or with no GPU) autotuning cannot run: use one fixed config."""
-    return configs[default_index]
+    """The fixed config a launcher uses when it does not autotune: the one `forced_config` names, else the default
+    (under the interpreter, or with no GPU, autotuning cannot run)."""
+    return configs[_FORCED_CONFIGS.get(id(configs), default_index)]
+
+
+def config_forced(configs: list) -> bool:
+    """True while `forced_config` pins this config list: the launcher then skips autotuning, on a GPU too."""
+    return id(configs) in _FORCED_CONFIGS
+
+
+@contextlib.contextmanager
+def forced_config(configs: list, index: int):
+    """Run every launch that draws from `configs` (a kernel module's autotune list) with `configs[index]`, autotuning
+    or not: how the GPU check runs each candidate on its own against the reference."""
+    if not 0 <= index < len(configs):
+        raise ValueError(f"config index {index} is outside the {len(configs)} configs")
+    old = _FORCED_CONFIGS.get(id(configs))
+    _FORCED_CONFIGS[id(configs)] = index
+    try:
+        yield configs[index]
+    finally:
+        if old is None:
+            _FORCED_CONFIGS.pop(id(configs), None)
+        else:
+            _FORCED_CONFIGS[id(configs)] = old

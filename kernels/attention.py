@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting, pick_config, unsupported_head_dim, use_triton
+from ._dispatch import config_forced, interpreting, pick_config, unsupported_head_dim, use_triton
 from ._spec import KernelSpec, Roofline
 
 
@@ -418,7 +418,7 @@ _attn_bwd_dq_tuned = triton.autotune(_triton_configs(BWD_DQ_CONFIGS), key=_TUNE_
 
 def _launch(kernel, tuned, configs, grid_of, device_tensor, *args, **constexprs):
     """Autotune where a GPU driver runs the kernel; otherwise (interpreter) launch the fixed default config."""
-    if device_tensor.is_cuda:
+    if device_tensor.is_cuda and not config_forced(configs):
         tuned[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
     else:
         bm, bn, warps, stages = pick_config(configs)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting, pick_config, unsupported_head_dim, use_triton
+from ._dispatch import config_forced, interpreting, pick_config, unsupported_head_dim, use_triton
 from ._spec import KernelSpec, Roofline
 from .attention import launch_attrs, online_softmax_step
 from .projector import autocast_operands
@@ -202,7 +202,7 @@ def _decode_partials(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_spli
     args = (q, k_cache, v_cache, seqlens, part_m, part_l, part_acc, scale * _LOG2E, q.stride(0), q.stride(1),
             *k_cache.stride()[:3], *v_cache.stride()[:3], num_kv_heads, group, splits)
     grid = (batch * num_kv_heads, splits)
-    if q.is_cuda:
+    if q.is_cuda and not config_forced(SPLIT_CONFIGS):
         _decode_split_tuned[grid](*args, **flags)
     else:
         block_n, warps, stages = pick_config(SPLIT_CONFIGS)

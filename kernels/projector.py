@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting, pick_config, use_triton
+from ._dispatch import config_forced, interpreting, pick_config, use_triton
 from ._spec import KernelSpec, Roofline
 
 _INT32_LIMIT = 2**31                 # offsets are computed in int32
@@ -184,7 +184,7 @@ def matmul(a, b, out=None, *, bias=None, gelu=False, pre=None, accumulate=False,
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    if a.is_cuda and not interpreting():
+    if a.is_cuda and not interpreting() and not config_forced(GEMM_CONFIGS):
         _autotuned_matmul(accumulate)[grid](*args, **flags)
     else:
         block_m, block_n, block_k, group_m, warps, stages = pick_config(GEMM_CONFIGS)
