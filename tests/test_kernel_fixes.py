@@ -6,6 +6,8 @@
 - decode splits each sequence's own length (no empty split programs) and grids stay within CUDA's limits;
 - fp16 loss gradients are scaled in fp32 (1/n_valid applied before the fp16 cast underflowed).
 """
+import importlib
+
 import pytest
 import torch
 
@@ -211,3 +213,37 @@ def test_report_specs_name_the_stages_and_warps_launches_use(monkeypatch):
     for fn, stages in launched.items():
         assert fn in declared, f"{fn.__name__} launches but no report spec declares it"
         assert stages in declared[fn], f"{fn.__name__} launches with num_stages={stages}, specs say {declared[fn]}"
+
+
+# ---------------------------------------------------------------------------------------------------- item 4
+def test_cuda_loss_chunk_comes_from_a_memory_budget():
+    """The trainer's pack (2048 tokens, V=92544) is one chunk on CUDA with the default 2 GiB budget; a tight budget
+    still keeps 1024-row chunks; CPU keeps Liger's rule."""
+    flce = importlib.import_module("gmaivl_rt.kernels.fused_linear_cross_entropy")
+
+    assert flce.chunk_rows(2048, 92544, 4096, budget_bytes=flce.CUDA_LOGITS_BUDGET_BYTES) == 2048
+    assert flce.chunk_rows(8192, 92544, 4096, budget_bytes=flce.CUDA_LOGITS_BUDGET_BYTES) == 5760
+    assert flce.chunk_rows(8192, 92544, 4096, budget_bytes=100 << 20) == 1024
+    assert flce.chunk_rows(8192, 92544, 4096) == 512
+
+
+@pytest.mark.parametrize("mode", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_one_chunk_writes_grad_weight_directly(mode, dtype):
+    """One chunk (no fp32 dW accumulator, the GEMM stores dW in the weight's dtype) and several chunks agree with
+    autograd through the materialised logits."""
+    from gmaivl_rt.kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
+
+    hidden, weight = torch.randn(37, 16).to(dtype), (torch.randn(50, 16) / 4).to(dtype)
+    labels = torch.randint(0, 50, (37,))
+    labels[::5] = -100
+    ref_h, ref_w = hidden.float().clone().requires_grad_(), weight.float().clone().requires_grad_()
+    fused_linear_cross_entropy_reference(ref_h, ref_w, labels).backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    for chunk in (37, 16):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with kernels(mode):
+            fused_linear_cross_entropy(h, w, labels, chunk_size=chunk).backward()
+        assert w.grad.dtype == dtype
+        torch.testing.assert_close(w.grad.float(), ref_w.grad, atol=tol, rtol=tol)
+        torch.testing.assert_close(h.grad.float(), ref_h.grad, atol=tol, rtol=tol)
