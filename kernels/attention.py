@@ -540,6 +540,9 @@ def _attention_triton(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen):
 # GPU readiness report
 # ----------------------------------------------------------------------------------------------------------------
 REPORT_SHAPE = dict(batch=1, seqlen=4096, q_heads=32, kv_heads=8, head_dim=128, causal=True)
+# (head dim, dtype, causal) the report also compiles each kernel's default config for: CLIP-L's 64, head dim 80,
+# InternLM2's 128; fp16 and bf16; the LM's causal and the vision tower's bidirectional attention.
+REPORT_VARIANTS = [(hd, dt, causal) for hd in (64, 80, 128) for dt in ("bf16", "fp16") for causal in (True, False)]
 
 
 def _rooflines():
@@ -596,6 +599,19 @@ def report_specs(dtype: str = "bf16") -> list[KernelSpec]:
                 kernel=name, fn=fn, signature={**signature, **dict.fromkeys(constexpr_names, "constexpr")},
                 constexprs={**base, "BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages,
                 default=i == 0, uses_dot=True, roofline=roofline, extra={"attrs": attrs}))
+        # the default config at every other supported head dim, dtype and mask the model runs (`make report`)
+        for head_dim, variant_dtype, causal in REPORT_VARIANTS:
+            if (head_dim, variant_dtype, causal) == (d, dtype, REPORT_SHAPE["causal"]):
+                continue
+            variant_signature = {k: (f"*{variant_dtype}" if v == ptr else v) for k, v in signature.items()}
+            bm, bn, warps, stages = configs[0]
+            specs.append(KernelSpec(
+                kernel=name if variant_dtype == dtype else f"{name}[{variant_dtype}]", fn=fn,
+                signature={**variant_signature, **dict.fromkeys(constexpr_names, "constexpr")},
+                constexprs={**base, "HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim),
+                            "CAUSAL": causal, "BLOCK_M": bm, "BLOCK_N": bn},
+                num_warps=warps, num_stages=stages, default=False, uses_dot=True, roofline=None,
+                extra={"attrs": attrs, "variant": True}))
     delta_signature = {"Out": ptr, "DO": ptr, "DELTA": f32, "total_q": "i32", "NUM_HEADS": "i32"}
     specs.append(KernelSpec(
         kernel="attention_bwd_delta", fn=_attn_bwd_delta_kernel,
