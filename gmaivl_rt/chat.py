@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from gmaivl_rt.errors import InputError
+
 IMAGE_TOKEN = "<image>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -13,27 +15,70 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-def chat_segments(messages, system: str | None = None, add_generation_prompt: bool = False):
-    """Render a conversation as (text, is_assistant_reply) pieces whose concatenation is the prompt.
-    messages: [{"role": "user"|"assistant", "content": str}] or GMAI-VL's [{"from": "human"|"gpt", "value": str}].
-    The assistant pieces (reply + <|im_end|>) are what training computes loss on."""
-    pieces = []
+def chat_parts(messages, system: str | None = None, add_generation_prompt: bool = False):
+    """A conversation as (kind, text, is_assistant_reply, message_index) parts, in prompt order. kind:
+    "special": a role marker the template places (`<|im_start|>`, `<|im_end|>`): the only source of those tokens;
+    "text":    literal text (role names, newlines, message content): never parsed for special tokens;
+    "image":   one image slot (`<image>`).
+    messages: [{"role": "system"|"user"|"assistant", "content": str | list of parts}] or GMAI-VL's
+    [{"from": "human"|"gpt", "value": str}]. In str content each `<image>` is an image slot; list content holds
+    {"type": "text", "text": str} parts (literal, `<image>` included) and {"type": "image"} (or "image_url")
+    slots, OpenAI style. The system prompt is literal text."""
+    parts = []
     if system:
-        pieces.append((f"{IM_START}system\n{system}{IM_END}\n", False))
+        parts += [("special", IM_START, False, -1), ("text", f"system\n{system}", False, -1),
+                  ("special", IM_END, False, -1), ("text", "\n", False, -1)]
     for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InputError(f"message {i} must be a dict with role and content, got {type(message).__name__}")
         role = _ROLES.get(message.get("role", message.get("from")))
-        text = message.get("content", message.get("value"))
-        if role is None or not isinstance(text, str):
-            raise ValueError(f"message {i} is not a chat turn with a known role and text: {message!r}")
-        if role == "assistant":
-            pieces.append((f"{IM_START}assistant\n", False))
-            pieces.append((f"{text}{IM_END}", True))
-            pieces.append(("\n", False))
-        else:
-            pieces.append((f"{IM_START}{role}\n{text}{IM_END}\n", False))
+        content = message.get("content", message.get("value"))
+        if role is None:
+            raise InputError(f"message {i} has no known role (one of user, assistant, system)")
+        body = _content_parts(content, f"message {i}")
+        answer = role == "assistant"
+        parts += [("special", IM_START, False, i), ("text", f"{role}\n", False, i)]
+        parts += [(kind, text, answer, i) for kind, text in body]
+        parts += [("special", IM_END, answer, i), ("text", "\n", False, i)]
     if add_generation_prompt:
-        pieces.append((f"{IM_START}assistant\n", False))
-    return pieces
+        parts += [("special", IM_START, False, len(messages)), ("text", "assistant\n", False, len(messages))]
+    return parts
+
+
+def _content_parts(content, role: str) -> list[tuple[str, str]]:
+    if isinstance(content, str):
+        pieces = content.split(IMAGE_TOKEN)
+        out = [("text", pieces[0])]
+        for piece in pieces[1:]:
+            out += [("image", IMAGE_TOKEN), ("text", piece)]
+        return [p for p in out if p[1]]
+    if isinstance(content, (list, tuple)):
+        out = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                out.append(("text", part["text"]))
+            elif kind in ("image", "image_url"):
+                out.append(("image", IMAGE_TOKEN))
+            else:
+                raise InputError(f"{role} part {j} must be {{'type': 'text', 'text': str}} or "
+                                 "{'type': 'image'}")
+        return [p for p in out if p[1]]
+    raise InputError(f"{role} content must be a str or a list of parts, got {type(content).__name__}")
+
+
+def chat_segments(messages, system: str | None = None, add_generation_prompt: bool = False):
+    """Render a conversation as (text, is_assistant_reply) pieces whose concatenation is the prompt (one piece
+    per turn, the assistant turns split into header / reply + <|im_end|> / newline).
+    The assistant pieces (reply + <|im_end|>) are what training computes loss on."""
+    pieces: list[list] = []
+    key = None
+    for _, text, answer, index in chat_parts(messages, system, add_generation_prompt):
+        if (index, answer) != key:
+            pieces.append(["", answer])
+            key = (index, answer)
+        pieces[-1][0] += text
+    return [(text, answer) for text, answer in pieces]
 
 
 def build_prompt(messages, system: str | None = None, add_generation_prompt: bool = True) -> str:

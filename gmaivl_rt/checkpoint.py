@@ -25,6 +25,11 @@ from gmaivl_rt.config import GMAIVLConfig
 from gmaivl_rt.errors import ModelError
 
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
+# `__metadata__` key of the hex SHA-256 of a safetensors file's data region (every byte after the header), which
+# save_pretrained writes and loading verifies; files without it (written by others) load unverified.
+DIGEST_KEY = "gmaivl_sha256"
+_DIGEST_PLACEHOLDER = "0" * 64
+_FINITE_CHUNK = 1 << 24  # elements per isfinite pass: bounds the temporary bool tensor to 16 MB
 
 # (prefix as stored, our prefix); the first match wins.
 _PREFIXES = [
@@ -112,9 +117,52 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 def _read(handle, key: str, file: Path) -> torch.Tensor:
     try:
-        return handle.get_tensor(key)
+        tensor = handle.get_tensor(key)
     except Exception as e:  # safetensors raises its own error types for torn data
         raise CheckpointError(f"{file}: tensor {key!r} cannot be read ({e}); the file may be truncated") from None
+    check_finite_tensor(tensor, key, file)
+    return tensor
+
+
+def check_finite_tensor(tensor: torch.Tensor, name: str, file) -> None:
+    """CheckpointError naming the tensor when a floating-point tensor holds NaN or inf (checked in chunks, so the
+    extra memory is at most 16 MB whatever the tensor's size)."""
+    if not tensor.is_floating_point():
+        return
+    flat = tensor.reshape(-1)
+    for start in range(0, flat.numel(), _FINITE_CHUNK):
+        if not bool(torch.isfinite(flat[start:start + _FINITE_CHUNK]).all()):
+            raise CheckpointError(f"{file}: tensor {name!r} has non-finite values (NaN or inf); the weights are "
+                                  "corrupt")
+
+
+def data_region_sha256(file: Path, header_len: int, chunk_bytes: int = 1 << 22) -> str:
+    """Hex SHA-256 of a safetensors file's tensor bytes (everything after its 8 + header_len header bytes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        f.seek(8 + header_len)
+        for chunk in iter(lambda: f.read(chunk_bytes), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_safetensors(file, check_finite: bool = True) -> dict:
+    """Check one safetensors file the way loading does, for callers that do not load it (the trainer's resume):
+    complete (header and size agree), its SHA-256 when the header carries one, and every floating-point tensor
+    finite. Returns the header; raises CheckpointError naming the file (and the tensor)."""
+    file = Path(file)
+    header = _check_complete(file)
+    if check_finite:
+        try:
+            handle = safe_open(file, framework="pt", device="cpu")
+        except Exception as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e}); it may be truncated") from None
+        with handle:
+            for key in handle.keys():
+                _read(handle, key, file)
+    return header
 
 
 def load_pretrained(cls, path, dtype=None, device=None):
@@ -172,8 +220,9 @@ def load_pretrained(cls, path, dtype=None, device=None):
     return model.eval()
 
 
-def _check_complete(file: Path) -> None:
-    """Refuse a torn file before memory-mapping it: the header's last data offset must match the file size."""
+def _check_complete(file: Path) -> dict:
+    """Refuse a torn file before memory-mapping it: the header's last data offset must match the file size; then,
+    when the header carries a SHA-256 of the data (DIGEST_KEY), bytes changed in place. Returns the header."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
@@ -191,6 +240,26 @@ def _check_complete(file: Path) -> None:
     if 8 + header_len + end != size:
         raise CheckpointError(f"{file}: tensors need {8 + header_len + end} bytes but the file has {size} "
                               "(truncated or corrupt)")
+    expected = (header.get("__metadata__") or {}).get(DIGEST_KEY)
+    if expected is not None and data_region_sha256(file, header_len) != expected:
+        raise CheckpointError(f"{file}: tensor data does not match the SHA-256 saved with it (changed or corrupted "
+                              "after it was written)")
+    return header
+
+
+def _write_digest(file: Path) -> None:
+    """Fill the placeholder digest in a just-written file's header with the SHA-256 of its data region (same
+    length, so the header and every offset stay as they are)."""
+    with open(file, "r+b") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = f.read(header_len)
+        digest = data_region_sha256(file, header_len)
+        marker = f'"{DIGEST_KEY}":"{_DIGEST_PLACEHOLDER}"'.encode()
+        at = header.find(marker)
+        if at < 0:
+            raise CheckpointError(f"{file}: digest placeholder not found in the header just written")
+        f.seek(8 + at + len(marker) - len(_DIGEST_PLACEHOLDER) - 1)
+        f.write(digest.encode())
 
 
 def _describe_problems(path, missing, unexpected, mismatched, limit=20) -> str:
@@ -233,7 +302,7 @@ def save_pretrained(model, path, max_shard_bytes: int = 5 * 2**30) -> None:
         current[name] = tensor
         size += nbytes
     shards.append(current)
-    meta = {"format": "pt"}
+    meta = {"format": "pt", DIGEST_KEY: _DIGEST_PLACEHOLDER}
     if len(shards) == 1:
         names = [SINGLE_FILE]
     else:
@@ -241,6 +310,7 @@ def save_pretrained(model, path, max_shard_bytes: int = 5 * 2**30) -> None:
     for name, shard in zip(names, shards):
         with atomic_path(path / name) as tmp:
             save_file(shard, str(tmp), metadata=meta)
+            _write_digest(Path(tmp))
     if len(shards) > 1:
         weight_map = {k: n for n, shard in zip(names, shards) for k in shard}
         total = sum(t.numel() * t.element_size() for t in state.values())

@@ -25,16 +25,18 @@ message names the file and the problem and never quotes header values.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import re
 import warnings
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from gmaivl_rt.errors import InputError
+from gmaivl_rt.errors import InputError, LimitError
 
 # Named CT windows (centre, width) in Hounsfield units.
 CT_WINDOWS: dict[str, tuple[float, float]] = {
@@ -51,6 +53,8 @@ _CT_WINDOW_BY_BODY_PART = {
     "cspine": "bone", "tspine": "bone", "lspine": "bone", "extremity": "bone",
 }
 PERCENTILES = (0.5, 99.5)
+# Intensity mappings a caller may ask for by name instead of a (centre, width) window.
+STRETCHES = ("percentile", "minmax")
 PLANES = ("axial", "coronal", "sagittal")
 _PLANE_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}  # RAS axis normal to each plane
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
@@ -114,6 +118,27 @@ class MedicalImage:
     def is_color(self) -> bool:
         return not (np.array_equal(self.pixels[..., 0], self.pixels[..., 1])
                     and np.array_equal(self.pixels[..., 1], self.pixels[..., 2]))
+
+
+@dataclass(frozen=True, eq=False)
+class ImageSource:
+    """An image given other than by a file name the reader may quote: what `gmaivl_rt.image_input` hands the
+    readers below in place of a path.
+
+    label: how errors name it (its role, e.g. "image 1"). format: "dicom", "nifti" or "image" (Pillow).
+    Exactly one of path (a file), data (its bytes) or obj (a pydicom Dataset, nibabel image or PIL image).
+    limits: a `gmaivl_rt.limits.Limits` checked from headers before decoding, or None."""
+
+    label: str
+    format: str
+    path: str | None = None
+    data: bytes | None = field(default=None, repr=False)
+    obj: object = field(default=None, repr=False)
+    limits: object = None
+
+    def readable(self):
+        """What pydicom / Pillow open: the path, or a fresh stream over the bytes."""
+        return self.path if self.path is not None else io.BytesIO(self.data)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -216,8 +241,58 @@ def modality_name(code: str | None) -> str:
 # helpers
 # --------------------------------------------------------------------------------------------------------------
 def _label(path) -> str:
-    """The file as errors name it: its base name only (directories may carry site or patient names)."""
+    """The file as errors name it: its base name only (directories may carry site or patient names), or the
+    role of an `ImageSource`."""
+    if isinstance(path, ImageSource):
+        return path.label
     return os.path.basename(os.fspath(path)) or os.fspath(path)
+
+
+def _limits(path):
+    return path.limits if isinstance(path, ImageSource) else None
+
+
+def _check_pixels(path, height: int, width: int, what: str = "picture") -> None:
+    """Refuse a picture over limits.max_image_pixels (from its header, before decoding)."""
+    limits = _limits(path)
+    if limits is not None and height * width > limits.max_image_pixels:
+        raise LimitError(f"{_label(path)}: {width}x{height} = {height * width} pixels per {what} is over the "
+                         f"limit of {limits.max_image_pixels}")
+
+
+def check_finite(values: np.ndarray, label: str) -> None:
+    """Refuse pixel data with no finite value (all NaN / inf would otherwise become a blank picture)."""
+    if values.dtype.kind in "fc" and not np.isfinite(values).any():
+        raise MedicalImageError(f"{label}: pixel data has no finite value (all NaN or infinite)")
+
+
+def minmax_unit(values: np.ndarray) -> np.ndarray:
+    """Map finite values to [0, 1] by their minimum and maximum (NaN -> 0); constant -> 0."""
+    x = np.asarray(values, np.float64)
+    finite = x[np.isfinite(x)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    hi = hi if hi > lo else lo + 1.0
+    return np.clip((np.nan_to_num(x, nan=lo) - lo) / (hi - lo), 0, 1).astype(np.float32)
+
+
+def grey_unit(values: np.ndarray, window=None, window_name: str | None = None, label: str = "image"):
+    """Stored numbers (H, W) or (H, W, C) -> ([0, 1] float32, how), the one rule for 16-bit / float / signed
+    data whether it came from a file (PNG, TIFF), a PIL image or an array:
+    a (centre, width) window if given; "percentile" (0.5-99.5) or "minmax" if named; else uint8 as is (/255),
+    other non-negative integers by their bit depth, signed integers with negatives and floats by percentiles."""
+    values = np.asarray(values)
+    check_finite(values, label)
+    if window is not None:
+        return apply_window(values, *window), window_name or "user"
+    if window_name == "minmax":
+        return minmax_unit(values), "minmax"
+    if window_name == "percentile":
+        return percentile_unit(values), "percentile"
+    if values.dtype == np.uint8:
+        return values.astype(np.float32) / 255.0, "none"
+    if values.dtype.kind in "ui" and (values.size == 0 or values.min() >= 0):
+        return _bit_depth_unit(values), "bit depth"
+    return percentile_unit(values), "percentile"
 
 
 def _to_uint8(unit: np.ndarray) -> np.ndarray:
@@ -269,30 +344,36 @@ def _parse_window(window, path) -> tuple[tuple[float, float] | None, str | None]
     if window is None:
         return None, None
     if isinstance(window, str):
+        if window.lower() in STRETCHES:
+            return None, window.lower()
         if window.lower() not in CT_WINDOWS:
-            raise MedicalImageError(f"{_label(path)}: unknown window {window!r}; choose one of {sorted(CT_WINDOWS)} "
-                                    "or give (centre, width)")
+            raise MedicalImageError(f"{_label(path)}: unknown window {window[:20]!r}; choose one of "
+                                    f"{sorted(CT_WINDOWS) + list(STRETCHES)} or give (centre, width)")
         return CT_WINDOWS[window.lower()], window.lower()
     try:
         center, width = (float(v) for v in window)
     except (TypeError, ValueError):
-        raise MedicalImageError(f"{_label(path)}: window must be a name or (centre, width), got {window!r}") from None
-    if width <= 0:
+        raise MedicalImageError(f"{_label(path)}: window must be a name or (centre, width), got "
+                                f"{type(window).__name__}") from None
+    if not (np.isfinite(center) and np.isfinite(width)) or width <= 0:
         raise MedicalImageError(f"{_label(path)}: window width must be positive, got {width}")
     return (center, width), "user"
 
 
 def _open_source(path, *, window, plane, volume):
     if plane not in PLANES:
-        raise MedicalImageError(f"{_label(path)}: plane must be one of {PLANES}, got {plane!r}")
-    if not os.path.isfile(path):
-        raise MedicalImageError(f"{_label(path)}: no such file")
-    fmt = detect_format(path)
+        raise MedicalImageError(f"{_label(path)}: plane must be one of {PLANES}, got {str(plane)[:20]!r}")
+    if isinstance(path, ImageSource):
+        fmt = path.format
+    else:
+        if not os.path.isfile(path):
+            raise MedicalImageError(f"{_label(path)}: no such file")
+        fmt = detect_format(path)
     if fmt == "dicom":
         return _DicomSource(path, window)
     if fmt == "nifti":
         return _NiftiSource(path, window, plane, volume)
-    return _PillowSource(path, fmt)
+    return _PillowSource(path, fmt, window)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -313,12 +394,16 @@ def quiet_pydicom():
 
 
 _UID_OR_NUMBER = re.compile(r"\d[\d.]{5,}")
+# Quoted text and file paths in library messages may carry header values or names (patients, sites).
+_QUOTED_OR_PATH = re.compile(r"'[^']*'|\"[^\"]*\"|b'[^']*'|(?:[A-Za-z]:)?[\\/]\S+")
 
 
 def safe_reason(error: BaseException) -> str:
-    """An exception's class and message with long numbers / UIDs masked (messages may quote header values)."""
+    """An exception's class and message with quoted text, paths and long numbers / UIDs masked (messages may
+    quote header values or file names)."""
     text = " ".join(str(error).split())[:160]
-    return f"{type(error).__name__}: {_UID_OR_NUMBER.sub('#', text)}" if text else type(error).__name__
+    text = _UID_OR_NUMBER.sub("#", _QUOTED_OR_PATH.sub("…", text))
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _plane_from_iop(iop) -> str | None:
@@ -341,13 +426,15 @@ class _DicomSource:
 
         self.path = path
         self.window, self.window_name = _parse_window(window, path)
+        given = path.obj if isinstance(path, ImageSource) else None
+        readable = path.readable if isinstance(path, ImageSource) else lambda: path
         try:
             with quiet_pydicom():
                 try:
-                    ds = pydicom.dcmread(path)
+                    ds = given if given is not None else pydicom.dcmread(readable())
                 except InvalidDicomError:
                     # No preamble: legal for old files, so retry leniently but demand an image.
-                    ds = pydicom.dcmread(path, force=True)
+                    ds = pydicom.dcmread(readable(), force=True)
                     if "PixelData" not in ds or "Rows" not in ds:
                         raise MedicalImageError(f"{_label(path)}: not a DICOM file (no 'DICM' marker "
                                                 "and no image attributes)") from None
@@ -356,8 +443,7 @@ class _DicomSource:
         except Exception as e:  # pydicom raises many types on damaged files
             raise MedicalImageError(f"{_label(path)}: unreadable DICOM ({safe_reason(e)})") from None
         if "PixelData" not in ds:
-            raise MedicalImageError(f"{_label(path)}: DICOM file has no pixel data "
-                                    f"(modality {ds.get('Modality', 'unknown')}: not an image)")
+            raise MedicalImageError(f"{_label(path)}: DICOM file has no pixel data (not an image)")
         self.ds = ds
         self._check_decoder()
         with quiet_pydicom():
@@ -379,6 +465,7 @@ class _DicomSource:
             raise MedicalImageError(f"{_label(path)}: bad DICOM image attributes ({safe_reason(e)})") from None
         if self.count < 1:
             raise MedicalImageError(f"{_label(path)}: DICOM NumberOfFrames is {self.count}")
+        _check_pixels(path, self.rows, self.columns, "frame")
         modality = str(ds.get("Modality", "") or "").strip().upper()
         body_part = str(ds.get("BodyPartExamined", "") or "").strip().lower()
         self.modality = modality or None
@@ -432,6 +519,7 @@ class _DicomSource:
 
     def image(self, index: int) -> MedicalImage:
         arr = self.frame_pixels(index)
+        check_finite(arr, _label(self.path))
         try:
             with quiet_pydicom():
                 unit, window, window_name = self._to_unit(arr, index)
@@ -472,6 +560,9 @@ class _DicomSource:
         frame_width = _functional_group(ds, "FrameVOILUTSequence", "WindowWidth", index)
         if self.window is not None:
             unit, window, name = apply_window(values, *self.window), self.window, self.window_name
+        elif self.window_name in STRETCHES:
+            unit, name = grey_unit(values, None, self.window_name, _label(self.path))
+            window = None
         elif "VOILUTSequence" in ds:
             lut = ds.VOILUTSequence[0]
             data = np.asarray(lut.LUTData)
@@ -528,7 +619,16 @@ def _load_nifti(path, volume: int, what: str = "NIfTI"):
     import nibabel as nib
 
     try:
-        img = nib.as_closest_canonical(nib.load(os.fspath(path)))
+        if isinstance(path, ImageSource) and path.obj is not None:
+            img = path.obj
+        elif isinstance(path, ImageSource) and (path.data is not None or not
+                                                 path.path.lower().endswith(NIFTI_SUFFIXES)):
+            # bytes, or a file whose name nibabel cannot type (nibabel goes by the suffix)
+            img = _nifti_from_bytes(path.data if path.data is not None else Path(path.path).read_bytes())
+        else:
+            img = nib.load(path.path if isinstance(path, ImageSource) else os.fspath(path))
+        _check_volume(path, tuple(int(n) for n in img.shape))
+        img = nib.as_closest_canonical(img)
         shape = img.shape
         if len(shape) == 4:
             if not 0 <= volume < shape[3]:
@@ -540,12 +640,39 @@ def _load_nifti(path, volume: int, what: str = "NIfTI"):
         else:
             raise MedicalImageError(f"{_label(path)}: {what} image has {len(shape)} dimensions; expected 3 or 4")
         zooms = tuple(round(float(z), 6) for z in img.header.get_zooms()[:3])
-    except MedicalImageError:
+    except (MedicalImageError, LimitError):
         raise
     except Exception as e:
         raise MedicalImageError(f"{_label(path)}: unreadable {what} file ({safe_reason(e)})") from None
     zooms = zooms + (1.0,) * (3 - len(zooms))
     return data, zooms, (shape[3] if len(shape) == 4 else 1)
+
+
+def _nifti_from_bytes(data: bytes):
+    """A NIfTI-1 or -2 image (optionally gzipped) from its bytes; the voxels stay unread until asked for."""
+    import gzip
+
+    import nibabel as nib
+
+    stream = gzip.GzipFile(fileobj=io.BytesIO(data)) if data[:2] == b"\x1f\x8b" else io.BytesIO(data)
+    head = stream.read(4)
+    stream.seek(0)
+    nifti2 = 540 in (int.from_bytes(head, "little"), int.from_bytes(head, "big"))
+    return (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_stream(stream)
+
+
+def _check_volume(path, shape: tuple) -> None:
+    """Refuse a volume over limits.max_volume_voxels, or slices over max_image_pixels, from its header."""
+    limits = _limits(path)
+    if limits is None:
+        return
+    voxels = int(np.prod(shape, dtype=np.int64)) if shape else 0
+    if voxels > limits.max_volume_voxels:
+        raise LimitError(f"{_label(path)}: volume of {'x'.join(map(str, shape))} = {voxels} voxels is over the "
+                         f"limit of {limits.max_volume_voxels}")
+    sides = sorted(shape[:3], reverse=True)
+    if len(sides) >= 2:
+        _check_pixels(path, sides[0], sides[1], "slice")
 
 
 def _orient_slice(volume3d: np.ndarray, zooms, plane: str, index: int):
@@ -564,9 +691,13 @@ class _NiftiSource:
         self.window, self.window_name = _parse_window(window, path)
         self.data, self.zooms, self.volumes = _load_nifti(path, volume)
         self.count = self.data.shape[_PLANE_AXIS[plane]]
+        check_finite(self.data, _label(path))
         if self.window is None:
             finite = self.data[np.isfinite(self.data)]
-            self.lo, self.hi = np.percentile(finite, PERCENTILES) if finite.size else (0.0, 1.0)
+            if self.window_name == "minmax":
+                self.lo, self.hi = float(finite.min()), float(finite.max())
+            else:
+                self.lo, self.hi = np.percentile(finite, PERCENTILES)
             if self.hi <= self.lo:
                 self.hi = self.lo + 1.0
 
@@ -592,15 +723,22 @@ class _NiftiSource:
 # Pillow (PNG / JPEG / TIFF / BMP)
 # --------------------------------------------------------------------------------------------------------------
 def _pillow_open(path):
-    """Open with decompression-bomb warnings turned into errors. Returns an Image (lazy) or raises."""
+    """Open with decompression-bomb warnings turned into errors (and an `ImageSource`'s pixel limit checked from
+    the header before decoding). Returns an Image (loaded) or raises."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            if isinstance(path, ImageSource) and path.obj is not None:
+                img = path.obj
+            else:
+                img = Image.open(path.readable() if isinstance(path, ImageSource) else path)
+            _check_pixels(path, img.size[1], img.size[0])
             img.load()
             return img
+    except (LimitError, MedicalImageError):
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise MedicalImageError(f"{_label(path)}: refused: more pixels than PIL.Image.MAX_IMAGE_PIXELS "
                                 f"({Image.MAX_IMAGE_PIXELS}), a possible decompression bomb") from None
@@ -621,8 +759,9 @@ def _pillow_frame(path, img, index: int):
 
 
 class _PillowSource:
-    def __init__(self, path, fmt):
+    def __init__(self, path, fmt, window=None):
         self.path = path
+        self.window, self.window_name = _parse_window(window, path)
         self.img = _pillow_open(path)
         self.fmt = fmt if fmt != "image" else (self.img.format or "image").lower()
         self.count = int(getattr(self.img, "n_frames", 1))
@@ -633,12 +772,8 @@ class _PillowSource:
     def image(self, index: int) -> MedicalImage:
         img = _pillow_frame(self.path, self.img, index)
         mode = img.mode
-        if mode.startswith("I;16") or mode == "I":
-            values = np.asarray(img)
-            unit, name = (_bit_depth_unit(values), "bit depth") if values.size and values.min() >= 0 \
-                else (percentile_unit(values), "percentile")
-        elif mode == "F":
-            unit, name = percentile_unit(np.asarray(img)), "percentile"
+        if mode.startswith("I;16") or mode in ("I", "F", "L"):
+            unit, name = grey_unit(np.asarray(img), self.window, self.window_name, _label(self.path))
         else:
             unit, name = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0, "none"
         return MedicalImage(pixels=_to_uint8(unit), index=index, count=self.count, source_format=self.fmt,

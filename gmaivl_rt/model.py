@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gmaivl_rt import ops
 from gmaivl_rt.config import GMAIVLConfig
+from gmaivl_rt.limits import check_context, check_max_new_tokens
 from gmaivl_rt.sampling import generate_tokens
 
 IGNORE_INDEX = -100
@@ -454,6 +455,9 @@ class GMAIVL(nn.Module):
         transformers: generation stops when every row has produced an eos; finished rows are filled with
         pad_token_id. eos_token_id: int or list (default: the config's)."""
         B, S = input_ids.shape
+        # checked before the cache is sized by them (generate_tokens checks them again for every backend)
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        check_context(S, max_new_tokens, self.config.text.max_position_embeddings)
         cache = self.new_cache(B, S + max_new_tokens)
         return generate_tokens(
             lambda: self._last_logits(input_ids, pixel_values, attention_mask, cache),

@@ -14,33 +14,45 @@ from pathlib import Path
 
 import torch
 
+from gmaivl_rt.errors import InputError, ModelError
+from gmaivl_rt.limits import DEFAULT_LIMITS, Limits
+from gmaivl_rt.request import DEFAULT_GENERATION, PreparedRequest, build_request
 from gmaivl_rt.sampling import generate_tokens
 
 BACKENDS = ("torch", "onnx", "tensorrt")
-# GMAI-VL's demo decoding settings, greedy so answers are reproducible.
-DEFAULT_GENERATION = {"max_new_tokens": 128, "repetition_penalty": 1.12, "no_repeat_ngram_size": 5}
+# What a folder's tokenizer is looked for in (transformers' fast tokenizer, or a sentencepiece model + config).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
-def load(path, backend: str = "torch", **kwargs):
-    """path: a model folder (torch) or an exported folder (onnx / tensorrt). kwargs go to the backend:
-    torch: dtype, device; onnx: providers, threads; tensorrt: device."""
+def load(path, backend: str = "torch", *, limits: Limits | None = None, **kwargs):
+    """path: a model folder (torch) or an exported folder (onnx / tensorrt). limits: the request `Limits` of this
+    runtime (default `Limits()`). kwargs go to the backend: torch: dtype, device; onnx: providers, threads;
+    tensorrt: device. A folder with tokenizer files has its tokenizer loaded and checked here (ModelError when it
+    cannot serve); a folder without any serves `generate()` on token ids only."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"load: {str(path)!r} is not a folder")
+    if limits is not None and not isinstance(limits, Limits):
+        raise TypeError(f"load: limits must be a gmaivl_rt.Limits, got {type(limits).__name__}")
     if backend == "torch":
-        return TorchBackend(path, **kwargs)
-    if backend == "onnx":
+        runtime = TorchBackend(path, **kwargs)
+    elif backend == "onnx":
         from gmaivl_rt.export import require
         from gmaivl_rt.export.ort_backend import OnnxBackend
 
         require("onnxruntime")
 
-        return OnnxBackend(path, **kwargs)
-    if backend == "tensorrt":
+        runtime = OnnxBackend(path, **kwargs)
+    elif backend == "tensorrt":
         from gmaivl_rt.export.trt_backend import TensorRTBackend
 
-        return TensorRTBackend(path, **kwargs)
-    raise ValueError(f"load: backend {backend!r} is not one of {', '.join(BACKENDS)}")
+        runtime = TensorRTBackend(path, **kwargs)
+    else:
+        raise ValueError(f"load: backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    runtime.limits = limits or DEFAULT_LIMITS
+    if any((path / name).exists() for name in TOKENIZER_FILES):
+        runtime.tokenizer  # noqa: B018  (fail at load, not at the first request)
+    return runtime
 
 
 class _ChatHelpers:
@@ -48,36 +60,49 @@ class _ChatHelpers:
 
     path: Path
     config = None
+    limits: Limits = DEFAULT_LIMITS
     _tokenizer = None
 
     @property
     def tokenizer(self):
+        """The folder's tokenizer, loaded once and checked against the model; ModelError naming the folder and the
+        files looked for when it is missing, unloadable or does not fit."""
         if self._tokenizer is None:
             from gmaivl_rt.train.tokenizer import check_tokenizer_fits, load_tokenizer
 
-            tokenizer = load_tokenizer(self.path)
-            check_tokenizer_fits(self.config, tokenizer, self.path)
+            looked_for = ", ".join(TOKENIZER_FILES)
+            if not any((self.path / name).exists() for name in TOKENIZER_FILES):
+                raise ModelError(f"{self.path}: no tokenizer (looked for {looked_for}); this folder can run "
+                                 "generate() on token ids but not answer text")
+            try:
+                tokenizer = load_tokenizer(self.path)
+            except Exception as e:  # transformers raises many types for a broken or partial tokenizer
+                raise ModelError(f"{self.path}: the tokenizer cannot be loaded from {looked_for} "
+                                 f"({type(e).__name__}: {' '.join(str(e).split())[:120]})") from None
+            try:
+                check_tokenizer_fits(self.config, tokenizer, self.path)
+            except ValueError as e:
+                raise ModelError(str(e)) from None
             self._tokenizer = tokenizer
         return self._tokenizer
 
-    def prepare(self, messages, images=(), system=None) -> dict:
-        """Chat messages (with one `<image>` per image) and images (PIL or uint8 arrays) -> generate() inputs:
-        input_ids (1, S), attention_mask (1, S), pixel_values (N, 3, S, S) or a list in dynamic mode, or None."""
-        from gmaivl_rt import chat
+    def build_request(self, question=None, image=None, *, messages=None, images=None, system=None, frame=None,
+                      slice_index=None, plane=None, window=None, **generation) -> PreparedRequest:
+        """The checked request (`gmaivl_rt.request.build_request`): a question about `image` (or none), or chat
+        `messages` (str content with `<image>` slots, or OpenAI-style text / image parts) with `images` in slot
+        order. Images: any form `gmaivl_rt.image_input.to_medical_image` takes; frame / slice_index / plane /
+        window reach its reader. generation: options over DEFAULT_GENERATION, validated for every backend alike.
+        Raises InputError / LimitError (bad or oversized request), ModelError (no usable tokenizer)."""
+        return build_request(self, question, image, messages=messages, images=images, system=system, frame=frame,
+                             slice_index=slice_index, plane=plane, window=window, generation=generation,
+                             limits=self.limits)
 
-        vision = self.config.vision
-        if vision.dynamic_resolution:
-            pixels = [chat.preprocess_image_dynamic(im, vision.patch_size, vision.min_pixels, vision.max_pixels)
-                      for im in images]
-        else:
-            pixels = [chat.preprocess_image(im, vision.image_size) for im in images]
-        counts = [vision.tokens_per_image(p.shape[1], p.shape[2]) for p in pixels]
-        text = chat.expand_image_tokens(chat.build_prompt(messages, system=system), counts)
-        ids = torch.tensor([self.tokenizer.encode(text, add_special_tokens=False)], dtype=torch.long)
-        pixel_values = None
-        if pixels:
-            pixel_values = pixels if vision.dynamic_resolution else torch.stack(pixels)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixel_values}
+    def prepare(self, messages, images=(), system=None) -> dict:
+        """Chat messages (with one `<image>` per image) and images (any `to_medical_image` form) -> generate()
+        inputs: input_ids (1, S) int64, attention_mask (1, S), pixel_values (N, 3, S, S) float32, a list in dynamic
+        mode, or None. The same checks as `build_request`, without generation options."""
+        request = build_request(self, messages=messages, images=list(images), system=system, limits=self.limits)
+        return request.generate_inputs()
 
     def decode(self, ids, skip_special_tokens=True) -> list[str]:
         return self.tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens)
@@ -89,25 +114,16 @@ class _ChatHelpers:
 
         return chat_stop_ids(self.tokenizer)
 
-    def ask(self, question: str, image=None, system: str | None = None, **generation) -> str:
-        """Answer one question about one image (or none). image: a path (DICOM, NIfTI, PNG, JPEG, TIFF, BMP, read
-        with `gmaivl_rt.medical_io`), a MedicalImage, a PIL image or a uint8 array. `generation` overrides
-        DEFAULT_GENERATION (GMAI-VL's demo settings, greedy)."""
-        from gmaivl_rt.chat import IMAGE_TOKEN
-        from gmaivl_rt.medical_io import MedicalImage, read_medical_image
-
-        images = []
-        if image is not None:
-            if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
-                image = read_medical_image(image)
-            images = [image.pixels if isinstance(image, MedicalImage) else image]
-            if IMAGE_TOKEN not in question:
-                question = f"{IMAGE_TOKEN}\n{question}"
-        inputs = self.prepare([{"role": "user", "content": question}], images, system=system)
-        options = {**DEFAULT_GENERATION, "eos_token_id": self.eos_token_ids,
-                   "pad_token_id": self.tokenizer.pad_token_id or 0, **generation}
-        out = self.generate(**inputs, **options)
-        return self.decode(out[:, inputs["input_ids"].shape[1]:])[0].strip()
+    def ask(self, question=None, image=None, *, messages=None, images=None, system=None, frame=None,
+            slice_index=None, plane=None, window=None, **generation) -> str:
+        """Answer a question about an image (or none), or the next turn of `messages`: `build_request` (all its
+        checks), then generate and decode. image: a path, bytes, a file object, a pydicom Dataset, a nibabel or
+        PIL image, an array or a MedicalImage. `generation` overrides DEFAULT_GENERATION (GMAI-VL's demo
+        settings, greedy)."""
+        request = self.build_request(question, image, messages=messages, images=images, system=system, frame=frame,
+                                     slice_index=slice_index, plane=plane, window=window, **generation)
+        out = self.generate(**request.generate_inputs(), **request.generation)
+        return self.decode(out[:, request.prompt_tokens:])[0].strip()
 
 
 class TorchBackend(_ChatHelpers):
@@ -276,10 +292,30 @@ def register(subparsers) -> None:
     p.add_argument("--backend", default="torch", choices=BACKENDS)
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_GENERATION["max_new_tokens"])
     p.add_argument("--system", default=None, help="optional system prompt")
+    p.add_argument("--frame", type=int, default=None, help="DICOM / TIFF frame (default 0)")
+    p.add_argument("--slice", type=int, default=None, dest="slice_index",
+                   help="NIfTI slice along --plane (default the middle one)")
+    p.add_argument("--plane", default=None, choices=("axial", "coronal", "sagittal"), help="NIfTI plane")
+    p.add_argument("--window", default=None,
+                   help="intensity window: a CT window name (lung, mediastinum, bone, brain, abdomen), percentile, "
+                        "minmax, or CENTRE,WIDTH")
     p.set_defaults(func=_ask_cli)
+
+
+def _cli_window(text):
+    if text is None or "," not in text:
+        return text
+    try:
+        centre, width = (float(v) for v in text.split(","))
+    except ValueError:
+        raise InputError("--window must be a name or CENTRE,WIDTH (two numbers)") from None
+    return centre, width
 
 
 def _ask_cli(args) -> int:
     backend = load(args.model, backend=args.backend)
-    print(backend.ask(args.question, args.image, system=args.system, max_new_tokens=args.max_new_tokens))
+    backend.tokenizer  # noqa: B018  (a folder without a tokenizer cannot answer: say so before reading the image)
+    print(backend.ask(args.question, args.image, system=args.system, frame=args.frame,
+                      slice_index=args.slice_index, plane=args.plane, window=_cli_window(args.window),
+                      max_new_tokens=args.max_new_tokens))
     return 0

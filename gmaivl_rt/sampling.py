@@ -2,13 +2,20 @@
 repetition penalty, no-repeat n-gram ban, then temperature, top-k and top-p when sampling."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from gmaivl_rt.errors import InputError
+from gmaivl_rt.limits import check_context, check_max_new_tokens, short_repr, type_name
 
 
 @dataclass
 class SamplingParams:
+    """Sampling options, each type- and range-checked here (the one place of these rules): InputError naming the
+    option. Ints are ints (bool refused), floats accept ints; do_sample is a bool."""
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
@@ -17,14 +24,36 @@ class SamplingParams:
     no_repeat_ngram_size: int = 0
 
     def __post_init__(self):
+        if not isinstance(self.do_sample, (bool, np.bool_)):
+            raise InputError(f"do_sample must be a bool, got {type_name(self.do_sample)}")
+        self.do_sample = bool(self.do_sample)
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            setattr(self, name, _number(getattr(self, name), name))
+        for name in ("top_k", "no_repeat_ngram_size"):
+            setattr(self, name, _integer(getattr(self, name), name))
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise InputError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0 or self.no_repeat_ngram_size < 0:
-            raise ValueError("top_k and no_repeat_ngram_size must be >= 0")
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("top_k", "no_repeat_ngram_size"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name} must be an int >= 0, got {getattr(self, name)}")
         if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def _number(value, name: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InputError(f"{name} must be a number, got {type_name(value)} {short_repr(value)}")
+    if not math.isfinite(float(value)):
+        raise InputError(f"{name} must be finite, got {float(value)}")
+    return float(value)
+
+
+def _integer(value, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise InputError(f"{name} must be an int, got {type_name(value)} {short_repr(value)}")
+    return int(value)
 
 
 def apply_repetition_penalty(scores, sequences, penalty):
@@ -88,6 +117,8 @@ def generate_tokens(prefill, step, input_ids, text_config, *, max_new_tokens: in
     filled with pad_token_id (default: the config's pad, else the first eos, else 0).
     Returns (B, S + new) int64: generation stops when every row has produced an eos or after max_new_tokens."""
     params = SamplingParams(do_sample, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size)
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
+    check_context(input_ids.shape[1], max_new_tokens, text_config.max_position_embeddings)
     eos = _as_list(text_config.eos_token_id if eos_token_id is None else eos_token_id)
     pad = pad_token_id if pad_token_id is not None else (text_config.pad_token_id or (eos or [0])[0])
     sequences = input_ids

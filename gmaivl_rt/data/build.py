@@ -23,6 +23,7 @@ or reordered run writes the same records.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import io
@@ -32,11 +33,11 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from gmaivl_rt.atomic import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
+from gmaivl_rt.atomic import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from gmaivl_rt.data import templates as T
 from gmaivl_rt.data.deid import find_phi, phi_values_of_file, safe_stem, safe_token, scrub
 from gmaivl_rt.data.manifest import (TASK_CODES, DatasetSpec, ManifestError, load_manifest, missing_columns,
@@ -384,18 +385,21 @@ def _item_key(spec: DatasetSpec, row: dict, seed: int, rewriter_id: str) -> str:
 def build_dataset(out_dir: str | os.PathLike, *, manifest: str | os.PathLike | None = None,
                   input_dir: str | os.PathLike | None = None, demo: bool = False,
                   datasets: list[DatasetSpec] | None = None, rewriter=None, seed: int = 0,
-                  progress: bool | None = None) -> dict:
+                  progress: bool | None = None, workers: int | None = None,
+                  shard: tuple[int, int] | None = None) -> dict:
     """Convert source datasets into GMAI-VL-format training data under `out_dir` (layout in the module doc).
 
     Exactly one source: `manifest` (YAML/JSON file, see gmaivl_rt.data.manifest), `input_dir` (unlabelled
     images -> captions), `demo=True` (pydicom's and nibabel's test files) or `datasets` (DatasetSpec list).
     rewriter: None (templates only), a callable fn(text, context) -> str, 'module:function', or an http(s) URL
     of an OpenAI-compatible server. seed: template choice. progress: tqdm bar (default: when stderr is a tty).
-    Returns the summary dict also written to OUT/summary.json. Items already converted by an earlier run with
-    the same settings are reused (resume).
+    workers: processes converting items (None: every core); the output is byte-identical whatever the count.
+    shard: (index, count) converts only that deterministic 1/count of the items (by a stable key of each item),
+    to be joined by `merge_shards`.
+    Returns the summary (also written to OUT/summary.json) with this run's figures (OUT/build_run.json: seconds,
+    new PNG files, resumed items, workers) added. Items already converted by an earlier run with the same settings
+    are reused (resume).
     """
-    from gmaivl_rt.data.summary import make_summary, plot_summary
-
     sources = [manifest is not None, input_dir is not None, bool(demo), datasets is not None]
     if sum(sources) != 1:
         raise ValueError("give exactly one of manifest=, input_dir=, demo=True, datasets=")
@@ -414,30 +418,71 @@ def build_dataset(out_dir: str | os.PathLike, *, manifest: str | os.PathLike | N
             load_rewriter(rewriter)
     rewriter_id = "" if rewriter is None else getattr(rewriter, "identity", None) or \
         f"{getattr(rewriter, '__module__', '')}:{getattr(rewriter, '__qualname__', repr(type(rewriter)))}"
+    workers = default_workers() if workers is None else int(workers)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if shard is not None:
+        index, count = shard
+        if not (isinstance(index, int) and isinstance(count, int) and count >= 1 and 0 <= index < count):
+            raise ValueError(f"shard {index}/{count}: the index must be in 0..count-1 and count >= 1")
 
     out_dir = os.fspath(out_dir)
+    with _build_log(out_dir):
+        started = time.perf_counter()
+        plan, plan_errors = _plan(specs)
+        fingerprint = _build_fingerprint(specs, plan, seed, rewriter_id)
+        items = [(s, r) for s, (_, rows) in enumerate(plan) for r in range(len(rows))]
+        if shard is not None:
+            items = [(s, r) for s, r in items if _shard_of(plan[s][0], plan[s][1][r], shard[1]) == shard[0]]
+        logger.info("converting %d items from %d dataset(s) with %d worker(s)%s", len(items), len(specs), workers,
+                    f", shard {shard[0]}/{shard[1]}" if shard else "")
+        converter = _Converter(ImageStore(os.path.join(out_dir, "images")), seed, rewriter)
+        outcomes, run = _convert_items(out_dir, plan, items, converter, rewriter_id, workers, progress)
+        if shard is not None:
+            atomic_write_json(os.path.join(out_dir, SHARD_FILE), {
+                "version": _WORK_VERSION, "build": fingerprint, "shard": list(shard),
+                "specs": [asdict(spec) for spec in specs], "plan_errors": plan_errors,
+                "items": [[s, r, outcome] for (s, r), outcome in zip(items, outcomes)]})
+        summary = _write_outputs(out_dir, specs, plan, plan_errors, items, outcomes)
+        run.update(seconds=round(time.perf_counter() - started, 3), workers=workers)
+        run["images_per_second"] = round(summary["images_converted"] / run["seconds"], 2) if run["seconds"] else None
+        atomic_write_json(os.path.join(out_dir, RUN_FILE), run)
+        logger.info("wrote %d records (%d images converted, %d new PNGs), %d items skipped with errors, %.1f s",
+                    summary["records"], summary["images_converted"], run["new_png_files"], summary["errors"],
+                    run["seconds"])
+        return {**summary, **run}
+
+
+SHARD_FILE = "shard.json"
+RUN_FILE = "build_run.json"
+
+
+def default_workers() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def _build_log(out_dir: str):
     os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
-    log_handler = logging.FileHandler(os.path.join(out_dir, "build.log"), encoding="utf-8")
-    log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger.addHandler(log_handler)
+    handler = logging.FileHandler(os.path.join(out_dir, "build.log"), encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)
     try:
-        return _build(out_dir, specs, rewriter, rewriter_id, seed, progress, make_summary, plot_summary)
+        yield
     finally:
-        logger.removeHandler(log_handler)
-        log_handler.close()
+        logger.removeHandler(handler)
+        handler.close()
 
 
-def _build(out_dir, specs, rewriter, rewriter_id, seed, progress, make_summary, plot_summary) -> dict:
-    from tqdm import tqdm
-
-    started = time.perf_counter()
-    store = ImageStore(os.path.join(out_dir, "images"))
-    converter = _Converter(store, seed, rewriter)
-    work_root = os.path.join(out_dir, ".work")
-    plan = []
-    errors: list[dict] = []
+def _plan(specs) -> tuple[list[tuple[DatasetSpec, list[dict]]], list[dict]]:
+    """Every dataset's items in order, and one error per dataset whose annotations cannot be read."""
+    plan, errors = [], []
     for spec in specs:
         try:
             rows = _items(spec)
@@ -446,56 +491,181 @@ def _build(out_dir, specs, rewriter, rewriter_id, seed, progress, make_summary, 
                            "kind": "annotation", "reason": str(e)})
             rows = []
         plan.append((spec, rows))
-    total = sum(len(rows) for _, rows in plan)
-    logger.info("converting %d items from %d dataset(s)", total, len(specs))
+    return plan, errors
+
+
+def _stable_item_key(spec: DatasetSpec, row: dict) -> str:
+    """What an item is, independent of where the files live and of listing order (shard assignment)."""
+    return hashlib.sha256(json.dumps([spec.name, row], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _shard_of(spec: DatasetSpec, row: dict, count: int) -> int:
+    return int(_stable_item_key(spec, row)[:15], 16) % count
+
+
+def _build_fingerprint(specs, plan, seed: int, rewriter_id: str) -> str:
+    """Identifies one build (settings and items): shards of different builds must not be merged."""
+    blob = json.dumps({"specs": [spec.fingerprint() for spec in specs], "seed": seed, "rewriter": rewriter_id,
+                       "items": [_stable_item_key(spec, row) for spec, rows in plan for row in rows]},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# Per-process state of the conversion pool (set once per worker by `_init_worker`).
+_WORKER: dict = {}
+
+
+def _init_worker(out_dir, plan, converter, rewriter_id):
+    _WORKER.update(out_dir=out_dir, plan=plan, converter=converter, rewriter_id=rewriter_id)
+
+
+def _convert_one(item: tuple[int, int]) -> tuple[dict | str, dict]:
+    """Convert (or resume) one item. Returns (outcome, counts): outcome is the item's work-file key (its records are
+    in OUT/.work/<dataset>/<key>.json) or the error record; counts says what this call did."""
+    spec_index, row_index = item
+    spec, rows = _WORKER["plan"][spec_index]
+    row, converter = rows[row_index], _WORKER["converter"]
+    key = _item_key(spec, row, converter.seed, _WORKER["rewriter_id"])
+    work_file = os.path.join(_WORKER["out_dir"], ".work", spec.name, f"{key}.json")
+    if _load_work(work_file, converter.store.root) is not None:
+        return key, {"resumed": 1, "new_png_files": 0}
+    written_before = converter.store.written
+    try:
+        try:
+            result = converter.convert(spec, row)
+        except (KeyError, ValueError, TypeError, OSError) as e:  # malformed row or file system
+            raise ItemError("error", safe_reason(e)) from None
+    except ItemError as e:
+        error = {"dataset": spec.name, "source": scrub(str(row.get("image", "")), converter.phi),
+                 "kind": e.kind, "reason": scrub(e.reason, converter.phi)}
+        logger.warning("skipped %s item %s: %s", spec.name, error["source"], error["reason"])
+        return error, {"resumed": 0, "new_png_files": converter.store.written - written_before}
+    atomic_write_json(work_file, {"records": result.records, "tags": result.tags, "images": result.images,
+                                  "empty_slices_skipped": result.empty_slices_skipped,
+                                  "rewrite_failures": result.rewrite_failures}, indent=None)
+    return key, {"resumed": 0, "new_png_files": converter.store.written - written_before}
+
+
+def _convert_items(out_dir, plan, items, converter, rewriter_id, workers, progress) -> tuple[list, dict]:
+    """Convert `items` [(spec index, row index)] in a pool of `workers` processes (in this process for 1).
+    Returns the outcomes in item order and the run's counts."""
+    from tqdm import tqdm
+
     if progress is None:
         progress = sys.stderr.isatty()
-    bar = tqdm(total=total, unit="item", desc="data build", disable=not progress)
-    meta, tags, counters = {}, [], {"images": 0, "empty_slices_skipped": 0, "rewrite_failures": 0, "resumed": 0}
-    for spec, rows in plan:
-        records = []
-        for row in rows:
-            key = _item_key(spec, row, seed, rewriter_id)
-            work_file = os.path.join(work_root, spec.name, f"{key}.json")
-            result = _load_work(work_file, store.root)
-            if result is not None:
-                counters["resumed"] += 1
-            else:
-                try:
-                    try:
-                        result = converter.convert(spec, row)
-                    except (KeyError, ValueError, TypeError, OSError) as e:  # malformed row or file system
-                        raise ItemError("error", safe_reason(e)) from None
-                except ItemError as e:
-                    errors.append({"dataset": spec.name, "source": scrub(str(row.get("image", "")), converter.phi),
-                                   "kind": e.kind, "reason": scrub(e.reason, converter.phi)})
-                    logger.warning("skipped %s item %s: %s", spec.name, errors[-1]["source"], errors[-1]["reason"])
-                    bar.update(1)
-                    continue
-                atomic_write_json(work_file, {"records": result.records, "tags": result.tags,
-                                              "images": result.images,
-                                              "empty_slices_skipped": result.empty_slices_skipped,
-                                              "rewrite_failures": result.rewrite_failures}, indent=None)
-            records += result.records
-            tags += result.tags
-            counters["images"] += result.images
-            counters["empty_slices_skipped"] += result.empty_slices_skipped
-            counters["rewrite_failures"] += result.rewrite_failures
+    bar = tqdm(total=len(items), unit="item", desc="data build", disable=not progress)
+    run = {"new_png_files": 0, "items_resumed": 0}
+    outcomes = []
+
+    def collect(results):
+        for outcome, counts in results:
+            outcomes.append(outcome)
+            run["new_png_files"] += counts["new_png_files"]
+            run["items_resumed"] += counts["resumed"]
             bar.update(1)
+
+    workers = min(workers, max(1, len(items)))
+    try:
+        if workers == 1:
+            _init_worker(out_dir, plan, converter, rewriter_id)
+            collect(map(_convert_one, items))
+        else:
+            import concurrent.futures
+            import multiprocessing
+
+            # fork shares the plan and the rewriter (which may not pickle) with the workers as they are.
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            with concurrent.futures.ProcessPoolExecutor(
+                    workers, mp_context=multiprocessing.get_context(method), initializer=_init_worker,
+                    initargs=(out_dir, plan, converter, rewriter_id)) as pool:
+                collect(pool.map(_convert_one, items, chunksize=max(1, min(16, len(items) // (8 * workers)))))
+    finally:
+        bar.close()
+        _WORKER.clear()
+    return outcomes, run
+
+
+def _write_outputs(out_dir, specs, plan, plan_errors, items, outcomes) -> dict:
+    """Annotations, meta, errors and summary from the items' outcomes (in item order); written the same way for a
+    build, a shard and a merge, so a merge of shards equals the unsharded build byte for byte."""
+    from gmaivl_rt.data.summary import make_summary, plot_summary
+
+    work_root = os.path.join(out_dir, ".work")
+    errors = list(plan_errors)
+    per_spec: dict[int, list] = {}
+    tags, counters = [], {"images": 0, "empty_slices_skipped": 0, "rewrite_failures": 0}
+    for (spec_index, _), outcome in zip(items, outcomes):
+        if isinstance(outcome, dict):
+            errors.append(outcome)
+            continue
+        with open(os.path.join(work_root, plan[spec_index][0].name, f"{outcome}.json"), encoding="utf-8") as f:
+            result = json.load(f)
+        per_spec.setdefault(spec_index, []).extend(result["records"])
+        tags += result["tags"]
+        for key in counters:
+            counters[key] += result.get(key, 0)
+    meta = {}
+    for spec_index, (spec, _) in enumerate(plan):
+        records = per_spec.get(spec_index, [])
         annotations = f"annotations/{spec.name}.jsonl"
         atomic_write_jsonl(os.path.join(out_dir, annotations), records)
         if records:
             meta[spec.name] = {"image_dir": "images", "annotations": annotations, "sample_ratio": spec.sample_ratio,
                                "length": len(records), "data_augment": bool(spec.data_augment)}
-    bar.close()
-    seconds = time.perf_counter() - started
     atomic_write_jsonl(os.path.join(out_dir, "errors.jsonl"), errors)
     atomic_write_json(os.path.join(out_dir, "meta.json"), meta)
-    summary = make_summary(tags, errors, specs, counters, seconds, store.written)
+    summary = make_summary(tags, errors, specs, counters)
     atomic_write_json(os.path.join(out_dir, "summary.json"), summary)
     plot_summary(summary, os.path.join(out_dir, "summary.png"))
-    logger.info("wrote %d records (%d images converted, %d new PNGs), %d items skipped with errors, %.1f s",
-                summary["records"], counters["images"], store.written, len(errors), seconds)
+    return summary
+
+
+def merge_shards(shard_dirs, out_dir: str | os.PathLike) -> dict:
+    """Join the outputs of `build_dataset(..., shard=(i, n))` for every i into one dataset under `out_dir`, identical
+    to the unsharded build (same annotations in the same order, images stored once, errors and summary merged).
+    Refuses shards of different builds (manifest, settings, seed), missing or repeated shard indices."""
+    out_dir = os.fspath(out_dir)
+    shards = []
+    for d in shard_dirs:
+        path = os.path.join(os.fspath(d), SHARD_FILE)
+        try:
+            with open(path, encoding="utf-8") as f:
+                shards.append((os.fspath(d), json.load(f)))
+        except (OSError, ValueError):
+            raise ManifestError(f"{d}: not a shard output (no readable {SHARD_FILE}; build it with --shard I/N)") \
+                from None
+    if not shards:
+        raise ManifestError("merge: no shard folders given")
+    first = shards[0][1]
+    for d, info in shards[1:]:
+        if info["build"] != first["build"]:
+            raise ManifestError(f"{d}: a shard of a different build (other manifest, settings or seed) than "
+                                f"{shards[0][0]}")
+    count = first["shard"][1]
+    seen = sorted(info["shard"][0] for _, info in shards)
+    if any(info["shard"][1] != count for _, info in shards) or seen != list(range(count)):
+        raise ManifestError(f"merge: need shards 0..{count - 1} of {count} exactly once each, got {seen}")
+    specs = [DatasetSpec(**s) for s in first["specs"]]
+    plan = [(spec, None) for spec in specs]
+    entries = sorted(((s, r, outcome, d) for d, info in shards for s, r, outcome in info["items"]),
+                     key=lambda e: (e[0], e[1]))
+    with _build_log(out_dir):
+        for s, _, outcome, d in entries:  # bring each item's work file and images into the merged folder
+            if isinstance(outcome, dict):
+                continue
+            rel = os.path.join(".work", specs[s].name, f"{outcome}.json")
+            with open(os.path.join(d, rel), encoding="utf-8") as f:
+                data = f.read()
+            for record in json.loads(data)["records"]:
+                target = os.path.join(out_dir, "images", record["image"])
+                if not os.path.exists(target):
+                    with open(os.path.join(d, "images", record["image"]), "rb") as f:
+                        atomic_write_bytes(target, f.read())
+            atomic_write_text(os.path.join(out_dir, rel), data)
+        summary = _write_outputs(out_dir, specs, plan, first["plan_errors"], [(s, r) for s, r, _, _ in entries],
+                                 [e[2] for e in entries])
+        logger.info("merged %d shards: %d records, %d items skipped with errors", count, summary["records"],
+                    summary["errors"])
     return summary
 
 

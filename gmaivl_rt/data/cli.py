@@ -22,8 +22,34 @@ def register(subparsers) -> None:
     hook.add_argument("--rewriter-url", help="optional OpenAI-compatible server (POST /v1/chat/completions)")
     build.add_argument("--rewriter-model", default="default", help="model name sent to --rewriter-url")
     build.add_argument("--seed", type=int, default=0, help="seed of the template choices")
+    build.add_argument("--workers", type=int, default=None,
+                       help="processes converting items (default: every core; 1 = in this process); the output is "
+                            "byte-identical whatever the count")
+    build.add_argument("--shard", type=_shard_spec, default=None, metavar="I/N",
+                       help="convert only shard I of N (0-based, a stable 1/N of the items) into OUT; join the N "
+                            "shard folders with `gmaivl-rt data merge`")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.set_defaults(func=_build)
+    merge = data_sub.add_parser(
+        "merge", help="join the shard folders of one `data build --shard I/N` run into one dataset",
+        description="Merge shard outputs into OUT, identical to the unsharded build (annotations in the same order, "
+                    "images stored once, errors and summary merged). Shards of different builds are refused.")
+    merge.add_argument("shards", nargs="+", help="the shard output folders (all N of them)")
+    merge.add_argument("--out", required=True, help="output folder")
+    merge.set_defaults(func=_merge)
+
+
+def _shard_spec(text: str) -> tuple[int, int]:
+    import argparse
+
+    index, sep, count = text.partition("/")
+    try:
+        index, count = int(index), int(count)
+    except ValueError:
+        index = count = None
+    if not sep or index is None or count < 1 or not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N with 0 <= I < N (e.g. 0/4)")
+    return index, count
 
 
 def _build(args) -> int:
@@ -36,8 +62,19 @@ def _build(args) -> int:
     elif args.rewriter_url:
         rewriter = openai_rewriter(args.rewriter_url, model=args.rewriter_model)
     summary = build_dataset(args.out, manifest=args.manifest, input_dir=args.input, demo=args.demo,
-                            rewriter=rewriter, seed=args.seed, progress=False if args.no_progress else None)
+                            rewriter=rewriter, seed=args.seed, progress=False if args.no_progress else None,
+                            workers=args.workers, shard=args.shard)
     keys = ("records", "images_converted", "errors", "empty_slices_skipped", "by_modality", "by_task",
             "images_per_second")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
+    return 0
+
+
+def _merge(args) -> int:
+    from gmaivl_rt.data.build import merge_shards
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    summary = merge_shards(args.shards, args.out)
+    print(json.dumps({k: summary[k] for k in ("records", "images_converted", "errors", "by_modality", "by_task")},
+                     indent=2))
     return 0

@@ -10,9 +10,9 @@ TASK_NAMES = {"cls": "classification", "seg": "segmentation", "det": "detection"
               "cap": "caption"}
 
 
-def make_summary(tags: list[dict], errors: list[dict], specs, counters: dict, seconds: float,
-                 new_pngs: int) -> dict:
-    """tags: one dict per written record (dataset, modality, task, kind, department, dim). Returns the summary."""
+def make_summary(tags: list[dict], errors: list[dict], specs, counters: dict) -> dict:
+    """tags: one dict per written record (dataset, modality, task, kind, department, dim). Returns the summary:
+    what the dataset holds, nothing about the run that made it (so every way of building it writes the same file)."""
     def count(key):
         return dict(Counter(t[key] for t in tags).most_common())
 
@@ -20,8 +20,6 @@ def make_summary(tags: list[dict], errors: list[dict], specs, counters: dict, se
     return {
         "records": len(tags),
         "images_converted": counters["images"],
-        "new_png_files": new_pngs,
-        "items_resumed": counters["resumed"],
         "errors": len(errors),
         "errors_by_kind": dict(Counter(e["kind"] for e in errors).most_common()),
         "errors_by_dataset": dict(Counter(e["dataset"] for e in errors).most_common()),
@@ -33,8 +31,6 @@ def make_summary(tags: list[dict], errors: list[dict], specs, counters: dict, se
         "by_department": count("department"),
         "by_dimension": count("dim"),
         "by_dataset": {spec.name: per_dataset.get(spec.name, 0) for spec in specs},
-        "seconds": round(seconds, 3),
-        "images_per_second": round(counters["images"] / seconds, 2) if seconds > 0 else None,
     }
 
 

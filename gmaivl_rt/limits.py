@@ -1,0 +1,139 @@
+"""What one request may ask of a runtime, and the one check of its generation options.
+
+`Limits` holds the configurable ceilings (pixels, bytes, images, characters, new tokens); a runtime takes one
+(`gmaivl_rt.load(path, limits=Limits(...))`), the default is `Limits()`. `check_generation` is the single
+validation of generation options, used by `build_request` on every backend (torch, onnx, tensorrt), by the
+serving engine and by the HTTP server; the decoding loop (`gmaivl_rt.sampling.generate_tokens`) repeats only its
+two structural rules (`check_max_new_tokens`, `check_context`) so a direct `generate()` call cannot overrun a cache.
+Errors are `InputError` / `LimitError` naming the option by its role and never echoing more than a short value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from gmaivl_rt.errors import InputError, LimitError
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Ceilings for one request. Every field is checked before the expensive work it guards.
+
+    max_image_pixels:   pixels of one decoded 2D picture (frame / slice), read from the header before decoding
+                        (well under Pillow's own decompression-bomb threshold of ~89 MP).
+    max_volume_voxels:  voxels of a NIfTI volume loaded to take a slice from (2^28 = 1 GiB as float32).
+    max_image_bytes:    encoded bytes of one image (file size, raw bytes, file object).
+    max_images_per_request: images in one request.
+    max_text_chars:     characters of the question, of the system prompt and of each message (or text part).
+    max_messages:       chat turns in one request.
+    max_new_tokens:     the most tokens one request may generate (the model's context is checked as well).
+    """
+
+    max_image_pixels: int = 50_000_000
+    max_volume_voxels: int = 1 << 28
+    max_image_bytes: int = 512 << 20
+    max_images_per_request: int = 8
+    max_text_chars: int = 16_000
+    max_messages: int = 64
+    max_new_tokens: int = 4096
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"Limits.{f.name} must be an int >= 1, got {short_repr(value)}")
+
+
+DEFAULT_LIMITS = Limits()
+
+# Every option `check_generation` accepts; the sampling ones are validated by `SamplingParams`.
+SAMPLING_OPTIONS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size")
+GENERATION_OPTIONS = ("max_new_tokens", *SAMPLING_OPTIONS, "eos_token_id", "pad_token_id", "generator")
+
+
+def short_repr(value, chars: int = 24) -> str:
+    """A value as an error may quote it: its repr cut to a short prefix (never a whole input)."""
+    text = repr(value)
+    return text if len(text) <= chars else f"{text[:chars]}... ({len(text)} chars)"
+
+
+def type_name(value) -> str:
+    return type(value).__name__
+
+
+def check_max_new_tokens(value, role: str = "max_new_tokens") -> int:
+    """An int >= 1 (bool, float and str refused: 1.5 or "8" would silently mean something else)."""
+    import numpy as np
+
+    if isinstance(value, np.integer):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{role} must be an int >= 1, got {type_name(value)} {short_repr(value)}")
+    if value < 1:
+        raise InputError(f"{role} must be an int >= 1, got {value}")
+    return value
+
+
+def check_context(prompt_tokens: int, max_new_tokens: int, context: int | None) -> None:
+    """prompt + new tokens must fit the model's context (max_position_embeddings)."""
+    if context is not None and prompt_tokens + max_new_tokens > context:
+        raise LimitError(f"prompt of {prompt_tokens} tokens + max_new_tokens {max_new_tokens} = "
+                         f"{prompt_tokens + max_new_tokens} exceeds the model's context of {context} tokens")
+
+
+def check_text(text, role: str, limits: Limits | None = None, *, allow_empty: bool = True) -> str:
+    """A str within limits.max_text_chars; the error quotes nothing of the text but its length."""
+    limits = limits or DEFAULT_LIMITS
+    if not isinstance(text, str):
+        raise InputError(f"{role} must be a str, got {type_name(text)}")
+    if len(text) > limits.max_text_chars:
+        raise LimitError(f"{role} has {len(text)} characters; the limit is {limits.max_text_chars}")
+    if not allow_empty and not text.strip():
+        raise InputError(f"{role} is empty")
+    return text
+
+
+def _check_token_ids(value, role: str):
+    if value is None:
+        return None
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+            raise InputError(f"{role} must be a token id (int >= 0) or a list of them, got {short_repr(value)}")
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def check_generation(options: dict, *, prompt_tokens: int | None, context: int | None,
+                     limits: Limits | None = None) -> dict:
+    """Validate generation options once for every backend; returns a new dict ready for `generate(**...)`.
+
+    options: any of GENERATION_OPTIONS (unknown names are refused). max_new_tokens: int >= 1 and at most
+    limits.max_new_tokens; prompt_tokens + max_new_tokens <= context (the model's max_position_embeddings; None
+    skips it). Sampling options are typed and range-checked by `gmaivl_rt.sampling.SamplingParams`.
+    Raises InputError (bad type or value) or LimitError (over a limit or the context)."""
+    from gmaivl_rt.sampling import SamplingParams
+
+    limits = limits or DEFAULT_LIMITS
+    if not isinstance(options, dict):
+        raise InputError(f"generation options must be a dict, got {type_name(options)}")
+    unknown = [k for k in options if k not in GENERATION_OPTIONS]
+    if unknown:
+        raise InputError(f"unknown generation option {short_repr(str(unknown[0]))}; known: {', '.join(GENERATION_OPTIONS)}")
+    out = dict(options)
+    if "max_new_tokens" not in out:
+        raise InputError("max_new_tokens is required")
+    out["max_new_tokens"] = check_max_new_tokens(out["max_new_tokens"])
+    if out["max_new_tokens"] > limits.max_new_tokens:
+        raise LimitError(f"max_new_tokens {out['max_new_tokens']} is over the limit of {limits.max_new_tokens}")
+    sampling = SamplingParams(**{k: out[k] for k in SAMPLING_OPTIONS if k in out})
+    out.update({k: getattr(sampling, k) for k in SAMPLING_OPTIONS if k in out})
+    for key in ("eos_token_id", "pad_token_id"):
+        if key in out:
+            out[key] = _check_token_ids(out[key], key)
+    if out.get("generator") is not None:
+        import torch
+
+        if not isinstance(out["generator"], torch.Generator):
+            raise InputError(f"generator must be a torch.Generator, got {type_name(out['generator'])}")
+    if prompt_tokens is not None:
+        check_context(int(prompt_tokens), out["max_new_tokens"], context)
+    return out
