@@ -48,8 +48,8 @@ class Sizes:
     throughput_reps: int
 
 
-SMOKE = Sizes(device="cpu", dtype=torch.float32, tolerance=1e-4, attn=((9,), 2, 1, 16), causal=(True,), gemm=(9, 32, 24), image=28,
-              loss_head=(12, 16, 40), long_attention=(40, 2, 1, 16), norm=(5, 48), decode_cache=40,
+SMOKE = Sizes(device="cpu", dtype=torch.float32, tolerance=1e-4, attn=((9,), 2, 1, 16), causal=(True,),
+              gemm=(9, 32, 24), image=28, loss_head=(12, 16, 40), long_attention=(40, 2, 1, 16), norm=(5, 48), decode_cache=40,
               presets=(("tiny", "tiny", {}),), throughput_reps=1)
 FULL = Sizes(device="cuda", dtype=torch.bfloat16, tolerance=6e-2, attn=((1, 17, 127, 300, 1000), 32, 8, 128),
              causal=(False, True),
@@ -235,7 +235,8 @@ def check_determinism(rec: Recorder, sz: Sizes) -> None:
     qkv = [torch.randn(int(cu[-1]), h, d, device=sz.device).to(sz.dtype) for h in (hq, hkv, hkv)]
     n, h, v = sz.loss_head
     n, v = min(n, 1024), min(v, 32000)
-    hw = [torch.randn(n, h, device=sz.device).to(sz.dtype), (torch.randn(v, h, device=sz.device) / h ** 0.5).to(sz.dtype)]
+    hw = [torch.randn(n, h, device=sz.device).to(sz.dtype),
+          (torch.randn(v, h, device=sz.device) / h ** 0.5).to(sz.dtype)]
     labels = torch.randint(0, v, (n,), device=sz.device)
     cases = {"attention": (lambda q, k, v: attention(q, k, v, causal=True, cu_seqlens=cu), qkv),
              "fused_linear_cross_entropy": (lambda h, w: fused_linear_cross_entropy(h, w, labels)[None], hw)}

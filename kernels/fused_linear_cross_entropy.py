@@ -79,8 +79,9 @@ def _cross_entropy_chunk_kernel(
 
 # ----------------------------------------------------------------------------------------------------------------
 # The per-chunk step, two ways. Both fill loss_rows (fp32, per token), grad_hidden rows (or skip when None) and
-# write (first chunk) or add into grad_weight (skip when None). `logits` is the reusable (rows, V) fp32 buffer; it receives the
-# unscaled softmax - onehot, and `scale` (the reduction's 1/n_valid) is applied in fp32 after each gradient GEMM.
+# write (first chunk) or add into grad_weight (skip when None). `logits` is the reusable (rows, V) fp32 buffer; it
+# receives the unscaled softmax - onehot, and `scale` (the reduction's 1/n_valid) is applied in fp32 after each
+# gradient GEMM.
 # ----------------------------------------------------------------------------------------------------------------
 def _chunk_step_triton(h, weight, labels, logits, scale, ignore_index, loss_rows, grad_hidden, grad_weight,
                        accumulate):
