@@ -4,8 +4,8 @@
 - `auto`: CUDA tensors take Triton, CPU tensors the reference; on CUDA, the GEMM-bearing ops (attention, decode,
   projector GEMMs, fused loss, patch embedding) take the reference for fp32 inputs, and attention/decode for head
   dims outside `SUPPORTED_HEAD_DIMS` (see `reference_reason`).
-- `triton`: always Triton. CPU tensors then need `TRITON_INTERPRET=1` (the interpreter runs kernels on CPU); an
-  unsupported head dim is refused with a clear error.
+- `triton`: always Triton. CPU tensors then need `TRITON_INTERPRET=1` (the interpreter runs kernels on CPU); a
+  head dim over 128 is refused with a clear error.
 - `torch`: always the reference.
 
 fp32 policy: our GEMM tiles are sized for 16-bit operands. In fp32 they spill (attention at head dim 128 spills
@@ -57,12 +57,12 @@ def kernel_mode() -> str:
 # Head dims the attention and decode kernels support: every config compiles spill-free at these (kernels report).
 # 256 does not (every forward and dk/dv config spills on sm_80, dq needs 256 KB shared memory on sm_90).
 MAX_HEAD_DIM = 128
-SUPPORTED_HEAD_DIMS = "multiples of 8 up to 128"
+SUPPORTED_HEAD_DIMS = "up to 128; multiples of 8 load fastest"
 
 
 def unsupported_head_dim(head_dim: int) -> str | None:
     """Why the Triton attention kernels do not take `head_dim`, or None when they do."""
-    if head_dim > MAX_HEAD_DIM or head_dim % 8:
+    if not 0 < head_dim <= MAX_HEAD_DIM:
         return f"head_dim {head_dim} is not supported by the Triton attention kernels ({SUPPORTED_HEAD_DIMS})"
     return None
 

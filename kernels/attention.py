@@ -25,8 +25,8 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, max
     softmax_scale: defaults to D ** -0.5.
     cu_seqlens: int32 (n + 1,) sequence boundaries into T (block-diagonal attention; empty sequences allowed).
     max_seqlen: the longest sequence in cu_seqlens, sizing the Triton grid; computed (a device sync) when None.
-    The Triton path (FlashAttention-2, differentiable) supports head dims that are multiples of 8 up to 128; others
-    take the reference under GMAIVL_KERNELS=auto and are refused under GMAIVL_KERNELS=triton.
+    The Triton path (FlashAttention-2, differentiable) supports head dims up to 128 (multiples of 8 load fastest);
+    larger ones take the reference under GMAIVL_KERNELS=auto and are refused under GMAIVL_KERNELS=triton.
     """
     _check_shapes(q, k, v, cu_seqlens)
     if use_triton(q, k, v, gemm=True, head_dim=q.shape[-1]):
