@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench report gpu-check
+.PHONY: setup demo test bench report fuzz gpu-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/gmaivl-rt demo --out runs/demo
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q -ra
 
 bench: setup
@@ -30,3 +30,16 @@ report: setup
 GPU_CHECK_BUDGET ?= 420
 gpu-check: setup
 	$(BIN)/python -m gmaivl_rt.gpu_check --out runs/gpu_check --budget $(GPU_CHECK_BUDGET)
+
+# A longer fuzz of the image readers than CI's 200 examples per format, with shrinking; findings are saved under
+# the pytest tmp folder's work/findings/ (keep them in tests/fuzz_regressions/ once fixed). FUZZ_EXAMPLES to size it.
+fuzz: setup
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-5000} FUZZ_SHRINK=1 FUZZ_RANDOM=1 $(BIN)/python -m pytest tests/test_fuzz_readers.py -q -s
+
+# The server's browser test drives Debian's chromium + chromedriver. Installed once, only where they are missing
+# and we are root on an apt machine (CI); elsewhere the test skips and says why.
+.PHONY: browser
+browser:
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver) \
+		|| echo "chromium could not be installed: the browser test will skip"; fi

@@ -1,12 +1,13 @@
 """gmaivl-rt: a Triton-kernel-optimized runtime and trainer for GMAI-VL-style medical vision-language models."""
 from gmaivl_rt.config import GMAIVLConfig, TextConfig, VisionConfig
+from gmaivl_rt.engine import Engine
 from gmaivl_rt.errors import GmaivlError, InputError, LimitError, ModelError
 from gmaivl_rt.limits import Limits, check_generation
 from gmaivl_rt.model import GMAIVL, GMAIVLOutput, KVCache
 
 __version__ = "0.1.0"
-__all__ = ["GMAIVL", "GMAIVLConfig", "GMAIVLOutput", "GmaivlError", "InputError", "KVCache", "LimitError", "Limits",
-           "ModelError", "PreparedRequest", "TextConfig", "VisionConfig", "check_generation", "load",
+__all__ = ["Engine", "GMAIVL", "GMAIVLConfig", "GMAIVLOutput", "GmaivlError", "InputError", "KVCache", "LimitError",
+           "Limits", "ModelError", "PreparedRequest", "TextConfig", "VisionConfig", "check_generation", "load",
            "to_medical_image"]
 
 

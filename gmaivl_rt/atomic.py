@@ -5,13 +5,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
 
+# The temporary name atomic_path writes to: '.<target name>.<8 random characters from mkstemp>.tmp'.
+PARTIAL_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temporary path in the target's folder; on success it replaces `path`, on error it is removed."""
+def atomic_path(path: str | Path, exclusive: bool = False):
+    """Yield a temporary path in the target's folder; on success it replaces `path`, on error it is removed.
+    A process killed in between leaves the temporary file (named as PARTIAL_FILE matches) behind.
+    exclusive: never replace an existing `path` (FileExistsError instead), for writers racing to create one file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -21,7 +28,11 @@ def atomic_path(path: str | Path):
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual mode of a new file
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)  # atomic, and fails where another writer created `path` first
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -40,6 +51,21 @@ def staged_files(out_dir: str | Path, prefix: str = ".staging-"):
             os.replace(item, out_dir / item.name)
 
 
+def remove_partial_files(folder: str | Path, recursive: bool = True) -> int:
+    """Delete the temporary files `atomic_path` left in `folder` (and below when `recursive`) by a killed writer:
+    only those whose name matches PARTIAL_FILE. Returns how many were removed."""
+    removed = 0
+    for dirpath, dirnames, filenames in os.walk(folder):
+        if not recursive:
+            dirnames.clear()
+        for name in filenames:
+            if PARTIAL_FILE.fullmatch(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(dirpath, name))
+                    removed += 1
+    return removed
+
+
 def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -52,6 +78,17 @@ _UMASK = _read_umask()  # read once at import: os.umask can only be read by sett
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(data)
+
+
+def atomic_create_bytes(path: str | Path, data: bytes) -> bool:
+    """Write `data` to `path` atomically unless `path` exists; True only for the call that created it (so parallel
+    writers of the same content-addressed file count it once)."""
+    try:
+        with atomic_path(path, exclusive=True) as tmp:
+            Path(tmp).write_bytes(data)
+    except FileExistsError:
+        return False
+    return True
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

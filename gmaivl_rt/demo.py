@@ -3,7 +3,8 @@
 1. build the demo dataset from the DICOM and NIfTI files shipped with pydicom and nibabel (`gmaivl-rt data build
    --demo`), 2. train a byte-level BPE tokenizer on it, 3. train the `compact` preset through GMAI-VL's three
 stages (`train/configs/demo.yaml`), 4. read a DICOM from the demo set, ask the stage III model a question about it
-and print the answer. Everything lands under DIR (data/, tokenizer/, stage1..3/ with logs and loss.png).
+and print the answer, 5. score it on a held-out benchmark (`gmaivl_rt.eval.demo`) and print accuracy beside
+chance. Everything lands under DIR (data/, tokenizer/, stage1..3/ with logs and loss.png, eval/).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def _config_file() -> Path:
 
 
 def run_demo(out="runs/demo", config=None, question: str = DEMO_QUESTION, progress: bool = True) -> dict:
-    """Run the four steps; returns {"question", "answer", "reference", "seconds", "stages": [...]}."""
+    """Run the five steps; returns {"question", "answer", "reference", "seconds", "stages": [...], "eval": {...}}."""
     import logging
 
     from gmaivl_rt.data.build import build_dataset
@@ -55,29 +56,34 @@ def run_demo(out="runs/demo", config=None, question: str = DEMO_QUESTION, progre
     config = Path(config) if config else _config_file()
     started = time.perf_counter()
 
-    print(f"[1/4] building the demo dataset -> {out / 'data'}", flush=True)
+    print(f"[1/5] building the demo dataset -> {out / 'data'}", flush=True)
     summary = build_dataset(out / "data", demo=True, progress=progress)
     print(f"      {summary['records']} conversations from {summary['images_converted']} images", flush=True)
 
     data = balanced_meta_list(out / "data", out / "demo_meta.json")
     tokenizer_cfg = read_yaml(config).get("tokenizer", {})
     vocab_size = int(tokenizer_cfg.get("vocab_size", 2048))
-    print(f"[2/4] training a {vocab_size}-token byte-level BPE tokenizer -> {out / 'tokenizer'}", flush=True)
+    print(f"[2/5] training a {vocab_size}-token byte-level BPE tokenizer -> {out / 'tokenizer'}", flush=True)
     train_bpe_tokenizer(conversation_texts(data), out / "tokenizer", vocab_size=vocab_size,
                         min_frequency=int(tokenizer_cfg.get("min_frequency", 2)))
 
     stages, init = [], None
     for stage in (1, 2, 3):
-        print(f"[3/4] stage {stage} -> {out / f'stage{stage}'}", flush=True)
+        print(f"[3/5] stage {stage} -> {out / f'stage{stage}'}", flush=True)
         result = train(stage, data, out / f"stage{stage}", config=config, init=init,
                        tokenizer=out / "tokenizer", progress=progress)
         stages.append({k: result[k] for k in ("stage", "steps", "final_loss")} |
                       {"first_loss": result["losses"][0] if result["losses"] else None})
         init = out / f"stage{stage}"
 
-    print(f"[4/4] asking the stage III model about {DEMO_DICOM}", flush=True)
+    print(f"[4/5] asking the stage III model about {DEMO_DICOM}", flush=True)
     answer = answer_about_dicom(init, _demo_dicom_path(), question)
     reference = _reference_answer(out / "data", question)
+    print(f"[5/5] scoring the stage III model on a held-out benchmark -> {out / 'eval'}", flush=True)
+    from gmaivl_rt.eval.cli import summary_line
+    from gmaivl_rt.eval.demo import run_eval_demo
+
+    eval_scores = run_eval_demo(init, out / "eval", progress=progress)
     seconds = time.perf_counter() - started
     print()
     for s in stages:
@@ -89,8 +95,9 @@ def run_demo(out="runs/demo", config=None, question: str = DEMO_QUESTION, progre
     if reference:
         print(f"reference: {reference}  (the training data's answer for this file)")
     print(f"demo took {seconds:.0f} s")
+    print(f"held-out benchmark: {summary_line(eval_scores)}  ({out / 'eval' / 'scores.png'})")
     result = {"question": question, "answer": answer, "reference": reference, "seconds": seconds,
-              "stages": stages}
+              "stages": stages, "eval": {k: eval_scores[k] for k in ("overall", "chance", "count")}}
     from gmaivl_rt.atomic import atomic_write_json
 
     atomic_write_json(out / "demo_result.json", result)

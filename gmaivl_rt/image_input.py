@@ -174,12 +174,12 @@ def to_medical_image(obj, *, role: str = "image 1", limits: Limits | None = None
                              "a pydicom Dataset, a nibabel image, a PIL image, an array or a MedicalImage)")
     try:
         return read_medical_image(source, **reader)
-    except (MedicalImageError, LimitError):
-        raise
-    except InputError:
+    except InputError:  # MedicalImageError, LimitError: already named by role
         raise
     except MemoryError:
         raise LimitError(f"{role}: not enough memory to decode it") from None
+    except Exception as e:  # a decoder's own failure on damaged data: its text may quote the data, so only its type
+        raise MedicalImageError(f"{role}: cannot decode the image ({type(e).__name__})") from None
 
 
 def _object_source(obj, role: str, limits: Limits) -> ImageSource | None:

@@ -59,6 +59,9 @@ PLANES = ("axial", "coronal", "sagittal")
 _PLANE_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}  # RAS axis normal to each plane
 DICOM_SUFFIXES = (".dcm", ".dicom", ".dic")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# Compressed DICOM: the [dicom-codecs] extra's decoders first (pylibjpeg-libjpeg / -openjpeg / -rle, pyjpegls,
+# python-gdcm), then pydicom's own order among whatever else is installed (Pillow).
+DICOM_PLUGIN_PREFERENCE = ("pylibjpeg", "pyjpegls", "gdcm")
 PILLOW_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".tif": "tiff", ".tiff": "tiff", ".bmp": "bmp"}
 
 
@@ -321,8 +324,10 @@ def _bit_depth_unit(values: np.ndarray) -> np.ndarray:
     return (values.astype(np.float32) / float(2 ** bits - 1)).astype(np.float32)
 
 
-def _square_pixels(plane2d: np.ndarray, spacing, nearest: bool) -> tuple[np.ndarray, tuple[float, float] | None]:
-    """Resample a (H, W) float/int plane so both pixel sides equal the finer spacing. Returns (plane, spacing)."""
+def _square_pixels(plane2d: np.ndarray, spacing, nearest: bool, path=None) -> tuple[np.ndarray,
+                                                                                    tuple[float, float] | None]:
+    """Resample a (H, W) float/int plane so both pixel sides equal the finer spacing. Returns (plane, spacing).
+    path: the image, whose pixel limit (if any) the resampled size must keep (a header's spacing sets it)."""
     if spacing is None:
         return plane2d, None
     row, col = float(spacing[0]), float(spacing[1])
@@ -333,6 +338,8 @@ def _square_pixels(plane2d: np.ndarray, spacing, nearest: bool) -> tuple[np.ndar
     target = min(row, col)
     h, w = plane2d.shape
     new_h, new_w = max(1, round(h * row / target)), max(1, round(w * col / target))
+    if path is not None:
+        _check_pixels(path, new_h, new_w, "picture resampled to square pixels")
     if nearest:
         img = Image.fromarray(plane2d.astype(np.int32), mode="I").resize((new_w, new_h), Image.NEAREST)
         return np.asarray(img).astype(np.int32), (target, target)
@@ -383,14 +390,16 @@ def _open_source(path, *, window, plane, volume):
 def quiet_pydicom():
     """Silence pydicom's warnings and its logger for the block: both quote raw header values (UIDs, names)."""
     pydicom_logger = logging.getLogger("pydicom")
-    was_disabled = pydicom_logger.disabled
-    pydicom_logger.disabled = True
+    was_disabled, was_propagating = pydicom_logger.disabled, pydicom_logger.propagate
+    # disabled silences pydicom's own logger; its children (pydicom.pixels.decoders.base logs decode failures)
+    # still propagate to the root's handlers unless the parent stops propagation.
+    pydicom_logger.disabled, pydicom_logger.propagate = True, False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        pydicom_logger.disabled = was_disabled
+        pydicom_logger.disabled, pydicom_logger.propagate = was_disabled, was_propagating
 
 
 _UID_OR_NUMBER = re.compile(r"\d[\d.]{5,}")
@@ -404,6 +413,12 @@ def safe_reason(error: BaseException) -> str:
     text = " ".join(str(error).split())[:160]
     text = _UID_OR_NUMBER.sub("#", _QUOTED_OR_PATH.sub("…", text))
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _is_decoder_panic(error: BaseException) -> bool:
+    """A Rust decoder's panic on damaged data (pyo3's PanicException, e.g. pylibjpeg-rle): a BaseException, so
+    `except Exception` misses it, but it only means the data cannot be decoded."""
+    return type(error).__name__ == "PanicException"
 
 
 def _plane_from_iop(iop) -> str | None:
@@ -475,11 +490,17 @@ class _DicomSource:
         self.orientation = _plane_from_iop(iop) if iop else None
 
     def _check_decoder(self):
+        """Refuse a compressed transfer syntax nothing installed decodes; choose the plugins to try, in order."""
         from pydicom.pixels import get_decoder
 
         meta = getattr(self.ds, "file_meta", None)
         uid = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
-        if uid is None or not uid.is_compressed:
+        self._syntax, self._plugins = uid, [""]  # "": pydicom picks among every available plugin
+        try:
+            compressed = uid is not None and uid.is_compressed
+        except Exception:  # a damaged or private transfer syntax UID
+            compressed = False
+        if not compressed:
             return
         try:
             decoder = get_decoder(uid)
@@ -490,21 +511,31 @@ class _DicomSource:
             raise MedicalImageError(
                 f"{_label(self.path)}: transfer syntax '{uid.name}' ({uid}) needs a decoder package; install one "
                 f"of: {'; '.join(decoder.missing_dependencies)}")
+        preferred = [p for p in DICOM_PLUGIN_PREFERENCE if p in decoder.available_plugins]
+        self._plugins = preferred + [""]
 
     def default_index(self) -> int:
         return 0
 
     def _decode(self, index: int | None) -> np.ndarray:
-        try:
-            with quiet_pydicom():
-                self.ds.pixel_array_options(index=index)
-                arr = self.ds.pixel_array
-        except Exception as e:
-            raise MedicalImageError(f"{_label(self.path)}: cannot decode DICOM pixel data ({safe_reason(e)})") \
-                from None
-        finally:
-            self.ds._pixel_array = None  # do not keep a frame cached under the all-frames options
-        return arr
+        """Stored values of frame `index` (None: all frames). Compressed data tries the dedicated codec packages
+        (DICOM_PLUGIN_PREFERENCE) before pydicom's own choice among the rest (Pillow's JPEG and J2K decoders
+        fail on 12-bit JPEG Extended and some J2K files the dedicated ones read)."""
+        error = None
+        for plugin in self._plugins:
+            try:
+                with quiet_pydicom():
+                    self.ds.pixel_array_options(index=index, decoding_plugin=plugin)
+                    return self.ds.pixel_array
+            except BaseException as e:  # pydicom and its plugins raise many types on damaged or unsupported data
+                if not (isinstance(e, Exception) or _is_decoder_panic(e)):
+                    raise  # KeyboardInterrupt, SystemExit, ...
+                error = error or e
+            finally:
+                self.ds._pixel_array = None  # do not keep a frame cached under the all-frames options
+        syntax = f"transfer syntax '{self._syntax.name}'" if self._syntax is not None else "unknown transfer syntax"
+        raise MedicalImageError(f"{_label(self.path)}: cannot decode DICOM pixel data ({syntax}; "
+                                f"{safe_reason(error)})") from None
 
     def preload_frames(self) -> None:
         """Decode every frame of a multi-frame file at once (faster than one decode per frame)."""
@@ -530,7 +561,7 @@ class _DicomSource:
                 from None
         spacing = self.spacing
         if unit.ndim == 2:
-            unit, spacing = _square_pixels(unit, spacing, nearest=False)
+            unit, spacing = _square_pixels(unit, spacing, nearest=False, path=self.path)
         return MedicalImage(pixels=_to_uint8(unit), modality=self.modality, body_part=self.body_part,
                             pixel_spacing=spacing, orientation=self.orientation, index=index, count=self.count,
                             source_format="dicom", window=window, window_name=window_name,
@@ -711,7 +742,7 @@ class _NiftiSource:
             unit = apply_window(plane2d, *self.window)
         else:
             unit = np.clip((np.nan_to_num(plane2d, nan=self.lo) - self.lo) / (self.hi - self.lo), 0, 1)
-        unit, spacing = _square_pixels(unit, spacing, nearest=False)
+        unit, spacing = _square_pixels(unit, spacing, nearest=False, path=self.path)
         return MedicalImage(pixels=_to_uint8(unit), pixel_spacing=spacing, orientation=self.plane, index=index,
                             count=self.count, volume=self.volume_index if self.volumes > 1 else None,
                             source_format="nifti", window=self.window,
@@ -744,7 +775,7 @@ def _pillow_open(path):
                                 f"({Image.MAX_IMAGE_PIXELS}), a possible decompression bomb") from None
     except UnidentifiedImageError:
         raise MedicalImageError(f"{_label(path)}: not a readable image file") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except Exception as e:  # Pillow's plugins raise many types (OSError, SyntaxError, TypeError, KeyError, ...)
         raise MedicalImageError(f"{_label(path)}: corrupt or truncated image ({safe_reason(e)})") from None
 
 
@@ -753,7 +784,7 @@ def _pillow_frame(path, img, index: int):
         try:
             img.seek(index)
             img.load()
-        except (OSError, EOFError, ValueError) as e:
+        except Exception as e:  # damaged later frames fail as variously as the first
             raise MedicalImageError(f"{_label(path)}: cannot read frame {index} ({safe_reason(e)})") from None
     return img
 
@@ -764,7 +795,10 @@ class _PillowSource:
         self.window, self.window_name = _parse_window(window, path)
         self.img = _pillow_open(path)
         self.fmt = fmt if fmt != "image" else (self.img.format or "image").lower()
-        self.count = int(getattr(self.img, "n_frames", 1))
+        try:
+            self.count = int(getattr(self.img, "n_frames", 1))
+        except Exception as e:  # counting frames walks a damaged file
+            raise MedicalImageError(f"{_label(path)}: corrupt image frames ({safe_reason(e)})") from None
 
     def default_index(self) -> int:
         return 0
@@ -772,10 +806,15 @@ class _PillowSource:
     def image(self, index: int) -> MedicalImage:
         img = _pillow_frame(self.path, self.img, index)
         mode = img.mode
-        if mode.startswith("I;16") or mode in ("I", "F", "L"):
-            unit, name = grey_unit(np.asarray(img), self.window, self.window_name, _label(self.path))
-        else:
-            unit, name = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0, "none"
+        try:
+            if mode.startswith("I;16") or mode in ("I", "F", "L"):
+                unit, name = grey_unit(np.asarray(img), self.window, self.window_name, _label(self.path))
+            else:
+                unit, name = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0, "none"
+        except MedicalImageError:
+            raise
+        except Exception as e:  # a damaged file can fail as late as the conversion
+            raise MedicalImageError(f"{_label(self.path)}: corrupt image data ({safe_reason(e)})") from None
         return MedicalImage(pixels=_to_uint8(unit), index=index, count=self.count, source_format=self.fmt,
                             window_name=name, photometric=mode, source_size=(img.size[1], img.size[0]))
 

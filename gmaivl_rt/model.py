@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gmaivl_rt import ops
 from gmaivl_rt.config import GMAIVLConfig
+from gmaivl_rt.errors import InputError
 from gmaivl_rt.limits import check_context, check_max_new_tokens
 from gmaivl_rt.sampling import generate_tokens
 
@@ -147,10 +148,10 @@ class VisionTower(nn.Module):
             h, w = img.shape[-2:]
             if self.cfg.dynamic_resolution:
                 if h % patch or w % patch:
-                    raise ValueError(f"image {i} is {h}x{w}; dynamic resolution needs sides that are multiples of "
+                    raise InputError(f"image {i} is {h}x{w}; dynamic resolution needs sides that are multiples of "
                                      f"the patch size {patch}")
             elif (h, w) != (size, size):
-                raise ValueError(f"image {i} is {h}x{w} but this model takes {size}x{size} images "
+                raise InputError(f"image {i} is {h}x{w} but this model takes {size}x{size} images "
                                  "(preprocess them, or enable vision.dynamic_resolution)")
 
 
@@ -222,16 +223,21 @@ def _attention_after_prefix(q, keys, values, batch: TokenBatch):
     out = torch.empty_like(q)
     bounds = batch.cu_seqlens.tolist()
     for row, (start, n) in enumerate(zip(batch.cache_starts, batch.lengths)):
-        if n == 0:
-            continue
-        total = start + n
-        qi = q[bounds[row]:bounds[row + 1]].transpose(0, 1)[None]
-        ki, vi = keys[row, :total].transpose(0, 1)[None], values[row, :total].transpose(0, 1)[None]
-        allowed = torch.arange(total, device=q.device)[None, :] <= torch.arange(start, total, device=q.device)[:, None]
-        o = F.scaled_dot_product_attention(qi, ki.to(qi.dtype), vi.to(qi.dtype), attn_mask=allowed,
-                                           enable_gqa=qi.shape[1] != ki.shape[1])
-        out[bounds[row]:bounds[row + 1]] = o[0].transpose(0, 1)
+        if n:
+            out[bounds[row]:bounds[row + 1]] = attend_after_prefix(q[bounds[row]:bounds[row + 1]],
+                                                                   keys[row, :start + n], values[row, :start + n])
     return out
+
+
+def attend_after_prefix(q, keys, values):
+    """q: (n, Hq, D), the last n of the total = keys.shape[0] positions; keys, values: (total, Hkv, D), the
+    sequence's whole cache. Causal attention of those n queries over the cache (SDPA), (n, Hq, D)."""
+    n, total = q.shape[0], keys.shape[0]
+    qi, ki, vi = q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None]
+    allowed = torch.arange(total, device=q.device)[None, :] <= torch.arange(total - n, total, device=q.device)[:, None]
+    o = F.scaled_dot_product_attention(qi, ki.to(qi.dtype), vi.to(qi.dtype), attn_mask=allowed,
+                                       enable_gqa=qi.shape[1] != ki.shape[1])
+    return o[0].transpose(0, 1)
 
 
 class TextAttention(nn.Module):
@@ -375,31 +381,34 @@ class GMAIVL(nn.Module):
             logits = logits.view(*input_ids.shape, -1)
         return GMAIVLOutput(logits=logits, loss=loss, past_key_values=cache)
 
-    def _decoder(self, input_ids, pixel_values, attention_mask, position_ids, cu_seqlens, cache):
+    def _decoder(self, input_ids, pixel_values, attention_mask, position_ids, cu_seqlens, cache,
+                 image_features=None):
         """Embed the tokens (image features over the image tokens), run the decoder over them packed, extend the
-        cache. Returns the final hidden states (T, hidden), the TokenBatch, and each token's flat index in
-        input_ids."""
+        cache. image_features: projected features (image_tokens, text_hidden) computed earlier, instead of
+        pixel_values (the serving engine caches them per image). Returns the final hidden states (T, hidden), the
+        TokenBatch, and each token's flat index in input_ids."""
         batch, token_index = self._token_batch(input_ids, attention_mask, position_ids, cu_seqlens, cache)
         ids = input_ids.reshape(-1)[token_index]
-        decoding = pixel_values is None and cache is not None and any(batch.cache_starts)
-        hidden = self.language_model(self._embed(ids, pixel_values, decoding), batch, cache)
+        no_images = pixel_values is None and image_features is None
+        decoding = no_images and cache is not None and any(batch.cache_starts)
+        hidden = self.language_model(self._embed(ids, pixel_values, decoding, image_features), batch, cache)
         if cache is not None:
             cache.advance(batch.lengths)
         return hidden, batch, token_index
 
-    def _embed(self, ids, pixel_values, decoding=False):
-        """Token embeddings with image features written over the image tokens. While decoding, a generated
-        image-token id is embedded like any token (as transformers does)."""
+    def _embed(self, ids, pixel_values, decoding=False, image_features=None):
+        """Token embeddings with image features (given, or from pixel_values) written over the image tokens.
+        While decoding, a generated image-token id is embedded like any token (as transformers does)."""
         is_image = ids == self.config.image_token_index
         embeds = self.language_model.embed_tokens(ids)
         n_image_tokens = int(is_image.sum())
-        if pixel_values is None:
+        if pixel_values is None and image_features is None:
             if n_image_tokens and not decoding:
-                raise ValueError(f"input_ids hold {n_image_tokens} image tokens but no pixel_values were given")
+                raise InputError(f"input_ids hold {n_image_tokens} image tokens but no pixel_values were given")
             return embeds
-        features = self.encode_images(pixel_values)
+        features = self.encode_images(pixel_values) if image_features is None else image_features
         if features.shape[0] != n_image_tokens:
-            raise ValueError(f"input_ids hold {n_image_tokens} image tokens but pixel_values give "
+            raise InputError(f"input_ids hold {n_image_tokens} image tokens but pixel_values give "
                              f"{features.shape[0]} image features (expand <image> to the image token count)")
         return embeds.index_put((is_image.nonzero()[:, 0],), features.to(embeds.dtype))
 
@@ -423,7 +432,7 @@ class GMAIVL(nn.Module):
             return TokenBatch(lengths, cu_seqlens, positions, rows, ranks, [0] * len(lengths)), token_index
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         if mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+            raise InputError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(input_ids.shape)}")
         lengths = mask.sum(1).tolist()
         starts = cache.lengths if cache is not None else [0] * B
         if cache is not None:
@@ -467,11 +476,11 @@ class GMAIVL(nn.Module):
             no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
             generator=generator)
 
-    def _last_logits(self, input_ids, pixel_values, attention_mask, cache):
+    def _last_logits(self, input_ids, pixel_values, attention_mask, cache, image_features=None):
         """Run the tokens through the model with the cache; lm_head only on each sequence's last token."""
         if attention_mask is not None and bool((attention_mask.sum(1) == 0).any()):
-            raise ValueError("a prompt is empty (its attention_mask is all zeros)")
-        hidden, batch, _ = self._decoder(input_ids, pixel_values, attention_mask, None, None, cache)
+            raise InputError("a prompt is empty (its attention_mask is all zeros)")
+        hidden, batch, _ = self._decoder(input_ids, pixel_values, attention_mask, None, None, cache, image_features)
         return self.lm_head(hidden[batch.cu_seqlens[1:].long() - 1]).float()
 
 

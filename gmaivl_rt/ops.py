@@ -8,6 +8,7 @@ from gmaivl_rt.kernels import (  # noqa: F401
     fused_linear_cross_entropy,
     layer_norm,
     mlp2x_gelu,
+    paged_decode_attention,
     patch_embed,
     rms_norm,
     rope_cos_sin,

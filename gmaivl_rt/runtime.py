@@ -175,25 +175,25 @@ class GraphBackend(_ChatHelpers):
             images = [torch.as_tensor(p) for p in pixel_values]
             for i, img in enumerate(images):
                 if img.dim() != 3:
-                    raise ValueError(f"pixel_values[{i}] has shape {tuple(img.shape)}; expected (3, H, W)")
+                    raise InputError(f"pixel_values[{i}] has shape {tuple(img.shape)}; expected (3, H, W)")
             batches = [img[None] for img in images]
         else:
             pixel_values = torch.as_tensor(pixel_values)
             if pixel_values.dim() != 4:
-                raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected (num_images, 3, H, W)")
+                raise InputError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected (num_images, 3, H, W)")
             batches = [pixel_values]
         for b in batches:
             if not b.is_floating_point():
-                raise ValueError(f"pixel_values must be floating point (CLIP-normalised), got {b.dtype}")
+                raise InputError(f"pixel_values must be floating point (CLIP-normalised), got {b.dtype}")
             n, c, h, w = b.shape
             if c != 3:
-                raise ValueError(f"pixel_values has {c} channels; expected 3")
+                raise InputError(f"pixel_values has {c} channels; expected 3")
             if vision.dynamic_resolution:
                 if h % vision.patch_size or w % vision.patch_size:
-                    raise ValueError(f"image of {h}x{w}: dynamic resolution needs sides that are multiples of the "
+                    raise InputError(f"image of {h}x{w}: dynamic resolution needs sides that are multiples of the "
                                      f"patch size {vision.patch_size}")
             elif (h, w) != (vision.image_size, vision.image_size):
-                raise ValueError(f"image of {h}x{w}, but this model takes {vision.image_size}x{vision.image_size} "
+                raise InputError(f"image of {h}x{w}, but this model takes {vision.image_size}x{vision.image_size} "
                                  "images (preprocess them with gmaivl_rt.chat.preprocess_image)")
         if vision.dynamic_resolution and len(batches) > 1:  # group consecutive equal sizes into one run
             grouped = [batches[0]]
@@ -216,11 +216,11 @@ class GraphBackend(_ChatHelpers):
         n_tokens = int(is_image.sum())
         if pixel_values is None:
             if n_tokens:
-                raise ValueError(f"input_ids hold {n_tokens} image tokens but no pixel_values were given")
+                raise InputError(f"input_ids hold {n_tokens} image tokens but no pixel_values were given")
             return embeds
         features = self.encode_images(pixel_values)
         if features.shape[0] != n_tokens:
-            raise ValueError(f"input_ids hold {n_tokens} image tokens but pixel_values give {features.shape[0]} "
+            raise InputError(f"input_ids hold {n_tokens} image tokens but pixel_values give {features.shape[0]} "
                              "image features (expand <image> to the image token count)")
         embeds = embeds.clone()
         embeds[is_image.to(embeds.device)] = features.to(embeds.device, embeds.dtype)
@@ -230,16 +230,16 @@ class GraphBackend(_ChatHelpers):
     def _check_ids(input_ids, attention_mask):
         input_ids = torch.as_tensor(input_ids)
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be a (batch, seq) integer tensor, got {input_ids.dtype} "
+            raise InputError(f"input_ids must be a (batch, seq) integer tensor, got {input_ids.dtype} "
                              f"{tuple(input_ids.shape)}")
         mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(attention_mask)
         if mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+            raise InputError(f"attention_mask {tuple(mask.shape)} must match input_ids {tuple(input_ids.shape)}")
         mask = mask.to(torch.int64)
         if bool((mask.sum(1) == 0).any()):
-            raise ValueError("a prompt is empty (its attention_mask is all zeros)")
+            raise InputError("a prompt is empty (its attention_mask is all zeros)")
         if bool((mask[:, -1] == 0).any()):
-            raise ValueError("attention_mask has padding at the end of a row: pad prompts on the left")
+            raise InputError("attention_mask has padding at the end of a row: pad prompts on the left")
         return input_ids.to(torch.int64), mask
 
     # ------------------------------------------------------------------ generation

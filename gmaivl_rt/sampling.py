@@ -106,6 +106,32 @@ def _as_list(ids) -> list[int]:
     return [int(i) for i in ids] if isinstance(ids, (list, tuple)) else [int(ids)]
 
 
+@dataclass
+class StopRule:
+    """When a row is done: it produced one of `eos` ids; afterwards it is filled with `pad`."""
+    eos: list
+    pad: int
+
+    @classmethod
+    def from_config(cls, text_config, eos_token_id=None, pad_token_id=None) -> "StopRule":
+        """eos_token_id: int or list (default: text_config's); pad_token_id default: the config's pad, else the
+        first eos, else 0."""
+        eos = _as_list(text_config.eos_token_id if eos_token_id is None else eos_token_id)
+        pad = pad_token_id if pad_token_id is not None else (text_config.pad_token_id or (eos or [0])[0])
+        return cls(eos, int(pad))
+
+
+def decode_step(step_logits, sequences, finished, params: SamplingParams, stop: StopRule, generator=None):
+    """One token for each row: step_logits (B, V) at the last position; sequences (B, S) int64 ids so far;
+    finished (B,) bool. Returns (next_tokens (B,) int64, sequences (B, S + 1), finished (B,)): finished rows get
+    `stop.pad`, a row that produced an eos becomes finished. The step `generate_tokens` and the engine share."""
+    next_tokens = select_next_token(step_logits, sequences, params, generator).to(sequences.device)
+    next_tokens = torch.where(finished, torch.full_like(next_tokens, stop.pad), next_tokens)
+    sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
+    eos = torch.tensor(stop.eos, dtype=torch.long, device=sequences.device)
+    return next_tokens, sequences, finished | torch.isin(next_tokens, eos)
+
+
 def generate_tokens(prefill, step, input_ids, text_config, *, max_new_tokens: int = 32, do_sample: bool = False,
                     temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
                     no_repeat_ngram_size: int = 0, eos_token_id=None, pad_token_id=None,
@@ -113,23 +139,17 @@ def generate_tokens(prefill, step, input_ids, text_config, *, max_new_tokens: in
     """The decoding loop every backend shares, with transformers' stopping rule.
 
     prefill() -> (B, V) logits at each prompt's last token; step(next_tokens (B,) int64) -> (B, V) logits after
-    feeding them. input_ids: (B, S) prompts. eos_token_id: int or list (default: text_config's); finished rows are
-    filled with pad_token_id (default: the config's pad, else the first eos, else 0).
+    feeding them. input_ids: (B, S) prompts. eos_token_id, pad_token_id: see `StopRule.from_config`.
     Returns (B, S + new) int64: generation stops when every row has produced an eos or after max_new_tokens."""
     params = SamplingParams(do_sample, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size)
     max_new_tokens = check_max_new_tokens(max_new_tokens)
     check_context(input_ids.shape[1], max_new_tokens, text_config.max_position_embeddings)
-    eos = _as_list(text_config.eos_token_id if eos_token_id is None else eos_token_id)
-    pad = pad_token_id if pad_token_id is not None else (text_config.pad_token_id or (eos or [0])[0])
+    stop = StopRule.from_config(text_config, eos_token_id, pad_token_id)
     sequences = input_ids
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    eos_tensor = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
     step_logits = prefill()
     for produced in range(1, max_new_tokens + 1):
-        next_tokens = select_next_token(step_logits, sequences, params, generator).to(input_ids.device)
-        next_tokens = torch.where(finished, torch.full_like(next_tokens, pad), next_tokens)
-        sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
-        finished |= torch.isin(next_tokens, eos_tensor)
+        next_tokens, sequences, finished = decode_step(step_logits, sequences, finished, params, stop, generator)
         if bool(finished.all()) or produced == max_new_tokens:
             break
         step_logits = step(next_tokens)

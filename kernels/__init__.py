@@ -3,6 +3,7 @@ from ._dispatch import interpreting, kernel_mode, kernels, triton_available, use
 from .attention import attention, attention_reference
 from .decode_attention import decode_attention, decode_attention_reference
 from .fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
+from .paged_decode_attention import paged_decode_attention, paged_decode_attention_reference
 from .layer_norm import layer_norm, layer_norm_reference
 from .patch_embed import interpolate_position_embedding, patch_embed, patch_embed_reference
 from .projector import fused_linear, fused_linear_reference, mlp2x_gelu
@@ -16,5 +17,5 @@ __all__ = [
     "patch_embed", "patch_embed_reference", "interpolate_position_embedding", "fused_linear",
     "fused_linear_reference", "mlp2x_gelu", "rms_norm", "rms_norm_reference", "apply_rope", "apply_rope_reference",
     "rope_cos_sin", "swiglu", "swiglu_reference", "interpreting", "kernel_mode", "kernels", "triton_available",
-    "use_triton",
+    "use_triton", "paged_decode_attention", "paged_decode_attention_reference",
 ]

@@ -43,17 +43,12 @@ _NEG_BIG = tl.constexpr(-1.0e30)  # finite running-max start: an empty split the
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, SEQLENS, PART_M, PART_L, PART_ACC, qk_scale,
-                         stride_qb, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
-                         NUM_KV_HEADS, GROUP, NUM_SPLITS,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-                         BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr, UPCAST: tl.constexpr,
-                         PRECISION: tl.constexpr):
-    """Grid: (batch * kv_heads, NUM_SPLITS). One program: the GROUP q heads sharing one kv head (padded to BLOCK_H
-    rows so tl.dot has >= 16 rows) against one of NUM_SPLITS chunks of that sequence's own cache length (as SGLang:
-    a short sequence in a long cache still spreads over every split). Writes the chunk's
-    running max, sum and unnormalised output (log2 units) for the reduce kernel. ALIGNED: every cache row starts
-    16-byte aligned (the launcher checks), which lets loads vectorise without argument specialisation."""
+def split_program(Q, SEQLENS, stride_qb, stride_qh, NUM_KV_HEADS, GROUP, NUM_SPLITS, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST: tl.constexpr):
+    """The start of a split program (grid (batch * kv_heads, NUM_SPLITS)): which sequence, kv head and cache chunk
+    [lo, hi) it covers, and the GROUP q heads sharing that kv head, loaded as a (BLOCK_H, BLOCK_D) tile. Each
+    sequence splits its own length (as SGLang: kv_len_per_split = cdiv(seq_len, num_splits)), so a short sequence in
+    a long cache still spreads over every split instead of leaving most split programs empty."""
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     batch = pid_bh // NUM_KV_HEADS
@@ -62,10 +57,8 @@ def _decode_split_kernel(Q, K, V, SEQLENS, PART_M, PART_L, PART_ACC, qk_scale,
     split_len = tl.cdiv(seqlen, NUM_SPLITS)
     lo = split * split_len
     hi = tl.minimum(lo + split_len, seqlen)
-
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
     heads = kv_head * GROUP + offs_h
     head_ok = offs_h < GROUP
     d_ok = offs_d < HEAD_DIM
@@ -73,6 +66,55 @@ def _decode_split_kernel(Q, K, V, SEQLENS, PART_M, PART_L, PART_ACC, qk_scale,
                 mask=head_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
+    return batch, kv_head, split, lo, hi, q, heads, head_ok, d_ok
+
+
+@triton.jit
+def split_chunk(q, k_ptrs, v_ptrs, pos_ok, d_ok, acc, m_i, l_i, qk_scale, ALIGNED: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """Load one chunk of keys/values (BLOCK_N rows of BLOCK_D, at k_ptrs / v_ptrs) and fold it into the running
+    softmax; pos_ok masks positions past the chunk's end."""
+    mask = pos_ok[:, None] & d_ok[None, :]
+    if ALIGNED:
+        k_ptrs = tl.multiple_of(k_ptrs, [1, 16])
+        v_ptrs = tl.multiple_of(v_ptrs, [1, 16])
+    k = tl.load(k_ptrs, mask=mask, other=0.0)
+    v = tl.load(v_ptrs, mask=mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = tl.where(pos_ok[None, :], s, float("-inf"))
+    return online_softmax_step(acc, m_i, l_i, s, v, PRECISION)
+
+
+@triton.jit
+def store_split(PART_M, PART_L, PART_ACC, batch, heads, split, m_i, l_i, acc, head_ok, d_ok, NUM_KV_HEADS, GROUP,
+                NUM_SPLITS, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Write a split's running max, sum and unnormalised output for the reduce kernel."""
+    offs_d = tl.arange(0, BLOCK_D)
+    row = (batch * NUM_KV_HEADS * GROUP + heads) * NUM_SPLITS + split  # partials laid out (B, Hq, NUM_SPLITS, ...)
+    tl.store(PART_M + row, m_i, mask=head_ok)
+    tl.store(PART_L + row, l_i, mask=head_ok)
+    tl.store(PART_ACC + row[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :], acc,
+             mask=head_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, SEQLENS, PART_M, PART_L, PART_ACC, qk_scale,
+                         stride_qb, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
+                         NUM_KV_HEADS, GROUP, NUM_SPLITS, split_len,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+                         BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr, UPCAST: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """Grid: (batch * kv_heads, NUM_SPLITS). One program: the GROUP q heads sharing one kv head (padded to BLOCK_H
+    rows so tl.dot has >= 16 rows) against one split_len-long chunk of that sequence's cache. Writes the chunk's
+    running max, sum and unnormalised output (log2 units) for the reduce kernel. ALIGNED: every cache row starts
+    16-byte aligned (the launcher checks), which lets loads vectorise without argument specialisation."""
+    batch, kv_head, split, lo, hi, q, heads, head_ok, d_ok = split_program(
+        Q, SEQLENS, stride_qb, stride_qh, NUM_KV_HEADS, GROUP, NUM_SPLITS, HEAD_DIM, BLOCK_D, BLOCK_H, UPCAST)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head * stride_vh
 
@@ -82,26 +124,12 @@ def _decode_split_kernel(Q, K, V, SEQLENS, PART_M, PART_L, PART_ACC, qk_scale,
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
         pos_ok = pos < hi
-        mask = pos_ok[:, None] & d_ok[None, :]
         k_ptrs = k_base + pos[:, None] * stride_kl + offs_d[None, :]
         v_ptrs = v_base + pos[:, None] * stride_vl + offs_d[None, :]
-        if ALIGNED:
-            k_ptrs = tl.multiple_of(k_ptrs, [1, 16])
-            v_ptrs = tl.multiple_of(v_ptrs, [1, 16])
-        k = tl.load(k_ptrs, mask=mask, other=0.0)
-        v = tl.load(v_ptrs, mask=mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(pos_ok[None, :], s, float("-inf"))
-        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, PRECISION)
-
-    row = (batch * NUM_KV_HEADS * GROUP + heads) * NUM_SPLITS + split  # partials laid out (B, Hq, NUM_SPLITS, ...)
-    tl.store(PART_M + row, m_i, mask=head_ok)
-    tl.store(PART_L + row, l_i, mask=head_ok)
-    tl.store(PART_ACC + row[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :], acc,
-             mask=head_ok[:, None] & d_ok[None, :])
+        acc, m_i, l_i = split_chunk(q, k_ptrs, v_ptrs, pos_ok, d_ok, acc, m_i, l_i, qk_scale, ALIGNED, UPCAST,
+                                    PRECISION)
+    store_split(PART_M, PART_L, PART_ACC, batch, heads, split, m_i, l_i, acc, head_ok, d_ok, NUM_KV_HEADS, GROUP,
+                NUM_SPLITS, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -143,8 +171,7 @@ _decode_split_tuned = triton.autotune(_split_triton_configs(), key=["HEAD_DIM", 
 
 
 def _num_splits(batch, kv_heads, cache_len, device):
-    """Enough (batch, kv head, split) programs to cover the GPU about twice; a few under the interpreter. Bounded by
-    the cache length (no more splits than 64-entry blocks); each sequence then divides its own length by it."""
+    """Enough (batch, kv head, split) programs to cover the GPU about twice; a few under the interpreter."""
     if device.type == "cuda":
         target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
@@ -159,19 +186,6 @@ def _rows_aligned(t):
 
 
 def _decode_attention_triton(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits=None):
-    part_m, part_l, part_acc, out = _decode_partials(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits)
-    batch, num_heads, head_dim = q.shape
-    splits = part_m.shape[2]
-    _decode_reduce_kernel[(batch * num_heads,)](
-        part_m, part_l, part_acc, out, out.stride(0), out.stride(1), num_heads, splits, HEAD_DIM=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_S=max(2, triton.next_power_of_2(splits)),
-        num_warps=REDUCE_WARPS)
-    return out
-
-
-def _decode_partials(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_splits=None):
-    """The split kernel's per-split running max, sum (B, Hq, splits) and unnormalised output (B, Hq, splits, D),
-    all fp32, and the (empty) output tensor the reduce kernel fills."""
     batch, num_heads, head_dim = q.shape
     cache_len, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if num_heads % num_kv_heads or k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
@@ -187,27 +201,44 @@ def _decode_partials(q, k_cache, v_cache, cache_seqlens, softmax_scale, num_spli
     # The kernels index the last dim with stride 1; anything else is copied.
     q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
     seqlens = cache_seqlens.to(device=q.device, dtype=torch.int32)
+    splits = num_splits or _num_splits(batch, num_kv_heads, cache_len, q.device)
+    return launch_split_decode((_decode_split_kernel, _decode_split_tuned, SPLIT_CONFIGS), q, k_cache, v_cache,
+                               (seqlens,), (*k_cache.stride()[:3], *v_cache.stride()[:3]), num_kv_heads, splits,
+                               triton.cdiv(cache_len, splits), softmax_scale)
+
+
+def launch_split_decode(kernels, q, k, v, lead_args, stride_args, num_kv_heads, splits, split_len, softmax_scale,
+                        **flags):
+    """Launch a split kernel (`kernels`: (plain kernel, autotuned kernel, configs)) over grid (batch * kv_heads,
+    splits) and the reduce kernel; returns the output like q (B, Hq, D). The split kernel takes (Q, K, V,
+    *lead_args, PART_M, PART_L, PART_ACC, qk_scale, stride_qb, stride_qh, *stride_args, NUM_KV_HEADS, GROUP,
+    NUM_SPLITS, split_len) and the constexprs here plus `flags`; split_len (cache length / splits) is an upper bound
+    the kernels no longer read: each sequence splits its own length (`split_program`)."""
+    split_kernel, split_tuned, configs = kernels
+    batch, num_heads, head_dim = q.shape
     group = num_heads // num_kv_heads
     scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
-    splits = num_splits or _num_splits(batch, num_kv_heads, cache_len, q.device)
     part_m = torch.empty((batch, num_heads, splits), device=q.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty((batch, num_heads, splits, head_dim), device=q.device, dtype=torch.float32)
     out = torch.empty_like(q)
-    flags = dict(HEAD_DIM=head_dim, ALIGNED=all(_rows_aligned(t) for t in (k_cache, v_cache)),
+    flags.update(HEAD_DIM=head_dim, ALIGNED=all(_rows_aligned(t) for t in (k, v)),
                  BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
                  BLOCK_H=max(16, triton.next_power_of_2(group)),
                  UPCAST=interpreting() and q.dtype == torch.bfloat16,  # interpreter cannot compute on bf16
                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-    args = (q, k_cache, v_cache, seqlens, part_m, part_l, part_acc, scale * _LOG2E, q.stride(0), q.stride(1),
-            *k_cache.stride()[:3], *v_cache.stride()[:3], num_kv_heads, group, splits)
+    args = (q, k, v, *lead_args, part_m, part_l, part_acc, scale * _LOG2E, q.stride(0), q.stride(1), *stride_args,
+            num_kv_heads, group, splits, split_len)
     grid = (batch * num_kv_heads, splits)
-    if q.is_cuda and not config_forced(SPLIT_CONFIGS):
-        _decode_split_tuned[grid](*args, **flags)
+    if q.is_cuda and not config_forced(configs):
+        split_tuned[grid](*args, **flags)
     else:
-        block_n, warps, stages = pick_config(SPLIT_CONFIGS)
-        _decode_split_kernel[grid](*args, **flags, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-    return part_m, part_l, part_acc, out
+        block_n, warps, stages = pick_config(configs)
+        split_kernel[grid](*args, **flags, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    _decode_reduce_kernel[(batch * num_heads,)](
+        part_m, part_l, part_acc, out, out.stride(0), out.stride(1), num_heads, splits, HEAD_DIM=head_dim,
+        BLOCK_D=flags["BLOCK_D"], BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=REDUCE_WARPS)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -232,7 +263,7 @@ def report_specs(dtype: str = "bf16") -> list[KernelSpec]:
         "Q": ptr, "K": ptr, "V": ptr, "SEQLENS": "*i32", "PART_M": "*fp32", "PART_L": "*fp32", "PART_ACC": "*fp32",
         "qk_scale": "fp32", **dict.fromkeys(("stride_qb", "stride_qh", "stride_kb", "stride_kl", "stride_kh",
                                              "stride_vb", "stride_vl", "stride_vh"), "i32"),
-        "NUM_KV_HEADS": "i32", "GROUP": "i32", "NUM_SPLITS": "i32",
+        "NUM_KV_HEADS": "i32", "GROUP": "i32", "NUM_SPLITS": "i32", "split_len": "i32",
         **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_H", "BLOCK_N", "ALIGNED", "UPCAST", "PRECISION"),
                         "constexpr"),
     }
@@ -241,7 +272,7 @@ def report_specs(dtype: str = "bf16") -> list[KernelSpec]:
     # integer arguments at the report shape (contiguous (B, L, Hkv, D) caches), for the launch specialisation
     int_values = {"stride_qb": hq * d, "stride_qh": d, "stride_kb": length * hkv * d, "stride_kl": hkv * d,
                   "stride_kh": d, "NUM_KV_HEADS": hkv, "GROUP": hq // hkv, "NUM_SPLITS": REPORT_SPLITS,
-                  "stride_ob": hq * d, "stride_oh": d, "NUM_HEADS": hq}
+                  "split_len": length // REPORT_SPLITS, "stride_ob": hq * d, "stride_oh": d, "NUM_HEADS": hq}
     int_values.update(stride_vb=int_values["stride_kb"], stride_vl=int_values["stride_kl"], stride_vh=d)
     split_attrs = launch_attrs(_decode_split_kernel, split_signature, int_values)
     specs = [KernelSpec(kernel="decode_attention_split", fn=_decode_split_kernel, signature=split_signature,

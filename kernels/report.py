@@ -25,6 +25,8 @@ import time
 
 KERNEL_MODULES = ("attention", "decode_attention", "rms_norm", "layer_norm", "rope", "swiglu", "projector",
                   "fused_linear_cross_entropy", "patch_embed")
+# the serving engine's paged KV cache (issue 10)
+KERNEL_MODULES += ("paged_decode_attention",)
 # (dense fp16/bf16 tensor-core FLOP/s, HBM bytes/s)
 PEAKS = {"A100": (312e12, 2.0e12), "H100": (989e12, 3.35e12)}
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes per block

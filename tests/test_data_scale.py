@@ -143,3 +143,18 @@ def test_kill_during_a_parallel_build_resumes_to_the_uninterrupted_output(source
     reference = tmp_path / "uninterrupted"
     subprocess.run(command(reference, 1), env=env, check=True, timeout=300, capture_output=True)
     assert dataset_files(killed) == dataset_files(reference)
+
+
+def test_racing_writers_of_one_image_count_it_once(tmp_path):
+    """Parallel workers may convert the same picture: the store's file is created once and counted once.
+    Mutant: creating with os.replace (last writer wins) counts it twice."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from gmaivl_rt.atomic import PARTIAL_FILE, atomic_create_bytes
+
+    target = tmp_path / "ab" / "same.png"
+    with ProcessPoolExecutor(4) as pool:
+        created = list(pool.map(atomic_create_bytes, [target] * 16, [bytes([i]) * 64 for i in range(16)]))
+    assert sum(created) == 1
+    assert target.read_bytes() == bytes([created.index(True)]) * 64
+    assert not [p for p in target.parent.iterdir() if PARTIAL_FILE.fullmatch(p.name)]

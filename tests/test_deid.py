@@ -5,6 +5,7 @@ its patient, and a broken copy of it) and then looks for the identity values - c
 directly, not with the module under test - in every text file, log and file name under the output folder."""
 import json
 import os
+import re
 import shutil
 import warnings
 
@@ -106,7 +107,8 @@ def test_no_identity_value_anywhere_in_the_output(tmp_path):
     summary = build_dataset(out, input_dir=src, progress=False)
     assert summary["records"] > 50 and summary["errors"] > 0  # SR / RT plan files etc. are not images
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
-    assert any("broken" in e["source"] for e in errors)
+    # the broken copy, named after its patient, is reported under a hashed name
+    assert any(e["source"].startswith("file-") and "decode" in e["reason"] for e in errors)
     records = [json.loads(line) for line in (out / "annotations" / "dicom.jsonl").read_text().splitlines()]
     # the rich copy itself was converted (the only MRI of the head), under a hashed name
     rich = [r for r in records if "#mri#" in r["id"] and "head" in json.dumps(r)]
@@ -123,3 +125,67 @@ def test_no_identity_value_anywhere_in_the_output(tmp_path):
             assert not hits, f"identity value(s) {hits} in {rel}"
             scanned += 1
     assert scanned >= 5  # annotations, errors, meta, summary, log (+ per-item work files)
+
+
+# ------------------------------------------------------------------------------------ normalised matching
+IDENTITY = {"PatientName": "Quixote^Alonso", "PatientID": "MRN-99887766", "PatientBirthDate": "19470321"}
+# Every form the identity above takes once separators are gone (computed here, not by the module under test).
+IDENTITY_FORMS = ("quixotealonso", "alonsoquixote", "19470321", "21031947", "mrn99887766")
+# File and folder names built from that identity: concatenated, reordered, other separators, other date forms.
+IDENTITY_NAMES = ("QuixoteAlonso19470321.dcm", "AlonsoQuixote.dcm", "quixote.alonso_1947-03-21.dcm",
+                  "21.03.1947_QUIXOTE-ALONSO.dcm", "MRN99887766.dcm", "scan_19470321.dcm", "alonso quixote.dcm",
+                  "Quixote^Alonso/scan.dcm", "1947-03-21/a.dcm", "ALONSO_QUIXOTE/sub/b.dcm", "mrn-99887766/c.dcm",
+                  "21.03.1947/broken.dcm")
+
+
+def _identity_dicom(path, broken=False):
+    ds = pydicom.dcmread(os.path.join(DICOM_DIR, "MR_small.dcm"))
+    for keyword, value in IDENTITY.items():
+        setattr(ds, keyword, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path)
+    if broken:  # the header survives, the pixel data does not
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) - 3000])
+
+
+def test_find_phi_sees_identity_in_concatenations_reorderings_and_date_forms():
+    ds = pydicom.dcmread(os.path.join(DICOM_DIR, "MR_small.dcm"))
+    for keyword, value in IDENTITY.items():
+        setattr(ds, keyword, value)
+    phi = phi_values(ds)
+    for name in IDENTITY_NAMES:
+        assert find_phi(name, phi, name=True), name
+        assert safe_stem(name, phi).startswith("file-") or "/" in name, name
+    for text in ("Patient QuixoteAlonso born 21.03.1947", "id mrn99887766", "ALONSO, QUIXOTE", "03/21/1947"):
+        assert find_phi(text, phi), text
+    assert find_phi("an axial MRI slice of the head at 1.2 mm", phi) is None
+    ds = pydicom.Dataset()
+    ds.PatientName = "Ng^Bo"
+    short = phi_values(ds)
+    for text in ("Bo Ng", "seen: BO-NG.", "ng^bo"):  # a short name matches whole words only, in either order
+        assert find_phi(text, short), text
+    assert find_phi("the bongo sound", short) is None and find_phi("scanBoNg2.dcm", short, name=True)
+
+
+def test_identity_in_file_and_folder_names_never_reaches_the_output(tmp_path):
+    src = tmp_path / "scans"
+    for name in IDENTITY_NAMES:
+        _identity_dicom(src / name, broken="broken" in name)
+    out = tmp_path / "out"
+    summary = build_dataset(out, input_dir=src, progress=False)
+    assert summary["records"] >= len(IDENTITY_NAMES) - 1 and summary["errors"] == 1
+    records = [json.loads(line) for line in (out / "annotations" / "scans.jsonl").read_text().splitlines()]
+    stems = {r["id"].split("#")[-1] for r in records}  # only files in identity-named folders keep their name
+    assert {s for s in stems if not s.startswith("file-")} == {"scan", "a", "b", "c"}
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert errors[0]["source"].startswith("dir-") and errors[0]["source"].endswith("/broken.dcm")
+    checked = 0
+    for path in out.rglob("*"):
+        squeezed_name = re.sub(r"[\W_]+", "", str(path.relative_to(out)).casefold())
+        assert not [f for f in IDENTITY_FORMS if f in squeezed_name], path
+        if path.is_file() and path.suffix in (".json", ".jsonl", ".log"):
+            squeezed = re.sub(r"[\W_]+", "", path.read_text(encoding="utf-8").casefold())
+            assert not [f for f in IDENTITY_FORMS if f in squeezed], path
+            checked += 1
+    assert checked >= 5

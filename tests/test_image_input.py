@@ -253,3 +253,45 @@ def test_bad_reader_arguments_name_them():
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+def test_a_header_spacing_cannot_blow_up_the_resampled_picture():
+    ds = pydicom.dcmread(CT)
+    ds.PixelSpacing = [0.001, 50.0]  # 128x128 stored, 128x6,400,000 once resampled to square pixels
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    with pytest.raises(LimitError) as e:
+        to_medical_image(buffer.getvalue())
+    assert_clean(e.value)
+    assert "square pixels" in str(e.value)
+    ds.PixelSpacing = [0.5, 1.0]  # an ordinary anisotropic spacing still resamples
+    assert to_medical_image(ds).pixels.shape[:2] == (128, 256)
+
+
+def test_damaged_files_end_in_input_error_or_a_picture():
+    """Truncated and bit-flipped DICOM, PNG, TIFF and NIfTI bytes (seeded): every outcome is a picture or an
+    InputError naming the role, short, quoting no bytes: never another exception type."""
+    rng = np.random.default_rng(0)
+    picture = np.random.default_rng(1).integers(0, 4096, (24, 20)).astype(np.uint16)
+    originals = [Path(CT).read_bytes(), png_bytes(picture), png_bytes(picture.astype(np.float32), "TIFF"),
+                 Path(NIFTI_GZ).read_bytes(), gzip.decompress(Path(NIFTI_GZ).read_bytes())[:60_000]]
+    outcomes = {"picture": 0, "refused": 0}
+    for original in originals:
+        for trial in range(24):
+            data = bytearray(original)
+            if trial % 3 == 0:
+                data = data[: int(rng.integers(1, len(data)))]
+            else:
+                for at in rng.integers(0, len(data), int(rng.integers(1, 8))):
+                    data[at] = int(rng.integers(0, 256))
+            try:
+                image = to_medical_image(bytes(data), role="image 3", limits=Limits(max_image_pixels=4_000_000))
+            except InputError as e:
+                message = str(e)
+                assert message.startswith("image 3") and len(message) <= 300, message
+                assert "\\x" not in message and "b'" not in message, message
+                outcomes["refused"] += 1
+            else:
+                assert image.pixels.dtype == np.uint8 and image.pixels.ndim == 3
+                outcomes["picture"] += 1
+    assert outcomes["picture"] and outcomes["refused"]

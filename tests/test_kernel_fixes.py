@@ -91,20 +91,27 @@ def test_decode_attention_op_under_autocast_takes_mixed_dtypes_on_both_paths():
 
 
 # ---------------------------------------------------------------------------------------------------- items 8, 9
-def test_decode_splits_each_sequence_not_the_cache():
+def test_decode_splits_each_sequence_not_the_cache(monkeypatch):
     """A long cache (max_new_tokens sized) holding short sequences: every split program gets keys of its own
-    sequence (partial sum > 0) instead of the later splits falling past the sequence and idling."""
-    from gmaivl_rt.kernels.decode_attention import SPLIT_CONFIGS, _decode_attention_triton, _decode_partials
+    sequence (partial sum > 0) instead of the later splits falling past the sequence and idling. The partial sums
+    are read where the reduce kernel receives them."""
     from gmaivl_rt.kernels import decode_attention_reference
 
-    block_n = SPLIT_CONFIGS[0][0]
-    splits = 4
+    dec = importlib.import_module("gmaivl_rt.kernels.decode_attention")
+    real_reduce, seen = dec._decode_reduce_kernel, []
+
+    class Recording:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: (seen.append(args[1].clone()), real_reduce[grid](*args, **kwargs))
+
+    monkeypatch.setattr(dec, "_decode_reduce_kernel", Recording())
+    block_n, splits = dec.SPLIT_CONFIGS[0][0], 4
     q, k_cache, v_cache = torch.randn(2, 4, 16), torch.randn(2, 1024, 2, 16), torch.randn(2, 1024, 2, 16)
     seqlens = torch.tensor([splits * block_n, splits * block_n + 5], dtype=torch.int32)
-    _, part_l, _, _ = _decode_partials(q, k_cache, v_cache, seqlens, None, splits)
+    out = dec._decode_attention_triton(q, k_cache, v_cache, seqlens, None, splits)
+    (part_l,) = seen
     assert part_l.shape == (2, 4, splits)
     assert bool((part_l > 0).all()), part_l
-    out = _decode_attention_triton(q, k_cache, v_cache, seqlens, None, splits)
     torch.testing.assert_close(out, decode_attention_reference(q, k_cache, v_cache, seqlens), atol=1e-5, rtol=0)
 
 

@@ -85,7 +85,7 @@ def test_files_without_a_digest_load(folder, tmp_path):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("with_digest", [True, False])
 def test_non_finite_weights_are_named(folder, tmp_path, bad, with_digest):
     model = GMAIVL.from_pretrained(folder)

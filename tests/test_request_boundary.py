@@ -156,6 +156,30 @@ def test_ask_takes_every_form_of_the_same_dicom(runtime):
         assert runtime.ask("What modality is this image?", form, max_new_tokens=3) == expected
 
 
+@pytest.mark.parametrize("kind", ["uint8", "uint16", "float32"])
+def test_every_form_gives_identical_pixel_values(runtime, tmp_path, kind):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    values = {"uint8": rng.integers(0, 256, (30, 41)).astype(np.uint8),
+              "uint16": rng.integers(0, 4096, (30, 41)).astype(np.uint16),
+              "float32": rng.normal(0, 1, (30, 41)).astype(np.float32)}[kind]
+    path = tmp_path / ("x.tif" if kind == "float32" else "x.png")
+    Image.fromarray(values).save(path)
+    data = path.read_bytes()
+    forms = [path, str(path), os.fsencode(path), data, io.BytesIO(data), Image.open(path), values,
+             torch.from_numpy(values)]
+    pixel_values = [runtime.build_request("q", form, max_new_tokens=1).pixel_values for form in forms]
+    for i, got in enumerate(pixel_values[1:], 1):
+        assert torch.equal(got, pixel_values[0]), (kind, i)
+    # and the file read as before the boundary existed: medical_io's reader, then CLIP preprocessing
+    from gmaivl_rt.chat import preprocess_image
+    from gmaivl_rt.medical_io import read_medical_image
+
+    expected = preprocess_image(read_medical_image(path).pixels, runtime.config.vision.image_size)[None]
+    assert torch.equal(pixel_values[0], expected)
+
+
 def test_prepared_request_is_what_generate_needs(runtime):
     request = runtime.build_request("What modality is this image?", CT, max_new_tokens=3, top_k=5)
     assert isinstance(request, PreparedRequest)
@@ -348,3 +372,15 @@ def test_patient_identifiers_reach_no_message_log_or_traceback(runtime, tmp_path
     for text in texts:
         for secret in secrets:
             assert secret not in text, text
+
+
+def test_cli_refuses_a_pixel_bomb_and_an_all_nan_volume(folder, capsys, tmp_path):
+    import nibabel as nib
+    from PIL import Image
+
+    Image.fromarray(np.zeros((9400, 9400), bool)).save(tmp_path / "bomb.png")
+    nib.save(nib.Nifti1Image(np.full((4, 5, 6), np.nan, np.float32), np.eye(4)), tmp_path / "nan.nii.gz")
+    for name, word in (("bomb.png", "limit"), ("nan.nii.gz", "no finite value")):
+        code, out, err = run_cli(capsys, folder, "--image", tmp_path / name, "--question", "q")
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+        assert err.startswith("gmaivl-rt ask: error: image 1") and word in err and name not in err

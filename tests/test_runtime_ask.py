@@ -3,13 +3,13 @@ generation and decoding, checked piece by piece against the components it must a
 import pytest
 import torch
 from pydicom.data import get_testdata_file
+from train_fixtures import make_tiny_chat_model
 
 import gmaivl_rt
-from gmaivl_rt import GMAIVL, GMAIVLConfig
+from gmaivl_rt import GMAIVL
 from gmaivl_rt.chat import IMAGE_TOKEN, build_prompt, preprocess_image
 from gmaivl_rt.cli import main
 from gmaivl_rt.medical_io import read_medical_image
-from gmaivl_rt.train.tokenizer import model_vocab_fields, train_bpe_tokenizer
 
 TEXTS = ["<image>\nWhat modality is this image?", "This is a CT scan of the chest.", "Which plane is shown?",
          "An axial slice.", "Describe the image.", "A magnetic resonance image of the head."] * 20
@@ -18,12 +18,7 @@ QUESTION = "What modality is this image?"
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ask")
-    tokenizer = train_bpe_tokenizer(TEXTS, path, vocab_size=300, min_frequency=1)
-    config = GMAIVLConfig.preset("tiny").replace(**model_vocab_fields(tokenizer))
-    torch.manual_seed(0)
-    GMAIVL(config).save_pretrained(path)
-    return path
+    return make_tiny_chat_model(tmp_path_factory.mktemp("ask"), TEXTS)
 
 
 def test_ask_reads_the_dicom_and_decodes_what_generate_produces(folder):

@@ -92,3 +92,18 @@ def eval_loss(model_dir, data, tokenizer_dir, max_length=256) -> float:
             total += float(loss) * dataset.num_targets(i)
             count += dataset.num_targets(i)
     return total / count
+
+
+def make_tiny_chat_model(path, texts, vocab_size=300, seed=0) -> Path:
+    """A `tiny`-preset model folder with a BPE tokenizer trained on `texts` (random weights, seeded): what the
+    runtime and evaluation tests load."""
+    import torch
+
+    from gmaivl_rt import GMAIVL, GMAIVLConfig
+    from gmaivl_rt.train.tokenizer import model_vocab_fields, train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(texts, path, vocab_size=vocab_size, min_frequency=1)
+    config = GMAIVLConfig.preset("tiny").replace(**model_vocab_fields(tokenizer))
+    torch.manual_seed(seed)
+    GMAIVL(config).save_pretrained(path)
+    return Path(path)

@@ -2,14 +2,22 @@
 
 Layout under `OUT/checkpoints/`:
     step-00000012/   config.json + *.safetensors (GMAIVL.save_pretrained), trainer_state.pt
-                     (optimizer, scheduler, every rank's RNG states, step = data position, trainer counters)
+                     (optimizer, scheduler, every rank's RNG states, step = data position, trainer counters),
+                     manifest.json (every file's size, and the SHA-256 of each file that is not safetensors)
     latest           the name of the newest complete checkpoint
 A checkpoint is written into `.tmp-step-*`, every file fsynced, then renamed into place with os.replace and only
 then named in `latest`; older ones beyond `keep_last` are removed afterwards. A process killed at any moment
 leaves either the old or the new checkpoint complete, and the stale temp dir is swept on the next save.
+
+Resume (`resume_checkpoint`) verifies a checkpoint before using it: manifest sizes and digests, then the trainer
+state (a torch file read with weights_only=True, never unpickled freely) and the weights. A corrupt or incomplete
+checkpoint is reported in one line naming the file and the problem, and the next older complete one is used
+(unless `strict`).
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 import random
 import shutil
@@ -20,11 +28,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from gmaivl_rt.atomic import atomic_write_text
+from gmaivl_rt.atomic import atomic_write_json, atomic_write_text, file_sha256
+from gmaivl_rt.checkpoint import CheckpointError
+from gmaivl_rt.errors import ModelError
 
 from .distributed import DistInfo, barrier, unwrap
 
+logger = logging.getLogger(__name__)
 TRAINER_STATE = "trainer_state.pt"
+MANIFEST = "manifest.json"
+_STATE_KEYS = ("step", "optimizer", "scheduler", "rng", "world_size")
 # Test hook: "STEP:SECONDS" pauses the save of that step after the weights are written and before the trainer
 # state, so a test can SIGKILL the process in the middle of a save.
 PAUSE_ENV = "GMAIVL_TRAIN_SAVE_PAUSE"
@@ -41,7 +54,11 @@ def _full_state_options():
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state in types `torch.load(weights_only=True)` accepts (numpy's key array as a tensor)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -49,7 +66,9 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -116,6 +135,7 @@ def save_checkpoint(out, step: int, model, optimizer, scheduler, trainer: dict, 
         _pause_if_requested(step)
         torch.save({"step": step, "optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rngs,
                     "trainer": trainer, "world_size": info.world_size}, tmp / TRAINER_STATE)
+        write_manifest(tmp, step)
         _fsync_tree(tmp)
         if final.exists():  # a rerun reaching the same step: move the old one aside, then swap
             old = root / f".tmp-old-{final.name}-{os.getpid()}"
@@ -141,6 +161,86 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_manifest(folder: Path, step: int) -> None:
+    """manifest.json: each file's size, plus its SHA-256 unless it is safetensors (those carry their own digests,
+    checked when the weights load)."""
+    files = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST):
+        files[path.name] = {"bytes": path.stat().st_size}
+        if path.suffix != ".safetensors":
+            files[path.name]["sha256"] = file_sha256(path)
+    atomic_write_json(folder / MANIFEST, {"format": 1, "step": step, "files": files})
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Raise CheckpointError (one line: the file and the problem) unless every file the manifest lists is there
+    with its size and digest. A checkpoint from before manifests only needs its trainer state."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: checkpoint folder is missing")
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        if not (folder / TRAINER_STATE).is_file():
+            raise CheckpointError(f"{folder / TRAINER_STATE} is missing (incomplete checkpoint)")
+        return
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+        entries = [(str(name), int(entry["bytes"]), entry.get("sha256")) for name, entry in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        raise CheckpointError(f"{manifest_path}: not a valid checkpoint manifest (corrupt)") from None
+    if TRAINER_STATE not in {name for name, _, _ in entries}:
+        raise CheckpointError(f"{manifest_path}: lists no {TRAINER_STATE} (corrupt manifest)")
+    for name, size, digest in entries:
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing (incomplete checkpoint)")
+        actual = path.stat().st_size
+        if actual != size:
+            raise CheckpointError(f"{path}: {actual} bytes, the manifest says {size} (truncated or corrupt)")
+        if digest is not None and file_sha256(path) != digest:
+            raise CheckpointError(f"{path}: SHA-256 does not match the manifest (corrupt)")
+
+
+def _candidates(root: Path) -> list[Path]:
+    """Checkpoints to try, best first: the one `latest` names, then every step-* folder, newest first."""
+    found = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
+    pointer = root / "latest"
+    try:
+        named = root / pointer.read_text().strip() if pointer.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        named = None
+    if named is not None and named.name.startswith("step-") and named.parent == root:
+        found = [named] + [p for p in found if p != named]
+    return found
+
+
+def resume_checkpoint(out, load_model, strict: bool = False):
+    """The newest checkpoint under OUT that verifies and loads: (folder, trainer state, load_model(folder)), or
+    None when there is none at all. A bad one is reported in one warning line naming the file and the problem and
+    the next older one is tried; `strict` raises CheckpointError instead. Every rank makes the same choice (they
+    read the same files)."""
+    root = checkpoints_dir(out)
+    problems = []
+    for folder in _candidates(root):
+        try:
+            verify_checkpoint(folder)
+            state = load_trainer_state(folder)
+            model = load_model(folder)
+        except (CheckpointError, ModelError) as e:
+            if strict:
+                raise CheckpointError(f"{e}; --resume strict does not fall back to an older checkpoint") from None
+            problems.append(str(e))
+            logger.warning("resume: skipping checkpoint %s: %s", folder.name, e)
+            continue
+        if problems:
+            logger.warning("resume: falling back to %s, the newest complete checkpoint", folder.name)
+        return folder, state, model
+    if problems:
+        raise CheckpointError(f"{root}: no complete checkpoint to resume from ({len(problems)} checked; newest "
+                              f"problem: {problems[0]})")
+    return None
+
+
 def latest_checkpoint(out) -> Path | None:
     """The newest complete checkpoint: the one `latest` names, else the highest `step-*` holding its state."""
     root = checkpoints_dir(out)
@@ -154,7 +254,20 @@ def latest_checkpoint(out) -> Path | None:
 
 
 def load_trainer_state(checkpoint: Path) -> dict:
-    return torch.load(Path(checkpoint) / TRAINER_STATE, map_location="cpu", weights_only=False)
+    """trainer_state.pt, read with weights_only=True (tensors and plain containers, no arbitrary pickle).
+    Raises CheckpointError naming the file for anything unreadable."""
+    path = Path(checkpoint) / TRAINER_STATE
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing (incomplete checkpoint)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... on torn or foreign files
+        reason = " ".join(str(e).split())[:120]
+        raise CheckpointError(f"{path}: not a readable trainer state ({type(e).__name__}: {reason})") from None
+    missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: trainer state lacks {', '.join(missing)} (corrupt or foreign file)")
+    return state
 
 
 def restore(state: dict, model, optimizer, scheduler, info: DistInfo) -> int:

@@ -19,7 +19,9 @@ def register(subparsers) -> None:
     p.add_argument("--init", help="previous stage's output folder (or any model folder) to start from")
     p.add_argument("--tokenizer", help="tokenizer folder (default: --init's, else trained on --data)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (schedule unchanged)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT's latest checkpoint")
+    p.add_argument("--resume", nargs="?", const=True, choices=(True, "strict"), metavar="strict",
+                   help="continue from OUT's newest complete checkpoint (a corrupt newest one is reported and the "
+                        "one before it used); `--resume strict` stops at a corrupt one instead")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_train)
 

@@ -27,24 +27,31 @@ import torch
 import yaml
 
 from gmaivl_rt.atomic import atomic_write_jsonl, atomic_write_text
+from gmaivl_rt.errors import GmaivlError
 
 from . import distributed as dist_utils
-from .checkpointing import latest_checkpoint, load_trainer_state, restore, save_checkpoint, write_model
+from .checkpointing import checkpoints_dir, restore, resume_checkpoint, save_checkpoint, write_model
 from .config import load_train_config
 from .dataset import ImagePolicy, PackedDataset
 from .tokenizer import (chat_stop_ids, check_tokenizer_fits, conversation_texts, load_tokenizer, model_vocab_fields,
                         save_hf_tokenizer, train_bpe_tokenizer)
 
 logger = logging.getLogger(__name__)
+NAN_POLICIES = ("stop", "skip")
+
+
+class NonFiniteTrainingError(GmaivlError, ValueError):
+    """A step's loss or gradient norm is NaN/Inf (train.nan_policy decides when this stops the run)."""
 
 
 def train(stage: int, data, out, *, config=None, preset: str | None = None, init=None, tokenizer=None,
-          max_steps: int | None = None, resume: bool = False, overrides: dict | None = None,
+          max_steps: int | None = None, resume: bool | str = False, overrides: dict | None = None,
           progress: bool = True) -> dict:
     """Run one stage. data: data folder (meta.json) or meta-list; out: the stage's output folder; config: an extra
     YAML layer; preset: model preset when there is no `init`; init: the previous stage's output folder;
     tokenizer: a tokenizer folder (default: init's, else trained on `data`); max_steps: stop after this many
-    optimizer steps (the schedule keeps its full length); resume: continue from OUT's latest checkpoint.
+    optimizer steps (the schedule keeps its full length); resume: continue from OUT's newest complete checkpoint
+    (True: a corrupt newest one is reported and the one before it used; "strict": a corrupt one is an error).
     Works the same under torchrun. Returns a summary dict (steps, losses, final_loss, out)."""
     info = dist_utils.setup()
     try:
@@ -72,15 +79,15 @@ def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps
     # ---- tokenizer and model
     tokenizer_dir = _resolve_tokenizer(tokenizer_dir, init, out, data, cfg, info)
     tokenizer = load_tokenizer(tokenizer_dir)
-    checkpoint = latest_checkpoint(out) if resume else None
+    found = resume_checkpoint(out, GMAIVL.from_pretrained, strict=resume == "strict") if resume else None
+    checkpoint, state, model = found or (None, None, None)
     if resume and checkpoint is None and info.is_main:
         logger.warning("--resume: no checkpoint in %s yet; starting from the beginning", out)
-    if checkpoint is not None:
-        model = GMAIVL.from_pretrained(checkpoint)
-    elif init is not None:
-        model = GMAIVL.from_pretrained(init)
-    else:
-        model = GMAIVL(_preset_config(GMAIVLConfig, cfg["preset"], tokenizer))
+    # GMAIVL.from_pretrained refuses weights that are non-finite or do not match their saved SHA-256 (ModelError),
+    # so a silently corrupt --init or checkpoint never reaches step 1.
+    if checkpoint is None:  # else the model is the checkpoint's, loaded (and verified) by resume_checkpoint
+        model = GMAIVL.from_pretrained(init) if init is not None else \
+            GMAIVL(_preset_config(GMAIVLConfig, cfg["preset"], tokenizer))
     check_tokenizer_fits(model.config, tokenizer, tokenizer_dir)
     trainable = set_trainable(model, cfg["trainable"])
     model.set_gradient_checkpointing(bool(cfg["train"]["activation_checkpointing"]))
@@ -106,8 +113,10 @@ def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(total_steps, warmup, float(cfg["schedule"]["min_lr_ratio"])))
     start_step = 0
+    counters = {"skipped_steps": 0, "nonfinite_in_row": 0}  # batches dropped for a non-finite loss / grad norm
     if checkpoint is not None:
-        start_step = restore(load_trainer_state(checkpoint), model, optimizer, scheduler, info)
+        start_step = restore(state, model, optimizer, scheduler, info)
+        counters.update({k: int(state["trainer"].get(k, 0)) for k in counters})
     log_path = out / "log.jsonl"
     log = _read_log(log_path)[:start_step] if checkpoint is not None else []
     if info.is_main:
@@ -119,6 +128,9 @@ def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps
     precision = cfg["train"]["precision"]
     use_bf16 = precision == "bf16" or (precision == "auto" and info.device.type == "cuda")
     grad_clip = float(cfg["train"]["grad_clip"])
+    nan_policy, nan_max_skips = str(cfg["train"]["nan_policy"]), int(cfg["train"]["nan_max_skips"])
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"train.nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
     # This rank's packs for every remaining step, in order; workers (data.num_workers) decode images ahead.
     loader = iter(torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=[i for s in range(start_step, end_step) for i in sampler.rank_batch(s)],
@@ -145,22 +157,39 @@ def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps
             tokens += dataset.num_tokens(index)
         grad_norm = _grad_norm(torch.nn.utils.clip_grad_norm_(params, grad_clip))
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        # Every rank sees the same global loss and grad norm, so every rank takes the same branch below.
         loss = dist_utils.all_reduce_sum(loss_share, info)
         tokens = dist_utils.all_reduce_sum(float(tokens), info)
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+            counters["nonfinite_in_row"] = 0
+        else:  # the batch is dropped: no optimizer step, and the weights stay those of the last good step
+            counters["skipped_steps"] += 1
+            counters["nonfinite_in_row"] += 1
+        stop = not finite and (nan_policy == "stop" or counters["nonfinite_in_row"] >= nan_max_skips)
+        stop_reason = _nonfinite_message(step + 1, loss, grad_norm, model, nan_policy, counters["nonfinite_in_row"],
+                                         out) if stop else None  # before zero_grad: it names the bad gradients
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started
         record = {"stage": stage, "step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens": int(tokens), "tokens_per_s": tokens / seconds, "peak_mem_mb": _peak_memory_mb(info)}
+        if not finite:
+            record["skipped"] = True
+        record = strict_json_record(record)
         log.append(record)
         if info.is_main:
             with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(record, allow_nan=False) + "\n")
+        if stop:
+            bar.close()
+            raise NonFiniteTrainingError(stop_reason)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
         if (step + 1) % int(cfg["train"]["save_every"]) == 0 or step + 1 == end_step:
-            save_checkpoint(out, step + 1, model, optimizer, scheduler, {"stage": stage, "total_steps": total_steps},
+            save_checkpoint(out, step + 1, model, optimizer, scheduler,
+                            {"stage": stage, "total_steps": total_steps, **counters},
                             info, keep_last=int(cfg["train"]["keep_last"]))
     bar.close()
 
@@ -178,7 +207,7 @@ def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps
     dist_utils.barrier(info)
     return {"out": str(out), "stage": stage, "steps": end_step, "total_steps": total_steps,
             "losses": [r["loss"] for r in log], "final_loss": log[-1]["loss"] if log else None,
-            "data": dataset.stats()}
+            "skipped_steps": counters["skipped_steps"], "data": dataset.stats()}
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
@@ -268,6 +297,28 @@ def _peak_memory_mb(info) -> float:
     if info.device.type == "cuda":
         return torch.cuda.max_memory_allocated(info.device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB: process peak RSS
+
+
+def strict_json_record(record: dict) -> dict:
+    """The log record with NaN/Inf floats as null and their keys listed under "nonfinite" (strict JSON)."""
+    bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+    if not bad:
+        return record
+    return {**{k: (None if k in bad else v) for k, v in record.items()}, "nonfinite": bad}
+
+
+def _nonfinite_message(step: int, loss: float, grad_norm: float, model, policy: str, in_row: int, out) -> str:
+    bad = []
+    for name, p in dist_utils.unwrap(model).named_parameters():
+        grad = getattr(p.grad, "to_local", lambda: p.grad)() if p.grad is not None else None
+        if (grad is not None and not bool(torch.isfinite(grad).all())) or \
+                not bool(torch.isfinite(getattr(p, "to_local", lambda: p)().detach()).all()):
+            bad.append(name)
+    where = f"non-finite gradients or weights in {len(bad)} parameter(s), e.g. {', '.join(bad[:3])}" if bad \
+        else "no parameter is non-finite (the loss itself is)"
+    why = "train.nan_policy is stop" if policy == "stop" else f"{in_row} non-finite steps in a row (nan_max_skips)"
+    return (f"step {step}: loss {loss}, grad norm {grad_norm}; {where}. Stopped before the optimizer step "
+            f"({why}); the last good checkpoint in {checkpoints_dir(out)} stays 'latest'")
 
 
 def _read_log(path: Path) -> list[dict]:

@@ -37,9 +37,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from gmaivl_rt.atomic import atomic_write_bytes, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from gmaivl_rt.atomic import (atomic_create_bytes, atomic_write_bytes, atomic_write_json, atomic_write_jsonl,
+                              atomic_write_text, remove_partial_files)
 from gmaivl_rt.data import templates as T
-from gmaivl_rt.data.deid import find_phi, phi_values_of_file, safe_stem, safe_token, scrub
+from gmaivl_rt.data.deid import find_phi, phi_values_of_file, safe_path, safe_stem, safe_token, scrub
 from gmaivl_rt.data.manifest import (TASK_CODES, DatasetSpec, ManifestError, load_manifest, missing_columns,
                                      parse_boxes, parse_options, read_annotations)
 from gmaivl_rt.medical_io import (DICOM_SUFFIXES, NIFTI_SUFFIXES, PILLOW_SUFFIXES, MaskError, MedicalImageError,
@@ -81,8 +82,7 @@ class ImageStore:
         if not os.path.exists(path):
             buf = io.BytesIO()
             Image.fromarray(pixels, mode="RGB").save(buf, format="PNG", compress_level=3)
-            atomic_write_bytes(path, buf.getvalue())
-            self.written += 1
+            self.written += atomic_create_bytes(path, buf.getvalue())  # a parallel worker may have won the race
         return rel
 
 
@@ -429,6 +429,7 @@ def build_dataset(out_dir: str | os.PathLike, *, manifest: str | os.PathLike | N
     out_dir = os.fspath(out_dir)
     with _build_log(out_dir):
         started = time.perf_counter()
+        partial = _remove_partial_files(out_dir)  # before any worker starts writing
         plan, plan_errors = _plan(specs)
         fingerprint = _build_fingerprint(specs, plan, seed, rewriter_id)
         items = [(s, r) for s, (_, rows) in enumerate(plan) for r in range(len(rows))]
@@ -444,7 +445,7 @@ def build_dataset(out_dir: str | os.PathLike, *, manifest: str | os.PathLike | N
                 "specs": [asdict(spec) for spec in specs], "plan_errors": plan_errors,
                 "items": [[s, r, outcome] for (s, r), outcome in zip(items, outcomes)]})
         summary = _write_outputs(out_dir, specs, plan, plan_errors, items, outcomes)
-        run.update(seconds=round(time.perf_counter() - started, 3), workers=workers)
+        run.update(seconds=round(time.perf_counter() - started, 3), workers=workers, partial_files_removed=partial)
         run["images_per_second"] = round(summary["images_converted"] / run["seconds"], 2) if run["seconds"] else None
         atomic_write_json(os.path.join(out_dir, RUN_FILE), run)
         logger.info("wrote %d records (%d images converted, %d new PNGs), %d items skipped with errors, %.1f s",
@@ -536,7 +537,7 @@ def _convert_one(item: tuple[int, int]) -> tuple[dict | str, dict]:
         except (KeyError, ValueError, TypeError, OSError) as e:  # malformed row or file system
             raise ItemError("error", safe_reason(e)) from None
     except ItemError as e:
-        error = {"dataset": spec.name, "source": scrub(str(row.get("image", "")), converter.phi),
+        error = {"dataset": spec.name, "source": safe_path(str(row.get("image", "")), converter.phi),
                  "kind": e.kind, "reason": scrub(e.reason, converter.phi)}
         logger.warning("skipped %s item %s: %s", spec.name, error["source"], error["reason"])
         return error, {"resumed": 0, "new_png_files": converter.store.written - written_before}
@@ -667,6 +668,15 @@ def merge_shards(shard_dirs, out_dir: str | os.PathLike) -> dict:
         logger.info("merged %d shards: %d records, %d items skipped with errors", count, summary["records"],
                     summary["errors"])
     return summary
+
+
+def _remove_partial_files(out_dir: str) -> int:
+    """Delete the temporary files a killed run left in this build's own folders (by atomic's naming pattern)."""
+    removed = remove_partial_files(out_dir, recursive=False)  # meta.json, summary.json, errors.jsonl
+    removed += sum(remove_partial_files(os.path.join(out_dir, sub)) for sub in ("images", "annotations", ".work"))
+    if removed:
+        logger.info("removed %d partial file(s) left by an interrupted run", removed)
+    return removed
 
 
 def _load_work(path: str, image_root: str) -> ItemResult | None:

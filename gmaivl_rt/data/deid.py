@@ -4,10 +4,16 @@ The converter only ever reads whitelisted, non-identifying DICOM attributes (see
 identity should never get into its output in the first place. This module is the second line: it collects the
 identity values a DICOM file carries (names, IDs, dates, times, institution, physicians, accession number, UIDs)
 and checks every record, id, file name and error message against them before anything is written.
+
+Matching is on normalised text (case folded, separators such as `^ _ - . space` removed), so an identity hides
+neither in concatenations (`QuixoteAlonso19470321.dcm`) nor behind other separators. A name also matches with
+its parts in any order, a date as YYYYMMDD, YYYY-MM-DD, DD.MM.YYYY or MM/DD/YYYY.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import os
 import re
 
@@ -24,6 +30,11 @@ PHI_KEYWORDS = (
 )
 _NON_IDENTIFYING_VALUES = {"", "anonymous", "anonymized", "none", "unknown", "n/a", "na", "0", "00", "1"}
 _SAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+_SEPARATORS = re.compile(r"[\W_]+")  # everything but letters and digits
+_DATE = re.compile(r"(\d{4})(\d{2})(\d{2})")
+# A form shorter than this matches only a whole word of free text (a surname 'Mid' must not hit 'middle');
+# longer forms, and every form inside names (files, folders, ids), match anywhere.
+_WORD_ONLY_BELOW = 6
 _UID_LIKE = re.compile(r"^\d+(\.\d+){3,}$")
 
 
@@ -87,24 +98,65 @@ def _significant(text: str) -> bool:
     return len(text) >= 3 and (any(c.isalpha() for c in text) or len(text) >= 6)
 
 
+def normalise(text: str) -> str:
+    """Case-folded text with every separator removed: 'Quixote^Alonso' and 'quixote-alonso' -> 'quixotealonso'."""
+    return _SEPARATORS.sub("", str(text).casefold())
+
+
+@functools.lru_cache(maxsize=4096)
+def identity_forms(value: str) -> frozenset[str]:
+    """The normalised forms one identity value can take in text: itself; a person name's parts concatenated in
+    any order (two of them, or all, up to three); a date as YYYYMMDD, DDMMYYYY and MMDDYYYY. Forms too short to
+    identify anyone are dropped."""
+    forms = {normalise(value)}
+    if "^" in value or "=" in value:  # DICOM PN: family^given^middle^prefix^suffix, '=' between representations
+        for group in value.split("="):
+            parts = [normalise(p) for p in group.split("^") if normalise(p)][:3]
+            for size in {2, len(parts)}:
+                forms.update("".join(order) for order in itertools.permutations(parts, size))
+    for digits in (forms.copy()):
+        date = _DATE.match(digits)
+        if date and 1 <= int(date[2]) <= 12 and 1 <= int(date[3]) <= 31:
+            year, month, day = date.groups()
+            forms.update({year + month + day, day + month + year, month + day + year})
+    return frozenset(f for f in forms if _significant(f))
+
+
 def _pattern(value: str) -> re.Pattern:
     # Whole-token match: a surname 'Mid' must not hit 'middle', a time '120000' must not hit '1200001'.
     return re.compile(r"(?<![A-Za-z0-9])" + re.escape(value) + r"(?![A-Za-z0-9])", re.IGNORECASE)
 
 
-def find_phi(text: str, phi: set[str]) -> str | None:
-    """The first identity value occurring in `text` as a whole token (case-insensitive), or None."""
-    for value in phi:
-        if _pattern(value).search(text):
-            return value
+def find_phi(text: str, phi: set[str], *, name: bool = False) -> str | None:
+    """The first identity value (by `identity_forms`) found in `text`, or None. name=True for file and folder
+    names and ids: every form matches anywhere. In free text a form shorter than 6 characters must be a whole
+    word (letters and digits between separators) or a run of up to three whole words."""
+    if not phi:
+        return None
+    squeezed = normalise(text)
+    words = None
+    for value in sorted(phi):
+        for form in identity_forms(value):
+            if name or len(form) >= _WORD_ONLY_BELOW:
+                if form in squeezed:
+                    return value
+            else:
+                if words is None:  # each word, and runs of up to three ('Bo Ng' is the name 'Ng^Bo' too)
+                    split = [w for w in _SEPARATORS.split(text.casefold()) if w]
+                    words = {"".join(split[i:i + n]) for n in (1, 2, 3) for i in range(len(split))}
+                if form in words:
+                    return value
     return None
 
 
 def scrub(text: str, phi: set[str]) -> str:
-    """Replace every identity value in `text` by '[removed]'."""
+    """Replace every identity value in `text` by '[removed]': exact occurrences, then every whitespace- or
+    slash-separated chunk that holds one in any form (e.g. a file name 'QuixoteAlonso1947.dcm')."""
+    if not phi:
+        return text
     for value in sorted(phi, key=len, reverse=True):
         text = _pattern(value).sub("[removed]", text)
-    return text
+    return re.sub(r"[^\s/\\]+", lambda m: "[removed]" if find_phi(m.group(), phi, name=True) else m.group(), text)
 
 
 def safe_stem(source_path: str, phi: set[str]) -> str:
@@ -116,9 +168,21 @@ def safe_stem(source_path: str, phi: set[str]) -> str:
             base = base[: -len(suffix)]
             break
     stem = _SAFE_CHARS.sub("_", base).strip("._-")[:64]
-    if not stem or _UID_LIKE.match(base) or find_phi(base, phi) or find_phi(stem, phi):
-        return "file-" + hashlib.sha256(source_path.encode()).hexdigest()[:12]
+    if not stem or _UID_LIKE.match(base) or find_phi(base, phi, name=True):
+        return "file-" + _short_hash(source_path)
     return stem
+
+
+def safe_path(relative_path: str, phi: set[str]) -> str:
+    """A source path as reports show it: every folder or file name holding an identity value (in any form) is
+    replaced by a short hash of it ('dir-1a2b3c4d5e6f/scan.dcm'); the others stay readable."""
+    parts = str(relative_path).replace("\\", "/").split("/")
+    return "/".join(("dir-" if i < len(parts) - 1 else "file-") + _short_hash(part)
+                    if part and find_phi(part, phi, name=True) else part for i, part in enumerate(parts))
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def safe_token(text: str) -> str:

@@ -1,0 +1,52 @@
+"""Run an ASGI app with uvicorn in a background thread on a free loopback port (tests, benchmarks, notebooks).
+
+    with BackgroundServer(create_app(engine)) as server:
+        openai.OpenAI(base_url=server.url + "/v1", api_key="-")...
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class BackgroundServer:
+    """uvicorn serving `app` on `host` (loopback by default) in a daemon thread; stops on exit, bounded in time."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int | None = None, start_timeout_s: float = 30.0,
+                 stop_timeout_s: float = 30.0, log_level: str = "warning"):
+        import uvicorn
+
+        self.host, self.port = host, port or free_port(host)
+        self.start_timeout_s, self.stop_timeout_s = start_timeout_s, stop_timeout_s
+        config = uvicorn.Config(app, host=self.host, port=self.port, log_level=log_level, lifespan="off",
+                                timeout_graceful_shutdown=int(stop_timeout_s))
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + self.start_timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.server.should_exit = True
+                raise RuntimeError(f"the server did not start on {self.url} within {self.start_timeout_s} s")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(self.stop_timeout_s)
+        if self.thread.is_alive():  # open streams past the grace period: close them
+            self.server.force_exit = True
+            self.thread.join(5.0)

@@ -1,0 +1,187 @@
+// The gmaivl-rt page: pick a file, see what the model sees (rendered by the server), ask, watch the answer stream.
+// Plain browser JavaScript, no build step; it talks only to the server that served it.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { dataUri: null, meta: null, model: null };
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("api-key").value.trim();
+  if (key) h["Authorization"] = "Bearer " + key;
+  return h;
+}
+
+function setStatus(text, isError) {
+  $("status").textContent = text;
+  $("status").className = isError ? "error" : "muted";
+}
+
+async function errorText(response) {
+  try {
+    const body = await response.json();
+    return (body.error && body.error.message) || response.statusText;
+  } catch (e) {
+    return response.status + " " + response.statusText;
+  }
+}
+
+// The browser may not know DICOM / NIfTI types; the server sniffs the bytes, so octet-stream is fine.
+function readAsDataUri(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => {
+      const text = String(reader.result);
+      const payload = text.slice(text.indexOf("base64,") + 7);
+      resolve("data:" + (file.type || "application/octet-stream") + ";base64," + payload);
+    };
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+// The image part as the chat request and the preview both send it, with the chosen frame / slice and window.
+function imageUrl(withIndex) {
+  const part = { url: state.dataUri };
+  const meta = state.meta;
+  if (withIndex && meta) {
+    const index = Number($("index").value);
+    if (meta.format === "nifti") part.slice_index = index; else part.frame = index;
+  }
+  if (meta && meta.format === "nifti") part.plane = $("plane").value;
+  if ($("window").value) part.window = $("window").value;
+  return part;
+}
+
+function showMeta(meta) {
+  const rows = [
+    ["Format", meta.format], ["Modality", meta.modality && meta.modality_name !== meta.modality ? meta.modality_name + " (" + meta.modality + ")" : meta.modality],
+    ["Body part", meta.body_part], ["Size", meta.width + " × " + meta.height + " px"],
+    [meta.format === "nifti" ? "Slices" : "Frames", meta.count], ["Plane", meta.orientation],
+    ["Pixel spacing", meta.pixel_spacing ? meta.pixel_spacing.map((v) => v.toFixed(3)).join(" × ") + " mm" : null],
+    ["Window", meta.window ? meta.window_name + " (" + meta.window.map((v) => Math.round(v)).join(" / ") + ")" : meta.window_name],
+  ];
+  const dl = $("meta");
+  dl.replaceChildren();
+  for (const [name, value] of rows) {
+    if (value === null || value === undefined || value === "") continue;
+    const dt = document.createElement("dt"); dt.textContent = name;
+    const dd = document.createElement("dd"); dd.textContent = String(value);
+    dl.append(dt, dd);
+  }
+}
+
+async function refreshPreview(withIndex) {
+  setStatus("Rendering…");
+  const response = await fetch("/v1/gmaivl/preview", {
+    method: "POST", headers: headers(), body: JSON.stringify({ image_url: imageUrl(withIndex) }),
+  });
+  if (!response.ok) {
+    setStatus(await errorText(response), true);
+    $("ask").disabled = true;
+    return;
+  }
+  const body = await response.json();
+  state.meta = body.metadata;
+  const meta = body.metadata;
+  $("preview").src = body.image;
+  $("preview").hidden = false;
+  $("preview-caption").textContent = "As the model sees it: " + meta.width + " × " + meta.height + " px";
+  $("controls").hidden = false;
+  $("index-row").hidden = meta.count <= 1;
+  $("index-label").textContent = meta.format === "nifti" ? "Slice" : "Frame";
+  $("index").max = String(meta.count - 1);
+  $("index").value = String(meta.index);
+  $("index-value").textContent = (meta.index + 1) + " / " + meta.count;
+  $("plane-row").hidden = meta.format !== "nifti";
+  $("window-row").hidden = !(meta.modality === "CT" || meta.format === "nifti");
+  showMeta(meta);
+  setStatus("Ready.");
+  $("ask").disabled = false;
+}
+
+async function chooseFile(file) {
+  if (!file) return;
+  state.dataUri = await readAsDataUri(file);
+  state.meta = null;
+  $("window").value = "";
+  await refreshPreview(false);
+}
+
+async function ask() {
+  $("ask").disabled = true;
+  $("answer").textContent = "";
+  $("answer").dataset.done = "false";
+  $("latency").textContent = "";
+  setStatus("Asking…");
+  const request = {
+    messages: [{ role: "user", content: [
+      { type: "image_url", image_url: imageUrl(true) },
+      { type: "text", text: $("question").value },
+    ] }],
+    max_tokens: Number($("max-tokens").value),
+    stream: true, stream_options: { include_usage: true },
+  };
+  if (state.model) request.model = state.model;
+  const start = performance.now();
+  let firstToken = null, usage = null, failed = false;
+  try {
+    const response = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(request) });
+    if (!response.ok) throw new Error(await errorText(response));
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "", finished = false;
+    while (!finished) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const event = buffer.slice(0, end); buffer = buffer.slice(end + 2);
+        if (!event.startsWith("data: ")) continue;
+        const data = event.slice(6);
+        if (data === "[DONE]") { finished = true; break; }
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new Error(chunk.error.message);
+        if (chunk.usage) usage = chunk.usage;
+        for (const choice of chunk.choices || []) {
+          const text = choice.delta && choice.delta.content;
+          if (text) {
+            if (firstToken === null) firstToken = performance.now();
+            $("answer").textContent += text;
+          }
+        }
+      }
+    }
+    setStatus("Done.");
+  } catch (error) {
+    failed = true;
+    setStatus(String(error.message || error), true);
+  }
+  const total = (performance.now() - start) / 1000;
+  const parts = [];
+  if (firstToken !== null) parts.push("first token " + ((firstToken - start) / 1000).toFixed(2) + " s");
+  parts.push("total " + total.toFixed(2) + " s");
+  if (usage) parts.push(usage.completion_tokens + " tokens");
+  $("latency").textContent = parts.join(" · ");
+  $("answer").dataset.done = failed ? "error" : "true";
+  $("ask").disabled = false;
+}
+
+function init() {
+  const drop = $("drop");
+  $("file").addEventListener("change", (e) => chooseFile(e.target.files[0]));
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); chooseFile(e.dataTransfer.files[0]); });
+  $("index").addEventListener("input", () => { $("index-value").textContent = (Number($("index").value) + 1) + " / " + (state.meta ? state.meta.count : 1); });
+  $("index").addEventListener("change", () => refreshPreview(true));
+  $("plane").addEventListener("change", () => refreshPreview(false));
+  $("window").addEventListener("change", () => refreshPreview(true));
+  $("ask").addEventListener("click", ask);
+  fetch("/v1/models", { headers: headers() }).then((r) => r.ok ? r.json() : null).then((body) => {
+    if (body && body.data && body.data.length) { state.model = body.data[0].id; $("model").textContent = "model: " + state.model; }
+  }).catch(() => {});
+}
+
+init();
