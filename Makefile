@@ -10,7 +10,7 @@ PIP_HAS_SOURCES := $(shell $(PYTHON) -m pip config list 2>/dev/null | grep -E 'i
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 TORCH_INDEX ?= $(if $(or $(HAS_GPU),$(PIP_HAS_SOURCES)),,https://download.pytorch.org/whl/cpu)
 
-.PHONY: setup demo test bench report fuzz mutate
+.PHONY: setup demo test bench report fuzz mutate gpu-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -31,6 +31,11 @@ bench: setup
 
 report: setup
 	$(BIN)/gmaivl-rt kernels report --json runs/kernel_report.json
+
+# One-shot check on a lent GPU (see README "Kernels"): results appended to runs/gpu_check/gpu_check.jsonl as they come.
+GPU_CHECK_BUDGET ?= 420
+gpu-check: setup
+	$(BIN)/python -m gmaivl_rt.gpu_check --out runs/gpu_check --budget $(GPU_CHECK_BUDGET)
 
 # A longer fuzz of the image readers than CI's 200 examples per format, with shrinking; findings are saved under
 # the pytest tmp folder's work/findings/ (keep them in tests/fuzz_regressions/ once fixed). FUZZ_EXAMPLES to size it.

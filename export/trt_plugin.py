@@ -44,7 +44,7 @@ DEFAULT_ARCH = 80  # sm_80 PTX is forward compatible: the driver JITs it for new
 def _attn_fwd_trt(Q, K, V, CU, NUM_HEADS, GROUP, TOTAL_Q, Out, LSE, QK_SCALE: tl.constexpr,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """TensorRT's argument order around `_attn_fwd_kernel`. Grid: (cdiv(S, BLOCK_M), B * NUM_HEADS).
+    """TensorRT's argument order around `_attn_fwd_kernel`. Grid: (B * NUM_HEADS, cdiv(S, BLOCK_M)).
     QK_SCALE (softmax scale * log2 e) is a compile-time constant: TensorRT's extra arguments are integers."""
     _attn_fwd_kernel(Q, K, V, Out, LSE, CU, CU, QK_SCALE, NUM_HEADS, GROUP, TOTAL_Q, HEAD_DIM, BLOCK_D, BLOCK_M,
                      BLOCK_N, CAUSAL, UPCAST, PRECISION)
@@ -54,7 +54,7 @@ def _attn_fwd_trt(Q, K, V, CU, NUM_HEADS, GROUP, TOTAL_Q, Out, LSE, QK_SCALE: tl
 class AotKernel:
     name: str          # the PTX entry point
     ptx: str
-    block_m: int       # queries per program: grid x = cdiv(S, block_m)
+    block_m: int       # queries per program: grid y = cdiv(S, block_m)
     num_warps: int     # block x = num_warps * 32
     shared_bytes: int  # dynamic shared memory per program
 
@@ -214,8 +214,8 @@ def register_plugin():
         kernel = compile_attention_ptx(trt_dtypes[q.dtype], int(head_dim.constant_value), bool(causal),
                                        float(softmax_scale))
         launch = trtp.KernelLaunchParams()
-        launch.grid_x = trtp.cdiv(q.shape_expr[1], kernel.block_m)
-        launch.grid_y = q.shape_expr[0] * q.shape_expr[2]
+        launch.grid_x = q.shape_expr[0] * q.shape_expr[2]  # (sequence, head) pairs on x: y stops at 65535
+        launch.grid_y = trtp.cdiv(q.shape_expr[1], kernel.block_m)
         launch.block_x = kernel.num_warps * 32
         launch.shared_mem = kernel.shared_bytes
         extra = trtp.SymIntExprs.from_tuple([

@@ -449,8 +449,11 @@ class GMAIVL(nn.Module):
 
     # -------------------------------------------------------------- generation
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """A cache in the activation dtype: the weights' dtype, or autocast's when it is on (k/v then come out of
+        the projections in that dtype, and the decode kernel multiplies them with q)."""
         w = self.lm_head.weight
-        return KVCache(self.config, batch_size, max_length, w.dtype, w.device)
+        dtype = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
+        return KVCache(self.config, batch_size, max_length, dtype, w.device)
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 32,

@@ -1,11 +1,6 @@
 """Triton kernels on the hot paths, each beside its plain PyTorch reference (see `_dispatch` for which runs)."""
-import os
-
-# Our kernels are written and tested with FP fusion (FMA contraction) on, Triton's current default; saying so
-# explicitly, in this one place, keeps the behaviour when Triton's default changes and silences its warning.
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-
-from ._dispatch import interpreting, kernel_mode, kernels, triton_available, use_triton  # noqa: E402
+# `_dispatch` first: it sets Triton's FP-fusion knob (in that one place) before any kernel module imports triton.
+from ._dispatch import interpreting, kernel_mode, kernels, triton_available, use_triton
 from .attention import attention, attention_reference
 from .decode_attention import decode_attention, decode_attention_reference
 from .fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference

@@ -7,6 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# What a launch without num_warps / num_stages gets on CUDA (triton's CUDAOptions defaults): a spec must name what its
+# launcher really uses, so the report compiles exactly that.
+LAUNCH_NUM_WARPS = 4
+LAUNCH_NUM_STAGES = 3
+
 
 @dataclass(frozen=True)
 class Roofline:
@@ -21,8 +26,8 @@ class KernelSpec:
     fn: object                   # the @triton.jit function
     signature: dict              # arg name -> Triton type ("*fp16", "*bf16", "*fp32", "i32", "fp32", "constexpr")
     constexprs: dict             # constexpr name -> value
-    num_warps: int = 4
-    num_stages: int = 2
+    num_warps: int = LAUNCH_NUM_WARPS
+    num_stages: int = LAUNCH_NUM_STAGES
     default: bool = False        # the config used under the interpreter / when not autotuning
     uses_dot: bool = False       # GEMM-bearing: must use tensor cores (mma / wgmma)
     roofline: Roofline | None = None

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting, pick_config, use_triton
+from ._dispatch import config_forced, interpreting, pick_config, unsupported_head_dim, use_triton
 from ._spec import KernelSpec, Roofline
 
 
@@ -25,10 +25,11 @@ def attention(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens=None, max
     softmax_scale: defaults to D ** -0.5.
     cu_seqlens: int32 (n + 1,) sequence boundaries into T (block-diagonal attention; empty sequences allowed).
     max_seqlen: the longest sequence in cu_seqlens, sizing the Triton grid; computed (a device sync) when None.
-    The Triton path (FlashAttention-2, differentiable) supports head dims up to 256.
+    The Triton path (FlashAttention-2, differentiable) supports head dims up to 128 (multiples of 8 load fastest);
+    larger ones take the reference under GMAIVL_KERNELS=auto and are refused under GMAIVL_KERNELS=triton.
     """
     _check_shapes(q, k, v, cu_seqlens)
-    if use_triton(q, k, v):
+    if use_triton(q, k, v, gemm=True, head_dim=q.shape[-1]):
         return _attention_triton(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen)
     return attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens)
 
@@ -67,7 +68,7 @@ def attention_reference(q, k, v, *, causal=False, softmax_scale=None, cu_seqlens
         (length,) = lengths
         shape = lambda t: t.reshape(n, length, *t.shape[1:])  # noqa: E731
         return _sdpa(shape(q), shape(k), shape(v), causal, softmax_scale).reshape(q.shape)
-    out = torch.empty_like(q)
+    out = torch.zeros_like(q)  # rows past cu_seqlens[-1] belong to no sequence: 0, as on the Triton path
     for s, e in zip(bounds[:-1], bounds[1:]):
         if e > s:
             out[s:e] = _sdpa(q[None, s:e], k[None, s:e], v[None, s:e], causal, softmax_scale)[0]
@@ -145,13 +146,21 @@ def online_softmax_step(acc, m_i, l_i, s, v, PRECISION: tl.constexpr):
 
 @triton.jit
 def _q_program(CU_Q, CU_K, NUM_HEADS, GROUP):
-    """Decode a (q block, seq * NUM_HEADS + head) program: its head, kv head and both sequences' bounds."""
-    pid_bh = tl.program_id(1)
+    """Decode a (seq * NUM_HEADS + head, q block) program: its head, kv head and both sequences' bounds. The
+    (sequence, head) pairs sit on grid axis 0, which may be 2**31 - 1 long (axis 1 stops at 65535)."""
+    pid_bh = tl.program_id(0)
     seq = pid_bh // NUM_HEADS
     head = pid_bh % NUM_HEADS
     start_q, len_q = _seq_bounds(CU_Q, seq)
     start_k, len_k = _seq_bounds(CU_K, seq)
     return head, head // GROUP, start_q, len_q, start_k, len_k
+
+
+@triton.jit
+def _q_block(BLOCK_M: tl.constexpr):
+    """This program's q block along grid axis 1, last block first: under a causal mask the late blocks see the most
+    keys, so launching them first keeps the tail of the grid short."""
+    return tl.num_programs(1) - 1 - tl.program_id(1)
 
 
 @triton.jit
@@ -212,8 +221,8 @@ def _attn_fwd_inner(acc, m_i, l_i, q, k_base, v_base, kv_stride, rows, lo, hi, l
 def _attn_fwd_kernel(Q, K, V, Out, LSE, CU_Q, CU_K, qk_scale, NUM_HEADS, GROUP, total_q,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Grid: (cdiv(max_seqlen_q, BLOCK_M), n_seqs * NUM_HEADS). One program: one q block of one head."""
-    pid_m = tl.program_id(0)
+    """Grid: (n_seqs * NUM_HEADS, cdiv(max_seqlen_q, BLOCK_M)). One program: one q block of one head."""
+    pid_m = _q_block(BLOCK_M)
     head, kv_head, start_q, len_q, start_k, len_k = _q_program(CU_Q, CU_K, NUM_HEADS, GROUP)
     start_m = pid_m * BLOCK_M
     if start_m >= len_q:
@@ -290,10 +299,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, qk_scale,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                           PRECISION: tl.constexpr):
-    """Grid: (cdiv(max_seqlen_k, BLOCK_N), n_seqs * kv_heads). One program owns one key block of one kv head and
+    """Grid: (n_seqs * kv_heads, cdiv(max_seqlen_k, BLOCK_N)). One program owns one key block of one kv head and
     loops over the GROUP q heads sharing it, so grouped-query dk/dv are summed without atomics."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_n = tl.program_id(1)
     num_kv_heads = NUM_HEADS // GROUP
     seq = pid_bh // num_kv_heads
     kv_head = pid_bh % num_kv_heads
@@ -355,8 +364,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse, delta, k_base, v_base, kv_stride, rows, l
 def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, qk_scale, sm_scale, NUM_HEADS, GROUP, total_q,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Grid: (cdiv(max_seqlen_q, BLOCK_M), n_seqs * NUM_HEADS). One program: dq of one q block of one head."""
-    pid_m = tl.program_id(0)
+    """Grid: (n_seqs * NUM_HEADS, cdiv(max_seqlen_q, BLOCK_M)). One program: dq of one q block of one head."""
+    pid_m = _q_block(BLOCK_M)
     head, kv_head, start_q, len_q, start_k, len_k = _q_program(CU_Q, CU_K, NUM_HEADS, GROUP)
     start_m = pid_m * BLOCK_M
     if start_m >= len_q:
@@ -409,17 +418,29 @@ _attn_bwd_dq_tuned = triton.autotune(_triton_configs(BWD_DQ_CONFIGS), key=_TUNE_
 
 def _launch(kernel, tuned, configs, grid_of, device_tensor, *args, **constexprs):
     """Autotune where a GPU driver runs the kernel; otherwise (interpreter) launch the fixed default config."""
-    if device_tensor.is_cuda:
+    if device_tensor.is_cuda and not config_forced(configs):
         tuned[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
     else:
         bm, bn, warps, stages = pick_config(configs)
         kernel[grid_of(bm, bn)](*args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
 
 
+# CUDA's grid limits: axis 0 up to 2**31 - 1 programs, axes 1 and 2 up to 65535.
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def _grid(*sizes):
+    """A launch grid, checked against CUDA's limits (a launch past them fails with an opaque driver error)."""
+    for axis, (size, limit) in enumerate(zip(sizes, GRID_LIMITS)):
+        if size > limit:
+            raise ValueError(f"attention: {size} programs on grid axis {axis} exceed CUDA's limit of {limit}")
+    return tuple(sizes)
+
+
 def _kernel_flags(q):
     head_dim = q.shape[-1]
-    if head_dim > 256:
-        raise ValueError(f"attention: head_dim {head_dim} > 256 is not supported by the Triton kernel")
+    if unsupported_head_dim(head_dim):
+        raise ValueError(f"attention: {unsupported_head_dim(head_dim)}")
     return dict(
         HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
@@ -439,25 +460,27 @@ class _FlashAttention(torch.autograd.Function):
     """Packed q (Tq, Hq, D), k/v (Tk, Hkv, D) with per-sequence bounds cu_q / cu_k (int32, n + 1)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, covers_all):
+        """covers_all: cu_q[-1] == Tq and cu_k[-1] == Tk (the padded layout). Otherwise rows past the last
+        sequence are written by no program, so outputs and gradients start zeroed (the reference gives 0 there)."""
         q, k, v = (_contiguous_aligned(t) for t in (q, k, v))
         total_q, num_heads, _ = q.shape
         group = num_heads // k.shape[1]
         n_seqs = cu_q.numel() - 1
-        out = torch.empty_like(q)
+        out = torch.empty_like(q) if covers_all else torch.zeros_like(q)
         lse = torch.empty((num_heads, total_q), device=q.device, dtype=torch.float32)
         flags = _kernel_flags(q)
         _launch(_attn_fwd_kernel, _attn_fwd_tuned, FWD_CONFIGS,
-                lambda bm, bn: (triton.cdiv(max_q, bm), n_seqs * num_heads), q,
+                lambda bm, bn: _grid(n_seqs * num_heads, triton.cdiv(max_q, bm)), q,
                 q, k, v, out, lse, cu_q, cu_k, scale * _LOG2E, num_heads, group, total_q, CAUSAL=causal, **flags)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-        ctx.args = (max_q, max_k, causal, scale)
+        ctx.args = (max_q, max_k, causal, scale, covers_all)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        max_q, max_k, causal, scale = ctx.args
+        max_q, max_k, causal, scale, covers_all = ctx.args
         grad_out = _contiguous_aligned(grad_out)
         total_q, num_heads, _ = q.shape
         num_kv_heads = k.shape[1]
@@ -468,15 +491,16 @@ class _FlashAttention(torch.autograd.Function):
         _attn_bwd_delta_kernel[(triton.cdiv(total_q, DELTA_BLOCK_M), num_heads)](
             out, grad_out, delta, total_q, num_heads, HEAD_DIM=flags["HEAD_DIM"], BLOCK_D=flags["BLOCK_D"],
             BLOCK_M=DELTA_BLOCK_M)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        new_grad = torch.empty_like if covers_all else torch.zeros_like
+        dq, dk, dv = new_grad(q), new_grad(k), new_grad(v)
         common = (cu_q, cu_k, scale * _LOG2E, scale, num_heads, group, total_q)
         _launch(_attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned, BWD_DKDV_CONFIGS,
-                lambda bm, bn: (triton.cdiv(max_k, bn), n_seqs * num_kv_heads), q,
+                lambda bm, bn: _grid(n_seqs * num_kv_heads, triton.cdiv(max_k, bn)), q,
                 q, k, v, grad_out, dk, dv, lse, delta, *common, CAUSAL=causal, **flags)
         _launch(_attn_bwd_dq_kernel, _attn_bwd_dq_tuned, BWD_DQ_CONFIGS,
-                lambda bm, bn: (triton.cdiv(max_q, bm), n_seqs * num_heads), q,
+                lambda bm, bn: _grid(n_seqs * num_heads, triton.cdiv(max_q, bm)), q,
                 q, k, v, grad_out, dq, lse, delta, *common, CAUSAL=causal, **flags)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def _attention_triton(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen):
@@ -494,7 +518,8 @@ def _attention_triton(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen):
                                                        device=q.device)
         out = _FlashAttention.apply(q.reshape(batch * len_q, num_heads, head_dim),
                                     k.reshape(batch * len_k, *k.shape[2:]),
-                                    v.reshape(batch * len_k, *v.shape[2:]), cu_q, cu_k, len_q, len_k, causal, scale)
+                                    v.reshape(batch * len_k, *v.shape[2:]), cu_q, cu_k, len_q, len_k, causal, scale,
+                                    True)
         return out.view(q.shape)
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"attention: packed q has {q.shape[0]} tokens but k has {k.shape[0]}; with cu_seqlens "
@@ -508,13 +533,16 @@ def _attention_triton(q, k, v, causal, softmax_scale, cu_seqlens, max_seqlen):
         max_seqlen = int(lengths.max()) if lengths.numel() else 0
     if q.numel() == 0 or max_seqlen == 0:
         return torch.zeros_like(q)
-    return _FlashAttention.apply(q, k, v, cu, cu, max_seqlen, max_seqlen, causal, scale)
+    return _FlashAttention.apply(q, k, v, cu, cu, max_seqlen, max_seqlen, causal, scale, False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # GPU readiness report
 # ----------------------------------------------------------------------------------------------------------------
 REPORT_SHAPE = dict(batch=1, seqlen=4096, q_heads=32, kv_heads=8, head_dim=128, causal=True)
+# (head dim, dtype, causal) the report also compiles each kernel's default config for: CLIP-L's 64, head dim 80,
+# InternLM2's 128; fp16 and bf16; the LM's causal and the vision tower's bidirectional attention.
+REPORT_VARIANTS = [(hd, dt, causal) for hd in (64, 80, 128) for dt in ("bf16", "fp16") for causal in (True, False)]
 
 
 def _rooflines():
@@ -571,11 +599,24 @@ def report_specs(dtype: str = "bf16") -> list[KernelSpec]:
                 kernel=name, fn=fn, signature={**signature, **dict.fromkeys(constexpr_names, "constexpr")},
                 constexprs={**base, "BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages,
                 default=i == 0, uses_dot=True, roofline=roofline, extra={"attrs": attrs}))
+        # the default config at every other supported head dim, dtype and mask the model runs (`make report`)
+        for head_dim, variant_dtype, causal in REPORT_VARIANTS:
+            if (head_dim, variant_dtype, causal) == (d, dtype, REPORT_SHAPE["causal"]):
+                continue
+            variant_signature = {k: (f"*{variant_dtype}" if v == ptr else v) for k, v in signature.items()}
+            bm, bn, warps, stages = configs[0]
+            specs.append(KernelSpec(
+                kernel=name if variant_dtype == dtype else f"{name}[{variant_dtype}]", fn=fn,
+                signature={**variant_signature, **dict.fromkeys(constexpr_names, "constexpr")},
+                constexprs={**base, "HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim),
+                            "CAUSAL": causal, "BLOCK_M": bm, "BLOCK_N": bn},
+                num_warps=warps, num_stages=stages, default=False, uses_dot=True, roofline=None,
+                extra={"attrs": attrs, "variant": True}))
     delta_signature = {"Out": ptr, "DO": ptr, "DELTA": f32, "total_q": "i32", "NUM_HEADS": "i32"}
     specs.append(KernelSpec(
         kernel="attention_bwd_delta", fn=_attn_bwd_delta_kernel,
         signature={**delta_signature, **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_M"), "constexpr")},
-        constexprs={"HEAD_DIM": d, "BLOCK_D": base["BLOCK_D"], "BLOCK_M": DELTA_BLOCK_M}, num_warps=4, num_stages=1,
+        constexprs={"HEAD_DIM": d, "BLOCK_D": base["BLOCK_D"], "BLOCK_M": DELTA_BLOCK_M}, num_warps=4,
         default=True, uses_dot=False, roofline=roof["delta"],
         extra={"attrs": launch_attrs(_attn_bwd_delta_kernel, delta_signature, int_values)}))
     return specs

@@ -6,9 +6,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting, pick_config, use_triton
+from ._dispatch import config_forced, interpreting, pick_config, unsupported_head_dim, use_triton
 from ._spec import KernelSpec, Roofline
 from .attention import launch_attrs, online_softmax_step
+from .projector import autocast_operands
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None):
@@ -20,7 +21,10 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, softmax_scale=None):
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"decode_attention: q {tuple(q.shape)} must be (B, Hq, D) and k/v caches "
                          f"{tuple(k_cache.shape)}/{tuple(v_cache.shape)} (B, L, Hkv, D)")
-    if use_triton(q, k_cache, v_cache):
+    if use_triton(q, k_cache, v_cache, gemm=True, head_dim=q.shape[-1]):
+        # under autocast, the dtypes SDPA (the reference) would compute in; a no-op when the cache already holds
+        # the activation dtype (GMAIVL.new_cache)
+        q, k_cache, v_cache = autocast_operands(q, k_cache, v_cache)
         return _decode_attention_triton(q, k_cache, v_cache, cache_seqlens, softmax_scale)
     return decode_attention_reference(q, k_cache, v_cache, cache_seqlens, softmax_scale=softmax_scale)
 
@@ -39,15 +43,18 @@ _NEG_BIG = tl.constexpr(-1.0e30)  # finite running-max start: an empty split the
 
 
 @triton.jit
-def split_program(Q, SEQLENS, stride_qb, stride_qh, NUM_KV_HEADS, GROUP, split_len, HEAD_DIM: tl.constexpr,
+def split_program(Q, SEQLENS, stride_qb, stride_qh, NUM_KV_HEADS, GROUP, NUM_SPLITS, HEAD_DIM: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, UPCAST: tl.constexpr):
     """The start of a split program (grid (batch * kv_heads, NUM_SPLITS)): which sequence, kv head and cache chunk
-    [lo, hi) it covers, and the GROUP q heads sharing that kv head, loaded as a (BLOCK_H, BLOCK_D) tile."""
+    [lo, hi) it covers, and the GROUP q heads sharing that kv head, loaded as a (BLOCK_H, BLOCK_D) tile. Each
+    sequence splits its own length (as SGLang: kv_len_per_split = cdiv(seq_len, num_splits)), so a short sequence in
+    a long cache still spreads over every split instead of leaving most split programs empty."""
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     batch = pid_bh // NUM_KV_HEADS
     kv_head = pid_bh % NUM_KV_HEADS
     seqlen = tl.load(SEQLENS + batch)
+    split_len = tl.cdiv(seqlen, NUM_SPLITS)
     lo = split * split_len
     hi = tl.minimum(lo + split_len, seqlen)
     offs_h = tl.arange(0, BLOCK_H)
@@ -105,7 +112,7 @@ def _decode_split_kernel(Q, K, V, SEQLENS, PART_M, PART_L, PART_ACC, qk_scale,
     running max, sum and unnormalised output (log2 units) for the reduce kernel. ALIGNED: every cache row starts
     16-byte aligned (the launcher checks), which lets loads vectorise without argument specialisation."""
     batch, kv_head, split, lo, hi, q, heads, head_ok, d_ok = split_program(
-        Q, SEQLENS, stride_qb, stride_qh, NUM_KV_HEADS, GROUP, split_len, HEAD_DIM, BLOCK_D, BLOCK_H, UPCAST)
+        Q, SEQLENS, stride_qb, stride_qh, NUM_KV_HEADS, GROUP, NUM_SPLITS, HEAD_DIM, BLOCK_D, BLOCK_H, UPCAST)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head * stride_kh
@@ -189,8 +196,8 @@ def _decode_attention_triton(q, k_cache, v_cache, cache_seqlens, softmax_scale, 
     if not q.dtype == k_cache.dtype == v_cache.dtype:
         raise ValueError(f"decode_attention: q, k_cache, v_cache dtypes differ ({q.dtype}, {k_cache.dtype}, "
                          f"{v_cache.dtype}); cast them to one dtype first")
-    if head_dim > 256:
-        raise ValueError(f"decode_attention: head_dim {head_dim} > 256 is not supported by the Triton kernel")
+    if unsupported_head_dim(head_dim):
+        raise ValueError(f"decode_attention: {unsupported_head_dim(head_dim)}")
     # The kernels index the last dim with stride 1; anything else is copied.
     q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
     seqlens = cache_seqlens.to(device=q.device, dtype=torch.int32)
@@ -205,7 +212,8 @@ def launch_split_decode(kernels, q, k, v, lead_args, stride_args, num_kv_heads, 
     """Launch a split kernel (`kernels`: (plain kernel, autotuned kernel, configs)) over grid (batch * kv_heads,
     splits) and the reduce kernel; returns the output like q (B, Hq, D). The split kernel takes (Q, K, V,
     *lead_args, PART_M, PART_L, PART_ACC, qk_scale, stride_qb, stride_qh, *stride_args, NUM_KV_HEADS, GROUP,
-    NUM_SPLITS, split_len) and the constexprs here plus `flags`."""
+    NUM_SPLITS, split_len) and the constexprs here plus `flags`; split_len (cache length / splits) is an upper bound
+    the kernels no longer read: each sequence splits its own length (`split_program`)."""
     split_kernel, split_tuned, configs = kernels
     batch, num_heads, head_dim = q.shape
     group = num_heads // num_kv_heads
@@ -222,7 +230,7 @@ def launch_split_decode(kernels, q, k, v, lead_args, stride_args, num_kv_heads, 
     args = (q, k, v, *lead_args, part_m, part_l, part_acc, scale * _LOG2E, q.stride(0), q.stride(1), *stride_args,
             num_kv_heads, group, splits, split_len)
     grid = (batch * num_kv_heads, splits)
-    if q.is_cuda:
+    if q.is_cuda and not config_forced(configs):
         split_tuned[grid](*args, **flags)
     else:
         block_n, warps, stages = pick_config(configs)
@@ -279,5 +287,5 @@ def report_specs(dtype: str = "bf16") -> list[KernelSpec]:
         extra={"attrs": launch_attrs(_decode_reduce_kernel, reduce_signature, int_values)},
         constexprs={"HEAD_DIM": d, "BLOCK_D": triton.next_power_of_2(d),
                     "BLOCK_S": triton.next_power_of_2(REPORT_SPLITS)},
-        num_warps=REDUCE_WARPS, num_stages=1, default=True, uses_dot=False, roofline=reduce_roof))
+        num_warps=REDUCE_WARPS, default=True, uses_dot=False, roofline=reduce_roof))
     return specs

@@ -53,7 +53,7 @@ def _paged_split_kernel(Q, K, V, TABLES, SEQLENS, PART_M, PART_L, PART_ACC, qk_s
     """Grid: (batch * kv_heads, NUM_SPLITS). As decode_attention's split kernel, except that the K/V rows of
     positions pos come from block TABLES[batch, pos // BLOCK_SIZE], offset pos % BLOCK_SIZE, of the pools."""
     batch, kv_head, split, lo, hi, q, heads, head_ok, d_ok = split_program(
-        Q, SEQLENS, stride_qb, stride_qh, NUM_KV_HEADS, GROUP, split_len, HEAD_DIM, BLOCK_D, BLOCK_H, UPCAST)
+        Q, SEQLENS, stride_qb, stride_qh, NUM_KV_HEADS, GROUP, NUM_SPLITS, HEAD_DIM, BLOCK_D, BLOCK_H, UPCAST)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     table = TABLES + batch.to(tl.int64) * stride_tb

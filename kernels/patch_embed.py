@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting, pick_config, use_triton
+from ._dispatch import config_forced, interpreting, pick_config, use_triton
 from ._spec import KernelSpec, Roofline
 
 
@@ -60,7 +60,7 @@ def patch_embed(images, weight, bias, class_embedding, position_embedding, *, me
     if mean is not None and (tuple(mean.shape) != (channels,) or tuple(std.shape) != (channels,)):
         raise ValueError(f"patch_embed: mean {tuple(mean.shape)} and std {tuple(std.shape)} must have shape "
                          f"({channels},)")
-    if use_triton(weight, *images):
+    if use_triton(weight, *images, gemm=True):
         return _patch_embed_triton(images, weight, bias, class_embedding, position_embedding, mean, std)
     return patch_embed_reference(images, weight, bias, class_embedding, position_embedding, mean=mean, std=std)
 
@@ -259,7 +259,7 @@ def _autotuned(which):
 
 def _launch(which, kernel, configs, grid, *args, **constexprs):
     """Autotune where a GPU driver runs the kernel; a fixed config under the interpreter (autotune cannot run)."""
-    if args[0].is_cuda and not interpreting():
+    if args[0].is_cuda and not interpreting() and not config_forced(configs):
         _autotuned(which)[grid](*args, **constexprs)
     else:
         config = pick_config(configs)

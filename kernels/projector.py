@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting, pick_config, use_triton
+from ._dispatch import config_forced, interpreting, pick_config, use_triton
 from ._spec import KernelSpec, Roofline
 
 _INT32_LIMIT = 2**31                 # offsets are computed in int32
@@ -43,14 +43,16 @@ def _gelu(x):
 @triton.jit
 def _matmul_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, pre_ptr,
-    M, N, K,
+    M, N, K, M_BUCKET, K_BUCKET, alpha,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     HAS_BIAS: tl.constexpr, APPLY_GELU: tl.constexpr, STORE_PRE: tl.constexpr, ACCUMULATE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """C = epilogue(A @ B). A tiles are cast to B's dtype before tl.dot (tensor-core operands must match), so an
-    fp32 A (the cross-entropy's logit gradients) meets 16-bit weights directly. fp32 accumulation throughout."""
+    """C = epilogue(alpha * (A @ B)). A tiles are cast to B's dtype before tl.dot (tensor-core operands must match),
+    so an fp32 A (the cross-entropy's logit gradients) meets 16-bit weights directly. fp32 accumulation throughout;
+    alpha is applied to the fp32 accumulator (a tiny scale such as 1/n_tokens would underflow an fp16 operand).
+    M_BUCKET, K_BUCKET: unused here; the autotuner keys on them (see `tune_bucket`)."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -82,6 +84,7 @@ def _matmul_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
+    acc = acc * alpha
     if HAS_BIAS:
         acc += tl.load(bias_ptr + b_cols).to(tl.float32)[None, :]
     c_offsets = offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
@@ -116,12 +119,22 @@ def _triton_config(cfg):
                          num_warps=warps, num_stages=stages)
 
 
-@functools.lru_cache(maxsize=1)
-def _autotuned_matmul():
-    # Built on first GPU use only: autotuning needs a driver, which the interpreter does not have. The output is
-    # restored between trials because ACCUMULATE reads it.
-    return triton.autotune(configs=[_triton_config(c) for c in GEMM_CONFIGS],
-                           key=["M", "N", "K", "stride_ak", "stride_bk"], restore_value=["c_ptr"])(_matmul_kernel)
+# The autotuner keys on sizes bucketed to powers of two, not on M and K themselves: every new pack length would
+# otherwise re-benchmark all configs (~0.7 s, stalling the other DDP ranks). N (a model width) is fixed per call site.
+TUNE_KEY = ["M_BUCKET", "N", "K_BUCKET", "stride_ak", "stride_bk"]
+
+
+def tune_bucket(size: int) -> int:
+    """The autotuning bucket of a GEMM size: the next power of two (at least 16)."""
+    return max(16, triton.next_power_of_2(int(size)))
+
+
+@functools.lru_cache(maxsize=2)
+def _autotuned_matmul(accumulate: bool):
+    # Built on first GPU use only: autotuning needs a driver, which the interpreter does not have. An accumulating
+    # launch reads its output, so only that one restores it between trials (a clone of e.g. the 1.5 GB fp32 dW).
+    return triton.autotune(configs=[_triton_config(c) for c in GEMM_CONFIGS], key=TUNE_KEY,
+                           restore_value=["c_ptr"] if accumulate else None)(_matmul_kernel)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -131,12 +144,13 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def matmul(a, b, out=None, *, bias=None, gelu=False, pre=None, accumulate=False):
-    """out = [gelu](a @ b + bias), or out += a @ b with `accumulate`.
+def matmul(a, b, out=None, *, bias=None, gelu=False, pre=None, accumulate=False, alpha=1.0):
+    """out = [gelu](alpha * (a @ b) + bias), or out += alpha * (a @ b) with `accumulate`.
 
     a: (M, K), b: (K, N), any strides (pass `w.t()` for a transposed operand: no copy). a is cast to b's dtype
     tile by tile. out: (M, N), any strides; allocated in b's dtype when None. bias: (N,) or None. pre: (M, N) tensor
-    with out's strides that receives the pre-activation (only with `gelu`). fp32 accumulation. Returns out.
+    with out's strides that receives the pre-activation (only with `gelu`). alpha: a float applied in fp32 to the
+    accumulator. fp32 accumulation. Returns out.
     """
     M, K = a.shape
     K_b, N = b.shape
@@ -154,7 +168,7 @@ def matmul(a, b, out=None, *, bias=None, gelu=False, pre=None, accumulate=False)
     if M == 0 or N == 0:
         return out
     if K == 0:  # empty reduction: the epilogue alone
-        z = torch.zeros((M, N), device=a.device, dtype=torch.float32)
+        z = torch.zeros((M, N), device=a.device, dtype=torch.float32)  # alpha * 0 = 0
         z = z + bias.float() if bias is not None else z
         if pre is not None:
             pre.copy_(z)
@@ -162,15 +176,16 @@ def matmul(a, b, out=None, *, bias=None, gelu=False, pre=None, accumulate=False)
         return out.add_(z) if accumulate else out.copy_(z)
 
     args = (a, b, out, bias if bias is not None else out, pre if pre is not None else out, M, N, K,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1))
+            tune_bucket(M), tune_bucket(K), float(alpha), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+            out.stride(0), out.stride(1))
     flags = dict(HAS_BIAS=bias is not None, APPLY_GELU=gelu, STORE_PRE=pre is not None, ACCUMULATE=accumulate,
                  INPUT_PRECISION=_input_precision(b.dtype))
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    if a.is_cuda and not interpreting():
-        _autotuned_matmul()[grid](*args, **flags)
+    if a.is_cuda and not interpreting() and not config_forced(GEMM_CONFIGS):
+        _autotuned_matmul(accumulate)[grid](*args, **flags)
     else:
         block_m, block_n, block_k, group_m, warps, stages = pick_config(GEMM_CONFIGS)
         _matmul_kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
@@ -236,7 +251,7 @@ def fused_linear(x, weight, bias=None, activation=None):
     x and weight share one dtype (fp32, fp16 or bf16); bias may be any float dtype."""
     if activation not in (None, "gelu"):
         raise ValueError(f"fused_linear: activation {activation!r} is not None or 'gelu'")
-    if use_triton(x, weight):
+    if use_triton(x, weight, gemm=True):
         return _fused_linear_triton(x, weight, bias, activation)
     return fused_linear_reference(x, weight, bias, activation)
 
@@ -275,7 +290,8 @@ _UNIT_STRIDES = {
     "nn": ("stride_ak", "stride_bn", "stride_cn"),   # dZ @ W (dX, CE grad_hidden)
     "tn": ("stride_am", "stride_bn", "stride_cn"),   # dZ.T @ X (dW, CE grad_weight)
 }
-_MATMUL_INTS = ("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm", "stride_cn")
+_MATMUL_INTS = ("M", "N", "K", "M_BUCKET", "K_BUCKET", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm",
+                "stride_cn")
 _MATMUL_FLAGS = ("HAS_BIAS", "APPLY_GELU", "STORE_PRE", "ACCUMULATE", "INPUT_PRECISION", "BLOCK_M", "BLOCK_N",
                  "BLOCK_K", "GROUP_M")
 
@@ -286,10 +302,10 @@ def matmul_specs(kernel: str, roofline: Roofline, *, layout: str, a: str = "*bf1
     shape whose sizes and strides are multiples of 16 sees it: unit strides constant, the other integer arguments
     and every pointer 16-divisible (`extra["attrs"]`, Triton's `tt.divisibility` specialization, for ASTSource)."""
     signature = {"a_ptr": a, "b_ptr": b, "c_ptr": c, "bias_ptr": c, "pre_ptr": c, **dict.fromkeys(_MATMUL_INTS, "i32"),
-                 **dict.fromkeys(_MATMUL_FLAGS, "constexpr")}
+                 "alpha": "fp32", **dict.fromkeys(_MATMUL_FLAGS, "constexpr")}
     unit = _UNIT_STRIDES[layout]
     signature.update(dict.fromkeys(unit, "constexpr"))
-    divisible = [name for name, ty in signature.items() if ty != "constexpr"]
+    divisible = [name for name, ty in signature.items() if ty not in ("constexpr", "fp32")]
     attrs = {(_matmul_kernel.arg_names.index(name),): (("tt.divisibility", 16),) for name in divisible}
     flags = dict(dict(HAS_BIAS=False, APPLY_GELU=False, STORE_PRE=False, ACCUMULATE=False), **flags)
     specs = []
@@ -335,6 +351,6 @@ def report_specs() -> list[KernelSpec]:
         kernel="projector_gelu_bwd", fn=_gelu_backward_kernel,
         signature={"grad_ptr": "*bf16", "pre_ptr": "*bf16", "out_ptr": "*bf16", "n_elements": "i32",
                    "BLOCK": "constexpr"},
-        constexprs={"BLOCK": GELU_BWD_BLOCK}, num_warps=4, num_stages=1, default=True,
+        constexprs={"BLOCK": GELU_BWD_BLOCK}, num_warps=4, default=True,
         roofline=Roofline(shape=f"{tokens}x{c_txt} bf16", flops=12.0 * n, bytes=2.0 * 3 * n)))
     return specs

@@ -2,6 +2,7 @@
 shared-memory limits, and GEMM-bearing kernels use tensor cores. The compiles run ahead of time (no GPU needed),
 in a child process because this session interprets Triton; the report is built once per test session."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -106,8 +107,10 @@ def test_modules_without_specs_are_reported_not_fatal():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("GMAIVL_FULL_REPORT") != "1",
+                    reason="compiles ~220 configs (~20 min on 2 cores): GMAIVL_FULL_REPORT=1, or `make report`")
 def test_every_autotune_config_compiles_within_limits():
-    """All candidates, not only the defaults: the autotuner may pick any of them on a real GPU."""
+    """All candidates and variants, not only the defaults: the autotuner may pick any of them on a real GPU."""
     rows = [r for r in report.build_report(ARCHS, progress=False) if r["arch"] is not None]
     broken = [r for r in rows if r["error"] or r["shared_bytes"] > {80: 163 * 1024, 90: 227 * 1024}[r["arch"]]
               or (r["uses_dot"] and r["mma"] + r["wgmma"] == 0)]
