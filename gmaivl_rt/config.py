@@ -72,6 +72,14 @@ class TextConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @property
+    def context_length(self) -> int:
+        """Tokens one sequence may hold (prompt + generated): max_position_embeddings, times the factor of dynamic
+        NTK scaling where the checkpoint has it (InternLM2.5's rope_scaling exists to run past the trained context)."""
+        if self.rope_scaling:
+            return int(self.max_position_embeddings * float(self.rope_scaling["factor"]))
+        return self.max_position_embeddings
+
 
 @dataclass
 class GMAIVLConfig:

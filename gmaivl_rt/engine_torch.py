@@ -25,7 +25,7 @@ class TorchStepper:
         weight = self.model.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
         if kv_cache_tokens is None:
-            kv_cache_tokens = engine.max_batch_size * min(1024, self.config.text.max_position_embeddings)
+            kv_cache_tokens = engine.max_batch_size * min(1024, self.config.text.context_length)
         num_blocks = -(-int(kv_cache_tokens) // block_size)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_tokens must be >= 1, got {kv_cache_tokens}")
@@ -71,26 +71,26 @@ class TorchStepper:
             rows = list(engine._running)
         if not rows:
             return
-        for group in self._groups(rows):
-            try:
-                logits = self._forward(group)
-            except Exception:
-                if len(group) == 1:
-                    raise
-                logits = None
-            for i, seq in enumerate(group):
-                if logits is None:  # find the request that fails, alone; the others go on
-                    try:
-                        row_logits = self._forward([seq])[0]
-                    except Exception as e:
-                        with engine._cv:
-                            engine._retire(seq, "error", e)
-                        continue
-                else:
-                    row_logits = logits[i]
-                seq.cached = len(seq.ids)
-                if not seq.request.cancel_requested:
-                    engine._accept_token(seq, row_logits[None])
+        # One forward for every row: prompts being prefilled and answers being decoded alike.
+        try:
+            logits = self._forward(rows)
+        except Exception:
+            if len(rows) == 1:
+                raise
+            logits = None
+        for i, seq in enumerate(rows):
+            if logits is None:  # find the request that fails, alone; the others go on
+                try:
+                    row_logits = self._forward([seq])[0]
+                except Exception as e:
+                    with engine._cv:
+                        engine._retire(seq, "error", e)
+                    continue
+            else:
+                row_logits = logits[i]
+            seq.cached = len(seq.ids)
+            if not seq.request.cancel_requested:
+                engine._accept_token(seq, row_logits[None])
 
     def _admit(self) -> None:
         engine, pool = self.engine, self.pool
@@ -140,16 +140,6 @@ class TorchStepper:
                 if victim is seq:
                     break
 
-    def _groups(self, rows):
-        """Usually one forward. A generated image-token id fed back while new images are encoded in the same
-        forward would be taken for an image position, so such steps run decode and prefill apart."""
-        image_id = self.config.image_token_index
-        has_images = any(self._images_to_feed(seq) for seq in rows)
-        if has_images and any(seq.cached and seq.ids[-1] == image_id for seq in rows):
-            return [[s for s in rows if not s.cached or s.ids[-1] != image_id],
-                    [s for s in rows if s.cached and s.ids[-1] == image_id]]
-        return [rows]
-
     @staticmethod
     def _images_to_feed(seq) -> list:
         """(image index, first uncached feature) of each image with tokens still to run."""
@@ -186,10 +176,13 @@ class TorchStepper:
         width = max(len(n) for n in new)
         input_ids = torch.zeros(len(rows), width, dtype=torch.int64)
         mask = torch.zeros(len(rows), width, dtype=torch.int64)
-        for r, ids in enumerate(new):
+        slots = torch.zeros(len(rows), width, dtype=torch.bool)  # the prompt's image slots, never generated ids
+        for r, (seq, ids) in enumerate(zip(rows, new)):
             input_ids[r, :len(ids)] = torch.tensor(ids)
             mask[r, :len(ids)] = 1
+            for start, end in seq.image_spans:
+                slots[r, max(0, start - seq.cached):max(0, end - seq.cached)] = True
         features = self._image_features(rows)
         self.cache.bind([seq.blocks for seq in rows], [seq.cached for seq in rows])
         return self.model._last_logits(input_ids.to(self.device), None, mask.to(self.device), self.cache,
-                                       image_features=features)
+                                       image_features=features, image_slots=slots.to(self.device))

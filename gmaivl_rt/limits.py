@@ -74,7 +74,7 @@ def check_max_new_tokens(value, role: str = "max_new_tokens") -> int:
 
 
 def check_context(prompt_tokens: int, max_new_tokens: int, context: int | None) -> None:
-    """prompt + new tokens must fit the model's context (max_position_embeddings)."""
+    """prompt + new tokens must fit the model's context (TextConfig.context_length)."""
     if context is not None and prompt_tokens + max_new_tokens > context:
         raise LimitError(f"prompt of {prompt_tokens} tokens + max_new_tokens {max_new_tokens} = "
                          f"{prompt_tokens + max_new_tokens} exceeds the model's context of {context} tokens")
@@ -107,7 +107,7 @@ def check_generation(options: dict, *, prompt_tokens: int | None, context: int |
     """Validate generation options once for every backend; returns a new dict ready for `generate(**...)`.
 
     options: any of GENERATION_OPTIONS (unknown names are refused). max_new_tokens: int >= 1 and at most
-    limits.max_new_tokens; prompt_tokens + max_new_tokens <= context (the model's max_position_embeddings; None
+    limits.max_new_tokens; prompt_tokens + max_new_tokens <= context (the model's TextConfig.context_length; None
     skips it). Sampling options are typed and range-checked by `gmaivl_rt.sampling.SamplingParams`.
     Raises InputError (bad type or value) or LimitError (over a limit or the context)."""
     from gmaivl_rt.sampling import SamplingParams

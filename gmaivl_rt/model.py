@@ -382,26 +382,32 @@ class GMAIVL(nn.Module):
         return GMAIVLOutput(logits=logits, loss=loss, past_key_values=cache)
 
     def _decoder(self, input_ids, pixel_values, attention_mask, position_ids, cu_seqlens, cache,
-                 image_features=None):
+                 image_features=None, image_slots=None):
         """Embed the tokens (image features over the image tokens), run the decoder over them packed, extend the
         cache. image_features: projected features (image_tokens, text_hidden) computed earlier, instead of
-        pixel_values (the serving engine caches them per image). Returns the final hidden states (T, hidden), the
-        TokenBatch, and each token's flat index in input_ids."""
+        pixel_values (the serving engine caches them per image). image_slots: (B, S) bool, where the features go,
+        when the caller knows (a recomputed answer may hold generated image-token ids that are not slots); default
+        every image-token id. Returns the final hidden states (T, hidden), the TokenBatch, and each token's flat
+        index in input_ids."""
         batch, token_index = self._token_batch(input_ids, attention_mask, position_ids, cu_seqlens, cache)
         ids = input_ids.reshape(-1)[token_index]
+        slots = None if image_slots is None else image_slots.reshape(-1)[token_index]
         no_images = pixel_values is None and image_features is None
         decoding = no_images and cache is not None and any(batch.cache_starts)
-        hidden = self.language_model(self._embed(ids, pixel_values, decoding, image_features), batch, cache)
+        hidden = self.language_model(self._embed(ids, pixel_values, decoding, image_features, slots), batch, cache)
         if cache is not None:
             cache.advance(batch.lengths)
         return hidden, batch, token_index
 
-    def _embed(self, ids, pixel_values, decoding=False, image_features=None):
-        """Token embeddings with image features (given, or from pixel_values) written over the image tokens.
-        While decoding, a generated image-token id is embedded like any token (as transformers does)."""
-        is_image = ids == self.config.image_token_index
+    def _embed(self, ids, pixel_values, decoding=False, image_features=None, image_slots=None):
+        """Token embeddings with image features (given, or from pixel_values) written over the image tokens
+        (`image_slots` (T,) bool where given). While decoding, a generated image-token id is embedded like any
+        token (as transformers does)."""
+        is_image = ids == self.config.image_token_index if image_slots is None else image_slots
         embeds = self.language_model.embed_tokens(ids)
         n_image_tokens = int(is_image.sum())
+        if image_slots is not None and n_image_tokens == 0:
+            return embeds
         if pixel_values is None and image_features is None:
             if n_image_tokens and not decoding:
                 raise InputError(f"input_ids hold {n_image_tokens} image tokens but no pixel_values were given")
@@ -466,7 +472,7 @@ class GMAIVL(nn.Module):
         B, S = input_ids.shape
         # checked before the cache is sized by them (generate_tokens checks them again for every backend)
         max_new_tokens = check_max_new_tokens(max_new_tokens)
-        check_context(S, max_new_tokens, self.config.text.max_position_embeddings)
+        check_context(S, max_new_tokens, self.config.text.context_length)
         cache = self.new_cache(B, S + max_new_tokens)
         return generate_tokens(
             lambda: self._last_logits(input_ids, pixel_values, attention_mask, cache),
@@ -476,11 +482,12 @@ class GMAIVL(nn.Module):
             no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
             generator=generator)
 
-    def _last_logits(self, input_ids, pixel_values, attention_mask, cache, image_features=None):
+    def _last_logits(self, input_ids, pixel_values, attention_mask, cache, image_features=None, image_slots=None):
         """Run the tokens through the model with the cache; lm_head only on each sequence's last token."""
         if attention_mask is not None and bool((attention_mask.sum(1) == 0).any()):
             raise InputError("a prompt is empty (its attention_mask is all zeros)")
-        hidden, batch, _ = self._decoder(input_ids, pixel_values, attention_mask, None, None, cache, image_features)
+        hidden, batch, _ = self._decoder(input_ids, pixel_values, attention_mask, None, None, cache, image_features,
+                                         image_slots)
         return self.lm_head(hidden[batch.cu_seqlens[1:].long() - 1]).float()
 
 

@@ -162,7 +162,7 @@ def build_request(runtime, question=None, image=None, *, messages=None, images=N
     if system is not None:
         check_text(system, "system", limits)
     messages = chat_messages(question, messages, len(given), limits)
-    context = runtime.config.text.max_position_embeddings
+    context = runtime.config.text.context_length
     options = None
     if generation is not None:  # the cheap checks before any image is decoded
         options = check_generation({**DEFAULT_GENERATION, **generation}, prompt_tokens=None, context=context,

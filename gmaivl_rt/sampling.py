@@ -143,7 +143,7 @@ def generate_tokens(prefill, step, input_ids, text_config, *, max_new_tokens: in
     Returns (B, S + new) int64: generation stops when every row has produced an eos or after max_new_tokens."""
     params = SamplingParams(do_sample, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size)
     max_new_tokens = check_max_new_tokens(max_new_tokens)
-    check_context(input_ids.shape[1], max_new_tokens, text_config.max_position_embeddings)
+    check_context(input_ids.shape[1], max_new_tokens, text_config.context_length)
     stop = StopRule.from_config(text_config, eos_token_id, pad_token_id)
     sequences = input_ids
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

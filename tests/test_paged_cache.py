@@ -67,3 +67,25 @@ def test_block_pool_references_prefix_cache_and_lru():
     assert taken == [3, first[2], first[0]] and pool.num_cached == 1
     assert pool.lookup(keys) == []           # the chain is broken at its first block
     assert pool.peak_used == 3
+
+
+def test_a_recomputed_answer_holding_the_image_token_id_matches_decoding_it():
+    """A preempted request is recomputed from its ids, which may hold a *generated* image-token id: only the
+    prompt's image slots take image features, the generated id is embedded as a token, as when it was decoded.
+    Mutant: slots taken from `ids == image_token_index` (the engine's old behaviour): an InputError or other logits."""
+    torch.manual_seed(0)
+    model = GMAIVL(GMAIVLConfig.preset("tiny")).eval()
+    cfg = model.config
+    n = cfg.vision.tokens_per_image()
+    pixels = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size)
+    prompt = torch.cat([torch.tensor([5, 6]), torch.full((n,), cfg.image_token_index), torch.tensor([7])])[None]
+    with torch.no_grad():
+        cache = model.new_cache(1, prompt.shape[1] + 2)
+        model._last_logits(prompt, pixels, None, cache)
+        decoded = model._last_logits(torch.tensor([[cfg.image_token_index]]), None, None, cache)
+        ids = torch.cat([prompt, torch.tensor([[cfg.image_token_index]])], dim=1)
+        slots = torch.zeros_like(ids, dtype=torch.bool)
+        slots[0, 2:2 + n] = True
+        recomputed = model._last_logits(ids, None, None, model.new_cache(1, ids.shape[1]),
+                                        image_features=model.encode_images(pixels), image_slots=slots)
+    torch.testing.assert_close(recomputed, decoded, rtol=1e-5, atol=1e-5)
