@@ -720,7 +720,8 @@ def _orient_slice(volume3d: np.ndarray, zooms, plane: str, index: int):
     """RAS+ volume -> (H, W) slice in radiological display orientation and its (row, col) spacing."""
     axis = _PLANE_AXIS[plane]
     a, b = [ax for ax in range(3) if ax != axis]
-    plane2d = np.take(volume3d, index, axis=axis)  # axes (a, b)
+    # a view (axes a, b): np.take would copy the whole (Fortran-ordered) volume into C order for every slice
+    plane2d = volume3d[(slice(None),) * axis + (index,)]
     # rows follow axis b from its positive end (anterior/superior at the top), columns axis a from its
     # positive end (patient right on the image's left, anterior on the left for sagittal).
     return plane2d.T[::-1, ::-1], (zooms[b], zooms[a])

@@ -614,11 +614,42 @@ def _convert_items(out_dir, plan, items, converter, rewriter_id, workers, progre
             with concurrent.futures.ProcessPoolExecutor(
                     workers, mp_context=multiprocessing.get_context(method), initializer=_init_worker,
                     initargs=(out_dir, plan, converter, rewriter_id)) as pool:
-                collect(pool.map(_convert_one, items, chunksize=max(1, min(16, len(items) // (8 * workers)))))
+                # Windows of items, each started largest file first (a volume started last would run alone while
+                # the other workers idle) and collected in item order; the next window is queued before the
+                # current one is collected, so no worker waits at a window's end.
+                windows = [range(a, min(a + SCHEDULE_WINDOW, len(items))) for a in range(0, len(items),
+                                                                                        SCHEDULE_WINDOW)]
+
+                def submit(window):
+                    order = sorted(window, key=lambda k: -_item_bytes(plan, items[k]))
+                    return {k: pool.submit(_convert_one, items[k]) for k in order}
+
+                pending = submit(windows[0]) if windows else {}
+                for w in range(len(windows)):
+                    following = submit(windows[w + 1]) if w + 1 < len(windows) else {}
+                    collect(pending[k].result() for k in windows[w])
+                    pending = following
     finally:
         bar.close()
         _WORKER.clear()
     return outcomes, run
+
+
+SCHEDULE_WINDOW = 1024  # items ordered by size at once (bounded, so millions of items are never all queued)
+
+
+def _item_bytes(plan, item: tuple[int, int]) -> int:
+    """Bytes of the files one item reads (its cost, roughly); 0 where they cannot be seen."""
+    spec, rows = plan[item[0]]
+    total = 0
+    for column in ("image", "mask"):
+        name = rows[item[1]].get(column)
+        if name:
+            try:
+                total += os.stat(os.path.join(spec.image_root, str(name))).st_size
+            except OSError:
+                pass
+    return total
 
 
 def _write_outputs(out_dir, specs, plan, plan_errors, items, outcomes) -> dict:
