@@ -7,6 +7,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from gmaivl_rt.errors import ModelError
+
 
 @dataclass
 class VisionConfig:
@@ -177,6 +179,11 @@ class GMAIVLConfig:
             rope_scaling = {"type": rope["rope_type"], "factor": rope.get("factor", 1.0)}
         if rope_scaling and rope_scaling.get("type", rope_scaling.get("rope_type")) not in ("dynamic", "default"):
             raise ValueError(f"rope scaling {rope_scaling} is not supported (default or dynamic NTK)")
+        # The MLP is SwiGLU and the kernel's gate is SiLU (= swish): another activation would load and run, wrong.
+        text_act = tc.get("hidden_act", "silu")
+        if text_act not in ("silu", "swish"):
+            raise ModelError(f"text_config.hidden_act {text_act!r} is not supported (the MLP gate is SiLU: "
+                             "'silu' or 'swish')")
         heads = tc.get("num_attention_heads", 32)
         hidden = tc.get("hidden_size", 4096)
         if tc.get("head_dim") not in (None, hidden // heads):

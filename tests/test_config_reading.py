@@ -108,3 +108,26 @@ def test_onnx_graphs_generate_as_transformers(checkpoint, tmp_path):
     ours = GMAIVL.from_pretrained(checkpoint).generate(ids, pixel_values=pixels, max_new_tokens=steps,
                                                        eos_token_id=[], pad_token_id=0)
     assert torch.equal(ours, want)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", "gelu_pytorch_tanh"])
+def test_text_activation_other_than_silu_is_refused(activation):
+    """The text MLP is SwiGLU with a SiLU gate (kernels/swiglu.py): a checkpoint trained with another activation
+    would load and answer wrongly. Mutant: `hidden_act` not read (silu assumed), as before issue #15."""
+    from hf_reference import tiny_llava_config
+
+    from gmaivl_rt.errors import ModelError
+
+    hf = tiny_llava_config(text=dict(hidden_act=activation)).to_dict()
+    assert hf["text_config"]["hidden_act"] == activation
+    with pytest.raises(ModelError, match=rf"text_config\.hidden_act '{activation}' is not supported"):
+        gmaivl_rt.GMAIVLConfig.from_hf_config(hf)
+
+
+@pytest.mark.parametrize("activation", ["silu", "swish"])
+def test_text_activation_silu_and_swish_are_read(activation):
+    """transformers' ACT2FN maps both names to SiLU: both load (mutant: only "silu" accepted)."""
+    from hf_reference import tiny_llava_config
+
+    hf = tiny_llava_config(text=dict(hidden_act=activation)).to_dict()
+    assert gmaivl_rt.GMAIVLConfig.from_hf_config(hf).text.hidden_size == 64
