@@ -9,6 +9,14 @@ cd "$(dirname "$0")/.."
 out=runs/mutation
 mkdir -p "$out"
 targets=${TARGETS:-$(ls mutation/*.toml | xargs -n1 basename | sed 's/\.toml$//')}
+# The test commands go through a fork server holding torch/transformers/triton imported (seconds per mutant, not a
+# minute): mutation/pytest_forkserver.py. Without it (MUTATE_FORKSERVER=0) they run plain pytest, same verdicts.
+if [ "${MUTATE_FORKSERVER:-1}" != 0 ]; then
+    python mutation/pytest_forkserver.py serve "$out/pytest.sock" > "$out/forkserver.log" 2>&1 &
+    server=$!
+    trap 'kill "$server" 2>/dev/null' EXIT
+    for _ in $(seq 120); do grep -q ready "$out/forkserver.log" 2>/dev/null && break; sleep 1; done
+fi
 for target in $targets; do
     config=mutation/$target.toml
     session=$out/$target.sqlite
