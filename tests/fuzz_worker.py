@@ -94,11 +94,11 @@ def main(argv: list[str]) -> int:
         """None if the reader behaved from the file and from the bytes, else what went wrong (one line)."""
         with open(target, "wb") as f:
             f.write(data)
-        for route, given in (("file", target), ("bytes", data)):
+        for route, source in (("file", target), ("bytes", data)):
             started = time.perf_counter()
             signal.setitimer(signal.ITIMER_REAL, CALL_SECONDS)
             try:
-                to_medical_image(given, role=ROLE)  # the default limits: pixels, voxels, bytes
+                to_medical_image(source, role=ROLE)  # the default limits: pixels, voxels, bytes
                 stats["decoded"] += 1
             except InputError as e:  # MedicalImageError, LimitError, or 'not a recognised image' for bytes
                 stats["refused"] += 1
