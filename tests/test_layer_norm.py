@@ -1,5 +1,11 @@
-"""LayerNorm Triton kernels (interpreted) against torch's F.layer_norm + autograd.
-Tolerances per dtype: tests/rowwise_checks.py (fp32 1e-5, fp16 4e-3, bf16 3e-2 abs / 2e-2 rel)."""
+"""LayerNorm Triton kernels (interpreted) against torch's F.layer_norm + autograd run in a wider precision on the
+upcast inputs (the ground truth), the same in the test dtype as the yardstick (tests/rowwise_checks.py).
+Mutants, applied by hand to kernels/layer_norm.py:
+  - the weight gradient accumulated in the half dtype (`dw_acc = (dw_acc + dy * x_hat).to(X.dtype.element_ty)
+    .to(tl.float32)`): fails here in bf16; the former check (atol x max|expected| on every element) passed it;
+  - a one-pass variance (`tl.sum(x * x) / n - mean * mean`, cancelling on rows with a large mean): fails here in
+    fp32 (4 tests; fp64 truth); the former check passed it.
+"""
 import pytest
 import torch
 from rowwise_checks import DTYPES, check_matches_reference

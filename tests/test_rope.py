@@ -1,5 +1,7 @@
-"""RoPE Triton kernel (interpreted) against the PyTorch reference + autograd and transformers' Llama rotary
-embedding. Tolerances per dtype: tests/rowwise_checks.py (fp32 1e-5, fp16 4e-3, bf16 3e-2 abs / 2e-2 rel)."""
+"""RoPE Triton kernel (interpreted) against the PyTorch reference + autograd (run in a wider precision on the
+upcast inputs as the ground truth, in the test dtype as the yardstick: tests/rowwise_checks.py) and transformers'
+Llama rotary embedding. Mutant, applied by hand to kernels/rope.py: the sign of the first half's rotation flipped
+(`x1 * cos1 + x2 * sin1`): 13 tests fail, every dtype."""
 import pytest
 import torch
 from rowwise_checks import DTYPES, assert_close_to_truth, check_matches_reference
