@@ -5,8 +5,9 @@ import torch
 from PIL import Image
 from transformers import LlavaImageProcessorPil
 
-from gmaivl_rt.chat import (CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, build_prompt, chat_segments, expand_image_tokens,
-                            preprocess_image)
+from gmaivl_rt.chat import (CLIP_MEAN, CLIP_STD, IM_END, IM_START, IMAGE_TOKEN, build_prompt, chat_parts,
+                            chat_segments, expand_image_tokens, preprocess_image)
+from gmaivl_rt.errors import InputError
 
 
 @pytest.mark.parametrize("size", [(40, 60), (60, 40), (33, 33), (7, 91)])
@@ -21,10 +22,19 @@ def test_preprocess_matches_llava_image_processor(size):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-def test_preprocess_accepts_grey_and_rgba_and_rejects_floats():
-    grey = np.zeros((10, 20), np.uint8)
-    assert preprocess_image(grey, 14).shape == (3, 14, 14)
-    assert preprocess_image(Image.new("RGBA", (5, 9)), 14).shape == (3, 14, 14)
+def test_preprocess_grey_one_channel_and_rgba_as_the_llava_processor_sees_them_in_rgb():
+    """Grey (H, W) and (H, W, 1) arrays and an RGBA image give what transformers' Llava processor gives for the same
+    pixels converted to RGB by PIL (this used to check the output shape only, on flat images). Mutants: (H, W, 1)
+    refused (`(1, 3, 4)` -> `(0, 3, 4)`); grey put in the red channel only; RGBA's alpha kept as a channel."""
+    processor = LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": 14}, crop_size={"height": 14, "width": 14},
+                                       image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    rng = np.random.default_rng(1)
+    grey = rng.integers(0, 256, (10, 20), dtype=np.uint8)
+    rgba = Image.fromarray(rng.integers(0, 256, (9, 5, 4), dtype=np.uint8), "RGBA")
+    grey_rgb = Image.fromarray(grey).convert("RGB")
+    for image, rgb in ((grey, grey_rgb), (grey[..., None], grey_rgb), (rgba, rgba.convert("RGB"))):
+        want = processor(np.asarray(rgb), return_tensors="pt")["pixel_values"][0]
+        torch.testing.assert_close(preprocess_image(image, 14), want, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="uint8"):
         preprocess_image(np.zeros((4, 4), np.float32), 14)
 
@@ -47,3 +57,42 @@ def test_expand_image_tokens():
     assert expand_image_tokens("<image><image>", [1, 2]) == IMAGE_TOKEN * 3
     with pytest.raises(ValueError, match="2 <image> placeholders but 1"):
         expand_image_tokens("<image><image>", [1])
+
+
+# ---- survivors of `make mutate` on gmaivl_rt/chat.py (docs/mutation-report.md): each test names its mutants
+
+
+def test_system_prompt_is_its_own_segment_outside_the_loss():
+    """The system turn is one piece, never an assistant reply, before the first message (mutants: a system part's
+    message index -1 -> +1 / -2 / 0, its `<|im_end|>` or newline marked as a reply)."""
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    assert chat_segments(messages, system="Be brief.") == [
+        ("<|im_start|>system\nBe brief.<|im_end|>\n", False),
+        ("<|im_start|>user\nHi<|im_end|>\n", False),
+        ("<|im_start|>assistant\n", False), ("Hello.<|im_end|>", True), ("\n", False)]
+    parts = chat_parts(messages, system="Be brief.")
+    assert parts[:4] == [("special", IM_START, False, -1), ("text", "system\nBe brief.", False, -1),
+                         ("special", IM_END, False, -1), ("text", "\n", False, -1)]
+
+
+def test_parts_keep_no_empty_text():
+    """An `<image>` at either end of str content leaves no empty text part (mutant: the filter testing the kind,
+    `p[0]`, instead of the text)."""
+    parts = chat_parts([{"role": "user", "content": "<image>\nWhat?<image>"}])
+    assert [(kind, text) for kind, text, _, _ in parts] == [
+        ("special", IM_START), ("text", "user\n"), ("image", IMAGE_TOKEN), ("text", "\nWhat?"),
+        ("image", IMAGE_TOKEN), ("special", IM_END), ("text", "\n")]
+
+
+def test_list_content_openai_style():
+    """OpenAI-style list content: text parts are literal (an `<image>` inside one is text, not a slot), image and
+    image_url parts are slots; anything else is refused naming the part (mutants: `isinstance(part, dict)` negated,
+    `kind == "text"` -> `!=` or negated)."""
+    content = [{"type": "text", "text": "Compare <image> and"}, {"type": "image"},
+               {"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": ""}]
+    parts = chat_parts([{"role": "user", "content": content}])
+    assert [(kind, text) for kind, text, _, _ in parts[2:-2]] == [
+        ("text", "Compare <image> and"), ("image", IMAGE_TOKEN), ("image", IMAGE_TOKEN)]
+    for bad in (["plain string"], [{"type": "audio"}], [{"type": "text", "text": 3}]):
+        with pytest.raises(InputError, match="message 0 part 0 must be"):
+            chat_parts([{"role": "user", "content": bad}])
