@@ -268,11 +268,30 @@ def test_presets_are_valid():
     assert (seven_b.vision.hidden_size, seven_b.vision.num_layers, seven_b.vision.image_size) == (1024, 24, 336)
     assert (seven_b.text.hidden_size, seven_b.text.num_layers, seven_b.text.num_kv_heads) == (4096, 32, 8)
     assert seven_b.num_image_tokens == 576
-    for name in ("tiny", "compact"):
-        model = GMAIVL(GMAIVLConfig.preset(name))
-        assert sum(p.numel() for p in model.parameters()) > 0
     with pytest.raises(ValueError, match="unknown preset"):
         GMAIVLConfig.preset("huge")
+
+
+@pytest.mark.parametrize("name", ["tiny", "compact"])
+def test_preset_models_run_as_transformers_runs_them(name, tmp_path):
+    """A preset's model, saved, loads in transformers and gives the same logits (it used to assert only "has
+    parameters"). Mutants: to_hf_config writing `vision_feature_layer` -1 or `rms_norm_eps` 1e-5, or dropping
+    `rope_theta` (transformers' default 10000 is the presets' own, so only eps and the layer show here)."""
+    config = GMAIVLConfig.preset(name)
+    torch.manual_seed(0)
+    ours = GMAIVL(config).eval()
+    with torch.no_grad():  # away from the init (norms at 1, biases at 0) so every parameter shows in the logits
+        for p in ours.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ours.save_pretrained(tmp_path)
+    hf = LlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    ids = torch.tensor([[5, 6] + [config.image_token_index] * config.num_image_tokens + [7, 8, 9]])
+    pixels = torch.randn(1, 3, config.vision.image_size, config.vision.image_size)
+    with torch.no_grad():
+        want = hf(input_ids=ids, pixel_values=pixels).logits
+        got = ours(ids, pixel_values=pixels).logits
+    assert want.std() > 100 * ATOL_FP32
+    torch.testing.assert_close(got, want, atol=ATOL_FP32, rtol=0)
 
 
 def test_cache_continues_a_prompt_in_chunks(hf_dir):
