@@ -24,15 +24,18 @@ def test_preprocess_matches_llava_image_processor(size):
 
 def test_preprocess_grey_one_channel_and_rgba_as_the_llava_processor_sees_them_in_rgb():
     """Grey (H, W) and (H, W, 1) arrays and an RGBA image give what transformers' Llava processor gives for the same
-    pixels converted to RGB by PIL (this used to check the output shape only, on flat images). Mutants: (H, W, 1)
-    refused (`(1, 3, 4)` -> `(0, 3, 4)`); grey put in the red channel only; RGBA's alpha kept as a channel."""
+    pixels converted to RGB by PIL (this used to check the output shape only, on flat images). Mutants: (H, W, 1) or
+    (H, W, 4) arrays refused (`(1, 3, 4)` -> `(0, 3, 4)` / `(1, 3, 5)`), (H, W, 1) not squeezed (`squeeze(not 1)`,
+    `shape[2] < 1`)."""
     processor = LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": 14}, crop_size={"height": 14, "width": 14},
                                        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
     rng = np.random.default_rng(1)
     grey = rng.integers(0, 256, (10, 20), dtype=np.uint8)
     rgba = Image.fromarray(rng.integers(0, 256, (9, 5, 4), dtype=np.uint8), "RGBA")
     grey_rgb = Image.fromarray(grey).convert("RGB")
-    for image, rgb in ((grey, grey_rgb), (grey[..., None], grey_rgb), (rgba, rgba.convert("RGB"))):
+    rgba_array = np.asarray(rgba)
+    for image, rgb in ((grey, grey_rgb), (grey[..., None], grey_rgb), (rgba, rgba.convert("RGB")),
+                       (rgba_array, rgba.convert("RGB"))):
         want = processor(np.asarray(rgb), return_tensors="pt")["pixel_values"][0]
         torch.testing.assert_close(preprocess_image(image, 14), want, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="uint8"):

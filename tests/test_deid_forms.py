@@ -3,9 +3,11 @@ of `make mutate` on deid.py (docs/mutation-report.md), each test naming the muta
 guarantees (no identity value in any output of a real conversion) are tests/test_deid.py's."""
 import hashlib
 
+import pydicom
+import pytest
 from pydicom.dataset import Dataset
 
-from gmaivl_rt.data.deid import find_phi, identity_forms, phi_values, safe_path, scrub
+from gmaivl_rt.data.deid import find_phi, identity_forms, phi_values, phi_values_of_file, safe_path, safe_stem, scrub
 
 
 def test_placeholder_values_are_not_identities():
@@ -19,21 +21,47 @@ def test_placeholder_values_are_not_identities():
     assert phi_values(ds) == {"QX-4417"}
 
 
+def test_a_six_digit_time_identifies_five_digits_do_not():
+    """Values without letters count from 6 characters (a DICOM time has 6), shorter ones would match everywhere
+    (mutant: `len(text) >= 6` -> `> 6`)."""
+    ds = Dataset()
+    ds.PatientBirthTime = "093015"
+    ds.PatientID = "12345"
+    assert phi_values(ds) == {"093015"}
+
+
+def test_a_file_without_the_dicom_preamble_is_still_read(tmp_path):
+    """A bare dataset (no preamble, no file meta: pydicom refuses it unless forced) still has its identity
+    values collected (mutant: `force=False`, which gives an empty set)."""
+    ds = Dataset()
+    ds.PatientID = "QX-4417"
+    ds.PatientName = "Quixote^Alonso"
+    path = tmp_path / "bare.dcm"
+    ds.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    with pytest.raises(pydicom.errors.InvalidDicomError):
+        pydicom.dcmread(path)
+    assert phi_values_of_file(path) == {"QX-4417", "Quixote^Alonso", "Quixote", "Alonso"}
+
+
 def test_dates_take_every_valid_day_and_month():
     """A date of the 1st, the 31st or in December is also matched as DDMMYYYY and MMDDYYYY; month 13 is no date
-    (mutants: `1 <= day` -> `1 < day`, `day <= 31` -> `day != 31`, `month <= 12` -> `<= 11`)."""
+    (mutants: `1 <= day` -> `1 < day` / `2 <= day`, `day <= 31` -> `day != 31`, `month <= 12` -> `<= 11`,
+    `1 <= month` -> `1 is not month`)."""
     for date, day_first, month_first in (("19470301", "01031947", "03011947"), ("19470131", "31011947", "01311947"),
-                                         ("19471205", "05121947", "12051947")):
+                                         ("19471205", "05121947", "12051947"), ("19470115", "15011947", "01151947")):
         assert {date, day_first, month_first} <= identity_forms(date), date
     assert identity_forms("19471305") == {"19471305"}
 
 
 def test_a_short_name_part_matches_as_one_whole_word():
-    """A name part under 6 characters matches a whole word of free text, alone or in a run of words, and not
-    inside another word (mutant: single words dropped from the runs, `(1, 2, 3)` -> `(2, 2, 3)`)."""
+    """A form under 6 characters matches a whole word of free text, or a run of two or three words, and not inside
+    another word; from 6 characters a form matches anywhere (mutants: runs `(1, 2, 3)` -> `(2, 2, 3)` or
+    `(1, 2, 4)`, `_WORD_ONLY_BELOW` 6 -> 7)."""
     assert find_phi("seen by Roe today", {"Roe"}) == "Roe"
     assert find_phi("seen by Ann Roe today", {"Roe^Ann"}) == "Roe^Ann"
+    assert find_phi("sent to Le Bo A ward", {"Le Bo A"}) == "Le Bo A"
     assert find_phi("a roebuck was seen", {"Roe"}) is None
+    assert find_phi("the xalonsox file", {"Alonso"}) == "Alonso"
 
 
 def test_scrub_removes_a_name_inside_a_file_name():
@@ -48,3 +76,8 @@ def test_hashed_names_are_12_hex_digits_of_the_sha256():
     phi = {"Quixote^Alonso"}
     want = "dir-" + hashlib.sha256(b"Quixote^Alonso").hexdigest()[:12] + "/scan.dcm"
     assert safe_path("Quixote^Alonso/scan.dcm", phi) == want
+
+
+def test_a_long_stem_keeps_64_characters():
+    """A readable stem is cut to 64 characters (mutant: 63)."""
+    assert safe_stem("scan_" + "a" * 80 + ".dcm", set()) == ("scan_" + "a" * 80)[:64]
