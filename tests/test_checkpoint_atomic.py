@@ -6,7 +6,9 @@ import subprocess
 import sys
 import time
 
+import torch
 from train_fixtures import make_training_setup, write_config
+from transformers import LlavaForConditionalGeneration
 
 from gmaivl_rt import GMAIVL
 from gmaivl_rt.train import train
@@ -43,8 +45,16 @@ def test_kill_during_save_leaves_a_loadable_checkpoint(tmp_path):
     checkpoint = latest_checkpoint(out)
     assert checkpoint.name == "step-00000001" and not (root / "step-00000002").exists()
     assert load_trainer_state(checkpoint)["step"] == 1
-    model = GMAIVL.from_pretrained(checkpoint)
-    assert sum(p.numel() for p in model.parameters()) > 0
+    # The surviving checkpoint is whole: transformers, reading the folder on its own, gives our logits (this used to
+    # assert only that the model has parameters).
+    model = GMAIVL.from_pretrained(checkpoint).eval()
+    hf = LlavaForConditionalGeneration.from_pretrained(checkpoint).eval()
+    cfg = model.config
+    ids = torch.tensor([[3, 4] + [cfg.image_token_index] * cfg.num_image_tokens + [5]])
+    pixels = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size)
+    with torch.no_grad():
+        want = hf(input_ids=ids, pixel_values=pixels).logits
+        torch.testing.assert_close(model(ids, pixel_values=pixels).logits, want, atol=1e-4, rtol=0)
 
     result = train(1, data, out, preset="tiny", tokenizer=tokenizer, config=config, resume=True, progress=False)
     assert result["steps"] == 4 and len(result["losses"]) == 4
