@@ -177,7 +177,9 @@ class GMAIVLConfig:
         rope_scaling = tc.get("rope_scaling")
         if rope.get("rope_type", "default") not in ("default", None):
             rope_scaling = {"type": rope["rope_type"], "factor": rope.get("factor", 1.0)}
-        if rope_scaling and rope_scaling.get("type", rope_scaling.get("rope_type")) not in ("dynamic", "default"):
+        # transformers 4.x spells the kind "type", later ones "rope_type" (either may be alone)
+        scaling_kind = rope_scaling.get("type", rope_scaling.get("rope_type")) if rope_scaling else None
+        if rope_scaling and scaling_kind not in ("dynamic", "default"):
             raise ValueError(f"rope scaling {rope_scaling} is not supported (default or dynamic NTK)")
         # The MLP is SwiGLU and the kernel's gate is SiLU (= swish): another activation would load and run, wrong.
         text_act = tc.get("hidden_act", "silu")
@@ -197,7 +199,7 @@ class GMAIVLConfig:
             intermediate_size=tc.get("intermediate_size", 11008),
             vocab_size=tc.get("vocab_size", 32000),
             rope_theta=rope.get("rope_theta", tc.get("rope_theta", 10000.0)),
-            rope_scaling=rope_scaling if rope_scaling and rope_scaling.get("type") == "dynamic" else None,
+            rope_scaling={"type": "dynamic", "factor": rope_scaling["factor"]} if scaling_kind == "dynamic" else None,
             rms_norm_eps=tc.get("rms_norm_eps", 1e-6),
             max_position_embeddings=tc.get("max_position_embeddings", 2048),
             tie_word_embeddings=tc.get("tie_word_embeddings", hf.get("tie_word_embeddings", False)),
