@@ -4,6 +4,7 @@ import pytest
 from transformers import LlamaConfig, LlavaConfig
 
 from gmaivl_rt import GMAIVLConfig
+from gmaivl_rt.config import VisionConfig
 
 
 def _llava_dict(**text):
@@ -25,20 +26,33 @@ def test_missing_text_fields_fall_back_to_transformers_llama_defaults():
     assert text.rope_theta == want.rope_parameters["rope_theta"]
 
 
-def test_missing_feature_layer_falls_back_to_llavas_default():
-    """No `vision_feature_layer` means LlavaConfig's default (mutants: the fallback -2 -> -1, -3, `not 2`)."""
+def test_missing_llava_and_vision_fields_fall_back_to_llavas_defaults():
+    """No `vision_feature_layer` / `tie_word_embeddings` and an empty vision config mean LlavaConfig's defaults
+    (its CLIP ViT-L/14-336), as does a VisionConfig built directly (mutants: the fallback -2 -> -1, -3, `not 2`,
+    `+2`; tie False -> True; VisionConfig's default heads, intermediate size, image size or feature layer changed)."""
     hf = _llava_dict()
-    del hf["vision_feature_layer"]
-    assert GMAIVLConfig.from_hf_config(hf).vision.feature_layer == LlavaConfig().vision_feature_layer
+    del hf["vision_feature_layer"], hf["tie_word_embeddings"]
+    hf["vision_config"] = {"model_type": "clip_vision_model"}
+    config = GMAIVLConfig.from_hf_config(hf)
+    llava = LlavaConfig()
+    want = llava.vision_config
+    assert config.vision.feature_layer == VisionConfig().feature_layer == llava.vision_feature_layer
+    assert config.text.tie_word_embeddings is False and not llava.tie_word_embeddings
+    got = config.vision
+    assert (got.hidden_size, got.num_layers, got.num_heads, got.intermediate_size, got.image_size, got.patch_size,
+            got.hidden_act, got.layer_norm_eps) == (
+        want.hidden_size, want.num_hidden_layers, want.num_attention_heads, want.intermediate_size, want.image_size,
+        want.patch_size, want.hidden_act, want.layer_norm_eps)
 
 
 def test_feature_layer_bounds_are_the_hidden_states_transformers_returns():
     """CLIP returns num_layers + 1 hidden states (embeddings first): feature_layer -(L+1)..L is valid, one
     further either way is refused (mutants: `feature_layer <= num_layers` -> `<`, `-num_layers - 1` ->
-    `-num_layers * 1`)."""
+    `-num_layers * 1`, `-L - 1 <= ` -> `<` / `!=` / `is not`, layers_used's `>= 0` -> `> 0` or `+ 1` -> `+ 2`, the
+    error message joined with `//`, replace() ignoring vision={...})."""
     tiny = GMAIVLConfig.preset("tiny")
     layers = tiny.vision.num_layers
-    for index in (-layers - 1, layers):
+    for index in (-layers - 1, 0, layers):
         assert tiny.replace(vision={"feature_layer": index}).vision.layers_used == (index % (layers + 1))
     for index in (-layers - 2, layers + 1):
         with pytest.raises(ValueError, match=f"feature_layer {index} is outside"):
