@@ -99,3 +99,11 @@ def test_list_content_openai_style():
     for bad in (["plain string"], [{"type": "audio"}], [{"type": "text", "text": 3}]):
         with pytest.raises(InputError, match="message 0 part 0 must be"):
             chat_parts([{"role": "user", "content": bad}])
+
+
+def test_normalisation_constants_are_openai_clips():
+    """The processors above take our CLIP_MEAN / CLIP_STD as given: compare them with transformers' own (mutant:
+    CLIP_STD's green 0.2613 -> 1.2613, which every other test passed)."""
+    from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    assert CLIP_MEAN == tuple(OPENAI_CLIP_MEAN) and CLIP_STD == tuple(OPENAI_CLIP_STD)
