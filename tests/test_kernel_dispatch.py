@@ -98,13 +98,15 @@ def test_use_triton_per_mode_on_cpu(monkeypatch):
 def test_use_triton_auto_on_cuda(fake_cuda, monkeypatch):
     """Auto mode on CUDA: 16-bit GEMM ops take Triton, the first tensor's (the activation's) dtype decides, and
     without triton everything takes the reference (mutants: `on_cuda and triton_available()` -> `or`, the `not`
-    dropped or doubled, `return False` -> True, `is None` -> `is not None`, `tensors[0]` -> `tensors[-1]`)."""
+    dropped or doubled, `return False` -> True, `is None` -> `is not None`, `tensors[0]` -> `tensors[-1]`, the
+    default `gemm=False` -> True)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     half, single = torch.randn(4).half(), torch.randn(4)
     with kernels("auto"):
         assert _dispatch.use_triton(half, single, gemm=True, head_dim=64) is True
         assert _dispatch.use_triton(single, half, gemm=True) is False
         assert _dispatch.use_triton(half, head_dim=256) is False
+        assert _dispatch.use_triton(single) is True  # fp32 row ops (no GEMM) take Triton on CUDA
         with kernels("triton"):  # forced: no interpreter needed on CUDA
             assert _dispatch.use_triton(single, gemm=True) is True
         monkeypatch.setattr(_dispatch, "triton_available", lambda: False)
@@ -140,8 +142,8 @@ def test_kernels_context_restores_the_environment(monkeypatch):
 
 def test_forced_config_picks_bounds_and_nests():
     """pick_config takes the default (index 0) unless forced_config pins another; the index must be inside the
-    list; nesting restores the outer pin (mutants: default_index 1, each comparison of the bounds check, `if old
-    is None` negated, the contextmanager decorator removed)."""
+    list; nesting restores the outer pin (mutants: default_index 1, each comparison of the bounds check (`<` ->
+    `!=` / `is not` let len + 1 through), `if old is None` negated, the contextmanager decorator removed)."""
     configs = ["a", "b", "c"]
     assert _dispatch.pick_config(configs) == "a" and not _dispatch.config_forced(configs)
     with _dispatch.forced_config(configs, 2) as picked:
@@ -153,7 +155,14 @@ def test_forced_config_picks_bounds_and_nests():
     for index in (1, 0, len(configs) - 1):
         with _dispatch.forced_config(configs, index):
             assert _dispatch.pick_config(configs) == configs[index]
-    for index in (-1, len(configs)):
+    for index in (-1, len(configs), len(configs) + 1):
         with pytest.raises(ValueError, match=f"config index {index} is outside the 3 configs"):
             with _dispatch.forced_config(configs, index):
                 pass
+
+
+def test_only_cuda_devices_are_cuda():
+    """Any device type but "cuda" is not CUDA, whichever string object names it (mutants: `!= "cuda"` -> `<`,
+    which lets "mps" through, or `is not`, which refuses a "cuda" built at run time)."""
+    assert _dispatch.reference_reason("mps", torch.bfloat16) == "not a CUDA tensor"
+    assert _dispatch.reference_reason("".join(["cu", "da"]), torch.bfloat16) is None
