@@ -34,7 +34,6 @@ import shlex
 from pathlib import Path
 
 import numpy as np
-import pytest
 import yaml
 from PIL import Image
 from pydicom.data import get_testdata_file
