@@ -152,12 +152,12 @@ def test_make_demo_command_end_to_end(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------- export bf16
-def _reference_run(model_path: Path, feeds: dict) -> list[np.ndarray]:
+def _reference_run(graph_path: Path, feeds: dict) -> list[np.ndarray]:
     """A graph run by ONNX's reference evaluator (ONNX Runtime's CPU provider has no bf16 MatMul or Conv)."""
     import onnx
     from onnx.reference import ReferenceEvaluator
 
-    return ReferenceEvaluator(onnx.load(model_path)).run(None, feeds)
+    return ReferenceEvaluator(onnx.load(graph_path)).run(None, feeds)
 
 
 def _float_initializers(model_path: Path) -> dict[str, tuple[str, int]]:
@@ -180,7 +180,7 @@ def test_export_onnx_bf16_from_the_command_line(tmp_path, capsys):
     the graph dtype (`.to(torch.float32)` dropped), the decoder skipping its final RMSNorm."""
     pytest.importorskip("onnxscript")
     import ml_dtypes
-    from export_fixtures import hf_checkpoint
+    from export_fixtures import graph_next_token_logits, hf_checkpoint
     from hf_reference import IMAGE_TOKEN
 
     from gmaivl_rt import GMAIVL
@@ -210,20 +210,7 @@ def test_export_onnx_bf16_from_the_command_line(tmp_path, capsys):
         torch_bf16 = GMAIVL.from_pretrained(hf_checkpoint(), dtype=torch.bfloat16)(
             ids, pixel_values=pixels.bfloat16()).logits[0, -1].float()
 
-    bf16 = ml_dtypes.bfloat16
-    features, = _reference_run(out / "vision_encoder.onnx", {"pixel_values": pixels.numpy().astype(bf16)})
-    embeds, = _reference_run(out / "embed_tokens.onnx", {"input_ids": ids.numpy()})
-    assert features.dtype == embeds.dtype == bf16
-    embeds[ids.numpy() == IMAGE_TOKEN] = features.reshape(-1, features.shape[-1])
-    text = model.config.text
-    empty = np.zeros((1, text.num_kv_heads, 0, text.head_dim), bf16)
-    feeds = {"inputs_embeds": embeds, "attention_mask": np.ones(ids.shape, np.int64),
-             "position_ids": np.arange(ids.shape[1])[None]}
-    for layer in range(text.num_layers):
-        feeds |= {f"past_key_values.{layer}.key": empty, f"past_key_values.{layer}.value": empty}
-    logits = _reference_run(out / "decoder_model_merged.onnx", feeds)[0]
-    assert logits.dtype == np.float32
-    got = torch.from_numpy(logits)[0, -1]
+    got = graph_next_token_logits(out, ids, pixels, IMAGE_TOKEN, _reference_run, float_dtype=ml_dtypes.bfloat16)
     error, torch_error = float((got - expected).abs().max()), float((torch_bf16 - expected).abs().max())
     assert 0 < error <= 4 * torch_error, (error, torch_error, float(expected.abs().max()))
 
@@ -234,8 +221,9 @@ def test_train_init_max_steps_and_resume_from_the_command_line(tmp_path, capsys,
     stay I's bit for bit, the projector moves); `--max-steps 2` of a 4-step schedule stops with checkpoint step 2
     and the losses of the uninterrupted run's first two steps; `train --out O --resume` runs steps 3-4 only and
     ends with the uninterrupted run's losses and weights (fp32 on CPU: bit for bit).
-    Mutants: the CLI dropping --init (random start), --max-steps or --resume (a fresh run over the same folder:
-    same numbers, but steps 0..4), restore() skipping the scheduler's state."""
+    Mutants: the CLI dropping --init (random start) or --max-steps, the recipe ignoring the checkpoint --resume
+    finds (a fresh run over the same folder: the same numbers, but steps 0..4), restore() skipping the
+    scheduler's state."""
     from train_fixtures import make_training_setup, write_config
 
     from gmaivl_rt import GMAIVL, GMAIVLConfig
