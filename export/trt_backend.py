@@ -107,9 +107,9 @@ class TensorRTBackend(GraphBackend):
         empty = torch.empty(batch, t.num_kv_heads, 0, t.head_dim, device=self.device)
         return [empty] * len(self.past_names)
 
-    def _decode(self, embeds, attention_mask, position_ids, past):
+    def _decode(self, embeds, attention_mask, position_ids, logits_indices, past):
         profile = self.profiles["prefill"] if past[0].shape[2] == 0 else self.profiles["decode"]
         feeds = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids,
-                 **dict(zip(self.past_names, past))}
+                 "logits_indices": logits_indices, **dict(zip(self.past_names, past))}
         out = self.engines["decoder_model_merged"].run(feeds, profile)
         return out["logits"].float().cpu(), [out[n] for n in self.present_names]
