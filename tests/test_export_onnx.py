@@ -311,6 +311,26 @@ def test_wrong_inputs_give_clear_errors(onnx_dir):
         backend.graphs["decoder_model_merged"].run({"inputs_embeds": np.zeros((1, 1, 64), np.float32)})
 
 
+def test_exports_without_logits_indices_are_refused_with_a_way_out(tmp_path, onnx_dir):
+    """A folder from before `logits_indices` (its decoder takes no such input): loading says to export again.
+    Mutant: no check at load (the first generate then fails on an unknown input, not saying why)."""
+    import shutil
+
+    shutil.copytree(onnx_dir, tmp_path / "old")
+    deploy = json.loads((onnx_dir / DEPLOY_JSON).read_text())
+    deploy["format_version"] = 1
+    (tmp_path / "old" / DEPLOY_JSON).write_text(json.dumps(deploy))
+    helper = onnx.helper
+    old_decoder = helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["inputs_embeds"], ["logits"])], "decoder",
+        [helper.make_tensor_value_info("inputs_embeds", onnx.TensorProto.FLOAT, ["batch_size", "seq", 64])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch_size", "seq", 64])]),
+        opset_imports=[helper.make_opsetid("", 23)])
+    onnx.save(old_decoder, str(tmp_path / "old" / GRAPH_FILES["decoder_model_merged"]))
+    with pytest.raises(ValueError, match="predates logits_indices.*format_version 1.*export it again"):
+        gmaivl_rt.load(tmp_path / "old", backend="onnx")
+
+
 def test_load_errors(tmp_path, onnx_dir):
     with pytest.raises(ValueError, match="backend 'jax'"):
         gmaivl_rt.load(onnx_dir, backend="jax")
