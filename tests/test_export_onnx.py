@@ -170,10 +170,11 @@ def test_decoder_prefill_and_decode_match_torch_fp32(onnx_dir, model):
         start = stop
 
 
-def test_prefill_returns_logits_of_each_rows_last_real_token_only(onnx_dir, model):
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_prefill_returns_logits_of_each_rows_last_real_token_only(model, dtype):
     """Three prompts of lengths 9, 5 and 7 in one (3, 9) prefill: left-padded, right-padded and left-padded
-    (the graph takes either side). With `GraphBackend.last_token_indices` the decoder returns (3, 1, V) logits equal
-    to the torch model's next-token logits of each prompt run alone.
+    (the graph takes either side). With `GraphBackend.last_token_indices` the decoder returns (3, 1, V) fp32 logits
+    equal to the fp32 torch model's next-token logits of each prompt run alone (fp16 graphs within TOL_FP16).
 
     Mutants this fails on (each applied by hand): the graph keeping every position (`kept = x` in
     DecoderGraph.forward: shape (3, 9, V)); the graph gathering row 0's index for every row
@@ -191,16 +192,18 @@ def test_prefill_returns_logits_of_each_rows_last_real_token_only(onnx_dir, mode
         ids[r, cols], mask[r, cols] = prompt, 1
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     indices = GraphBackend.last_token_indices(mask, width)
-    (embeds,) = _session(onnx_dir, "embed_tokens").run(None, {"input_ids": ids.numpy()})
+    folder = exported(dtype)
+    (embeds,) = _session(folder, "embed_tokens").run(None, {"input_ids": ids.numpy()})
     t = model.config.text
-    past = [np.zeros((3, t.num_kv_heads, 0, t.head_dim), np.float32)] * (2 * t.num_layers)
-    logits, *present = _session(onnx_dir, "decoder_model_merged").run(
+    past = [np.zeros((3, t.num_kv_heads, 0, t.head_dim), embeds.dtype)] * (2 * t.num_layers)
+    logits, *present = _session(folder, "decoder_model_merged").run(
         None, _decoder_feeds(embeds, mask.numpy(), positions.numpy(), past, indices.numpy()))
-    assert logits.shape == (3, 1, t.vocab_size)
+    assert logits.shape == (3, 1, t.vocab_size) and logits.dtype == np.float32
     assert present[0].shape == (3, t.num_kv_heads, width, t.head_dim)  # the cache still holds every position
     with torch.no_grad():
         expected = torch.stack([model(p[None]).logits[0, -1] for p in prompts])
-    torch.testing.assert_close(torch.from_numpy(logits[:, 0]), expected, atol=ATOL_FP32, rtol=0)
+    tolerance = dict(atol=ATOL_FP32, rtol=0) if dtype == "fp32" else TOL_FP16
+    torch.testing.assert_close(torch.from_numpy(logits[:, 0]), expected, **tolerance)
 
 
 def test_last_token_indices_follow_the_mask_not_the_last_column():
