@@ -91,6 +91,9 @@ class TensorRTBackend(GraphBackend):
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engines = {name: _Engine(trt, self._runtime, self.path / ENGINE_FILES[name], name, self.device)
                         for name in ENGINE_FILES}
+        if "logits_indices" not in self.engines["decoder_model_merged"].inputs:  # else logits[:, 0] = first token's
+            raise ValueError(f"{self.path}: this decoder engine was built from a graph without logits_indices; "
+                             "export the model again with `gmaivl-rt export onnx`, then rebuild the engines")
         self.past_names = past_names(self.config.text.num_layers)
         self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
         self.profiles = self.info.get("decoder_profiles", {"prefill": 0, "decode": 1})
