@@ -111,8 +111,8 @@ def test_every_attention_config_fp16_bidirectional(index, monkeypatch):
     entry, the arch- and head-dim-filtered tiles included, meets both dtypes and both masks), again at 136 tokens
     with a GQA group of 2. The index-th config of every list runs in one forward + backward (a shorter list wraps
     around) to keep the interpreter time down. Tolerances: test_attention.py's fp16 ones (fp32 reference on the
-    same fp16 values). Mutant: the non-causal `full_hi = len_k // BLOCK_N * BLOCK_N + BLOCK_N` in `_key_range`
-    (an unmasked block past the sequence end) fails every index."""
+    same fp16 values). Mutant: `_key_visible`'s bidirectional bound `len_k - 1` -> `len_k` (one padding key, loaded
+    as 0, joins every softmax) fails every index."""
     from test_attention import _check as check_against_fp32
 
     chosen = {name: getattr(attention_module, name)[index % len(getattr(attention_module, name))]
