@@ -4,7 +4,8 @@ A GPU may be lent for minutes, once. This runs, in priority order and within the
 prove, appending one JSON line per result to DIR/gpu_check.jsonl as it goes (flushed, so a run cut short still
 reports what it did):
   1. configs      every autotune config of every tiled kernel on its own against the PyTorch reference, with free
-                  memory pre-filled with NaN so an output a kernel fails to write shows;
+                  memory pre-filled with NaN so an output a kernel fails to write shows (an attention config runs
+                  where it is offered: at most its head dim; one not offered to this GPU's arch is "skipped");
   2. determinism  the same inputs twice give bitwise-equal outputs and gradients;
   3. scale        the loss head at 2048 x 4096 x 92544, attention at 16k tokens, a norm past 2**31 elements,
                   decode over a 32k-token cache;

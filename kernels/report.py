@@ -1,7 +1,8 @@
 """GPU readiness report: `gmaivl-rt kernels report [--json FILE] [--arch 80,90] [--defaults-only] [--module M]`.
 
 Compiles every (kernel, config) that each kernel file declares in `report_specs()` ahead of time for sm_80 (A100)
-and sm_90 (H100) - no GPU needed - and reads from the result:
+and sm_90 (H100) - no GPU needed; a config offered to some archs only (KernelSpec.archs) just for those - and reads
+from the result:
 - registers, spills (STACK + LOCAL) and static shared memory from the cubin (`cuobjdump --dump-resource-usage`,
   shipped in the triton wheel), dynamic shared memory from Triton's metadata;
 - tensor-core use: `mma.sync` (sm_80) and `wgmma.mma_async` (sm_90) instructions in the PTX;
