@@ -613,8 +613,10 @@ def _rooflines():
     return {
         "fwd": Roofline(f"{name} fwd", 2 * matmul, 2 * q_bytes + 2 * kv_bytes + row_bytes),  # QK^T, PV
         "delta": Roofline(f"{name} bwd delta", 2.0 * b * s * hq * d, 2 * q_bytes + row_bytes),
-        # recompute QK^T, dV, dP, dK; reads q, dO, lse, delta, k, v; writes dk, dv
-        "dkdv": Roofline(f"{name} bwd dk/dv", 4 * matmul, 2 * q_bytes + 2 * row_bytes + 4 * kv_bytes),
+        # recompute QK^T, dV, dP, dK; reads q, dO, lse, delta, k, v; writes dk, dv per q head (hq > hkv: the GQA
+        # group's slots, summed afterwards by torch)
+        "dkdv": Roofline(f"{name} bwd dk/dv", 4 * matmul,
+                         2 * q_bytes + 2 * row_bytes + 2 * kv_bytes + 2 * (q_bytes if hq > hkv else kv_bytes)),
         # recompute QK^T, dP, dQ; reads q, dO, lse, delta, k, v; writes dq
         "dq": Roofline(f"{name} bwd dq", 3 * matmul, 3 * q_bytes + 2 * row_bytes + 2 * kv_bytes),
     }
