@@ -4,7 +4,8 @@ A GPU may be lent for minutes, once. This runs, in priority order and within the
 prove, appending one JSON line per result to DIR/gpu_check.jsonl as it goes (flushed, so a run cut short still
 reports what it did):
   1. configs      every autotune config of every tiled kernel on its own against the PyTorch reference, with free
-                  memory pre-filled with NaN so an output a kernel fails to write shows;
+                  memory pre-filled with NaN so an output a kernel fails to write shows (an attention config runs
+                  where it is offered: at most its head dim; one not offered to this GPU's arch is "skipped");
   2. determinism  the same inputs twice give bitwise-equal outputs and gradients;
   3. scale        the loss head at 2048 x 4096 x 92544, attention at 16k tokens, a norm past 2**31 elements,
                   decode over a 32k-token cache;
@@ -95,6 +96,10 @@ class Recorder:
                                 traceback=traceback.format_exc(limit=3))
         ok = measured.pop("ok", True)
         return self._finish(row, "pass" if ok else "fail", time.monotonic() - started, **measured)
+
+    def skip(self, check: str, priority: int, reason: str, **labels) -> dict:
+        """Record a check this machine does not run, and why."""
+        return self._finish({"check": check, "priority": priority, **labels}, "skipped", 0.0, reason=reason)
 
     def _finish(self, row, status, seconds, **fields):
         row.update(status=status, seconds=round(seconds, 3), **fields)
@@ -210,11 +215,33 @@ def _config_cases(sz: Sizes):
     return cases
 
 
+def _offered_inputs(config, configs, inputs, device: str):
+    """(inputs to run `config` on, None) or (None, why this GPU does not run it). Attention configs are offered per
+    arch and up to a head dim: they run at their largest head dim (q, k, v cut to it), on the archs offered."""
+    import importlib
+
+    att = importlib.import_module("gmaivl_rt.kernels.attention")
+    if not isinstance(config, att.AttentionConfig):
+        return inputs, None
+    if inputs[0].shape[-1] > config.max_head_dim:
+        inputs = [t[..., :config.max_head_dim].contiguous() for t in inputs]
+    if device == "cuda":
+        capability = torch.cuda.get_device_capability()
+        if config not in att.offered_configs(configs, capability, inputs[0].shape[-1]):
+            return None, f"not offered to sm_{att.tuned_arch(capability)}"
+    return inputs, None
+
+
 def check_configs(rec: Recorder, sz: Sizes) -> None:
     from gmaivl_rt.kernels._dispatch import forced_config
 
-    for name, configs, fn, reference, inputs in _config_cases(sz):
+    for name, configs, fn, reference, case_inputs in _config_cases(sz):
         for index, config in enumerate(configs):
+            inputs, not_offered = _offered_inputs(config, configs, case_inputs, sz.device)
+            if not_offered:
+                rec.skip("configs", 1, not_offered, kernel=name, config_index=index, config=str(config))
+                continue
+
             def one(configs=configs, index=index, fn=fn, reference=reference, inputs=inputs):
                 poison_free_memory(sz.device)
                 with forced_config(configs, index):
@@ -386,7 +413,7 @@ def check_throughput(rec: Recorder, sz: Sizes) -> None:
     cases = {
         "attention forward": (lambda: K.attention(q, k, v, causal=True, cu_seqlens=cu, max_seqlen=t),
                               lambda: K.attention_reference(q, k, v, causal=True, cu_seqlens=cu),
-                              lambda: getattr(att._attn_fwd_tuned, "best_config", None)),
+                              lambda: att.best_config(att._attn_fwd_kernel)),
         "projector GEMM": (lambda: K.fused_linear(x, w), lambda: K.fused_linear_reference(x, w),
                            lambda: proj._autotuned_matmul.cache_info().currsize and getattr(
                                proj._autotuned_matmul(False), "best_config", None)),
