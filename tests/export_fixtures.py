@@ -70,10 +70,13 @@ def graph_next_token_logits(onnx_dir, input_ids, pixel_values, image_token_index
     embeds = run(onnx_dir / "embed_tokens.onnx", {"input_ids": ids})[0]
     assert features.dtype == embeds.dtype == float_dtype
     embeds[ids == image_token_index] = features.reshape(-1, features.shape[-1])
-    decoder = json.loads((onnx_dir / "gmaivl_deploy.json").read_text())["decoder"]
+    deploy = json.loads((onnx_dir / "gmaivl_deploy.json").read_text())
+    decoder = deploy["decoder"]
     empty = np.zeros((1, decoder["num_kv_heads"], 0, decoder["head_dim"]), float_dtype)
     feeds = {"inputs_embeds": embeds, "attention_mask": np.ones(ids.shape, np.int64),
              "position_ids": np.arange(ids.shape[1], dtype=np.int64)[None]}
+    if any(i["name"] == "logits_indices" for i in deploy["graphs"]["decoder_model_merged"]["inputs"]):
+        feeds["logits_indices"] = np.array([[ids.shape[1] - 1]], np.int64)  # the last position's logits only
     for layer in range(decoder["num_layers"]):
         feeds[decoder["past_key"].format(layer=layer)] = empty
         feeds[decoder["past_value"].format(layer=layer)] = empty
