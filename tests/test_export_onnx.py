@@ -256,6 +256,35 @@ def test_greedy_generation_matches_torch_backend_and_transformers(onnx_dir):
     assert torch.equal(got, expected)
 
 
+def test_every_generation_steps_logits_match_transformers(onnx_dir, monkeypatch):
+    """The runtime's bookkeeping around the graph (positions, mask, logits_indices) at every step: the logits each
+    prefill/decode call returns equal transformers' `output_logits` for the same step (fp32 graphs: 1e-4).
+
+    Mutant: decode positions one ahead (`"position": positions[:, -1:] + 2` in `GraphBackend.generate`) passes the
+    greedy-token test above (the tiny random model's argmax does not move) and fails here."""
+    ids, mask, pixels = _prompts(2)
+    onnx_backend = gmaivl_rt.load(onnx_dir, backend="onnx")
+    hf = LlavaForConditionalGeneration.from_pretrained(hf_checkpoint()).eval()
+    steps = []
+    decode = onnx_backend._decode
+
+    def recording_decode(*args):
+        logits, past = decode(*args)
+        steps.append(logits[:, 0].clone())
+        return logits, past
+
+    monkeypatch.setattr(onnx_backend, "_decode", recording_decode)
+    got = onnx_backend.generate(ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=8, eos_token_id=[],
+                                pad_token_id=0)
+    expected = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=8,
+                           min_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0,
+                           output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(got, expected.sequences)
+    assert len(steps) == len(expected.logits) == 8
+    for step, (ours, theirs) in enumerate(zip(steps, expected.logits)):
+        torch.testing.assert_close(ours, theirs.float(), atol=ATOL_FP32, rtol=0, msg=lambda m: f"step {step}: {m}")
+
+
 def test_dynamic_resolution_generation_matches_torch_backend():
     """Images of different sizes in one prompt: runs of equal sizes batched through the vision graph."""
     sizes = [(28, 42), (28, 42), (42, 14)]
