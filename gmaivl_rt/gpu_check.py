@@ -12,8 +12,9 @@ reports what it did):
                   GMAI-VL-7B widths; greedy decode; fp32 weights under bf16 autocast;
   5. throughput   autotuning on: first call (compile + tune) time, steady time against the reference, the winners.
 A check whose turn comes after the budget is spent is recorded as "skipped". `--smoke` runs the same plumbing at
-tiny sizes on the CPU under the Triton interpreter (what CI runs). Exit status 1 when any check failed or errored.
-Each line: {"check", "priority", "status": pass|fail|error|skipped, "seconds", ...measurements}.
+tiny sizes on the CPU under the Triton interpreter (what CI runs); there a config that differs from an earlier one
+only in num_warps / num_stages, which the interpreter ignores, is recorded as skipped with "same_as" naming it.
+Exit status 1 when any check failed or errored. Each line: {"check", "priority", "status": pass|fail|error|skipped, "seconds", ...measurements}.
 """
 from __future__ import annotations
 
