@@ -4,7 +4,8 @@ A GPU may be lent for minutes, once. This runs, in priority order and within the
 prove, appending one JSON line per result to DIR/gpu_check.jsonl as it goes (flushed, so a run cut short still
 reports what it did):
   1. configs      every autotune config of every tiled kernel on its own against the PyTorch reference, with free
-                  memory pre-filled with NaN so an output a kernel fails to write shows;
+                  memory pre-filled with NaN so an output a kernel fails to write shows (an attention config runs
+                  where it is offered: at most its head dim; one not offered to this GPU's arch is "skipped");
   2. determinism  the same inputs twice give bitwise-equal outputs and gradients;
   3. scale        the loss head at 2048 x 4096 x 92544, attention at 16k tokens, a norm past 2**31 elements,
                   decode over a 32k-token cache;
@@ -106,6 +107,7 @@ class Recorder:
         return self._finish(row, "pass" if ok else "fail", time.monotonic() - started, **measured)
 
     def skip(self, check: str, priority: int, reason: str, **labels) -> dict:
+        """Record a check this machine does not run, and why."""
         return self._finish({"check": check, "priority": priority, **labels}, "skipped", 0.0, reason=reason)
 
     def _finish(self, row, status, seconds, **fields):
@@ -225,24 +227,48 @@ def _config_cases(sz: Sizes):
 def interpreter_key(config) -> tuple:
     """What the interpreter sees of an autotune config: its block sizes. num_warps and num_stages (a dict's keys of
     those names, a tuple config's last two entries) do not exist there, so configs that differ only in them run
-    the same code on the CPU."""
+    the same code on the CPU. Named tuples (attention's AttentionConfig) count by field name."""
+    if hasattr(config, "_asdict"):
+        config = config._asdict()
     if isinstance(config, dict):
         return tuple(sorted((k, v) for k, v in config.items() if k not in ("num_warps", "num_stages")))
     return tuple(config[:-2])
 
 
+def _offered_inputs(config, configs, inputs, device: str):
+    """(inputs to run `config` on, None) or (None, why this GPU does not run it). Attention configs are offered per
+    arch and up to a head dim: they run at their largest head dim (q, k, v cut to it), on the archs offered."""
+    import importlib
+
+    att = importlib.import_module("gmaivl_rt.kernels.attention")
+    if not isinstance(config, att.AttentionConfig):
+        return inputs, None
+    if inputs[0].shape[-1] > config.max_head_dim:
+        inputs = [t[..., :config.max_head_dim].contiguous() for t in inputs]
+    if device == "cuda":
+        capability = torch.cuda.get_device_capability()
+        if config not in att.offered_configs(configs, capability, inputs[0].shape[-1]):
+            return None, f"not offered to sm_{att.tuned_arch(capability)}"
+    return inputs, None
+
+
 def check_configs(rec: Recorder, sz: Sizes) -> None:
     from gmaivl_rt.kernels._dispatch import forced_config, interpreting
 
-    for name, configs, fn, reference, inputs in _config_cases(sz):
+    for name, configs, fn, reference, case_inputs in _config_cases(sz):
         first_with_blocks = {}
         for index, config in enumerate(configs):
+            inputs, not_offered = _offered_inputs(config, configs, case_inputs, sz.device)
+            if not_offered:
+                rec.skip("configs", 1, not_offered, kernel=name, config_index=index, config=str(config))
+                continue
             same = first_with_blocks.setdefault(interpreter_key(config), index)
             if interpreting() and same != index:
                 rec.skip("configs", 1, f"under the interpreter it runs as config {same} (same blocks; num_warps and "
                          "num_stages do not apply)", kernel=name, config_index=index, config=str(config),
                          same_as=same)
                 continue
+
             def one(configs=configs, index=index, fn=fn, reference=reference, inputs=inputs):
                 poison_free_memory(sz.device)
                 with forced_config(configs, index):
@@ -421,7 +447,7 @@ def check_throughput(rec: Recorder, sz: Sizes) -> None:
     cases = {
         "attention forward": (lambda: K.attention(q, k, v, causal=True, cu_seqlens=cu, max_seqlen=t),
                               lambda: K.attention_reference(q, k, v, causal=True, cu_seqlens=cu),
-                              lambda: getattr(att._attn_fwd_tuned, "best_config", None)),
+                              lambda: att.best_config(att._attn_fwd_kernel)),
         "projector GEMM": (lambda: K.fused_linear(x, w), lambda: K.fused_linear_reference(x, w),
                            lambda: proj._autotuned_matmul.cache_info().currsize and getattr(
                                proj._autotuned_matmul(False), "best_config", None)),

@@ -53,6 +53,9 @@ def test_interpreter_key_keeps_blocks_and_drops_warps_and_stages():
     a = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
     assert gpu_check.interpreter_key(a) == gpu_check.interpreter_key({**a, "num_warps": 4})
     assert gpu_check.interpreter_key(a) != gpu_check.interpreter_key({**a, "BLOCK_N": 128})
+    C = importlib.import_module("gmaivl_rt.kernels.attention").AttentionConfig
+    assert gpu_check.interpreter_key(C(128, 32, 8, 3)) == gpu_check.interpreter_key(C(128, 32, 4, 2))
+    assert gpu_check.interpreter_key(C(128, 64, 4, 3)) != gpu_check.interpreter_key(C(128, 64, 4, 3, max_head_dim=64))
 
 
 def test_forced_config_is_the_one_launched(monkeypatch):

@@ -40,7 +40,7 @@ def test_plugin_kernel_argument_order_matches_reference(causal):
     k, v = (torch.randn(B, S, HKV, D, generator=g).half() for _ in range(2))
     cu_seqlens = torch.arange(B + 1, dtype=torch.int32) * S
     out, lse = torch.empty_like(q), torch.empty(H, B * S)
-    block_m, block_n, _, _ = FWD_CONFIGS[0]
+    block_m, block_n = FWD_CONFIGS[0][:2]
     _attn_fwd_trt[(B * H, triton.cdiv(S, block_m))](
         q, k, v, cu_seqlens, H, H // HKV, B * S, out, lse, QK_SCALE=D ** -0.5 * _LOG2E, HEAD_DIM=D, BLOCK_D=16,
         BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, UPCAST=False, PRECISION="tf32")
