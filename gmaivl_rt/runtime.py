@@ -166,8 +166,11 @@ class GraphBackend(_ChatHelpers):
     """The generation loop over exported graphs. Subclasses implement:
     `_vision(pixel_values (N, 3, H, W) float32 torch) -> (N, T, hidden) torch`,
     `_embed(ids (B, S) int64 torch) -> (B, S, hidden) torch`,
-    `_decode(embeds, attention_mask (B, P+S), position_ids (B, S), past) -> (logits (B, S, V) fp32 torch, past)`,
-    `_empty_past(batch)`; `past` is whatever the backend keeps its cache in (arrays, device buffers)."""
+    `_decode(embeds, attention_mask (B, P+S), position_ids (B, S), logits_indices (B, K) int64, past)
+    -> (logits (B, K, V) fp32 torch at those positions of the S new ones, past)`,
+    `_empty_past(batch)`; `past` is whatever the backend keeps its cache in (arrays, device buffers).
+    Generation asks only for each row's last real token (`last_token_indices`), so a prefill computes one row of
+    logits per sequence, not S."""
 
     name = "graphs"
 
@@ -253,6 +256,14 @@ class GraphBackend(_ChatHelpers):
             raise InputError("attention_mask has padding at the end of a row: pad prompts on the left")
         return input_ids.to(torch.int64), mask
 
+    @staticmethod
+    def last_token_indices(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """attention_mask (B, P+S) -> (B, 1) int64: per row, the index among the last `seq_len` positions of its
+        last real (mask 1) token, whatever the padding side (S - 1 under left padding)."""
+        window = attention_mask[:, -seq_len:].to(torch.int64)
+        ranks = window * torch.arange(1, seq_len + 1, device=window.device)
+        return ranks.argmax(dim=1, keepdim=True)
+
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 32,
@@ -266,15 +277,16 @@ class GraphBackend(_ChatHelpers):
 
         def prefill():
             logits, state["past"] = self._decode(self._prompt_embeds(input_ids, pixel_values), mask, positions,
-                                                 state["past"])
-            return logits[:, -1]
+                                                 self.last_token_indices(mask, mask.shape[1]), state["past"])
+            return logits[:, 0]
 
         def step(next_tokens):
             state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
             logits, state["past"] = self._decode(self._embed(next_tokens[:, None]), state["mask"],
-                                                 state["position"], state["past"])
+                                                 state["position"], self.last_token_indices(state["mask"], 1),
+                                                 state["past"])
             state["position"] = state["position"] + 1
-            return logits[:, -1]
+            return logits[:, 0]
 
         return generate_tokens(prefill, step, input_ids, self.config.text, max_new_tokens=max_new_tokens,
                                do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -288,7 +300,7 @@ class GraphBackend(_ChatHelpers):
     def _embed(self, ids):
         raise NotImplementedError
 
-    def _decode(self, embeds, attention_mask, position_ids, past):
+    def _decode(self, embeds, attention_mask, position_ids, logits_indices, past):
         raise NotImplementedError
 
     def _empty_past(self, batch):

@@ -110,6 +110,9 @@ def test_profile_shapes_from_the_deploy_json():
     assert decode["position_ids"] == ((1, 1), (2, 1), (4, 1))
     assert decode["past_key_values.0.key"] == ((1, 2, 1, 16), (2, 2, 64, 16), (4, 2, 512, 16))
     assert decode["attention_mask"] == ((1, 2), (2, 65), (4, 513))
+    # generation asks for one row of logits per sequence; a prefill may ask for up to all of its positions
+    assert prefill["logits_indices"] == ((1, 1), (2, 1), (4, 256))
+    assert decode["logits_indices"] == ((1, 1), (2, 1), (4, 1))
     (embed,) = profile_shapes(deploy, "embed_tokens", sizes)
     assert embed["input_ids"] == ((1, 1), (2, 64), (4, 256))
 
