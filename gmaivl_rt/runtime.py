@@ -27,8 +27,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 def load(path, backend: str = "torch", *, limits: Limits | None = None, **kwargs):
     """path: a model folder (torch) or an exported folder (onnx / tensorrt). limits: the request `Limits` of this
     runtime (default `Limits()`). kwargs go to the backend: torch: dtype, device; onnx: providers, threads;
-    tensorrt: device. A folder with tokenizer files has its tokenizer loaded and checked here (ModelError when it
-    cannot serve); a folder without any serves `generate()` on token ids only."""
+    tensorrt: device. torch on CUDA without a dtype loads an fp32 checkpoint in bf16 (fp16 on GPUs before sm_80;
+    `checkpoint.inference_dtype`); an explicit dtype wins, CPU keeps the stored dtype. A folder with tokenizer
+    files has its tokenizer loaded and checked here (ModelError when it cannot serve); a folder without any serves
+    `generate()` on token ids only."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"load: {str(path)!r} is not a folder")
@@ -138,9 +140,12 @@ class TorchBackend(_ChatHelpers):
     name = "torch"
 
     def __init__(self, path, dtype=None, device=None):
+        from gmaivl_rt.checkpoint import inference_dtype, stored_float_dtype
         from gmaivl_rt.model import GMAIVL
 
         self.path = Path(path)
+        if dtype is None and device is not None:
+            dtype = inference_dtype(device, stored=stored_float_dtype(self.path))
         self.model = GMAIVL.from_pretrained(self.path, dtype=dtype, device=device).eval()
         self.config = self.model.config
 
@@ -302,12 +307,19 @@ class GraphBackend(_ChatHelpers):
         raise NotImplementedError
 
 
+_CLI_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("ask", help="answer a question about a medical image with a model or exported folder")
     p.add_argument("model", help="model folder (config.json, safetensors, tokenizer.json) or exported folder")
     p.add_argument("--image", help="DICOM, NIfTI, PNG, JPEG, TIFF or BMP file")
     p.add_argument("--question", required=True)
     p.add_argument("--backend", default="torch", choices=BACKENDS)
+    p.add_argument("--device", default=None, help="torch backend: e.g. cuda, cuda:1 (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=tuple(_CLI_DTYPES),
+                   help="torch backend weight dtype (default: as stored; on CUDA an fp32 checkpoint loads in bf16, "
+                        "fp16 on GPUs before sm_80)")
     p.add_argument("--system", default=None, help="optional system prompt")
     g = DEFAULT_GENERATION
     p.add_argument("--max-new-tokens", type=int, default=g["max_new_tokens"], help="default %(default)s")
@@ -341,7 +353,8 @@ def _cli_window(text):
 
 
 def _ask_cli(args) -> int:
-    backend = load(args.model, backend=args.backend)
+    torch_kwargs = {"device": args.device, "dtype": _CLI_DTYPES.get(args.dtype)} if args.backend == "torch" else {}
+    backend = load(args.model, backend=args.backend, **torch_kwargs)
     backend.tokenizer  # noqa: B018  (a folder without a tokenizer cannot answer: say so before reading the image)
     generation = {key: getattr(args, key) for key in DEFAULT_GENERATION}
     if args.seed is not None:  # logits reach the sampler on the model's device (torch) or the CPU (graphs)
