@@ -29,6 +29,22 @@ def median_seconds(fn, rounds: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def interleaved_median_seconds(fns: dict, rounds: int, warmup: int = 1) -> dict:
+    """{name: fn} -> {name: median seconds}. Every side is warmed up first, then the rounds alternate between the
+    sides (a, b, c, a, b, c, ...), so load from other jobs on a shared machine falls on all of them alike rather
+    than on whichever side happened to run during it."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def compact_checkpoint(path) -> None:
     """The `compact` preset with seeded random weights, saved to `path` (the CPU benchmarks' shared model)."""
     import torch

@@ -7,8 +7,12 @@ padded-cache convention:
 - `VisionEncoderGraph`: pixel_values (B, 3, H, W) -> projected image features (B, N, text_hidden).
 - `EmbedTokensGraph`:   input_ids (B, S) int64 -> inputs_embeds (B, S, text_hidden).
 - `DecoderGraph`:       inputs_embeds (B, S, hidden), attention_mask (B, P + S) int64, position_ids (B, S) int64,
-                        past key/values (B, Hkv, P, D) per layer -> logits (B, S, V) fp32, present (B, Hkv, P + S, D).
-                        One graph serves prefill (P = 0) and decode (S = 1).
+                        logits_indices (B, K) int64, past key/values (B, Hkv, P, D) per layer
+                        -> logits (B, K, V) fp32, present (B, Hkv, P + S, D).
+                        One graph serves prefill (P = 0) and decode (S = 1). `logits_indices` picks, per row, the
+                        positions (0 <= i < S) whose logits are computed, as `logits_to_keep` does in transformers:
+                        generation asks for each row's last real token (K = 1), so a prefill returns (B, 1, V)
+                        instead of (B, S, V) fp32 (760 MB at S = 2048, V = 92544); all S positions remain available.
 
 Attention is `F.scaled_dot_product_attention`, which `torch.onnx.export(dynamo=True, opset_version>=23)` lowers to
 the standard ONNX `Attention` op with 4-D Q/K/V (the form TensorRT's parser accepts: the cache concat stays outside
@@ -197,9 +201,10 @@ class DecoderGraph(nn.Module):
         theta = torch.where(length > self.max_positions, stretched, torch.full_like(stretched, self.theta))
         return 1.0 / (theta ** self.exponents)
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, past_key_values):
-        """past_key_values: flat list [k_0, v_0, k_1, v_1, ...], each (B, Hkv, P, D).
-        Returns (logits (B, S, V) fp32, flat list of presents (B, Hkv, P + S, D))."""
+    def forward(self, inputs_embeds, attention_mask, position_ids, logits_indices, past_key_values):
+        """logits_indices: (B, K) int64 positions in 0..S-1 per row; past_key_values: flat list
+        [k_0, v_0, k_1, v_1, ...], each (B, Hkv, P, D).
+        Returns (logits (B, K, V) fp32 at those positions, flat list of presents (B, Hkv, P + S, D))."""
         S = inputs_embeds.shape[1]
         T = attention_mask.shape[1]
         past = T - S
@@ -216,7 +221,9 @@ class DecoderGraph(nn.Module):
         for i, layer in enumerate(self.layers):
             x, k, v = layer(x, cos, sin, allowed, past_key_values[2 * i], past_key_values[2 * i + 1])
             presents += [k, v]
-        logits = self.lm_head(self.norm(x)).to(torch.float32)
+        # Gather before the final norm and the head: only the K asked-for rows pay for the (H x V) product.
+        kept = torch.gather(x, 1, logits_indices[..., None].expand(-1, -1, x.shape[-1]))  # (B, K, H)
+        logits = self.lm_head(self.norm(kept)).to(torch.float32)
         return logits, presents
 
 

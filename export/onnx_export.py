@@ -31,6 +31,7 @@ DEPLOY_JSON = "gmaivl_deploy.json"
 GRAPH_FILES = {"vision_encoder": "vision_encoder.onnx", "embed_tokens": "embed_tokens.onnx",
                "decoder_model_merged": "decoder_model_merged.onnx"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FORMAT_VERSION = 2  # 2: the decoder takes logits_indices and returns logits at those positions only
 DEFAULT_OPSET = 23  # first opset with the standard Attention op
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, minus room for the graph itself
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -50,7 +51,8 @@ def graph_io_names(num_layers: int) -> dict:
     return {
         "vision_encoder": (["pixel_values"], ["image_features"]),
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),
-        "decoder_model_merged": (["inputs_embeds", "attention_mask", "position_ids"] + past_names(num_layers),
+        "decoder_model_merged": (["inputs_embeds", "attention_mask", "position_ids", "logits_indices"]
+                                 + past_names(num_layers),
                                  ["logits"] + present_names(num_layers)),
     }
 
@@ -67,11 +69,12 @@ def _sample_inputs(name, config, dtype):
         return (torch.randn(2, 3, side, side, dtype=dtype),)
     if name == "embed_tokens":
         return (torch.randint(0, text.vocab_size, (2, 3)),)
-    batch, seq, past = 2, 3, 4
+    batch, seq, past, kept = 2, 3, 4, 5  # kept: logits_indices' width (indices may repeat)
     cache = [torch.randn(batch, text.num_kv_heads, past, text.head_dim, dtype=dtype)
              for _ in range(2 * text.num_layers)]
     return (torch.randn(batch, seq, text.hidden_size, dtype=dtype), torch.ones(batch, past + seq, dtype=torch.long),
-            torch.arange(past, past + seq).expand(batch, seq).clone(), cache)
+            torch.arange(past, past + seq).expand(batch, seq).clone(), torch.arange(kept).remainder(seq).expand(
+                batch, kept).clone(), cache)
 
 
 def _dynamic_shapes(name, config):
@@ -81,7 +84,7 @@ def _dynamic_shapes(name, config):
     if name == "embed_tokens":
         return ({0: auto, 1: auto},)
     cache = [{0: auto, 2: auto}] * (2 * config.text.num_layers)
-    return ({0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 1: auto}, cache)
+    return ({0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 1: auto}, {0: auto, 1: auto}, cache)
 
 
 def _dim_names(name, num_layers, dynamic_resolution):
@@ -95,7 +98,8 @@ def _dim_names(name, num_layers, dynamic_resolution):
     names = {"inputs_embeds": {0: "batch_size", 1: "sequence_length"},
              "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
              "position_ids": {0: "batch_size", 1: "sequence_length"},
-             "logits": {0: "batch_size", 1: "sequence_length"}}
+             "logits_indices": {0: "batch_size", 1: "num_logits"},
+             "logits": {0: "batch_size", 1: "num_logits"}}
     for n in past_names(num_layers):
         names[n] = {0: "batch_size", 2: "past_sequence_length"}
     for n in present_names(num_layers):
@@ -236,14 +240,16 @@ def export_onnx(model_or_dir, out_dir, *, dtype="fp32", opset=DEFAULT_OPSET, att
     hf_config = config.to_hf_config() if hasattr(config, "to_hf_config") else None
     template = _chat_template(model_dir) or CHAT_TEMPLATE  # the internlm2 chatml of gmaivl_rt.chat
     deploy = {
-        "format": "gmaivl-rt-onnx", "format_version": 1,
+        "format": "gmaivl-rt-onnx", "format_version": FORMAT_VERSION,
         "dtype": dtype, "opset": opset, "attention": attention,
         "graphs": described,
         "decoder": {"num_layers": text.num_layers, "num_kv_heads": text.num_kv_heads, "head_dim": text.head_dim,
                     "hidden_size": text.hidden_size, "vocab_size": text.vocab_size,
                     "past_key": "past_key_values.{layer}.key", "past_value": "past_key_values.{layer}.value",
                     "present_key": "present.{layer}.key", "present_value": "present.{layer}.value",
-                    "kv_layout": "batch, kv_heads, sequence, head_dim", "padding_side": "left"},
+                    "kv_layout": "batch, kv_heads, sequence, head_dim", "padding_side": "left",
+                    "logits_indices": "(batch, num_logits) int64 positions in 0..sequence_length-1 whose logits "
+                                      "are returned, per row; generation passes each row's last real token"},
         "image": {"image_token_index": int(config.image_token_index), "tokens_per_image": vision.tokens_per_image(),
                   "image_size": vision.image_size, "patch_size": vision.patch_size,
                   "dynamic_resolution": bool(getattr(vision, "dynamic_resolution", False)),

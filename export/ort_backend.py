@@ -15,7 +15,7 @@ import torch
 
 from gmaivl_rt.runtime import GraphBackend
 
-from .onnx_export import DEPLOY_JSON, GRAPH_FILES, past_names, present_names
+from .onnx_export import DEPLOY_JSON, FORMAT_VERSION, GRAPH_FILES, past_names, present_names
 
 _NP_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
               "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
@@ -111,6 +111,10 @@ class OnnxBackend(GraphBackend):
         providers = providers or default_providers()
         self.graphs = {name: _Graph(name, self.path / GRAPH_FILES[name], providers, options)
                        for name in GRAPH_FILES}
+        if "logits_indices" not in self.graphs["decoder_model_merged"].inputs:
+            raise ValueError(f"{self.path}: this decoder graph predates logits_indices (format_version "
+                             f"{deploy.get('format_version')}, this runtime reads {FORMAT_VERSION}); export it again "
+                             "with `gmaivl-rt export onnx`")
         self.num_layers = self.config.text.num_layers
         self.past_names, self.present_names = past_names(self.num_layers), present_names(self.num_layers)
         self.on_cuda = self.graphs["decoder_model_merged"].on_cuda
@@ -135,9 +139,10 @@ class OnnxBackend(GraphBackend):
             return [ort.OrtValue.ortvalue_from_numpy(empty, "cuda", 0) for _ in self.past_names]
         return [empty] * len(self.past_names)
 
-    def _decode(self, embeds, attention_mask, position_ids, past):
+    def _decode(self, embeds, attention_mask, position_ids, logits_indices, past):
         feeds = {"inputs_embeds": embeds.numpy().astype(self.float_dtype, copy=False),
-                 "attention_mask": attention_mask.numpy(), "position_ids": position_ids.numpy()}
+                 "attention_mask": attention_mask.numpy(), "position_ids": position_ids.numpy(),
+                 "logits_indices": logits_indices.numpy()}
         if self.on_cuda:
             return self._decode_bound(feeds, past)
         outputs = self.graphs["decoder_model_merged"].run({**feeds, **dict(zip(self.past_names, past))})

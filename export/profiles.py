@@ -2,7 +2,7 @@
 
 Pure Python (no TensorRT), so it is checked on any machine and the CLI can parse sizes without importing TensorRT.
 Symbolic dim names come from the export's `gmaivl_deploy.json` (batch_size, sequence_length, past_sequence_length,
-total_sequence_length, num_images, height, width).
+total_sequence_length, num_logits, num_images, height, width).
 """
 from __future__ import annotations
 
@@ -62,7 +62,10 @@ def _dim_ranges(deploy: dict, sizes: ProfileSizes, phase: str) -> dict[str, tupl
         seq = (1, 1, 1)
         past = tuple(max(p, 1) for p in past)
     pixels = lambda key: tuple((getattr(c, key) or side) // patch * patch for c in corners)  # noqa: E731
+    # Generation asks for one row of logits per sequence (its last token); a prefill may ask for up to all of them.
+    num_logits = (1, 1, seq[2])
     return {"batch_size": pick("batch"), "num_images": pick("images"), "sequence_length": seq,
+            "num_logits": num_logits,
             "past_sequence_length": past, "total_sequence_length": tuple(p + s for p, s in zip(past, seq)),
             "height": pixels("height"), "width": pixels("width")}
 

@@ -5,7 +5,8 @@ builds, and optimization profiles from min/opt/max sizes:
     vision_encoder:        num_images (and height/width in dynamic-resolution mode)
     embed_tokens:          batch_size, sequence_length
     decoder_model_merged:  profile 0 "prefill" (sequence_length range, past 0) and profile 1 "decode"
-                           (sequence_length 1, past_sequence_length range); total = past + sequence.
+                           (sequence_length 1, past_sequence_length range); total = past + sequence;
+                           num_logits (logits_indices' width) 1 at opt, up to sequence_length.
 Graphs exported with `--attention trt_plugin` carry our Triton attention as the AOT plugin
 "gmaivl::flash_attention" (see trt_plugin.py); it is registered before parsing, and its PTX ends up in the engine.
 

@@ -91,6 +91,9 @@ class TensorRTBackend(GraphBackend):
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engines = {name: _Engine(trt, self._runtime, self.path / ENGINE_FILES[name], name, self.device)
                         for name in ENGINE_FILES}
+        if "logits_indices" not in self.engines["decoder_model_merged"].inputs:  # else logits[:, 0] = first token's
+            raise ValueError(f"{self.path}: this decoder engine was built from a graph without logits_indices; "
+                             "export the model again with `gmaivl-rt export onnx`, then rebuild the engines")
         self.past_names = past_names(self.config.text.num_layers)
         self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
         self.profiles = self.info.get("decoder_profiles", {"prefill": 0, "decode": 1})
@@ -107,9 +110,9 @@ class TensorRTBackend(GraphBackend):
         empty = torch.empty(batch, t.num_kv_heads, 0, t.head_dim, device=self.device)
         return [empty] * len(self.past_names)
 
-    def _decode(self, embeds, attention_mask, position_ids, past):
+    def _decode(self, embeds, attention_mask, position_ids, logits_indices, past):
         profile = self.profiles["prefill"] if past[0].shape[2] == 0 else self.profiles["decode"]
         feeds = {"inputs_embeds": embeds, "attention_mask": attention_mask, "position_ids": position_ids,
-                 **dict(zip(self.past_names, past))}
+                 "logits_indices": logits_indices, **dict(zip(self.past_names, past))}
         out = self.engines["decoder_model_merged"].run(feeds, profile)
         return out["logits"].float().cpu(), [out[n] for n in self.present_names]

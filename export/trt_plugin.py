@@ -97,7 +97,7 @@ def _compile(dtype, head_dim, causal, softmax_scale, arch) -> AotKernel:
 
     if not 0 < head_dim <= 256:
         raise ValueError(f"flash_attention plugin: head_dim {head_dim} must be in 1..256")
-    block_m, block_n, num_warps, num_stages = pick_config(FWD_CONFIGS)
+    block_m, block_n, num_warps, num_stages = pick_config(FWD_CONFIGS)[:4]  # the default: offered to every arch
     scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
     constexprs = {"QK_SCALE": float(scale * _LOG2E), "HEAD_DIM": head_dim,
                   "BLOCK_D": max(16, triton.next_power_of_2(head_dim)), "BLOCK_M": block_m, "BLOCK_N": block_n,

@@ -227,9 +227,40 @@ def load_pretrained(cls, path, dtype=None, device=None):
     return model.eval()
 
 
-def _check_complete(file: Path) -> dict:
-    """Refuse a torn file before memory-mapping it: the header's last data offset must match the file size; then,
-    when the header carries a SHA-256 of the data (DIGEST_KEY), bytes changed in place. Returns the header."""
+_SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def stored_float_dtype(path) -> torch.dtype | None:
+    """The widest floating dtype among a model folder's safetensors tensors (None when none is floating), read from
+    the headers alone."""
+    found = set()
+    for file in weight_files(Path(path)):
+        header = _read_header(file)[1]
+        found |= {v.get("dtype") for k, v in header.items() if k != "__metadata__"}
+    widths = [dtype for name, dtype in _SAFETENSORS_FLOATS.items() if name in found]
+    return widths[0] if widths else None
+
+
+def inference_dtype(device, dtype=None, stored=None, capability=None) -> torch.dtype | None:
+    """The dtype `gmaivl_rt.load` (torch backend) puts a checkpoint's weights in; None keeps the stored dtypes.
+
+    dtype: the caller's choice, which always wins. device: the target (None = CPU, "cuda", "cuda:1", a
+    torch.device). stored: the checkpoint's widest float dtype (`stored_float_dtype`). capability: the GPU's
+    (major, minor), queried from the device when None. On CUDA with no dtype given, an fp32 (or fp64) checkpoint,
+    e.g. a DDP one, loads in bf16, or fp16 on a GPU without bf16 (before sm_80): fp32 there takes the PyTorch
+    reference instead of our kernels (kernels._dispatch), doubles memory and misses tensor cores. CPU keeps fp32."""
+    if dtype is not None:
+        return dtype
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type != "cuda" or stored not in (torch.float32, torch.float64):
+        return None
+    if capability is None:
+        capability = torch.cuda.get_device_capability(device)
+    return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
+
+
+def _read_header(file: Path) -> tuple[int, dict, int]:
+    """(header length, parsed safetensors header, file size); CheckpointError when the header is torn or not JSON."""
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
@@ -243,6 +274,13 @@ def _check_complete(file: Path) -> dict:
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{file}: the safetensors header is not valid JSON (corrupt or truncated)") \
                 from None
+    return header_len, header, size
+
+
+def _check_complete(file: Path) -> dict:
+    """Refuse a torn file before memory-mapping it: the header's last data offset must match the file size; then,
+    when the header carries a SHA-256 of the data (DIGEST_KEY), bytes changed in place. Returns the header."""
+    header_len, header, size = _read_header(file)
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + header_len + end != size:
         raise CheckpointError(f"{file}: tensors need {8 + header_len + end} bytes but the file has {size} "

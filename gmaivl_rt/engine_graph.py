@@ -58,14 +58,14 @@ class GraphStepper:
         pixels = [p for seq in rows for p in seq.pixels] or None
         try:
             logits, past = backend._decode(backend._prompt_embeds(ids, pixels), mask, positions,
-                                           backend._empty_past(len(rows)))
+                                           backend.last_token_indices(mask, width), backend._empty_past(len(rows)))
         except Exception as e:  # a static batch fails together; its requests say why
             with self.engine._cv:
                 for seq in rows:
                     self.engine._retire(seq, "error", e)
             return
         self._batch = {"rows": rows, "mask": mask, "position": positions[:, -1:] + 1, "past": past}
-        self._accept(logits[:, -1])
+        self._accept(logits[:, 0])
 
     def _decode(self) -> None:
         batch, backend = self._batch, self.backend
@@ -73,9 +73,9 @@ class GraphStepper:
         tokens = torch.tensor([seq.ids[-1] if seq in self.engine._running else seq.stop.pad for seq in rows])
         batch["mask"] = torch.cat([batch["mask"], torch.ones_like(batch["mask"][:, :1])], dim=1)
         logits, batch["past"] = backend._decode(backend._embed(tokens[:, None]), batch["mask"], batch["position"],
-                                                batch["past"])
+                                                backend.last_token_indices(batch["mask"], 1), batch["past"])
         batch["position"] = batch["position"] + 1
-        self._accept(logits[:, -1])
+        self._accept(logits[:, 0])
 
     def _accept(self, logits) -> None:
         for r, seq in enumerate(self._batch["rows"]):

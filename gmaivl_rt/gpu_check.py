@@ -4,7 +4,8 @@ A GPU may be lent for minutes, once. This runs, in priority order and within the
 prove, appending one JSON line per result to DIR/gpu_check.jsonl as it goes (flushed, so a run cut short still
 reports what it did):
   1. configs      every autotune config of every tiled kernel on its own against the PyTorch reference, with free
-                  memory pre-filled with NaN so an output a kernel fails to write shows;
+                  memory pre-filled with NaN so an output a kernel fails to write shows (an attention config runs
+                  where it is offered: at most its head dim; one not offered to this GPU's arch is "skipped");
   2. determinism  the same inputs twice give bitwise-equal outputs and gradients;
   3. scale        the loss head at 2048 x 4096 x 92544, attention at 16k tokens, a norm past 2**31 elements,
                   decode over a 32k-token cache;
@@ -12,8 +13,9 @@ reports what it did):
                   GMAI-VL-7B widths; greedy decode; fp32 weights under bf16 autocast;
   5. throughput   autotuning on: first call (compile + tune) time, steady time against the reference, the winners.
 A check whose turn comes after the budget is spent is recorded as "skipped". `--smoke` runs the same plumbing at
-tiny sizes on the CPU under the Triton interpreter (what CI runs). Exit status 1 when any check failed or errored.
-Each line: {"check", "priority", "status": pass|fail|error|skipped, "seconds", ...measurements}.
+tiny sizes on the CPU under the Triton interpreter (what CI runs); there a config that differs from an earlier one
+only in num_warps / num_stages, which the interpreter ignores, is recorded as skipped with "same_as" naming it.
+Exit status 1 when any check failed or errored. Each line: {"check", "priority", "status": pass|fail|error|skipped, "seconds", ...measurements}.
 """
 from __future__ import annotations
 
@@ -39,26 +41,34 @@ class Sizes:
     attn: tuple                      # (sequence lengths, q heads, kv heads, head dim) of the config sweep
     causal: tuple                    # the attention masks the config sweep covers
     gemm: tuple                      # (M, K, N) of the projector GEMM sweep
-    image: int                       # image side of the patch-embedding sweep (a multiple of 14)
+    image: tuple                     # (image side, patch side) of the patch-embedding sweep
     loss_head: tuple                 # (tokens, hidden, vocab)
     long_attention: tuple            # (tokens, q heads, kv heads, head dim)
     norm: tuple                      # (rows, hidden) of the norm at scale
     decode_cache: int                # cache length of the decode at scale
     presets: tuple                   # model configs of the model checks: (name, preset, overrides)
+    prompt_tokens: int               # text tokens after the image in the model checks' prompt
+    new_tokens: int                  # tokens the model checks' greedy decodes generate
     throughput_reps: int
 
 
+# The smoke run takes the same code paths at the smallest sizes that still reach them (the interpreter's cost grows
+# with programs and launches): one text layer (vision keeps 2: its feature layer -2 runs one), the fewest heads that
+# keep GQA (2 q heads per kv head), a short prompt.
 SMOKE = Sizes(device="cpu", dtype=torch.float32, tolerance=1e-4, attn=((9,), 2, 1, 16), causal=(True,),
-              gemm=(9, 32, 24), image=28, loss_head=(12, 16, 40), long_attention=(40, 2, 1, 16), norm=(5, 48), decode_cache=40,
-              presets=(("tiny", "tiny", {}),), throughput_reps=1)
+              gemm=(9, 32, 24), image=(8, 4), loss_head=(12, 16, 40), long_attention=(40, 2, 1, 16), norm=(5, 48),
+              decode_cache=40,
+              presets=(("tiny, 1 text layer, fewer heads", "tiny",
+                        {"text": {"num_layers": 1, "num_heads": 2, "num_kv_heads": 1}, "vision": {"num_heads": 1}}),),
+              prompt_tokens=4, new_tokens=2, throughput_reps=1)
 FULL = Sizes(device="cuda", dtype=torch.bfloat16, tolerance=6e-2, attn=((1, 17, 127, 300, 1000), 32, 8, 128),
              causal=(False, True),
-             gemm=(4608, 1024, 4096), image=336, loss_head=(2048, 4096, 92544),
+             gemm=(4608, 1024, 4096), image=(336, 14), loss_head=(2048, 4096, 92544),
              long_attention=(16384, 32, 8, 128), norm=(2**31 // 4096 + 8, 4096), decode_cache=32768,
              presets=(("compact", "compact", {}),
                       ("gmai-vl-7b widths, 2 layers", "gmai-vl-7b",
                        {"text": {"num_layers": 2}, "vision": {"num_layers": 2}})),
-             throughput_reps=20)
+             prompt_tokens=30, new_tokens=4, throughput_reps=20)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -84,9 +94,9 @@ class Recorder:
 
     def run(self, check: str, priority: int, fn, **labels) -> dict:
         """Run fn() -> dict of measurements with "ok" (bool), unless the budget is spent."""
-        row = {"check": check, "priority": priority, **labels}
         if self.left() <= 0:
-            return self._finish(row, "skipped", 0.0, reason="time budget spent")
+            return self.skip(check, priority, "time budget spent", **labels)
+        row = {"check": check, "priority": priority, **labels}
         started = time.monotonic()
         try:
             measured = fn()
@@ -95,6 +105,10 @@ class Recorder:
                                 traceback=traceback.format_exc(limit=3))
         ok = measured.pop("ok", True)
         return self._finish(row, "pass" if ok else "fail", time.monotonic() - started, **measured)
+
+    def skip(self, check: str, priority: int, reason: str, **labels) -> dict:
+        """Record a check this machine does not run, and why."""
+        return self._finish({"check": check, "priority": priority, **labels}, "skipped", 0.0, reason=reason)
 
     def _finish(self, row, status, seconds, **fields):
         row.update(status=status, seconds=round(seconds, 3), **fields)
@@ -188,9 +202,9 @@ def _config_cases(sz: Sizes):
     m, k, n = sz.gemm
     x, w, b = torch.randn(m, k, device=dev).to(dt), (torch.randn(n, k, device=dev) / k ** 0.5).to(dt), \
         torch.randn(n, device=dev).to(dt)
-    hidden, patch = 32 if sz is SMOKE else 1024, 14
-    image = torch.rand(2, 3, sz.image, sz.image, device=dev).to(dt)
-    grid = sz.image // patch
+    hidden, (side, patch) = 32 if sz is SMOKE else 1024, sz.image
+    image = torch.rand(2, 3, side, side, device=dev).to(dt)
+    grid = side // patch
     pe_args = [(torch.randn(hidden, 3, patch, patch, device=dev) / 24).to(dt), torch.randn(hidden, device=dev).to(dt),
                torch.randn(hidden, device=dev).to(dt), torch.randn(1 + grid * grid, hidden, device=dev).to(dt)]
     cases = []
@@ -210,11 +224,51 @@ def _config_cases(sz: Sizes):
     return cases
 
 
-def check_configs(rec: Recorder, sz: Sizes) -> None:
-    from gmaivl_rt.kernels._dispatch import forced_config
+def interpreter_key(config) -> tuple:
+    """What the interpreter sees of an autotune config: its block sizes. num_warps and num_stages (a dict's keys of
+    those names, a tuple config's last two entries) do not exist there, so configs that differ only in them run
+    the same code on the CPU. Named tuples (attention's AttentionConfig) count by field name."""
+    if hasattr(config, "_asdict"):
+        config = config._asdict()
+    if isinstance(config, dict):
+        return tuple(sorted((k, v) for k, v in config.items() if k not in ("num_warps", "num_stages")))
+    return tuple(config[:-2])
 
-    for name, configs, fn, reference, inputs in _config_cases(sz):
+
+def _offered_inputs(config, configs, inputs, device: str):
+    """(inputs to run `config` on, None) or (None, why this GPU does not run it). Attention configs are offered per
+    arch and up to a head dim: they run at their largest head dim (q, k, v cut to it), on the archs offered."""
+    import importlib
+
+    att = importlib.import_module("gmaivl_rt.kernels.attention")
+    if not isinstance(config, att.AttentionConfig):
+        return inputs, None
+    if inputs[0].shape[-1] > config.max_head_dim:
+        inputs = [t[..., :config.max_head_dim].contiguous() for t in inputs]
+    if device == "cuda":
+        capability = torch.cuda.get_device_capability()
+        if config not in att.offered_configs(configs, capability, inputs[0].shape[-1]):
+            return None, f"not offered to sm_{att.tuned_arch(capability)}"
+    return inputs, None
+
+
+def check_configs(rec: Recorder, sz: Sizes) -> None:
+    from gmaivl_rt.kernels._dispatch import forced_config, interpreting
+
+    for name, configs, fn, reference, case_inputs in _config_cases(sz):
+        first_with_blocks = {}
         for index, config in enumerate(configs):
+            inputs, not_offered = _offered_inputs(config, configs, case_inputs, sz.device)
+            if not_offered:
+                rec.skip("configs", 1, not_offered, kernel=name, config_index=index, config=str(config))
+                continue
+            same = first_with_blocks.setdefault(interpreter_key(config), index)
+            if interpreting() and same != index:
+                rec.skip("configs", 1, f"under the interpreter it runs as config {same} (same blocks; num_warps and "
+                         "num_stages do not apply)", kernel=name, config_index=index, config=str(config),
+                         same_as=same)
+                continue
+
             def one(configs=configs, index=index, fn=fn, reference=reference, inputs=inputs):
                 poison_free_memory(sz.device)
                 with forced_config(configs, index):
@@ -301,17 +355,24 @@ def check_scale(rec: Recorder, sz: Sizes) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # 4. model, 5. throughput
 # ----------------------------------------------------------------------------------------------------------------
+def _model_config(preset: str, overrides: dict):
+    from gmaivl_rt import GMAIVLConfig
+
+    cfg = GMAIVLConfig.preset(preset)
+    return cfg.replace(**overrides) if overrides else cfg
+
+
 def check_model(rec: Recorder, sz: Sizes) -> None:
-    from gmaivl_rt import GMAIVL, GMAIVLConfig
+    from gmaivl_rt import GMAIVL
     from gmaivl_rt.kernels import kernels
 
     for name, preset, overrides in sz.presets:
-        cfg = GMAIVLConfig.preset(preset)
-        cfg = cfg.replace(**overrides) if overrides else cfg
+        cfg = _model_config(preset, overrides)
         torch.manual_seed(0)
         model = GMAIVL(cfg).to(sz.device, sz.dtype).train()
         img = cfg.image_token_index
-        ids = torch.tensor([[3, 4] + [img] * cfg.num_image_tokens + list(range(10, 40))], device=sz.device)
+        ids = torch.tensor([[3, 4] + [img] * cfg.num_image_tokens + list(range(10, 10 + sz.prompt_tokens))],
+                           device=sz.device)
         labels = ids.masked_fill(ids == img, -100)
         pixels = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size, device=sz.device).to(sz.dtype)
 
@@ -334,7 +395,7 @@ def check_model(rec: Recorder, sz: Sizes) -> None:
             outs = {}
             for mode in ("torch", "triton"):
                 with kernels(mode), torch.no_grad():
-                    outs[mode] = model.generate(ids, pixel_values=pixels, max_new_tokens=4)
+                    outs[mode] = model.generate(ids, pixel_values=pixels, max_new_tokens=sz.new_tokens)
             model.train()
             agree = int((outs["torch"] == outs["triton"]).all(0).long().cumprod(0).sum()) - ids.shape[1]
             return {"ok": agree >= 1, "tokens_agreeing": agree, "new_tokens": outs["torch"].shape[1] - ids.shape[1]}
@@ -344,14 +405,14 @@ def check_model(rec: Recorder, sz: Sizes) -> None:
         del model
 
     def fp32_under_autocast():
-        cfg = GMAIVLConfig.preset(sz.presets[0][1])
+        cfg = _model_config(*sz.presets[0][1:])
         torch.manual_seed(0)
         model = GMAIVL(cfg).to(sz.device).eval()
-        ids = torch.tensor([[5, 6, 7, 8, 9, 10]], device=sz.device)
+        ids = torch.tensor([list(range(5, 5 + min(6, sz.prompt_tokens)))], device=sz.device)
         outs = {}
         for mode in ("torch", "triton"):
             with kernels(mode), torch.autocast(sz.device, dtype=torch.bfloat16):
-                outs[mode] = model.generate(ids, max_new_tokens=3)
+                outs[mode] = model.generate(ids, max_new_tokens=sz.new_tokens)
         return {"ok": outs["triton"].shape == outs["torch"].shape,
                 "same_tokens": bool(torch.equal(outs["triton"], outs["torch"]))}
 
@@ -386,7 +447,7 @@ def check_throughput(rec: Recorder, sz: Sizes) -> None:
     cases = {
         "attention forward": (lambda: K.attention(q, k, v, causal=True, cu_seqlens=cu, max_seqlen=t),
                               lambda: K.attention_reference(q, k, v, causal=True, cu_seqlens=cu),
-                              lambda: getattr(att._attn_fwd_tuned, "best_config", None)),
+                              lambda: att.best_config(att._attn_fwd_kernel)),
         "projector GEMM": (lambda: K.fused_linear(x, w), lambda: K.fused_linear_reference(x, w),
                            lambda: proj._autotuned_matmul.cache_info().currsize and getattr(
                                proj._autotuned_matmul(False), "best_config", None)),

@@ -27,8 +27,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 def load(path, backend: str = "torch", *, limits: Limits | None = None, **kwargs):
     """path: a model folder (torch) or an exported folder (onnx / tensorrt). limits: the request `Limits` of this
     runtime (default `Limits()`). kwargs go to the backend: torch: dtype, device; onnx: providers, threads;
-    tensorrt: device. A folder with tokenizer files has its tokenizer loaded and checked here (ModelError when it
-    cannot serve); a folder without any serves `generate()` on token ids only."""
+    tensorrt: device. torch on CUDA without a dtype loads an fp32 checkpoint in bf16 (fp16 on GPUs before sm_80;
+    `checkpoint.inference_dtype`); an explicit dtype wins, CPU keeps the stored dtype. A folder with tokenizer
+    files has its tokenizer loaded and checked here (ModelError when it cannot serve); a folder without any serves
+    `generate()` on token ids only."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"load: {str(path)!r} is not a folder")
@@ -138,9 +140,12 @@ class TorchBackend(_ChatHelpers):
     name = "torch"
 
     def __init__(self, path, dtype=None, device=None):
+        from gmaivl_rt.checkpoint import inference_dtype, stored_float_dtype
         from gmaivl_rt.model import GMAIVL
 
         self.path = Path(path)
+        if dtype is None and device is not None:
+            dtype = inference_dtype(device, stored=stored_float_dtype(self.path))
         self.model = GMAIVL.from_pretrained(self.path, dtype=dtype, device=device).eval()
         self.config = self.model.config
 
@@ -161,8 +166,11 @@ class GraphBackend(_ChatHelpers):
     """The generation loop over exported graphs. Subclasses implement:
     `_vision(pixel_values (N, 3, H, W) float32 torch) -> (N, T, hidden) torch`,
     `_embed(ids (B, S) int64 torch) -> (B, S, hidden) torch`,
-    `_decode(embeds, attention_mask (B, P+S), position_ids (B, S), past) -> (logits (B, S, V) fp32 torch, past)`,
-    `_empty_past(batch)`; `past` is whatever the backend keeps its cache in (arrays, device buffers)."""
+    `_decode(embeds, attention_mask (B, P+S), position_ids (B, S), logits_indices (B, K) int64, past)
+    -> (logits (B, K, V) fp32 torch at those positions of the S new ones, past)`,
+    `_empty_past(batch)`; `past` is whatever the backend keeps its cache in (arrays, device buffers).
+    Generation asks only for each row's last real token (`last_token_indices`), so a prefill computes one row of
+    logits per sequence, not S."""
 
     name = "graphs"
 
@@ -248,6 +256,14 @@ class GraphBackend(_ChatHelpers):
             raise InputError("attention_mask has padding at the end of a row: pad prompts on the left")
         return input_ids.to(torch.int64), mask
 
+    @staticmethod
+    def last_token_indices(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """attention_mask (B, P+S) -> (B, 1) int64: per row, the index among the last `seq_len` positions of its
+        last real (mask 1) token, whatever the padding side (S - 1 under left padding)."""
+        window = attention_mask[:, -seq_len:].to(torch.int64)
+        ranks = window * torch.arange(1, seq_len + 1, device=window.device)
+        return ranks.argmax(dim=1, keepdim=True)
+
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 32,
@@ -261,15 +277,16 @@ class GraphBackend(_ChatHelpers):
 
         def prefill():
             logits, state["past"] = self._decode(self._prompt_embeds(input_ids, pixel_values), mask, positions,
-                                                 state["past"])
-            return logits[:, -1]
+                                                 self.last_token_indices(mask, mask.shape[1]), state["past"])
+            return logits[:, 0]
 
         def step(next_tokens):
             state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
             logits, state["past"] = self._decode(self._embed(next_tokens[:, None]), state["mask"],
-                                                 state["position"], state["past"])
+                                                 state["position"], self.last_token_indices(state["mask"], 1),
+                                                 state["past"])
             state["position"] = state["position"] + 1
-            return logits[:, -1]
+            return logits[:, 0]
 
         return generate_tokens(prefill, step, input_ids, self.config.text, max_new_tokens=max_new_tokens,
                                do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -283,11 +300,14 @@ class GraphBackend(_ChatHelpers):
     def _embed(self, ids):
         raise NotImplementedError
 
-    def _decode(self, embeds, attention_mask, position_ids, past):
+    def _decode(self, embeds, attention_mask, position_ids, logits_indices, past):
         raise NotImplementedError
 
     def _empty_past(self, batch):
         raise NotImplementedError
+
+
+_CLI_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def register(subparsers) -> None:
@@ -296,6 +316,10 @@ def register(subparsers) -> None:
     p.add_argument("--image", help="DICOM, NIfTI, PNG, JPEG, TIFF or BMP file")
     p.add_argument("--question", required=True)
     p.add_argument("--backend", default="torch", choices=BACKENDS)
+    p.add_argument("--device", default=None, help="torch backend: e.g. cuda, cuda:1 (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=tuple(_CLI_DTYPES),
+                   help="torch backend weight dtype (default: as stored; on CUDA an fp32 checkpoint loads in bf16, "
+                        "fp16 on GPUs before sm_80)")
     p.add_argument("--system", default=None, help="optional system prompt")
     g = DEFAULT_GENERATION
     p.add_argument("--max-new-tokens", type=int, default=g["max_new_tokens"], help="default %(default)s")
@@ -329,7 +353,8 @@ def _cli_window(text):
 
 
 def _ask_cli(args) -> int:
-    backend = load(args.model, backend=args.backend)
+    torch_kwargs = {"device": args.device, "dtype": _CLI_DTYPES.get(args.dtype)} if args.backend == "torch" else {}
+    backend = load(args.model, backend=args.backend, **torch_kwargs)
     backend.tokenizer  # noqa: B018  (a folder without a tokenizer cannot answer: say so before reading the image)
     generation = {key: getattr(args, key) for key in DEFAULT_GENERATION}
     if args.seed is not None:  # logits reach the sampler on the model's device (torch) or the CPU (graphs)

@@ -31,6 +31,7 @@ class KernelSpec:
     default: bool = False        # the config used under the interpreter / when not autotuning
     uses_dot: bool = False       # GEMM-bearing: must use tensor cores (mma / wgmma)
     roofline: Roofline | None = None
+    archs: tuple | None = None   # the only archs (e.g. (90,)) this config is offered to, so compiled for; None: all
     extra: dict = field(default_factory=dict)
 
     @property

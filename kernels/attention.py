@@ -7,12 +7,15 @@ k/v heads must divide q heads (grouped- and multi-query attention). Returns the 
 """
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import config_forced, interpreting, pick_config, unsupported_head_dim, use_triton
+from ._dispatch import MAX_HEAD_DIM, config_forced, interpreting, pick_config, unsupported_head_dim, use_triton
 from ._spec import KernelSpec, Roofline
 
 
@@ -299,24 +302,19 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, qk_scale,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
                           PRECISION: tl.constexpr):
-    """Grid: (n_seqs * kv_heads, cdiv(max_seqlen_k, BLOCK_N)). One program owns one key block of one kv head and
-    loops over the GROUP q heads sharing it, so grouped-query dk/dv are summed without atomics."""
-    pid_bh = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    num_kv_heads = NUM_HEADS // GROUP
-    seq = pid_bh // num_kv_heads
-    kv_head = pid_bh % num_kv_heads
-    start_q, len_q = _seq_bounds(CU_Q, seq)
-    start_k, len_k = _seq_bounds(CU_K, seq)
-    start_n = pid_n * BLOCK_N
+    """Grid: (n_seqs * NUM_HEADS, cdiv(max_seqlen_k, BLOCK_N)). One program: one key block's dk, dv as seen by one
+    q head. DK, DV are (total_k, NUM_HEADS, head_dim), one slot per q head: the GROUP q heads sharing a kv head run
+    in parallel (no atomics) and the launcher sums their slots, as FlashAttention-2 does (with GROUP == 1 they are
+    dk, dv themselves)."""
+    head, kv_head, start_q, len_q, start_k, len_k = _q_program(CU_Q, CU_K, NUM_HEADS, GROUP)
+    start_n = tl.program_id(1) * BLOCK_N
     if start_n >= len_k:
         return
     q_stride = NUM_HEADS * HEAD_DIM
-    kv_stride = num_kv_heads * HEAD_DIM
+    kv_stride = (NUM_HEADS // GROUP) * HEAD_DIM
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_base = start_k * kv_stride + kv_head * HEAD_DIM
-    kv_off = cols[:, None] * kv_stride + offs_d[None, :]
     k, v = _load_kv_block(K + kv_base, V + kv_base, kv_stride, cols, len_k, offs_d, HEAD_DIM, BLOCK_D, True, UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -326,20 +324,18 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU_Q, CU_K, qk_scale,
     else:
         lo = 0
         full_lo = 0
-    for g in range(GROUP):
-        head = kv_head * GROUP + g
-        q_base = Q + start_q * q_stride + head * HEAD_DIM
-        do_base = DO + start_q * q_stride + head * HEAD_DIM
-        lse_base = LSE + head * total_q + start_q
-        delta_base = DELTA + head * total_q + start_q
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_stride, cols, lo,
-                                      full_lo, len_q, offs_d, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, UPCAST,
-                                      PRECISION)
-        dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_stride, cols,
-                                      full_lo, len_q, len_q, offs_d, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False,
-                                      UPCAST, PRECISION)
-    _store_tile(DK + kv_base, kv_off, dk * sm_scale, cols, len_k, offs_d, HEAD_DIM, BLOCK_D)
-    _store_tile(DV + kv_base, kv_off, dv, cols, len_k, offs_d, HEAD_DIM, BLOCK_D)
+    q_base = Q + start_q * q_stride + head * HEAD_DIM
+    do_base = DO + start_q * q_stride + head * HEAD_DIM
+    lse_base = LSE + head * total_q + start_q
+    delta_base = DELTA + head * total_q + start_q
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_stride, cols, lo, full_lo,
+                                  len_q, offs_d, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, UPCAST, PRECISION)
+    dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_stride, cols, full_lo,
+                                  len_q, len_q, offs_d, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, UPCAST, PRECISION)
+    out_base = start_k * q_stride + head * HEAD_DIM
+    out_off = cols[:, None] * q_stride + offs_d[None, :]
+    _store_tile(DK + out_base, out_off, dk * sm_scale, cols, len_k, offs_d, HEAD_DIM, BLOCK_D)
+    _store_tile(DV + out_base, out_off, dv, cols, len_k, offs_d, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -395,34 +391,94 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, qk_scale, sm_sc
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Configs. (BLOCK_M, BLOCK_N, num_warps, num_stages); the first of each list is the default (interpreter / report).
-# Every one compiles for sm_80 and sm_90 at head dim 128 (bf16) without spills and with mma / wgmma (checked with
-# triton.compile + cuobjdump, see report_specs()). q and the fp32 accumulator live in registers, so at head dim 128 a
-# 128-row q block needs 8 warps (4 warps spill); the dk/dv kernel holds k, v, dk, dv and so takes 64-row key blocks.
+# Configs, filtered per GPU. Each candidate names the archs (compute capability major * 10 + minor, the report's
+# sm_XX) and the largest head dim it is offered at; `gmaivl-rt kernels report` compiles it for exactly those archs at
+# that head dim and finds it spill-free, within shared memory and on tensor cores there (tests/test_kernel_report.py).
+# The first of each list is the default (interpreter, report variants) and is offered everywhere. q and the fp32
+# accumulator live in registers: at head dim 128 a 128-row q block needs 8 warps, and the 128x128 forward tile fits
+# only sm_90's register file and 227 KB of shared memory (on sm_80 it spills).
 # ----------------------------------------------------------------------------------------------------------------
-FWD_CONFIGS = [(128, 32, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 4)]
-BWD_DKDV_CONFIGS = [(32, 64, 8, 3), (16, 64, 8, 3), (32, 64, 8, 2)]
-BWD_DQ_CONFIGS = [(128, 32, 8, 3), (128, 32, 8, 2), (64, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)]
+class AttentionConfig(NamedTuple):
+    block_m: int                        # query rows per tile
+    block_n: int                        # key rows per tile
+    num_warps: int
+    num_stages: int
+    archs: tuple[int, ...] = (80, 90)   # the report archs this config is offered to (see `tuned_arch`)
+    max_head_dim: int = MAX_HEAD_DIM    # offered at head dims up to this one
+
+    def __str__(self):  # e.g. "128x128 w8 s2 sm_90": test ids, the GPU check's rows
+        where = "" if self.archs == (80, 90) else " " + ",".join(f"sm_{a}" for a in self.archs)
+        head_dims = "" if self.max_head_dim == MAX_HEAD_DIM else f" hd<={self.max_head_dim}"
+        return f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}{where}{head_dims}"
+
+
+ALL_ARCHS_AND_HEAD_DIMS = (AttentionConfig._field_defaults["archs"], AttentionConfig._field_defaults["max_head_dim"])
+C = AttentionConfig
+FWD_CONFIGS = [C(128, 32, 8, 3), C(128, 32, 8, 2), C(64, 64, 4, 3), C(64, 64, 4, 2), C(64, 32, 4, 4),
+               # FA2's / the tutorial's 128x64 tile on 4 warps: spills at head dim 128 (BLOCK_D 128) on both archs
+               C(128, 64, 4, 3, max_head_dim=64),
+               # FA3-sized 128x128 on 8 warps: 254 registers and 160 KB on sm_90; spills on sm_80
+               C(128, 128, 8, 2, archs=(90,))]
+BWD_DKDV_CONFIGS = [C(32, 64, 8, 3), C(16, 64, 8, 3), C(32, 64, 8, 2), C(64, 64, 8, 2),
+                    C(16, 128, 8, 2, archs=(90,))]  # 128-key blocks: 255 registers on sm_80 (at the limit)
+BWD_DQ_CONFIGS = [C(128, 32, 8, 3), C(128, 32, 8, 2), C(64, 64, 8, 3), C(64, 64, 4, 2), C(64, 32, 4, 3),
+                  C(128, 64, 8, 2, archs=(90,))]  # spills on sm_80
+del C
 DELTA_BLOCK_M = 64
 
 
+def tuned_arch(capability: tuple[int, int]) -> int:
+    """The report arch whose configs a GPU of compute capability (major, minor) is offered: 90 for Hopper (9.x:
+    wgmma, 227 KB of shared memory per block), 80 (the Ampere-checked tiles, the smaller footprint) for any other."""
+    major, _minor = capability
+    return 90 if major == 9 else 80
+
+
+def offered_configs(configs: list, capability: tuple[int, int], head_dim: int) -> list:
+    """The configs of `configs` (a *_CONFIGS list) a GPU of compute capability (major, minor) autotunes over at
+    `head_dim`: those naming its `tuned_arch` and taking that head dim."""
+    arch = tuned_arch(capability)
+    return [c for c in configs if arch in c.archs and head_dim <= c.max_head_dim]
+
+
 def _triton_configs(configs):
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in configs]
+    return [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps,
+                          num_stages=c.num_stages) for c in configs]
 
 
 _TUNE_KEY = ["HEAD_DIM", "CAUSAL", "PRECISION"]
-_attn_fwd_tuned = triton.autotune(_triton_configs(FWD_CONFIGS), key=_TUNE_KEY)(_attn_fwd_kernel)
-_attn_bwd_dkdv_tuned = triton.autotune(_triton_configs(BWD_DKDV_CONFIGS), key=_TUNE_KEY)(_attn_bwd_dkdv_kernel)
-_attn_bwd_dq_tuned = triton.autotune(_triton_configs(BWD_DQ_CONFIGS), key=_TUNE_KEY)(_attn_bwd_dq_kernel)
+_LAST_TUNER: dict = {}  # kernel -> the autotuner its last CUDA launch used (`best_config`)
 
 
-def _launch(kernel, tuned, configs, grid_of, device_tensor, *args, **constexprs):
-    """Autotune where a GPU driver runs the kernel; otherwise (interpreter) launch the fixed default config."""
-    if device_tensor.is_cuda and not config_forced(configs):
-        tuned[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
-    else:
-        bm, bn, warps, stages = pick_config(configs)
-        kernel[grid_of(bm, bn)](*args, **constexprs, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+@functools.lru_cache(maxsize=None)
+def _autotuner(kernel, configs: tuple):
+    """One autotuner per (kernel, offered config set): a GPU tunes only over what its arch and head dim are offered."""
+    return triton.autotune(_triton_configs(configs), key=_TUNE_KEY)(kernel)
+
+
+def best_config(kernel):
+    """The autotuner's winning triton.Config for `kernel` at its last tuned CUDA launch (None before one)."""
+    tuner = _LAST_TUNER.get(kernel)
+    return getattr(tuner, "best_config", None)
+
+
+def _launch(kernel, configs, grid_of, device_tensor, *args, **constexprs):
+    """On CUDA, autotune over the configs offered to the device's arch and head dim; otherwise (interpreter) launch
+    the fixed default config. A config forced on CUDA (`forced_config`) must be one offered there."""
+    if device_tensor.is_cuda:
+        capability = torch.cuda.get_device_capability(device_tensor.device)
+        offered = offered_configs(configs, capability, constexprs["HEAD_DIM"])
+        if not config_forced(configs):
+            tuner = _LAST_TUNER[kernel] = _autotuner(kernel, tuple(offered))
+            tuner[lambda meta: grid_of(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **constexprs)
+            return
+        if pick_config(configs) not in offered:
+            raise ValueError(f"attention: config {pick_config(configs)} is not offered to sm_{tuned_arch(capability)} "
+                             f"at head dim {constexprs['HEAD_DIM']} (see offered_configs)")
+    config = pick_config(configs)
+    kernel[grid_of(config.block_m, config.block_n)](*args, **constexprs, BLOCK_M=config.block_m,
+                                                    BLOCK_N=config.block_n, num_warps=config.num_warps,
+                                                    num_stages=config.num_stages)
 
 
 # CUDA's grid limits: axis 0 up to 2**31 - 1 programs, axes 1 and 2 up to 65535.
@@ -470,7 +526,7 @@ class _FlashAttention(torch.autograd.Function):
         out = torch.empty_like(q) if covers_all else torch.zeros_like(q)
         lse = torch.empty((num_heads, total_q), device=q.device, dtype=torch.float32)
         flags = _kernel_flags(q)
-        _launch(_attn_fwd_kernel, _attn_fwd_tuned, FWD_CONFIGS,
+        _launch(_attn_fwd_kernel, FWD_CONFIGS,
                 lambda bm, bn: _grid(n_seqs * num_heads, triton.cdiv(max_q, bm)), q,
                 q, k, v, out, lse, cu_q, cu_k, scale * _LOG2E, num_heads, group, total_q, CAUSAL=causal, **flags)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
@@ -491,13 +547,17 @@ class _FlashAttention(torch.autograd.Function):
         _attn_bwd_delta_kernel[(triton.cdiv(total_q, DELTA_BLOCK_M), num_heads)](
             out, grad_out, delta, total_q, num_heads, HEAD_DIM=flags["HEAD_DIM"], BLOCK_D=flags["BLOCK_D"],
             BLOCK_M=DELTA_BLOCK_M)
-        new_grad = torch.empty_like if covers_all else torch.zeros_like
-        dq, dk, dv = new_grad(q), new_grad(k), new_grad(v)
+        new_grad = torch.Tensor.new_empty if covers_all else torch.Tensor.new_zeros
+        dq = new_grad(q, q.shape)
+        # one dk/dv slot per q head (see _attn_bwd_dkdv_kernel); a GQA group's slots are summed below
+        dk_heads, dv_heads = (new_grad(t, (t.shape[0], num_heads, t.shape[2])) for t in (k, v))
         common = (cu_q, cu_k, scale * _LOG2E, scale, num_heads, group, total_q)
-        _launch(_attn_bwd_dkdv_kernel, _attn_bwd_dkdv_tuned, BWD_DKDV_CONFIGS,
-                lambda bm, bn: _grid(n_seqs * num_kv_heads, triton.cdiv(max_k, bn)), q,
-                q, k, v, grad_out, dk, dv, lse, delta, *common, CAUSAL=causal, **flags)
-        _launch(_attn_bwd_dq_kernel, _attn_bwd_dq_tuned, BWD_DQ_CONFIGS,
+        _launch(_attn_bwd_dkdv_kernel, BWD_DKDV_CONFIGS,
+                lambda bm, bn: _grid(n_seqs * num_heads, triton.cdiv(max_k, bn)), q,
+                q, k, v, grad_out, dk_heads, dv_heads, lse, delta, *common, CAUSAL=causal, **flags)
+        dk, dv = (t if group == 1 else t.view(t.shape[0], num_kv_heads, group, t.shape[2]).sum(2)
+                  for t in (dk_heads, dv_heads))
+        _launch(_attn_bwd_dq_kernel, BWD_DQ_CONFIGS,
                 lambda bm, bn: _grid(n_seqs * num_heads, triton.cdiv(max_q, bm)), q,
                 q, k, v, grad_out, dq, lse, delta, *common, CAUSAL=causal, **flags)
         return dq, dk, dv, None, None, None, None, None, None, None
@@ -553,8 +613,10 @@ def _rooflines():
     return {
         "fwd": Roofline(f"{name} fwd", 2 * matmul, 2 * q_bytes + 2 * kv_bytes + row_bytes),  # QK^T, PV
         "delta": Roofline(f"{name} bwd delta", 2.0 * b * s * hq * d, 2 * q_bytes + row_bytes),
-        # recompute QK^T, dV, dP, dK; reads q, dO, lse, delta, k, v; writes dk, dv
-        "dkdv": Roofline(f"{name} bwd dk/dv", 4 * matmul, 2 * q_bytes + 2 * row_bytes + 4 * kv_bytes),
+        # recompute QK^T, dV, dP, dK; reads q, dO, lse, delta, k, v; writes dk, dv per q head (hq > hkv: the GQA
+        # group's slots, summed afterwards by torch)
+        "dkdv": Roofline(f"{name} bwd dk/dv", 4 * matmul,
+                         2 * q_bytes + 2 * row_bytes + 2 * kv_bytes + 2 * (q_bytes if hq > hkv else kv_bytes)),
         # recompute QK^T, dP, dQ; reads q, dO, lse, delta, k, v; writes dq
         "dq": Roofline(f"{name} bwd dq", 3 * matmul, 3 * q_bytes + 2 * row_bytes + 2 * kv_bytes),
     }
@@ -594,17 +656,21 @@ def report_specs(dtype: str = "bf16") -> list[KernelSpec]:
     for name, fn, configs, roofline, signature in kernels:
         constexpr_names = ("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "CAUSAL", "UPCAST", "PRECISION")
         attrs = launch_attrs(fn, signature, int_values)
-        for i, (bm, bn, warps, stages) in enumerate(configs):
+        for i, c in enumerate(configs):
+            # on exactly the archs it is offered to, at the largest head dim it is offered at
+            head_dim = min(d, c.max_head_dim)
             specs.append(KernelSpec(
                 kernel=name, fn=fn, signature={**signature, **dict.fromkeys(constexpr_names, "constexpr")},
-                constexprs={**base, "BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages,
-                default=i == 0, uses_dot=True, roofline=roofline, extra={"attrs": attrs}))
+                constexprs={**base, "HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim),
+                            "BLOCK_M": c.block_m, "BLOCK_N": c.block_n},
+                num_warps=c.num_warps, num_stages=c.num_stages, default=i == 0, uses_dot=True, roofline=roofline,
+                archs=c.archs, extra={"attrs": attrs, "restricted": c[4:] != ALL_ARCHS_AND_HEAD_DIMS}))
         # the default config at every other supported head dim, dtype and mask the model runs (`make report`)
         for head_dim, variant_dtype, causal in REPORT_VARIANTS:
             if (head_dim, variant_dtype, causal) == (d, dtype, REPORT_SHAPE["causal"]):
                 continue
             variant_signature = {k: (f"*{variant_dtype}" if v == ptr else v) for k, v in signature.items()}
-            bm, bn, warps, stages = configs[0]
+            bm, bn, warps, stages = configs[0][:4]
             specs.append(KernelSpec(
                 kernel=name if variant_dtype == dtype else f"{name}[{variant_dtype}]", fn=fn,
                 signature={**variant_signature, **dict.fromkeys(constexpr_names, "constexpr")},

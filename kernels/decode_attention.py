@@ -70,6 +70,15 @@ def split_program(Q, SEQLENS, stride_qb, stride_qh, NUM_KV_HEADS, GROUP, NUM_SPL
 
 
 @triton.jit
+def split_accumulators(BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A split's empty running softmax: (acc, m_i, l_i) for BLOCK_H q rows, m_i starting at a finite minimum."""
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    m_i = tl.full([BLOCK_H], _NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def split_chunk(q, k_ptrs, v_ptrs, pos_ok, d_ok, acc, m_i, l_i, qk_scale, ALIGNED: tl.constexpr, UPCAST: tl.constexpr,
                 PRECISION: tl.constexpr):
     """Load one chunk of keys/values (BLOCK_N rows of BLOCK_D, at k_ptrs / v_ptrs) and fold it into the running
@@ -103,12 +112,12 @@ def store_split(PART_M, PART_L, PART_ACC, batch, heads, split, m_i, l_i, acc, he
 @triton.jit
 def _decode_split_kernel(Q, K, V, SEQLENS, PART_M, PART_L, PART_ACC, qk_scale,
                          stride_qb, stride_qh, stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
-                         NUM_KV_HEADS, GROUP, NUM_SPLITS, split_len,
+                         NUM_KV_HEADS, GROUP, NUM_SPLITS,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
                          BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr, UPCAST: tl.constexpr,
                          PRECISION: tl.constexpr):
     """Grid: (batch * kv_heads, NUM_SPLITS). One program: the GROUP q heads sharing one kv head (padded to BLOCK_H
-    rows so tl.dot has >= 16 rows) against one split_len-long chunk of that sequence's cache. Writes the chunk's
+    rows so tl.dot has >= 16 rows) against one chunk (a NUM_SPLITS-th) of that sequence's cache. Writes the chunk's
     running max, sum and unnormalised output (log2 units) for the reduce kernel. ALIGNED: every cache row starts
     16-byte aligned (the launcher checks), which lets loads vectorise without argument specialisation."""
     batch, kv_head, split, lo, hi, q, heads, head_ok, d_ok = split_program(
@@ -117,10 +126,7 @@ def _decode_split_kernel(Q, K, V, SEQLENS, PART_M, PART_L, PART_ACC, qk_scale,
     offs_n = tl.arange(0, BLOCK_N)
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head * stride_vh
-
-    m_i = tl.full([BLOCK_H], _NEG_BIG, tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    acc, m_i, l_i = split_accumulators(BLOCK_H, BLOCK_D)
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
         pos_ok = pos < hi
@@ -204,16 +210,14 @@ def _decode_attention_triton(q, k_cache, v_cache, cache_seqlens, softmax_scale, 
     splits = num_splits or _num_splits(batch, num_kv_heads, cache_len, q.device)
     return launch_split_decode((_decode_split_kernel, _decode_split_tuned, SPLIT_CONFIGS), q, k_cache, v_cache,
                                (seqlens,), (*k_cache.stride()[:3], *v_cache.stride()[:3]), num_kv_heads, splits,
-                               triton.cdiv(cache_len, splits), softmax_scale)
+                               softmax_scale)
 
 
-def launch_split_decode(kernels, q, k, v, lead_args, stride_args, num_kv_heads, splits, split_len, softmax_scale,
-                        **flags):
+def launch_split_decode(kernels, q, k, v, lead_args, stride_args, num_kv_heads, splits, softmax_scale, **flags):
     """Launch a split kernel (`kernels`: (plain kernel, autotuned kernel, configs)) over grid (batch * kv_heads,
     splits) and the reduce kernel; returns the output like q (B, Hq, D). The split kernel takes (Q, K, V,
     *lead_args, PART_M, PART_L, PART_ACC, qk_scale, stride_qb, stride_qh, *stride_args, NUM_KV_HEADS, GROUP,
-    NUM_SPLITS, split_len) and the constexprs here plus `flags`; split_len (cache length / splits) is an upper bound
-    the kernels no longer read: each sequence splits its own length (`split_program`)."""
+    NUM_SPLITS) and the constexprs here plus `flags`; each sequence splits its own length (`split_program`)."""
     split_kernel, split_tuned, configs = kernels
     batch, num_heads, head_dim = q.shape
     group = num_heads // num_kv_heads
@@ -228,7 +232,7 @@ def launch_split_decode(kernels, q, k, v, lead_args, stride_args, num_kv_heads, 
                  UPCAST=interpreting() and q.dtype == torch.bfloat16,  # interpreter cannot compute on bf16
                  PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     args = (q, k, v, *lead_args, part_m, part_l, part_acc, scale * _LOG2E, q.stride(0), q.stride(1), *stride_args,
-            num_kv_heads, group, splits, split_len)
+            num_kv_heads, group, splits)
     grid = (batch * num_kv_heads, splits)
     if q.is_cuda and not config_forced(configs):
         split_tuned[grid](*args, **flags)
@@ -263,7 +267,7 @@ def report_specs(dtype: str = "bf16") -> list[KernelSpec]:
         "Q": ptr, "K": ptr, "V": ptr, "SEQLENS": "*i32", "PART_M": "*fp32", "PART_L": "*fp32", "PART_ACC": "*fp32",
         "qk_scale": "fp32", **dict.fromkeys(("stride_qb", "stride_qh", "stride_kb", "stride_kl", "stride_kh",
                                              "stride_vb", "stride_vl", "stride_vh"), "i32"),
-        "NUM_KV_HEADS": "i32", "GROUP": "i32", "NUM_SPLITS": "i32", "split_len": "i32",
+        "NUM_KV_HEADS": "i32", "GROUP": "i32", "NUM_SPLITS": "i32",
         **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_H", "BLOCK_N", "ALIGNED", "UPCAST", "PRECISION"),
                         "constexpr"),
     }
@@ -272,7 +276,7 @@ def report_specs(dtype: str = "bf16") -> list[KernelSpec]:
     # integer arguments at the report shape (contiguous (B, L, Hkv, D) caches), for the launch specialisation
     int_values = {"stride_qb": hq * d, "stride_qh": d, "stride_kb": length * hkv * d, "stride_kl": hkv * d,
                   "stride_kh": d, "NUM_KV_HEADS": hkv, "GROUP": hq // hkv, "NUM_SPLITS": REPORT_SPLITS,
-                  "split_len": length // REPORT_SPLITS, "stride_ob": hq * d, "stride_oh": d, "NUM_HEADS": hq}
+                  "stride_ob": hq * d, "stride_oh": d, "NUM_HEADS": hq}
     int_values.update(stride_vb=int_values["stride_kb"], stride_vl=int_values["stride_kl"], stride_vh=d)
     split_attrs = launch_attrs(_decode_split_kernel, split_signature, int_values)
     specs = [KernelSpec(kernel="decode_attention_split", fn=_decode_split_kernel, signature=split_signature,

@@ -13,8 +13,8 @@ import triton.language as tl
 from ._dispatch import use_triton
 from ._spec import KernelSpec, Roofline
 from .attention import launch_attrs
-from .decode_attention import (_NEG_BIG, _num_splits, decode_attention_reference, launch_split_decode, split_chunk,
-                               split_program, store_split)
+from .decode_attention import (_num_splits, decode_attention_reference, launch_split_decode, split_accumulators,
+                               split_chunk, split_program, store_split)
 
 
 def paged_decode_attention(q, k_pool, v_pool, block_tables, cache_seqlens, *, softmax_scale=None):
@@ -46,7 +46,7 @@ def paged_decode_attention_reference(q, k_pool, v_pool, block_tables, cache_seql
 @triton.jit
 def _paged_split_kernel(Q, K, V, TABLES, SEQLENS, PART_M, PART_L, PART_ACC, qk_scale,
                         stride_qb, stride_qh, stride_kn, stride_kl, stride_kh, stride_vn, stride_vl, stride_vh,
-                        stride_tb, NUM_KV_HEADS, GROUP, NUM_SPLITS, split_len,
+                        stride_tb, NUM_KV_HEADS, GROUP, NUM_SPLITS,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, ALIGNED: tl.constexpr,
                         UPCAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -57,10 +57,7 @@ def _paged_split_kernel(Q, K, V, TABLES, SEQLENS, PART_M, PART_L, PART_ACC, qk_s
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     table = TABLES + batch.to(tl.int64) * stride_tb
-
-    m_i = tl.full([BLOCK_H], _NEG_BIG, tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    acc, m_i, l_i = split_accumulators(BLOCK_H, BLOCK_D)
     for start in range(lo, hi, BLOCK_N):
         pos = start + offs_n
         pos_ok = pos < hi
@@ -111,7 +108,7 @@ def _paged_decode_attention_triton(q, k_pool, v_pool, block_tables, cache_seqlen
     splits = num_splits or _num_splits(batch, num_kv_heads, max_len, q.device)
     return launch_split_decode((_paged_split_kernel, _paged_split_tuned, SPLIT_CONFIGS), q, k_pool, v_pool,
                                (tables, seqlens), (*k_pool.stride()[:3], *v_pool.stride()[:3], tables.stride(0)),
-                               num_kv_heads, splits, triton.cdiv(max_len, splits), softmax_scale,
+                               num_kv_heads, splits, softmax_scale,
                                BLOCK_SIZE=block_size)
 
 
@@ -137,7 +134,7 @@ def report_specs(dtype: str = "bf16") -> list[KernelSpec]:
         "PART_ACC": "*fp32", "qk_scale": "fp32",
         **dict.fromkeys(("stride_qb", "stride_qh", "stride_kn", "stride_kl", "stride_kh", "stride_vn", "stride_vl",
                          "stride_vh", "stride_tb"), "i32"),
-        "NUM_KV_HEADS": "i32", "GROUP": "i32", "NUM_SPLITS": "i32", "split_len": "i32",
+        "NUM_KV_HEADS": "i32", "GROUP": "i32", "NUM_SPLITS": "i32",
         **dict.fromkeys(("HEAD_DIM", "BLOCK_D", "BLOCK_H", "BLOCK_N", "BLOCK_SIZE", "ALIGNED", "UPCAST",
                          "PRECISION"), "constexpr"),
     }
@@ -145,8 +142,7 @@ def report_specs(dtype: str = "bf16") -> list[KernelSpec]:
                 BLOCK_SIZE=bs, ALIGNED=True, UPCAST=False, PRECISION="ieee" if dtype == "fp32" else "tf32")
     int_values = {"stride_qb": hq * d, "stride_qh": d, "stride_kn": bs * hkv * d, "stride_kl": hkv * d,
                   "stride_kh": d, "stride_vn": bs * hkv * d, "stride_vl": hkv * d, "stride_vh": d,
-                  "stride_tb": length // bs, "NUM_KV_HEADS": hkv, "GROUP": hq // hkv, "NUM_SPLITS": REPORT_SPLITS,
-                  "split_len": triton.cdiv(length, REPORT_SPLITS)}
+                  "stride_tb": length // bs, "NUM_KV_HEADS": hkv, "GROUP": hq // hkv, "NUM_SPLITS": REPORT_SPLITS}
     attrs = launch_attrs(_paged_split_kernel, signature, int_values)
     return [KernelSpec(kernel="paged_decode_attention_split", fn=_paged_split_kernel, signature=signature,
                        constexprs={**base, "BLOCK_N": bn}, num_warps=w, num_stages=st, default=i == 0, uses_dot=True,

@@ -1,7 +1,8 @@
-"""GPU readiness report: `gmaivl-rt kernels report [--json FILE] [--arch 80,90] [--defaults-only]`.
+"""GPU readiness report: `gmaivl-rt kernels report [--json FILE] [--arch 80,90] [--defaults-only] [--module M]`.
 
 Compiles every (kernel, config) that each kernel file declares in `report_specs()` ahead of time for sm_80 (A100)
-and sm_90 (H100) - no GPU needed - and reads from the result:
+and sm_90 (H100) - no GPU needed; a config offered to some archs only (KernelSpec.archs) just for those - and reads
+from the result:
 - registers, spills (STACK + LOCAL) and static shared memory from the cubin (`cuobjdump --dump-resource-usage`,
   shipped in the triton wheel), dynamic shared memory from Triton's metadata;
 - tensor-core use: `mma.sync` (sm_80) and `wgmma.mma_async` (sm_90) instructions in the PTX;
@@ -194,18 +195,25 @@ def _module_specs(module: str) -> list:
     return list(importlib.import_module(f"gmaivl_rt.kernels.{module}").report_specs())
 
 
-def _report_rows(archs, defaults_only: bool, progress: bool, jobs: int) -> list[dict]:
+def restricted(spec) -> bool:
+    """A config its kernel file offers only to some archs or head dims (it sets extra["restricted"])."""
+    return bool(spec.extra.get("restricted"))
+
+
+def _report_rows(archs, defaults_only: bool, progress: bool, jobs: int, modules=None,
+                 restricted_only: bool = False) -> list[dict]:
     from concurrent.futures import ProcessPoolExecutor
 
     from tqdm import tqdm
 
-    specs, missing = collect_specs()
+    specs, missing = collect_specs(modules or KERNEL_MODULES)
     by_module: dict = {}
     work = []
     for module, spec in specs:
         index = by_module[module] = by_module.get(module, -1) + 1
-        if spec.default or not defaults_only:
-            work.extend((module, index, arch) for arch in archs)
+        if (spec.default or not defaults_only) and (restricted(spec) or not restricted_only):
+            # a config is compiled for the archs it is offered to (a launcher never runs it elsewhere)
+            work.extend((module, index, arch) for arch in archs if spec.archs is None or arch in spec.archs)
     rows = [{"module": module, "kernel": module, "config": None, "arch": None, "default": None,
              "error": f"missing: {why}"} for module, why in missing.items()]
     bar = functools.partial(tqdm, total=len(work), desc="compiling kernels", unit="kernel", disable=not progress,
@@ -232,25 +240,27 @@ _CHILD_RESULTS: dict = {}
 
 
 def build_report(archs=(80, 90), *, defaults_only: bool = False, progress: bool = True,
-                 jobs: int | None = None) -> list[dict]:
+                 jobs: int | None = None, modules=None, restricted_only: bool = False) -> list[dict]:
     """Compile every kernel spec for each arch; one dict per (kernel, config, arch) with kernel, config, arch,
     default, registers, spill_bytes, shared_bytes, mma, wgmma, uses_dot, roofline fields (shape, flops, bytes,
     intensity, a100_us, h100_us), error and problems (empty when GPU-ready). Modules without `report_specs()`
     appear as one row each with arch None and an error starting "missing:". `jobs` compile processes (default: up
-    to 4, one per available core)."""
+    to 4, one per available core). modules: only these kernel modules; restricted_only: only the configs offered
+    to some archs or head dims (`restricted`), each on its own archs."""
     archs = tuple(int(a) for a in archs)
     jobs = default_jobs() if jobs is None else max(1, int(jobs))
     from ._dispatch import interpreting
 
+    modules = tuple(modules) if modules else None
     if not interpreting():
-        return _report_rows(archs, defaults_only, progress, jobs)
-    key = (archs, defaults_only)
+        return _report_rows(archs, defaults_only, progress, jobs, modules, restricted_only)
+    key = (archs, defaults_only, modules, restricted_only)
     if key not in _CHILD_RESULTS:
-        _CHILD_RESULTS[key] = _build_in_child(archs, defaults_only, progress, jobs)
+        _CHILD_RESULTS[key] = _build_in_child(archs, defaults_only, progress, jobs, modules, restricted_only)
     return [dict(row) for row in _CHILD_RESULTS[key]]
 
 
-def _build_in_child(archs, defaults_only, progress, jobs):
+def _build_in_child(archs, defaults_only, progress, jobs, modules=None, restricted_only=False):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # fusion knob: set by the package
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "report.json")
@@ -258,6 +268,10 @@ def _build_in_child(archs, defaults_only, progress, jobs):
                    "--arch", ",".join(map(str, archs)), "--jobs", str(jobs)]
         if defaults_only:
             command.append("--defaults-only")
+        if modules:
+            command += ["--module", ",".join(modules)]
+        if restricted_only:
+            command.append("--restricted-only")
         if not progress:
             command.append("--no-progress")
         # the child exits 1 when a default config fails a check; the rows say why, so only a missing file is fatal
@@ -347,17 +361,30 @@ def _parse_archs(text: str) -> tuple[int, ...]:
     return archs
 
 
+def _parse_modules(text: str) -> tuple[str, ...]:
+    modules = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = sorted(set(modules) - set(KERNEL_MODULES))
+    if not modules or unknown:
+        raise argparse.ArgumentTypeError(f"--module {text!r}: expected names from {', '.join(KERNEL_MODULES)}")
+    return modules
+
+
 def _add_arguments(parser):
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON to FILE")
     parser.add_argument("--arch", type=_parse_archs, default=(80, 90), help="CUDA archs, e.g. 80,90 (default)")
     parser.add_argument("--defaults-only", action="store_true", help="only the default config of each kernel")
+    parser.add_argument("--module", type=_parse_modules, default=None,
+                        help="only these kernel modules, e.g. attention,decode_attention (default: all)")
+    parser.add_argument("--restricted-only", action="store_true",
+                        help="only the configs offered to some archs or head dims (e.g. sm_90-only tiles)")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: cores, <= 4)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--quiet", action="store_true", help="no table on stdout")
 
 
 def run(args) -> int:
-    rows = build_report(args.arch, defaults_only=args.defaults_only, progress=not args.no_progress, jobs=args.jobs)
+    rows = build_report(args.arch, defaults_only=args.defaults_only, progress=not args.no_progress, jobs=args.jobs,
+                        modules=args.module, restricted_only=args.restricted_only)
     if args.json:
         import triton
 

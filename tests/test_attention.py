@@ -62,6 +62,20 @@ def test_packed_unequal_lengths(causal, dtype):
     _check(q, k, v, causal, cu_seqlens=cu_seqlens, max_seqlen=max(lengths))
 
 
+@pytest.mark.parametrize("group, dtype, causal", [
+    (1, torch.float16, False), (2, torch.float32, False), (4, torch.float32, True), (4, torch.float16, False),
+], ids=["g1-fp16-bidirectional", "g2-fp32-bidirectional", "g4-fp32-causal", "g4-fp16-bidirectional"])
+def test_gqa_groups_dk_dv_summed_over_their_q_heads(group, dtype, causal):
+    """dk/dv run one program per q head, each writing its own slot; a GQA group's slots are summed afterwards
+    (FlashAttention-2's layout). Packed lengths 1, 17 and 70 (awkward) with 4 q heads over 4 / group kv heads (the
+    padded shapes above cover groups 1 and 2 in both dtypes and masks; group 4 is the LM's). Mutants: the group sum
+    replaced by the first q head's slot (`.sum(2)` -> `[:, :, 0]`) fails groups 2 and 4 (dk, dv off by O(1)); the
+    kernel's slot at `kv_head` instead of `head` (group members overwrite each other) fails them too."""
+    cu_seqlens = torch.tensor([0, 1, 18, 88], dtype=torch.int32)
+    q, k, v = _inputs((88, 4, 16), (88, 4 // group, 16), dtype)
+    _check(q, k, v, causal, cu_seqlens=cu_seqlens, max_seqlen=70)
+
+
 def test_packed_max_seqlen_inferred_and_empty_sequence():
     cu_seqlens = torch.tensor([0, 5, 5, 38], dtype=torch.int32)  # the middle sequence is empty
     q, k, v = _inputs((38, 2, 16), (38, 1, 16), torch.float32)

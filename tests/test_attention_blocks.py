@@ -72,17 +72,17 @@ def test_query_longer_than_keys_with_a_later_block():
     _check(q, k, v, True)
 
 
-def _force(module, list_name, config, monkeypatch):
-    """Make the module's interpreter launcher use `config` for the kernel whose config list is `list_name`; return a
-    list that records every config the launcher picked (so a test can prove the forced config ran)."""
-    configs = getattr(module, list_name)
+def _force(module, chosen: dict, monkeypatch):
+    """Make the module's interpreter launcher use `chosen[list_name]` for each kernel whose config list is named
+    there; return a list that records every config the launcher picked (so a test can prove the forced ones ran)."""
+    by_list = {id(getattr(module, name)): config for name, config in chosen.items()}
     real_pick = module.pick_config
     picked = []
 
     def pick(candidates, default_index=0):
-        chosen = config if candidates is configs else real_pick(candidates, default_index)
-        picked.append(chosen)
-        return chosen
+        chosen_config = by_list.get(id(candidates)) or real_pick(candidates, default_index)
+        picked.append(chosen_config)
+        return chosen_config
 
     monkeypatch.setattr(module, "pick_config", pick)
     return picked
@@ -92,21 +92,43 @@ ATTENTION_CONFIGS = [(name, cfg) for name in ("FWD_CONFIGS", "BWD_DKDV_CONFIGS",
                      for cfg in getattr(attention_module, name)]
 
 
-@pytest.mark.parametrize("list_name, config", ATTENTION_CONFIGS, ids=lambda x: str(x).replace(" ", ""))
+@pytest.mark.parametrize("list_name, config", ATTENTION_CONFIGS, ids=lambda x: str(x).replace(" ", "_"))
 def test_every_attention_config(list_name, config, monkeypatch):
     """Each autotune config against the reference, causal, at 136 tokens (past every BLOCK_M and BLOCK_N in the
     lists, ending mid-block), with a GQA group of 2. A config whose block sizes break the kernel (e.g. a BLOCK_N that the dk/dv kernel's
     causal start `start_n // BLOCK_M * BLOCK_M` rounds wrongly for) fails only here."""
-    picked = _force(attention_module, list_name, config, monkeypatch)
+    picked = _force(attention_module, {list_name: config}, monkeypatch)
     _check(*_inputs((1, 136, 2, 16), (1, 136, 1, 16)), True, grads=list_name != "FWD_CONFIGS")
     assert config in picked
+
+
+ATTENTION_LISTS = ("FWD_CONFIGS", "BWD_DKDV_CONFIGS", "BWD_DQ_CONFIGS")
+
+
+@pytest.mark.parametrize("index", range(max(len(getattr(attention_module, name)) for name in ATTENTION_LISTS)))
+def test_every_attention_config_fp16_bidirectional(index, monkeypatch):
+    """test_every_attention_config runs each config fp32 and causal; here each runs fp16 and bidirectional (so every
+    entry, the arch- and head-dim-filtered tiles included, meets both dtypes and both masks), again at 136 tokens
+    with a GQA group of 2. The index-th config of every list runs in one forward + backward (a shorter list wraps
+    around) to keep the interpreter time down. Tolerances: test_attention.py's fp16 ones (fp32 reference on the
+    same fp16 values). Mutant: `_key_visible`'s bidirectional bound `len_k - 1` -> `len_k` (one padding key, loaded
+    as 0, joins every softmax) fails every index."""
+    from test_attention import _check as check_against_fp32
+
+    chosen = {name: getattr(attention_module, name)[index % len(getattr(attention_module, name))]
+              for name in ATTENTION_LISTS}
+    picked = _force(attention_module, chosen, monkeypatch)
+    q = torch.randn(1, 136, 2, 16).half().requires_grad_()
+    k, v = (torch.randn(1, 136, 1, 16).half().requires_grad_() for _ in range(2))
+    check_against_fp32(q, k, v, False)
+    assert set(chosen.values()) <= set(picked)
 
 
 @pytest.mark.parametrize("config", decode_module.SPLIT_CONFIGS, ids=lambda c: str(c).replace(" ", ""))
 def test_every_decode_config(config, monkeypatch):
     """Each decode split config at cache lengths that cross several BLOCK_N blocks inside a split (300 tokens in two
     splits) and end mid-block (173), against the masked SDPA reference."""
-    picked = _force(decode_module, "SPLIT_CONFIGS", config, monkeypatch)
+    picked = _force(decode_module, {"SPLIT_CONFIGS": config}, monkeypatch)
     q = torch.randn(2, 4, 16)
     k_cache, v_cache = torch.randn(2, 300, 2, 16), torch.randn(2, 300, 2, 16)
     cache_seqlens = torch.tensor([300, 173], dtype=torch.int32)

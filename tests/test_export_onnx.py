@@ -58,8 +58,13 @@ def _prompts(batch, seed=1, lengths=(3, 1, 6)):
     return ids, mask, torch.randn(batch, 3, 28, 28, generator=g)
 
 
-def _decoder_feeds(embeds, mask, positions, past):
-    feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
+def _decoder_feeds(embeds, mask, positions, past, logits_indices=None):
+    """Decoder inputs; logits_indices defaults to every position of every row (all S logits)."""
+    batch, seq = embeds.shape[:2]
+    if logits_indices is None:
+        logits_indices = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
+    feeds = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions,
+             "logits_indices": logits_indices}
     return {**feeds, **dict(zip(past_names(len(past) // 2), past))}
 
 
@@ -74,9 +79,12 @@ def test_export_writes_checked_graphs_and_deploy_json(onnx_dir, model):
     assert GMAIVLConfig.from_hf_config(deploy["config"]) == model.config
     assert deploy["image"]["image_token_index"] == IMAGE_TOKEN and deploy["image"]["tokens_per_image"] == N_IMG
     decoder = deploy["graphs"]["decoder_model_merged"]
-    assert [i["name"] for i in decoder["inputs"]][:3] == ["inputs_embeds", "attention_mask", "position_ids"]
-    assert decoder["inputs"][3] == {"name": "past_key_values.0.key", "dtype": "float32",
+    assert [i["name"] for i in decoder["inputs"]][:4] == ["inputs_embeds", "attention_mask", "position_ids",
+                                                          "logits_indices"]
+    assert decoder["inputs"][3] == {"name": "logits_indices", "dtype": "int64", "shape": ["batch_size", "num_logits"]}
+    assert decoder["inputs"][4] == {"name": "past_key_values.0.key", "dtype": "float32",
                                     "shape": ["batch_size", 2, "past_sequence_length", 16]}
+    assert decoder["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch_size", "num_logits", 128]}
     assert decoder["outputs"][1]["shape"] == ["batch_size", 2, "total_sequence_length", 16]
     assert deploy["graphs"]["vision_encoder"]["inputs"][0]["shape"] == ["num_images", 3, 28, 28]
 
@@ -162,6 +170,53 @@ def test_decoder_prefill_and_decode_match_torch_fp32(onnx_dir, model):
         start = stop
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_prefill_returns_logits_of_each_rows_last_real_token_only(model, dtype):
+    """Three prompts of lengths 9, 5 and 7 in one (3, 9) prefill: left-padded, right-padded and left-padded
+    (the graph takes either side). With `GraphBackend.last_token_indices` the decoder returns (3, 1, V) fp32 logits
+    equal to the fp32 torch model's next-token logits of each prompt run alone (fp16 graphs within TOL_FP16).
+
+    Mutants this fails on (each applied by hand): the graph keeping every position (`kept = x` in
+    DecoderGraph.forward: shape (3, 9, V)); the graph gathering row 0's index for every row
+    (`logits_indices[:1].expand(...)`); `last_token_indices` assuming left padding (always S - 1) or reading
+    the first real token."""
+    from gmaivl_rt.runtime import GraphBackend
+
+    torch.manual_seed(11)
+    lengths, width = (9, 5, 7), 9
+    prompts = [torch.randint(0, 110, (n,)) for n in lengths]
+    ids = torch.zeros(3, width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, (prompt, right) in enumerate(zip(prompts, (False, True, False))):
+        cols = slice(0, len(prompt)) if right else slice(width - len(prompt), width)
+        ids[r, cols], mask[r, cols] = prompt, 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    indices = GraphBackend.last_token_indices(mask, width)
+    folder = exported(dtype)
+    (embeds,) = _session(folder, "embed_tokens").run(None, {"input_ids": ids.numpy()})
+    t = model.config.text
+    past = [np.zeros((3, t.num_kv_heads, 0, t.head_dim), embeds.dtype)] * (2 * t.num_layers)
+    logits, *present = _session(folder, "decoder_model_merged").run(
+        None, _decoder_feeds(embeds, mask.numpy(), positions.numpy(), past, indices.numpy()))
+    assert logits.shape == (3, 1, t.vocab_size) and logits.dtype == np.float32
+    assert present[0].shape == (3, t.num_kv_heads, width, t.head_dim)  # the cache still holds every position
+    with torch.no_grad():
+        expected = torch.stack([model(p[None]).logits[0, -1] for p in prompts])
+    tolerance = dict(atol=ATOL_FP32, rtol=0) if dtype == "fp32" else TOL_FP16
+    torch.testing.assert_close(torch.from_numpy(logits[:, 0]), expected, **tolerance)
+
+
+def test_last_token_indices_follow_the_mask_not_the_last_column():
+    """Mutants: always S - 1; the first real token; indices over the whole mask instead of its last S columns
+    (decode: S = 1 must give 0 whatever the past)."""
+    from gmaivl_rt.runtime import GraphBackend
+
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 1, 1, 0, 0]])
+    assert GraphBackend.last_token_indices(mask, 5).tolist() == [[4], [2], [4], [2]]
+    assert GraphBackend.last_token_indices(torch.cat([mask, torch.ones(4, 1, dtype=torch.long)], 1), 1).tolist() \
+        == [[0]] * 4
+
+
 def test_fp16_graphs_run_within_tolerance(model):
     folder = exported("fp16")
     pixels = torch.randn(3, 3, 28, 28)
@@ -199,6 +254,35 @@ def test_greedy_generation_matches_torch_backend_and_transformers(onnx_dir):
     assert got.shape == (2, ids.shape[1] + 32)
     assert torch.equal(got, ours)
     assert torch.equal(got, expected)
+
+
+def test_every_generation_steps_logits_match_transformers(onnx_dir, monkeypatch):
+    """The runtime's bookkeeping around the graph (positions, mask, logits_indices) at every step: the logits each
+    prefill/decode call returns equal transformers' `output_logits` for the same step (fp32 graphs: 1e-4).
+
+    Mutant: decode positions one ahead (`"position": positions[:, -1:] + 2` in `GraphBackend.generate`) passes the
+    greedy-token test above (the tiny random model's argmax does not move) and fails here."""
+    ids, mask, pixels = _prompts(2)
+    onnx_backend = gmaivl_rt.load(onnx_dir, backend="onnx")
+    hf = LlavaForConditionalGeneration.from_pretrained(hf_checkpoint()).eval()
+    steps = []
+    decode = onnx_backend._decode
+
+    def recording_decode(*args):
+        logits, past = decode(*args)
+        steps.append(logits[:, 0].clone())
+        return logits, past
+
+    monkeypatch.setattr(onnx_backend, "_decode", recording_decode)
+    got = onnx_backend.generate(ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=8, eos_token_id=[],
+                                pad_token_id=0)
+    expected = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=8,
+                           min_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0,
+                           output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(got, expected.sequences)
+    assert len(steps) == len(expected.logits) == 8
+    for step, (ours, theirs) in enumerate(zip(steps, expected.logits)):
+        torch.testing.assert_close(ours, theirs.float(), atol=ATOL_FP32, rtol=0, msg=lambda m: f"step {step}: {m}")
 
 
 def test_dynamic_resolution_generation_matches_torch_backend():
@@ -257,6 +341,26 @@ def test_wrong_inputs_give_clear_errors(onnx_dir):
         vision.run({"pixel_values": np.zeros((3, 28, 28), np.float32)})
     with pytest.raises(ValueError, match="missing inputs"):
         backend.graphs["decoder_model_merged"].run({"inputs_embeds": np.zeros((1, 1, 64), np.float32)})
+
+
+def test_exports_without_logits_indices_are_refused_with_a_way_out(tmp_path, onnx_dir):
+    """A folder from before `logits_indices` (its decoder takes no such input): loading says to export again.
+    Mutant: no check at load (the first generate then fails on an unknown input, not saying why)."""
+    import shutil
+
+    shutil.copytree(onnx_dir, tmp_path / "old")
+    deploy = json.loads((onnx_dir / DEPLOY_JSON).read_text())
+    deploy["format_version"] = 1
+    (tmp_path / "old" / DEPLOY_JSON).write_text(json.dumps(deploy))
+    helper = onnx.helper
+    old_decoder = helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["inputs_embeds"], ["logits"])], "decoder",
+        [helper.make_tensor_value_info("inputs_embeds", onnx.TensorProto.FLOAT, ["batch_size", "seq", 64])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch_size", "seq", 64])]),
+        opset_imports=[helper.make_opsetid("", 23)])
+    onnx.save(old_decoder, str(tmp_path / "old" / GRAPH_FILES["decoder_model_merged"]))
+    with pytest.raises(ValueError, match="predates logits_indices.*format_version 1.*export it again"):
+        gmaivl_rt.load(tmp_path / "old", backend="onnx")
 
 
 def test_load_errors(tmp_path, onnx_dir):

@@ -35,6 +35,27 @@ def test_smoke_run_passes_and_covers_every_config(tmp_path):
             "projector_matmul": proj.GEMM_CONFIGS, "patch_embed_fwd": pe._FWD_CONFIGS,
             "patch_embed_dweight": pe._DWEIGHT_CONFIGS}
     assert swept == {name: list(range(len(configs))) for name, configs in want.items()}
+    # Under the interpreter a config differing from an earlier one only in num_warps / num_stages runs as that one;
+    # every distinct set of block sizes still runs.
+    for name, configs in want.items():
+        kernel_rows = {r["config_index"]: r for r in rows if r["check"] == "configs" and r["kernel"] == name}
+        ran = {gpu_check.interpreter_key(configs[i]) for i, r in kernel_rows.items() if r["status"] == "pass"}
+        assert ran == {gpu_check.interpreter_key(c) for c in configs}, name
+        for i, r in kernel_rows.items():
+            if r["status"] == "skipped":
+                assert kernel_rows[r["same_as"]]["status"] == "pass", r
+                assert gpu_check.interpreter_key(configs[r["same_as"]]) == gpu_check.interpreter_key(configs[i])
+
+
+def test_interpreter_key_keeps_blocks_and_drops_warps_and_stages():
+    assert gpu_check.interpreter_key((128, 32, 8, 3)) == gpu_check.interpreter_key((128, 32, 4, 2)) == (128, 32)
+    assert gpu_check.interpreter_key((64, 32, 8, 3)) != gpu_check.interpreter_key((128, 32, 8, 3))
+    a = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3)
+    assert gpu_check.interpreter_key(a) == gpu_check.interpreter_key({**a, "num_warps": 4})
+    assert gpu_check.interpreter_key(a) != gpu_check.interpreter_key({**a, "BLOCK_N": 128})
+    C = importlib.import_module("gmaivl_rt.kernels.attention").AttentionConfig
+    assert gpu_check.interpreter_key(C(128, 32, 8, 3)) == gpu_check.interpreter_key(C(128, 32, 4, 2))
+    assert gpu_check.interpreter_key(C(128, 64, 4, 3)) != gpu_check.interpreter_key(C(128, 64, 4, 3, max_head_dim=64))
 
 
 def test_forced_config_is_the_one_launched(monkeypatch):

@@ -124,7 +124,7 @@ def test_attention_grid_holds_thousands_of_sequences(monkeypatch):
 
     grids = []
 
-    def record(kernel, tuned, configs, grid_of, device_tensor, *args, **constexprs):
+    def record(kernel, configs, grid_of, device_tensor, *args, **constexprs):
         bm, bn = configs[0][:2]
         grids.append(grid_of(bm, bn))
 

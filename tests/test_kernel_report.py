@@ -58,6 +58,46 @@ def test_gemm_kernels_use_tensor_cores(default_rows):
     assert not without, _describe(without)
 
 
+def _attention_tensor_core_problems(rows):
+    """Attention rows on sm_90 without wgmma (its products have >= 64 rows: mma.sync there leaves Hopper idle)."""
+    return [r for r in rows if r["module"] == "attention" and r["arch"] == 90 and r["uses_dot"] and not r["wgmma"]]
+
+
+def _offered_archs_by_config():
+    """{(kernel, config): archs} of every attention config the kernel file offers to some archs or head dims only,
+    straight from its config lists (AttentionConfig.archs via report_specs)."""
+    import importlib
+
+    attention = importlib.import_module("gmaivl_rt.kernels.attention")
+    return {(s.kernel, s.config): set(s.archs) for s in attention.report_specs() if report.restricted(s)}
+
+
+@pytest.fixture(scope="module")
+def restricted_attention_rows():
+    return report.build_report(ARCHS, modules=("attention",), restricted_only=True, progress=False)
+
+
+def test_arch_filtered_attention_tiles_are_clean_on_their_archs(restricted_attention_rows):
+    """Each attention config offered to some archs or head dims only (the sm_90 tiles, the head-dim-64 tile) is
+    compiled for exactly the archs it is offered to, at the largest head dim it is offered at, and is spill-free,
+    within shared memory and on tensor cores there (wgmma on sm_90). Mutant: the report's `arch in spec.archs`
+    filter dropped (every config compiled for both archs): the sm_90 tiles then get sm_80 rows, where they spill
+    (the 128x128 forward tile: 40 B of stack), and this fails."""
+    rows = [r for r in restricted_attention_rows if r["arch"] is not None]
+    compiled = {}
+    for r in rows:
+        compiled.setdefault((r["kernel"], r["config"]), set()).add(r["arch"])
+    offered = _offered_archs_by_config()
+    assert {90} in offered.values() and compiled == offered
+    broken = [r for r in rows if r["problems"]] + _attention_tensor_core_problems(rows)
+    assert not broken, _describe(broken)
+
+
+def test_default_attention_configs_use_wgmma_on_sm90(default_rows):
+    without = _attention_tensor_core_problems(default_rows)
+    assert not without, _describe(without)
+
+
 def test_every_kernel_has_a_roofline(default_rows):
     for r in default_rows:
         if r["arch"] is None or r["error"]:
@@ -114,4 +154,16 @@ def test_every_autotune_config_compiles_within_limits():
     rows = [r for r in report.build_report(ARCHS, progress=False) if r["arch"] is not None]
     broken = [r for r in rows if r["error"] or r["shared_bytes"] > {80: 163 * 1024, 90: 227 * 1024}[r["arch"]]
               or (r["uses_dot"] and r["mma"] + r["wgmma"] == 0)]
+    assert not broken, _describe(broken)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("GMAIVL_FULL_REPORT") != "1",
+                    reason="compiles every attention config and variant (~100 compiles, ~10 min on 2 cores): "
+                           "GMAIVL_FULL_REPORT=1, or `gmaivl-rt kernels report --module attention`")
+def test_every_attention_config_is_clean_on_its_archs():
+    """Every attention autotune config, on each arch it is offered to: spill-free (unlike the all-kernel check above,
+    which allows spilling non-defaults), within shared memory, on tensor cores (wgmma on sm_90)."""
+    rows = [r for r in report.build_report(ARCHS, modules=("attention",), progress=False) if r["arch"] is not None]
+    broken = [r for r in rows if r["problems"]] + _attention_tensor_core_problems(rows)
     assert not broken, _describe(broken)

@@ -95,6 +95,41 @@ def test_transformers_4x_layout(hf_dir, hf_model, tmp_path):
                                      eos_token_id=[], pad_token_id=0), expected)
 
 
+def _other_major_in_memory_names(state: dict) -> dict:
+    """transformers 5.x in-memory Llava names <-> 4.x (>= 4.52) ones: 4.x wraps the CLIP tower in a CLIPVisionModel
+    (`model.vision_tower.vision_model.*`), 5.x holds the transformer itself (`model.vision_tower.*`); the language
+    model (`model.language_model.*`), projector and `lm_head.*` are named alike."""
+    if any(k.startswith("model.vision_tower.vision_model.") for k in state):
+        return {k.replace("model.vision_tower.vision_model.", "model.vision_tower.", 1): v for k, v in state.items()}
+    return {k.replace("model.vision_tower.", "model.vision_tower.vision_model.", 1): v for k, v in state.items()}
+
+
+def test_transformers_in_memory_names_of_both_major_versions(hf_dir, hf_model, tmp_path):
+    """A state dict taken from a live transformers Llava (`model.state_dict()`, not what save_pretrained writes)
+    loads with the installed version's names and renamed to the other major version's, both giving transformers'
+    logits and greedy tokens.
+    Mutants: dropping ("model.language_model.", ...), ("model.vision_tower.", ...) or
+    ("model.vision_tower.vision_model.", ...) from checkpoint._PREFIXES each fail here (unexpected keys)."""
+    import transformers
+
+    installed = hf_model.state_dict()
+    major = int(transformers.__version__.split(".")[0])
+    assert any(k.startswith("model.language_model.") for k in installed) and "lm_head.weight" in installed
+    # the layout this test names as 5.x is the installed 5.x one (README: "5.x Llava (on disk and in-memory names)")
+    assert major != 5 or not any(".vision_model." in k for k in installed), transformers.__version__
+    other = _other_major_in_memory_names(installed)
+    assert other.keys().isdisjoint(k for k in installed if "vision_tower" in k)
+    ids, mask, pixels = _batch()
+    expected = hf_model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=8,
+                                 min_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    for name, state in (("installed", installed), ("other", other)):
+        state = {k: v.contiguous() for k, v in state.items()}
+        ours = _assert_logits_match(_write_variant(hf_dir, tmp_path / name, state), hf_model)
+        got = ours.generate(ids, pixel_values=pixels, attention_mask=mask, max_new_tokens=8, eos_token_id=[],
+                            pad_token_id=0)
+        assert torch.equal(got, expected), name
+
+
 def fuse_wqkv(q, k, v, num_heads, num_kv_heads):
     """InternLM2's rule: rows grouped per KV head as [num_kv_heads, q_per_kv + 2, head_dim]; in each group the
     q_per_kv query heads come first, then that group's key head, then its value head."""

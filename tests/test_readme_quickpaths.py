@@ -28,13 +28,13 @@ The manifest line reads `sources.yaml` = the README's own manifest example (its 
 images and `cls.csv` it names. After the commands, the output files the README names are checked.
 """
 import importlib.util
+import json
 import os
 import re
 import shlex
 from pathlib import Path
 
 import numpy as np
-import pytest
 import yaml
 from PIL import Image
 from pydicom.data import get_testdata_file
@@ -111,6 +111,7 @@ def test_readme_quick_paths_run_as_written(tmp_path, monkeypatch, capsys):
     _write_sources(tmp_path)
     (tmp_path / "quick.yaml").write_text(yaml.safe_dump(QUICK_CONFIG))
     have_tensorrt = importlib.util.find_spec("tensorrt") is not None
+    answers, printed_by = {}, {}  # ask's answer per backend; each command's stdout
     for readme_command in commands:
         command = mapped(readme_command)
         argv = shlex.split(command)
@@ -134,8 +135,11 @@ def test_readme_quick_paths_run_as_written(tmp_path, monkeypatch, capsys):
         code = cli_main(argv[1:])
         printed = capsys.readouterr()
         assert code == 0, f"{readme_command}\n(run as: {command})\n{printed.out[-2000:]}\n{printed.err[-2000:]}"
+        printed_by[" ".join(argv[1:3])] = printed.out
         if argv[1] == "ask":
-            assert printed.out.strip() or printed.out == "\n", command  # an answer line (may be empty text)
+            assert printed.out.endswith("\n") and printed.out.count("\n") == 1, command  # one answer line
+            backend = argv[argv.index("--backend") + 1] if "--backend" in argv else "torch"
+            answers[backend] = (printed.out, [a for a in argv if a not in ("--backend", backend)])
 
     # the outputs the README names
     for name in ("annotations", "images", "meta.json", "errors.jsonl", "summary.json", "summary.png",
@@ -147,6 +151,76 @@ def test_readme_quick_paths_run_as_written(tmp_path, monkeypatch, capsys):
             assert (tmp_path / "runs" / stage / name).is_file(), (stage, name)
     assert (tmp_path / "runs/s3/checkpoints/step-00000002").is_dir()  # the README's example name
     assert (tmp_path / "runs/demo/onnx/gmaivl_deploy.json").is_file()
+    _check_outcomes(tmp_path, answers, printed_by)
+
+
+def _check_outcomes(root: Path, answers: dict, printed_by: dict) -> None:
+    """What the quick paths made, judged by content. Mutants, each applied by hand and caught here: tokenizer.json
+    without its ByteLevel decoder; the train CLI dropping --init; `export onnx` writing a decoder whose final
+    RMSNorm is skipped; `ask` passing its generation flags to the torch backend only. (Not caught here: the onnx
+    backend's decode positions off by one - the 2-step tiny model's answers do not depend on them;
+    tests/test_export_onnx.py compares 32 greedy tokens with transformers.)"""
+    import torch
+    from export_fixtures import graph_next_token_logits, ort_run
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from gmaivl_rt import GMAIVL, load
+    from gmaivl_rt.train.tokenizer import SPECIAL_TOKENS, conversation_texts
+
+    # `gmaivl-rt tokenizer`: what it printed is what it saved; transformers loads it; it round-trips the data's text
+    report = json.loads(printed_by["tokenizer --data"])
+    tokenizer = AutoTokenizer.from_pretrained(root / report["out"])
+    assert report["vocab_size"] == len(tokenizer) > 263  # past the special tokens + 256 bytes: merges learned
+    assert tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS) == list(range(len(SPECIAL_TOKENS)))
+    texts = list(conversation_texts(root / "data/demo"))
+    assert texts
+    for text in texts + ["Größe 3 mm, ünïcode ✓"]:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert tokenizer.decode(ids) == text
+    assert sum(len(tokenizer.encode(t, add_special_tokens=False)) for t in texts) < sum(len(t.encode()) for t in texts)
+
+    # `data build --manifest`: each annotated image gives its caption and open + multiple-choice classification
+    # records, with the manifest's modality and the image's label; the picture stored once, pixels unchanged
+    dataset = yaml.safe_load((root / "sources.yaml").read_text())["datasets"][0]
+    rows = (root / dataset["annotations"]).read_text().split()[1:]
+    labels = dict(row.split(",") for row in rows)
+    modality = dataset["modality"].lower()
+    records = [json.loads(line) for line in (root / "data/gm/annotations/chest_cls.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == sorted(
+        f"2d#{kind}#{modality}#{dataset['name']}#{label}#{Path(name).stem}"
+        for name, label in labels.items() for kind in ("cap", "cls", "cls-mc"))
+    for r in records:
+        name = r["id"].split("#")[-1] + ".png"
+        with Image.open(root / "data/gm/images" / r["image"]) as stored, \
+                Image.open(root / dataset["image_root"] / name) as source:
+            assert np.array_equal(np.asarray(stored), np.asarray(source.convert("RGB")))
+        if "#cls#" in r["id"]:
+            assert labels[name] in r["conversations"][1]["value"].lower()
+
+    # `train --init`: stage II (projector + vision tower) starts from stage I, so the language model is stage I's
+    s1, s2 = load_file(str(root / "runs/s1/model.safetensors")), load_file(str(root / "runs/s2/model.safetensors"))
+    lm = [k for k in s1 if k.startswith("language_model.")]
+    assert lm and all(torch.equal(s1[k], s2[k]) for k in lm)
+    stage1_log = [json.loads(line) for line in (root / "runs/s1/log.jsonl").read_text().splitlines()]
+    history = [json.loads(line) for line in (root / "runs/s2/history.jsonl").read_text().splitlines()]
+    assert stage1_log and history[:len(stage1_log)] == stage1_log  # carried over from --init
+
+    # `export onnx`: ONNX Runtime on the exported graphs gives the torch model's next-token logits
+    vlm = load(root / "runs/s3")
+    inputs = vlm.prepare([{"role": "user", "content": "<image>\nWhich plane does this image show?"}],
+                         images=[Image.open(root / "scans/photo.png")])
+    model = GMAIVL.from_pretrained(root / "runs/s3")
+    with torch.no_grad():
+        expected = model(inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits[0, -1]
+    got = graph_next_token_logits(root / "runs/demo/onnx", inputs["input_ids"], inputs["pixel_values"],
+                                  model.config.image_token_index, ort_run)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+    # `ask --backend onnx`: the same question about the same image answers as the torch backend does
+    (torch_answer, torch_argv), (onnx_answer, onnx_argv) = answers["torch"], answers["onnx"]
+    assert torch_argv[3:] == onnx_argv[3:]  # same image, question and limits
+    assert onnx_answer == torch_answer
 
 
 def _merge_built_shards(argv, capsys):

@@ -40,7 +40,7 @@ def test_plugin_kernel_argument_order_matches_reference(causal):
     k, v = (torch.randn(B, S, HKV, D, generator=g).half() for _ in range(2))
     cu_seqlens = torch.arange(B + 1, dtype=torch.int32) * S
     out, lse = torch.empty_like(q), torch.empty(H, B * S)
-    block_m, block_n, _, _ = FWD_CONFIGS[0]
+    block_m, block_n = FWD_CONFIGS[0][:2]
     _attn_fwd_trt[(B * H, triton.cdiv(S, block_m))](
         q, k, v, cu_seqlens, H, H // HKV, B * S, out, lse, QK_SCALE=D ** -0.5 * _LOG2E, HEAD_DIM=D, BLOCK_D=16,
         BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, UPCAST=False, PRECISION="tf32")
@@ -110,6 +110,9 @@ def test_profile_shapes_from_the_deploy_json():
     assert decode["position_ids"] == ((1, 1), (2, 1), (4, 1))
     assert decode["past_key_values.0.key"] == ((1, 2, 1, 16), (2, 2, 64, 16), (4, 2, 512, 16))
     assert decode["attention_mask"] == ((1, 2), (2, 65), (4, 513))
+    # generation asks for one row of logits per sequence; a prefill may ask for up to all of its positions
+    assert prefill["logits_indices"] == ((1, 1), (2, 1), (4, 256))
+    assert decode["logits_indices"] == ((1, 1), (2, 1), (4, 1))
     (embed,) = profile_shapes(deploy, "embed_tokens", sizes)
     assert embed["input_ids"] == ((1, 1), (2, 64), (4, 256))
 
