@@ -107,3 +107,34 @@ def test_normalisation_constants_are_openai_clips():
     from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     assert CLIP_MEAN == tuple(OPENAI_CLIP_MEAN) and CLIP_STD == tuple(OPENAI_CLIP_STD)
+
+
+def test_generation_prompt_is_one_piece_outside_the_loss():
+    """The assistant header added by add_generation_prompt is prompt, not reply (mutants: its `<|im_start|>` or its
+    "assistant\\n" part marked as a reply)."""
+    messages = [{"role": "user", "content": "Hi"}]
+    assert chat_segments(messages, add_generation_prompt=True)[-1] == ("<|im_start|>assistant\n", False)
+
+
+def test_content_parsed_from_json_is_recognised():
+    """Part types come from JSON request bodies as fresh strings, not the interned literals of our source (mutant:
+    `kind == "text"` -> `kind is "text"`)."""
+    import json
+    content = json.loads('[{"type": "te' + 'xt", "text": "Which plane?"}, {"type": "image"}]')
+    parts = chat_parts([{"role": "user", "content": content}])
+    assert [(kind, text) for kind, text, _, _ in parts[2:-2]] == [("text", "Which plane?"), ("image", IMAGE_TOKEN)]
+
+
+def test_more_image_counts_than_images_are_refused():
+    """One count per `<image>`, no more and no fewer (mutant: `len(counts) != ...` -> `<`)."""
+    with pytest.raises(ValueError, match="1 <image> placeholders but 2"):
+        expand_image_tokens("a<image>b", [1, 2])
+
+
+@pytest.mark.parametrize("shape, dtype", [((8, 8, 2), np.uint8), ((8, 8, 5), np.uint8), ((2, 8, 8, 3), np.uint8),
+                                          ((8, 8, 3), np.int8), ((8, 8, 3), np.bool_), ((8, 8, 3), np.float32)])
+def test_image_arrays_other_than_uint8_grey_rgb_rgba_are_refused(shape, dtype):
+    """PIL would take some of these silently (an (H, W, 2) array as grey + alpha, int8 or bool values reinterpreted)
+    (mutants: the channel check `ndim == 3` -> `> 3` / `== 4`, its `or` -> `and`, `dtype != uint8` -> `>`)."""
+    with pytest.raises(ValueError, match="image array must be uint8"):
+        preprocess_image(np.zeros(shape, dtype), 28)
