@@ -22,7 +22,9 @@ from transformers import (
 )
 
 from gmaivl_rt import GMAIVL
-from gmaivl_rt.sampling import SamplingParams, select_next_token
+from gmaivl_rt.errors import InputError, LimitError
+from gmaivl_rt.sampling import (SamplingParams, apply_repetition_penalty, ban_repeated_ngrams, generate_tokens,
+                                select_next_token)
 
 ROWS, VOCAB, SEEN = 256, 40, 24
 
@@ -191,3 +193,80 @@ def test_stop_and_pad_after_an_end_token_match_transformers(models):
                 assert got.shape[1] == width + end_1 + 1 < width + steps
             else:
                 assert got.shape[1] == width + steps and torch.equal(got[1], free[1])
+
+
+# ---- survivors of `make mutate` on gmaivl_rt/sampling.py (docs/mutation-report.md): each test names its mutants
+
+
+@pytest.mark.parametrize("penalty", [0.5, 1.8, 2.0])
+def test_repetition_penalty_scores_match_transformers(penalty):
+    """Every score, not only the argmax (a penalised negative logit rarely wins): mutants of the negative branch
+    (`seen * penalty` -> `seen + / - / / / // penalty`, `seen < 0` -> `seen < -1`) and of the no-op shortcut
+    (`penalty == 1.0` -> `< 1.0`, `<= 1.0`, `== 2.0`)."""
+    logits, history = _logits_and_history()
+    want = RepetitionPenaltyLogitsProcessor(penalty)(history, logits.clone())
+    torch.testing.assert_close(apply_repetition_penalty(logits, history, penalty), want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("length", [2, 3, 4, 5, 24])
+def test_ngram_ban_scores_match_transformers_at_every_history_length(n, length):
+    """Histories as long as n - 1, n and n + 1 tokens, where the first n-gram appears (mutants: `shape[1] + 1 < n`
+    -> `- 1 < n`, `+ 0 < n`, `<= n`, `== n`; the last n-gram start dropped, `range(len(seq) - n * 1)`)."""
+    logits, history = _logits_and_history(seed=n)
+    history = history[:, :length] % 3  # three symbols: short histories repeat too
+    want = NoRepeatNGramLogitsProcessor(n)(history, logits.clone())
+    torch.testing.assert_close(ban_repeated_ngrams(logits, history, n), want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("option, value", [("temperature", 0.0), ("temperature", -0.5), ("top_p", 0.0),
+                                           ("top_p", -0.5), ("top_p", 1.5), ("repetition_penalty", 0.0),
+                                           ("repetition_penalty", -0.5), ("top_k", -1), ("no_repeat_ngram_size", -1),
+                                           ("temperature", True), ("top_k", True), ("top_k", 2.0),
+                                           ("top_p", float("nan")), ("do_sample", 1)])
+def test_sampling_params_refuse_out_of_range_values_naming_the_option(option, value):
+    """transformers' own ranges (temperature > 0, 0 < top_p <= 1, penalty > 0, ints >= 0; bools are not numbers)
+    (mutants: each bound moved by one (`<= 0` -> `< 0`, `<= -1`; `0 < top_p` -> `0 <=`, `-1 <`, `0 !=`; `<= 1` ->
+    `<= 2`; `< 0` -> `< -1`), the checks' loops emptied, the bool test `or` -> `and`)."""
+    with pytest.raises(InputError, match=option):
+        SamplingParams(**{option: value})
+
+
+def test_top_k_one_samples_the_most_likely_token():
+    """Mutant: `if params.top_k > 0` -> `> 1` (top-k 1 not applied)."""
+    logits, history = _logits_and_history()
+    got = select_next_token(logits, history, SamplingParams(do_sample=True, top_k=1),
+                            generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got, logits.argmax(-1))
+
+
+def _counting_model(vocab=7, context=None):
+    calls = {"prefill": 0, "step": 0}
+    logits = torch.arange(vocab, dtype=torch.float32)[None]  # always token vocab - 1: never an eos below
+
+    def prefill():
+        calls["prefill"] += 1
+        return logits
+
+    def step(next_tokens):
+        calls["step"] += 1
+        return logits.expand(next_tokens.shape[0], -1)
+
+    config = type("TextConfig", (), {"eos_token_id": 0, "pad_token_id": 0, "context_length": context})()
+    return prefill, step, config, calls
+
+
+def test_generate_runs_one_forward_per_new_token():
+    """A prefill, then one step per new token but the last: no wasted forward (mutant: `produced ==
+    max_new_tokens` -> `>`: one more step after the last token)."""
+    prefill, step, config, calls = _counting_model()
+    out = generate_tokens(prefill, step, torch.zeros(1, 3, dtype=torch.long), config, max_new_tokens=4)
+    assert out.tolist() == [[0, 0, 0, 6, 6, 6, 6]]
+    assert calls == {"prefill": 1, "step": 3}
+
+
+def test_generate_checks_the_prompt_length_against_the_context():
+    """Prompt length, not batch size (mutant: `check_context(input_ids.shape[0], ...)`)."""
+    prefill, step, config, _ = _counting_model(context=8)
+    with pytest.raises(LimitError, match="prompt of 6 tokens"):
+        generate_tokens(prefill, step, torch.zeros(1, 6, dtype=torch.long), config, max_new_tokens=4)
