@@ -81,3 +81,31 @@ def test_hashed_names_are_12_hex_digits_of_the_sha256():
 def test_a_long_stem_keeps_64_characters():
     """A readable stem is cut to 64 characters (mutant: 63)."""
     assert safe_stem("scan_" + "a" * 80 + ".dcm", set()) == ("scan_" + "a" * 80)[:64]
+
+
+def test_phi_values_walk_sequences_multivalues_and_file_meta_and_nothing_else():
+    """The exact identity set of a header holding a name two sequences deep, a multi-valued name element, an
+    address with spaces, a private UL number and a non-standard UID in the file meta (mutants: sequences not
+    walked (`for item in []`, `elem.value and ()`), MultiValue not iterated (`__name__ < / <=
+    "MultiValue"`, `isinstance(...) or` -> `and`), name components added for other VRs (`VR >= "PN"`), numbers
+    taken as UIDs (`VR >= "UI"`), file meta skipped (`is not None` negated)). Not killable in CPython: `VR is
+    "SQ"` / `"PN"` and `__name__ is "MultiValue"` (pydicom's VRs and class names are the same interned strings)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.sequence import Sequence
+
+    inner = Dataset()
+    inner.PersonName = "Quinlan^Rosalind"
+    outer = Dataset()
+    outer.ContentSequence = Sequence([inner])
+    ds = Dataset()
+    ds.ContentSequence = Sequence([outer])
+    ds.OtherPatientNames = ["Vantongeren^Maximilian", "Okonkwo^Adaeze"]
+    ds.PatientAddress = "221 Baker Street"
+    ds.StationName = "Radiology Suite West"  # SH: a whole value, not split into words as names are
+    ds.add_new(0x00091001, "UL", 12345678)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPInstanceUID = "2.25.99887766554433"
+    assert phi_values(ds) == {
+        "Quinlan^Rosalind", "Quinlan", "Rosalind",
+        "Vantongeren^Maximilian", "Vantongeren", "Maximilian", "Okonkwo^Adaeze", "Okonkwo", "Adaeze",
+        "221 Baker Street", "Radiology Suite West", "2.25.99887766554433"}
