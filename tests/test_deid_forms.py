@@ -109,3 +109,60 @@ def test_phi_values_walk_sequences_multivalues_and_file_meta_and_nothing_else():
         "Quinlan^Rosalind", "Quinlan", "Rosalind",
         "Vantongeren^Maximilian", "Vantongeren", "Maximilian", "Okonkwo^Adaeze", "Okonkwo", "Adaeze",
         "221 Baker Street", "Suite West 3", "2.25.99887766554433"}
+
+
+def test_identity_forms_of_names_and_dates_exactly():
+    """Name parts: every order of two of the first three parts and of all of them; dates: only valid ones get their
+    other orders (mutants: parts `[:3]` -> `[:4]` / `[:2]`, sizes `{2, len}` -> `{1, len}`, month `1 <=` -> `0 <=`,
+    day `<= 31` -> `<= 32`, the day read from the month's group)."""
+    import itertools
+
+    parts = ["doe", "john", "paul"]
+    expected = {"doejohnpauljr"} | {"".join(p) for n in (2, 3) for p in itertools.permutations(parts, n)}
+    assert identity_forms("Doe^John^Paul^Jr") == expected
+    assert identity_forms("19471225") == {"19471225", "25121947", "12251947"}
+    for invalid in ("19470013", "19470132", "19470540"):  # month 00, day 32, day 40 (month 05)
+        assert identity_forms(invalid) == {invalid}
+
+
+def test_free_text_matching_rules():
+    """Forms of 6+ characters match inside longer tokens, shorter ones only as whole words or runs of two or three
+    words; two-character values identify nobody (mutants: `len(form) >= _WORD_ONLY_BELOW` -> `==`,
+    `_WORD_ONLY_BELOW` 6 -> 5, word runs `(1, 2, 3)` -> `(1, 1, 3)`, `len(text) >= 3` -> `>= 2`)."""
+    assert find_phi("seen: QuixoteAlonso1947", {"Quixote^Alonso"}) == "Quixote^Alonso"
+    assert find_phi("blacksmithing at noon", {"Smith"}) is None
+    assert find_phi("Smith at noon", {"Smith"}) == "Smith"
+    assert find_phi("Bo Ng came in", {"Ng^Bo"}) == "Ng^Bo"
+    ds = Dataset()
+    ds.PatientName = "Ng^Bo"
+    assert phi_values(ds) == {"Ng^Bo"}
+
+
+def test_file_names_match_identity_anywhere_and_scrub_takes_the_longest_value_first():
+    """In file and folder names a short identity matches inside a token ('scanlee01'); scrub replaces longer
+    values before their parts, so no remainder of a hyphenated name survives (mutants: `find_phi(..., name=True)`
+    -> `False` in `safe_stem` / `safe_path`, `sorted(..., reverse=True)` -> `False`, the suffix loop's `break` ->
+    `continue`)."""
+    assert safe_stem("scanlee01.dcm", {"Lee"}).startswith("file-")
+    assert safe_path("scanlee01/x.dcm", {"Lee"}).startswith("dir-")
+    assert safe_path("scanlee01/x.dcm", {"Lee"}).endswith("/x.dcm")
+    assert "Smith" not in scrub("Seen by Lee-Smith today", {"Lee-Smith", "Lee"})
+    assert safe_stem("scan.png.dcm", set()) == "scan.png"
+
+
+def test_empty_values_are_skipped_and_a_damaged_header_keeps_what_was_read():
+    """A None inside a multi-value does not end the element's values; an exception while walking a damaged header
+    still returns what was collected before it (mutants: the None `continue` -> `break`, `except Exception` narrowed
+    away)."""
+    ds = Dataset()
+    ds.OtherPatientNames = [None, "Doe^Jane"]
+    assert phi_values(ds) == {"Doe^Jane", "Doe", "Jane"}
+
+    class DamagedHeader(Dataset):
+        def __iter__(self):
+            yield from list(super().__iter__())
+            raise ValueError("truncated element")
+
+    damaged = DamagedHeader()
+    damaged.PatientName = "Quinlan^Rosalind"
+    assert phi_values(damaged) == {"Quinlan^Rosalind", "Quinlan", "Rosalind"}
