@@ -270,3 +270,26 @@ def test_generate_checks_the_prompt_length_against_the_context():
     prefill, step, config, _ = _counting_model(context=8)
     with pytest.raises(LimitError, match="prompt of 6 tokens"):
         generate_tokens(prefill, step, torch.zeros(1, 6, dtype=torch.long), config, max_new_tokens=4)
+
+
+def test_defaults_process_nothing():
+    """Left out, every option is the identity: sampling draws from softmax(logits) itself (as transformers' processors
+    at temperature 1, top-p 1, no top-k, penalty 1, no n-gram ban), and generate_tokens makes 32 greedy tokens
+    (mutants: the defaults of SamplingParams and of generate_tokens changed: temperature 2.0 / 0.0, top_k 1 / -1,
+    top_p 2.0 / 0.0, penalty 2.0 / 0.0, no_repeat_ngram_size 1 / -1, max_new_tokens 31 / 33, do_sample True)."""
+    logits, history = _logits_and_history()
+    want = torch.multinomial(logits.softmax(-1), 1, generator=torch.Generator().manual_seed(0))[:, 0]
+    got = select_next_token(logits, history, SamplingParams(do_sample=True), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got, want)
+
+    vocab = 7
+    row_logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(1))
+    config = type("TextConfig", (), {"eos_token_id": [], "pad_token_id": 0, "context_length": None})()
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    greedy = generate_tokens(lambda: row_logits, lambda t: row_logits, ids, config)
+    assert greedy.shape == (1, 3 + 32) and bool((greedy[0, 3:] == row_logits.argmax()).all())
+    g = torch.Generator().manual_seed(2)
+    sampled = generate_tokens(lambda: row_logits, lambda t: row_logits, ids, config, max_new_tokens=64,
+                              do_sample=True, generator=torch.Generator().manual_seed(2))
+    expected = [int(torch.multinomial(row_logits.softmax(-1), 1, generator=g)) for _ in range(64)]
+    assert sampled[0, 3:].tolist() == expected
