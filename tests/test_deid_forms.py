@@ -114,14 +114,14 @@ def test_phi_values_walk_sequences_multivalues_and_file_meta_and_nothing_else():
 def test_identity_forms_of_names_and_dates_exactly():
     """Name parts: every order of two of the first three parts and of all of them; dates: only valid ones get their
     other orders (mutants: parts `[:3]` -> `[:4]` / `[:2]`, sizes `{2, len}` -> `{1, len}`, month `1 <=` -> `0 <=`,
-    day `<= 31` -> `<= 32`, the day read from the month's group)."""
+    day `<= 31` -> `<= 32`, day `1 <=` -> `0 <=`, the day read from the month's group)."""
     import itertools
 
     parts = ["doe", "john", "paul"]
     expected = {"doejohnpauljr"} | {"".join(p) for n in (2, 3) for p in itertools.permutations(parts, n)}
     assert identity_forms("Doe^John^Paul^Jr") == expected
     assert identity_forms("19471225") == {"19471225", "25121947", "12251947"}
-    for invalid in ("19470013", "19470132", "19470540"):  # month 00, day 32, day 40 (month 05)
+    for invalid in ("19470013", "19470132", "19470540", "19470500"):  # month 00, day 32, day 40 (month 05), day 00
         assert identity_forms(invalid) == {invalid}
 
 
@@ -166,3 +166,12 @@ def test_empty_values_are_skipped_and_a_damaged_header_keeps_what_was_read():
     damaged = DamagedHeader()
     damaged.PatientName = "Quinlan^Rosalind"
     assert phi_values(damaged) == {"Quinlan^Rosalind", "Quinlan", "Rosalind"}
+
+
+def test_an_unreadable_file_has_no_identity_values(tmp_path):
+    """A file pydicom cannot parse even with force=True, or a folder, gives an empty set instead of an error
+    (mutant: `except Exception` in `phi_values_of_file` narrowed away)."""
+    assert phi_values_of_file(tmp_path) == set()
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(b"DICM" * 3)
+    assert phi_values_of_file(broken) == set()
