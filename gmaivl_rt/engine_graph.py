@@ -47,35 +47,27 @@ class GraphStepper:
         self._decode()
 
     def _prefill(self, rows) -> None:
-        backend = self.backend
         width = max(len(seq.ids) for seq in rows)
         ids = torch.full((len(rows), width), rows[0].stop.pad, dtype=torch.int64)
         mask = torch.zeros_like(ids)
         for r, seq in enumerate(rows):
             ids[r, width - len(seq.ids):] = torch.tensor(seq.ids)
             mask[r, width - len(seq.ids):] = 1
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
         pixels = [p for seq in rows for p in seq.pixels] or None
         try:
-            logits, past = backend._decode(backend._prompt_embeds(ids, pixels), mask, positions,
-                                           backend.last_token_indices(mask, width), backend._empty_past(len(rows)))
+            logits, state = self.backend.prefill(ids, mask, pixels)
         except Exception as e:  # a static batch fails together; its requests say why
             with self.engine._cv:
                 for seq in rows:
                     self.engine._retire(seq, "error", e)
             return
-        self._batch = {"rows": rows, "mask": mask, "position": positions[:, -1:] + 1, "past": past}
-        self._accept(logits[:, 0])
+        self._batch = {"rows": rows, "state": state}
+        self._accept(logits)
 
     def _decode(self) -> None:
-        batch, backend = self._batch, self.backend
-        rows = batch["rows"]
+        rows = self._batch["rows"]
         tokens = torch.tensor([seq.ids[-1] if seq in self.engine._running else seq.stop.pad for seq in rows])
-        batch["mask"] = torch.cat([batch["mask"], torch.ones_like(batch["mask"][:, :1])], dim=1)
-        logits, batch["past"] = backend._decode(backend._embed(tokens[:, None]), batch["mask"], batch["position"],
-                                                backend.last_token_indices(batch["mask"], 1), batch["past"])
-        batch["position"] = batch["position"] + 1
-        self._accept(logits[:, 0])
+        self._accept(self.backend.advance(self._batch["state"], tokens))
 
     def _accept(self, logits) -> None:
         for r, seq in enumerate(self._batch["rows"]):

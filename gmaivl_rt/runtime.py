@@ -265,6 +265,25 @@ class GraphBackend(_ChatHelpers):
         return ranks.argmax(dim=1, keepdim=True)
 
     # ------------------------------------------------------------------ generation
+    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, pixel_values=None) -> tuple[torch.Tensor, dict]:
+        """Run a left-padded prompt batch through the graphs.
+        input_ids, mask (B, S) int64 -> (logits (B, V) fp32 at each row's last real token, step state). The state
+        (mask, next positions, the graphs' cache) is what `advance` takes; `generate` and the engine's
+        `GraphStepper` both go through these two, so their mask/position bookkeeping is one piece."""
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits, past = self._decode(self._prompt_embeds(input_ids, pixel_values), mask, positions,
+                                    self.last_token_indices(mask, mask.shape[1]), self._empty_past(mask.shape[0]))
+        return logits[:, 0], {"mask": mask, "position": positions[:, -1:] + 1, "past": past}
+
+    def advance(self, state: dict, next_tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row: next_tokens (B,) int64 -> logits (B, V) fp32; `state` (from `prefill`) advances
+        in place."""
+        state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
+        logits, state["past"] = self._decode(self._embed(next_tokens[:, None]), state["mask"], state["position"],
+                                             self.last_token_indices(state["mask"], 1), state["past"])
+        state["position"] = state["position"] + 1
+        return logits[:, 0]
+
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
@@ -272,23 +291,15 @@ class GraphBackend(_ChatHelpers):
                  pad_token_id=None, generator: torch.Generator | None = None) -> torch.Tensor:
         """As `GMAIVL.generate`: input_ids (B, S) left-padded -> (B, S + new) int64 on the CPU."""
         input_ids, mask = self._check_ids(input_ids, attention_mask)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        state = {"mask": mask, "position": positions[:, -1:] + 1, "past": self._empty_past(input_ids.shape[0])}
+        state = {}
 
         def prefill():
-            logits, state["past"] = self._decode(self._prompt_embeds(input_ids, pixel_values), mask, positions,
-                                                 self.last_token_indices(mask, mask.shape[1]), state["past"])
-            return logits[:, 0]
+            logits, prefilled = self.prefill(input_ids, mask, pixel_values)
+            state.update(prefilled)
+            return logits
 
-        def step(next_tokens):
-            state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
-            logits, state["past"] = self._decode(self._embed(next_tokens[:, None]), state["mask"],
-                                                 state["position"], self.last_token_indices(state["mask"], 1),
-                                                 state["past"])
-            state["position"] = state["position"] + 1
-            return logits[:, 0]
-
-        return generate_tokens(prefill, step, input_ids, self.config.text, max_new_tokens=max_new_tokens,
+        return generate_tokens(prefill, lambda next_tokens: self.advance(state, next_tokens), input_ids,
+                               self.config.text, max_new_tokens=max_new_tokens,
                                do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
                                repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                                eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator)
