@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gmaivl_rt.errors import InputError
 from gmaivl_rt.runtime import GraphBackend
 
 from .onnx_export import DEPLOY_JSON, FORMAT_VERSION, GRAPH_FILES, past_names, present_names
@@ -26,6 +27,23 @@ def default_providers() -> list[str]:
 
     available = ort.get_available_providers()
     return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []) + ["CPUExecutionProvider"]
+
+
+def providers_for_device(device: str) -> list:
+    """A torch-style device name ("cpu", "cuda", "cuda:1") -> ONNX Runtime providers running on it. A CUDA device
+    needs onnxruntime-gpu: without its CUDA provider this refuses rather than letting ONNX Runtime fall back to
+    the CPU unnoticed."""
+    import onnxruntime as ort
+
+    kind, _, index = str(device).partition(":")
+    if kind == "cpu" and not index:
+        return ["CPUExecutionProvider"]
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise InputError(f"device must be cpu, cuda or cuda:N for the onnx backend, got {str(device)!r}")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise InputError(f"device {device}: this ONNX Runtime has no CUDA execution provider (install "
+                         "onnxruntime-gpu)")
+    return [("CUDAExecutionProvider", {"device_id": int(index or 0)}), "CPUExecutionProvider"]
 
 
 def read_deploy(path: Path) -> dict:
@@ -88,11 +106,12 @@ class _Graph:
 
 class OnnxBackend(GraphBackend):
     """generate() through ONNX Runtime. providers: list for onnxruntime (default: CUDA if present, else CPU);
-    threads: intra-op threads (default: ONNX Runtime's choice)."""
+    device: "cpu", "cuda" or "cuda:N" instead of providers; threads: intra-op threads (default: ONNX Runtime's
+    choice)."""
 
     name = "onnx"
 
-    def __init__(self, path, providers=None, threads: int | None = None):
+    def __init__(self, path, providers=None, threads: int | None = None, device: str | None = None):
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -108,7 +127,9 @@ class OnnxBackend(GraphBackend):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
-        providers = providers or default_providers()
+        if device is not None and providers is not None:
+            raise TypeError("OnnxBackend: pass providers or device, not both")
+        providers = providers_for_device(device) if device is not None else providers or default_providers()
         self.graphs = {name: _Graph(name, self.path / GRAPH_FILES[name], providers, options)
                        for name in GRAPH_FILES}
         if "logits_indices" not in self.graphs["decoder_model_merged"].inputs:
@@ -119,6 +140,13 @@ class OnnxBackend(GraphBackend):
         self.past_names, self.present_names = past_names(self.num_layers), present_names(self.num_layers)
         self.on_cuda = self.graphs["decoder_model_merged"].on_cuda
         self.float_dtype = self.graphs["decoder_model_merged"].dtype("inputs_embeds")
+
+    @property
+    def placement(self) -> dict:
+        """Where and in what the graphs run, as ONNX Runtime reports it: {"device": "CPUExecutionProvider",
+        "dtype": "float32"} (the decoder's first provider and float input type)."""
+        decoder = self.graphs["decoder_model_merged"]
+        return {"device": decoder.session.get_providers()[0], "dtype": np.dtype(self.float_dtype).name}
 
     # ------------------------------------------------------------------ graphs
     def _vision(self, pixel_values):

@@ -98,6 +98,13 @@ class TensorRTBackend(GraphBackend):
         self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
         self.profiles = self.info.get("decoder_profiles", {"prefill": 0, "decode": 1})
 
+    @property
+    def placement(self) -> dict:
+        """{"device": "cuda:0", "dtype": the dtype the graphs were exported in (deploy.json), named as torch names
+        it ("bfloat16")}."""
+        names = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+        return {"device": str(self.device), "dtype": names[self.deploy.get("dtype", "fp32")]}
+
     def _vision(self, pixel_values):
         out = self.engines["vision_encoder"].run({"pixel_values": pixel_values})
         return out["image_features"].float().cpu()

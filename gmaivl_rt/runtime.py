@@ -26,7 +26,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 def load(path, backend: str = "torch", *, limits: Limits | None = None, **kwargs):
     """path: a model folder (torch) or an exported folder (onnx / tensorrt). limits: the request `Limits` of this
-    runtime (default `Limits()`). kwargs go to the backend: torch: dtype, device; onnx: providers, threads;
+    runtime (default `Limits()`). kwargs go to the backend: torch: dtype, device; onnx: device or providers, threads;
     tensorrt: device. torch on CUDA without a dtype loads an fp32 checkpoint in bf16 (fp16 on GPUs before sm_80;
     `checkpoint.inference_dtype`); an explicit dtype wins, CPU keeps the stored dtype. A folder with tokenizer
     files has its tokenizer loaded and checked here (ModelError when it cannot serve); a folder without any serves
@@ -148,6 +148,12 @@ class TorchBackend(_ChatHelpers):
             dtype = inference_dtype(device, stored=stored_float_dtype(self.path))
         self.model = GMAIVL.from_pretrained(self.path, dtype=dtype, device=device).eval()
         self.config = self.model.config
+
+    @property
+    def placement(self) -> dict:
+        """Where and in what the model runs, read from its weights: {"device": "cpu", "dtype": "float32"}."""
+        weight = self.model.lm_head.weight
+        return {"device": str(weight.device), "dtype": str(weight.dtype).removeprefix("torch.")}
 
     def generate(self, input_ids, pixel_values=None, attention_mask=None, **kwargs):
         """`GMAIVL.generate` on the model's device; inputs may be tensors or arrays, the result is on the CPU."""
@@ -321,16 +327,34 @@ class GraphBackend(_ChatHelpers):
 _CLI_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def add_backend_options(parser) -> None:
+    """--backend, --device and --dtype, as `ask`, `serve` and `eval` all take them; `backend_options` reads them."""
+    parser.add_argument("--backend", default="torch", choices=BACKENDS)
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N (default: torch cpu; onnx CUDA when onnxruntime-gpu has it, "
+                             "else cpu; tensorrt cuda)")
+    parser.add_argument("--dtype", default=None, choices=tuple(_CLI_DTYPES),
+                        help="torch backend weight dtype (default: as stored; on CUDA an fp32 checkpoint loads in "
+                             "bf16, fp16 on GPUs before sm_80)")
+
+
+def backend_options(args) -> dict:
+    """The parsed --backend/--device/--dtype -> `load()`'s keyword arguments for that backend (backend excluded).
+    --dtype with a graph backend is refused rather than ignored."""
+    if args.backend == "torch":
+        return {"device": args.device, "dtype": _CLI_DTYPES.get(args.dtype)}
+    if args.dtype is not None:
+        raise InputError(f"--dtype applies to the torch backend only; the {args.backend} backend runs the dtype "
+                         "its graphs were exported in")
+    return {} if args.device is None else {"device": args.device}
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("ask", help="answer a question about a medical image with a model or exported folder")
     p.add_argument("model", help="model folder (config.json, safetensors, tokenizer.json) or exported folder")
     p.add_argument("--image", help="DICOM, NIfTI, PNG, JPEG, TIFF or BMP file")
     p.add_argument("--question", required=True)
-    p.add_argument("--backend", default="torch", choices=BACKENDS)
-    p.add_argument("--device", default=None, help="torch backend: e.g. cuda, cuda:1 (default: cpu)")
-    p.add_argument("--dtype", default=None, choices=tuple(_CLI_DTYPES),
-                   help="torch backend weight dtype (default: as stored; on CUDA an fp32 checkpoint loads in bf16, "
-                        "fp16 on GPUs before sm_80)")
+    add_backend_options(p)
     p.add_argument("--system", default=None, help="optional system prompt")
     g = DEFAULT_GENERATION
     p.add_argument("--max-new-tokens", type=int, default=g["max_new_tokens"], help="default %(default)s")
@@ -364,8 +388,7 @@ def _cli_window(text):
 
 
 def _ask_cli(args) -> int:
-    torch_kwargs = {"device": args.device, "dtype": _CLI_DTYPES.get(args.dtype)} if args.backend == "torch" else {}
-    backend = load(args.model, backend=args.backend, **torch_kwargs)
+    backend = load(args.model, backend=args.backend, **backend_options(args))
     backend.tokenizer  # noqa: B018  (a folder without a tokenizer cannot answer: say so before reading the image)
     generation = {key: getattr(args, key) for key in DEFAULT_GENERATION}
     if args.seed is not None:  # logits reach the sampler on the model's device (torch) or the CPU (graphs)

@@ -34,3 +34,38 @@ def test_missing_optional_package_names_the_extra(tmp_path, capsys, monkeypatch)
                         lambda name, *a: None if name == "onnxscript" else real_find_spec(name, *a))
     assert main(["export", "onnx", str(tmp_path), str(tmp_path / "out")]) == 2
     assert "onnxscript not installed: pip install 'gmaivl-rt[onnx]'" in capsys.readouterr().err
+
+
+def _long_options(parser, prefix):
+    """(command, --option) for every long option of `parser` and of its subcommands, eval's own parsers included."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _long_options(sub, f"{prefix} {name}")
+        else:
+            yield from ((prefix, o) for o in action.option_strings if o.startswith("--") and o != "--help")
+
+
+def test_readme_names_every_command_and_option():
+    """The CLI and the README say the same things: each `gmaivl-rt` subcommand appears as `gmaivl-rt NAME` and each
+    long option somewhere in README.md. (A README edit once dropped the whole Serving section unnoticed; an option
+    added without a word in the README fails here too.)"""
+    import argparse
+    from pathlib import Path
+
+    from gmaivl_rt import cli
+    from gmaivl_rt.eval.cli import run_parser, score_parser
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    parser = argparse.ArgumentParser(prog="gmaivl-rt")
+    subcommands = parser.add_subparsers(dest="command")
+    for register in cli._registrars():
+        register(subcommands)
+    assert len(subcommands.choices) >= 8  # ask, data, demo, eval, export, kernels, serve, tokenizer, train, ...
+    missing = [name for name in subcommands.choices if f"gmaivl-rt {name}" not in readme]
+    options = [*_long_options(parser, "gmaivl-rt"), *_long_options(run_parser(), "gmaivl-rt eval"),
+               *_long_options(score_parser(), "gmaivl-rt eval score")]
+    missing += [f"{command} {option}" for command, option in options if option not in readme]
+    assert not missing, f"README.md does not mention: {missing}"

@@ -32,14 +32,14 @@ def _common(parser: argparse.ArgumentParser, data_required: bool = True) -> None
 
 
 def run_parser() -> argparse.ArgumentParser:
-    from gmaivl_rt.runtime import BACKENDS
+    from gmaivl_rt.runtime import add_backend_options
 
     parser = argparse.ArgumentParser(prog="gmaivl-rt eval", usage=USAGE, description=__doc__)
     parser.add_argument("model", help="model folder (torch) or exported folder (onnx / tensorrt)")
     parser.add_argument("--demo", action="store_true", help="build and run the demo's held-out benchmark "
                                                            "(--data not needed)")
     _common(parser, data_required=False)
-    parser.add_argument("--backend", default="torch", choices=BACKENDS)
+    add_backend_options(parser)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--limit", type=int, default=None, help="only the first N questions")
     parser.add_argument("--resume", action="store_true", help="continue the run whose predictions.jsonl is in --out")
@@ -63,18 +63,23 @@ def _run(args) -> int:
         scores = score(ns.predictions, ns.data, ns.out, format=ns.format, protocol=ns.protocol)
         print(summary_line(scores))
         return 0
+    from gmaivl_rt.runtime import backend_options
+
     ns = run_parser().parse_args(argv)
+    load_options = backend_options(ns)
     if ns.demo:
         from gmaivl_rt.eval.demo import run_eval_demo
 
-        run_eval_demo(ns.model, ns.out, backend=ns.backend, batch_size=ns.batch_size, progress=not ns.no_progress)
+        run_eval_demo(ns.model, ns.out, backend=ns.backend, batch_size=ns.batch_size, progress=not ns.no_progress,
+                      **load_options)
         return 0
     if not ns.data:
         run_parser().error("--data is required (or --demo)")
     from gmaivl_rt.eval import evaluate
 
     scores = evaluate(ns.model, ns.data, ns.out, format=ns.format, protocol=ns.protocol, backend=ns.backend,
-                      batch_size=ns.batch_size, limit=ns.limit, resume=ns.resume, progress=not ns.no_progress)
+                      batch_size=ns.batch_size, limit=ns.limit, resume=ns.resume, progress=not ns.no_progress,
+                      **load_options)
     print(summary_line(scores))
     return 0
 

@@ -94,8 +94,10 @@ def build_demo_benchmark(path, seed: int = 0) -> Path:
     return Path(path)
 
 
-def run_eval_demo(model_dir, out, backend: str = "torch", batch_size: int = 8, progress: bool = True) -> dict:
-    """Build the held-out benchmark in `out`, evaluate the model on it there, print accuracy beside chance."""
+def run_eval_demo(model_dir, out, backend: str = "torch", batch_size: int = 8, progress: bool = True,
+                  **backend_kwargs) -> dict:
+    """Build the held-out benchmark in `out`, evaluate the model on it there, print accuracy beside chance.
+    backend_kwargs go to `gmaivl_rt.load` (torch: device, dtype; onnx/tensorrt: device)."""
     from gmaivl_rt.eval.cli import summary_line
     from gmaivl_rt.eval.run import PREDICTIONS, evaluate
 
@@ -103,7 +105,8 @@ def run_eval_demo(model_dir, out, backend: str = "torch", batch_size: int = 8, p
     data = build_demo_benchmark(out / "demo_benchmark.tsv")
     if (out / PREDICTIONS).exists():  # a fresh demo run each time
         (out / PREDICTIONS).unlink()
-    scores = evaluate(model_dir, data, out, backend=backend, batch_size=batch_size, progress=progress)
+    scores = evaluate(model_dir, data, out, backend=backend, batch_size=batch_size, progress=progress,
+                      **backend_kwargs)
     print(f"held-out benchmark ({scores['count']} questions, {data}): {summary_line(scores)}")
     for category, figures in scores["by"].get("category", {}).items():
         print(f"  {category:9s} accuracy {figures['accuracy']:.1%} of {figures['count']}")

@@ -136,7 +136,8 @@ def evaluate(model_dir, data, out, *, format: str = "auto", protocol: str | None
         done = read_predictions(predictions_path, repair=True)
     decoding = decoding_for(bench.protocol)
     runtime = gmaivl_rt.load(model_dir, backend=backend, **backend_kwargs)
-    run_info = {"model": str(Path(model_dir).resolve()), "backend": backend, "data": str(bench.path.resolve()),
+    run_info = {"model": str(Path(model_dir).resolve()), "backend": backend, "placement": runtime.placement,
+                "data": str(bench.path.resolve()),
                 "data_sha256": data_sha256, "format": bench.format, "protocol": bench.protocol,
                 "prompts": _prompt_description(bench.protocol), "decoding": decoding, "batch_size": batch_size,
                 "limit": limit, "items": len(items), "scoring": _scoring_description(items)}

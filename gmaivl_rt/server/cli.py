@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from gmaivl_rt.runtime import BACKENDS
+from gmaivl_rt.runtime import add_backend_options, backend_options
 
 
 def register(subparsers) -> None:
@@ -11,7 +11,7 @@ def register(subparsers) -> None:
     p.add_argument("model", help="model folder (torch) or exported folder (onnx / tensorrt)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--backend", default="torch", choices=BACKENDS)
+    add_backend_options(p)
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: folder name)")
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
@@ -37,7 +37,7 @@ def _serve_cli(args: argparse.Namespace) -> int:
     from gmaivl_rt import Engine
     from gmaivl_rt.server.app import create_app
 
-    engine_kwargs = {}
+    engine_kwargs = backend_options(args)
     if args.max_images_per_request is not None:
         from gmaivl_rt.limits import Limits
 
