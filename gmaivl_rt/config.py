@@ -108,6 +108,13 @@ class GMAIVLConfig:
             problems.append(f"vision feature_layer {v.feature_layer} is outside the {v.num_layers} layers")
         if v.select_strategy not in ("default", "full"):
             problems.append(f"vision select_strategy {v.select_strategy!r} is not 'default' or 'full'")
+        if v.dynamic_resolution:  # the pixel budget is checked by the rule that uses it, at load, not per image
+            from gmaivl_rt.vision_sizes import dynamic_resize_shape
+
+            try:
+                dynamic_resize_shape(v.image_size, v.image_size, v.patch_size, v.min_pixels, v.max_pixels)
+            except ValueError as e:
+                problems.append(f"vision pixel budget: {str(e).removeprefix('dynamic_resize_shape: ')}")
         if t.hidden_size % t.num_heads or t.num_heads % t.num_kv_heads:
             problems.append(f"text heads: hidden {t.hidden_size}, heads {t.num_heads}, kv heads {t.num_kv_heads} "
                             "must divide evenly")

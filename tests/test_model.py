@@ -177,9 +177,14 @@ def test_internlm2_layout(hf_dir, hf_model, tmp_path):
 
 
 def test_save_pretrained_loads_in_transformers(hf_dir, hf_model, tmp_path):
+    """What we save, transformers loads with every weight accounted for (no parameter left to its initialiser, none
+    ignored) and the same logits. Mutant: `to_hf_config` writing `mlp_bias: True` (transformers then builds MLP
+    biases our files lack and initialises them to zero: same logits, so only the loading report notices)."""
     ours = GMAIVL.from_pretrained(hf_dir)
     ours.save_pretrained(tmp_path / "saved")
-    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "saved").eval()
+    reloaded, info = LlavaForConditionalGeneration.from_pretrained(tmp_path / "saved", output_loading_info=True)
+    assert {k: list(v) for k, v in info.items() if v} == {}, "transformers reports weights missing or unused"
+    reloaded.eval()
     ids, _, pixels = _batch()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids, pixel_values=pixels).logits,
