@@ -303,9 +303,19 @@ def test_image_token_count_must_match_features(hf_dir):
 
 
 def test_presets_are_valid():
+    """The 7B preset's vision tower is CLIP ViT-L/14-336, which transformers' LlavaConfig carries as its default
+    vision config: every field is compared with it (mutants: the preset's vision intermediate size or eps off).
+    The text side (InternLM2.5-7B, remote code, not in transformers) is checked for its public dimensions."""
+    from transformers import LlavaConfig
+
     seven_b = GMAIVLConfig.preset("gmai-vl-7b")
-    # CLIP ViT-L/14-336 and InternLM2.5-7B public dimensions
-    assert (seven_b.vision.hidden_size, seven_b.vision.num_layers, seven_b.vision.image_size) == (1024, 24, 336)
+    clip = LlavaConfig().vision_config
+    v = seven_b.vision
+    assert (v.hidden_size, v.num_layers, v.num_heads, v.intermediate_size, v.image_size, v.patch_size, v.hidden_act,
+            v.layer_norm_eps) == (clip.hidden_size, clip.num_hidden_layers, clip.num_attention_heads,
+                                  clip.intermediate_size, clip.image_size, clip.patch_size, clip.hidden_act,
+                                  clip.layer_norm_eps)
+    # InternLM2.5-7B public dimensions
     assert (seven_b.text.hidden_size, seven_b.text.num_layers, seven_b.text.num_kv_heads) == (4096, 32, 8)
     assert seven_b.num_image_tokens == 576
     with pytest.raises(ValueError, match="unknown preset"):
