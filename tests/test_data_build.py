@@ -397,3 +397,21 @@ def test_templates_vary_but_keep_the_facts():
         ["an MRI", "a CT", "an X-ray", "an ultrasound", "a PET", "an axial"]
     unknown = T.caption_text(T.ImageFacts(modality="medical image"), random.Random(1))
     assert unknown.split(".")[0].endswith("medical image")
+
+
+def test_caption_labels_read_as_labels_whether_noun_or_adjective():
+    """A classification label ends a caption as the label itself, whatever its part of speech: the demo data once
+    said "It shows a normal." (an article put before an adjective label)."""
+    import random
+
+    from gmaivl_rt.data import templates as T
+
+    facts = T.ImageFacts(modality="X-ray", body_part="chest")
+    endings = set()
+    for seed in range(60):
+        for label in ("normal", "pneumonia"):
+            caption = T.caption_text(facts, random.Random(seed), label)
+            last = caption.rsplit(". ", 1)[-1]
+            assert last.endswith(f" {label}.") and f"a {label}" not in caption and f"an {label}" not in caption
+            endings.add(last.removesuffix(f" {label}."))
+    assert len(endings) == 3  # every phrasing came up

@@ -195,8 +195,9 @@ def caption_text(f: ImageFacts, rng: random.Random, label: str | None = None) ->
     rng.shuffle(details)
     sentences += details[: rng.randint(1, len(details))]
     if label:
-        sentences.append(rng.choice(["It shows {a_label}.", "The finding is {label}.",
-                                     "It is labelled as {label}."]).format(a_label=article(label), label=label))
+        # Classification labels are often adjectives ("normal", "benign"): no article before them.
+        sentences.append(rng.choice(["It is classified as {label}.", "The finding is {label}.",
+                                     "It is labelled as {label}."]).format(label=label))
     return " ".join(sentences)
 
 
