@@ -20,6 +20,7 @@ import torch
 
 from gmaivl_rt.atomic import atomic_write_json, staged_files
 from gmaivl_rt.chat import CLIP_MEAN, CLIP_STD
+from gmaivl_rt.checkpoint import DTYPE_NAMES
 from gmaivl_rt.request import DEFAULT_GENERATION
 from gmaivl_rt.train.tokenizer import CHAT_TEMPLATE
 
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 DEPLOY_JSON = "gmaivl_deploy.json"
 GRAPH_FILES = {"vision_encoder": "vision_encoder.onnx", "embed_tokens": "embed_tokens.onnx",
                "decoder_model_merged": "decoder_model_merged.onnx"}
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = DTYPE_NAMES  # export --dtype names
 FORMAT_VERSION = 2  # 2: the decoder takes logits_indices and returns logits at those positions only
 DEFAULT_OPSET = 23  # first opset with the standard Attention op
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, minus room for the graph itself

@@ -13,7 +13,7 @@ import torch
 
 from gmaivl_rt.runtime import GraphBackend
 
-from .onnx_export import DEPLOY_JSON, past_names
+from .onnx_export import DEPLOY_JSON, DTYPES, past_names
 from .tensorrt_build import ENGINE_FILES, ENGINE_JSON
 from .trt_plugin import import_tensorrt, register_plugin
 
@@ -102,8 +102,8 @@ class TensorRTBackend(GraphBackend):
     def placement(self) -> dict:
         """{"device": "cuda:0", "dtype": the dtype the graphs were exported in (deploy.json), named as torch names
         it ("bfloat16")}."""
-        names = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-        return {"device": str(self.device), "dtype": names[self.deploy.get("dtype", "fp32")]}
+        dtype = DTYPES[self.deploy.get("dtype", "fp32")]
+        return {"device": str(self.device), "dtype": str(dtype).removeprefix("torch.")}
 
     def _vision(self, pixel_values):
         out = self.engines["vision_encoder"].run({"pixel_values": pixel_values})

@@ -241,6 +241,10 @@ def stored_float_dtype(path) -> torch.dtype | None:
     return widths[0] if widths else None
 
 
+# The short dtype names the CLI, the ONNX export and deploy.json use.
+DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 def inference_dtype(device, dtype=None, stored=None, capability=None) -> torch.dtype | None:
     """The dtype `gmaivl_rt.load` (torch backend) puts a checkpoint's weights in; None keeps the stored dtypes.
 

@@ -324,16 +324,15 @@ class GraphBackend(_ChatHelpers):
         raise NotImplementedError
 
 
-_CLI_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
 def add_backend_options(parser) -> None:
     """--backend, --device and --dtype, as `ask`, `serve` and `eval` all take them; `backend_options` reads them."""
     parser.add_argument("--backend", default="torch", choices=BACKENDS)
     parser.add_argument("--device", default=None,
                         help="cpu, cuda or cuda:N (default: torch cpu; onnx CUDA when onnxruntime-gpu has it, "
                              "else cpu; tensorrt cuda)")
-    parser.add_argument("--dtype", default=None, choices=tuple(_CLI_DTYPES),
+    from gmaivl_rt.checkpoint import DTYPE_NAMES
+
+    parser.add_argument("--dtype", default=None, choices=tuple(DTYPE_NAMES),
                         help="torch backend weight dtype (default: as stored; on CUDA an fp32 checkpoint loads in "
                              "bf16, fp16 on GPUs before sm_80)")
 
@@ -341,8 +340,10 @@ def add_backend_options(parser) -> None:
 def backend_options(args) -> dict:
     """The parsed --backend/--device/--dtype -> `load()`'s keyword arguments for that backend (backend excluded).
     --dtype with a graph backend is refused rather than ignored."""
+    from gmaivl_rt.checkpoint import DTYPE_NAMES
+
     if args.backend == "torch":
-        return {"device": args.device, "dtype": _CLI_DTYPES.get(args.dtype)}
+        return {"device": args.device, "dtype": DTYPE_NAMES.get(args.dtype)}
     if args.dtype is not None:
         raise InputError(f"--dtype applies to the torch backend only; the {args.backend} backend runs the dtype "
                          "its graphs were exported in")

@@ -39,7 +39,7 @@ def onnx_dir(model_dir, tmp_path_factory):
 def test_eval_dtype_reaches_the_model_as_the_python_api_passes_it(model_dir, bench_file, tmp_path):
     """`eval --dtype bf16` runs the model in bf16 (read back from its weights into run.json) and predicts what
     `evaluate(..., dtype=torch.bfloat16)` predicts. Mutants: the eval CLI not passing `backend_options` (fp32
-    weights), `_CLI_DTYPES` bf16 -> float16, `placement` reading a fixed dtype."""
+    weights), `DTYPE_NAMES` bf16 -> float16, `placement` reading a fixed dtype."""
     assert main(["eval", str(model_dir), "--data", str(bench_file), "--out", str(tmp_path / "cli"), "--dtype", "bf16",
                  "--batch-size", "3", "--no-progress"]) == 0
     run = json.loads((tmp_path / "cli" / "run.json").read_text())
