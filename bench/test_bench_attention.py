@@ -10,7 +10,11 @@ import importlib.util
 import pytest
 import torch
 
-from gmaivl_rt.kernels import attention, attention_reference, decode_attention, decode_attention_reference, kernels
+from gmaivl_rt.kernels.attention import attention, attention_reference
+
+from gmaivl_rt.kernels.decode_attention import decode_attention, decode_attention_reference
+
+from gmaivl_rt.kernels._dispatch import kernels
 
 pytestmark = pytest.mark.gpu  # bench/conftest.py skips these, with the reason, where no CUDA device runs Triton
 

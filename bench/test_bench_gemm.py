@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gmaivl_rt.kernels import fused_linear, kernels
+from gmaivl_rt.kernels.projector import fused_linear
+
+from gmaivl_rt.kernels._dispatch import kernels
 
 pytestmark = pytest.mark.gpu  # bench/conftest.py skips these, with the reason, where no CUDA device runs Triton
 

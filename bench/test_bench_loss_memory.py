@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from gmaivl_rt.kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
+from gmaivl_rt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 from measure import in_fresh_process, peak_extra_mib
 
 TOKENS, HIDDEN, VOCAB = 2048, 256, 92544
@@ -86,7 +86,7 @@ def test_fused_cross_entropy_memory_vs_naive(benchmark, monkeypatch):
 
 @pytest.mark.gpu  # skipped with the reason by bench/conftest.py where no CUDA device runs Triton
 def test_fused_cross_entropy_gpu_memory_vs_naive(benchmark, monkeypatch):
-    from gmaivl_rt.kernels import fused_linear_cross_entropy_reference
+    from gmaivl_rt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy_reference
 
     monkeypatch.setenv("GMAIVL_KERNELS", "auto")
     tokens, hidden_size = 8192, 4096

@@ -11,7 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gmaivl_rt.kernels import interpolate_position_embedding, kernels, patch_embed
+from gmaivl_rt.kernels.patch_embed import interpolate_position_embedding, patch_embed
+
+from gmaivl_rt.kernels._dispatch import kernels
 from gmaivl_rt.kernels.patch_embed import patchify
 
 pytestmark = pytest.mark.gpu

@@ -1,12 +1,7 @@
-"""Deployment: ONNX graphs (`onnx_export`, `graphs`), the ONNX Runtime backend (`ort_backend`), TensorRT engines
-(`tensorrt_build`, `profiles`, `trt_plugin`, `trt_backend`) and the TensorRT op inventory check (`op_inventory`).
-Modules are imported on use: TensorRT, Triton and onnxruntime load only where they are needed."""
+"""Deployment artefacts: ONNX graphs (`onnx_export`, `graphs`), the ONNX Runtime backend (`ort_backend`), TensorRT
+engines (`tensorrt_build`, `profiles`, `trt_plugin`, `trt_backend`) and the TensorRT op inventory check
+(`op_inventory`). Imported as `gmaivl_rt.export`; modules load TensorRT, Triton and onnxruntime only when used."""
+if __name__ == "export":  # the checkout root is on sys.path: not ours by that name (gmaivl_rt/bare_names.py)
+    from gmaivl_rt.bare_names import hand_over
 
-import importlib.util
-
-
-def require(*packages: str, extra: str = "onnx") -> None:
-    """Fail early, naming what to install, when an optional package an export path needs is missing."""
-    missing = [p for p in packages if importlib.util.find_spec(p) is None]
-    if missing:
-        raise ImportError(f"{', '.join(missing)} not installed: pip install 'gmaivl-rt[{extra}]'")
+    hand_over(__name__, __file__)

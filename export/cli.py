@@ -49,7 +49,7 @@ def _describe(sizes: Sizes) -> str:
 
 
 def _onnx(args) -> int:
-    from . import require
+    from gmaivl_rt.extras import require
     from .onnx_export import export_onnx
 
     require("onnx", "onnxscript", "onnxruntime")
@@ -75,7 +75,7 @@ def _tensorrt(args) -> int:
 
 
 def _check(args) -> int:
-    from . import require
+    from gmaivl_rt.extras import require
     from .op_inventory import check_folder
 
     require("onnx")

@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gmaivl_rt.kernels import apply_rope_reference, rms_norm_reference
+from gmaivl_rt.kernels.rope import apply_rope_reference
+
+from gmaivl_rt.kernels.rms_norm import rms_norm_reference
 from gmaivl_rt.model import ACTIVATIONS
 
 ATTENTION_IMPLS = ("sdpa", "trt_plugin")

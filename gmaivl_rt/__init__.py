@@ -1,14 +1,21 @@
-"""gmaivl-rt: a Triton-kernel-optimized runtime and trainer for GMAI-VL-style medical vision-language models."""
-from gmaivl_rt.config import GMAIVLConfig, TextConfig, VisionConfig
-from gmaivl_rt.engine import Engine
-from gmaivl_rt.errors import GmaivlError, InputError, LimitError, ModelError
-from gmaivl_rt.limits import Limits, check_generation
-from gmaivl_rt.model import GMAIVL, GMAIVLOutput, KVCache
+"""gmaivl-rt: a Triton-kernel-optimized runtime and trainer for GMAI-VL-style medical vision-language models.
+
+The names below load on first use (PEP 562), so `import gmaivl_rt` is cheap and imports nothing else of ours:
+`gmaivl_rt.bare_names` runs in the middle of another package's import and must not pull the model in."""
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["Engine", "GMAIVL", "GMAIVLConfig", "GMAIVLOutput", "GmaivlError", "InputError", "KVCache", "LimitError",
-           "Limits", "ModelError", "PreparedRequest", "TextConfig", "VisionConfig", "check_generation", "load",
-           "to_medical_image"]
+
+_PUBLIC = {  # name -> the module that defines it
+    "GMAIVLConfig": "config", "TextConfig": "config", "VisionConfig": "config",
+    "Engine": "engine",
+    "GmaivlError": "errors", "InputError": "errors", "LimitError": "errors", "ModelError": "errors",
+    "Limits": "limits", "check_generation": "limits",
+    "GMAIVL": "model", "GMAIVLOutput": "model", "KVCache": "model",
+    "to_medical_image": "image_input",
+    "PreparedRequest": "request",
+}
+__all__ = sorted([*_PUBLIC, "load"])
 
 
 def load(path, backend: str = "torch", **kwargs):
@@ -18,11 +25,13 @@ def load(path, backend: str = "torch", **kwargs):
     return _load(path, backend=backend, **kwargs)
 
 
-def __getattr__(name):  # the image and request modules import pydicom / PIL lazily: only when asked for
-    if name == "to_medical_image":
-        from gmaivl_rt.image_input import to_medical_image
-        return to_medical_image
-    if name == "PreparedRequest":
-        from gmaivl_rt.request import PreparedRequest
-        return PreparedRequest
+def __getattr__(name):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f"gmaivl_rt.{_PUBLIC[name]}"), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'gmaivl_rt' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_PUBLIC])

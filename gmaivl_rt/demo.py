@@ -47,7 +47,7 @@ def run_demo(out="runs/demo", config=None, question: str = DEMO_QUESTION, progre
     import logging
 
     from gmaivl_rt.data.build import build_dataset
-    from gmaivl_rt.train import train
+    from gmaivl_rt.train.recipe import train
     from gmaivl_rt.train.config import read_yaml
     from gmaivl_rt.train.tokenizer import conversation_texts, train_bpe_tokenizer
 

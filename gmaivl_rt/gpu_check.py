@@ -163,7 +163,7 @@ def _forward_backward(fn, inputs, grad_seed=0):
 
 def _paths(fn, reference, inputs):
     """(triton results, reference results on the same values upcast to fp32)."""
-    from gmaivl_rt.kernels import kernels
+    from gmaivl_rt.kernels._dispatch import kernels
 
     with kernels("triton"):
         got = _forward_backward(fn, inputs)
@@ -179,7 +179,7 @@ def _config_cases(sz: Sizes):
     """(kernel name, config list, op, reference, inputs) for every autotuned kernel."""
     import importlib
 
-    from gmaivl_rt import kernels as K
+    from gmaivl_rt import ops as K
 
     att = importlib.import_module("gmaivl_rt.kernels.attention")
     dec = importlib.import_module("gmaivl_rt.kernels.decode_attention")
@@ -282,7 +282,9 @@ def check_configs(rec: Recorder, sz: Sizes) -> None:
 # 2. determinism, 3. scale
 # ----------------------------------------------------------------------------------------------------------------
 def check_determinism(rec: Recorder, sz: Sizes) -> None:
-    from gmaivl_rt.kernels import attention, fused_linear_cross_entropy, kernels
+    from gmaivl_rt.kernels.attention import attention
+    from gmaivl_rt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+    from gmaivl_rt.kernels._dispatch import kernels
 
     lengths, hq, hkv, d = sz.attn
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=sz.device)
@@ -303,7 +305,7 @@ def check_determinism(rec: Recorder, sz: Sizes) -> None:
 
 
 def check_scale(rec: Recorder, sz: Sizes) -> None:
-    from gmaivl_rt import kernels as K
+    from gmaivl_rt import ops as K
 
     dev, dt = sz.device, sz.dtype
 
@@ -364,7 +366,7 @@ def _model_config(preset: str, overrides: dict):
 
 def check_model(rec: Recorder, sz: Sizes) -> None:
     from gmaivl_rt import GMAIVL
-    from gmaivl_rt.kernels import kernels
+    from gmaivl_rt.kernels._dispatch import kernels
 
     for name, preset, overrides in sz.presets:
         cfg = _model_config(preset, overrides)
@@ -433,7 +435,7 @@ def _timed(fn, reps: int, device: str) -> float:
 def check_throughput(rec: Recorder, sz: Sizes) -> None:
     import importlib
 
-    from gmaivl_rt import kernels as K
+    from gmaivl_rt import ops as K
 
     att = importlib.import_module("gmaivl_rt.kernels.attention")
     proj = importlib.import_module("gmaivl_rt.kernels.projector")

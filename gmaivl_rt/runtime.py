@@ -39,7 +39,7 @@ def load(path, backend: str = "torch", *, limits: Limits | None = None, **kwargs
     if backend == "torch":
         runtime = TorchBackend(path, **kwargs)
     elif backend == "onnx":
-        from gmaivl_rt.export import require
+        from gmaivl_rt.extras import require
         from gmaivl_rt.export.ort_backend import OnnxBackend
 
         require("onnxruntime")

@@ -10,7 +10,7 @@ import importlib
 import pytest
 import torch
 
-from gmaivl_rt.kernels import attention, attention_reference
+from gmaivl_rt.kernels.attention import attention, attention_reference
 from gmaivl_rt.kernels.attention import _attention_triton
 
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 1e-2), torch.bfloat16: (2e-2, 5e-2)}  # (fwd, grads)

@@ -11,7 +11,7 @@ from train_fixtures import make_training_setup, write_config
 from transformers import LlavaForConditionalGeneration
 
 from gmaivl_rt import GMAIVL
-from gmaivl_rt.train import train
+from gmaivl_rt.train.recipe import train
 from gmaivl_rt.train.checkpointing import PAUSE_ENV, TRAINER_STATE, latest_checkpoint, load_trainer_state
 
 CONFIG = {"batch": {"global_batch_size": 1}, "schedule": {"total_steps": 4}, "train": {"save_every": 1}}

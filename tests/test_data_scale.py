@@ -4,7 +4,6 @@ The reference is the plain `--workers 1` build of the same manifest (every task,
 test_data_build.make_sources); outputs are compared byte for byte, file by file."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -115,7 +114,7 @@ def rewrite(text, context):
 '''
 
 
-def test_kill_during_a_parallel_build_resumes_to_the_uninterrupted_output(sources, tmp_path):
+def test_kill_during_a_parallel_build_resumes_to_the_uninterrupted_output(sources, tmp_path, start_child, cli):
     """kill -9 of the whole process group (the build and its workers) mid-run; the rerun redoes what was cut."""
     _, manifest, _, _ = sources
     (tmp_path / "slowrw.py").write_text(SLOW_REWRITER)
@@ -126,22 +125,19 @@ def test_kill_during_a_parallel_build_resumes_to_the_uninterrupted_output(source
                 str(out), "--seed", "3", "--rewriter", "slowrw:rewrite", "--workers", str(workers), "--no-progress"]
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(command(killed, 2), env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    child = start_child(command(killed, 2), command=[], env=env, start_new_session=True)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
+    while time.monotonic() < deadline and child.alive():
         if sum(len(files) for _, _, files in os.walk(killed / ".work")) >= 3:
             break
         time.sleep(0.05)
-    assert proc.poll() is None, "the build finished before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    child.kill(group=True)  # fails with the child's exit code and stderr if the build ended before the kill
     assert not (killed / "summary.json").exists()
-    subprocess.run(command(killed, 2), env=env, check=True, timeout=300, capture_output=True)
+    cli(command(killed, 2)[3:], env=env, timeout=300)
     run = json.loads((killed / "build_run.json").read_text())
     assert run["items_resumed"] >= 3
     reference = tmp_path / "uninterrupted"
-    subprocess.run(command(reference, 1), env=env, check=True, timeout=300, capture_output=True)
+    cli(command(reference, 1)[3:], env=env, timeout=300)
     assert dataset_files(killed) == dataset_files(reference)
 
 

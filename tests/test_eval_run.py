@@ -2,10 +2,6 @@
 the run, a run killed with SIGKILL resumes to the same scores, and the onnx backend predicts what torch does."""
 import base64
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -76,21 +72,16 @@ def test_rescoring_gives_the_runs_scores(bench_file, full_run, tmp_path):
     assert json.loads((tmp_path / "cli" / "scores.json").read_text()) == json.loads((out / "scores.json").read_text())
 
 
-def test_resume_after_sigkill_equals_an_uninterrupted_run(model_dir, bench_file, full_run, tmp_path):
+def test_resume_after_sigkill_equals_an_uninterrupted_run(model_dir, bench_file, full_run, tmp_path, start_child):
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "gmaivl_rt.cli", "eval", str(model_dir), "--data", str(bench_file), "--out",
-               str(out), "--batch-size", "4", "--no-progress"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = start_child(["eval", model_dir, "--data", bench_file, "--out", out, "--batch-size", "4", "--no-progress"])
     predictions = out / "predictions.jsonl"
     deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and process.poll() is None:
-            if predictions.is_file() and predictions.read_text().count("\n") >= 1:
-                break
-            time.sleep(0.02)
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.wait(timeout=30)
+    while time.monotonic() < deadline and child.alive():
+        if predictions.is_file() and predictions.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.02)
+    child.kill()  # fails with the child's exit code and stderr if it died on its own
     written = predictions.read_text().count("\n")
     assert 1 <= written, "the run wrote nothing before the deadline"
     with open(predictions, "a") as f:  # what a kill in the middle of a write leaves

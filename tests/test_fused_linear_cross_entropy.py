@@ -14,7 +14,7 @@ import importlib
 import pytest
 import torch
 
-from gmaivl_rt.kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
+from gmaivl_rt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 
 flce = importlib.import_module("gmaivl_rt.kernels.fused_linear_cross_entropy")
 

@@ -20,8 +20,8 @@ import sys
 import pytest
 import torch
 
-from gmaivl_rt import GMAIVL, GMAIVLConfig, kernels
-from gmaivl_rt.kernels import kernels as kernel_mode
+from gmaivl_rt import GMAIVL, GMAIVLConfig, ops as kernels
+from gmaivl_rt.kernels._dispatch import kernels as kernel_mode
 
 HAS_CUDA = torch.cuda.is_available()
 compiled = [

@@ -72,7 +72,7 @@ def test_forced_config_is_the_one_launched(monkeypatch):
 
 
 def test_a_wrong_result_fails_and_a_broken_check_errors_without_stopping(tmp_path, monkeypatch):
-    from gmaivl_rt import kernels
+    from gmaivl_rt import ops as kernels
 
     real = kernels.rms_norm_reference
     monkeypatch.setattr(kernels, "rms_norm_reference", lambda x, w, eps: real(x, w, eps) + 0.01)

@@ -6,7 +6,10 @@ import sys
 import pytest
 import torch
 
-from gmaivl_rt.kernels import _dispatch, attention, decode_attention, kernels
+from gmaivl_rt.kernels import _dispatch
+from gmaivl_rt.kernels._dispatch import kernels
+from gmaivl_rt.kernels.attention import attention
+from gmaivl_rt.kernels.decode_attention import decode_attention
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from gmaivl_rt import GMAIVL, GMAIVLConfig
-from gmaivl_rt.kernels import attention, attention_reference, kernels
+from gmaivl_rt.kernels.attention import attention, attention_reference
+from gmaivl_rt.kernels._dispatch import kernels
 
 
 def _nan_filled_empty_like(monkeypatch):
@@ -77,7 +78,7 @@ def test_rows_past_the_last_sequence_are_zero_on_both_paths(monkeypatch, causal)
 
 def test_decode_attention_op_under_autocast_takes_mixed_dtypes_on_both_paths():
     """A caller's own fp32 cache with a bf16 q under autocast: both paths compute as SDPA under autocast does."""
-    from gmaivl_rt.kernels import decode_attention
+    from gmaivl_rt.kernels.decode_attention import decode_attention
 
     q = torch.randn(2, 4, 16).bfloat16()
     k_cache, v_cache = torch.randn(2, 20, 2, 16), torch.randn(2, 20, 2, 16)
@@ -95,7 +96,7 @@ def test_decode_splits_each_sequence_not_the_cache(monkeypatch):
     """A long cache (max_new_tokens sized) holding short sequences: every split program gets keys of its own
     sequence (partial sum > 0) instead of the later splits falling past the sequence and idling. The partial sums
     are read where the reduce kernel receives them."""
-    from gmaivl_rt.kernels import decode_attention_reference
+    from gmaivl_rt.kernels.decode_attention import decode_attention_reference
 
     dec = importlib.import_module("gmaivl_rt.kernels.decode_attention")
     real_reduce, seen = dec._decode_reduce_kernel, []
@@ -146,7 +147,7 @@ def test_fp16_loss_gradient_does_not_underflow(mode):
     below half of fp16's smallest subnormal (6e-8). Scaling before the fp16 cast flushed those entries, zeroing the
     grad_weight rows of every token that is neither the label nor the favourite (~6e-6 each, representable in
     fp16). Both paths now scale in fp32 after the GEMMs; checked against fp32 autograd on the same fp16 values."""
-    from gmaivl_rt.kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
+    from gmaivl_rt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 
     n, h, v = 256, 16, 256
     hidden = (1.0 + 0.1 * torch.randn(n, h)).half()
@@ -188,8 +189,14 @@ def test_report_specs_name_the_stages_and_warps_launches_use(monkeypatch):
 
     from triton.runtime.interpreter import InterpretedFunction
 
-    from gmaivl_rt.kernels import _spec, fused_linear, fused_linear_cross_entropy, report
-    from gmaivl_rt.kernels import apply_rope, decode_attention, layer_norm, rms_norm, swiglu
+    from gmaivl_rt.kernels import _spec, report
+    from gmaivl_rt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+    from gmaivl_rt.kernels.projector import fused_linear
+    from gmaivl_rt.kernels.rope import apply_rope
+    from gmaivl_rt.kernels.decode_attention import decode_attention
+    from gmaivl_rt.kernels.layer_norm import layer_norm
+    from gmaivl_rt.kernels.rms_norm import rms_norm
+    from gmaivl_rt.kernels.swiglu import swiglu
 
     launched = {}
     real_run = InterpretedFunction.run
@@ -239,7 +246,7 @@ def test_cuda_loss_chunk_comes_from_a_memory_budget():
 def test_one_chunk_writes_grad_weight_directly(mode, dtype):
     """One chunk (no fp32 dW accumulator, the GEMM stores dW in the weight's dtype) and several chunks agree with
     autograd through the materialised logits."""
-    from gmaivl_rt.kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
+    from gmaivl_rt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 
     hidden, weight = torch.randn(37, 16).to(dtype), (torch.randn(50, 16) / 4).to(dtype)
     labels = torch.randint(0, 50, (37,))

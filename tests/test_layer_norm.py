@@ -10,7 +10,7 @@ import pytest
 import torch
 from rowwise_checks import DTYPES, check_matches_reference
 
-from gmaivl_rt.kernels import layer_norm, layer_norm_reference
+from gmaivl_rt.kernels.layer_norm import layer_norm, layer_norm_reference
 
 EPS = 1e-5
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gmaivl_rt import GMAIVL, GMAIVLConfig
-from gmaivl_rt.kernels import kernels
+from gmaivl_rt.kernels._dispatch import kernels
 
 
 @pytest.fixture(scope="module")

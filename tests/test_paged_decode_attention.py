@@ -7,7 +7,9 @@ Tolerances (max abs error vs the fp32 reference on the same, upcast, inputs; out
 import pytest
 import torch
 
-from gmaivl_rt.kernels import decode_attention_reference, paged_decode_attention, paged_decode_attention_reference
+from gmaivl_rt.kernels.decode_attention import decode_attention_reference
+
+from gmaivl_rt.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_reference
 from gmaivl_rt.kernels.paged_decode_attention import _paged_decode_attention_triton
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}

@@ -16,7 +16,9 @@ import torch
 from transformers import CLIPVisionConfig
 from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
 
-from gmaivl_rt.kernels import kernels, patch_embed, patch_embed_reference
+from gmaivl_rt.kernels._dispatch import kernels
+
+from gmaivl_rt.kernels.patch_embed import patch_embed, patch_embed_reference
 
 PATCH = 14
 ULPS = {torch.float32: 6.0, torch.float16: 2.0}

@@ -13,7 +13,7 @@ import importlib
 import pytest
 import torch
 
-from gmaivl_rt.kernels import fused_linear, fused_linear_reference, mlp2x_gelu
+from gmaivl_rt.kernels.projector import fused_linear, fused_linear_reference, mlp2x_gelu
 
 projector = importlib.import_module("gmaivl_rt.kernels.projector")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from rowwise_checks import DTYPES, assert_close_to_truth, check_matches_reference
 
-from gmaivl_rt.kernels import rms_norm, rms_norm_reference
+from gmaivl_rt.kernels.rms_norm import rms_norm, rms_norm_reference
 
 EPS = 1e-6
 

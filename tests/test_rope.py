@@ -6,7 +6,7 @@ import pytest
 import torch
 from rowwise_checks import DTYPES, assert_close_to_truth, check_matches_reference
 
-from gmaivl_rt.kernels import apply_rope, apply_rope_reference, rope_cos_sin
+from gmaivl_rt.kernels.rope import apply_rope, apply_rope_reference, rope_cos_sin
 
 Q_AND_K = (0, 1)  # cos/sin take no gradient: only q's and k's are compared
 

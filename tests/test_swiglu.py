@@ -7,7 +7,7 @@ import pytest
 import torch
 from rowwise_checks import DTYPES, check_matches_reference
 
-from gmaivl_rt.kernels import swiglu, swiglu_reference
+from gmaivl_rt.kernels.swiglu import swiglu, swiglu_reference
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -6,7 +6,7 @@ import numpy as np
 from train_fixtures import make_training_setup
 
 from gmaivl_rt.config import GMAIVLConfig
-from gmaivl_rt.train import train
+from gmaivl_rt.train.recipe import train
 from gmaivl_rt.train.dataset import ImagePolicy, PackedDataset
 from gmaivl_rt.train.tokenizer import conversation_texts, load_tokenizer, train_bpe_tokenizer
 

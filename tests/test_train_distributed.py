@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from train_fixtures import make_training_setup, write_config
 
 from gmaivl_rt import GMAIVL, GMAIVLConfig
-from gmaivl_rt.train import train
+from gmaivl_rt.train.recipe import train
 from gmaivl_rt.train.recipe import _preset_config
 from gmaivl_rt.train.tokenizer import load_tokenizer
 from gmaivl_rt.train.distributed import StepSampler

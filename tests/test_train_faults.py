@@ -16,7 +16,7 @@ from train_fixtures import make_training_setup, write_config
 from gmaivl_rt import GMAIVL, GMAIVLConfig
 from gmaivl_rt.checkpoint import CheckpointError
 from gmaivl_rt.errors import ModelError
-from gmaivl_rt.train import train
+from gmaivl_rt.train.recipe import train
 from gmaivl_rt.train.checkpointing import latest_checkpoint, resume_checkpoint, verify_checkpoint
 from gmaivl_rt.train.recipe import NonFiniteTrainingError, _preset_config
 from gmaivl_rt.train.tokenizer import load_tokenizer

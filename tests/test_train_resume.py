@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from train_fixtures import make_training_setup
 
 from gmaivl_rt import GMAIVL
-from gmaivl_rt.train import train
+from gmaivl_rt.train.recipe import train
 from gmaivl_rt.train.checkpointing import latest_checkpoint, load_trainer_state
 
 OVERRIDES = {"batch": {"global_batch_size": 2}, "schedule": {"total_steps": 6},

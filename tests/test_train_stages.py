@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from train_fixtures import eval_loss, make_training_setup
 
 from gmaivl_rt import GMAIVL, GMAIVLConfig
-from gmaivl_rt.train import train
+from gmaivl_rt.train.recipe import train
 from gmaivl_rt.train.config import load_train_config
 from gmaivl_rt.train.dataset import ImagePolicy, PackedDataset
 from gmaivl_rt.train.recipe import _preset_config

@@ -1,7 +1,7 @@
 """One GMAI-VL training stage, top to bottom: config -> tokenizer -> model -> packed data -> AdamW + cosine ->
 the loop (gradient accumulation over packs, clipping, logging, checkpoints) -> the stage's model folder.
 
-    from gmaivl_rt.train import train
+    from gmaivl_rt.train.recipe import train
     train(stage=1, data="runs/data", out="runs/s1", preset="compact")
     train(stage=2, data="runs/data", out="runs/s2", init="runs/s1")
 

@@ -144,7 +144,7 @@ def read_vlmevalkit_tsv(path: Path, protocol: str = "mcq") -> list[Item]:
     the row is predicted but not scored."""
     if protocol != "mcq":
         raise InputError("VLMEvalKit TSV benchmarks are multiple choice: use --protocol mcq")
-    from gmaivl_rt.export import require
+    from gmaivl_rt.extras import require
 
     require("pandas", extra="eval")
     import pandas as pd

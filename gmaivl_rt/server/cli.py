@@ -29,7 +29,7 @@ def register(subparsers) -> None:
 def _serve_cli(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from gmaivl_rt.export import require
+    from gmaivl_rt.extras import require
 
     require("fastapi", "uvicorn", "prometheus_client", extra="serve")
     import uvicorn
