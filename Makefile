@@ -10,7 +10,7 @@ PIP_HAS_SOURCES := $(shell $(PYTHON) -m pip config list 2>/dev/null | grep -E 'i
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 TORCH_INDEX ?= $(if $(or $(HAS_GPU),$(PIP_HAS_SOURCES)),,https://download.pytorch.org/whl/cpu)
 
-.PHONY: setup demo test bench report fuzz mutate gpu-check
+.PHONY: setup demo test lint bench report fuzz mutate gpu-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -23,8 +23,12 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/gmaivl-rt demo --out runs/demo
 
-test: setup browser
+test: setup browser lint
 	$(BIN)/python -m pytest -q -ra
+
+# The house plan (pyproject's [tool.importlinter]): folders are layers, imports only go down, no cycles.
+lint: setup
+	$(BIN)/lint-imports --no-cache
 
 bench: setup
 	$(BIN)/python -m pytest bench -q --benchmark-columns=min,mean,rounds
@@ -38,9 +42,9 @@ gpu-check: setup
 	$(BIN)/python -m gmaivl_rt.gpu_check --out runs/gpu_check --budget $(GPU_CHECK_BUDGET)
 
 # A longer fuzz of the image readers than CI's 200 examples per format, with shrinking; findings are saved under
-# the pytest tmp folder's work/findings/ (keep them in tests/fuzz_regressions/ once fixed). FUZZ_EXAMPLES to size it.
+# the pytest tmp folder's work/findings/ (keep them in tests/medical/fuzz_regressions/ once fixed). FUZZ_EXAMPLES to size it.
 fuzz: setup
-	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-5000} FUZZ_SHRINK=1 FUZZ_RANDOM=1 $(BIN)/python -m pytest tests/test_fuzz_readers.py -q -s
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-5000} FUZZ_SHRINK=1 FUZZ_RANDOM=1 $(BIN)/python -m pytest tests/medical/test_fuzz_readers.py -q -s
 
 # The server's browser test drives Debian's chromium + chromedriver. Installed once, only where they are missing
 # and we are root on an apt machine (CI); elsewhere the test skips and says why.

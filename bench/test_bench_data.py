@@ -1,14 +1,15 @@
 """Conversion throughput of `gmaivl-rt data build --demo` (images per second), against decoding the same
-pictures with medical_io alone (no PNG, no text, no files) in the same run. Reported in extra_info; no timing
-assertions."""
+pictures with the medical reader alone (no PNG, no text, no files) in the same run. Reported in extra_info; no
+timing assertions."""
 from __future__ import annotations
 
 import os
 import statistics
 import time
 
-from gmaivl_rt.data.build import build_dataset, demo_datasets
-from gmaivl_rt.medical_io import iter_medical_images, read_medical_image
+from gmaivl_rt.data.build import build_dataset
+from gmaivl_rt.data.sources import demo_datasets
+from gmaivl_rt.medical.reader import iter_medical_images, read_medical_image
 
 
 def _decode_demo() -> int:

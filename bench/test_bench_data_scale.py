@@ -66,9 +66,10 @@ def test_parallel_conversion_throughput(benchmark, tmp_path):
 
 
 def test_packing_start_up_cold_vs_cached(benchmark, tmp_path):
-    from gmaivl_rt.config import GMAIVLConfig
+    from gmaivl_rt.model.config import GMAIVLConfig
     from gmaivl_rt.train.dataset import ImagePolicy, PackedDataset
-    from gmaivl_rt.train.tokenizer import load_tokenizer, train_bpe_tokenizer
+    from gmaivl_rt.runtime.tokenizer import load_tokenizer
+    from gmaivl_rt.train.tokenizer import train_bpe_tokenizer
 
     rng = np.random.default_rng(0)
     words = ["lesion", "nodule", "liver", "axial", "contrast", "normal", "left", "right", "lobe", "mass", "CT", "MRI"]

@@ -21,7 +21,8 @@ import torch
 
 import gmaivl_rt
 from gmaivl_rt import Engine, GMAIVL, GMAIVLConfig
-from gmaivl_rt.train.tokenizer import model_vocab_fields, train_bpe_tokenizer
+from gmaivl_rt.runtime.tokenizer import model_vocab_fields
+from gmaivl_rt.train.tokenizer import train_bpe_tokenizer
 
 TEXTS = ["<image>\nWhat modality is this image?", "This is a CT scan of the chest.", "Which plane is shown?",
          "An axial slice through the upper abdomen.", "Describe the image in detail.",

@@ -14,15 +14,15 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from server_fixtures import QUESTION, data_uri, make_model_folder  # noqa: E402
+# tests/support is on pytest's pythonpath (pyproject.toml)
+from server_fixtures import QUESTION, TEXTS, data_uri  # noqa: E402
+from train_fixtures import make_tiny_chat_model  # noqa: E402
 
 from gmaivl_rt.server.background import free_port  # noqa: E402
 
@@ -63,7 +63,7 @@ def _stream_once(url: str, body: dict) -> tuple[float, float, int]:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    folder = make_model_folder(tmp_path_factory.mktemp("bench_serve"))
+    folder = make_tiny_chat_model(tmp_path_factory.mktemp("bench_serve"), TEXTS)
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "gmaivl_rt.cli", "serve", str(folder), "--port", str(port),
                                 "--max-batch-size", str(max(CLIENTS, 1))],

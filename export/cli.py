@@ -79,7 +79,7 @@ def _check(args) -> int:
     from .op_inventory import check_folder
 
     require("onnx")
-    from .trt_plugin import PLUGIN_ID
+    from gmaivl_rt.runtime.trt_plugin import PLUGIN_ID
 
     reports = check_folder(args.onnx_dir, plugins={PLUGIN_ID})
     for report in reports:

@@ -17,7 +17,7 @@ padded-cache convention:
 Attention is `F.scaled_dot_product_attention`, which `torch.onnx.export(dynamo=True, opset_version>=23)` lowers to
 the standard ONNX `Attention` op with 4-D Q/K/V (the form TensorRT's parser accepts: the cache concat stays outside
 the op). With `attention="trt_plugin"` it becomes a custom node for our TensorRT plugin instead
-(see `gmaivl_rt.export.trt_plugin`).
+(see `gmaivl_rt.runtime.trt_plugin`).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from torch import nn
 from gmaivl_rt.kernels.rope import apply_rope_reference
 
 from gmaivl_rt.kernels.rms_norm import rms_norm_reference
-from gmaivl_rt.model import ACTIVATIONS
+from gmaivl_rt.model.modeling import ACTIVATIONS
 
 ATTENTION_IMPLS = ("sdpa", "trt_plugin")
 
@@ -73,7 +73,7 @@ class _CLIPLayer(nn.Module):
         q, k, v = (self.self_attn[n](h).reshape(B, T, self.heads, C // self.heads)
                    for n in ("q_proj", "k_proj", "v_proj"))
         if self.attention == "trt_plugin":  # our Triton kernel inside TensorRT: (B, T, H, D) in and out
-            from .trt_plugin import plugin_attention
+            from gmaivl_rt.runtime.trt_plugin import plugin_attention
 
             attn = plugin_attention(q, k, v)
         else:

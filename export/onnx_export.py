@@ -19,32 +19,21 @@ from pathlib import Path
 import torch
 
 from gmaivl_rt.atomic import atomic_write_json, staged_files
-from gmaivl_rt.chat import CLIP_MEAN, CLIP_STD
-from gmaivl_rt.checkpoint import DTYPE_NAMES
-from gmaivl_rt.request import DEFAULT_GENERATION
-from gmaivl_rt.train.tokenizer import CHAT_TEMPLATE
+from gmaivl_rt.model.chat import CHAT_TEMPLATE, IMAGE_TOKEN
+from gmaivl_rt.model.checkpoint import DTYPE_NAMES
+from gmaivl_rt.model.preprocess import CLIP_MEAN, CLIP_STD
+from gmaivl_rt.runtime.deploy_format import DEPLOY_JSON, FORMAT_VERSION, GRAPH_FILES, past_names, present_names
+from gmaivl_rt.runtime.request import DEFAULT_GENERATION
 
 from .graphs import build_graphs
 
 log = logging.getLogger(__name__)
 
-DEPLOY_JSON = "gmaivl_deploy.json"
-GRAPH_FILES = {"vision_encoder": "vision_encoder.onnx", "embed_tokens": "embed_tokens.onnx",
-               "decoder_model_merged": "decoder_model_merged.onnx"}
 DTYPES = DTYPE_NAMES  # export --dtype names
-FORMAT_VERSION = 2  # 2: the decoder takes logits_indices and returns logits at those positions only
 DEFAULT_OPSET = 23  # first opset with the standard Attention op
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, minus room for the graph itself
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt")
-
-
-def past_names(num_layers: int) -> list[str]:
-    return [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-
-
-def present_names(num_layers: int) -> list[str]:
-    return [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
 
 
 def graph_io_names(num_layers: int) -> dict:
@@ -174,7 +163,7 @@ def export_graph(module, name, config, path: Path, *, opset=DEFAULT_OPSET):
 def _special_tokens(config, model_dir: Path | None) -> dict:
     hf = config.to_hf_config() if hasattr(config, "to_hf_config") else {}
     text_hf = hf.get("text_config", {}) if isinstance(hf, dict) else {}
-    tokens = {"image_token": "<image>", "image_token_index": int(config.image_token_index)}
+    tokens = {"image_token": IMAGE_TOKEN, "image_token_index": int(config.image_token_index)}
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = text_hf.get(key, hf.get(key) if isinstance(hf, dict) else None)
         tokens[key] = value
@@ -201,7 +190,7 @@ def _chat_template(model_dir: Path | None) -> str | None:
 def load_model(model_or_dir):
     """A GMAIVL instance, or a checkpoint folder GMAIVL.from_pretrained understands (fp32, CPU)."""
     if isinstance(model_or_dir, (str, os.PathLike)):
-        from gmaivl_rt.model import GMAIVL
+        from gmaivl_rt.model.modeling import GMAIVL
 
         path = Path(model_or_dir)
         if not path.is_dir():
@@ -239,7 +228,7 @@ def export_onnx(model_or_dir, out_dir, *, dtype="fp32", opset=DEFAULT_OPSET, att
                     shutil.copyfile(model_dir / fname, tmp / fname)
     vision, text = config.vision, config.text
     hf_config = config.to_hf_config() if hasattr(config, "to_hf_config") else None
-    template = _chat_template(model_dir) or CHAT_TEMPLATE  # the internlm2 chatml of gmaivl_rt.chat
+    template = _chat_template(model_dir) or CHAT_TEMPLATE  # the internlm2 chatml of gmaivl_rt.model.chat
     deploy = {
         "format": "gmaivl-rt-onnx", "format_version": FORMAT_VERSION,
         "dtype": dtype, "opset": opset, "attention": attention,

@@ -23,15 +23,13 @@ from pathlib import Path
 
 from gmaivl_rt.atomic import atomic_path, atomic_write_bytes, atomic_write_json
 
-from .onnx_export import DEPLOY_JSON, GRAPH_FILES
+from gmaivl_rt.runtime.deploy_format import DEPLOY_JSON, ENGINE_FILES, ENGINE_JSON, GRAPH_FILES
 from .op_inventory import check_graph
 from .profiles import PRECISIONS, ProfileSizes, profile_shapes
-from .trt_plugin import PLUGIN_ID, PLUGIN_NAME, PLUGIN_NAMESPACE, import_tensorrt, register_plugin
+from gmaivl_rt.runtime.trt_plugin import PLUGIN_ID, PLUGIN_NAME, PLUGIN_NAMESPACE, import_tensorrt, register_plugin
 
 log = logging.getLogger(__name__)
 
-ENGINE_JSON = "gmaivl_trt.json"
-ENGINE_FILES = {name: file.replace(".onnx", ".engine") for name, file in GRAPH_FILES.items()}
 PARSER_MIN_VERSION = (10, 15)  # the operator table export/tensorrt_onnx_ops.py was taken from
 
 

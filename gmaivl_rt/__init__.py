@@ -7,13 +7,14 @@ import importlib
 __version__ = "0.1.0"
 
 _PUBLIC = {  # name -> the module that defines it
-    "GMAIVLConfig": "config", "TextConfig": "config", "VisionConfig": "config",
-    "Engine": "engine",
+    "GMAIVLConfig": "model.config", "TextConfig": "model.config", "VisionConfig": "model.config",
+    "GMAIVL": "model.modeling", "GMAIVLOutput": "model.modeling", "KVCache": "model.modeling",
+    "check_generation": "model.sampling",
+    "Engine": "engine.engine",
     "GmaivlError": "errors", "InputError": "errors", "LimitError": "errors", "ModelError": "errors",
-    "Limits": "limits", "check_generation": "limits",
-    "GMAIVL": "model", "GMAIVLOutput": "model", "KVCache": "model",
-    "to_medical_image": "image_input",
-    "PreparedRequest": "request",
+    "Limits": "limits",
+    "to_medical_image": "medical.convert",
+    "PreparedRequest": "runtime.request",
 }
 __all__ = sorted([*_PUBLIC, "load"])
 
@@ -21,7 +22,7 @@ __all__ = sorted([*_PUBLIC, "load"])
 def load(path, backend: str = "torch", **kwargs):
     """A model folder (or exported folder) ready for `.ask` / `.build_request` / `.generate`: backend "torch",
     "onnx" or "tensorrt"; `limits=Limits(...)` sets this runtime's request limits."""
-    from gmaivl_rt.runtime import load as _load
+    from gmaivl_rt.runtime.backends import load as _load
     return _load(path, backend=backend, **kwargs)
 
 

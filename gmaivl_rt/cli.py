@@ -30,7 +30,7 @@ def _registrars():
 
     found = []
     for module in ("gmaivl_rt.kernels.report", "gmaivl_rt.data.cli", "gmaivl_rt.train.cli",
-                   "gmaivl_rt.export.cli", "gmaivl_rt.runtime", "gmaivl_rt.demo", "gmaivl_rt.server.cli",
+                   "gmaivl_rt.export.cli", "gmaivl_rt.runtime.cli", "gmaivl_rt.demo", "gmaivl_rt.server.cli",
                    "gmaivl_rt.eval.cli"):
         try:
             mod = importlib.import_module(module)

@@ -80,7 +80,7 @@ def run_demo(out="runs/demo", config=None, question: str = DEMO_QUESTION, progre
     answer = answer_about_dicom(init, _demo_dicom_path(), question)
     reference = _reference_answer(out / "data", question)
     print(f"[5/5] scoring the stage III model on a held-out benchmark -> {out / 'eval'}", flush=True)
-    from gmaivl_rt.eval.cli import summary_line
+    from gmaivl_rt.eval.report import summary_line
     from gmaivl_rt.eval.demo import run_eval_demo
 
     eval_scores = run_eval_demo(init, out / "eval", progress=progress)
@@ -89,7 +89,7 @@ def run_demo(out="runs/demo", config=None, question: str = DEMO_QUESTION, progre
     for s in stages:
         print(f"stage {s['stage']}: {s['steps']} steps, loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}")
     print(f"loss curves: {init / 'loss.png'}")
-    print(f"image:     {DEMO_DICOM} (pydicom test data, read with gmaivl_rt.medical_io)")
+    print(f"image:     {DEMO_DICOM} (pydicom test data, read with gmaivl_rt.medical.reader)")
     print(f"question:  {question}")
     print(f"answer:    {answer}")
     if reference:

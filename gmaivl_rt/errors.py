@@ -3,9 +3,9 @@
     GmaivlError
     ├── InputError(ValueError)      a request's image, question, messages or generation parameters are bad
     │   ├── LimitError              over a configured limit (context, pixels, bytes, question length, new tokens)
-    │   └── MedicalImageError       an image (or mask) file cannot be read (gmaivl_rt.medical_io)
+    │   └── MedicalImageError       an image (or mask) file cannot be read (gmaivl_rt.medical.reader)
     └── ModelError(ValueError)      a model folder cannot serve: weights, config, tokenizer
-        └── CheckpointError         a checkpoint folder cannot be loaded (gmaivl_rt.checkpoint)
+        └── CheckpointError         a checkpoint folder cannot be loaded (gmaivl_rt.model.checkpoint)
 
 Every message names the input by its role ("image 1", "question", "max_new_tokens") and the problem, stays short,
 and never carries the input's bytes, its text beyond a short prefix, or a DICOM header value.

@@ -1,10 +1,10 @@
-"""What one request may ask of a runtime, and the one check of its generation options.
+"""What one request may ask of a runtime: the ceilings and the checks every layer shares.
 
 `Limits` holds the configurable ceilings (pixels, bytes, images, characters, new tokens); a runtime takes one
-(`gmaivl_rt.load(path, limits=Limits(...))`), the default is `Limits()`. `check_generation` is the single
-validation of generation options, used by `build_request` on every backend (torch, onnx, tensorrt), by the
-serving engine and by the HTTP server; the decoding loop (`gmaivl_rt.sampling.generate_tokens`) repeats only its
-two structural rules (`check_max_new_tokens`, `check_context`) so a direct `generate()` call cannot overrun a cache.
+(`gmaivl_rt.load(path, limits=Limits(...))`), the default is `Limits()`. The single validation of generation
+options, `gmaivl_rt.model.sampling.check_generation`, builds on the checks here; the decoding loop
+(`generate_tokens`) repeats only the two structural rules (`check_max_new_tokens`, `check_context`) so a direct
+`generate()` call cannot overrun a cache.
 Errors are `InputError` / `LimitError` naming the option by its role and never echoing more than a short value.
 """
 from __future__ import annotations
@@ -46,10 +46,6 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 # Every option `check_generation` accepts; the sampling ones are validated by `SamplingParams`.
-SAMPLING_OPTIONS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size")
-GENERATION_OPTIONS = ("max_new_tokens", *SAMPLING_OPTIONS, "eos_token_id", "pad_token_id", "generator")
-
-
 def short_repr(value, chars: int = 24) -> str:
     """A value as an error may quote it: its repr cut to a short prefix (never a whole input)."""
     text = repr(value)
@@ -90,50 +86,3 @@ def check_text(text, role: str, limits: Limits | None = None, *, allow_empty: bo
     if not allow_empty and not text.strip():
         raise InputError(f"{role} is empty")
     return text
-
-
-def _check_token_ids(value, role: str):
-    if value is None:
-        return None
-    items = value if isinstance(value, (list, tuple)) else [value]
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, int) or item < 0:
-            raise InputError(f"{role} must be a token id (int >= 0) or a list of them, got {short_repr(value)}")
-    return list(value) if isinstance(value, (list, tuple)) else value
-
-
-def check_generation(options: dict, *, prompt_tokens: int | None, context: int | None,
-                     limits: Limits | None = None) -> dict:
-    """Validate generation options once for every backend; returns a new dict ready for `generate(**...)`.
-
-    options: any of GENERATION_OPTIONS (unknown names are refused). max_new_tokens: int >= 1 and at most
-    limits.max_new_tokens; prompt_tokens + max_new_tokens <= context (the model's TextConfig.context_length; None
-    skips it). Sampling options are typed and range-checked by `gmaivl_rt.sampling.SamplingParams`.
-    Raises InputError (bad type or value) or LimitError (over a limit or the context)."""
-    from gmaivl_rt.sampling import SamplingParams
-
-    limits = limits or DEFAULT_LIMITS
-    if not isinstance(options, dict):
-        raise InputError(f"generation options must be a dict, got {type_name(options)}")
-    unknown = [k for k in options if k not in GENERATION_OPTIONS]
-    if unknown:
-        raise InputError(f"unknown generation option {short_repr(str(unknown[0]))}; known: {', '.join(GENERATION_OPTIONS)}")
-    out = dict(options)
-    if "max_new_tokens" not in out:
-        raise InputError("max_new_tokens is required")
-    out["max_new_tokens"] = check_max_new_tokens(out["max_new_tokens"])
-    if out["max_new_tokens"] > limits.max_new_tokens:
-        raise LimitError(f"max_new_tokens {out['max_new_tokens']} is over the limit of {limits.max_new_tokens}")
-    sampling = SamplingParams(**{k: out[k] for k in SAMPLING_OPTIONS if k in out})
-    out.update({k: getattr(sampling, k) for k in SAMPLING_OPTIONS if k in out})
-    for key in ("eos_token_id", "pad_token_id"):
-        if key in out:
-            out[key] = _check_token_ids(out[key], key)
-    if out.get("generator") is not None:
-        import torch
-
-        if not isinstance(out["generator"], torch.Generator):
-            raise InputError(f"generator must be a torch.Generator, got {type_name(out['generator'])}")
-    if prompt_tokens is not None:
-        check_context(int(prompt_tokens), out["max_new_tokens"], context)
-    return out

@@ -393,7 +393,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU_Q, CU_K, qk_scale, sm_sc
 # ----------------------------------------------------------------------------------------------------------------
 # Configs, filtered per GPU. Each candidate names the archs (compute capability major * 10 + minor, the report's
 # sm_XX) and the largest head dim it is offered at; `gmaivl-rt kernels report` compiles it for exactly those archs at
-# that head dim and finds it spill-free, within shared memory and on tensor cores there (tests/test_kernel_report.py).
+# that head dim and finds it spill-free, within shared memory and on tensor cores there (tests/kernels/test_kernel_report.py).
 # The first of each list is the default (interpreter, report variants) and is offered everywhere. q and the fp32
 # accumulator live in registers: at head dim 128 a 128-row q block needs 8 warps, and the 128x128 forward tile fits
 # only sm_90's register file and 227 KB of shared memory (on sm_80 it spills).

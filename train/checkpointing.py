@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from gmaivl_rt.atomic import atomic_write_json, atomic_write_text, file_sha256
-from gmaivl_rt.checkpoint import CheckpointError
+from gmaivl_rt.model.checkpoint import CheckpointError
 from gmaivl_rt.errors import ModelError
 
 from .distributed import DistInfo, barrier, unwrap

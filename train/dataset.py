@@ -3,7 +3,7 @@
 Pipeline (`PackedDataset`):
 1. `load_meta` reads a meta-list (`{name: {image_dir, annotations, sample_ratio, length, data_augment}}`, or a data
    folder holding `meta.json`), `sample_records` honours each source's `sample_ratio` with a seeded RNG.
-2. `ConversationEncoder` renders each record with the internlm2 chat template (`gmaivl_rt.chat.build_prompt`),
+2. `ConversationEncoder` renders each record with the internlm2 chat template (`gmaivl_rt.model.chat.build_prompt`),
    tokenizes it turn by turn, sets labels to -100 everywhere except the assistant answers (their `<|im_end|>`
    included), and expands each `<image>` to that image's token count (`ImagePolicy`).
 3. `gmaivl_rt.train.packing` soft-packs the samples into sequences of at most `max_length` tokens; item `i` of the
@@ -114,7 +114,7 @@ class ImagePolicy:
     """How an image becomes pixels and how many `<image>` tokens it takes.
 
     fixed (GMAI-VL): pad to square, resize to `image_size`, `num_image_tokens` tokens ((image_size / P)^2).
-    dynamic (native resolution): keep the aspect ratio, `gmaivl_rt.vision_sizes.dynamic_resize_shape` picks (H, W)
+    dynamic (native resolution): keep the aspect ratio, `gmaivl_rt.model.vision_sizes.dynamic_resize_shape` picks (H, W)
     under the pixel budget, (H / P) * (W / P) tokens (+1 when select_strategy "full" keeps the CLS token).
     """
 
@@ -133,7 +133,7 @@ class ImagePolicy:
         v = self.vision
         if not self.dynamic:
             return v.tokens_per_image()
-        from gmaivl_rt.vision_sizes import dynamic_resize_shape
+        from gmaivl_rt.model.vision_sizes import dynamic_resize_shape
 
         return v.tokens_per_image(*dynamic_resize_shape(height, width, v.patch_size, v.min_pixels, v.max_pixels))
 
@@ -141,7 +141,7 @@ class ImagePolicy:
         """(3, H, W) float32, CLIP-normalised (H = W = image_size in fixed mode)."""
         from PIL import Image
 
-        from gmaivl_rt.chat import preprocess_image, preprocess_image_dynamic
+        from gmaivl_rt.model.preprocess import preprocess_image, preprocess_image_dynamic
 
         with Image.open(path) as im:
             image = im.convert("RGB")
@@ -177,7 +177,7 @@ class ConversationEncoder:
 
     def __init__(self, tokenizer, image_token_id: int, image_tokens: Callable[[str, dict], int], max_length: int,
                  system: str | None = None):
-        from gmaivl_rt.chat import IMAGE_TOKEN, chat_segments
+        from gmaivl_rt.model.chat import IMAGE_TOKEN, chat_segments
 
         self.tokenizer, self.image_token_id, self.image_tokens = tokenizer, image_token_id, image_tokens
         self.max_length, self.system = max_length, system
@@ -187,7 +187,7 @@ class ConversationEncoder:
         self.truncated = 0
 
     def segments(self, conversations: list[dict]) -> list[tuple[str, bool]]:
-        """The rendered chat (internlm2 chatml, `gmaivl_rt.chat.chat_segments`) as (text, is_answer) pieces;
+        """The rendered chat (internlm2 chatml, `gmaivl_rt.model.chat.chat_segments`) as (text, is_answer) pieces;
         the answers are the assistant replies with their `<|im_end|>`."""
         pieces = self._chat_segments(conversations, system=self.system)
         if not any(is_answer for _, is_answer in pieces):
@@ -283,7 +283,7 @@ class PackedDataset(torch.utils.data.Dataset):
     def __init__(self, data, tokenizer, image_policy: ImagePolicy, max_length: int = 2048, seed: int = 0,
                  system: str | None = None, open_packs: int = 64, progress: bool = True,
                  cache_dir: str | Path | None = "auto"):
-        from .tokenizer import image_token_id
+        from gmaivl_rt.runtime.tokenizer import image_token_id
 
         self.image_policy, self.max_length = image_policy, max_length
         self.image_token_id = image_token_id(tokenizer)

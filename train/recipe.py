@@ -33,8 +33,9 @@ from . import distributed as dist_utils
 from .checkpointing import checkpoints_dir, restore, resume_checkpoint, save_checkpoint, write_model
 from .config import RUN_KEY, SAVED_CONFIG, load_train_config, read_yaml, resume_config, run_inputs
 from .dataset import ImagePolicy, PackedDataset
-from .tokenizer import (chat_stop_ids, check_tokenizer_fits, conversation_texts, load_tokenizer, model_vocab_fields,
-                        save_hf_tokenizer, train_bpe_tokenizer)
+from gmaivl_rt.runtime.tokenizer import chat_stop_ids, check_tokenizer_fits, load_tokenizer, model_vocab_fields
+
+from .tokenizer import conversation_texts, save_hf_tokenizer, train_bpe_tokenizer
 
 logger = logging.getLogger(__name__)
 NAN_POLICIES = ("stop", "skip")
@@ -67,7 +68,8 @@ def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps
            info) -> dict:
     from tqdm.auto import tqdm
 
-    from gmaivl_rt import GMAIVL, GMAIVLConfig
+    from gmaivl_rt.model.config import GMAIVLConfig
+    from gmaivl_rt.model.modeling import GMAIVL
 
     if resume and (out / SAVED_CONFIG).is_file():
         # The run's own merged config and inputs, never a fresh merge from defaults; contradicting flags fail.

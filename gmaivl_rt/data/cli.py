@@ -53,7 +53,8 @@ def _shard_spec(text: str) -> tuple[int, int]:
 
 
 def _build(args) -> int:
-    from gmaivl_rt.data.build import build_dataset, load_rewriter, openai_rewriter
+    from gmaivl_rt.data.build import build_dataset
+    from gmaivl_rt.data.rewriter import load_rewriter, openai_rewriter
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     rewriter = None

@@ -1,6 +1,6 @@
 """De-identification guards for the converter.
 
-The converter only ever reads whitelisted, non-identifying DICOM attributes (see medical_io.MedicalImage), so
+The converter only ever reads whitelisted, non-identifying DICOM attributes (see medical.base.MedicalImage), so
 identity should never get into its output in the first place. This module is the second line: it collects the
 identity values a DICOM file carries (names, IDs, dates, times, institution, physicians, accession number, UIDs)
 and checks every record, id, file name and error message against them before anything is written.
@@ -68,7 +68,7 @@ def phi_values(dataset) -> set[str]:
                         for part in re.split(r"[\^= ]+", str(v)):
                             add(part)
 
-    from gmaivl_rt.medical_io import quiet_pydicom
+    from gmaivl_rt.medical.dicom import quiet_pydicom
 
     with quiet_pydicom():
         try:
@@ -84,7 +84,7 @@ def phi_values_of_file(path: str | os.PathLike) -> set[str]:
     """`phi_values` of a DICOM file's header (no pixel data read); empty for non-DICOM or unreadable files."""
     import pydicom
 
-    from gmaivl_rt.medical_io import quiet_pydicom
+    from gmaivl_rt.medical.dicom import quiet_pydicom
 
     try:
         with quiet_pydicom():

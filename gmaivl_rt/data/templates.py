@@ -3,7 +3,7 @@
 Every builder takes the facts of one picture (`ImageFacts`) and a seeded `random.Random`, and returns a list of
 (question, answer) turns. Each question/answer kind has several phrasings picked by the RNG so a model cannot learn
 one wording; the facts themselves (modality, labels, boxes, sizes) are never invented - they come from the metadata
-and the annotations. The first question gets the `<image>\\n` prefix when the record is assembled (build.py).
+and the annotations. The first question gets the `<image>\\n` prefix when the record is assembled (records.py).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gmaivl_rt.medical_io import UNKNOWN_MODALITY
+from gmaivl_rt.medical.base import UNKNOWN_MODALITY
 
 Turns = list[tuple[str, str]]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from gmaivl_rt.eval.readers import FORMATS, PROTOCOLS
+from gmaivl_rt.eval.report import summary_line
 
 USAGE = """gmaivl-rt eval MODEL_DIR --data FILE --out DIR [options]   answer and score a benchmark
        gmaivl-rt eval score PREDICTIONS.jsonl --data FILE --out DIR   rescore saved predictions, no model
@@ -32,7 +33,7 @@ def _common(parser: argparse.ArgumentParser, data_required: bool = True) -> None
 
 
 def run_parser() -> argparse.ArgumentParser:
-    from gmaivl_rt.runtime import add_backend_options
+    from gmaivl_rt.runtime.cli import add_backend_options
 
     parser = argparse.ArgumentParser(prog="gmaivl-rt eval", usage=USAGE, description=__doc__)
     parser.add_argument("model", help="model folder (torch) or exported folder (onnx / tensorrt)")
@@ -63,7 +64,7 @@ def _run(args) -> int:
         scores = score(ns.predictions, ns.data, ns.out, format=ns.format, protocol=ns.protocol)
         print(summary_line(scores))
         return 0
-    from gmaivl_rt.runtime import backend_options
+    from gmaivl_rt.runtime.cli import backend_options
 
     ns = run_parser().parse_args(argv)
     load_options = backend_options(ns)
@@ -83,15 +84,3 @@ def _run(args) -> int:
     print(summary_line(scores))
     return 0
 
-
-def summary_line(scores: dict) -> str:
-    """One line: accuracy over the scored questions (and chance for MCQ, closed/open figures otherwise)."""
-    text = f"accuracy {scores['overall']:.1%} on {scores['count']} scored questions"
-    if "chance" in scores:
-        text += f" (chance {scores['chance']:.1%})"
-    else:
-        text += (f" (closed {scores['closed']['accuracy']:.1%} of {scores['closed']['count']}, open recall "
-                 f"{scores['open']['recall']:.1%} of {scores['open']['count']})")
-    if scores["unparsed"]:
-        text += f"; {scores['unparsed']} answers unparsed"
-    return text

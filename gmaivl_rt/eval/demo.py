@@ -1,5 +1,5 @@
 """The demo's held-out benchmark: plane and modality questions (options A-D) in VLMEvalKit TSV form, about
-pictures from files that pydicom and nibabel ship but the demo's training data (`gmaivl_rt.data.build.
+pictures from files that pydicom and nibabel ship but the demo's training data (`gmaivl_rt.data.sources.
 demo_datasets`) does not use, so `make demo` can end with the trained model's accuracy beside chance."""
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ def held_out_pictures() -> list[dict]:
     import nibabel.testing
     import pydicom.data
 
-    from gmaivl_rt.data.build import DEMO_DICOM_FILES, DEMO_NIFTI_FILES
-    from gmaivl_rt.medical_io import MedicalImageError, count_images, modality_name, read_medical_image
+    from gmaivl_rt.data.sources import DEMO_DICOM_FILES, DEMO_NIFTI_FILES
+    from gmaivl_rt.medical.base import MedicalImageError, modality_name
+    from gmaivl_rt.medical.reader import count_images, read_medical_image
 
     pictures = []
     nifti_root = Path(nibabel.testing.data_path)
@@ -98,7 +99,7 @@ def run_eval_demo(model_dir, out, backend: str = "torch", batch_size: int = 8, p
                   **backend_kwargs) -> dict:
     """Build the held-out benchmark in `out`, evaluate the model on it there, print accuracy beside chance.
     backend_kwargs go to `gmaivl_rt.load` (torch: device, dtype; onnx/tensorrt: device)."""
-    from gmaivl_rt.eval.cli import summary_line
+    from gmaivl_rt.eval.report import summary_line
     from gmaivl_rt.eval.run import PREDICTIONS, evaluate
 
     out = Path(out)

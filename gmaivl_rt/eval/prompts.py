@@ -1,10 +1,10 @@
 """The question text each protocol sends and its decoding settings (both recorded in run.json: each moves scores
-by points). The chat template around the text is the runtime's own (`gmaivl_rt.chat` through `prepare`)."""
+by points). The chat template around the text is the runtime's own (`gmaivl_rt.model.chat` through `prepare`)."""
 from __future__ import annotations
 
 import re
 
-from gmaivl_rt.chat import IMAGE_TOKEN
+from gmaivl_rt.model.chat import IMAGE_TOKEN
 
 MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 MCQ_INSTRUCTION_ZH = "请直接回答选项字母。"

@@ -3,7 +3,7 @@
 Formats: VLMEvalKit TSV (GMAI-MMBench, OmniMedVQA, MMMU, any MCQ TSV), HuatuoGPT-Vision's
 `medical_multimodel_evaluation_data.json`, SLAKE JSON, VQA-RAD (OSF JSON, or CSV rows `image,question,answer`) and
 PMC-VQA CSV. Images stay references (a file path, or base64 text from a TSV) until the runner reads them through
-`gmaivl_rt.medical_io`."""
+`gmaivl_rt.medical.convert`."""
 from __future__ import annotations
 
 import csv

@@ -92,3 +92,16 @@ def plot_scores(scores: dict, path: Path, max_bars: int = 30) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
+
+
+def summary_line(scores: dict) -> str:
+    """One line: accuracy over the scored questions (and chance for MCQ, closed/open figures otherwise)."""
+    text = f"accuracy {scores['overall']:.1%} on {scores['count']} scored questions"
+    if "chance" in scores:
+        text += f" (chance {scores['chance']:.1%})"
+    else:
+        text += (f" (closed {scores['closed']['accuracy']:.1%} of {scores['closed']['count']}, open recall "
+                 f"{scores['open']['recall']:.1%} of {scores['open']['count']})")
+    if scores["unparsed"]:
+        text += f"; {scores['unparsed']} answers unparsed"
+    return text

@@ -11,14 +11,13 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
 from gmaivl_rt.atomic import atomic_write_json, file_sha256
 from gmaivl_rt.errors import InputError
 from gmaivl_rt.eval.prompts import decoding_for, item_prompt, item_text
 from gmaivl_rt.eval.readers import Base64Image, read_benchmark
 from gmaivl_rt.eval.report import aggregate, write_report
 from gmaivl_rt.eval.scoring import score_prediction
+from gmaivl_rt.runtime.batching import left_padded_batch, pixel_batch
 
 PREDICTIONS = "predictions.jsonl"
 
@@ -26,7 +25,7 @@ PREDICTIONS = "predictions.jsonl"
 # ------------------------------------------------------------------------------------------------ model side
 def _image_input(ref):
     """An item's image reference -> what `runtime.build_request` reads (through
-    `gmaivl_rt.image_input.to_medical_image`): a file path, or the decoded bytes of a base64 TSV image."""
+    `gmaivl_rt.medical.convert.to_medical_image`): a file path, or the decoded bytes of a base64 TSV image."""
     if isinstance(ref, Base64Image):
         import base64
         import binascii
@@ -40,23 +39,16 @@ def _image_input(ref):
 
 def _answer_batch(runtime, questions: list[str], images: list[list], decoding: dict) -> list[str]:
     """One batch through the runtime: each question (literal text; the chat template puts one image slot per image
-    before it) and its images checked and prepared by `runtime.build_request`, left-padded into one batch,
-    generated with `decoding`, decoded. Returns the stripped answer texts, in order."""
+    before it) and its images checked and prepared by `runtime.build_request`, left-padded into one batch
+    (`gmaivl_rt.runtime.batching`), generated with `decoding`, decoded. Returns the stripped answer texts, in
+    order."""
     requests = [runtime.build_request(q, images=list(imgs), **decoding) for q, imgs in zip(questions, images)]
     generation = requests[0].generation  # the same options for every item: eos / pad ids, decoding
-    pad_id = generation["pad_token_id"]
-    width = max(r.prompt_tokens for r in requests)
-    ids = torch.full((len(requests), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(requests), width), dtype=torch.long)
-    pixels = []
-    for row, request in enumerate(requests):
-        ids[row, width - request.prompt_tokens:] = request.input_ids[0]
-        mask[row, width - request.prompt_tokens:] = 1
-        if request.pixel_values is not None:  # images in row order = image tokens in row-major order
-            pixels.extend(list(request.pixel_values))
-    pixel_values = None
-    if pixels:
-        pixel_values = pixels if runtime.config.vision.dynamic_resolution else torch.stack(pixels)
+    ids, mask = left_padded_batch([request.input_ids[0] for request in requests], generation["pad_token_id"])
+    width = ids.shape[1]
+    # images in row order = image tokens in row-major order
+    pixel_values = pixel_batch([p for request in requests if request.pixel_values is not None
+                                for p in request.pixel_values], runtime.config.vision.dynamic_resolution)
     out = runtime.generate(input_ids=ids, attention_mask=mask, pixel_values=pixel_values, **generation)
     return [text.strip() for text in runtime.decode(out[:, width:])]
 

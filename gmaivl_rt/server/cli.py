@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from gmaivl_rt.runtime import add_backend_options, backend_options
+from gmaivl_rt.runtime.cli import add_backend_options, backend_options
 
 
 def register(subparsers) -> None:
@@ -34,7 +34,7 @@ def _serve_cli(args: argparse.Namespace) -> int:
     require("fastapi", "uvicorn", "prometheus_client", extra="serve")
     import uvicorn
 
-    from gmaivl_rt import Engine
+    from gmaivl_rt.engine.engine import Engine
     from gmaivl_rt.server.app import create_app
 
     engine_kwargs = backend_options(args)

@@ -21,7 +21,7 @@ class ImageURL(BaseModel):
     window: str | tuple[float, float] | None = None
 
     def reader_options(self) -> dict:
-        """The keyword arguments `gmaivl_rt.medical_io` readers take, for the ones the request set."""
+        """The keyword arguments `gmaivl_rt.medical.reader` readers take, for the ones the request set."""
         options = {"frame": self.frame, "slice_index": self.slice_index, "plane": self.plane, "window": self.window}
         return {k: v for k, v in options.items() if v is not None}
 

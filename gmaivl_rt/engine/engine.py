@@ -1,0 +1,220 @@
+"""The serving engine: requests batched as they arrive, tokens streamed as they are produced.
+
+    from gmaivl_rt import Engine
+    with Engine("model_dir", backend="torch", max_batch_size=16) as engine:
+        request = engine.submit("Which plane is this?", image="scan.dcm", max_new_tokens=64)
+        for delta in request:          # text deltas; joined they equal request.result()
+            print(delta, end="")
+        engine.ask(question, image)    # = engine.submit(...).result()
+        async for delta in engine.stream(question, image=...): ...
+        engine.stats()
+
+How it works (nano-vllm's shape):
+- engine.py (here): the API, a worker pool that reads and preprocesses each request's images and builds its prompt
+  (the runtime's request boundary, `backend.build_request`), and the scheduler thread's loop:
+  `batch = scheduler.schedule(); logits = runner.run(batch); tokens = decode_step(...);
+  scheduler.postprocess(batch, tokens)`. Tokens are picked by the decoding step every backend shares
+  (`gmaivl_rt.model.sampling.decode_step`).
+- sequence.py: `Request` (the handle `submit` returns) and `Sequence` (what the scheduler keeps per request).
+- scheduler.py: `Scheduler`, owner of the waiting and running sequences, the KV blocks, admission, preemption and
+  retirement. Torch backend: continuous batching over a paged KV cache, with a prefix cache, so a follow-up about
+  the same image skips the vision tower and the prefill of the shared part. Graph backends (onnx, tensorrt): the
+  requests waiting together run as one static batch.
+- torch_runner.py / graph_runner.py: run a batch they are given, return logits. Beside them, paged_cache.py (the
+  torch runner's KV tensors) and block_pool.py (the scheduler's block accounting and prefix cache).
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import threading
+
+import torch
+
+from gmaivl_rt.engine.scheduler import Batch, Scheduler
+from gmaivl_rt.engine.sequence import END_OF_ANSWER, Request, Sequence, fail_request, sequence_from_request
+from gmaivl_rt.model.sampling import decode_step
+from gmaivl_rt.runtime.backends import load
+
+
+class Engine:
+    """Continuous batching over a paged KV cache (torch backend) or static batches per step (graph backends).
+
+    model_dir: a model folder (torch) or an exported folder (onnx / tensorrt); backend: "torch" | "onnx" |
+    "tensorrt"; max_batch_size: requests decoded together; kv_cache_tokens: KV pool size in tokens (default:
+    max_batch_size x 1024, at most the model's context per request); block_size: tokens per KV block;
+    workers: threads that read images and build prompts; backend_kwargs go to `gmaivl_rt.load` (dtype, device,
+    providers, ...)."""
+
+    def __init__(self, model_dir, backend: str = "torch", max_batch_size: int = 16, kv_cache_tokens: int | None = None,
+                 *, block_size: int = 16, workers: int = 2, **backend_kwargs):
+        if max_batch_size < 1 or block_size < 1:
+            raise ValueError(f"max_batch_size ({max_batch_size}) and block_size ({block_size}) must be >= 1")
+        self.backend = load(model_dir, backend=backend, **backend_kwargs)
+        self.tokenizer = self.backend.tokenizer
+        self.max_batch_size = max_batch_size
+        # each runner imported where it is chosen: the torch runner pulls in the kernels, a graph engine needs none
+        if backend == "torch":
+            from gmaivl_rt.engine.torch_runner import TorchRunner
+
+            self.runner = TorchRunner(self.backend.model, block_size, kv_cache_tokens, max_batch_size)
+            self.scheduler = Scheduler(max_batch_size, self.runner.block_pool, self.tokenizer)
+        else:
+            from gmaivl_rt.engine.graph_runner import GraphRunner
+
+            self.runner = GraphRunner(self.backend)
+            self.scheduler = Scheduler(max_batch_size, None, self.tokenizer)
+        self._ids = itertools.count()
+        self._cv = threading.Condition()  # guards the scheduler, _preparing and _closed
+        self._preparing = 0
+        self._closed = False
+        self._prep_pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gmaivl-prep")
+        self._thread = threading.Thread(target=self._loop, name="gmaivl-scheduler", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public API
+    def submit(self, question: str | None = None, image=None, *, messages=None, images=None, system=None,
+               _sink=None, **options) -> Request:
+        """Queue one request and return at once (thread-safe). question + image, or chat `messages` with `images`,
+        as `backend.build_request` takes them (also frame, slice_index, plane, window); options: the generation
+        options (max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size,
+        eos_token_id, pad_token_id, generator) plus seed (int: reproducible sampling, alone or batched) and stop
+        (strings that end the answer, not included): the options the runtime's `ask` takes
+        (`gmaivl_rt.runtime.base.Backend.answer_options`). Errors in the input (InputError, LimitError) surface
+        from the request (result / iteration), never from the engine."""
+        request = Request(self, next(self._ids), sink=_sink)
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            self._preparing += 1
+        self._prep_pool.submit(self._prepare, request, question, image, messages, images, system, options)
+        return request
+
+    def ask(self, question: str | None = None, image=None, **kwargs) -> str:
+        """submit(...).result(): the whole answer."""
+        return self.submit(question, image, **kwargs).result()
+
+    async def stream(self, question: str | None = None, image=None, **kwargs):
+        """Async iterator of text deltas; never blocks the event loop. Leaving the loop early cancels the request."""
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue = asyncio.Queue()
+        request = self.submit(question, image, _sink=lambda item: loop.call_soon_threadsafe(deltas.put_nowait, item),
+                              **kwargs)
+        try:
+            while (item := await deltas.get()) is not END_OF_ANSWER:
+                yield item
+            if request.error is not None:
+                raise request.error
+        finally:
+            if not request.done:
+                request.cancel()
+
+    def stats(self) -> dict:
+        """running, waiting (being prepared or queued), kv_blocks_used, kv_blocks_free, kv_blocks_cached,
+        kv_blocks_peak (most in use at once), kv_block_size, kv_block_bytes (zeros on graph backends),
+        generated_tokens, prompt_tokens, prefix_cache_hits, prefix_cache_hit_tokens, preemptions, finished."""
+        with self._cv:
+            stats = self.scheduler.stats()
+            stats["waiting"] += self._preparing
+        return {**stats, "kv_block_bytes": self.runner.block_bytes}
+
+    def wake(self) -> None:
+        """Wake the scheduler thread (a request was cancelled: it is dropped at the next step)."""
+        with self._cv:
+            self._cv.notify_all()
+
+    def close(self, cancel: bool = False) -> None:
+        """Stop taking requests; finish the ones in flight (or cancel them with cancel=True); join the thread."""
+        with self._cv:
+            if self._closed and not self._thread.is_alive():
+                return
+            self._closed = True
+            self._cv.notify_all()
+        self._prep_pool.shutdown(wait=True)
+        with self._cv:
+            if cancel:
+                self.scheduler.cancel_all()
+            self._cv.notify_all()
+        self._thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close(cancel=exc[0] is not None)
+
+    # ------------------------------------------------------------------ preparation (worker pool)
+    def _prepare(self, request, question, image, messages, images, system, options):
+        try:
+            generation, stop = self.backend.answer_options(options)
+            prepared = self.backend.build_request(question, image, messages=messages, images=images, system=system,
+                                                  **generation)
+            seq = sequence_from_request(request, prepared, stop, self.backend.config, self.runner.device,
+                                        self.runner.dtype)
+            self.scheduler.check_fits(seq)
+        except BaseException as e:  # a bad request fails itself only
+            with self._cv:
+                self._preparing -= 1
+                self._cv.notify_all()
+            fail_request(request, e)
+            return
+        with self._cv:
+            self._preparing -= 1
+            self.scheduler.add(seq)
+            self._cv.notify_all()
+
+    # ------------------------------------------------------------------ scheduler thread
+    def _loop(self):
+        while True:
+            with self._cv:
+                while not self.scheduler.has_work and not (self._closed and not self._preparing):
+                    self._cv.wait()
+                if not self.scheduler.has_work and self._closed and not self._preparing:
+                    return
+            try:
+                self._step()
+            except Exception as e:  # a failure outside any one request: fail those in flight, keep serving
+                with self._cv:
+                    self.scheduler.fail_running(e)
+
+    def _step(self) -> None:
+        """One iteration: schedule, run the batch, pick one token per row, hand them back to the scheduler."""
+        with self._cv:
+            batch = self.scheduler.schedule()
+        if batch is None:
+            return
+        logits, failed = self._run(batch)
+        tokens = [self._next_token(seq, row) if row is not None and active and self.scheduler.wants_token(seq)
+                  else None for seq, row, active in zip(batch.seqs, logits, batch.active)]
+        with self._cv:
+            for seq, error in failed.items():
+                self.scheduler.retire(seq, "error", error)
+            self.scheduler.postprocess(batch, tokens)
+
+    def _run(self, batch: Batch) -> tuple[list, dict]:
+        """Per row its logits (1, V) fp32, None where the row failed; and {sequence: error} of the active rows that
+        failed. A static batch fails together; when a mixed batch fails, each row runs alone to find the ones at
+        fault, so the others go on."""
+        try:
+            logits = self.runner.run(batch)
+            return [logits[r:r + 1] for r in range(len(batch))], {}
+        except Exception as error:
+            if batch.phase != "mixed" or len(batch) == 1:
+                return [None] * len(batch), {seq: error for seq, active in zip(batch.seqs, batch.active) if active}
+        logits, failed = [], {}
+        for seq in batch.seqs:
+            try:
+                logits.append(self.runner.run(Batch([seq], "mixed", [True])))
+            except Exception as error:
+                logits.append(None)
+                failed[seq] = error
+        return logits, failed
+
+    @staticmethod
+    def _next_token(seq: Sequence, logits: torch.Tensor) -> int:
+        """The next token of `seq` from its last-position logits (1, V) (`decode_step`, the step every backend
+        shares); its sampling state (ids so far, eos seen) advances."""
+        token, seq.sequences, seq.finished = decode_step(logits, seq.sequences, seq.finished, seq.params, seq.stop,
+                                                         seq.generator)
+        return int(token)

@@ -1,0 +1,87 @@
+"""A paged KV cache for the serving engine (vLLM's PagedAttention layout): the key/value tensors the torch runner
+(gmaivl_rt/engine/torch_runner.py) writes and reads.
+
+Keys and values of every layer live in one pool of fixed-size blocks, (num_blocks, block_size, kv_heads, head_dim);
+each sequence owns a list of blocks (its block table), so memory follows the tokens in use. `PagedKVCache`
+implements the same `attend`/`advance` contract as `gmaivl_rt.model.modeling.KVCache`, so the model runs over it
+unchanged: the runner `bind`s the block tables and cached lengths of the sequences in the next forward, and the
+model's TokenBatch rows and slots are mapped through the tables. Which blocks a sequence holds is the scheduler's
+business, through the cache's `BlockPool` (gmaivl_rt/engine/block_pool.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from gmaivl_rt.engine.block_pool import BlockPool
+from gmaivl_rt.model import ops
+from gmaivl_rt.model.modeling import attend_after_prefix
+
+
+class PagedKVCache:
+    """Per-layer key/value block pools (num_blocks, block_size, kv_heads, head_dim) and a BlockPool.
+    Before each forward, `bind` the block tables and cached lengths of the sequences in it (one per input row)."""
+
+    def __init__(self, cfg, num_blocks: int, block_size: int, dtype, device):
+        t = cfg.text
+        shape = (num_blocks, block_size, t.num_kv_heads, t.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(t.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(t.num_layers)]
+        self.pool = BlockPool(num_blocks, block_size)
+        self.block_size, self.device = block_size, device
+        self.lengths, self.max_length, self.block_tables = [], 0, None
+
+    @property
+    def bytes_per_block(self) -> int:
+        return 2 * len(self.keys) * self.keys[0][0].numel() * self.keys[0].element_size()
+
+    def bind(self, block_tables: list[list[int]], cached_lengths: list[int]) -> None:
+        """block_tables: per sequence, its blocks (enough for its cached and new tokens); cached_lengths: tokens
+        each already holds."""
+        width = max(len(t) for t in block_tables)
+        self.block_tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32,
+                                         device=self.device)
+        self.lengths, self.max_length = list(cached_lengths), width * self.block_size
+
+    def attend(self, layer: int, q, k, v, batch):
+        """Store the new tokens' k/v in their blocks, then attend each new query to its sequence's cached and new
+        keys: varlen attention for fresh prompts, the paged decode kernel for single tokens, and a gather for
+        several tokens after a cached prefix."""
+        keys, values = self.keys[layer], self.values[layer]
+        blocks = self.block_tables[batch.cache_rows, batch.cache_slots // self.block_size].long()
+        offsets = batch.cache_slots % self.block_size
+        keys[blocks, offsets] = k.to(keys.dtype)
+        values[blocks, offsets] = v.to(values.dtype)
+        starts, lengths = batch.cache_starts, batch.lengths
+        if all(s == 0 for s in starts):
+            return ops.attention(q, k, v, causal=True, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)
+        if all(n == 1 for n in lengths):
+            return ops.paged_decode_attention(q, keys, values, self.block_tables, batch.cache_seqlens_after)
+        return self._attend_mixed(q, k, v, keys, values, batch)
+
+    def _attend_mixed(self, q, k, v, keys, values, batch):
+        out = torch.empty_like(q)
+        bounds = batch.cu_seqlens.tolist()
+        fresh = [r for r, (s, n) in enumerate(zip(batch.cache_starts, batch.lengths)) if s == 0 and n]
+        if fresh:
+            index = torch.cat([torch.arange(bounds[r], bounds[r + 1], device=q.device) for r in fresh])
+            sizes = torch.tensor([batch.lengths[r] for r in fresh], device=q.device)
+            cu = torch.nn.functional.pad(sizes.cumsum(0), (1, 0)).to(torch.int32)
+            out[index] = ops.attention(q[index], k[index], v[index], causal=True, cu_seqlens=cu,
+                                       max_seqlen=int(sizes.max()))
+        single = [r for r, (s, n) in enumerate(zip(batch.cache_starts, batch.lengths)) if s and n == 1]
+        if single:
+            index = torch.tensor([bounds[r] for r in single], device=q.device)
+            rows = torch.tensor(single, device=q.device)
+            out[index] = ops.paged_decode_attention(q[index], keys, values, self.block_tables[rows],
+                                                    batch.cache_seqlens_after[rows])
+        for r, (s, n) in enumerate(zip(batch.cache_starts, batch.lengths)):
+            if s and n > 1:  # several tokens after a cached prefix: gather this sequence's blocks
+                total = s + n
+                table = self.block_tables[r, :self.pool.blocks_for(total)].long()
+                ks = keys[table].flatten(0, 1)[:total]
+                vs = values[table].flatten(0, 1)[:total]
+                out[bounds[r]:bounds[r + 1]] = attend_after_prefix(q[bounds[r]:bounds[r + 1]], ks, vs)
+        return out
+
+    def advance(self, lengths) -> None:
+        self.lengths = [a + b for a, b in zip(self.lengths, lengths)]

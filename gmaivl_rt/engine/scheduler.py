@@ -1,0 +1,216 @@
+"""The scheduler: which sequences run next, and what becomes of them after each step.
+
+It owns the waiting queue and the running list, the KV blocks (the `BlockPool` of block_pool.py that the torch
+runner's `PagedKVCache` maps its tensors through: allocation, the prefix cache, preemption) and the engine's
+counters. `schedule()` admits and returns the next
+`Batch`; the runner runs it; `postprocess(batch, tokens)` appends each row's sampled token, streams the text and
+retires finished sequences. Two ways to batch:
+
+- paged (torch backend, a `BlockPool` given): continuous batching. Waiting sequences join while batch slots and
+  KV blocks allow (their prompt first looked up in the prefix cache); every running sequence gets the blocks its
+  next tokens need, the youngest being preempted when the pool is out (its full blocks stay in the prefix cache,
+  the rest is recomputed when readmitted). A batch mixes new prompts and single decode tokens.
+- static (graph backends, no pool): the sequences waiting when a batch starts run together until all are done
+  (prefill, then one token per step); rows that finished or were cancelled are fed padding meanwhile.
+
+Not thread-safe on its own: the engine calls it under its lock, from its scheduler thread (and `add` / `stats`
+from others)."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from gmaivl_rt.engine.block_pool import BlockPool, block_keys
+from gmaivl_rt.engine.sequence import Sequence
+from gmaivl_rt.errors import LimitError
+
+BLOCK_STATS = ("kv_blocks_used", "kv_blocks_free", "kv_blocks_cached", "kv_blocks_peak", "kv_block_size")
+
+
+@dataclass
+class Batch:
+    """What the runner runs next, one row per sequence in `seqs`.
+    phase: "mixed" (paged: each row feeds its uncached tokens, seq.ids[seq.cached:]), "prefill" (a new static
+    batch: each row's whole prompt) or "decode" (the static batch in flight: each active row feeds its last token).
+    active: per row, whether it still runs (static batches keep finished rows, fed padding; their logits unused)."""
+    seqs: list
+    phase: str
+    active: list
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+class Scheduler:
+    """max_batch_size: sequences run together; pool: the KV block pool (paged batching), or None (static
+    batching); tokenizer: decodes the streamed text."""
+
+    def __init__(self, max_batch_size: int, pool: BlockPool | None, tokenizer):
+        self.max_batch_size, self.pool, self.tokenizer = max_batch_size, pool, tokenizer
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.counters = {"generated_tokens": 0, "prompt_tokens": 0, "prefix_cache_hits": 0,
+                         "prefix_cache_hit_tokens": 0, "preemptions": 0, "finished": 0}
+        self._static: list[Sequence] | None = None  # the static batch in flight
+
+    # ------------------------------------------------------------------ queue
+    def check_fits(self, seq: Sequence) -> None:
+        """LimitError when the sequence could never fit the KV pool, even alone (reads only the pool's size)."""
+        if self.pool is not None:
+            # the last token is never fed, so prompt + max_new_tokens - 1 positions need keys/values
+            needed = self.pool.blocks_for(seq.prompt_len + seq.max_new_tokens - 1)
+            if needed > self.pool.num_blocks:
+                raise LimitError(f"the request needs {needed} KV blocks ({seq.prompt_len} prompt tokens + "
+                                 f"max_new_tokens {seq.max_new_tokens}) but the engine's cache holds "
+                                 f"{self.pool.num_blocks} (kv_cache_tokens)")
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a sequence (checked by `check_fits`)."""
+        self.counters["prompt_tokens"] += seq.prompt_len
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def cancel_all(self) -> None:
+        for seq in [*self.waiting, *self.running]:
+            seq.request.cancel_requested = True
+
+    def stats(self) -> dict:
+        """running, waiting, the block counts (zeros when static) and the counters."""
+        pool = self.pool
+        blocks = dict.fromkeys(BLOCK_STATS, 0) if pool is None else {
+            "kv_blocks_used": pool.num_used, "kv_blocks_free": pool.num_free, "kv_blocks_cached": pool.num_cached,
+            "kv_blocks_peak": pool.peak_used, "kv_block_size": pool.block_size}
+        return {"running": len(self.running), "waiting": len(self.waiting), **blocks, **self.counters}
+
+    # ------------------------------------------------------------------ before a step
+    def schedule(self) -> Batch | None:
+        """Drop cancelled sequences, admit, and return the next batch (None: nothing to run)."""
+        self._drop_cancelled()
+        if self.pool is None:
+            return self._schedule_static()
+        self._admit()
+        self._grow_blocks()
+        if not self.running:
+            return None
+        return Batch(list(self.running), "mixed", [True] * len(self.running))
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self.waiting if s.cancelled]:
+            self.waiting.remove(seq)
+            self.retire(seq, "cancelled")
+        for seq in [s for s in self.running if s.cancelled]:
+            self.retire(seq, "cancelled")
+
+    def _schedule_static(self) -> Batch | None:
+        if self._static is not None and any(seq in self.running for seq in self._static):
+            return Batch(self._static, "decode", [seq in self.running for seq in self._static])
+        rows = []
+        while self.waiting and len(rows) < self.max_batch_size:
+            rows.append(self.waiting.popleft())
+            rows[-1].mark_scheduled()
+        self.running.extend(rows)
+        self._static = rows or None
+        return Batch(rows, "prefill", [True] * len(rows)) if rows else None
+
+    def _admit(self) -> None:
+        pool = self.pool
+        while self.waiting and len(self.running) < self.max_batch_size:
+            seq = self.waiting[0]
+            hit = self._lookup(seq) if not seq.blocks else 0
+            need = pool.blocks_for(len(seq.ids)) - len(seq.blocks)
+            # keep a block per running sequence for its growth, so admitting does not force a preemption
+            if pool.num_free < need + len(self.running):
+                self._free_blocks(seq, keep_prefix=False)
+                return
+            seq.blocks += pool.allocate(need)
+            self.waiting.popleft()
+            self.running.append(seq)
+            seq.mark_scheduled()
+            if hit and not seq.hit_tokens:
+                self.counters["prefix_cache_hits"] += 1
+                self.counters["prefix_cache_hit_tokens"] += hit
+            seq.hit_tokens = seq.hit_tokens or hit
+
+    def _lookup(self, seq: Sequence) -> int:
+        """Take the longest cached prefix of the sequence's tokens (keeping at least one token to run); returns
+        the tokens found."""
+        keys = block_keys(seq.ids[:len(seq.ids) - 1], self.pool.block_size, seq.image_spans, seq.image_keys)
+        seq.blocks = self.pool.lookup(keys)
+        seq.cached = len(seq.blocks) * self.pool.block_size
+        return seq.cached
+
+    def _grow_blocks(self) -> None:
+        """Every running sequence gets the blocks for the tokens it runs next; when the pool is out, the youngest
+        is preempted (its full blocks stay in the prefix cache, the rest is recomputed when readmitted)."""
+        pool = self.pool
+        for seq in list(self.running):
+            if seq not in self.running:
+                continue
+            need = pool.blocks_for(len(seq.ids)) - len(seq.blocks)
+            while need > 0:
+                blocks = pool.allocate(need)
+                if blocks is not None:
+                    seq.blocks += blocks
+                    break
+                victim = self.running.pop()
+                self._free_blocks(victim, keep_prefix=True)
+                self.waiting.appendleft(victim)
+                self.counters["preemptions"] += 1
+                if victim is seq:
+                    break
+
+    # ------------------------------------------------------------------ after a step
+    def wants_token(self, seq: Sequence) -> bool:
+        """Whether a row's logits are to be sampled: it still runs and was not cancelled meanwhile."""
+        return seq in self.running and not seq.cancelled
+
+    def postprocess(self, batch: Batch, tokens: list) -> None:
+        """tokens: per row, the sampled id (int), or None for rows not sampled (inactive, cancelled, failed).
+        Appends and streams each token, and retires the sequences that are done: an eos ("stop", as
+        `decode_step` flagged it in seq.finished), a stop string in the text ("stop"), or max_new_tokens
+        ("length")."""
+        for seq, token in zip(batch.seqs, tokens):
+            if seq not in self.running:  # retired during the step (it failed)
+                continue
+            if batch.phase == "mixed":
+                seq.cached = len(seq.ids)  # the runner stored the keys/values of every token it fed
+            if token is None or seq.cancelled:
+                continue
+            seq.append_token(token)
+            self.counters["generated_tokens"] += 1
+            reason = "stop" if bool(seq.finished) else ("length" if len(seq.generated) >= seq.max_new_tokens
+                                                        else None)
+            if reason is None and seq.stream_text(self.tokenizer, final=False):
+                reason = "stop"
+            if reason is not None:
+                self.retire(seq, reason)
+
+    def retire(self, seq: Sequence, reason: str, error: BaseException | None = None) -> None:
+        """Take a sequence out of the running list, return its blocks (a finished one's full blocks join the
+        prefix cache), flush its text and finish its request: "stop" | "length" | "cancelled" | "error"."""
+        if seq in self.running:
+            self.running.remove(seq)
+        self._free_blocks(seq, keep_prefix=reason in ("stop", "length"))
+        if reason in ("stop", "length", "cancelled"):
+            seq.stream_text(self.tokenizer, final=True)
+        self.counters["finished"] += 1
+        seq.finish(reason, error)
+
+    def fail_running(self, error: BaseException) -> None:
+        """A failure outside any one sequence: every running sequence ends with it."""
+        for seq in list(self.running):
+            self.retire(seq, "error", error)
+
+    def _free_blocks(self, seq: Sequence, keep_prefix: bool) -> None:
+        """Return a sequence's blocks; with keep_prefix its full blocks join the prefix cache first."""
+        if self.pool is None:
+            return  # static batches keep their cache inside the graphs' state, freed with the batch
+        if keep_prefix:
+            keys = block_keys(seq.ids[:seq.cached], self.pool.block_size, seq.image_spans, seq.image_keys)
+            for key, block in zip(keys, seq.blocks):
+                self.pool.register(key, block)
+        self.pool.release(seq.blocks)
+        seq.blocks, seq.cached = [], 0

@@ -1,0 +1,94 @@
+"""The torch backend's model runner: one forward of `GMAIVL` over a batch the scheduler made, over a `PagedKVCache`.
+
+`run(batch)` feeds every row's uncached tokens (new prompts packed with single decode tokens alike) through the
+model, with the keys and values going into each sequence's blocks, and returns the logits at each row's last token.
+It touches no queue and decides nothing: which sequences run and which blocks they hold is the scheduler's
+(gmaivl_rt/engine/scheduler.py). Projected image features are kept per image (by content key, LRU), so a follow-up
+about the same image never runs the vision tower again, even where its prompt departs from the cached one inside a
+KV block."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from gmaivl_rt.engine.paged_cache import PagedKVCache
+from gmaivl_rt.runtime.batching import pixel_batch
+
+
+class TorchRunner:
+    """model: a GMAIVL (its weights' device and dtype are the runner's); block_size: tokens per KV block;
+    kv_cache_tokens: the KV pool's size in tokens (None: max_batch_size x 1024, at most the model's context per
+    request)."""
+
+    FEATURE_CACHE_IMAGES = 32  # projected features of recent images kept for follow-up questions
+
+    def __init__(self, model, block_size: int, kv_cache_tokens: int | None, max_batch_size: int):
+        self.model, self.config = model, model.config
+        weight = model.lm_head.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        if kv_cache_tokens is None:
+            kv_cache_tokens = max_batch_size * min(1024, self.config.text.context_length)
+        num_blocks = -(-int(kv_cache_tokens) // block_size)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_tokens must be >= 1, got {kv_cache_tokens}")
+        self.cache = PagedKVCache(self.config, num_blocks, block_size, self.dtype, self.device)
+        self._features = OrderedDict()  # image key -> projected features (tokens, hidden), least recent first
+
+    @property
+    def block_pool(self):
+        """The block accounting of this runner's cache, which the scheduler owns and the forward reads."""
+        return self.cache.pool
+
+    @property
+    def block_bytes(self) -> int:
+        return self.cache.bytes_per_block
+
+    @torch.no_grad()
+    def run(self, batch) -> torch.Tensor:
+        """One forward over the rows' uncached tokens seq.ids[seq.cached:], each row's blocks (seq.blocks) already
+        holding room for them. Returns (rows, vocab) float32 logits at each row's last token."""
+        rows = batch.seqs
+        new = [seq.ids[seq.cached:] for seq in rows]
+        width = max(len(n) for n in new)
+        # right-padded: the model packs the rows by the mask, so the padding side does not matter here
+        input_ids = torch.zeros(len(rows), width, dtype=torch.int64)
+        mask = torch.zeros(len(rows), width, dtype=torch.int64)
+        slots = torch.zeros(len(rows), width, dtype=torch.bool)  # the prompt's image slots, never generated ids
+        for r, (seq, ids) in enumerate(zip(rows, new)):
+            input_ids[r, :len(ids)] = torch.tensor(ids)
+            mask[r, :len(ids)] = 1
+            for start, end in seq.image_spans:
+                slots[r, max(0, start - seq.cached):max(0, end - seq.cached)] = True
+        features = self._image_features(rows)
+        self.cache.bind([seq.blocks for seq in rows], [seq.cached for seq in rows])
+        return self.model.last_logits(input_ids.to(self.device), None, mask.to(self.device), self.cache,
+                                      image_features=features, image_slots=slots.to(self.device))
+
+    @staticmethod
+    def _images_to_feed(seq) -> list:
+        """(image index, first uncached feature) of each image with tokens still to run."""
+        return [(i, max(0, seq.cached - start)) for i, (start, end) in enumerate(seq.image_spans) if end > seq.cached]
+
+    def _image_features(self, rows):
+        """Projected features of the image tokens the rows run next, (tokens, hidden), in token order, or None.
+        Images not in the feature cache go through the vision tower together, once each."""
+        wanted = [(seq, i, first) for seq in rows for i, first in self._images_to_feed(seq)]
+        if not wanted:
+            return None
+        missing = {}
+        for seq, i, _ in wanted:
+            key = seq.image_keys[i]
+            if key in self._features:
+                self._features.move_to_end(key)
+            else:
+                missing.setdefault(key, seq.pixels[i])
+        if missing:
+            pixels = list(missing.values())
+            encoded = self.model.encode_images(pixel_batch(pixels, self.config.vision.dynamic_resolution))
+            counts = [self.config.vision.tokens_per_image(p.shape[-2], p.shape[-1]) for p in pixels]
+            for key, features in zip(missing, encoded.split(counts)):
+                self._features[key] = features
+            while len(self._features) > max(self.FEATURE_CACHE_IMAGES, len(missing)):
+                self._features.popitem(last=False)
+        return torch.cat([self._features[seq.image_keys[i]][first:] for seq, i, first in wanted])

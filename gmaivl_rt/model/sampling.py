@@ -1,0 +1,216 @@
+"""Next-token selection shared by every backend (torch, ONNX Runtime, TensorRT), in transformers' order:
+repetition penalty, no-repeat n-gram ban, then temperature, top-k and top-p when sampling."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gmaivl_rt.errors import InputError
+from gmaivl_rt.errors import LimitError
+from gmaivl_rt.limits import DEFAULT_LIMITS, Limits, check_context, check_max_new_tokens, short_repr, type_name
+
+
+SAMPLING_OPTIONS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size")
+GENERATION_OPTIONS = ("max_new_tokens", *SAMPLING_OPTIONS, "eos_token_id", "pad_token_id", "generator")
+
+
+@dataclass
+class SamplingParams:
+    """Sampling options, each type- and range-checked here (the one place of these rules): InputError naming the
+    option. Ints are ints (bool refused), floats accept ints; do_sample is a bool."""
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.do_sample, (bool, np.bool_)):
+            raise InputError(f"do_sample must be a bool, got {type_name(self.do_sample)}")
+        self.do_sample = bool(self.do_sample)
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            setattr(self, name, _number(getattr(self, name), name))
+        for name in ("top_k", "no_repeat_ngram_size"):
+            setattr(self, name, _integer(getattr(self, name), name))
+        if self.temperature <= 0:
+            raise InputError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("top_k", "no_repeat_ngram_size"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name} must be an int >= 0, got {getattr(self, name)}")
+        if self.repetition_penalty <= 0:
+            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def _number(value, name: str) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InputError(f"{name} must be a number, got {type_name(value)} {short_repr(value)}")
+    if not math.isfinite(float(value)):
+        raise InputError(f"{name} must be finite, got {float(value)}")
+    return float(value)
+
+
+def _integer(value, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise InputError(f"{name} must be an int, got {type_name(value)} {short_repr(value)}")
+    return int(value)
+
+
+def apply_repetition_penalty(scores, sequences, penalty):
+    """scores: (B, V) fp32; sequences: (B, S) ids seen so far. CTRL-style penalty, as transformers applies it."""
+    if penalty == 1.0:
+        return scores
+    seen = torch.gather(scores, 1, sequences)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return scores.scatter(1, sequences, seen)
+
+
+def ban_repeated_ngrams(scores, sequences, n):
+    """Forbid any token that would complete an n-gram already present in its row of `sequences` (B, S)."""
+    if n <= 0 or sequences.shape[1] + 1 < n:
+        return scores
+    scores = scores.clone()
+    prefix_len = n - 1
+    for row, seq in enumerate(sequences.tolist()):
+        prefix = tuple(seq[len(seq) - prefix_len:]) if prefix_len else ()
+        banned = {seq[i + prefix_len] for i in range(len(seq) - n + 1) if tuple(seq[i:i + prefix_len]) == prefix}
+        if banned:
+            scores[row, list(banned)] = -float("inf")
+    return scores
+
+
+def select_next_token(logits, sequences, params: SamplingParams, generator=None):
+    """logits: (B, V) last-position logits; sequences: (B, S) ids so far (prompt included). Returns (B,) int64."""
+    scores = logits.float()
+    scores = apply_repetition_penalty(scores, sequences, params.repetition_penalty)
+    scores = ban_repeated_ngrams(scores, sequences, params.no_repeat_ngram_size)
+    if not params.do_sample:
+        return scores.argmax(-1)
+    scores = scores / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(scores, min(params.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        drop = cumulative <= 1 - params.top_p
+        drop[:, -1] = False  # always keep the most likely token
+        scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+    probs = scores.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _as_list(ids) -> list[int]:
+    if ids is None:
+        return []
+    return [int(i) for i in ids] if isinstance(ids, (list, tuple)) else [int(ids)]
+
+
+@dataclass
+class StopRule:
+    """When a row is done: it produced one of `eos` ids; afterwards it is filled with `pad`."""
+    eos: list
+    pad: int
+
+    @classmethod
+    def from_config(cls, text_config, eos_token_id=None, pad_token_id=None) -> "StopRule":
+        """eos_token_id: int or list (default: text_config's); pad_token_id default: the config's pad, else the
+        first eos, else 0."""
+        eos = _as_list(text_config.eos_token_id if eos_token_id is None else eos_token_id)
+        pad = pad_token_id if pad_token_id is not None else (text_config.pad_token_id or (eos or [0])[0])
+        return cls(eos, int(pad))
+
+
+def decode_step(step_logits, sequences, finished, params: SamplingParams, stop: StopRule, generator=None):
+    """One token for each row: step_logits (B, V) at the last position; sequences (B, S) int64 ids so far;
+    finished (B,) bool. Returns (next_tokens (B,) int64, sequences (B, S + 1), finished (B,)): finished rows get
+    `stop.pad`, a row that produced an eos becomes finished. The step `generate_tokens` and the engine share."""
+    next_tokens = select_next_token(step_logits, sequences, params, generator).to(sequences.device)
+    next_tokens = torch.where(finished, torch.full_like(next_tokens, stop.pad), next_tokens)
+    sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
+    eos = torch.tensor(stop.eos, dtype=torch.long, device=sequences.device)
+    return next_tokens, sequences, finished | torch.isin(next_tokens, eos)
+
+
+def seeded_generator(seed, device="cpu") -> torch.Generator:
+    """The one rule of `seed`: a torch.Generator on `device` (where the logits reach the sampler: the model's
+    device on the torch backend, the CPU on graph backends) seeded with it; equal seeds, equal samples.
+    seed: an int (bool refused), else InputError."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InputError(f"seed must be an int, got {type_name(seed)}")
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def generate_tokens(prefill, step, input_ids, text_config, *, max_new_tokens: int = 32, do_sample: bool = False,
+                    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
+                    no_repeat_ngram_size: int = 0, eos_token_id=None, pad_token_id=None,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """The decoding loop every backend shares, with transformers' stopping rule.
+
+    prefill() -> (B, V) logits at each prompt's last token; step(next_tokens (B,) int64) -> (B, V) logits after
+    feeding them. input_ids: (B, S) prompts. eos_token_id, pad_token_id: see `StopRule.from_config`.
+    Returns (B, S + new) int64: generation stops when every row has produced an eos or after max_new_tokens."""
+    params = SamplingParams(do_sample, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size)
+    max_new_tokens = check_max_new_tokens(max_new_tokens)
+    check_context(input_ids.shape[1], max_new_tokens, text_config.context_length)
+    stop = StopRule.from_config(text_config, eos_token_id, pad_token_id)
+    sequences = input_ids
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    step_logits = prefill()
+    for produced in range(1, max_new_tokens + 1):
+        next_tokens, sequences, finished = decode_step(step_logits, sequences, finished, params, stop, generator)
+        if bool(finished.all()) or produced == max_new_tokens:
+            break
+        step_logits = step(next_tokens)
+    return sequences
+
+
+def _check_token_ids(value, role: str):
+    if value is None:
+        return None
+    items = value if isinstance(value, (list, tuple)) else [value]
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+            raise InputError(f"{role} must be a token id (int >= 0) or a list of them, got {short_repr(value)}")
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def check_generation(options: dict, *, prompt_tokens: int | None, context: int | None,
+                     limits: Limits | None = None) -> dict:
+    """Validate generation options once for every backend; returns a new dict ready for `generate(**...)`.
+
+    options: any of GENERATION_OPTIONS (unknown names are refused). max_new_tokens: int >= 1 and at most
+    limits.max_new_tokens; prompt_tokens + max_new_tokens <= context (the model's TextConfig.context_length; None
+    skips it). Sampling options are typed and range-checked by `gmaivl_rt.model.sampling.SamplingParams`.
+    Raises InputError (bad type or value) or LimitError (over a limit or the context)."""
+    limits = limits or DEFAULT_LIMITS
+    if not isinstance(options, dict):
+        raise InputError(f"generation options must be a dict, got {type_name(options)}")
+    unknown = [k for k in options if k not in GENERATION_OPTIONS]
+    if unknown:
+        raise InputError(f"unknown generation option {short_repr(str(unknown[0]))}; "
+                         f"known: {', '.join(GENERATION_OPTIONS)}")
+    out = dict(options)
+    if "max_new_tokens" not in out:
+        raise InputError("max_new_tokens is required")
+    out["max_new_tokens"] = check_max_new_tokens(out["max_new_tokens"])
+    if out["max_new_tokens"] > limits.max_new_tokens:
+        raise LimitError(f"max_new_tokens {out['max_new_tokens']} is over the limit of {limits.max_new_tokens}")
+    sampling = SamplingParams(**{k: out[k] for k in SAMPLING_OPTIONS if k in out})
+    out.update({k: getattr(sampling, k) for k in SAMPLING_OPTIONS if k in out})
+    for key in ("eos_token_id", "pad_token_id"):
+        if key in out:
+            out[key] = _check_token_ids(out[key], key)
+    if out.get("generator") is not None:
+        import torch
+
+        if not isinstance(out["generator"], torch.Generator):
+            raise InputError(f"generator must be a torch.Generator, got {type_name(out['generator'])}")
+    if prompt_tokens is not None:
+        check_context(int(prompt_tokens), out["max_new_tokens"], context)
+    return out

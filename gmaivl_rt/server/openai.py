@@ -1,0 +1,59 @@
+"""OpenAI chat-completions requests -> what the engine's `submit` takes: the system prompt, chat turns with image
+slots, the image URLs in order, and the generation options."""
+from __future__ import annotations
+
+from gmaivl_rt.errors import InputError
+from gmaivl_rt.runtime.request import image_slots
+from gmaivl_rt.server import protocol
+
+
+def chat_turns(messages: list[protocol.ChatMessage]) -> tuple[str | None, list[dict], list[protocol.ImageURL]]:
+    """OpenAI messages -> (system prompt, chat turns for the request boundary, image URLs in order).
+
+    Turns carry content parts (`gmaivl_rt.model.chat.chat_parts`), so text a client sends stays literal text (a typed
+    `<image>` or `<|im_start|>` is not a slot or a marker). As vLLM does for InternVL-family models, a turn's image
+    slots come first, each followed by a newline (`gmaivl_rt.runtime.request.image_slots`), then its text parts
+    joined by newlines: [image, text] and [text, image] both ask exactly what `Engine.ask(text, image)` asks.
+    """
+    system_parts, turns, images = [], [], []
+    for i, message in enumerate(messages):
+        content = message.content
+        if content is None or content == "" or content == []:
+            raise InputError(f"messages[{i}]: content is empty")
+        if isinstance(content, str):
+            texts, urls = [content], []
+        else:
+            texts = [p.text for p in content if p.type == "text"]
+            urls = [p.image_url for p in content if p.type == "image_url"]
+        if message.role in ("system", "developer"):
+            if urls:
+                raise InputError(f"messages[{i}]: a {message.role} message cannot carry images")
+            system_parts.append("\n".join(texts))
+            continue
+        if urls and message.role == "assistant":
+            raise InputError(f"messages[{i}]: an assistant message cannot carry images")
+        images.extend(urls)
+        content = image_slots(len(urls)) + [{"type": "text", "text": "\n".join(texts)}]
+        turns.append({"role": message.role, "content": content})
+    if not turns or turns[-1]["role"] != "user":
+        raise InputError("messages: the last message must be a user message")
+    return ("\n".join(system_parts) if system_parts else None), turns, images
+
+
+def generation_options(body: protocol.ChatCompletionRequest) -> dict:
+    """OpenAI sampling fields -> the engine's generation keywords; fields a request leaves out are not passed, so
+    the runtime's defaults (`gmaivl_rt.runtime.request.DEFAULT_GENERATION`) apply. temperature 0 means greedy."""
+    options = {}
+    max_new_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if max_new_tokens is not None:
+        options["max_new_tokens"] = max_new_tokens
+    if body.temperature is not None:
+        options.update(do_sample=False) if body.temperature == 0 else \
+            options.update(do_sample=True, temperature=body.temperature)
+    if body.top_p is not None:
+        options["top_p"] = body.top_p
+    if body.seed is not None:
+        options["seed"] = body.seed
+    if body.stop:
+        options["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
+    return options
