@@ -6,7 +6,7 @@ the loop (gradient accumulation over packs, clipping, logging, checkpoints) -> t
     train(stage=2, data="runs/data", out="runs/s2", init="runs/s1")
 
 `OUT` ends up holding: the model (config.json + safetensors, `GMAIVL.from_pretrained(OUT)`), the tokenizer,
-`train_config.yaml` (the merged config), `log.jsonl` (one line per optimizer step), `history.jsonl` (this and
+`generation_config.json` (GMAI-VL's recommended decoding, `gmaivl_rt.runtime.generation_config`), `train_config.yaml` (the merged config), `log.jsonl` (one line per optimizer step), `history.jsonl` (this and
 earlier stages' steps), `loss.png`, and `checkpoints/` (see `checkpointing`).
 
 Loss normalisation: a global batch's loss is the mean over all its predicted tokens, whichever rank and micro-step
@@ -33,6 +33,7 @@ from . import distributed as dist_utils
 from .checkpointing import checkpoints_dir, restore, resume_checkpoint, save_checkpoint, write_model
 from .config import RUN_KEY, SAVED_CONFIG, load_train_config, read_yaml, resume_config, run_inputs
 from .dataset import ImagePolicy, PackedDataset
+from gmaivl_rt.runtime.generation_config import write_generation_config
 from gmaivl_rt.runtime.tokenizer import chat_stop_ids, check_tokenizer_fits, load_tokenizer, model_vocab_fields
 
 from .tokenizer import conversation_texts, save_hf_tokenizer, train_bpe_tokenizer
@@ -220,6 +221,9 @@ def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps
     if info.is_main:
         if Path(tokenizer_dir).resolve() != out.resolve():
             save_hf_tokenizer(tokenizer, out)
+        text = dist_utils.unwrap(model).config.text
+        write_generation_config(out, token_ids={"bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id,
+                                                "pad_token_id": text.pad_token_id})
         history = _read_log(Path(init) / "history.jsonl") if init is not None else []
         history = [r for r in history if r.get("stage") != stage] + log
         atomic_write_jsonl(out / "history.jsonl", history)
@@ -261,7 +265,7 @@ def _preset_config(config_cls, preset: str, tokenizer):
     eos = chat_stop_ids(tokenizer)
     return config_cls.preset(preset).replace(
         image_token_index=fields["image_token_index"],
-        text={"vocab_size": fields["vocab_size"], "bos_token_id": tokenizer.bos_token_id,
+        text={"vocab_size": fields["text"]["vocab_size"], "bos_token_id": tokenizer.bos_token_id,
               "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id})
 
 

@@ -58,7 +58,7 @@ def check_model(rec: Recorder, sz: Sizes) -> None:
 
         rec.run("model", 4, loss_and_grads, model=name, case="loss and gradients")
         rec.run("model", 4, greedy, model=name, case="greedy decode")
-        del model
+        model = None  # free the weights before the next preset (the closures above have run)
 
     def fp32_under_autocast():
         cfg = _model_config(*sz.presets[0][1:])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from gmaivl_rt.errors import ModelError
@@ -138,12 +138,18 @@ class GMAIVLConfig:
         return copy.deepcopy(PRESETS[name])
 
     def replace(self, **changes) -> "GMAIVLConfig":
-        """A copy with top-level fields changed; `vision=`/`text=` take dicts of field changes."""
+        """A copy with top-level fields changed; `vision=`/`text=` take dicts of field changes. A name that is not
+        a field is refused (ValueError) rather than set as a stray attribute nothing reads."""
         new = copy.deepcopy(self)
         for key, value in changes.items():
             if key in ("vision", "text") and isinstance(value, dict):
+                part = getattr(new, key)
                 for k, val in value.items():
-                    setattr(getattr(new, key), k, val)
+                    if k not in {f.name for f in fields(part)}:
+                        raise ValueError(f"{key} config has no field {k!r}")
+                    setattr(part, k, val)
+            elif key not in {f.name for f in fields(new)}:
+                raise ValueError(f"GMAIVLConfig has no field {key!r}")
             else:
                 setattr(new, key, value)
         new.validate()

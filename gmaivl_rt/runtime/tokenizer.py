@@ -26,8 +26,9 @@ def image_token_id(tokenizer) -> int:
 
 
 def model_vocab_fields(tokenizer) -> dict:
-    """The model config fields a tokenizer decides: the text vocab size and the image token's id."""
-    return {"vocab_size": len(tokenizer), "image_token_index": image_token_id(tokenizer)}
+    """The model config fields a tokenizer decides, as `GMAIVLConfig.replace` takes them: the image token's id and
+    the text vocabulary size (`{"image_token_index": int, "text": {"vocab_size": int}}`)."""
+    return {"image_token_index": image_token_id(tokenizer), "text": {"vocab_size": len(tokenizer)}}
 
 
 def chat_stop_ids(tokenizer) -> list[int]:
@@ -43,6 +44,6 @@ def check_tokenizer_fits(model_config, tokenizer, where) -> None:
     if fields["image_token_index"] != model_config.image_token_index:
         raise ValueError(f"tokenizer {where}: {IMAGE_TOKEN} is id {fields['image_token_index']} but the model's "
                          f"image_token_index is {model_config.image_token_index}")
-    if fields["vocab_size"] > model_config.text.vocab_size:
-        raise ValueError(f"tokenizer {where} has {fields['vocab_size']} tokens, more than the model's "
+    if fields["text"]["vocab_size"] > model_config.text.vocab_size:
+        raise ValueError(f"tokenizer {where} has {fields['text']['vocab_size']} tokens, more than the model's "
                          f"vocab_size {model_config.text.vocab_size}")

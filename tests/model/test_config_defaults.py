@@ -170,3 +170,16 @@ def test_a_corrupt_config_json_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text('{"vision_config": {')
     with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
         GMAIVLConfig.from_pretrained(tmp_path)
+
+
+def test_replace_refuses_a_name_that_is_not_a_field():
+    """`replace(vocab_size=...)` once set a stray top-level attribute nothing reads (the text vocabulary kept the
+    preset's size): an unknown name, top-level or in `text=`/`vision=`, is refused and names the field."""
+    tiny = GMAIVLConfig.preset("tiny")
+    with pytest.raises(ValueError, match="GMAIVLConfig has no field 'vocab_size'"):
+        tiny.replace(vocab_size=300)
+    with pytest.raises(ValueError, match="text config has no field 'vocab'"):
+        tiny.replace(text={"vocab": 300})
+    with pytest.raises(ValueError, match="vision config has no field 'size'"):
+        tiny.replace(vision={"size": 28})
+    assert tiny.replace(text={"vocab_size": 300}).text.vocab_size == 300

@@ -62,7 +62,7 @@ def test_merges_learned_from_the_data(trained):
 def test_model_vocab_fields_and_bad_size(trained, tmp_path):
     tok = AutoTokenizer.from_pretrained(str(trained[1]))
     fields = model_vocab_fields(tok)
-    assert fields == {"vocab_size": len(tok), "image_token_index": SPECIAL_TOKENS.index("<image>")}
+    assert fields == {"text": {"vocab_size": len(tok)}, "image_token_index": SPECIAL_TOKENS.index("<image>")}
     with pytest.raises(ValueError, match="vocab_size=100 must exceed"):
         train_bpe_tokenizer(["a b c"], tmp_path, vocab_size=100)
     config = json.loads((trained[1] / "tokenizer_config.json").read_text())
