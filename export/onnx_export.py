@@ -3,6 +3,8 @@
 Layout written to OUT_DIR (the split ONNX Runtime GenAI / transformers.js users know):
     vision_encoder.onnx, embed_tokens.onnx, decoder_model_merged.onnx  (+ .onnx.data when a graph is over 2 GB)
     gmaivl_deploy.json   graphs and their I/O, special tokens, image token and count, chat template, model config
+    generation_config.json  the model folder's decoding defaults, carried over (plain greedy written out when the
+                         folder has none), so every backend's `ask` decodes as the torch backend does on the folder
     tokenizer files      copied when the model folder has them
 Every file is written to a temporary folder first and moved into place with os.replace.
 """
@@ -23,7 +25,7 @@ from gmaivl_rt.model.chat import CHAT_TEMPLATE, IMAGE_TOKEN
 from gmaivl_rt.model.checkpoint import DTYPE_NAMES
 from gmaivl_rt.model.preprocess import CLIP_MEAN, CLIP_STD
 from gmaivl_rt.runtime.deploy_format import DEPLOY_JSON, FORMAT_VERSION, GRAPH_FILES, past_names, present_names
-from gmaivl_rt.runtime.request import DEFAULT_GENERATION
+from gmaivl_rt.runtime.generation_config import GENERATION_CONFIG, resolve_generation_config, write_generation_config
 
 from .graphs import build_graphs
 
@@ -187,6 +189,20 @@ def _chat_template(model_dir: Path | None) -> str | None:
     return None
 
 
+def _write_decoding_defaults(model_dir: Path | None, config, tmp: Path) -> None:
+    """The export decodes as its model folder does: the folder's generation_config.json copied whole (its token ids
+    and other tools' fields kept; checked first, ModelError if it is unusable), else the defaults the runtime
+    resolves for it (plain greedy) written out with the model's token ids."""
+    if model_dir is not None and (model_dir / GENERATION_CONFIG).is_file():
+        resolve_generation_config("auto", model_dir)
+        shutil.copyfile(model_dir / GENERATION_CONFIG, tmp / GENERATION_CONFIG)
+        return
+    text = config.text
+    write_generation_config(tmp, resolve_generation_config("auto", model_dir).options,
+                            token_ids={"bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id,
+                                       "pad_token_id": text.pad_token_id})
+
+
 def load_model(model_or_dir):
     """A GMAIVL instance, or a checkpoint folder GMAIVL.from_pretrained understands (fp32, CPU)."""
     if isinstance(model_or_dir, (str, os.PathLike)):
@@ -226,6 +242,7 @@ def export_onnx(model_or_dir, out_dir, *, dtype="fp32", opset=DEFAULT_OPSET, att
             for fname in TOKENIZER_FILES:
                 if (model_dir / fname).is_file():
                     shutil.copyfile(model_dir / fname, tmp / fname)
+        _write_decoding_defaults(model_dir, config, tmp)
     vision, text = config.vision, config.text
     hf_config = config.to_hf_config() if hasattr(config, "to_hf_config") else None
     template = _chat_template(model_dir) or CHAT_TEMPLATE  # the internlm2 chatml of gmaivl_rt.model.chat
@@ -247,7 +264,6 @@ def export_onnx(model_or_dir, out_dir, *, dtype="fp32", opset=DEFAULT_OPSET, att
                   "mean": list(CLIP_MEAN), "std": list(CLIP_STD)},
         "special_tokens": _special_tokens(config, model_dir),
         "chat_template": template,
-        "search": dict(DEFAULT_GENERATION),  # the runtime's demo settings, what every backend's ask uses
         "config": hf_config,
     }
     path = out_dir / DEPLOY_JSON

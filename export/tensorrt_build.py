@@ -116,7 +116,8 @@ def export_tensorrt(onnx_dir, out_dir, *, precision="fp16", sizes: ProfileSizes 
                                    precision=precision, timing_cache=cache, workspace_bytes=int(workspace_gb * 2**30))
     with atomic_path(out_dir / DEPLOY_JSON) as tmp:
         shutil.copyfile(deploy_file, tmp)
-    for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+    for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                  "generation_config.json"):  # the decoding defaults travel with the model
         if (onnx_dir / fname).is_file():
             with atomic_path(out_dir / fname) as tmp:
                 shutil.copyfile(onnx_dir / fname, tmp)

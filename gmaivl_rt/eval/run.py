@@ -101,10 +101,13 @@ def _scored_row(item, prediction: str) -> tuple[dict, dict]:
 # ------------------------------------------------------------------------------------------------ API
 def evaluate(model_dir, data, out, *, format: str = "auto", protocol: str | None = None, backend: str = "torch",
              batch_size: int = 8, limit: int | None = None, resume: bool = False, progress: bool = True,
-             **backend_kwargs) -> dict:
+             generation_config="auto", **backend_kwargs) -> dict:
     """Answer every question of the benchmark file `data` with the model in `model_dir` and score the answers.
     Writes into `out`: predictions.jsonl (appended as it goes), scores.json, scores_by_<column>.csv, scores.png
-    and run.json. resume: continue an interrupted run in `out` (same data file). Returns scores.json's dict."""
+    and run.json. resume: continue an interrupted run in `out` (same data file, same decoding).
+    generation_config: the decoding defaults `gmaivl_rt.load` resolves ("auto", "none" or a path); the protocol's
+    decoding (`prompts.DECODING`) goes over them, and run.json records every decoding option used and where the
+    defaults came from. Returns scores.json's dict."""
     import gmaivl_rt
 
     if batch_size < 1:
@@ -117,21 +120,29 @@ def evaluate(model_dir, data, out, *, format: str = "auto", protocol: str | None
     out.mkdir(parents=True, exist_ok=True)
     predictions_path = out / PREDICTIONS
     data_sha256 = file_sha256(bench.path)
-    done = {}
-    if predictions_path.exists():
+    previous = {}
+    if predictions_path.exists():  # checked before the model loads: a wrong --out fails at once
         if not resume:
             raise InputError(f"{predictions_path} already exists: pass --resume to continue that run, or choose "
                              "another --out")
         previous = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
         if previous.get("data_sha256") not in (None, data_sha256):
             raise InputError("--resume: the benchmark file differs from the one this run started on")
+    runtime = gmaivl_rt.load(model_dir, backend=backend, generation_config=generation_config, **backend_kwargs)
+    # every option the answers are generated with: the model's defaults, the protocol's decoding over them
+    decoding = {**runtime.generation_defaults, **decoding_for(bench.protocol)}
+    done = {}
+    if predictions_path.exists():
+        started_with = previous.get("decoding") or {}
+        if any(decoding.get(k) != v for k, v in started_with.items()):
+            raise InputError("--resume: the decoding differs from the one this run started with (see run.json's "
+                             "decoding and --generation-config)")
         done = read_predictions(predictions_path, repair=True)
-    decoding = decoding_for(bench.protocol)
-    runtime = gmaivl_rt.load(model_dir, backend=backend, **backend_kwargs)
     run_info = {"model": str(Path(model_dir).resolve()), "backend": backend, "placement": runtime.placement,
                 "data": str(bench.path.resolve()),
                 "data_sha256": data_sha256, "format": bench.format, "protocol": bench.protocol,
-                "prompts": _prompt_description(bench.protocol), "decoding": decoding, "batch_size": batch_size,
+                "prompts": _prompt_description(bench.protocol), "decoding": decoding,
+                "generation_config": runtime.generation.origin, "batch_size": batch_size,
                 "limit": limit, "items": len(items), "scoring": _scoring_description(items)}
     atomic_write_json(out / "run.json", {**run_info, "status": "running"})
 

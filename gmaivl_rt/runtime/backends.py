@@ -14,14 +14,17 @@ from pathlib import Path
 
 from gmaivl_rt.limits import DEFAULT_LIMITS, Limits
 from gmaivl_rt.runtime.base import TOKENIZER_FILES
+from gmaivl_rt.runtime.generation_config import resolve_generation_config
 from gmaivl_rt.runtime.torch_backend import TorchBackend
 
 BACKENDS = ("torch", "onnx", "tensorrt")
 
 
-def load(path, backend: str = "torch", *, limits: Limits | None = None, **kwargs):
+def load(path, backend: str = "torch", *, limits: Limits | None = None, generation_config="auto", **kwargs):
     """path: a model folder (torch) or an exported folder (onnx / tensorrt). limits: the request `Limits` of this
-    runtime (default `Limits()`). kwargs go to the backend: torch: dtype, device; onnx: device or providers, threads;
+    runtime (default `Limits()`). generation_config: where the decoding defaults come from ("auto": the folder's
+    generation_config.json, else plain greedy; "none": plain greedy; or a file / folder path;
+    `gmaivl_rt.runtime.generation_config`), resolved here, before the weights load. kwargs go to the backend: torch: dtype, device; onnx: device or providers, threads;
     tensorrt: device. torch on CUDA without a dtype loads an fp32 checkpoint in bf16 (fp16 on GPUs before sm_80;
     `checkpoint.inference_dtype`); an explicit dtype wins, CPU keeps the stored dtype. A folder with tokenizer
     files has its tokenizer loaded and checked here (ModelError when it cannot serve); a folder without any serves
@@ -31,6 +34,7 @@ def load(path, backend: str = "torch", *, limits: Limits | None = None, **kwargs
         raise FileNotFoundError(f"load: {str(path)!r} is not a folder")
     if limits is not None and not isinstance(limits, Limits):
         raise TypeError(f"load: limits must be a gmaivl_rt.Limits, got {type(limits).__name__}")
+    generation = resolve_generation_config(generation_config, path)
     if backend == "torch":
         runtime = TorchBackend(path, **kwargs)
     elif backend == "onnx":
@@ -47,6 +51,7 @@ def load(path, backend: str = "torch", *, limits: Limits | None = None, **kwargs
     else:
         raise ValueError(f"load: backend {backend!r} is not one of {', '.join(BACKENDS)}")
     runtime.limits = limits or DEFAULT_LIMITS
+    runtime.generation = generation
     if any((path / name).exists() for name in TOKENIZER_FILES):
         runtime.tokenizer  # noqa: B018  (fail at load, not at the first request)
     return runtime

@@ -45,6 +45,27 @@ class Backend:
     config = None
     limits: Limits = DEFAULT_LIMITS
     _tokenizer = None
+    _generation = None  # a GenerationDefaults; `load()` sets it from its `generation_config` argument
+
+    @property
+    def generation(self):
+        """Where this backend's decoding defaults come from and what they are (`GenerationDefaults`: options,
+        origin), resolved by `gmaivl_rt.runtime.generation_config` ("auto" from the folder unless `load()` was
+        told otherwise)."""
+        if self._generation is None:
+            from gmaivl_rt.runtime.generation_config import resolve_generation_config
+
+            self._generation = resolve_generation_config("auto", self.path)
+        return self._generation
+
+    @generation.setter
+    def generation(self, value) -> None:
+        self._generation = value
+
+    @property
+    def generation_defaults(self) -> dict:
+        """The decoding options a request that leaves one out gets (every field of `DECODING_FIELDS`)."""
+        return dict(self.generation.options)
 
     @property
     def tokenizer(self):
@@ -74,7 +95,7 @@ class Backend:
         """The checked request (`gmaivl_rt.runtime.request.build_request`): a question about `image` (or none), or chat
         `messages` (str content with `<image>` slots, or OpenAI-style text / image parts) with `images` in slot
         order. Images: any form `gmaivl_rt.medical.convert.to_medical_image` takes; frame / slice_index / plane /
-        window reach its reader. generation: options over DEFAULT_GENERATION, validated for every backend alike.
+        window reach its reader. generation: options over `generation_defaults`, validated for every backend alike.
         Raises InputError / LimitError (bad or oversized request), ModelError (no usable tokenizer)."""
         return build_request(self, question, image, messages=messages, images=images, system=system, frame=frame,
                              slice_index=slice_index, plane=plane, window=window, generation=generation,
@@ -122,8 +143,9 @@ class Backend:
             slice_index=None, plane=None, window=None, **options) -> str:
         """Answer a question about an image (or none), or the next turn of `messages`: `build_request` (all its
         checks), then generate and decode. image: a path, bytes, a file object, a pydicom Dataset, a nibabel or
-        PIL image, an array or a MedicalImage. `options`: generation options over DEFAULT_GENERATION (GMAI-VL's
-        demo settings, greedy), plus seed and stop (`answer_options`), as `Engine.ask` takes them."""
+        PIL image, an array or a MedicalImage. `options`: generation options over `generation_defaults` (the model
+        folder's generation_config.json, else plain greedy), plus seed and stop (`answer_options`), as `Engine.ask`
+        takes them."""
         generation, stop = self.answer_options(options)
         request = self.build_request(question, image, messages=messages, images=images, system=system, frame=frame,
                                      slice_index=slice_index, plane=plane, window=window, **generation)

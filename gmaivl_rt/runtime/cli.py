@@ -1,14 +1,15 @@
-"""`gmaivl-rt ask MODEL --image FILE --question TEXT`, and the --backend/--device/--dtype options that `ask`,
-`serve` and `eval` share (`add_backend_options` / `backend_options`)."""
+"""`gmaivl-rt ask MODEL --image FILE --question TEXT`, and the --backend/--device/--dtype/--generation-config options
+that `ask`, `serve` and `eval` share (`add_backend_options` / `backend_options`)."""
 from __future__ import annotations
 
 from gmaivl_rt.errors import InputError
 from gmaivl_rt.runtime.backends import BACKENDS, load
-from gmaivl_rt.runtime.request import DEFAULT_GENERATION
+from gmaivl_rt.runtime.generation_config import DECODING_FIELDS
 
 
 def add_backend_options(parser) -> None:
-    """--backend, --device and --dtype, as `ask`, `serve` and `eval` all take them; `backend_options` reads them."""
+    """--backend, --device, --dtype and --generation-config, as `ask`, `serve` and `eval` all take them;
+    `backend_options` reads them."""
     parser.add_argument("--backend", default="torch", choices=BACKENDS)
     parser.add_argument("--device", default=None,
                         help="cpu, cuda or cuda:N (default: torch cpu; onnx CUDA when onnxruntime-gpu has it, "
@@ -18,19 +19,24 @@ def add_backend_options(parser) -> None:
     parser.add_argument("--dtype", default=None, choices=tuple(DTYPE_NAMES),
                         help="torch backend weight dtype (default: as stored; on CUDA an fp32 checkpoint loads in "
                              "bf16, fp16 on GPUs before sm_80)")
+    parser.add_argument("--generation-config", default="auto", metavar="auto|none|PATH",
+                        help="decoding defaults: auto (the model folder's generation_config.json, else plain greedy), "
+                             "none (plain greedy) or a generation_config.json / a folder holding one "
+                             "(default %(default)s)")
 
 
 def backend_options(args) -> dict:
-    """The parsed --backend/--device/--dtype -> `load()`'s keyword arguments for that backend (backend excluded).
-    --dtype with a graph backend is refused rather than ignored."""
+    """The parsed --backend/--device/--dtype/--generation-config -> `load()`'s keyword arguments for that backend
+    (backend excluded). --dtype with a graph backend is refused rather than ignored."""
     from gmaivl_rt.model.checkpoint import DTYPE_NAMES
 
+    generation = {"generation_config": args.generation_config}
     if args.backend == "torch":
-        return {"device": args.device, "dtype": DTYPE_NAMES.get(args.dtype)}
+        return {"device": args.device, "dtype": DTYPE_NAMES.get(args.dtype), **generation}
     if args.dtype is not None:
         raise InputError(f"--dtype applies to the torch backend only; the {args.backend} backend runs the dtype "
                          "its graphs were exported in")
-    return {} if args.device is None else {"device": args.device}
+    return generation if args.device is None else {"device": args.device, **generation}
 
 
 def register(subparsers) -> None:
@@ -40,16 +46,15 @@ def register(subparsers) -> None:
     p.add_argument("--question", required=True)
     add_backend_options(p)
     p.add_argument("--system", default=None, help="optional system prompt")
-    g = DEFAULT_GENERATION
-    p.add_argument("--max-new-tokens", type=int, default=g["max_new_tokens"], help="default %(default)s")
-    p.add_argument("--do-sample", action="store_true", default=g["do_sample"],
+    # Decoding flags default to None: what is not given comes from the model's decoding defaults (--generation-config).
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the decoding defaults' (128 without any)")
+    p.add_argument("--do-sample", action="store_true", default=None,
                    help="sample (with --temperature, --top-p, --top-k) instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=g["temperature"], help="default %(default)s")
-    p.add_argument("--top-p", type=float, default=g["top_p"], help="default %(default)s")
-    p.add_argument("--top-k", type=int, default=g["top_k"], help="default %(default)s (0: off)")
-    p.add_argument("--repetition-penalty", type=float, default=g["repetition_penalty"], help="default %(default)s")
-    p.add_argument("--no-repeat-ngram-size", type=int, default=g["no_repeat_ngram_size"],
-                   help="default %(default)s (0: off)")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None, help="0: off")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="1.0: off")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None, help="0: off")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling RNG (reproducible --do-sample)")
     p.add_argument("--frame", type=int, default=None, help="DICOM / TIFF frame (default 0)")
     p.add_argument("--slice", type=int, default=None, dest="slice_index",
@@ -74,7 +79,7 @@ def _cli_window(text):
 def _ask_cli(args) -> int:
     backend = load(args.model, backend=args.backend, **backend_options(args))
     backend.tokenizer  # noqa: B018  (a folder without a tokenizer cannot answer: say so before reading the image)
-    generation = {key: getattr(args, key) for key in DEFAULT_GENERATION}
+    generation = {key: getattr(args, key) for key in DECODING_FIELDS if getattr(args, key) is not None}
     print(backend.ask(args.question, args.image, system=args.system, frame=args.frame,
                       slice_index=args.slice_index, plane=args.plane, window=_cli_window(args.window),
                       seed=args.seed, **generation))

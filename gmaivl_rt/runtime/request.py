@@ -19,12 +19,6 @@ from gmaivl_rt.limits import DEFAULT_LIMITS, Limits, check_text, type_name
 from gmaivl_rt.model.sampling import check_generation
 from gmaivl_rt.runtime.batching import pixel_batch
 
-# The one source of the demo decoding settings: `ask` on every backend, the CLI's defaults and the "search" block
-# `export onnx` writes into gmaivl_deploy.json. GMAI-VL's demo penalties and top_p; greedy unless do_sample, so
-# answers are reproducible (do_sample=True gives GMAI-VL's demo sampling, top_p 0.9).
-DEFAULT_GENERATION = {"max_new_tokens": 128, "do_sample": False, "temperature": 1.0, "top_p": 0.9, "top_k": 0,
-                      "repetition_penalty": 1.12, "no_repeat_ngram_size": 5}
-
 
 @dataclass
 class PreparedRequest:
@@ -155,7 +149,9 @@ def build_request(runtime, question=None, image=None, *, messages=None, images=N
                   slice_index=None, plane=None, window=None, generation: dict | None = None,
                   limits: Limits | None = None) -> PreparedRequest:
     """The request boundary (see the module docstring). runtime: a backend with `.config` and `.tokenizer`.
-    generation: options over DEFAULT_GENERATION, or None for prompt-only use (`prepare`), which skips them."""
+    generation: options over the runtime's decoding defaults (`runtime.generation_defaults`, resolved from the
+    model folder's generation_config.json by `gmaivl_rt.runtime.generation_config`), or None for prompt-only use
+    (`prepare`), which skips them."""
     from gmaivl_rt.medical.convert import to_medical_image
 
     limits = limits or DEFAULT_LIMITS
@@ -172,8 +168,8 @@ def build_request(runtime, question=None, image=None, *, messages=None, images=N
     context = runtime.config.text.context_length
     options = None
     if generation is not None:  # the cheap checks before any image is decoded
-        options = check_generation({**DEFAULT_GENERATION, **generation}, prompt_tokens=None, context=context,
-                                   limits=limits)
+        options = check_generation({**runtime.generation_defaults, **generation}, prompt_tokens=None,
+                                   context=context, limits=limits)
     read = [to_medical_image(obj, role=f"image {i + 1}", limits=limits, frame=frame, slice_index=slice_index,
                              plane=plane, window=window) for i, obj in enumerate(given)]
     pixels, counts, keys = preprocess_images(read, runtime.config.vision)

@@ -14,7 +14,11 @@ def register(subparsers) -> None:
     add_backend_options(p)
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: folder name)")
     p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints (visible "
+                   "in `ps`: prefer --api-key-file or GMAIVL_API_KEY)")
+    p.add_argument("--api-key-file", default=None, help="read the API key from this file (its first line)")
+    p.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
+                   help="Host header names answered, '*' for any (default: the bound host and localhost)")
     p.add_argument("--max-request-bytes", type=int, default=64 * 2**20, help="larger bodies get 413")
     p.add_argument("--max-images-per-request", type=int, default=None)
     p.add_argument("--max-waiting", type=int, default=None,
@@ -22,31 +26,77 @@ def register(subparsers) -> None:
     p.add_argument("--allowed-local-media-path", default=None,
                    help="folder whose files may be named by file:// image URLs (default: none)")
     p.add_argument("--allow-remote-media", action="store_true",
-                   help="allow http(s) image URLs (the server then makes outbound requests)")
+                   help="allow http(s) image URLs (the server then makes outbound requests, to public addresses)")
+    p.add_argument("--allowed-media-domains", nargs="+", default=None, metavar="HOST",
+                   help="with --allow-remote-media: the only hosts fetched, wherever they resolve")
     p.set_defaults(func=_serve_cli)
 
 
+def api_key(args: argparse.Namespace, environ) -> str | None:
+    """The key from --api-key, else --api-key-file's first line, else GMAIVL_API_KEY, else None (an open server).
+    An empty key is refused (InputError): it would look protected and be open."""
+    from gmaivl_rt.errors import InputError
+
+    if args.api_key is not None:
+        key, origin = args.api_key, "--api-key"
+    elif args.api_key_file is not None:
+        from pathlib import Path
+
+        try:
+            lines = Path(args.api_key_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise InputError(f"--api-key-file cannot be read ({type(error).__name__})") from None
+        key, origin = (lines[0] if lines else ""), "--api-key-file"
+    elif "GMAIVL_API_KEY" in environ:
+        key, origin = environ["GMAIVL_API_KEY"], "GMAIVL_API_KEY"
+    else:
+        return None
+    key = key.strip()
+    if not key:
+        raise InputError(f"{origin} gives an empty API key; give a real key, or none for an open server")
+    return key
+
+
+def allowed_hosts(args: argparse.Namespace) -> list[str]:
+    """--allowed-hosts, else the bound host and localhost (with the loopback addresses localhost stands for)."""
+    if args.allowed_hosts:
+        return list(args.allowed_hosts)
+    hosts = [args.host, "localhost"]
+    if args.host in ("127.0.0.1", "::1", "localhost"):
+        hosts += ["127.0.0.1", "::1"]
+    return list(dict.fromkeys(hosts))
+
+
 def _serve_cli(args: argparse.Namespace) -> int:
+    import sys
     from pathlib import Path
 
     from gmaivl_rt.extras import require
 
     require("fastapi", "uvicorn", "prometheus_client", extra="serve")
+    import os
+
     import uvicorn
 
     from gmaivl_rt.engine.engine import Engine
     from gmaivl_rt.server.app import create_app
 
+    key = api_key(args, os.environ)  # before the model loads: a bad key stops the start at once
     engine_kwargs = backend_options(args)
     if args.max_images_per_request is not None:
         from gmaivl_rt.limits import Limits
 
         engine_kwargs["limits"] = Limits(max_images_per_request=args.max_images_per_request)
+    # --generation-config (one of the shared backend options) reaches `load` through the engine: the defaults a
+    # request that leaves a decoding field out gets, the same `ask` and `eval` resolve for this folder.
     with Engine(args.model, backend=args.backend, max_batch_size=args.max_batch_size, **engine_kwargs) as engine:
+        generation = engine.backend.generation
+        print(f"decoding defaults ({generation.origin}): {generation.options}", file=sys.stderr, flush=True)
         app = create_app(engine, served_model_name=args.served_model_name or Path(args.model).resolve().name,
-                         api_key=args.api_key, max_request_bytes=args.max_request_bytes,
+                         api_key=key, allowed_hosts=allowed_hosts(args), max_request_bytes=args.max_request_bytes,
                          max_images_per_request=args.max_images_per_request, max_waiting=args.max_waiting,
                          allowed_local_media_path=args.allowed_local_media_path,
-                         allow_remote_media=args.allow_remote_media)
+                         allow_remote_media=args.allow_remote_media,
+                         allowed_media_domains=args.allowed_media_domains)
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -12,6 +12,7 @@ from gmaivl_rt.cli import main
 from gmaivl_rt.eval import evaluate, score
 from gmaivl_rt.eval.prompts import DECODING, mcq_prompt
 from gmaivl_rt.eval.readers import read_benchmark
+from gmaivl_rt.runtime.generation_config import PLAIN_GREEDY
 
 @pytest.fixture(scope="module")
 def full_run(colour_model_dir, colour_bench_file, tmp_path_factory):
@@ -37,7 +38,8 @@ def test_batched_answers_equal_one_by_one_ask(colour_model_dir, colour_bench_fil
     for name in ("scores.json", "scores_by_category.csv", "scores_by_split.csv", "scores.png", "run.json"):
         assert (out / name).is_file(), name
     run = json.loads((out / "run.json").read_text())
-    assert run["decoding"] == DECODING["mcq"] and run["status"] == "done" and run["backend"] == "torch"
+    assert run["decoding"] == {**PLAIN_GREEDY, **DECODING["mcq"]} and run["status"] == "done"
+    assert run["backend"] == "torch" and run["generation_config"].startswith("auto: no generation_config.json")
     assert scores["count"] == 8 and 0 <= scores["overall"] <= 1
     assert scores["overall"] == pytest.approx(sum(line["correct"] for line in lines) / 8)
     assert set(scores["by"]) == {"category", "split"}

@@ -13,7 +13,8 @@ import gmaivl_rt
 from gmaivl_rt import InputError, LimitError, Limits
 from gmaivl_rt.model.chat import IMAGE_TOKEN, build_prompt
 from gmaivl_rt.cli import main
-from gmaivl_rt.runtime.request import DEFAULT_GENERATION, PreparedRequest
+from gmaivl_rt.runtime.generation_config import PLAIN_GREEDY
+from gmaivl_rt.runtime.request import PreparedRequest
 
 CT = get_testdata_file("CT_small.dcm")
 MR = get_testdata_file("MR_small.dcm")
@@ -181,7 +182,7 @@ def test_prepared_request_is_what_generate_needs(runtime):
     assert request.input_ids.shape == (1, request.prompt_tokens) and request.input_ids.dtype == torch.int64
     assert torch.equal(request.attention_mask, torch.ones_like(request.input_ids))
     assert request.pixel_values.shape == (1, 3, 28, 28)
-    assert request.generation == {**DEFAULT_GENERATION, "max_new_tokens": 3, "top_k": 5,
+    assert request.generation == {**PLAIN_GREEDY, "max_new_tokens": 3, "top_k": 5,
                                   "eos_token_id": runtime.eos_token_ids, "pad_token_id": runtime.tokenizer.pad_token_id}
     out = runtime.generate(**request.generate_inputs(), **request.generation)
     assert runtime.decode(out[:, request.prompt_tokens:])[0].strip() == \

@@ -1,6 +1,5 @@
 """The ask-a-question path: a real DICOM from pydicom's test data through reading, preprocessing, template,
 generation and decoding, checked piece by piece against the components it must agree with."""
-import json
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from gmaivl_rt.model.chat import IMAGE_TOKEN, build_prompt
 from gmaivl_rt.model.preprocess import preprocess_image
 from gmaivl_rt.cli import main
 from gmaivl_rt.medical.reader import read_medical_image
-from gmaivl_rt.runtime.request import DEFAULT_GENERATION
+from gmaivl_rt.runtime.generation_config import GENERATION_CONFIG, resolve_generation_config
 
 TEXTS = ["<image>\nWhat modality is this image?", "This is a CT scan of the chest.", "Which plane is shown?",
          "An axial slice.", "Describe the image.", "A magnetic resonance image of the head."] * 20
@@ -35,9 +34,9 @@ def test_ask_reads_the_dicom_and_decodes_what_generate_produces(folder):
     ids = torch.tensor([backend.tokenizer.encode(prompt, add_special_tokens=False)])
     assert int((ids == cfg.image_token_index).sum()) == cfg.num_image_tokens
     pixels = preprocess_image(read_medical_image(ct).pixels, cfg.vision.image_size)[None]
+    # the folder has no generation_config.json: plain greedy, no penalties
     out = GMAIVL.from_pretrained(folder).generate(ids, pixel_values=pixels, max_new_tokens=6,
-                                                  eos_token_id=backend.eos_token_ids, repetition_penalty=1.12,
-                                                  no_repeat_ngram_size=5)
+                                                  eos_token_id=backend.eos_token_ids)
     assert answer == backend.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
@@ -52,8 +51,9 @@ def test_ask_through_the_onnx_backend_gives_the_same_answer(folder, tmp_path):
     from gmaivl_rt.export.onnx_export import export_onnx
 
     export_onnx(folder, tmp_path / "onnx")
-    # one source of the demo settings: the deploy file carries what every backend's ask uses
-    assert json.loads((tmp_path / "onnx" / "gmaivl_deploy.json").read_text())["search"] == DEFAULT_GENERATION
+    # the export carries the folder's decoding defaults (here none: plain greedy, written out)
+    assert (tmp_path / "onnx" / GENERATION_CONFIG).is_file()
+    assert resolve_generation_config("auto", tmp_path / "onnx").options == gmaivl_rt.load(folder).generation_defaults
     ct = get_testdata_file("CT_small.dcm")
     expected = gmaivl_rt.load(folder).ask(QUESTION, ct, max_new_tokens=8)
     assert gmaivl_rt.load(tmp_path / "onnx", backend="onnx").ask(QUESTION, ct, max_new_tokens=8) == expected
