@@ -180,10 +180,40 @@ def _build_fingerprint(specs, plan, seed: int, rewriter_id: str) -> str:
 
 # Per-process state of the conversion pool (set once per worker by `_init_worker`).
 _WORKER: dict = {}
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def _init_worker(out_dir, plan, converter, rewriter_id):
+def _init_worker(out_dir, plan, converter, rewriter_id, parent_pid=None):
+    if parent_pid is not None:
+        end_with_parent(parent_pid)
     _WORKER.update(out_dir=out_dir, plan=plan, converter=converter, rewriter_id=rewriter_id)
+
+
+def end_with_parent(parent_pid: int) -> None:
+    """Make this pool worker end when the build process `parent_pid` ends, however it ends (kill -9 included): a
+    worker holds the write end of its own task pipe, so it would otherwise wait for tasks forever. Linux: the kernel
+    sends SIGKILL (prctl PR_SET_PDEATHSIG; whatever a worker was writing is a temporary file the next build
+    removes); elsewhere a watchdog thread polls the parent. A parent already gone ends the worker at once."""
+    import ctypes
+    import signal
+    import threading
+
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            armed = ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent_pid,), name="gmaivl-parent-watch", daemon=True).start()
+
+
+def _watch_parent(parent_pid: int, every_s: float = 0.5) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(every_s)
+    os._exit(1)
 
 
 def _convert_one(item: tuple[int, int]) -> tuple[dict | str, dict]:
@@ -242,7 +272,7 @@ def _convert_items(out_dir, plan, items, converter, rewriter_id, workers, progre
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             with concurrent.futures.ProcessPoolExecutor(
                     workers, mp_context=multiprocessing.get_context(method), initializer=_init_worker,
-                    initargs=(out_dir, plan, converter, rewriter_id)) as pool:
+                    initargs=(out_dir, plan, converter, rewriter_id, os.getpid())) as pool:
                 # Windows of items, each started largest file first (a volume started last would run alone while
                 # the other workers idle) and collected in item order; the next window is queued before the
                 # current one is collected, so no worker waits at a window's end.

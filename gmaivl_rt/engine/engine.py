@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import logging
 import threading
 
 import torch
@@ -36,6 +37,8 @@ from gmaivl_rt.engine.scheduler import Batch, Scheduler
 from gmaivl_rt.engine.sequence import END_OF_ANSWER, Request, Sequence, fail_request, sequence_from_request
 from gmaivl_rt.model.sampling import decode_step
 from gmaivl_rt.runtime.backends import load
+
+log = logging.getLogger("gmaivl_rt.engine")
 
 
 class Engine:
@@ -96,9 +99,11 @@ class Engine:
         return self.submit(question, image, **kwargs).result()
 
     async def stream(self, question: str | None = None, image=None, **kwargs):
-        """Async iterator of text deltas; never blocks the event loop. Leaving the loop early cancels the request."""
+        """Async iterator of text deltas; never blocks the event loop. Leaving the loop early (break, an exception,
+        aclose()) cancels the request; so does closing the event loop while it runs (the engine goes on serving)."""
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue = asyncio.Queue()
+        # call_soon_threadsafe raises once the loop is closed: the request's sink then drops it and cancels
         request = self.submit(question, image, _sink=lambda item: loop.call_soon_threadsafe(deltas.put_nowait, item),
                               **kwargs)
         try:
@@ -175,8 +180,12 @@ class Engine:
             try:
                 self._step()
             except Exception as e:  # a failure outside any one request: fail those in flight, keep serving
-                with self._cv:
-                    self.scheduler.fail_running(e)
+                try:
+                    with self._cv:
+                        self.scheduler.fail_running(e)
+                except Exception as again:  # nothing a request or its reader does may end this thread
+                    # the type only: a message might quote a request's input
+                    log.error("the scheduler could not fail the running requests: %s", type(again).__name__)
 
     def _step(self) -> None:
         """One iteration: schedule, run the batch, pick one token per row, hand them back to the scheduler."""
@@ -185,8 +194,15 @@ class Engine:
         if batch is None:
             return
         logits, failed = self._run(batch)
-        tokens = [self._next_token(seq, row) if row is not None and active and self.scheduler.wants_token(seq)
-                  else None for seq, row, active in zip(batch.seqs, logits, batch.active)]
+        tokens = []
+        for seq, row, active in zip(batch.seqs, logits, batch.active):
+            token = None
+            if row is not None and active and self.scheduler.wants_token(seq):
+                try:
+                    token = self._next_token(seq, row)
+                except Exception as error:  # this row's logits could not be sampled (nan, ...): it alone fails
+                    failed[seq] = error
+            tokens.append(token)
         with self._cv:
             for seq, error in failed.items():
                 self.scheduler.retire(seq, "error", error)

@@ -179,14 +179,20 @@ class Scheduler:
                 seq.cached = len(seq.ids)  # the runner stored the keys/values of every token it fed
             if token is None or seq.cancelled:
                 continue
-            seq.append_token(token)
-            self.counters["generated_tokens"] += 1
-            reason = "stop" if bool(seq.finished) else ("length" if len(seq.generated) >= seq.max_new_tokens
-                                                        else None)
-            if reason is None and seq.stream_text(self.tokenizer, final=False):
-                reason = "stop"
-            if reason is not None:
-                self.retire(seq, reason)
+            try:
+                self._advance(seq, token)
+            except Exception as error:  # a row that cannot go on (e.g. its text cannot be decoded) fails alone
+                self.retire(seq, "error", error)
+
+    def _advance(self, seq: Sequence, token: int) -> None:
+        """Append one sampled token, stream the new text and retire the sequence if it is done."""
+        seq.append_token(token)
+        self.counters["generated_tokens"] += 1
+        reason = "stop" if bool(seq.finished) else ("length" if len(seq.generated) >= seq.max_new_tokens else None)
+        if reason is None and seq.stream_text(self.tokenizer, final=False):
+            reason = "stop"
+        if reason is not None:
+            self.retire(seq, reason)
 
     def retire(self, seq: Sequence, reason: str, error: BaseException | None = None) -> None:
         """Take a sequence out of the running list, return its blocks (a finished one's full blocks join the

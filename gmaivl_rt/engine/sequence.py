@@ -23,7 +23,8 @@ class Request:
     while running, then "stop" | "length" | "cancelled" | "error"; arrival_time (submit), scheduled_time (first
     admitted to a batch), first_token_time (first token produced), finish_time: time.time() stamps (None until
     reached). Iterate a request once.
-    engine: what runs it (its `wake()` is called on cancel); sink: called with every delta and END_OF_ANSWER."""
+    engine: what runs it (its `wake()` is called on cancel); sink: called with every delta and END_OF_ANSWER, from
+    the engine's threads; a sink that raises is dropped and the request cancelled (its reader is gone)."""
 
     def __init__(self, engine, request_id: int, sink=None):
         self.id, self._engine = request_id, engine
@@ -93,7 +94,11 @@ class Request:
     def _emit(self, item) -> None:
         self._deltas.put(item)
         if self._sink is not None:
-            self._sink(item)
+            try:
+                self._sink(item)
+            except Exception:  # the reader is gone (e.g. its event loop closed): stop the request, not the engine
+                self._sink = None
+                self.cancel_requested = True
 
 
 def fail_request(request: Request, error: BaseException) -> None:

@@ -124,6 +124,38 @@ def detect_format(path: str | os.PathLike) -> str:
     return "dicom" if head[128:132] == b"DICM" else "image"
 
 
+# Closed vocabularies: a DICOM header's Modality and BodyPartExamined are kept only when they are one of these terms
+# (DICOM PS3.3 C.7.3.1.1.1 modality defined terms, with the common non-standard codes `modality_name` knows;
+# PS3.16 Annex L body part defined terms), so no free text a header carries reaches a caption, preview or log.
+DICOM_MODALITIES = frozenset("""
+    AR ASMT AU BDUS BI BMD CD CF CP CR CS CT DD DF DG DM DOC DR DS DX EC ECG EEG EMG EOG EPS ES FA FID FS GM HC HD IO
+    IOL IVOCT IVUS KER KO LEN LP LS MA MG MR MRI MS M3D NM OAM OCT OP OPM OPR OPT OPTBSV OPTENF OPV OSS OT PET PLAN
+    POS PR PT PX REG RESP RF RG RTDOSE RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SC SEG SM SMR SR
+    SRF ST STAIN TEXTUREMAP TG US VA VF XA XAPROTOCOL XC XR X-RAY""".split())
+BODY_PARTS = frozenset("""
+    ABDOMEN ABDOMENPELVIS ACJOINT ADRENAL AMNIOTICFLUID ANKLE ANUS AORTA APPENDIX ARM AXILLA BACK BILEDUCT BLADDER
+    BRAIN BREAST BRONCHUS BUTTOCK CALCANEUS CALF CAROTID CEREBELLUM CERVIX CHEEK CHEST CHESTABDOMEN CHESTABDPELVIS
+    CIRCLEOFWILLIS CLAVICLE COCCYX COLON CORNEA CORONARYARTERY CSPINE CTSPINE DUODENUM EAR ELBOW ESOPHAGUS EXTREMITY
+    EYE EYELID FACE FEMUR FINGER FOOT FOREARM GALLBLADDER HAND HEAD HEADNECK HEART HIP HUMERUS IAC ILEUM ILIUM JAW
+    JEJUNUM KIDNEY KNEE LARYNX LEG LIVER LSPINE LSSPINE LUNG MAXILLA MEDIASTINUM MOUTH NECK NECKCHEST
+    NECKCHESTABDOMEN NECKCHESTABDPELV NOSE ORBIT OVARY PANCREAS PAROTID PATELLA PELVIS PENIS PHARYNX PROSTATE RECTUM
+    RIB SCALP SCAPULA SCLERA SCROTUM SELLA SHOULDER SKULL SPINE SPLEEN SSPINE STERNUM STOMACH SUBMANDIBULAR THIGH
+    THORAX THUMB THYROID TIBIA TLSPINE TOE TONGUE TRACHEA TSPINE ULNA URETER URETHRA UTERUS VAGINA VULVA WHOLEBODY
+    WRIST ZYGOMA""".split())
+
+
+def modality_code(value) -> str | None:
+    """A header's Modality as its upper-case code when it is one of DICOM_MODALITIES, else None."""
+    code = str(value or "").strip().upper()
+    return code if code in DICOM_MODALITIES else None
+
+
+def body_part_term(value) -> str | None:
+    """A header's BodyPartExamined, lower case without spaces, when it is one of BODY_PARTS, else None."""
+    term = str(value or "").replace(" ", "").strip().upper()
+    return term.lower() if term in BODY_PARTS else None
+
+
 def modality_name(code: str | None) -> str:
     """Human name of a DICOM modality code, for text ("MR" -> "MRI"); unknown codes pass through; no code at all
     gives UNKNOWN_MODALITY."""

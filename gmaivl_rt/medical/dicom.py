@@ -13,8 +13,8 @@ import warnings
 
 import numpy as np
 
-from gmaivl_rt.medical.base import (ImageSource, MedicalImage, MedicalImageError, check_finite, check_pixels,
-                                    safe_reason, source_label, square_pixels)
+from gmaivl_rt.medical.base import (ImageSource, MedicalImage, MedicalImageError, body_part_term, check_finite,
+                                    check_pixels, modality_code, safe_reason, source_label, square_pixels)
 from gmaivl_rt.medical.windowing import (CT_WINDOW_BY_BODY_PART, CT_WINDOWS, STRETCHES, apply_window, grey_unit,
                                          parse_window, percentile_unit, to_uint8)
 
@@ -108,10 +108,9 @@ class DicomSource:
         if self.count < 1:
             raise MedicalImageError(f"{source_label(path)}: DICOM NumberOfFrames is {self.count}")
         check_pixels(path, self.rows, self.columns, "frame")
-        modality = str(ds.get("Modality", "") or "").strip().upper()
-        body_part = str(ds.get("BodyPartExamined", "") or "").strip().lower()
-        self.modality = modality or None
-        self.body_part = body_part or None
+        # Closed vocabularies only: free text in these headers never leaves the reader.
+        self.modality = modality_code(ds.get("Modality"))
+        self.body_part = body_part_term(ds.get("BodyPartExamined"))
         iop = ds.get("ImageOrientationPatient") or \
             _functional_group(ds, "PlaneOrientationSequence", "ImageOrientationPatient")
         self.orientation = _plane_from_iop(iop) if iop else None
@@ -160,9 +159,18 @@ class DicomSource:
                 error = error or e
             finally:
                 self.ds._pixel_array = None  # do not keep a frame cached under the all-frames options
-        syntax = f"transfer syntax '{self._syntax.name}'" if self._syntax is not None else "unknown transfer syntax"
-        raise MedicalImageError(f"{source_label(self.path)}: cannot decode DICOM pixel data ({syntax}; "
+        raise MedicalImageError(f"{source_label(self.path)}: cannot decode DICOM pixel data ({self._syntax_text()}; "
                                 f"{safe_reason(error)})") from None
+
+    def _syntax_text(self) -> str:
+        """The transfer syntax as an error may name it: a registered DICOM transfer syntax's name, never the header's
+        own text (a damaged or hand-made UID can hold anything)."""
+        try:
+            if self._syntax is not None and self._syntax.is_transfer_syntax:
+                return f"transfer syntax '{self._syntax.name}'"
+        except (ValueError, AttributeError):  # a private or malformed UID
+            pass
+        return "an unregistered transfer syntax"
 
     def preload_frames(self) -> None:
         """Decode every frame of a multi-frame file at once (faster than one decode per frame)."""

@@ -1,5 +1,10 @@
 """Next-token selection shared by every backend (torch, ONNX Runtime, TensorRT), in transformers' order:
-repetition penalty, no-repeat n-gram ban, then temperature, top-k and top-p when sampling."""
+repetition penalty, no-repeat n-gram ban, then temperature, top-k and top-p when sampling.
+
+Every value `SamplingParams` accepts is numerically safe here: fp32 would round a divisor such as temperature 1e-300
+to 0.0 (0/0 = nan, and one nan row used to end every request batched with it), so divisors are kept inside fp32's
+normal range and the temperature scales logits already shifted by their maximum. A tiny temperature thus samples
+greedily (ties shared), a huge one uniformly: the limits of the distribution it describes."""
 from __future__ import annotations
 
 import math
@@ -61,12 +66,23 @@ def _integer(value, name: str) -> int:
     return int(value)
 
 
+_FP32 = torch.finfo(torch.float32)
+
+
+def fp32_divisor(value: float) -> float:
+    """`value` (> 0) clamped into fp32's normal range, so a division in fp32 never divides by a rounded 0.0 nor by
+    inf. The same number for every ordinary setting: only values beyond fp32's range move."""
+    return min(max(float(value), _FP32.tiny), _FP32.max)
+
+
 def apply_repetition_penalty(scores, sequences, penalty):
-    """scores: (B, V) fp32; sequences: (B, S) ids seen so far. CTRL-style penalty, as transformers applies it."""
+    """scores: (B, V) fp32; sequences: (B, S) ids seen so far. CTRL-style penalty, as transformers applies it.
+    A seen score that the penalty drives past fp32's range stays at its largest finite value (never inf or nan)."""
     if penalty == 1.0:
         return scores
+    penalty = fp32_divisor(penalty)
     seen = torch.gather(scores, 1, sequences)
-    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty).clamp(max=_FP32.max)
     return scores.scatter(1, sequences, seen)
 
 
@@ -91,7 +107,9 @@ def select_next_token(logits, sequences, params: SamplingParams, generator=None)
     scores = ban_repeated_ngrams(scores, sequences, params.no_repeat_ngram_size)
     if not params.do_sample:
         return scores.argmax(-1)
-    scores = scores / params.temperature
+    # Shifted by the row's maximum first, the scaled scores are <= 0 with the best at exactly 0: no inf - inf
+    # whatever the temperature (softmax shifts by the maximum anyway).
+    scores = (scores - scores.max(-1, keepdim=True).values) / fp32_divisor(params.temperature)
     if params.top_k > 0:
         kth = torch.topk(scores, min(params.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, -float("inf"))
@@ -140,9 +158,11 @@ def decode_step(step_logits, sequences, finished, params: SamplingParams, stop: 
 def seeded_generator(seed, device="cpu") -> torch.Generator:
     """The one rule of `seed`: a torch.Generator on `device` (where the logits reach the sampler: the model's
     device on the torch backend, the CPU on graph backends) seeded with it; equal seeds, equal samples.
-    seed: an int (bool refused), else InputError."""
+    seed: an int (bool refused) in torch's range [-2**63, 2**64 - 1], else InputError."""
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise InputError(f"seed must be an int, got {type_name(seed)}")
+    if not -2**63 <= seed < 2**64:
+        raise InputError("seed must be an int in [-2**63, 2**64 - 1]")
     return torch.Generator(device=device).manual_seed(seed)
 
 

@@ -6,12 +6,15 @@ event loop; the chat template, limits and decoding are the engine's. What this l
 shapes, status codes, authentication, body size, media URLs, metrics and the web page.
 
 Status codes: 400 bad JSON / parameters / images (the boundary's `InputError`, message passed through: it names the
-input by role and never echoes bytes or header values), 401 missing or wrong bearer token (with `api_key`), 404 an
-unknown model name or path, 413 a body over `max_request_bytes`, 429 when `max_waiting` requests already wait in
-the engine's queue (without `max_waiting` requests queue in the engine until a slot is free), 503 engine dead.
+input by role and never echoes bytes or header values), an unknown or unimplemented field (named), or a Host header
+outside `allowed_hosts`, 401 missing or wrong bearer token (with `api_key`), 404 an
+unknown model name or path, 413 a body over `max_request_bytes`, 429 when `max_waiting` requests already wait
+(images being read, or queued in the engine: `generation.Admission`, counted atomically; without `max_waiting`
+requests queue in the engine until a slot is free), 503 engine dead.
 
 This module wires the routes; the pieces are by idea: `openai` (requests -> the engine's arguments), `generation`
-and `sse` (answers, streamed or not), `boundary` (limits and images), `preview`, `middleware`, `http_errors`.
+and `sse` (answers, streamed or not), `boundary` (limits and images), `media` and `remote_media` (image URLs),
+`preview`, `middleware` (security headers, Host check, body limit, bearer token, the last-resort 500), `http_errors`.
 """
 from __future__ import annotations
 
@@ -30,10 +33,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gmaivl_rt.errors import GmaivlError, InputError
 from gmaivl_rt.server import protocol
 from gmaivl_rt.server.boundary import check_image_count, read_images, server_limits
-from gmaivl_rt.server.generation import END, Generation, cancel_on_disconnect, engine_alive
+from gmaivl_rt.server.generation import END, Admission, Generation, cancel_on_disconnect, engine_alive
 from gmaivl_rt.server.http_errors import error_response, refusal, validation_message
-from gmaivl_rt.server.metrics import ServerMetrics
-from gmaivl_rt.server.middleware import BearerToken, BodyLimit
+from gmaivl_rt.server.metrics import OutcomeCounter, ServerMetrics
+from gmaivl_rt.server.middleware import AllowedHosts, BearerToken, BodyLimit, InternalErrors, SecurityHeaders
 from gmaivl_rt.server.openai import chat_turns, generation_options
 from gmaivl_rt.server.preview import preview as preview_body
 from gmaivl_rt.server.sse import sse_events
@@ -44,16 +47,24 @@ STATIC = Path(__file__).parent / "static"
 
 def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None = None,
                max_request_bytes: int = 64 * 2**20, max_images_per_request: int | None = None,
-               allowed_local_media_path=None, allow_remote_media: bool = False, max_waiting: int | None = None,
-               limits=None):
+               allowed_local_media_path=None, allow_remote_media: bool = False, allowed_media_domains=None,
+               remote_media_timeout_s: float = 10.0, max_waiting: int | None = None, limits=None, allowed_hosts=None):
     """The ASGI app serving `engine` (a `gmaivl_rt.Engine`). `limits`: the request boundary's `Limits` (default:
-    the engine's); `max_images_per_request` overrides its images-per-request limit. See the module doc for status
+    the engine's); `max_images_per_request` overrides its images-per-request limit. `api_key`: None (open) or a
+    non-empty key (an empty one is refused: InputError). `allowed_hosts`: Host header names answered (None: any;
+    `gmaivl-rt serve` passes the bound host and localhost). `allowed_media_domains`: with `allow_remote_media`, the
+    only hosts fetched (None: any public address; `gmaivl_rt.server.remote_media`), each fetch within
+    `remote_media_timeout_s`. See the module doc for status
     codes. Endpoints: POST /v1/chat/completions, GET /v1/models, POST /v1/gmaivl/preview, GET /health, /metrics, /."""
+    if api_key is not None and not str(api_key).strip():
+        raise InputError("api_key is empty: give a real key, or none for an open server")
     limits = server_limits(engine, limits, max_images_per_request)
     metrics = ServerMetrics(engine)
+    admission = Admission(engine, max_waiting)
     app = FastAPI(title="gmaivl-rt", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.metrics, app.state.limits = engine, metrics, limits
-    media_options = {"allowed_local_media_path": allowed_local_media_path, "allow_remote_media": allow_remote_media}
+    media_options = {"allowed_local_media_path": allowed_local_media_path, "allow_remote_media": allow_remote_media,
+                     "allowed_media_domains": allowed_media_domains, "remote_timeout_s": remote_media_timeout_s}
 
     # --------------------------------------------------------------- errors
     @app.exception_handler(RequestValidationError)
@@ -72,14 +83,16 @@ def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None
         log.info("request refused (%d): %s", status, type(error).__name__)
         return error_response(status, message)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request, error):
-        log.error("internal error: %s", type(error).__name__)  # no message: it might quote input
-        return error_response(500, "internal server error")
-
-    if api_key:
+    # Anything else: `InternalErrors` (a 500 without message or traceback; the connection stays usable).
+    # Middleware, innermost first (each add wraps the ones before).
+    if api_key is not None:
         app.add_middleware(BearerToken, api_key=api_key)
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
+    app.add_middleware(InternalErrors)
+    if allowed_hosts is not None:
+        app.add_middleware(AllowedHosts, hosts=allowed_hosts)
+    app.add_middleware(SecurityHeaders)
+    app.add_middleware(OutcomeCounter, metrics=metrics)  # outermost: every answer, refusals included, is counted
 
     # --------------------------------------------------------------- helpers
     def check_model(name: str | None):
@@ -95,11 +108,18 @@ def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None
             raise InputError("n: only n=1 is supported")
         system, turns, urls = chat_turns(body.messages)
         check_image_count(limits, len(urls))
-        if max_waiting is not None and engine.stats().get("waiting", 0) >= max_waiting:
+        ticket = admission.admit()  # counted from here (images being read) until the engine queues it
+        if ticket is None:
             raise HTTPException(429, f"the server is saturated ({max_waiting} requests waiting); retry later")
-        images = await run_in_threadpool(read_images, urls, limits, **media_options)
-        request = await run_in_threadpool(lambda: engine.submit(messages=turns, images=images, system=system,
-                                                                **generation_options(body)))
+        try:
+            decode_started = time.monotonic()
+            images = await run_in_threadpool(read_images, urls, limits, **media_options)
+            if urls:
+                metrics.image_decode_time.observe(time.monotonic() - decode_started)
+            request = await run_in_threadpool(ticket.submit, lambda: engine.submit(
+                messages=turns, images=images, system=system, **generation_options(body)))
+        finally:
+            ticket.release()  # a no-op once submitted
         return Generation(request, arrival, metrics)
 
     # --------------------------------------------------------------- endpoints

@@ -1,15 +1,17 @@
 """One engine request as the event loop sees it (`Generation`): its text deltas read in a worker thread, so the
-loop never blocks; cancellation when the client leaves; the metrics it records when it ends. And whether the engine
-is alive at all."""
+loop never blocks; cancellation when the client leaves; the metrics it records when it ends. Admission (`Admission`:
+the `max_waiting` ceiling, counted atomically). And whether the engine is alive at all."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from gmaivl_rt.server.metrics import ServerMetrics
+from gmaivl_rt.errors import InputError
+from gmaivl_rt.server.metrics import ServerMetrics, current_outcome
 
 END = object()  # what `Generation.next_delta` returns once the answer is complete
 
@@ -25,6 +27,11 @@ class Generation:
         self.first_token: float | None = None
         self.done = False
         self.text = ""
+        self.error: BaseException | None = None  # what the request failed with
+        self.cancelled = False  # stopped before its end (client gone, or an error on the HTTP side)
+        outcome = current_outcome()
+        if outcome is not None:  # the HTTP request's outcome is this generation's
+            outcome.generation = self
 
     async def next_delta(self):
         """The next piece of the answer, or `END`. Raises the request's error (InputError, LimitError, ...)."""
@@ -32,13 +39,14 @@ class Generation:
             return END
         try:
             delta = await run_in_threadpool(next, self._iterator, END)
-        except Exception:  # the request failed (ended); a CancelledError here is the client leaving: cancel() follows
-            self.done = True
+        except Exception as error:  # the request failed (ended); a CancelledError here is the client leaving
+            self.done, self.error = True, error
+            self._ended(time.monotonic())
             raise
         now = time.monotonic()
         if delta is END:
             self.done = True
-            self._finished(now)
+            self._ended(now)
             return END
         if self.first_token is None:
             self.first_token = now
@@ -57,9 +65,20 @@ class Generation:
     def completion_tokens(self) -> int:
         return int(getattr(self.request, "generated_tokens", 0) or 0)
 
-    def _finished(self, now: float):
-        self.metrics.observe_finished(
-            finish_reason=self.finish_reason, prompt_tokens=self.prompt_tokens,
+    @property
+    def outcome(self) -> str:
+        """"success" | "cancelled" | "client_error" (the request's InputError) | "server_error" (any other error)."""
+        if self.error is not None:
+            return "client_error" if isinstance(self.error, InputError) else "server_error"
+        if self.cancelled or not self.done or getattr(self.request, "finish_reason", None) == "cancelled":
+            return "cancelled"
+        return "success"
+
+    def _ended(self, now: float):
+        """Record the request in the metrics, once, whatever its outcome (tokens processed and queue time for all;
+        latencies for answers that ended normally)."""
+        self.metrics.observe_ended(
+            outcome=self.outcome, finish_reason=self.finish_reason, prompt_tokens=self.prompt_tokens,
             generated_tokens=self.completion_tokens, arrival=self.arrival, first_token=self.first_token,
             finish=now, scheduled=request_time(self.request, "scheduled"), token_gaps=self._token_gaps())
 
@@ -75,8 +94,58 @@ class Generation:
     def cancel(self):
         """Stop the engine request (client gone, or an error): its batch slot and KV blocks are freed."""
         if not self.done:
-            self.done = True
+            self.done = self.cancelled = True
             self.request.cancel()
+            self._ended(time.monotonic())
+
+
+class Admission:
+    """The `max_waiting` ceiling (None: none): requests whose images are being read plus the engine's waiting ones
+    (being prepared or queued) never exceed it. Checked and counted under one lock, so a burst cannot all pass a
+    count read before any of them was submitted.
+
+        ticket = admission.admit()          # None: saturated (answer 429)
+        request = ticket.submit(lambda: engine.submit(...))   # from a worker thread; ticket.release() if abandoned
+    """
+
+    def __init__(self, engine, max_waiting: int | None):
+        self.engine, self.max_waiting = engine, max_waiting
+        self._lock = threading.Lock()
+        self._reading = 0  # admitted, images not yet handed to the engine
+
+    def admit(self) -> "_Ticket | None":
+        with self._lock:
+            if self.max_waiting is not None and \
+                    self._reading + int(self.engine.stats().get("waiting", 0)) >= self.max_waiting:
+                return None
+            self._reading += 1
+        return _Ticket(self)
+
+    def _settle(self, submit=None):
+        # under the lock, so the engine's waiting count takes the request over without a moment counted twice
+        # or not at all
+        with self._lock:
+            self._reading -= 1
+            return submit() if submit is not None else None
+
+
+class _Ticket:
+    """One admitted request's place until the engine has it (`submit`) or it is given up (`release`)."""
+
+    def __init__(self, admission: Admission):
+        self._admission, self._held = admission, True
+
+    def submit(self, submit):
+        """Call `submit()` (it queues the request in the engine) and give the place up, atomically."""
+        if not self._held:
+            raise RuntimeError("this admission ticket was already used")
+        self._held = False
+        return self._admission._settle(submit)
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._admission._settle()
 
 
 def request_time(request, what: str) -> float | None:

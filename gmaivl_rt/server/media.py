@@ -2,8 +2,9 @@
 
 Accepted: `data:<type>;base64,...` (any image/* or application/* type: the boundary sniffs the content, so DICOM,
 NIfTI, gzip, PNG, JPEG ... all work), `file://` URLs inside the server's allowed local media folder, and http(s)
-only when the server allows remote media (off by default: no outbound traffic). Sizes are checked before anything
-is decoded. Errors name the image by its role ("image 1") and never quote the URL or its bytes.
+only when the server allows remote media (off by default: no outbound traffic), behind the SSRF guard of
+`gmaivl_rt.server.remote_media`. Sizes are checked before anything
+is decoded. Errors name the image by its role ("image 1") and never quote the URL, its file name or its bytes.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import urllib.parse
 from pathlib import Path
 
 from gmaivl_rt.errors import InputError, LimitError
+from gmaivl_rt.server.remote_media import fetch_remote_image
 
 _DATA_URI = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,",
                        re.ASCII)
@@ -27,18 +29,21 @@ def decoded_size(payload_chars: int) -> int:
 
 
 def read_image_url(url: str, *, role: str, max_bytes: int, allowed_local_media_path: str | os.PathLike | None = None,
-                   allow_remote_media: bool = False, remote_timeout_s: float = 10.0) -> bytes | Path:
-    """url -> the image's bytes (data URI, http(s)) or its path (file://), at most `max_bytes` bytes."""
+                   allow_remote_media: bool = False, allowed_media_domains=None,
+                   remote_timeout_s: float = 10.0) -> bytes | Path:
+    """url -> the image's bytes (data URI, http(s)) or its path (file://), at most `max_bytes` bytes.
+    http(s) goes through `gmaivl_rt.server.remote_media` (its SSRF guard; `allowed_media_domains` there)."""
     if url.startswith("data:"):
         return _read_data_uri(url, role, max_bytes)
-    scheme = urllib.parse.urlsplit(url[:16]).scheme.lower()
+    scheme = url.split(":", 1)[0].lower() if ":" in url[:16] else ""
     if scheme == "file":
         return _local_file(url, role, max_bytes, allowed_local_media_path)
     if scheme in ("http", "https"):
         if not allow_remote_media:
             raise InputError(f"{role}: http(s) image URLs are refused by this server (it makes no outbound "
                              "requests); send the image inline as a data URI")
-        return _fetch(url, role, max_bytes, remote_timeout_s)
+        return fetch_remote_image(url, role=role, max_bytes=max_bytes, timeout_s=remote_timeout_s,
+                                  allowed_domains=allowed_media_domains)
     raise InputError(f"{role}: unsupported image URL scheme; use a data: URI (base64), or file:// under the "
                      "server's allowed local media path")
 
@@ -75,31 +80,32 @@ def _local_file(url: str, role: str, max_bytes: int, allowed) -> Path:
     if allowed is None:
         raise InputError(f"{role}: file:// image URLs are refused (the server was started without "
                          "--allowed-local-media-path)")
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # e.g. an unclosed '[' where a host would be
+        raise InputError(f"{role}: malformed file:// URL") from None
     if parts.netloc not in ("", "localhost"):
         raise InputError(f"{role}: file:// URLs must name a local file (no host)")
-    path = Path(urllib.parse.unquote(parts.path)).resolve()
-    root = Path(allowed).resolve()
-    # resolve() follows symlinks and '..', so a link out of the folder is refused too.
-    if not path.is_relative_to(root):
-        raise InputError(f"{role}: file:// URL is outside the server's allowed local media path")
-    if not path.is_file():
-        raise InputError(f"{role}: file:// URL names no file")
-    size = path.stat().st_size
+    name = urllib.parse.unquote(parts.path)
+    if "\x00" in name:
+        raise InputError(f"{role}: file:// URL holds a NUL character")
+    # The OS's own errors quote the path (a file name may carry a patient's name): only their kind is kept.
+    try:
+        path = Path(name).resolve()
+        root = Path(allowed).resolve()
+        # resolve() follows symlinks and '..', so a link out of the folder is refused too.
+        if not path.is_relative_to(root):
+            raise InputError(f"{role}: file:// URL is outside the server's allowed local media path")
+        if not path.is_file():
+            raise InputError(f"{role}: file:// URL names no file")
+        size = path.stat().st_size
+    except InputError:
+        raise
+    except RuntimeError:  # Python 3.11's resolve() on a symlink loop
+        raise InputError(f"{role}: file:// URL names a symbolic link loop") from None
+    except (OSError, ValueError) as error:  # too long a name, a loop (ELOOP), not UTF-8 encodable, ...
+        reason = os.strerror(error.errno) if isinstance(error, OSError) and error.errno else "not a usable path"
+        raise InputError(f"{role}: file:// URL names no readable file ({reason})") from None
     if size > max_bytes:
         raise LimitError(f"{role}: {size} bytes, over the limit of {max_bytes} bytes per image")
     return path
-
-
-def _fetch(url: str, role: str, max_bytes: int, timeout_s: float) -> bytes:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (scheme checked above)
-            data = response.read(max_bytes + 1)
-    except (urllib.error.URLError, OSError, ValueError):
-        raise InputError(f"{role}: the image URL could not be fetched") from None
-    if len(data) > max_bytes:
-        raise LimitError(f"{role}: over the limit of {max_bytes} bytes per image")
-    return data

@@ -1,13 +1,21 @@
 """Prometheus metrics under vLLM's names with a `gmaivl:` prefix, in a registry of the app's own.
 
 Gauges (running, waiting, KV-cache use) and the prefix-cache hit counter are read from `engine.stats()` when
-scraped; token counters and latency histograms are recorded as requests finish. TTFT, end-to-end and queue time
-count from the request's arrival (image decoding included), as vLLM's do.
+scraped; token counters and latency histograms are recorded as requests end. TTFT, end-to-end and queue time
+count from the request's arrival (image decoding included), as vLLM's do. Every chat request is counted once by
+its outcome (`OutcomeCounter`, an ASGI middleware): success, cancelled (the client left), client_error (a 4xx, or a
+request that failed on its input mid-stream), server_error (a 5xx, or a failure mid-stream). Labels are closed
+vocabularies only: nothing of a request's content ever becomes a label.
 """
 from __future__ import annotations
 
+import contextvars
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+OUTCOMES = ("success", "cancelled", "client_error", "server_error")
+COUNTED_PATHS = ("/v1/chat/completions",)
 
 # vLLM's bucket edges (seconds).
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
@@ -16,6 +24,7 @@ _ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
                 80.0)
 _REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                     480.0, 960.0, 1920.0, 7680.0)
+_DECODE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class _EngineStats:
@@ -61,18 +70,94 @@ class ServerMetrics:
         self.request_queue_time = Histogram("gmaivl:request_queue_time_seconds",
                                             "Arrival to the start of the request's prefill.",
                                             buckets=_REQUEST_BUCKETS, registry=r)
+        self.time_per_output_token = Histogram("gmaivl:time_per_output_token_seconds",
+                                               "First to last generated token, per token after the first (one "
+                                               "sample per request).", buckets=_ITL_BUCKETS, registry=r)
+        self.image_decode_time = Histogram("gmaivl:image_decode_seconds",
+                                           "Reading and decoding one request's images (requests with images).",
+                                           buckets=_DECODE_BUCKETS, registry=r)
+        self.requests = Counter("gmaivl:requests", "Chat requests by outcome: success, cancelled (client left), "
+                                "client_error, server_error.", ["outcome"], registry=r)
+        for outcome in OUTCOMES:  # every outcome shows, at 0 until it happens
+            self.requests.labels(outcome=outcome)
 
-    def observe_finished(self, *, finish_reason: str, prompt_tokens: int, generated_tokens: int, arrival: float,
-                         first_token: float | None, finish: float, scheduled: float | None,
-                         token_gaps: list[float]) -> None:
-        """Record one finished request; times are one clock's seconds (time.monotonic / perf_counter)."""
+    def observe_ended(self, *, outcome: str, finish_reason: str, prompt_tokens: int, generated_tokens: int,
+                      arrival: float, first_token: float | None, finish: float, scheduled: float | None,
+                      token_gaps: list[float]) -> None:
+        """Record one engine request that ended, whatever its outcome (`OUTCOMES`): the tokens it processed and its
+        queue time always; the latencies (one set of requests for all, so their sums compare) and
+        `request_success` only for a success. Times are one clock's seconds (time.monotonic / perf_counter)."""
         self.prompt_tokens.inc(prompt_tokens)
         self.generation_tokens.inc(generated_tokens)
-        self.request_success.labels(finished_reason=finish_reason).inc()
-        if first_token is not None:
-            self.time_to_first_token.observe(max(0.0, first_token - arrival))
         if scheduled is not None:
             self.request_queue_time.observe(max(0.0, scheduled - arrival))
+        if outcome != "success":
+            return
+        if first_token is not None:
+            self.time_to_first_token.observe(max(0.0, first_token - arrival))
+        self.request_success.labels(finished_reason=finish_reason).inc()
         self.e2e_request_latency.observe(max(0.0, finish - arrival))
         for gap in token_gaps:
             self.inter_token_latency.observe(gap)
+        if token_gaps:
+            self.time_per_output_token.observe(sum(token_gaps) / len(token_gaps))
+
+    def count_outcome(self, outcome: str) -> None:
+        self.requests.labels(outcome=outcome).inc()
+
+
+# The outcome of the HTTP request being served, for the `Generation` it starts (set by `OutcomeCounter`).
+_current_outcome: contextvars.ContextVar = contextvars.ContextVar("gmaivl_request_outcome", default=None)
+
+
+def current_outcome() -> "RequestOutcome | None":
+    """The `RequestOutcome` of the chat request this code serves, or None outside one."""
+    return _current_outcome.get()
+
+
+class RequestOutcome:
+    """What became of one HTTP request: its status (None: no answer was started) and the `Generation` it started,
+    if any (whose own outcome decides when the answer began with 200: a stream can fail or be left midway)."""
+
+    def __init__(self):
+        self.status: int | None = None
+        self.generation = None
+
+    def result(self, raised: bool = False) -> str:
+        if raised or (self.status is not None and self.status >= 500):
+            return "server_error"
+        if self.status is not None and self.status >= 400:
+            return "client_error"
+        if self.generation is not None:
+            return self.generation.outcome
+        return "cancelled" if self.status is None else "success"
+
+
+class OutcomeCounter:
+    """ASGI middleware counting each request on `COUNTED_PATHS` once, by outcome, in `metrics.requests`."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in COUNTED_PATHS:
+            return await self.app(scope, receive, send)
+        outcome = RequestOutcome()
+
+        async def watched_send(message):
+            if message["type"] == "http.response.start":
+                outcome.status = int(message["status"])
+            await send(message)
+
+        token = _current_outcome.set(outcome)
+        try:
+            await self.app(scope, receive, watched_send)
+        except Exception:
+            self.metrics.count_outcome(outcome.result(raised=True))
+            raise
+        except BaseException:  # cancelled (the server is stopping, the connection is gone)
+            self.metrics.count_outcome("cancelled")
+            raise
+        finally:
+            _current_outcome.reset(token)
+        self.metrics.count_outcome(outcome.result())

@@ -1,12 +1,106 @@
-"""Plain ASGI middleware (streams and disconnects pass through untouched): the request body size limit and the
-bearer token check."""
+"""Plain ASGI middleware (streams and disconnects pass through untouched): security headers on every response, the
+Host header check, the last-resort error answer, the request body size limit and the bearer token check."""
 from __future__ import annotations
 
 import hmac
+import logging
+import traceback
 
 from fastapi import HTTPException
 
 from gmaivl_rt.server.http_errors import error_response
+
+log = logging.getLogger("gmaivl_rt.server")
+
+# The page loads only its own script and style, shows previews as data: images and talks only to this server;
+# nothing may frame it (clickjacking) or sniff a response into another type.
+SECURITY_HEADERS = (
+    (b"content-security-policy", b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                                 b"connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+)
+
+
+class SecurityHeaders:
+    """Add SECURITY_HEADERS to every HTTP response (errors, the page, static files, streams)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                names = {name.lower() for name, _ in message.get("headers", ())}
+                message["headers"] = list(message.get("headers", ())) + [
+                    (name, value) for name, value in SECURITY_HEADERS if name not in names]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def host_name(header: bytes) -> str:
+    """A Host header's host, lower case, without its port ('[::1]:8000' -> '::1')."""
+    text = header.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text[1:text.find("]")] if "]" in text else text
+    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+
+
+class AllowedHosts:
+    """400 unless the Host header names one of `hosts` (DNS rebinding: a web page whose name an attacker points at
+    this server's address still sends its own name). '*' allows any."""
+
+    def __init__(self, app, hosts):
+        self.app, self.hosts = app, {h.lower().strip("[]") for h in hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and "*" not in self.hosts:
+            header = dict(scope.get("headers") or ()).get(b"host", b"")
+            if host_name(header) not in self.hosts:
+                response = error_response(400, "the Host header names no host this server answers to "
+                                               "(--allowed-hosts)")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def code_location(error: BaseException) -> str:
+    """Where an exception was raised, as code: 'file.py:123 in function' (no message: it may quote input)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return "?"
+    last = frames[-1]
+    return f"{last.filename.rsplit('/', 1)[-1]}:{last.lineno} in {last.name}"
+
+
+class InternalErrors:
+    """The last resort: an exception no handler took becomes a 500 JSON answer and one log line naming its type and
+    code location, never its message or a traceback (both may quote a file name or input). It is not re-raised,
+    so the connection stays usable for the client's next request."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as error:
+            log.error("internal error: %s at %s", type(error).__name__, code_location(error))
+            if not started:
+                await error_response(500, "internal server error")(scope, receive, send)
 
 
 class RequestTooLarge(HTTPException):

@@ -41,8 +41,10 @@ def chat_turns(messages: list[protocol.ChatMessage]) -> tuple[str | None, list[d
 
 
 def generation_options(body: protocol.ChatCompletionRequest) -> dict:
-    """OpenAI sampling fields -> the engine's generation keywords; fields a request leaves out are not passed, so
-    the runtime's defaults (`gmaivl_rt.runtime.request.DEFAULT_GENERATION`) apply. temperature 0 means greedy."""
+    """OpenAI sampling fields, and vLLM's `top_k` and `repetition_penalty` and our `no_repeat_ngram_size` -> the
+    engine's generation keywords; fields a request leaves out are not passed, so the runtime's defaults
+    (`gmaivl_rt.runtime.request.DEFAULT_GENERATION`) apply. temperature 0 means greedy; top_k -1 (vLLM's "off")
+    is 0. The values are checked where every backend checks them (`gmaivl_rt.model.sampling.check_generation`)."""
     options = {}
     max_new_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if max_new_tokens is not None:
@@ -50,10 +52,11 @@ def generation_options(body: protocol.ChatCompletionRequest) -> dict:
     if body.temperature is not None:
         options.update(do_sample=False) if body.temperature == 0 else \
             options.update(do_sample=True, temperature=body.temperature)
-    if body.top_p is not None:
-        options["top_p"] = body.top_p
-    if body.seed is not None:
-        options["seed"] = body.seed
+    if body.top_k is not None:
+        options["top_k"] = 0 if body.top_k == -1 else body.top_k
+    for name in ("top_p", "repetition_penalty", "no_repeat_ngram_size", "seed"):
+        if getattr(body, name) is not None:
+            options[name] = getattr(body, name)
     if body.stop:
         options["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
     return options

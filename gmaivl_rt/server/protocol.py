@@ -1,24 +1,88 @@
 """The OpenAI chat-completions request and response shapes, as vLLM serves them (pydantic models).
 
+Requests are strict: ints are ints (not bools or floats), `stream` is a bool, every string is valid Unicode (a lone
+surrogate is refused: no tokenizer or JSON encoder downstream can take it). Unknown fields are refused with a 400
+naming them (`http_errors.validation_message`), except `IGNORED_FIELDS`, which clients send harmlessly and this
+server ignores on purpose; fields OpenAI defines but this server does not implement (`NOT_IMPLEMENTED`) are
+accepted only with their neutral value (null, false, 0, ...) and refused otherwise, naming the field.
+
 Request fields gmaivl-rt adds, all optional: inside `image_url`, `frame`, `slice_index`, `plane` and `window` pick
-the picture of a multi-frame DICOM or NIfTI volume and its CT window, as `gmaivl-rt ask` does.
+the picture of a multi-frame DICOM or NIfTI volume and its CT window, as `gmaivl-rt ask` does; vLLM's extra sampling
+fields `top_k`, `repetition_penalty` and ours `no_repeat_ngram_size` (see `gmaivl_rt.server.openai`).
 """
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, StrictBool, StrictInt, \
+    model_validator
+
+def _unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text is not valid Unicode (it holds a lone surrogate)") from None
+    return text
 
 
-class ImageURL(BaseModel):
-    url: str
-    detail: str | None = None
-    frame: int | None = None
-    slice_index: int | None = None
+Text = Annotated[str, AfterValidator(_unicode)]
+def _number(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("must be a number")
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+# JSON numbers: 1 and 1.0, never true, "1" or NaN / Infinity (Python's json module reads those)
+Number = Annotated[Union[int, float], PlainValidator(_number)]
+
+# Fields clients send that change nothing here, ignored on purpose: OpenAI's end-user id and request metadata.
+IGNORED_FIELDS = ("user", "metadata")
+# OpenAI / vLLM request fields this server does not implement -> their neutral values (accepted and ignored);
+# any other value is refused with a 400 naming the field.
+NOT_IMPLEMENTED = {
+    "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None,),
+    "functions": (None, []), "function_call": (None, "none"), "logit_bias": (None, {}),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "response_format": (None, {"type": "text"}),
+    "logprobs": (None, False), "top_logprobs": (None, 0), "min_p": (None, 0),
+}
+# On a message: OpenAI's participant name (ignored), and what an assistant message echoed back from a response
+# carries when it used no tools.
+MESSAGE_IGNORED_FIELDS = ("name",)
+MESSAGE_NOT_IMPLEMENTED = {"tool_calls": (None, []), "function_call": (None,), "refusal": (None,),
+                           "audio": (None,), "annotations": (None, [])}
+
+
+def _neutral(value, neutral: tuple) -> bool:
+    """`value` is one of `neutral` (None always is); a bool equals only a bool (False is not 0 here)."""
+    return value is None or any(value == n and isinstance(value, bool) == isinstance(n, bool)
+                                for n in neutral if n is not None)
+
+
+def _drop_harmless(data, ignored: tuple, not_implemented: dict):
+    """A request object without the ignored fields and the not-implemented fields at their neutral value; what
+    remains of the unknown fields is then refused by `extra="forbid"`."""
+    if not isinstance(data, dict):
+        return data
+    return {k: v for k, v in data.items()
+            if k not in ignored and not (k in not_implemented and _neutral(v, not_implemented[k]))}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImageURL(_Strict):
+    url: Text
+    detail: Text | None = None  # OpenAI's resolution hint: ignored (the model's preprocessing decides)
+    frame: StrictInt | None = None
+    slice_index: StrictInt | None = None
     plane: Literal["axial", "coronal", "sagittal"] | None = None
-    window: str | tuple[float, float] | None = None
+    window: Text | tuple[Number, Number] | None = None
 
     def reader_options(self) -> dict:
         """The keyword arguments `gmaivl_rt.medical.reader` readers take, for the ones the request set."""
@@ -26,12 +90,12 @@ class ImageURL(BaseModel):
         return {k: v for k, v in options.items() if v is not None}
 
 
-class TextPart(BaseModel):
+class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
-class ImagePart(BaseModel):
+class ImagePart(_Strict):
     type: Literal["image_url"]
     image_url: ImageURL
 
@@ -39,33 +103,45 @@ class ImagePart(BaseModel):
 ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: Text | list[ContentPart] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _harmless(cls, data):
+        return _drop_harmless(data, MESSAGE_IGNORED_FIELDS, MESSAGE_NOT_IMPLEMENTED)
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool = False
+class StreamOptions(_Strict):
+    include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False  # vLLM's; usage is sent once, at the end
 
 
-class ChatCompletionRequest(BaseModel):
-    # Unknown fields are ignored, as vLLM does (clients send e.g. `user`, `logprobs: false`).
-    model_config = ConfigDict(extra="allow")
-    model: str | None = None
+class ChatCompletionRequest(_Strict):
+    model: Text | None = None
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
+    max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    seed: StrictInt | None = None  # its range: gmaivl_rt.model.sampling.seeded_generator
+    stop: Text | list[Text] | None = None
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: StrictInt = 1
+    # vLLM's extra sampling fields, and ours
+    top_k: StrictInt | None = None
+    repetition_penalty: Number | None = None
+    no_repeat_ngram_size: StrictInt | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _harmless(cls, data):
+        return _drop_harmless(data, IGNORED_FIELDS, NOT_IMPLEMENTED)
 
 
-class PreviewRequest(BaseModel):
+class PreviewRequest(_Strict):
     """POST /v1/gmaivl/preview: the picture the model would see for `image_url`."""
     image_url: ImageURL
 

@@ -179,9 +179,33 @@ function init() {
   $("plane").addEventListener("change", () => refreshPreview(false));
   $("window").addEventListener("change", () => refreshPreview(true));
   $("ask").addEventListener("click", ask);
-  fetch("/v1/models", { headers: headers() }).then((r) => r.ok ? r.json() : null).then((body) => {
-    if (body && body.data && body.data.length) { state.model = body.data[0].id; $("model").textContent = "model: " + state.model; }
-  }).catch(() => {});
+  $("api-key").addEventListener("change", checkKey);
+  checkKey();
+}
+
+// Ask for the key before anything needs it: /v1/models answers 401 on a server started with a key; the field then
+// shows, and the page tries again (and shows the model name) once a key is typed.
+async function checkKey() {
+  let response;
+  try {
+    response = await fetch("/v1/models", { headers: headers() });
+  } catch (e) {
+    return;
+  }
+  const keyRow = $("key-row"), keyStatus = $("key-status");
+  if (response.status === 401) {
+    const typed = $("api-key").value.trim() !== "";
+    keyRow.hidden = false;
+    keyStatus.textContent = typed ? "This key is not accepted." : "This server needs an API key: enter it first.";
+    keyStatus.className = "error";
+    $("file").disabled = true;
+    $("api-key").focus();
+    return;
+  }
+  keyStatus.textContent = "";
+  $("file").disabled = false;
+  const body = response.ok ? await response.json() : null;
+  if (body && body.data && body.data.length) { state.model = body.data[0].id; $("model").textContent = "model: " + state.model; }
 }
 
 init();

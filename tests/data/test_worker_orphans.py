@@ -1,0 +1,88 @@
+"""Pool workers end with their parent: `kill -9` of a running `gmaivl-rt data build --workers 2` (the parent alone,
+not its process group) leaves no worker alive a few seconds later (the report found both still alive after 13
+minutes, blocked on a task pipe whose write end they held themselves). Processes are read from /proc."""
+import os
+import sys
+import time
+
+import pytest
+from manifest_sources import make_sources
+
+pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads processes from /proc")
+
+SLOW_REWRITER = '''
+import time
+
+
+def rewrite(text, context):
+    time.sleep(0.15)
+    return text + " (checked)"
+'''
+
+
+def _stat(pid: int):
+    """(parent pid, state, start time) of a process from /proc/PID/stat, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(fields[1]), fields[0], int(fields[19])
+
+
+def _children(pid: int) -> dict:
+    """{child pid: its start time} of the live children of `pid`."""
+    found = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            stat = _stat(int(name))
+            if stat and stat[0] == pid and stat[1] != "Z":
+                found[int(name)] = stat[2]
+    return found
+
+
+def _alive(pid: int, start: int) -> bool:
+    stat = _stat(pid)
+    return stat is not None and stat[1] != "Z" and stat[2] == start  # the same process, not a reused pid
+
+
+def test_sigkill_of_a_parallel_build_leaves_no_worker_alive(tmp_path, start_child):
+    """Mutant: the workers' `end_with_parent` call removed from `_init_worker`: both workers survive the parent."""
+    manifest, _ = make_sources(tmp_path / "sources")
+    (tmp_path / "slowrw.py").write_text(SLOW_REWRITER)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = tmp_path / "out"
+    build = start_child(["data", "build", "--manifest", manifest, "--out", out, "--seed", "3", "--rewriter",
+                         "slowrw:rewrite", "--workers", "2", "--no-progress"], env=env)
+    workers: dict = {}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and build.alive():
+        workers = _children(build.pid)
+        done = sum(len(files) for _, _, files in os.walk(out / ".work")) if (out / ".work").exists() else 0
+        if len(workers) >= 2 and done >= 1:
+            break
+        time.sleep(0.05)
+    assert len(workers) >= 2, build.why() if not build.alive() else f"workers seen: {workers}"
+    build.kill()  # SIGKILL to the build process only; its workers are left to notice by themselves
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(_alive(p, s) for p, s in workers.items()):
+            time.sleep(0.05)
+        survivors = [p for p, s in workers.items() if _alive(p, s)]
+        assert not survivors, f"workers still alive 5 s after their parent was killed: {survivors}"
+    finally:
+        for pid, start in workers.items():  # never leave one behind, whatever the outcome
+            if _alive(pid, start):
+                os.kill(pid, 9)
+    assert not (out / "summary.json").exists()  # it was killed mid-build, not after
+
+
+def test_a_worker_whose_parent_is_already_gone_ends_at_once(tmp_path):
+    """The race the kernel signal cannot cover: the parent dies before the worker armed it. A process told its
+    parent is one that is not its parent ends with exit code 1 instead of serving.
+    Mutant: the `os.getppid() != parent_pid` check removed: it prints 'served' and exits 0."""
+    import subprocess
+
+    code = "from gmaivl_rt.data.build import end_with_parent; end_with_parent(1); print('served')"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "served" not in run.stdout

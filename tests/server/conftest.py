@@ -1,0 +1,115 @@
+"""What the server input, security and fuzz tests share: one tiny model and engine per session, and a running
+server (real uvicorn on a free loopback port) whose log records are kept for the assertions."""
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def serving_folder(tiny_model_folder):
+    from server_fixtures import TEXTS
+
+    return tiny_model_folder(TEXTS, "serving_model")
+
+
+@pytest.fixture(scope="session")
+def serving_engine(serving_folder):
+    pytest.importorskip("fastapi")
+    from gmaivl_rt import Engine
+
+    with Engine(serving_folder, backend="torch", max_batch_size=4) as engine:
+        yield engine
+
+
+@contextlib.contextmanager
+def running(app):
+    """`app` served on a free 127.0.0.1 port; yields the BackgroundServer with `.log` (a LogRecorder of every record
+    of the server's loggers while it runs, tracebacks included)."""
+    from server_fixtures import LogRecorder
+
+    from gmaivl_rt.server.background import BackgroundServer
+
+    with LogRecorder() as log:
+        background = BackgroundServer(app, log_level="info")
+        log.__enter__()  # uvicorn's logging set-up replaced the handlers: attach again
+        with background as server:
+            server.log = log
+            yield server
+
+
+class Connection:
+    """One keep-alive HTTP connection (http.client: it never reconnects by itself), so a test sees whether the
+    server kept it usable after an answer."""
+
+    def __init__(self, server, headers=None):
+        self.connection = http.client.HTTPConnection(server.host, server.port, timeout=60)
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
+        self.socket = None
+
+    def request(self, method: str, path: str, body=None, raw: bytes | None = None):
+        """-> (status, headers dict (lower-case names), text). Asserts it went over the same socket as before."""
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        self.connection.request(method, path, body=data, headers=self.headers)
+        if self.socket is None:
+            self.socket = self.connection.sock
+        assert self.connection.sock is self.socket, "the connection was not kept: a new socket was opened"
+        response = self.connection.getresponse()
+        text = response.read().decode("utf-8")
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, text
+
+    def close(self):
+        self.connection.close()
+
+
+@pytest.fixture(scope="session")
+def serve():
+    """serve(app) -> context manager of a running server (see `running`)."""
+    return running
+
+
+@pytest.fixture(scope="session")
+def keep_alive():
+    """keep_alive(server, headers=None) -> a `Connection`."""
+    return Connection
+
+
+# ------------------------------------------------------------------------------------------------ the browser
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+def _browser_missing() -> str | None:
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    if missing:
+        return (f"headless browser test: {' and '.join(missing)} not installed (`make test` installs Debian's "
+                "chromium and chromium-driver when run as root on an apt machine)")
+    return None
+
+
+@pytest.fixture
+def browser(tmp_path):
+    reason = _browser_missing()
+    if reason:
+        pytest.skip(reason)
+    webdriver = pytest.importorskip("selenium.webdriver", reason="headless browser test: selenium not installed")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--no-first-run",
+                 "--disable-sync", "--window-size=1200,900", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(30)
+    driver.set_script_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
