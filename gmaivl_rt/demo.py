@@ -1,10 +1,12 @@
-"""`gmaivl-rt demo --out DIR`: the whole flow on the embedded default data, in a few minutes on 2 CPU cores.
+"""`gmaivl-rt demo --out DIR`: the whole flow, sized for about three minutes on 2 quiet CPU cores.
 
 1. build the demo dataset from the DICOM and NIfTI files shipped with pydicom and nibabel (`gmaivl-rt data build
-   --demo`), 2. train a byte-level BPE tokenizer on it, 3. train the `compact` preset through GMAI-VL's three
-stages (`train/configs/demo.yaml`), 4. read a DICOM from the demo set, ask the stage III model a question about it
-and print the answer, 5. score it on a held-out benchmark (`gmaivl_rt.eval.demo`) and print accuracy beside
-chance. Everything lands under DIR (data/, tokenizer/, stage1..3/ with logs and loss.png, eval/).
+   --demo`), 2. generate a medical VQA corpus with known answers (`gmaivl-rt data synth`) and build it the same
+way, 3. train a byte-level BPE tokenizer on both, 4. train the `compact` preset through GMAI-VL's three stages on
+the mix (`train/configs/demo.yaml`), 5. ask the stage III model a question about CT_small.dcm, 6. score it on
+held-out scenes of an unseen seed, and score the same model with every image replaced by one grey picture (the
+image-blind control). Everything lands under DIR (data/, synth/, synth_data/, tokenizer/, stage1..3/ with logs and
+loss.png, eval/ with scores.json, blind/scores.json, slake/, report.png).
 """
 from __future__ import annotations
 
@@ -23,16 +25,18 @@ DEMO_QUESTION = "Which anatomical plane does this image show?"
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="build demo data, train the compact model through 3 stages, ask it "
-                                           "about a DICOM")
+                                           "about a DICOM, score it on held-out scenes")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--config", default=None, help="YAML config layer for the stages (default: the demo config)")
+    p.add_argument("--long", action="store_true",
+                   help="the longer run (the config's `long` block: more scenes and steps, about 20 minutes)")
     p.add_argument("--question", default=DEMO_QUESTION)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    run_demo(args.out, config=args.config, question=args.question, progress=not args.no_progress)
+    run_demo(args.out, config=args.config, question=args.question, progress=not args.no_progress, long=args.long)
     return 0
 
 
@@ -42,48 +46,85 @@ def _config_file() -> Path:
     return CONFIG_DIR / "demo.yaml"
 
 
-def run_demo(out="runs/demo", config=None, question: str = DEMO_QUESTION, progress: bool = True) -> dict:
-    """Run the five steps; returns {"question", "answer", "reference", "seconds", "stages": [...], "eval": {...}}."""
+# The demo block of the config (train/configs/demo.yaml `demo:`), where a config leaves a key out.
+DEMO_DEFAULTS = {"synth_scenes": 150, "synth_seed": 0, "heldout_scenes": 60, "shipped_share": 0.15,
+                 "slake_limit": 120}
+
+
+def demo_settings(config: Path, long: bool) -> tuple[dict, Path | None]:
+    """(the demo block, the config file the stages read): with `long`, the config's `long:` block is merged over
+    it and written beside the run (returned as the stages' config)."""
+    from gmaivl_rt.train.config import deep_merge, read_yaml
+
+    layer = read_yaml(config)
+    if long:
+        layer = deep_merge({k: v for k, v in layer.items() if k != "long"}, layer.get("long") or {})
+    return {**DEMO_DEFAULTS, **(layer.get("demo") or {})}, layer
+
+
+def run_demo(out="runs/demo", config=None, question: str = DEMO_QUESTION, progress: bool = True,
+             long: bool = False) -> dict:
+    """Run the six steps; returns {"question", "answer", "reference", "seconds", "stages": [...], "eval": {...},
+    "blind": {...}}."""
     import logging
 
+    import yaml
+
+    from gmaivl_rt.atomic import atomic_write_text
     from gmaivl_rt.data.build import build_dataset
+    from gmaivl_rt.data.synth import synthesize
+    from gmaivl_rt.data.synth.writer import SETTINGS_FILE
     from gmaivl_rt.train.recipe import train
-    from gmaivl_rt.train.config import read_yaml
     from gmaivl_rt.train.tokenizer import conversation_texts, train_bpe_tokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(out)
-    config = Path(config) if config else _config_file()
+    settings, layer = demo_settings(Path(config) if config else _config_file(), long)
+    config = out / "demo_config.yaml"
+    atomic_write_text(config, yaml.safe_dump({k: v for k, v in layer.items() if k != "long"}, sort_keys=False))
     started = time.perf_counter()
 
-    print(f"[1/5] building the demo dataset -> {out / 'data'}", flush=True)
+    print(f"[1/6] building the demo dataset -> {out / 'data'}", flush=True)
     summary = build_dataset(out / "data", demo=True, progress=progress)
     print(f"      {summary['records']} conversations from {summary['images_converted']} images", flush=True)
 
-    data = balanced_meta_list(out / "data", out / "demo_meta.json")
-    tokenizer_cfg = read_yaml(config).get("tokenizer", {})
+    scenes, seed = int(settings["synth_scenes"]), int(settings["synth_seed"])
+    print(f"[2/6] generating {scenes} scenes (seed {seed}) -> {out / 'synth'}, building -> {out / 'synth_data'}",
+          flush=True)
+    previous = out / "synth" / SETTINGS_FILE
+    same = previous.is_file() and json.loads(previous.read_text()).get("count") == scenes and \
+        json.loads(previous.read_text()).get("seed") == seed
+    synthesize(out / "synth", scenes, seed, resume=same, overwrite=previous.is_file() and not same)
+    synth_summary = build_dataset(out / "synth_data", manifest=out / "synth" / "manifest.yaml", progress=progress)
+    print(f"      {synth_summary['records']} conversations from {scenes} generated scans", flush=True)
+
+    data = mixed_meta_list({out / "synth_data": None, out / "data": float(settings["shipped_share"])},
+                           out / "demo_meta.json")
+    tokenizer_cfg = layer.get("tokenizer", {})
     vocab_size = int(tokenizer_cfg.get("vocab_size", 2048))
-    print(f"[2/5] training a {vocab_size}-token byte-level BPE tokenizer -> {out / 'tokenizer'}", flush=True)
+    print(f"[3/6] training a {vocab_size}-token byte-level BPE tokenizer -> {out / 'tokenizer'}", flush=True)
     train_bpe_tokenizer(conversation_texts(data), out / "tokenizer", vocab_size=vocab_size,
                         min_frequency=int(tokenizer_cfg.get("min_frequency", 2)))
 
     stages, init = [], None
     for stage in (1, 2, 3):
-        print(f"[3/5] stage {stage} -> {out / f'stage{stage}'}", flush=True)
+        print(f"[4/6] stage {stage} -> {out / f'stage{stage}'}", flush=True)
         result = train(stage, data, out / f"stage{stage}", config=config, init=init,
                        tokenizer=out / "tokenizer", progress=progress)
         stages.append({k: result[k] for k in ("stage", "steps", "final_loss")} |
                       {"first_loss": result["losses"][0] if result["losses"] else None})
         init = out / f"stage{stage}"
 
-    print(f"[4/5] asking the stage III model about {DEMO_DICOM}", flush=True)
+    print(f"[5/6] asking the stage III model about {DEMO_DICOM}", flush=True)
     answer = answer_about_dicom(init, _demo_dicom_path(), question)
     reference = _reference_answer(out / "data", question)
-    print(f"[5/5] scoring the stage III model on a held-out benchmark -> {out / 'eval'}", flush=True)
+    print(f"[6/6] scoring the stage III model on held-out scenes and its image-blind control -> {out / 'eval'}",
+          flush=True)
+    from gmaivl_rt.eval.demo import run_heldout_eval
     from gmaivl_rt.eval.report import summary_line
-    from gmaivl_rt.eval.demo import run_eval_demo
 
-    eval_scores = run_eval_demo(init, out / "eval", progress=progress)
+    scores = run_heldout_eval(init, out / "eval", scenes=int(settings["heldout_scenes"]),
+                              slake_limit=settings["slake_limit"], progress=progress)
     seconds = time.perf_counter() - started
     print()
     for s in stages:
@@ -95,9 +136,14 @@ def run_demo(out="runs/demo", config=None, question: str = DEMO_QUESTION, progre
     if reference:
         print(f"reference: {reference}  (the training data's answer for this file)")
     print(f"demo took {seconds:.0f} s")
-    print(f"held-out benchmark: {summary_line(eval_scores)}  ({out / 'eval' / 'scores.png'})")
+    print(f"held-out benchmark: {summary_line(scores['real'])}  ({out / 'eval' / 'report.png'})")
+    print(f"image-blind control: {summary_line(scores['blind'])}")
+    keys = ("overall", "chance", "count")
     result = {"question": question, "answer": answer, "reference": reference, "seconds": seconds,
-              "stages": stages, "eval": {k: eval_scores[k] for k in ("overall", "chance", "count")}}
+              "stages": stages, "eval": {k: scores["real"][k] for k in keys} |
+              {"by": scores["real"]["by"].get("category", {})},
+              "blind": {k: scores["blind"][k] for k in keys} | {"by": scores["blind"]["by"].get("category", {})},
+              "slake": {k: scores["slake"][k] for k in ("overall", "count", "closed", "open")}}
     from gmaivl_rt.atomic import atomic_write_json
 
     atomic_write_json(out / "demo_result.json", result)
@@ -107,16 +153,33 @@ def run_demo(out="runs/demo", config=None, question: str = DEMO_QUESTION, progre
 def balanced_meta_list(data_dir: Path, path: Path) -> Path:
     """A meta-list over the built data whose `sample_ratio`s give every source as many records as the largest
     (the demo has ~7x more brain-MRI slices than DICOM images; GMAI-VL balances its sources the same way)."""
+    return mixed_meta_list({data_dir: None}, path, balance=True)
+
+
+def mixed_meta_list(data_dirs: dict, path: Path, balance: bool = False) -> Path:
+    """One meta-list over several built data folders. data_dirs: {folder: share}; share None keeps a folder's
+    datasets as they are (sample_ratio 1, or balanced to its largest with `balance`); a number balances the
+    folder's datasets among themselves and scales them so that the folder gives `share` x the records of the
+    unscaled folders together."""
     from gmaivl_rt.atomic import atomic_write_json
 
-    meta = json.loads((data_dir / "meta.json").read_text())
-    largest = max(entry["length"] for entry in meta.values())
-    rel = os.path.relpath(data_dir, path.parent)
-    balanced = {name: {**entry, "image_dir": os.path.join(rel, entry["image_dir"]),
-                       "annotations": os.path.join(rel, entry["annotations"]),
-                       "sample_ratio": round(largest / max(1, entry["length"]), 3)}
-                for name, entry in meta.items()}
-    atomic_write_json(path, balanced)
+    metas = {Path(d): json.loads((Path(d) / "meta.json").read_text()) for d in data_dirs}
+    base_records = sum(e["length"] for d, m in metas.items() if data_dirs[d] is None for e in m.values())
+    mixed = {}
+    for folder, meta in metas.items():
+        share = data_dirs[folder]
+        largest = max(entry["length"] for entry in meta.values())
+        ratios = {name: (largest / max(1, e["length"]) if (balance or share is not None) else 1.0)
+                  for name, e in meta.items()}
+        if share is not None:
+            total = sum(ratios[n] * e["length"] for n, e in meta.items())
+            ratios = {n: r * share * base_records / total for n, r in ratios.items()}
+        rel = os.path.relpath(folder, path.parent)
+        for name, entry in meta.items():
+            mixed[name] = {**entry, "image_dir": os.path.join(rel, entry["image_dir"]),
+                           "annotations": os.path.join(rel, entry["annotations"]),
+                           "sample_ratio": round(ratios[name], 3)}
+    atomic_write_json(path, mixed)
     return path
 
 

@@ -37,6 +37,21 @@ def register(subparsers) -> None:
     merge.add_argument("shards", nargs="+", help="the shard output folders (all N of them)")
     merge.add_argument("--out", required=True, help="output folder")
     merge.set_defaults(func=_merge)
+    synth = data_sub.add_parser(
+        "synth", help="generate a medical VQA corpus with known answers (DICOM / NIfTI files plus a manifest)",
+        description="Write OUT/files/ (DICOM CT, MR, CR/DX, US; NIfTI MR volumes), OUT/annotations/, OUT/labels.jsonl "
+                    "and OUT/manifest.yaml for `data build --manifest`; with --benchmark, held-out benchmark files "
+                    "(OUT/heldout.tsv, OUT/heldout_slake/) instead. Same --seed and --count, same bytes.")
+    synth.add_argument("--out", required=True, help="output folder (new or empty, unless --resume / --overwrite)")
+    synth.add_argument("--count", type=int, required=True, help="number of scenes (files) to generate")
+    synth.add_argument("--seed", type=int, default=0, help="corpus seed (a benchmark uses a seed no corpus uses)")
+    again = synth.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT (same settings)")
+    again.add_argument("--overwrite", action="store_true", help="replace an earlier synth output in OUT")
+    synth.add_argument("--benchmark", action="store_true",
+                       help="write held-out benchmark files (VLMEvalKit TSV, SLAKE JSON) instead of a corpus")
+    synth.add_argument("--no-progress", action="store_true", help="no progress bar")
+    synth.set_defaults(func=_synth)
 
 
 def _shard_spec(text: str) -> tuple[int, int]:
@@ -78,4 +93,27 @@ def _merge(args) -> int:
     summary = merge_shards(args.shards, args.out)
     print(json.dumps({k: summary[k] for k in ("records", "images_converted", "errors", "by_modality", "by_task")},
                      indent=2))
+    return 0
+
+
+def _synth(args) -> int:
+    import sys
+
+    from gmaivl_rt.data.synth import synthesize, write_benchmark
+    from gmaivl_rt.data.synth.writer import check_count, prepare_output
+
+    if args.benchmark:
+        from pathlib import Path
+
+        from gmaivl_rt.atomic import atomic_write_json
+        from gmaivl_rt.data.synth.writer import FORMAT, SETTINGS_FILE
+
+        settings = {"format": FORMAT, "seed": args.seed, "count": check_count(args.count), "benchmark": True}
+        prepare_output(Path(args.out), settings, resume=args.resume, overwrite=args.overwrite)
+        atomic_write_json(Path(args.out) / SETTINGS_FILE, settings)
+        summary = write_benchmark(args.out, args.count, args.seed)
+    else:
+        summary = synthesize(args.out, args.count, args.seed, resume=args.resume, overwrite=args.overwrite,
+                             progress=not args.no_progress and sys.stderr.isatty())
+    print(json.dumps(summary, indent=2))
     return 0

@@ -20,7 +20,8 @@ CT = get_testdata_file("CT_small.dcm")
 
 # The demo config with the model and step counts cut to CI size (tiny preset, 2/2/3 steps): the demo entry, its
 # data, tokenizer, three chained stages, the question and the held-out evaluation all run as `make demo` runs them.
-SMALL_DEMO = {"preset": "tiny", "data": {"max_length": 256}, "batch": {"global_batch_size": 2},
+SMALL_DEMO = {"preset": "tiny", "data": {"max_length": 256},
+              "demo": {"synth_scenes": 10, "heldout_scenes": 10, "slake_limit": 12}, "batch": {"global_batch_size": 2},
               "schedule": {"warmup_ratio": 0.0}, "tokenizer": {"vocab_size": 512},
               "stages": {1: {"schedule": {"total_steps": 2}}, 2: {"schedule": {"total_steps": 2}},
                          3: {"schedule": {"total_steps": 3}, "optimizer": {"lr": 2.0e-3}}}}
@@ -57,8 +58,12 @@ def test_make_demo_command_end_to_end(tmp_path, cli_in_process):
     assert {"CT", "MRI"} <= set(built["by_modality"])
 
     printed = cli_in_process(*argv[:2], out, "--config", config, "--no-progress")
-    steps = [line.split("]")[0] + "]" for line in printed.splitlines() if re.match(r"\[\d/5\]", line)]
-    assert steps == ["[1/5]", "[2/5]", "[3/5]", "[3/5]", "[3/5]", "[4/5]", "[5/5]"], printed
+    steps = [line.split("]")[0] + "]" for line in printed.splitlines() if re.match(r"\[\d/6\]", line)]
+    assert steps == ["[1/6]", "[2/6]", "[3/6]", "[4/6]", "[4/6]", "[4/6]", "[5/6]", "[6/6]"], printed
+    synth = json.loads((out / "synth_data/summary.json").read_text())
+    assert synth["errors"] == 0 and set(synth["by_modality"]) == {"CT", "MRI", "X-ray", "ultrasound"}
+    mixed = json.loads((out / "demo_meta.json").read_text())
+    assert {n for n in mixed if n.startswith("synth_")} and {"demo_dicom", "demo_nifti_brain_mri"} <= set(mixed)
     rebuilt = json.loads((out / "data/build_run.json").read_text())
     assert rebuilt["new_png_files"] == 0 and rebuilt["items_resumed"] > 0  # the CLI's build, resumed whole
 
@@ -92,12 +97,20 @@ def test_make_demo_command_end_to_end(tmp_path, cli_in_process):
     run = json.loads((out / "eval/run.json").read_text())
     assert Path(run["model"]) == out / "stage3" and run["status"] == "done"
     predictions = read_jsonl(out / "eval/predictions.jsonl")
-    with open(out / "eval/demo_benchmark.tsv", newline="") as f:
+    with open(out / "eval/heldout.tsv", newline="") as f:
         questions = list(csv.DictReader(f, delimiter="\t"))
     assert len(predictions) == len(questions) == result["eval"]["count"] > 20
     assert result["eval"]["overall"] == pytest.approx(sum(p["correct"] for p in predictions) / len(predictions))
     from gmaivl_rt.eval.report import summary_line
 
     scores = json.loads((out / "eval/scores.json").read_text())
-    assert f"held-out benchmark: {summary_line(scores)}" in printed and "(chance 25.0%)" in printed
+    assert f"held-out benchmark: {summary_line(scores)}" in printed
+    assert set(scores["by"]["category"]) <= {"modality", "region", "plane", "presence", "count", "side", "size"}
+    # the image-blind control: the same questions, one grey image for all, the same stage III model
+    blind = json.loads((out / "eval/blind/scores.json").read_text())
+    blind_run = json.loads((out / "eval/blind/run.json").read_text())
+    assert blind["count"] == scores["count"] and Path(blind_run["model"]) == out / "stage3"
+    assert f"image-blind control: {summary_line(blind)}" in printed
+    assert result["blind"]["overall"] == blind["overall"]
+    assert (out / "eval/report.png").stat().st_size > 5_000
     assert (out / "stage3/loss.png").stat().st_size > 5_000

@@ -1,0 +1,162 @@
+"""`synthesize`: the generated training corpus on disk, as source files plus a manifest that `data build` converts
+like any labelled dataset.
+
+    OUT/synth.json                      {"format", "seed", "count"}: what this folder holds (written first)
+    OUT/files/<kind>/<index>.dcm|.nii   the scans (DICOM CT, MR, CR/DX, US; NIfTI MR volumes)
+    OUT/annotations/<dataset>.jsonl     one row per question (task vqa) or per findings caption (task report)
+    OUT/labels.jsonl                    the ground truth per scene (no identity)
+    OUT/manifest.yaml                   the datasets, for `gmaivl-rt data build --manifest OUT/manifest.yaml`
+
+Every file is written atomically and depends only on (seed, count), so a run killed at any point and rerun with
+`resume=True` ends byte-identical to an uninterrupted one; the manifest is written last (a folder with one is
+complete).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from gmaivl_rt.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, remove_partial_files
+from gmaivl_rt.data.synth.questions import caption, training_turns
+from gmaivl_rt.data.synth.render import render_file, slice_index
+from gmaivl_rt.data.synth.scenes import KINDS, Scene, draw_scene, scene_rng
+
+FORMAT = "gmaivl-rt synth 1"
+SETTINGS_FILE = "synth.json"
+MANIFEST_FILE = "manifest.yaml"
+MAX_COUNT = 1_000_000
+
+
+class SynthError(ValueError):
+    """Bad arguments or an output folder that cannot be used; the message names it and the problem."""
+
+
+def check_count(count, role: str = "count") -> int:
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise SynthError(f"{role} must be a whole number, got {count!r}")
+    if not 1 <= count <= MAX_COUNT:
+        raise SynthError(f"{role} must be between 1 and {MAX_COUNT}, got {count}")
+    return count
+
+
+def prepare_output(out: Path, settings: dict, resume: bool, overwrite: bool) -> None:
+    """Check the output folder before anything is written: it must be new or empty, or (resume) hold a run with
+    the same settings, or (overwrite) hold an earlier synth output, which is then removed. Creates it."""
+    if resume and overwrite:
+        raise SynthError("--resume and --overwrite exclude each other")
+    if out.exists() and not out.is_dir():
+        raise SynthError(f"output folder (--out) {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        previous = _read_settings(out)
+        if resume:
+            if previous is None:
+                raise SynthError(f"output folder (--out) {out}: not a synth output (no {SETTINGS_FILE}); nothing "
+                                 "to resume")
+            if previous != settings:
+                raise SynthError(f"output folder (--out) {out}: holds a run with other settings "
+                                 f"(seed {previous.get('seed')}, count {previous.get('count')}); use --overwrite")
+        elif overwrite:
+            if previous is None:  # never delete a folder this command did not write
+                raise SynthError(f"output folder (--out) {out}: not empty and not a synth output; refusing to "
+                                 "overwrite it")
+            shutil.rmtree(out)
+        else:
+            raise SynthError(f"output folder (--out) {out}: exists and is not empty; pass --resume to continue "
+                             "that run or --overwrite to replace it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise SynthError(f"output folder (--out) {out}: cannot be written ({e.strerror})") from None
+
+
+def _read_settings(out: Path) -> dict | None:
+    try:
+        data = json.loads((out / SETTINGS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == FORMAT else None
+
+
+def scene_file(scene: Scene, suffix: str) -> str:
+    """The file of a scene, relative to OUT/files (named by index only: no identity in a name)."""
+    return f"{scene.kind}/{scene.index:06d}{suffix}"
+
+
+SUFFIX = {kind: (".nii" if kind == "nifti" else ".dcm") for kind in KINDS}
+
+
+def dataset_name(scene: Scene, task: str) -> str:
+    kind = f"mri_volume_{scene.plane}" if scene.kind == "nifti" else scene.kind
+    return f"synth_{kind}_{task}"
+
+
+def synthesize(out, count: int, seed: int = 0, *, resume: bool = False, overwrite: bool = False,
+               progress: bool = False) -> dict:
+    """Write `count` scenes of the corpus seeded `seed` into `out` (layout in the module doc). Returns
+    {"out", "scenes", "files_written", "files_resumed", "records" (questions + captions), "manifest"}."""
+    count = check_count(count)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise SynthError(f"seed must be a whole number, got {seed!r}")
+    out = Path(out)
+    settings = {"format": FORMAT, "seed": seed, "count": count}
+    prepare_output(out, settings, resume, overwrite)
+    remove_partial_files(out)
+    if not (out / SETTINGS_FILE).exists():
+        atomic_write_json(out / SETTINGS_FILE, settings)
+    from tqdm import tqdm
+
+    annotations: dict[str, list[dict]] = {}
+    specs: dict[str, dict] = {}
+    labels, written, resumed = [], 0, 0
+    for index in tqdm(range(count), desc="data synth", unit="scene", disable=not progress):
+        scene = draw_scene(seed, index)
+        relative = scene_file(scene, SUFFIX[scene.kind])
+        target = out / "files" / relative
+        if target.exists():  # written whole (atomically) by an earlier run with the same settings
+            resumed += 1
+        else:
+            _, data = render_file(scene)
+            atomic_write_bytes(target, data)
+            written += 1
+        row = {"image": relative}
+        if scene.kind == "nifti":
+            row["frame"] = slice_index(scene)
+        rng = scene_rng(seed, index, "questions")
+        for task in ("report", "vqa"):
+            name = dataset_name(scene, task)
+            specs.setdefault(name, _spec(scene, name, task))
+        annotations.setdefault(dataset_name(scene, "report"), []).append({**row, "report": caption(scene, rng)})
+        rows = annotations.setdefault(dataset_name(scene, "vqa"), [])
+        for qtype, text, answer in training_turns(scene, rng):
+            rows.append({**row, "question": text, "answer": answer, "question_type": qtype})
+        labels.append({"index": index, "file": relative, "kind": scene.kind, "modality": scene.modality,
+                       "region": scene.region, "plane": scene.plane, "count": scene.count, "side": scene.side,
+                       "size": scene.size, **({"frame": row["frame"]} if "frame" in row else {})})
+    names = sorted(specs)
+    for name in names:
+        atomic_write_text(out / "annotations" / f"{name}.jsonl",
+                          "".join(json.dumps(r, sort_keys=True) + "\n" for r in annotations[name]))
+    atomic_write_text(out / "labels.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in labels))
+    import yaml
+
+    manifest = {"datasets": [specs[name] for name in names]}
+    atomic_write_text(out / MANIFEST_FILE, "# written by `gmaivl-rt data synth`; convert with `gmaivl-rt data "
+                                           "build --manifest` on this file\n" + yaml.safe_dump(manifest, sort_keys=False))
+    return {"out": str(out), "scenes": count, "files_written": written, "files_resumed": resumed,
+            "records": sum(len(rows) for rows in annotations.values()), "manifest": str(out / MANIFEST_FILE)}
+
+
+def _spec(scene: Scene, name: str, task: str) -> dict:
+    """A manifest dataset entry (gmaivl_rt.data.manifest) for one kind (and plane) and task."""
+    spec = {"name": name, "task": task, "image_root": "files", "annotations": f"annotations/{name}.jsonl",
+            "department": "radiology"}
+    if scene.kind == "nifti":
+        spec.update(modality="MRI", planes=[scene.plane])
+    return spec
+
+
+__all__ = ["synthesize", "SynthError", "check_count", "prepare_output", "dataset_name", "scene_file"]
