@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+from engine_steps import slow_steps
 
 import gmaivl_rt
 from gmaivl_rt import Engine
@@ -36,18 +37,6 @@ def _alone(backend, question, **generation):
     prepared = backend.build_request(question, None, **generation)
     out = backend.generate(prepared.input_ids, prepared.pixel_values, **dict(prepared.generation))
     return out[0, prepared.input_ids.shape[1]:].tolist()
-
-
-def _slowed(engine, seconds):
-    """Each step takes at least `seconds`: requests stay in flight while others join them."""
-    run = engine.runner.run
-
-    def slow(batch):
-        time.sleep(seconds)
-        return run(batch)
-
-    engine.runner.run = slow
-    return run
 
 
 def _start_live(engine):
@@ -83,7 +72,7 @@ def test_extreme_sampling_settings_among_live_requests_harm_none(folder, backend
     expected = {q: _alone(backend, q, max_new_tokens=LIVE_TOKENS, **NO_STOP) for q in QUESTIONS}
     greedy = _alone(backend, "Hi", max_new_tokens=POISON_TOKENS, **NO_STOP)
     with Engine(folder, max_batch_size=8) as engine:
-        _slowed(engine, 0.01)
+        slow_steps(engine, 0.01)
         for name, options in EXTREMES.items():
             live = _start_live(engine)
             poison = engine.submit("Hi", max_new_tokens=POISON_TOKENS, **NO_STOP, **options)
@@ -104,7 +93,7 @@ def test_a_row_whose_logits_cannot_be_sampled_fails_that_request_alone(folder, b
     Mutant: the per-row try/except around `decode_step` in `Engine._step` removed: every live request fails."""
     expected = {q: _alone(backend, q, max_new_tokens=LIVE_TOKENS, **NO_STOP) for q in QUESTIONS}
     with Engine(folder, max_batch_size=8) as engine:
-        run = _slowed(engine, 0.01)
+        run = slow_steps(engine, 0.01)
         live = _start_live(engine)
         poison = None
 
@@ -170,7 +159,7 @@ def test_leaving_a_stream_then_closing_its_loop_leaves_the_engine_serving(folder
     expected = backend.tokenizer.decode(_alone(backend, QUESTIONS[1], max_new_tokens=3, **NO_STOP),
                                         skip_special_tokens=True).strip()
     with Engine(folder, max_batch_size=4) as engine:
-        run = _slowed(engine, 0.05)
+        run = slow_steps(engine, 0.05)
         live = engine.submit(QUESTIONS[2], max_new_tokens=30, **NO_STOP)
         assert asyncio.run(_leave_stream_early(engine, how))
         time.sleep(0.3)  # the scheduler now retires the abandoned requests: their sinks' loop is closed

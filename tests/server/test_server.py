@@ -22,13 +22,12 @@ httpx = pytest.importorskip("httpx")
 from PIL import Image  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from pydicom.data import get_testdata_file  # noqa: E402
-from server_fixtures import (PATIENT_ID, PATIENT_NAME, QUESTION, TEXTS, LogRecorder, data_uri,  # noqa: E402
+from server_fixtures import (PATIENT_ID, PATIENT_NAME, QUESTION, TEXTS, data_uri,  # noqa: E402
                              dicom_with_identity)
 from train_fixtures import make_image  # noqa: E402
 
 from gmaivl_rt import Engine  # noqa: E402
 from gmaivl_rt.server import create_app  # noqa: E402
-from gmaivl_rt.server.background import BackgroundServer  # noqa: E402
 
 API_KEY = "test-key-123"
 MODEL = "tiny-gmaivl"
@@ -57,15 +56,11 @@ def engine(folder):
 
 
 @pytest.fixture(scope="module")
-def server(engine, media):
+def server(engine, media, serve):
     app = create_app(engine, served_model_name=MODEL, api_key=API_KEY, max_request_bytes=MAX_REQUEST_BYTES,
                      max_images_per_request=2, allowed_local_media_path=media[0])
-    with LogRecorder() as log:
-        background = BackgroundServer(app, log_level="info")
-        log.__enter__()  # uvicorn's logging set-up replaced the handlers: attach again
-        with background as running:
-            running.log = log
-            yield running
+    with serve(app) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from engine_steps import slow_steps
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -30,16 +31,6 @@ def folder(tiny_model_folder):
     return tiny_model_folder(TEXTS, "serving_isolation")
 
 
-def _slowed(engine, seconds):
-    run = engine.runner.run
-
-    def slow(batch):
-        time.sleep(seconds)
-        return run(batch)
-
-    engine.runner.run = slow
-
-
 @pytest.mark.parametrize("temperature", [1e-300, 1e-45])
 def test_a_poison_temperature_among_live_streams_harms_none(folder, temperature):
     """The report's poison (`temperature` 1e-300 or 1e-45) sent while 4 streams are mid-answer: all 200, the
@@ -57,7 +48,7 @@ def test_a_poison_temperature_among_live_streams_harms_none(folder, temperature)
             assert all(r.usage.completion_tokens == LIVE_TOKENS for r in replies.values())  # long enough to overlap
             alone = {q: r.choices[0].message.content for q, r in replies.items()}
             greedy = ask("Hi", 4, temperature=0).choices[0].message.content
-            _slowed(engine, 0.03)  # the live streams stay mid-answer (over a second) while the poison runs
+            slow_steps(engine, 0.03)  # the live streams stay mid-answer (over a second) while the poison runs
             started, results, errors = threading.Barrier(len(LIVE) + 1), {}, []
 
             def stream(question):
