@@ -1,5 +1,5 @@
 """Next-token selection shared by every backend (torch, ONNX Runtime, TensorRT), in transformers' order:
-repetition penalty, no-repeat n-gram ban, then temperature, top-k and top-p when sampling.
+repetition penalty, no-repeat n-gram ban, then temperature, top-k, top-p and min-p when sampling.
 
 Every value `SamplingParams` accepts is numerically safe here: fp32 would round a divisor such as temperature 1e-300
 to 0.0 (0/0 = nan, and one nan row used to end every request batched with it), so divisors are kept inside fp32's
@@ -18,7 +18,8 @@ from gmaivl_rt.errors import LimitError
 from gmaivl_rt.limits import DEFAULT_LIMITS, Limits, check_context, check_max_new_tokens, short_repr, type_name
 
 
-SAMPLING_OPTIONS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size")
+SAMPLING_OPTIONS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                    "no_repeat_ngram_size")
 GENERATION_OPTIONS = ("max_new_tokens", *SAMPLING_OPTIONS, "eos_token_id", "pad_token_id", "generator")
 
 
@@ -32,12 +33,13 @@ class SamplingParams:
     top_k: int = 0
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    min_p: float = 0.0
 
     def __post_init__(self):
         if not isinstance(self.do_sample, (bool, np.bool_)):
             raise InputError(f"do_sample must be a bool, got {type_name(self.do_sample)}")
         self.do_sample = bool(self.do_sample)
-        for name in ("temperature", "top_p", "repetition_penalty"):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
             setattr(self, name, _number(getattr(self, name), name))
         for name in ("top_k", "no_repeat_ngram_size"):
             setattr(self, name, _integer(getattr(self, name), name))
@@ -45,6 +47,8 @@ class SamplingParams:
             raise InputError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise InputError(f"min_p must be in [0, 1], got {self.min_p}")
         for name in ("top_k", "no_repeat_ngram_size"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be an int >= 0, got {getattr(self, name)}")
@@ -119,6 +123,9 @@ def select_next_token(logits, sequences, params: SamplingParams, generator=None)
         drop = cumulative <= 1 - params.top_p
         drop[:, -1] = False  # always keep the most likely token
         scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+    if params.min_p > 0:  # keep tokens at least min_p times as likely as the most likely one (always kept)
+        probs = scores.softmax(-1)
+        scores = scores.masked_fill(probs < params.min_p * probs.max(-1, keepdim=True).values, -float("inf"))
     probs = scores.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
@@ -168,14 +175,14 @@ def seeded_generator(seed, device="cpu") -> torch.Generator:
 
 def generate_tokens(prefill, step, input_ids, text_config, *, max_new_tokens: int = 32, do_sample: bool = False,
                     temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
-                    no_repeat_ngram_size: int = 0, eos_token_id=None, pad_token_id=None,
+                    no_repeat_ngram_size: int = 0, min_p: float = 0.0, eos_token_id=None, pad_token_id=None,
                     generator: torch.Generator | None = None) -> torch.Tensor:
     """The decoding loop every backend shares, with transformers' stopping rule.
 
     prefill() -> (B, V) logits at each prompt's last token; step(next_tokens (B,) int64) -> (B, V) logits after
     feeding them. input_ids: (B, S) prompts. eos_token_id, pad_token_id: see `StopRule.from_config`.
     Returns (B, S + new) int64: generation stops when every row has produced an eos or after max_new_tokens."""
-    params = SamplingParams(do_sample, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size)
+    params = SamplingParams(do_sample, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size, min_p)
     max_new_tokens = check_max_new_tokens(max_new_tokens)
     check_context(input_ids.shape[1], max_new_tokens, text_config.context_length)
     stop = StopRule.from_config(text_config, eos_token_id, pad_token_id)

@@ -41,9 +41,9 @@ def chat_turns(messages: list[protocol.ChatMessage]) -> tuple[str | None, list[d
 
 
 def generation_options(body: protocol.ChatCompletionRequest) -> dict:
-    """OpenAI sampling fields, and vLLM's `top_k` and `repetition_penalty` and our `no_repeat_ngram_size` -> the
-    engine's generation keywords; fields a request leaves out are not passed, so the runtime's defaults
-    (`gmaivl_rt.runtime.request.DEFAULT_GENERATION`) apply. temperature 0 means greedy; top_k -1 (vLLM's "off")
+    """OpenAI sampling fields, and vLLM's `top_k`, `min_p` and `repetition_penalty` and our `no_repeat_ngram_size`
+    -> the engine's generation keywords; fields a request leaves out are not passed, so the model folder's decoding
+    defaults (`gmaivl_rt.runtime.generation_config`) apply. temperature 0 means greedy; top_k -1 (vLLM's "off")
     is 0. The values are checked where every backend checks them (`gmaivl_rt.model.sampling.check_generation`)."""
     options = {}
     max_new_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -54,7 +54,7 @@ def generation_options(body: protocol.ChatCompletionRequest) -> dict:
             options.update(do_sample=True, temperature=body.temperature)
     if body.top_k is not None:
         options["top_k"] = 0 if body.top_k == -1 else body.top_k
-    for name in ("top_p", "repetition_penalty", "no_repeat_ngram_size", "seed"):
+    for name in ("top_p", "min_p", "repetition_penalty", "no_repeat_ngram_size", "seed"):
         if getattr(body, name) is not None:
             options[name] = getattr(body, name)
     if body.stop:

@@ -8,7 +8,7 @@ accepted only with their neutral value (null, false, 0, ...) and refused otherwi
 
 Request fields gmaivl-rt adds, all optional: inside `image_url`, `frame`, `slice_index`, `plane` and `window` pick
 the picture of a multi-frame DICOM or NIfTI volume and its CT window, as `gmaivl-rt ask` does; vLLM's extra sampling
-fields `top_k`, `repetition_penalty` and ours `no_repeat_ngram_size` (see `gmaivl_rt.server.openai`).
+fields `top_k`, `min_p`, `repetition_penalty` and ours `no_repeat_ngram_size` (see `gmaivl_rt.server.openai`).
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ NOT_IMPLEMENTED = {
     "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None,),
     "functions": (None, []), "function_call": (None, "none"), "logit_bias": (None, {}),
     "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "response_format": (None, {"type": "text"}),
-    "logprobs": (None, False), "top_logprobs": (None, 0), "min_p": (None, 0),
+    "logprobs": (None, False), "top_logprobs": (None, 0)
 }
 # On a message: OpenAI's participant name (ignored), and what an assistant message echoed back from a response
 # carries when it used no tools.
@@ -132,6 +132,7 @@ class ChatCompletionRequest(_Strict):
     n: StrictInt = 1
     # vLLM's extra sampling fields, and ours
     top_k: StrictInt | None = None
+    min_p: Number | None = None
     repetition_penalty: Number | None = None
     no_repeat_ngram_size: StrictInt | None = None
 

@@ -2,7 +2,7 @@
 second backend that shares gmaivl_rt.model.sampling.
 
 select_next_token must apply, in transformers' order, RepetitionPenaltyLogitsProcessor, NoRepeatNGramLogitsProcessor,
-then (sampling) TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper. Greedy: its argmax equals the argmax of
+then (sampling) TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper. Greedy: its argmax equals the argmax of
 the processed scores. Sampling: with the same seeded generator it draws exactly what torch.multinomial draws from
 the softmax of transformers' processed scores (identical probabilities give identical draws; many rows and a few
 seeds make any changed probability show up as a different token).
@@ -14,6 +14,7 @@ import torch
 from hf_reference import IMAGE_TOKEN, make_hf_llava
 from transformers import (
     LogitsProcessorList,
+    MinPLogitsWarper,
     NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -52,6 +53,8 @@ def _hf_scores(logits, history, params: SamplingParams):
             processors.append(TopKLogitsWarper(params.top_k))
         if params.top_p < 1.0:
             processors.append(TopPLogitsWarper(params.top_p))
+        if params.min_p > 0:
+            processors.append(MinPLogitsWarper(params.min_p))
     return processors(history, logits.clone())
 
 
@@ -80,7 +83,8 @@ SAMPLED = {
     "temperature": SamplingParams(do_sample=True, temperature=0.6),
     "top_k": SamplingParams(do_sample=True, top_k=3),
     "top_p": SamplingParams(do_sample=True, top_p=0.7),
-    "all": SamplingParams(do_sample=True, temperature=1.4, top_k=8, top_p=0.8, repetition_penalty=1.2,
+    "min_p": SamplingParams(do_sample=True, min_p=0.2),
+    "all": SamplingParams(do_sample=True, temperature=1.4, top_k=8, top_p=0.8, min_p=0.1, repetition_penalty=1.2,
                           no_repeat_ngram_size=3),
 }
 
@@ -223,7 +227,8 @@ def test_ngram_ban_scores_match_transformers_at_every_history_length(n, length):
                                            ("top_p", -0.5), ("top_p", 1.5), ("repetition_penalty", 0.0),
                                            ("repetition_penalty", -0.5), ("top_k", -1), ("no_repeat_ngram_size", -1),
                                            ("temperature", True), ("top_k", True), ("top_k", 2.0),
-                                           ("top_p", float("nan")), ("do_sample", 1)])
+                                           ("top_p", float("nan")), ("do_sample", 1), ("min_p", -0.1),
+                                           ("min_p", 1.5)])
 def test_sampling_params_refuse_out_of_range_values_naming_the_option(option, value):
     """transformers' own ranges (temperature > 0, 0 < top_p <= 1, penalty > 0, ints >= 0; bools are not numbers)
     (mutants: each bound moved by one (`<= 0` -> `< 0`, `<= -1`; `0 < top_p` -> `0 <=`, `-1 <`, `0 !=`; `<= 1` ->

@@ -114,3 +114,16 @@ def test_ask_takes_seed_and_stop_as_the_engine_does(folder):
                 engine.ask(QUESTION, ct, **bad, **plain)
             with pytest.raises(InputError, match=next(iter(bad))):
                 backend.ask(QUESTION, ct, **bad, **plain)
+
+
+def test_min_p_reaches_every_path_alike(folder):
+    """min_p (vLLM's field) is an option of `ask` and of the engine alike: 1.0 keeps only the most likely token
+    (greedy, whatever the seed), a middling value samples as the engine samples with the same seed."""
+    from gmaivl_rt import Engine
+
+    backend = gmaivl_rt.load(folder)
+    greedy = backend.ask(QUESTION, None, max_new_tokens=12, do_sample=False)
+    assert backend.ask(QUESTION, None, max_new_tokens=12, do_sample=True, seed=3, min_p=1.0) == greedy
+    sampled = backend.ask(QUESTION, None, max_new_tokens=12, do_sample=True, seed=3, min_p=0.05)
+    with Engine(folder) as engine:
+        assert engine.ask(QUESTION, None, max_new_tokens=12, do_sample=True, seed=3, min_p=0.05) == sampled

@@ -167,10 +167,11 @@ def _asked(engine, count=24, **options):
 
 
 def test_vllm_sampling_fields_are_honoured(client, serving_engine):
-    """repetition_penalty, no_repeat_ngram_size, top_k and seed, sent as vLLM's clients send them (extra_body),
-    decode as Engine.ask does with the same options."""
+    """repetition_penalty, no_repeat_ngram_size, top_k, min_p and seed, sent as vLLM's clients send them
+    (extra_body), decode as Engine.ask does with the same options."""
     def ask(**fields):
-        extra = {k: fields.pop(k) for k in ("repetition_penalty", "no_repeat_ngram_size", "top_k") if k in fields}
+        extra = {k: fields.pop(k) for k in ("repetition_penalty", "no_repeat_ngram_size", "top_k", "min_p")
+                 if k in fields}
         reply = client.chat.completions.create(model="tiny", max_tokens=24, extra_body=extra or None,
                                                messages=[{"role": "user", "content": QUESTION}], **fields)
         return reply.choices[0].message.content
@@ -188,6 +189,10 @@ def test_vllm_sampling_fields_are_honoured(client, serving_engine):
     assert sampled != expected_plain  # sampling differs from greedy here, so the top_k check above means something
     assert ask(temperature=1.0, seed=5, **plain) == sampled
     assert ask(temperature=1.0, seed=5, top_k=-1, **plain) == sampled  # vLLM's "top_k off"
+    # min_p 1 keeps only the most likely token: greedy; a middling min_p decodes as the engine's
+    assert ask(temperature=1.0, seed=5, min_p=1.0, **plain) == expected_plain
+    assert ask(temperature=1.0, seed=5, min_p=0.05, **plain) == _asked(serving_engine, do_sample=True, temperature=1.0,
+                                                                      seed=5, min_p=0.05, **plain)
 
 
 def _refusal(client, **fields):
@@ -202,7 +207,7 @@ def _refusal(client, **fields):
     ("tool_choice", "required"), ("logit_bias", {"17": 5}), ("presence_penalty", 0.5),
     ("frequency_penalty", -0.5), ("response_format", {"type": "json_object"}),
     ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}),
-    ("logprobs", True), ("top_logprobs", 2), ("min_p", 0.1), ("parallel_tool_calls", False),
+    ("logprobs", True), ("top_logprobs", 2), ("parallel_tool_calls", False),
 ])
 def test_unimplemented_fields_are_refused_naming_them(client, field, value):
     error = _refusal(client, extra_body={field: value})
@@ -211,7 +216,7 @@ def test_unimplemented_fields_are_refused_naming_them(client, field, value):
 
 @pytest.mark.parametrize("field, value", [("logprobs", False), ("presence_penalty", 0), ("frequency_penalty", 0.0),
                                           ("tool_choice", "none"), ("tools", []), ("response_format", {"type": "text"}),
-                                          ("top_logprobs", 0), ("min_p", 0), ("logit_bias", None)])
+                                          ("top_logprobs", 0), ("logit_bias", None)])
 def test_unimplemented_fields_at_their_neutral_value_are_accepted(client, field, value):
     reply = client.chat.completions.create(model="tiny", max_tokens=2, messages=[{"role": "user", "content": "Hi"}],
                                            extra_body={field: value})
