@@ -29,6 +29,7 @@ CI, MAPPING rewrites them first, rule by rule, and nothing else is changed:
 The manifest line reads `sources.yaml` = docs/data.md's own manifest example (its ```yaml block), with the two
 images and `cls.csv` it names. After the commands, the output files the docs name are checked.
 """
+import csv
 import importlib.util
 import json
 import os
@@ -42,6 +43,8 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from gmaivl_rt.cli import main as cli_main
+from gmaivl_rt.data.synth.questions import QUESTION_TYPES
+from gmaivl_rt.eval.report import summary_line
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -261,12 +264,15 @@ def _check_outcomes(root: Path, answers: dict, printed_by: dict) -> None:
     assert torch_argv[3:] == onnx_argv[3:]  # same image, question and limits
     assert onnx_answer == torch_answer
 
-    # `eval --demo`: every held-out question answered once and scored, by plane and modality
+    # `eval --demo`: every held-out question answered once and scored, by the question types the generated
+    # held-out file holds
     scores = json.loads((root / "runs/demo/eval/scores.json").read_text())
     predictions = (root / "runs/demo/eval/predictions.jsonl").read_text().splitlines()
     assert scores["predicted"] == scores["count"] == len(predictions) > 0
-    assert set(scores["by"]["category"]) == {"plane", "modality"}
-    assert printed_by["eval --demo"].startswith(f"held-out benchmark ({scores['count']} questions")
+    with open(root / "runs/demo/eval/heldout.tsv", newline="") as f:
+        categories = {row["category"] for row in csv.DictReader(f, delimiter="\t")}
+    assert set(scores["by"]["category"]) == categories and categories <= set(QUESTION_TYPES)
+    assert printed_by["eval --demo"].startswith("held-out scenes") and summary_line(scores) in printed_by["eval --demo"]
 
 
 def _merge_built_shards(argv, capsys):
