@@ -32,10 +32,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gmaivl_rt.errors import GmaivlError, InputError
 from gmaivl_rt.server import protocol
+from gmaivl_rt.server.audit import AuditLog
 from gmaivl_rt.server.boundary import check_image_count, read_images, server_limits
 from gmaivl_rt.server.generation import END, Admission, Generation, cancel_on_disconnect, engine_alive
 from gmaivl_rt.server.http_errors import error_response, refusal, validation_message
-from gmaivl_rt.server.metrics import OutcomeCounter, ServerMetrics
+from gmaivl_rt.server.metrics import OutcomeCounter, RequestOutcome, ServerMetrics, current_outcome
 from gmaivl_rt.server.middleware import AllowedHosts, BearerToken, BodyLimit, InternalErrors, SecurityHeaders
 from gmaivl_rt.server.openai import chat_turns, generation_options
 from gmaivl_rt.server.preview import preview as preview_body
@@ -48,18 +49,21 @@ STATIC = Path(__file__).parent / "static"
 def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None = None,
                max_request_bytes: int = 64 * 2**20, max_images_per_request: int | None = None,
                allowed_local_media_path=None, allow_remote_media: bool = False, allowed_media_domains=None,
-               remote_media_timeout_s: float = 10.0, max_waiting: int | None = None, limits=None, allowed_hosts=None):
+               remote_media_timeout_s: float = 10.0, max_waiting: int | None = None, limits=None, allowed_hosts=None,
+               audit_log=None):
     """The ASGI app serving `engine` (a `gmaivl_rt.Engine`). `limits`: the request boundary's `Limits` (default:
     the engine's); `max_images_per_request` overrides its images-per-request limit. `api_key`: None (open) or a
     non-empty key (an empty one is refused: InputError). `allowed_hosts`: Host header names answered (None: any;
     `gmaivl-rt serve` passes the bound host and localhost). `allowed_media_domains`: with `allow_remote_media`, the
     only hosts fetched (None: any public address; `gmaivl_rt.server.remote_media`), each fetch within
-    `remote_media_timeout_s`. See the module doc for status
+    `remote_media_timeout_s`. `audit_log`: None, or a file path receiving one JSON line per /v1 request
+    (`gmaivl_rt.server.audit`; created 0600 at once, InputError if it cannot be). See the module doc for status
     codes. Endpoints: POST /v1/chat/completions, GET /v1/models, POST /v1/gmaivl/preview, GET /health, /metrics, /."""
     if api_key is not None and not str(api_key).strip():
         raise InputError("api_key is empty: give a real key, or none for an open server")
     limits = server_limits(engine, limits, max_images_per_request)
     metrics = ServerMetrics(engine)
+    audit = AuditLog(audit_log) if audit_log is not None else None
     admission = Admission(engine, max_waiting)
     app = FastAPI(title="gmaivl-rt", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.metrics, app.state.limits = engine, metrics, limits
@@ -92,9 +96,16 @@ def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None
     if allowed_hosts is not None:
         app.add_middleware(AllowedHosts, hosts=allowed_hosts)
     app.add_middleware(SecurityHeaders)
-    app.add_middleware(OutcomeCounter, metrics=metrics)  # outermost: every answer, refusals included, is counted
+    # outermost: every answer, refusals included, is counted (and audited)
+    app.add_middleware(OutcomeCounter, metrics=metrics, audit=audit)
 
     # --------------------------------------------------------------- helpers
+    def audited_images(urls) -> list:
+        """The list `read_images` appends image digests to: the audit's, for the request being served."""
+        outcome = current_outcome() or RequestOutcome()  # none: a path no middleware watches
+        outcome.image_count = len(urls)
+        return outcome.image_digests
+
     def check_model(name: str | None):
         if name not in (None, "", served_model_name):
             raise HTTPException(404, f"The model `{name[:64]}` does not exist.")
@@ -107,13 +118,14 @@ def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None
         if body.n != 1:
             raise InputError("n: only n=1 is supported")
         system, turns, urls = chat_turns(body.messages)
+        digests = audited_images(urls)
         check_image_count(limits, len(urls))
         ticket = admission.admit()  # counted from here (images being read) until the engine queues it
         if ticket is None:
             raise HTTPException(429, f"the server is saturated ({max_waiting} requests waiting); retry later")
         try:
             decode_started = time.monotonic()
-            images = await run_in_threadpool(read_images, urls, limits, **media_options)
+            images = await run_in_threadpool(read_images, urls, limits, digests, **media_options)
             if urls:
                 metrics.image_decode_time.observe(time.monotonic() - decode_started)
             request = await run_in_threadpool(ticket.submit, lambda: engine.submit(
@@ -127,6 +139,8 @@ def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None
     async def chat_completions(body: protocol.ChatCompletionRequest, http_request: Request):
         generation = await start(body, http_request)
         request_id, model = protocol.completion_id(), served_model_name
+        if (outcome := current_outcome()) is not None:
+            outcome.request_id = request_id
         try:
             first = await generation.next_delta()  # errors raised before any output get their status code
         except BaseException:
@@ -156,7 +170,8 @@ def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None
     async def preview(body: protocol.PreviewRequest):
         """The picture the model would see for an image URL, as a PNG data URI, and what the file says about itself
         (format, modality, body part, size, frames/slices, window), never who the patient is."""
-        image = await run_in_threadpool(lambda: read_images([body.image_url], limits, **media_options)[0])
+        digests = audited_images([body.image_url])
+        image = await run_in_threadpool(lambda: read_images([body.image_url], limits, digests, **media_options)[0])
         return preview_body(image)
 
     @app.get("/health")

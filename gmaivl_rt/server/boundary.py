@@ -3,8 +3,10 @@ images-per-request override), the image count checked before anything is decoded
 `MedicalImage`s through `gmaivl_rt.medical.convert.to_medical_image` (call from a worker thread: it decodes)."""
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import replace
+from pathlib import Path
 
 from gmaivl_rt.errors import LimitError
 from gmaivl_rt.limits import Limits
@@ -30,13 +32,30 @@ def check_image_count(limits: Limits, count: int) -> None:
                          "(--max-images-per-request)")
 
 
-def read_images(urls: list[protocol.ImageURL], limits: Limits, **media_options) -> list:
+def sha256_hex(source: bytes | Path) -> str:
+    """The SHA-256 (hex) of an image's bytes as received: the bytes themselves, or the file's."""
+    if isinstance(source, bytes):
+        return hashlib.sha256(source).hexdigest()
+    digest = hashlib.sha256()
+    with open(source, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_images(urls: list[protocol.ImageURL], limits: Limits, digests: list | None = None, **media_options) -> list:
     """Image URLs -> MedicalImages (pixels (H, W, 3) uint8), named "image 1", "image 2", ... in errors.
-    media_options: `read_image_url`'s allowed_local_media_path / allow_remote_media."""
+    media_options: `read_image_url`'s allowed_local_media_path / allow_remote_media. `digests`: a list each image's
+    `sha256_hex` is appended to as it is received (before it is decoded, so a refused image has one too)."""
     out = []
     for i, image_url in enumerate(urls, start=1):
         role = f"image {i}"
         source = read_image_url(image_url.url, role=role, max_bytes=int(limits.max_image_bytes), **media_options)
+        if digests is not None:
+            try:
+                digests.append(sha256_hex(source))
+            except OSError:  # the file went away: the boundary names that below; its message never names the file
+                pass
         if isinstance(source, bytes):  # as a file object: short bytes are never taken for a server path
             source = io.BytesIO(source)
         out.append(to_medical_image(source, role=role, limits=limits, **image_url.reader_options()))

@@ -29,6 +29,9 @@ def register(subparsers) -> None:
                    help="allow http(s) image URLs (the server then makes outbound requests, to public addresses)")
     p.add_argument("--allowed-media-domains", nargs="+", default=None, metavar="HOST",
                    help="with --allow-remote-media: the only hosts fetched, wherever they resolve")
+    p.add_argument("--audit-log", default=None, metavar="FILE",
+                   help="append one JSON line per /v1 request to FILE (mode 0600): time, request id, client, "
+                        "endpoint, outcome, status, token counts, image count and SHA-256 digests; never text")
     p.set_defaults(func=_serve_cli)
 
 
@@ -97,6 +100,6 @@ def _serve_cli(args: argparse.Namespace) -> int:
                          max_images_per_request=args.max_images_per_request, max_waiting=args.max_waiting,
                          allowed_local_media_path=args.allowed_local_media_path,
                          allow_remote_media=args.allow_remote_media,
-                         allowed_media_domains=args.allowed_media_domains)
+                         allowed_media_domains=args.allowed_media_domains, audit_log=args.audit_log)
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -122,6 +122,11 @@ class RequestOutcome:
     def __init__(self):
         self.status: int | None = None
         self.generation = None
+        # For the audit log (`gmaivl_rt.server.audit`), set by the endpoint: its own request id, if it has one, and
+        # the images it was sent (count, and SHA-256 hex digests of the bytes as received).
+        self.request_id: str | None = None
+        self.image_count = 0
+        self.image_digests: list[str] = []
 
     def result(self, raised: bool = False) -> str:
         if raised or (self.status is not None and self.status >= 500):
@@ -134,15 +139,26 @@ class RequestOutcome:
 
 
 class OutcomeCounter:
-    """ASGI middleware counting each request on `COUNTED_PATHS` once, by outcome, in `metrics.requests`."""
+    """ASGI middleware counting each request on `COUNTED_PATHS` once, by outcome, in `metrics.requests`; with an
+    `audit` (`gmaivl_rt.server.audit.AuditLog`), also handing it each request it covers with the same outcome."""
 
-    def __init__(self, app, metrics: ServerMetrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, metrics: ServerMetrics, audit=None):
+        self.app, self.metrics, self.audit = app, metrics, audit
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] not in COUNTED_PATHS:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        counted = scope["path"] in COUNTED_PATHS
+        audited = self.audit is not None and self.audit.covers(scope["path"])
+        if not (counted or audited):
             return await self.app(scope, receive, send)
         outcome = RequestOutcome()
+
+        def ended(result: str):
+            if counted:
+                self.metrics.count_outcome(result)
+            if audited:
+                self.audit.record(scope, result, outcome)
 
         async def watched_send(message):
             if message["type"] == "http.response.start":
@@ -153,11 +169,11 @@ class OutcomeCounter:
         try:
             await self.app(scope, receive, watched_send)
         except Exception:
-            self.metrics.count_outcome(outcome.result(raised=True))
+            ended(outcome.result(raised=True))
             raise
         except BaseException:  # cancelled (the server is stopping, the connection is gone)
-            self.metrics.count_outcome("cancelled")
+            ended("cancelled")
             raise
         finally:
             _current_outcome.reset(token)
-        self.metrics.count_outcome(outcome.result())
+        ended(outcome.result())
