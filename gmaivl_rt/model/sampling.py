@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gmaivl_rt.errors import InputError
-from gmaivl_rt.errors import LimitError
+from gmaivl_rt.errors import InputError, LimitError
 from gmaivl_rt.limits import DEFAULT_LIMITS, Limits, check_context, check_max_new_tokens, short_repr, type_name
 
 

@@ -100,8 +100,11 @@ def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None
     app.add_middleware(OutcomeCounter, metrics=metrics, audit=audit)
 
     # --------------------------------------------------------------- helpers
-    def audited_images(urls) -> list:
-        """The list `read_images` appends image digests to: the audit's, for the request being served."""
+    def audited_images(urls) -> list | None:
+        """The list `read_images` appends image digests to: the audit's, for the request being served; None (no
+        hashing on the request path) when there is no audit log."""
+        if audit is None:
+            return None
         outcome = current_outcome() or RequestOutcome()  # none: a path no middleware watches
         outcome.image_count = len(urls)
         return outcome.image_digests

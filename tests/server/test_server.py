@@ -112,7 +112,8 @@ def test_openai_client_answers_as_engine_ask(kind, client, engine, media):
 
 
 def test_left_out_parameters_take_the_runtime_defaults(client, engine):
-    """No temperature, no max_tokens: DEFAULT_GENERATION (greedy, GMAI-VL's demo settings), as Engine.ask."""
+    """No temperature, no max_tokens: the model folder's decoding defaults (`gmaivl_rt.runtime.generation_config`),
+    as Engine.ask."""
     ct = get_testdata_file("CT_small.dcm")
     reply = client.chat.completions.create(model=MODEL, messages=image_message(
         data_uri(open(ct, "rb").read(), "application/octet-stream")))
