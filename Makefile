@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/gmaivl-rt demo --out runs/demo
 
-test: setup browser lint
+test: setup browser archive lint
 	$(BIN)/python -m pytest -q -ra
 
 # The house plan (pyproject's [tool.importlinter]): folders are layers, imports only go down, no cycles.
@@ -53,6 +53,17 @@ browser:
 	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver) \
 		|| echo "chromium could not be installed: the browser test will skip"; fi
+
+# The DICOMweb tests run a real archive: Debian's Orthanc with its DICOMweb plugin (and dicom3tools' dciodvfy to
+# validate the reports). Installed like chromium: only where missing, as root on an apt machine; elsewhere they skip.
+.PHONY: archive
+archive:
+	@if [ ! -x /usr/sbin/Orthanc ] || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || \
+		[ ! -x /usr/bin/dciodvfy ]; then \
+		if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q orthanc orthanc-dicomweb \
+			dicom3tools) || echo "orthanc could not be installed: the DICOMweb tests will skip"; \
+		else echo "orthanc not installed and apt not available: the DICOMweb tests will skip"; fi; fi
 
 # Mutation testing (not CI: hours): cosmic-ray over mutation/*.toml; TARGETS= and MUTATE_TIMEOUT= narrow it.
 mutate: setup

@@ -22,6 +22,13 @@ CT_WINDOW_BY_BODY_PART = {
     "cspine": "bone", "tspine": "bone", "lspine": "bone", "extremity": "bone",
 }
 PERCENTILES = (0.5, 99.5)
+
+
+def ct_window_name(body_part: str | None) -> str:
+    """The named CT window a CT image without a window of its own is shown with: by body part, else abdomen."""
+    return CT_WINDOW_BY_BODY_PART.get((body_part or "").replace(" ", ""), "abdomen")
+
+
 # Intensity mappings a caller may ask for by name instead of a (centre, width) window.
 STRETCHES = ("percentile", "minmax")
 

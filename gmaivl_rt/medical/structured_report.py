@@ -1,0 +1,122 @@
+"""A model's answer about archive images as a DICOM Comprehensive SR, built with highdicom (the `[hospital]` extra)
+the way IHE Radiology's AI Results profile (AIR) asks AI results to go back into a study.
+
+Content tree (root: LN 18748-4 "Diagnostic Imaging Report"):
+* HAS OBS CONTEXT: DCM 111001 "Algorithm Name", DCM 111003 "Algorithm Version", DCM 111002 "Algorithm Parameters"
+  (the weights' SHA-256): TID 4019 Algorithm Identification;
+* CONTAINS TEXT DCM 121062 "Request": the question, as asked;
+* CONTAINS TEXT DCM 121071 "Finding": the model's answer, INFERRED FROM one IMAGE item (DCM 121112 "Source of
+  Measurement") per source instance the answer was made from.
+
+Header: the source's Patient and Study modules (highdicom copies them from the evidence, as an object filed in the
+study must carry them) and nothing else of the source header; Current Requested Procedure Evidence Sequence lists
+the source instances; `VerificationFlag` UNVERIFIED, `CompletionFlag` COMPLETE; a new series whose description says
+it is AI output not for diagnostic use; Contributing Equipment (0018,A001): Manufacturer "gmaivl-rt", the model's
+name as Manufacturer's Model Name, Software Versions (gmaivl-rt's version, the model's version, the weights'
+SHA-256), a Device UID derived from the weights' SHA-256 and purpose of reference DCM 109102 "Processing
+Equipment" (highdicom adds its own item after it; the item highdicom would copy from the source's acquisition
+equipment is left out).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gmaivl_rt.errors import InputError
+
+MANUFACTURER = "gmaivl-rt"
+SERIES_DESCRIPTION = "CAUTION: AI output (gmaivl-rt), not for diagnostic use"  # LO: at most 64 characters
+SERIES_NUMBER = 9901  # a high number, out of the way of the modality's series
+UID_ROOT_ENTROPY = "gmaivl-rt model device"
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """Who made the answer: the model's name and version and the SHA-256 of its weights (hex, 64 characters), and
+    the version of gmaivl-rt that ran it."""
+
+    name: str
+    version: str
+    weights_sha256: str
+    software_version: str
+
+    def device_uid(self) -> str:
+        """A DICOM UID that is the same for the same weights (derived from their SHA-256)."""
+        from pydicom.uid import generate_uid
+
+        return generate_uid(entropy_srcs=[UID_ROOT_ENTROPY, self.weights_sha256])
+
+
+def _check_text(value: str, role: str, limit: int = 64) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > limit or "\\" in value:
+        raise InputError(f"structured report: {role} must be 1 to {limit} characters without a backslash")
+    return value
+
+
+def answer_report(sources: list, question: str, answer: str, algorithm: Algorithm):
+    """sources: the pydicom Datasets the answer was made from (one study); question / answer: text. Returns the
+    highdicom `ComprehensiveSR` (a pydicom Dataset). Raises InputError for sources of several studies or none, and
+    for algorithm fields DICOM cannot hold (LO: 64 characters)."""
+    import highdicom as hd
+    from highdicom.sr import (CodedConcept, ComprehensiveSR, ContainerContentItem, ImageContentItem,
+                              RelationshipTypeValues, TextContentItem)
+    from pydicom.sr.codedict import codes
+    from pydicom.uid import generate_uid
+
+    from gmaivl_rt.medical.dicom import quiet_pydicom
+    from gmaivl_rt.medical.dicomweb import quiet_archive
+
+    if not sources:
+        raise InputError("structured report: no source instances to reference")
+    if len({str(ds.StudyInstanceUID) for ds in sources}) != 1:
+        raise InputError("structured report: the source instances belong to more than one study")
+    for role in ("name", "version", "software_version"):
+        _check_text(getattr(algorithm, role), f"the algorithm's {role.replace('_', ' ')}")
+    if len(algorithm.weights_sha256) != 64 or any(c not in "0123456789abcdef" for c in algorithm.weights_sha256):
+        raise InputError("structured report: the weights' SHA-256 must be 64 lower-case hex digits")
+    contains, context = RelationshipTypeValues.CONTAINS, RelationshipTypeValues.HAS_OBS_CONTEXT
+    with quiet_pydicom(), quiet_archive():
+        evidence = [ImageContentItem(name=codes.DCM.SourceOfMeasurement,
+                                     referenced_sop_class_uid=ds.SOPClassUID,
+                                     referenced_sop_instance_uid=ds.SOPInstanceUID,
+                                     relationship_type=RelationshipTypeValues.INFERRED_FROM) for ds in sources]
+        finding = TextContentItem(name=codes.DCM.Finding, value=answer, relationship_type=contains)
+        finding.ContentSequence = evidence
+        items = [
+            TextContentItem(name=codes.DCM.AlgorithmName, value=algorithm.name, relationship_type=context),
+            TextContentItem(name=codes.DCM.AlgorithmVersion, value=algorithm.version, relationship_type=context),
+            TextContentItem(name=codes.DCM.AlgorithmParameters, value=f"weights SHA-256 {algorithm.weights_sha256}",
+                            relationship_type=context),
+            TextContentItem(name=codes.DCM.Request, value=question, relationship_type=contains),
+            finding,
+        ]
+        root = ContainerContentItem(name=CodedConcept("18748-4", "LN", "Diagnostic Imaging Report"))
+        root.ContentSequence = items
+        equipment = hd.ContributingEquipment(
+            manufacturer=MANUFACTURER, purpose_of_reference=codes.DCM.ProcessingEquipment,
+            manufacturer_model_name=algorithm.name,
+            software_versions=[algorithm.software_version, algorithm.version, algorithm.weights_sha256],
+            contribution_description="AI model answer to a question about the referenced images")
+        equipment.DeviceUID = algorithm.device_uid()
+        report = ComprehensiveSR(
+            evidence=sources, content=root, series_instance_uid=generate_uid(), series_number=SERIES_NUMBER,
+            sop_instance_uid=generate_uid(), instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
+            is_final=False, is_verified=False, series_description=SERIES_DESCRIPTION,
+            contributing_equipment=[equipment])
+        # highdicom also lists the source's acquisition equipment (its manufacturer, institution, station name):
+        # source header values this report does not carry.
+        report.ContributingEquipmentSequence = [
+            item for item in report.ContributingEquipmentSequence
+            if item.PurposeOfReferenceCodeSequence[0].CodeValue != codes.DCM.AcquisitionEquipment.value]
+    return report
+
+
+def report_bytes(report) -> bytes:
+    """The report as a DICOM Part 10 file's bytes (preamble, file meta, Explicit VR Little Endian)."""
+    import io
+
+    from gmaivl_rt.medical.dicom import quiet_pydicom
+
+    buffer = io.BytesIO()
+    with quiet_pydicom():
+        report.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

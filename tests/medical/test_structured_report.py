@@ -1,0 +1,143 @@
+"""The answer report (a Comprehensive SR built with highdicom), read back by pydicom and by highdicom's own SR
+reader, and checked by dicom3tools' `dciodvfy` where Debian's dicom3tools is installed: SOP class, evidence,
+question and answer text, the IHE AIR fields, and nothing of the source header beyond the Patient and Study
+modules."""
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+
+import pydicom
+import pytest
+
+pytest.importorskip("highdicom", reason="the [hospital] extra (highdicom) is not installed")
+
+from orthanc import ct_volume, read_shipped  # noqa: E402
+
+from gmaivl_rt import InputError  # noqa: E402
+from gmaivl_rt.medical.structured_report import (SERIES_DESCRIPTION, Algorithm, answer_report,  # noqa: E402
+                                                 report_bytes)
+
+ALGORITHM = Algorithm(name="tiny-vlm", version="sha256:0123456789abcdef", weights_sha256="ab" * 32,
+                      software_version="gmaivl-rt 0.1.0")
+QUESTION, ANSWER = "Which plane does this image show?", "An axial CT slice of the abdomen."
+# Patient, General Study and Patient Study modules (PS3.3 C.7.1.1, C.7.2.1, C.7.2.2): the source attributes a
+# report filed in the study carries; and the attributes every object has whatever its source (UIDs, dates made here).
+PATIENT_AND_STUDY = {
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "OtherPatientIDsSequence", "PatientAge",
+    "PatientWeight", "PatientSize", "AdditionalPatientHistory", "StudyInstanceUID", "StudyDate", "StudyTime",
+    "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription", "SpecificCharacterSet"}
+MADE_HERE = {"SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "SeriesNumber", "InstanceNumber", "Modality",
+             "Manufacturer", "ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime",
+             "SeriesDescription"}
+
+
+def read_back(report) -> pydicom.Dataset:
+    return pydicom.dcmread(io.BytesIO(report_bytes(report)))
+
+
+def text_items(ds) -> dict:
+    """(scheme, code) -> TEXT value, over the whole content tree."""
+    found = {}
+
+    def walk(items):
+        for item in items:
+            if item.ValueType == "TEXT":
+                code = item.ConceptNameCodeSequence[0]
+                found[(code.CodingSchemeDesignator, code.CodeValue)] = item.TextValue
+            walk(item.get("ContentSequence", []))
+
+    walk(ds.ContentSequence)
+    return found
+
+
+def test_report_carries_question_answer_evidence_and_the_air_fields():
+    """pydicom reads back: Comprehensive SR, UNVERIFIED, COMPLETE, the not-for-diagnostic series description,
+    Contributing Equipment with the model's name, versions, weights SHA-256, a Device UID and Processing Equipment;
+    the question (DCM 121062) and answer (DCM 121071) text; evidence and IMAGE references naming every source
+    instance. Mutants seen failing: is_verified=True (VERIFIED), the Finding's IMAGE children dropped."""
+    sources = ct_volume(3)
+    ds = read_back(answer_report(sources, QUESTION, ANSWER, ALGORITHM))
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR Storage
+    assert (ds.VerificationFlag, ds.CompletionFlag, ds.Modality) == ("UNVERIFIED", "COMPLETE", "SR")
+    assert ds.SeriesDescription == SERIES_DESCRIPTION and "not for diagnostic use" in ds.SeriesDescription
+    assert ds.StudyInstanceUID == sources[0].StudyInstanceUID and ds.SeriesInstanceUID != sources[0].SeriesInstanceUID
+    ours = [e for e in ds.ContributingEquipmentSequence if e.Manufacturer == "gmaivl-rt"]
+    assert len(ours) == 1
+    equipment = ours[0]
+    assert equipment.ManufacturerModelName == "tiny-vlm"
+    assert list(equipment.SoftwareVersions) == ["gmaivl-rt 0.1.0", "sha256:0123456789abcdef", "ab" * 32]
+    assert equipment.DeviceUID == ALGORITHM.device_uid() and pydicom.uid.UID(equipment.DeviceUID).is_valid
+    assert equipment.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+    texts = text_items(ds)
+    assert texts[("DCM", "121062")] == QUESTION and texts[("DCM", "121071")] == ANSWER
+    assert texts[("DCM", "111001")] == "tiny-vlm" and "ab" * 32 in texts[("DCM", "111002")]
+    evidence = {ref.ReferencedSOPInstanceUID for study in ds.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
+    assert evidence == {s.SOPInstanceUID for s in sources}
+    finding = next(item for item in ds.ContentSequence if item.ValueType == "TEXT"
+                   and item.ConceptNameCodeSequence[0].CodeValue == "121071")
+    images = [c.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for c in finding.ContentSequence]
+    assert images == [s.SOPInstanceUID for s in sources]
+    assert {c.RelationshipType for c in finding.ContentSequence} == {"INFERRED FROM"}
+
+
+def test_highdicom_reads_it_back_as_the_same_document():
+    """highdicom's SR reader (its own structural checks) gives back the text and references."""
+    import highdicom as hd
+
+    sources = [read_shipped("CT_small.dcm")]
+    report = hd.sr.srread(io.BytesIO(report_bytes(answer_report(sources, QUESTION, ANSWER, ALGORITHM))))
+    assert isinstance(report, hd.sr.ComprehensiveSR)
+    root = report.content[0]
+    texts = [item.value for item in root.ContentSequence if item.value_type == hd.sr.ValueTypeValues.TEXT]
+    assert QUESTION in texts and ANSWER in texts
+    assert report.get_evidence()[0][0] == sources[0].StudyInstanceUID
+
+
+def test_nothing_of_the_source_header_beyond_patient_and_study():
+    """Every top-level attribute the report shares with the source belongs to the Patient / Study modules or is
+    one the report makes itself, and no other source text value (manufacturer, institution, station, model,
+    descriptions) occurs anywhere in the file. Mutant seen failing: highdicom's acquisition-equipment item kept
+    (it copies the source's institution and station name)."""
+    source = read_shipped("CT_small.dcm")
+    report = answer_report([source], QUESTION, ANSWER, ALGORITHM)
+    ds = read_back(report)
+    shared = {e.keyword for e in ds if e.keyword in {s.keyword for s in source}}
+    assert shared <= PATIENT_AND_STUDY | MADE_HERE, shared - PATIENT_AND_STUDY - MADE_HERE
+    for keyword in PATIENT_AND_STUDY & {e.keyword for e in source}:
+        assert ds.get(keyword) == source.get(keyword), keyword  # copied as the source has it
+    data = report_bytes(report)
+    for element in source:
+        if element.keyword in PATIENT_AND_STUDY or element.VR not in ("LO", "SH", "ST", "LT", "UT", "PN"):
+            continue
+        value = str(element.value).strip()
+        if len(value) >= 4:
+            assert value.encode() not in data, element.keyword
+
+
+def test_dciodvfy_finds_no_error(tmp_path):
+    """dicom3tools' validator on the written file: no line says Error (warnings are printed for the source's
+    zero PatientWeight and for Device UID in the Contributing Equipment item, which this dicom3tools' tables
+    predate)."""
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy (Debian's dicom3tools) is not installed")
+    path = tmp_path / "report.dcm"
+    path.write_bytes(report_bytes(answer_report(ct_volume(2), QUESTION, ANSWER, ALGORITHM)))
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    out = run.stdout + run.stderr
+    assert "ComprehensiveSR" in out
+    assert not [line for line in out.splitlines() if line.startswith("Error")], out
+
+
+def test_refuses_what_dicom_cannot_hold():
+    """Sources of two studies, no sources, a name over LO's 64 characters, a digest that is not 64 hex digits."""
+    one, other = read_shipped("CT_small.dcm"), read_shipped("MR_small.dcm")
+    with pytest.raises(InputError, match="more than one study"):
+        answer_report([one, other], QUESTION, ANSWER, ALGORITHM)
+    with pytest.raises(InputError, match="no source instances"):
+        answer_report([], QUESTION, ANSWER, ALGORITHM)
+    for bad in (Algorithm("x" * 65, "1", "ab" * 32, "gmaivl-rt 0.1.0"), Algorithm("x", "1", "AB" * 32, "g")):
+        with pytest.raises(InputError, match="structured report"):
+            answer_report([one], QUESTION, ANSWER, bad)
