@@ -45,6 +45,48 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 
+
+@dataclass(frozen=True)
+class DecodeBudget:
+    """What a server lets image decoding cost (`gmaivl-rt serve --max-request-pixels --max-server-pixels
+    --decode-workers`; `create_app(decode_budget=...)`), counted in decoded pixel values: a picture's width x
+    height (x3 when read as colour), a NIfTI file's whole volume, as `gmaivl_rt.medical.convert.decoded_pixels`
+    reads them from the headers, before anything is decoded.
+
+    max_request_pixels: the most one request's images may decode; more -> 413 at once (default 100 M: two
+                        7000x7000 16-bit greyscale pictures, a dozen 2800x2800 ones).
+    max_server_pixels:  the most decoded at once by the whole server, counted from a request's admission until its
+                        decoded pictures are freed (once the engine has preprocessed them); a request that would go
+                        over it -> 429 with Retry-After at once (default 200 M).
+    decode_workers:     threads decoding images (a pool of their own, apart from the event loop and the threads that
+                        serve the page, /health and streams); one request's images decode one after the other.
+    trim_after_pixels:  after a request decoding at least this many values, freed memory is handed back to the
+                        operating system (glibc `malloc_trim`; elsewhere nothing).
+    retry_after_s:      the Retry-After of a 429 for the server budget.
+
+    Memory: decoding takes at most ~40 bytes per value at its peak (measured: a 16-bit greyscale PNG ~14, a CT
+    DICOM ~28, an MR DICOM with a percentile window ~36; a colour pixel, counted three times, ~13 per value) and a
+    decoded picture keeps 3 bytes per pixel until the engine has preprocessed it. So the extra resident memory of
+    image decoding stays under about decode_workers x 40 B x the largest picture (at most max_image_pixels, and a
+    NIfTI volume at most max_request_pixels) + 3 B x max_server_pixels: with the defaults ~4.6 GB, ~2.2 GB when no
+    picture is over 25 M pixels (`bench/test_bench_server_images.py` measures it)."""
+
+    max_request_pixels: int = 100_000_000
+    max_server_pixels: int = 200_000_000
+    decode_workers: int = 2
+    trim_after_pixels: int = 16_000_000
+    retry_after_s: int = 1
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"DecodeBudget.{f.name} must be an int >= 1, got {short_repr(value)}")
+        if self.max_request_pixels > self.max_server_pixels:
+            raise InputError(f"DecodeBudget.max_request_pixels ({self.max_request_pixels}) is over max_server_pixels "
+                             f"({self.max_server_pixels}): such a request could never be decoded")
+
+
 # Every option `check_generation` accepts; the sampling ones are validated by `SamplingParams`.
 def short_repr(value, chars: int = 24) -> str:
     """A value as an error may quote it: its repr cut to a short prefix (never a whole input)."""

@@ -184,6 +184,52 @@ def to_medical_image(obj, *, role: str = "image 1", limits: Limits | None = None
         raise MedicalImageError(f"{role}: cannot decode the image ({type(e).__name__})") from None
 
 
+def decoded_pixels(obj, *, role: str = "image 1", limits: Limits | None = None) -> int:
+    """How many pixel values `to_medical_image(obj, ...)` decodes, read from the image's header alone, nothing
+    decoded (Pillow's lazy open, pydicom without the pixel data, the NIfTI header): for a picture (PNG, JPEG, ...,
+    a DICOM frame) its width x height, three times that when it is read as colour; for a NIfTI file its whole 3D
+    volume (the reader loads the volume to take a slice). Frame, slice and plane do not change it (one frame is
+    decoded; the whole volume is loaded for any slice). obj: bytes, a path or a binary file object, as
+    `to_medical_image` takes them. Raises what the reader raises for the same header (InputError naming `role`,
+    MedicalImageError, LimitError over the per-image limits), so a refused header costs no decoding."""
+    from gmaivl_rt.medical.dicom import dicom_decoded_pixels
+    from gmaivl_rt.medical.images import pillow_decoded_pixels
+    from gmaivl_rt.medical.nifti import nifti_decoded_voxels
+
+    limits = limits or DEFAULT_LIMITS
+    if isinstance(obj, (bytearray, memoryview)):
+        obj = bytes(obj)
+    if isinstance(obj, bytes):
+        source = _from_path(obj, role, limits) if _looks_like_path(obj) else _from_bytes(obj, role, limits)
+    elif isinstance(obj, str) or hasattr(obj, "__fspath__"):
+        source = _from_path(obj, role, limits)
+    elif hasattr(obj, "read") and callable(obj.read):
+        position = obj.tell() if hasattr(obj, "tell") and hasattr(obj, "seek") else None
+        try:
+            data = obj.read(limits.max_image_bytes + 1)
+            if position is not None:
+                obj.seek(position)  # the decoder reads it again
+        except Exception as e:
+            raise InputError(f"{role}: the file object cannot be read ({type(e).__name__})") from None
+        if not isinstance(data, (bytes, bytearray)):
+            raise InputError(f"{role}: the file object gave {type_name(data)}, not bytes (open it in binary mode)")
+        source = _from_bytes(bytes(data), role, limits)
+    else:
+        raise InputError(f"{role}: decoded_pixels takes bytes, a path or a binary file object, not {type_name(obj)}")
+    try:
+        if source.format == "dicom":
+            return dicom_decoded_pixels(source)
+        if source.format == "nifti":
+            return nifti_decoded_voxels(source)
+        return pillow_decoded_pixels(source)
+    except InputError:
+        raise
+    except MemoryError:
+        raise LimitError(f"{role}: not enough memory to read its header") from None
+    except Exception as e:  # as in to_medical_image: a library's own failure on damaged data names only its type
+        raise MedicalImageError(f"{role}: cannot read the image header ({type(e).__name__})") from None
+
+
 def _object_source(obj, role: str, limits: Limits) -> ImageSource | None:
     """pydicom Dataset / nibabel image / PIL image -> ImageSource; None for anything else."""
     module = type(obj).__module__.split(".")[0]

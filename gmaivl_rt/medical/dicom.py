@@ -58,35 +58,64 @@ def _plane_from_iop(iop) -> str | None:
     return ("sagittal", "coronal", "axial")[int(normal.argmax())]
 
 
+def read_dataset(path, stop_before_pixels: bool = False):
+    """A DICOM file (a path or an `ImageSource`) -> its pydicom Dataset, pixel data undecoded (with
+    stop_before_pixels, not even read: the header alone). Raises MedicalImageError for anything but an image."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    given = path.obj if isinstance(path, ImageSource) else None
+    readable = path.readable if isinstance(path, ImageSource) else lambda: path
+    try:
+        with quiet_pydicom():
+            try:
+                ds = given if given is not None else pydicom.dcmread(readable(), stop_before_pixels=stop_before_pixels)
+            except InvalidDicomError:
+                # No preamble: legal for old files, so retry leniently but demand an image.
+                ds = pydicom.dcmread(readable(), force=True, stop_before_pixels=stop_before_pixels)
+                if ("PixelData" not in ds and not stop_before_pixels) or "Rows" not in ds:
+                    raise MedicalImageError(f"{source_label(path)}: not a DICOM file (no 'DICM' marker "
+                                            "and no image attributes)") from None
+    except MedicalImageError:
+        raise
+    except Exception as e:  # pydicom raises many types on damaged files
+        raise MedicalImageError(f"{source_label(path)}: unreadable DICOM ({safe_reason(e)})") from None
+    if "PixelData" not in ds and not stop_before_pixels:
+        raise MedicalImageError(f"{source_label(path)}: DICOM file has no pixel data (not an image)")
+    return ds
+
+
+def _geometry(ds) -> tuple[int, int, str, int, int]:
+    """(frames, samples per pixel, photometric interpretation, rows, columns) of a dataset's image."""
+    return (int(ds.get("NumberOfFrames", 1) or 1), int(ds.get("SamplesPerPixel", 1)),
+            str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper(), int(ds.Rows), int(ds.Columns))
+
+
+def dicom_decoded_pixels(path) -> int:
+    """Pixel values `DicomSource(path).image(...)` decodes, from the header alone (the pixel data is not read):
+    one frame's rows x columns (one frame is decoded per picture, whatever NumberOfFrames says), three times that
+    for colour (samples per pixel 3, or a palette). Raises MedicalImageError / LimitError as the reader would."""
+    ds = read_dataset(path, stop_before_pixels=True)
+    try:
+        with quiet_pydicom():
+            count, samples, photometric, rows, columns = _geometry(ds)
+    except Exception as e:
+        raise MedicalImageError(f"{source_label(path)}: bad DICOM image attributes ({safe_reason(e)})") from None
+    if count < 1 or rows < 0 or columns < 0:
+        raise MedicalImageError(f"{source_label(path)}: bad DICOM image attributes (frames, rows or columns)")
+    check_pixels(path, rows, columns, "frame")
+    colour = samples > 1 or photometric == "PALETTE COLOR"
+    return rows * columns * (3 if colour else 1)
+
+
 class DicomSource:
     """One DICOM file (a path or an `ImageSource`) opened for reading, its pixel data not yet decoded: `count`
     frames of `rows` x `columns`, `image(index)` -> MedicalImage. window: as `read_medical_image` takes it."""
 
     def __init__(self, path, window):
-        import pydicom
-        from pydicom.errors import InvalidDicomError
-
         self.path = path
         self.window, self.window_name = parse_window(window, path)
-        given = path.obj if isinstance(path, ImageSource) else None
-        readable = path.readable if isinstance(path, ImageSource) else lambda: path
-        try:
-            with quiet_pydicom():
-                try:
-                    ds = given if given is not None else pydicom.dcmread(readable())
-                except InvalidDicomError:
-                    # No preamble: legal for old files, so retry leniently but demand an image.
-                    ds = pydicom.dcmread(readable(), force=True)
-                    if "PixelData" not in ds or "Rows" not in ds:
-                        raise MedicalImageError(f"{source_label(path)}: not a DICOM file (no 'DICM' marker "
-                                                "and no image attributes)") from None
-        except MedicalImageError:
-            raise
-        except Exception as e:  # pydicom raises many types on damaged files
-            raise MedicalImageError(f"{source_label(path)}: unreadable DICOM ({safe_reason(e)})") from None
-        if "PixelData" not in ds:
-            raise MedicalImageError(f"{source_label(path)}: DICOM file has no pixel data (not an image)")
-        self.ds = ds
+        self.ds = read_dataset(path)
         self._check_decoder()
         with quiet_pydicom():
             self._read_attributes()
@@ -95,10 +124,7 @@ class DicomSource:
     def _read_attributes(self):
         ds, path = self.ds, self.path
         try:
-            self.count = int(ds.get("NumberOfFrames", 1) or 1)
-            self.samples = int(ds.get("SamplesPerPixel", 1))
-            self.photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-            self.rows, self.columns = int(ds.Rows), int(ds.Columns)
+            self.count, self.samples, self.photometric, self.rows, self.columns = _geometry(ds)
             spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing") or \
                 _functional_group(ds, "PixelMeasuresSequence", "PixelSpacing")
             self.spacing = (round(float(spacing[0]), 6), round(float(spacing[1]), 6)) \

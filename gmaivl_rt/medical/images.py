@@ -12,9 +12,9 @@ from gmaivl_rt.medical.base import ImageSource, MedicalImage, MedicalImageError,
 from gmaivl_rt.medical.windowing import grey_unit, parse_window, to_uint8
 
 
-def pillow_open(path):
+def pillow_open(path, load: bool = True):
     """Open with decompression-bomb warnings turned into errors (and an `ImageSource`'s pixel limit checked from
-    the header before decoding). Returns an Image (loaded) or raises."""
+    the header before decoding). Returns an Image (loaded; with load=False only its header read) or raises."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -25,7 +25,8 @@ def pillow_open(path):
             else:
                 img = Image.open(path.readable() if isinstance(path, ImageSource) else path)
             check_pixels(path, img.size[1], img.size[0])
-            img.load()
+            if load:
+                img.load()
             return img
     except (LimitError, MedicalImageError):
         raise
@@ -49,6 +50,22 @@ def pillow_frame(path, img, index: int):
     return img
 
 
+def is_grey_mode(mode: str) -> bool:
+    """Pillow modes read as one grey channel (`grey_unit`); every other mode is converted to RGB."""
+    return mode.startswith("I;16") or mode in ("I", "F", "L")
+
+
+def pillow_decoded_pixels(path) -> int:
+    """Pixel values `PillowSource(path).image(...)` decodes, from the header alone (nothing decoded): width x height,
+    three times that for a picture read as colour. Raises what `pillow_open` raises."""
+    img = pillow_open(path, load=False)
+    try:
+        return img.size[0] * img.size[1] * (1 if is_grey_mode(img.mode) else 3)
+    finally:
+        if not (isinstance(path, ImageSource) and path.obj is not None):
+            img.close()
+
+
 class PillowSource:
     """One image file Pillow reads (a path or an `ImageSource`): `count` frames, `image(index)` -> MedicalImage.
     fmt: the detected format ("png", ... or "image" to take Pillow's); window: as `read_medical_image` takes it."""
@@ -70,7 +87,7 @@ class PillowSource:
         img = pillow_frame(self.path, self.img, index)
         mode = img.mode
         try:
-            if mode.startswith("I;16") or mode in ("I", "F", "L"):
+            if is_grey_mode(mode):
                 unit, name = grey_unit(np.asarray(img), self.window, self.window_name, source_label(self.path))
             else:
                 unit, name = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0, "none"

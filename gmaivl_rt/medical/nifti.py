@@ -26,15 +26,7 @@ def load_nifti(path, volume: int, what: str = "NIfTI"):
     import nibabel as nib
 
     try:
-        if isinstance(path, ImageSource) and path.obj is not None:
-            img = path.obj
-        elif isinstance(path, ImageSource) and (path.data is not None or not
-                                                 path.path.lower().endswith(NIFTI_SUFFIXES)):
-            # bytes, or a file whose name nibabel cannot type (nibabel goes by the suffix)
-            img = _nifti_from_bytes(path.data if path.data is not None else Path(path.path).read_bytes())
-        else:
-            img = nib.load(path.path if isinstance(path, ImageSource) else os.fspath(path))
-        _check_volume(path, tuple(int(n) for n in img.shape))
+        img = _open_nifti(path)
         img = nib.as_closest_canonical(img)
         shape = img.shape
         if len(shape) == 4:
@@ -53,6 +45,34 @@ def load_nifti(path, volume: int, what: str = "NIfTI"):
         raise MedicalImageError(f"{source_label(path)}: unreadable {what} file ({safe_reason(e)})") from None
     zooms = zooms + (1.0,) * (3 - len(zooms))
     return data, zooms, (shape[3] if len(shape) == 4 else 1)
+
+
+def _open_nifti(path):
+    """The nibabel image of a NIfTI file (path or `ImageSource`), its header read and checked (`_check_volume`), its
+    voxels not read."""
+    import nibabel as nib
+
+    if isinstance(path, ImageSource) and path.obj is not None:
+        img = path.obj
+    elif isinstance(path, ImageSource) and (path.data is not None or not path.path.lower().endswith(NIFTI_SUFFIXES)):
+        # bytes, or a file whose name nibabel cannot type (nibabel goes by the suffix)
+        img = _nifti_from_bytes(path.data if path.data is not None else Path(path.path).read_bytes())
+    else:
+        img = nib.load(path.path if isinstance(path, ImageSource) else os.fspath(path))
+    _check_volume(path, tuple(int(n) for n in img.shape))
+    return img
+
+
+def nifti_decoded_voxels(path, what: str = "NIfTI") -> int:
+    """Voxels `NiftiSource(path, ...)` decodes, from the header alone: the whole 3D volume (the reader loads one
+    volume of a 4D image to take a slice from it). Raises MedicalImageError / LimitError as the reader would."""
+    try:
+        shape = tuple(int(n) for n in _open_nifti(path).shape)
+    except (MedicalImageError, LimitError):
+        raise
+    except Exception as e:
+        raise MedicalImageError(f"{source_label(path)}: unreadable {what} file ({safe_reason(e)})") from None
+    return int(np.prod(shape[:3], dtype=np.int64))
 
 
 def _nifti_from_bytes(data: bytes):

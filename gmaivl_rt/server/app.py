@@ -20,20 +20,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mimetypes
 import time
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, Response, StreamingResponse
-from fastapi.staticfiles import StaticFiles
+from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gmaivl_rt.errors import GmaivlError, InputError
 from gmaivl_rt.server import protocol
 from gmaivl_rt.server.audit import AuditLog
-from gmaivl_rt.server.boundary import check_image_count, read_images, server_limits
+from gmaivl_rt.server.boundary import check_image_count, decode_images, receive_images, server_limits
+from gmaivl_rt.server.decoding import BudgetRefusal, ImageDecoding
 from gmaivl_rt.server.generation import END, Admission, Generation, cancel_on_disconnect, engine_alive
 from gmaivl_rt.server.http_errors import error_response, refusal, validation_message
 from gmaivl_rt.server.metrics import OutcomeCounter, RequestOutcome, ServerMetrics, current_outcome
@@ -50,23 +51,29 @@ def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None
                max_request_bytes: int = 64 * 2**20, max_images_per_request: int | None = None,
                allowed_local_media_path=None, allow_remote_media: bool = False, allowed_media_domains=None,
                remote_media_timeout_s: float = 10.0, max_waiting: int | None = None, limits=None, allowed_hosts=None,
-               audit_log=None):
+               audit_log=None, decode_budget=None):
     """The ASGI app serving `engine` (a `gmaivl_rt.Engine`). `limits`: the request boundary's `Limits` (default:
     the engine's); `max_images_per_request` overrides its images-per-request limit. `api_key`: None (open) or a
     non-empty key (an empty one is refused: InputError). `allowed_hosts`: Host header names answered (None: any;
     `gmaivl-rt serve` passes the bound host and localhost). `allowed_media_domains`: with `allow_remote_media`, the
     only hosts fetched (None: any public address; `gmaivl_rt.server.remote_media`), each fetch within
     `remote_media_timeout_s`. `audit_log`: None, or a file path receiving one JSON line per /v1 request
-    (`gmaivl_rt.server.audit`; created 0600 at once, InputError if it cannot be). See the module doc for status
-    codes. Endpoints: POST /v1/chat/completions, GET /v1/models, POST /v1/gmaivl/preview, GET /health, /metrics, /."""
+    (`gmaivl_rt.server.audit`; created 0600 at once, InputError if it cannot be). `decode_budget`: a
+    `gmaivl_rt.limits.DecodeBudget` (default: its defaults), what image decoding may cost (`server.decoding`).
+    See the module doc for status codes. Endpoints: POST /v1/chat/completions, GET /v1/models,
+    POST /v1/gmaivl/preview, GET /health, /metrics, /."""
     if api_key is not None and not str(api_key).strip():
         raise InputError("api_key is empty: give a real key, or none for an open server")
     limits = server_limits(engine, limits, max_images_per_request)
     metrics = ServerMetrics(engine)
     audit = AuditLog(audit_log) if audit_log is not None else None
     admission = Admission(engine, max_waiting)
+    decoding = ImageDecoding(decode_budget)
+    metrics.watch_decoding(decoding)
     app = FastAPI(title="gmaivl-rt", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.metrics, app.state.limits = engine, metrics, limits
+    app.state.decoding = decoding
+    app.router.on_shutdown.append(decoding.close)
     media_options = {"allowed_local_media_path": allowed_local_media_path, "allow_remote_media": allow_remote_media,
                      "allowed_media_domains": allowed_media_domains, "remote_timeout_s": remote_media_timeout_s}
 
@@ -78,7 +85,17 @@ def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None
 
     @app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException, 404 and 405 included
     async def _starlette_http(request, error):
-        return error_response(error.status_code, str(error.detail))
+        response = error_response(error.status_code, str(error.detail))
+        response.headers.update(error.headers or {})
+        return response
+
+    @app.exception_handler(BudgetRefusal)
+    async def _budget(request, error):
+        log.info("request refused (%d): image decode budget", error.status)
+        response = error_response(error.status, error.message)
+        if error.retry_after_s is not None:
+            response.headers["Retry-After"] = str(error.retry_after_s)
+        return response
 
     @app.exception_handler(GmaivlError)
     async def _gmaivl(request, error):
@@ -109,6 +126,16 @@ def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None
         outcome.image_count = len(urls)
         return outcome.image_digests
 
+    async def decoded_images(urls, digests) -> tuple[list, object]:
+        """Image URLs -> (MedicalImages, their budget reservation): received and their headers read in a worker
+        thread, refused from the headers (BudgetRefusal: 413 / 429) before anything is decoded, then decoded in the
+        decode pool. The reservation is released once the pictures are freed (or by the caller when it is done)."""
+        received = await run_in_threadpool(receive_images, urls, limits, digests, **media_options)
+        reservation = decoding.admit([image.pixels for image in received])
+        images = await decoding.decode(lambda: decode_images(received, limits), reservation)
+        reservation.release_when_freed([image.pixels for image in images])
+        return images, reservation
+
     def check_model(name: str | None):
         if name not in (None, "", served_model_name):
             raise HTTPException(404, f"The model `{name[:64]}` does not exist.")
@@ -125,17 +152,26 @@ def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None
         check_image_count(limits, len(urls))
         ticket = admission.admit()  # counted from here (images being read) until the engine queues it
         if ticket is None:
-            raise HTTPException(429, f"the server is saturated ({max_waiting} requests waiting); retry later")
+            raise HTTPException(429, f"the server is saturated ({max_waiting} requests waiting); retry later",
+                                headers={"Retry-After": "1"})
+        reservation = None
         try:
             decode_started = time.monotonic()
-            images = await run_in_threadpool(read_images, urls, limits, digests, **media_options)
+            images, reservation = await decoded_images(urls, digests) if urls else ([], None)
             if urls:
                 metrics.image_decode_time.observe(time.monotonic() - decode_started)
             request = await run_in_threadpool(ticket.submit, lambda: engine.submit(
                 messages=turns, images=images, system=system, **generation_options(body)))
+        except BaseException:
+            if reservation is not None:
+                reservation.release()
+            raise
         finally:
             ticket.release()  # a no-op once submitted
-        return Generation(request, arrival, metrics)
+        generation = Generation(request, arrival, metrics)
+        if reservation is not None:  # at the latest when the request ends (its pictures may outlive it in a cycle)
+            generation.on_end.append(reservation.release)
+        return generation
 
     # --------------------------------------------------------------- endpoints
     @app.post("/v1/chat/completions")
@@ -174,8 +210,11 @@ def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None
         """The picture the model would see for an image URL, as a PNG data URI, and what the file says about itself
         (format, modality, body part, size, frames/slices, window), never who the patient is."""
         digests = audited_images([body.image_url])
-        image = await run_in_threadpool(lambda: read_images([body.image_url], limits, digests, **media_options)[0])
-        return preview_body(image)
+        images, reservation = await decoded_images([body.image_url], digests)
+        try:
+            return preview_body(images[0])
+        finally:
+            reservation.release()
 
     @app.get("/health")
     async def health():
@@ -187,9 +226,20 @@ def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None
 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    # The page and its files are read once and answered from memory on the event loop: no thread pool (the decode
+    # pool, or the threads streams and image intake use) stands between a client and them.
+    page_files = {path.name: (path.read_bytes(), mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+                  for path in sorted(STATIC.iterdir()) if path.is_file()}
+
     @app.get("/")
     async def page():
-        return FileResponse(STATIC / "index.html", media_type="text/html")
+        return Response(page_files["index.html"][0], media_type="text/html")
 
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    @app.api_route("/static/{name}", methods=["GET", "HEAD"])
+    async def static(name: str):
+        if name not in page_files:
+            raise HTTPException(404, "Not Found")
+        content, media_type = page_files[name]
+        return Response(content, media_type=media_type)
+
     return app

@@ -1,16 +1,17 @@
 """The request boundary as the server applies it: its `Limits` (the engine's unless given, with the server's
-images-per-request override), the image count checked before anything is decoded, and image URLs read into
-`MedicalImage`s through `gmaivl_rt.medical.convert.to_medical_image` (call from a worker thread: it decodes)."""
+images-per-request override), the image count checked before anything is decoded, and image URLs received with
+their headers read (`receive_images`), then decoded into `MedicalImage`s through
+`gmaivl_rt.medical.convert.to_medical_image` (`decode_images`, in the decode pool of `gmaivl_rt.server.decoding`)."""
 from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gmaivl_rt.errors import LimitError
 from gmaivl_rt.limits import Limits
-from gmaivl_rt.medical.convert import to_medical_image
+from gmaivl_rt.medical.convert import decoded_pixels, to_medical_image
 from gmaivl_rt.server import protocol
 from gmaivl_rt.server.media import read_image_url
 
@@ -43,10 +44,25 @@ def sha256_hex(source: bytes | Path) -> str:
     return digest.hexdigest()
 
 
-def read_images(urls: list[protocol.ImageURL], limits: Limits, digests: list | None = None, **media_options) -> list:
-    """Image URLs -> MedicalImages (pixels (H, W, 3) uint8), named "image 1", "image 2", ... in errors.
-    media_options: `read_image_url`'s allowed_local_media_path / allow_remote_media. `digests`: a list each image's
-    `sha256_hex` is appended to as it is received (before it is decoded, so a refused image has one too)."""
+@dataclass(frozen=True, eq=False)
+class ReceivedImage:
+    """One image of a request as received, not yet decoded: `source` (its bytes, or its path for file:// URLs), the
+    reader options of its `image_url` (frame, slice_index, plane, window) and `pixels`, the pixel values decoding
+    it will take, read from its header (`gmaivl_rt.medical.convert.decoded_pixels`)."""
+
+    role: str
+    source: bytes | Path
+    options: dict
+    pixels: int
+
+
+def receive_images(urls: list[protocol.ImageURL], limits: Limits, digests: list | None = None,
+                   **media_options) -> list[ReceivedImage]:
+    """Image URLs -> `ReceivedImage`s, named "image 1", "image 2", ... in errors; only headers are read (a bad one
+    raises the reader's InputError, naming the image by role). media_options: `read_image_url`'s
+    allowed_local_media_path / allow_remote_media / allowed_media_domains / remote_timeout_s. `digests`: a list each
+    image's `sha256_hex` is appended to as it is received (before its header is read, so a refused image has one
+    too). Blocking (fetches, reads files): call from a worker thread."""
     out = []
     for i, image_url in enumerate(urls, start=1):
         role = f"image {i}"
@@ -56,7 +72,24 @@ def read_images(urls: list[protocol.ImageURL], limits: Limits, digests: list | N
                 digests.append(sha256_hex(source))
             except OSError:  # the file went away: the boundary names that below; its message never names the file
                 pass
-        if isinstance(source, bytes):  # as a file object: short bytes are never taken for a server path
-            source = io.BytesIO(source)
-        out.append(to_medical_image(source, role=role, limits=limits, **image_url.reader_options()))
+        # bytes as a file object: short bytes are never taken for a server path
+        header = io.BytesIO(source) if isinstance(source, bytes) else source
+        out.append(ReceivedImage(role, source, image_url.reader_options(),
+                                 decoded_pixels(header, role=role, limits=limits)))
     return out
+
+
+def decode_images(received: list[ReceivedImage], limits: Limits) -> list:
+    """`ReceivedImage`s -> MedicalImages (pixels (H, W, 3) uint8), through `to_medical_image`. Call from the decode
+    pool (`gmaivl_rt.server.decoding`): it decodes."""
+    out = []
+    for image in received:
+        source = io.BytesIO(image.source) if isinstance(image.source, bytes) else image.source
+        out.append(to_medical_image(source, role=image.role, limits=limits, **image.options))
+    return out
+
+
+def read_images(urls: list[protocol.ImageURL], limits: Limits, digests: list | None = None, **media_options) -> list:
+    """Image URLs -> MedicalImages: `receive_images` then `decode_images`, in the calling thread (no budget: the
+    server itself goes through `gmaivl_rt.server.decoding`)."""
+    return decode_images(receive_images(urls, limits, digests, **media_options), limits)

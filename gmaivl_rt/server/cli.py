@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from gmaivl_rt.limits import DecodeBudget
 from gmaivl_rt.runtime.cli import add_backend_options, backend_options
 
 
@@ -29,6 +30,16 @@ def register(subparsers) -> None:
                    help="allow http(s) image URLs (the server then makes outbound requests, to public addresses)")
     p.add_argument("--allowed-media-domains", nargs="+", default=None, metavar="HOST",
                    help="with --allow-remote-media: the only hosts fetched, wherever they resolve")
+    budget = DecodeBudget()
+    p.add_argument("--max-request-pixels", type=int, default=budget.max_request_pixels,
+                   help="decoded pixel values one request's images may take, read from their headers before "
+                        "decoding (a colour pixel counts 3, a NIfTI file its whole volume); more: 413 "
+                        f"(default {budget.max_request_pixels})")
+    p.add_argument("--max-server-pixels", type=int, default=budget.max_server_pixels,
+                   help="decoded pixel values of all requests being decoded or waiting for the engine; a request "
+                        f"that would go over it: 429 with Retry-After (default {budget.max_server_pixels})")
+    p.add_argument("--decode-workers", type=int, default=budget.decode_workers,
+                   help=f"threads decoding images, apart from the HTTP ones (default {budget.decode_workers})")
     p.add_argument("--audit-log", default=None, metavar="FILE",
                    help="append one JSON line per /v1 request to FILE (mode 0600): time, request id, client, "
                         "endpoint, outcome, status, token counts, image count and SHA-256 digests; never text")
@@ -85,6 +96,8 @@ def _serve_cli(args: argparse.Namespace) -> int:
     from gmaivl_rt.server.app import create_app
 
     key = api_key(args, os.environ)  # before the model loads: a bad key stops the start at once
+    decode_budget = DecodeBudget(max_request_pixels=args.max_request_pixels, max_server_pixels=args.max_server_pixels,
+                                 decode_workers=args.decode_workers)
     engine_kwargs = backend_options(args)
     if args.max_images_per_request is not None:
         from gmaivl_rt.limits import Limits
@@ -100,6 +113,7 @@ def _serve_cli(args: argparse.Namespace) -> int:
                          max_images_per_request=args.max_images_per_request, max_waiting=args.max_waiting,
                          allowed_local_media_path=args.allowed_local_media_path,
                          allow_remote_media=args.allow_remote_media,
-                         allowed_media_domains=args.allowed_media_domains, audit_log=args.audit_log)
+                         allowed_media_domains=args.allowed_media_domains, audit_log=args.audit_log,
+                         decode_budget=decode_budget)
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -29,6 +29,7 @@ class Generation:
         self.text = ""
         self.error: BaseException | None = None  # what the request failed with
         self.cancelled = False  # stopped before its end (client gone, or an error on the HTTP side)
+        self.on_end: list = []  # called (no argument) once when it ends, whatever the outcome
         outcome = current_outcome()
         if outcome is not None:  # the HTTP request's outcome is this generation's
             outcome.generation = self
@@ -81,6 +82,8 @@ class Generation:
             outcome=self.outcome, finish_reason=self.finish_reason, prompt_tokens=self.prompt_tokens,
             generated_tokens=self.completion_tokens, arrival=self.arrival, first_token=self.first_token,
             finish=now, scheduled=request_time(self.request, "scheduled"), token_gaps=self._token_gaps())
+        for callback in self.on_end:
+            callback()
 
     def _token_gaps(self) -> list[float]:
         """Inter-token latency: the engine's first-token to finish time spread over the tokens after the first

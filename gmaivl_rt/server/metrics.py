@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextvars
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 OUTCOMES = ("success", "cancelled", "client_error", "server_error")
@@ -104,6 +104,19 @@ class ServerMetrics:
 
     def count_outcome(self, outcome: str) -> None:
         self.requests.labels(outcome=outcome).inc()
+
+    def watch_decoding(self, decoding) -> None:
+        """Gauges read from a `gmaivl_rt.server.decoding.ImageDecoding` when scraped: the pixel values reserved
+        (`gmaivl:image_decode_pixels_in_use`, of `gmaivl:image_decode_pixels_capacity`) and the requests in its pool
+        (`gmaivl:image_decode_requests`, decoding or queued)."""
+        for name, text, read in (
+                ("gmaivl:image_decode_pixels_in_use", "Decoded pixel values reserved by requests being served.",
+                 lambda: decoding.pixels.in_use),
+                ("gmaivl:image_decode_pixels_capacity", "The server's decoded pixel budget (--max-server-pixels).",
+                 lambda: decoding.pixels.capacity),
+                ("gmaivl:image_decode_requests", "Requests whose images are being decoded or wait for a decoder.",
+                 lambda: decoding.decoding)):
+            Gauge(name, text, registry=self.registry).set_function(read)
 
 
 # The outcome of the HTTP request being served, for the `Generation` it starts (set by `OutcomeCounter`).
