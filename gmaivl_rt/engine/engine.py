@@ -35,7 +35,8 @@ import torch
 
 from gmaivl_rt.engine.scheduler import Batch, Scheduler
 from gmaivl_rt.engine.sequence import END_OF_ANSWER, Request, Sequence, fail_request, sequence_from_request
-from gmaivl_rt.model.sampling import decode_step
+from gmaivl_rt.errors import InputError
+from gmaivl_rt.model.sampling import TokenLogprob, decode_step
 from gmaivl_rt.runtime.backends import load
 
 log = logging.getLogger("gmaivl_rt.engine")
@@ -73,6 +74,8 @@ class Engine:
         self._preparing = 0
         self._closed = False
         self._prep_pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gmaivl-prep")
+        # constraint masks are computed here while the runner runs the batch (the grammar engine frees the GIL)
+        self._mask_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="gmaivl-mask")
         self._thread = threading.Thread(target=self._loop, name="gmaivl-scheduler", daemon=True)
         self._thread.start()
 
@@ -142,6 +145,7 @@ class Engine:
                 self.scheduler.cancel_all()
             self._cv.notify_all()
         self._thread.join()
+        self._mask_pool.shutdown(wait=True)
 
     def __enter__(self):
         return self
@@ -193,13 +197,20 @@ class Engine:
             batch = self.scheduler.schedule()
         if batch is None:
             return
+        constrained = [seq for seq, active in zip(batch.seqs, batch.active)
+                       if active and seq.matcher is not None and not bool(seq.finished)]
+        masks = self._mask_pool.submit(self._masks, constrained) if constrained else None
         logits, failed = self._run(batch)
+        try:
+            masks = masks.result() if masks is not None else {}
+        except Exception:  # computed again row by row in `_next_token`, where a failure ends that row alone
+            masks = {}
         tokens = []
         for seq, row, active in zip(batch.seqs, logits, batch.active):
             token = None
             if row is not None and active and self.scheduler.wants_token(seq):
                 try:
-                    token = self._next_token(seq, row)
+                    token = self._next_token(seq, row, masks.get(seq))
                 except Exception as error:  # this row's logits could not be sampled (nan, ...): it alone fails
                     failed[seq] = error
             tokens.append(token)
@@ -228,9 +239,29 @@ class Engine:
         return logits, failed
 
     @staticmethod
-    def _next_token(seq: Sequence, logits: torch.Tensor) -> int:
-        """The next token of `seq` from its last-position logits (1, V) (`decode_step`, the step every backend
-        shares); its sampling state (ids so far, eos seen) advances."""
-        token, seq.sequences, seq.finished = decode_step(logits, seq.sequences, seq.finished, seq.params, seq.stop,
-                                                         seq.generator)
-        return int(token)
+    def _masks(seqs: list) -> dict:
+        """{sequence: its constraint mask (1, V) bool}, every constrained row's in one batched computation (each
+        from its own matcher: one request's constraint never touches another's row)."""
+        from gmaivl_rt.model.constraint import allowed_tokens
+
+        return {seq: row[None] for seq, row in zip(seqs, allowed_tokens([seq.matcher for seq in seqs]))}
+
+    @staticmethod
+    def _next_token(seq: Sequence, logits: torch.Tensor, allowed: torch.Tensor | None = None) -> int:
+        """The next token of `seq` from its last-position logits (1, V) and its constraint mask `allowed` (1, V)
+        (`decode_step`, the step every backend shares); its sampling state (ids so far, eos seen, the constraint's
+        matcher, logprobs) advances. InputError when its constraint leaves no token (that request alone ends)."""
+        if seq.matcher is not None and allowed is None:  # a row whose mask was not computed ahead (none expected)
+            allowed = Engine._masks([seq])[seq]
+        step = decode_step(logits, seq.sequences, seq.finished, seq.params, seq.stop, seq.generator,
+                           allowed=allowed, top_logprobs=seq.top_logprobs)
+        if bool(step.failed[0]):
+            raise InputError("the constraint allows no next token: the answer cannot be finished under it")
+        token = int(step.next_tokens[0])
+        seq.sequences, seq.finished = step.sequences, step.finished
+        if seq.matcher is not None:
+            seq.matcher.advance(token)
+            seq.request.constraint_complete = seq.matcher.complete
+        if step.logprobs is not None:
+            seq.request.logprobs.append(TokenLogprob.from_step(step.logprobs, 0, token))
+        return token

@@ -22,7 +22,9 @@ class Request:
     prompt_tokens, generated_tokens: counts; token_ids: the generated ids (eos included); finish_reason: None
     while running, then "stop" | "length" | "cancelled" | "error"; arrival_time (submit), scheduled_time (first
     admitted to a batch), first_token_time (first token produced), finish_time: time.time() stamps (None until
-    reached). Iterate a request once.
+    reached); logprobs: a `gmaivl_rt.model.sampling.TokenLogprob` per generated token (with `logprobs=True`);
+    constraint_complete: with a constraint (json_schema / choice / regex), whether the answer satisfies it (False
+    after "length": partial). Iterate a request once.
     engine: what runs it (its `wake()` is called on cancel); sink: called with every delta and END_OF_ANSWER, from
     the engine's threads; a sink that raises is dropped and the request cancelled (its reader is gone)."""
 
@@ -31,6 +33,9 @@ class Request:
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.token_ids: list[int] = []
+        self.logprobs: list = []  # a sampling.TokenLogprob per generated token, when logprobs were asked for
+        self.top_logprobs: int | None = None  # None: no logprobs asked for
+        self.constraint_complete: bool | None = None  # with a constraint: the answer so far satisfies it
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.arrival_time = time.time()
@@ -126,6 +131,8 @@ class Sequence:
     cached: int = 0                 # tokens whose keys/values are in `blocks`
     emitted: str = ""               # text streamed so far
     hit_tokens: int = 0             # prompt tokens found in the prefix cache at admission
+    matcher: object = None          # a constraint.ConstraintMatcher where the request has a constraint
+    top_logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the k most likely
 
     @property
     def generated(self) -> list:
@@ -183,6 +190,8 @@ def sequence_from_request(request: Request, prepared, stop_strings: list, config
     max_new_tokens = options.pop("max_new_tokens")
     stop = StopRule.from_config(config.text, options.pop("eos_token_id", None), options.pop("pad_token_id", None))
     params = SamplingParams(**{k: options.pop(k) for k in SAMPLING_OPTIONS if k in options})
+    constraint = options.pop("constraint", None)
+    top_logprobs = options.pop("top_logprobs", 0) if options.pop("logprobs", False) else None
     ids = prepared.input_ids[0].tolist()
     pixels = [] if prepared.pixel_values is None else list(prepared.pixel_values)
     if device is not None:
@@ -194,7 +203,11 @@ def sequence_from_request(request: Request, prepared, stop_strings: list, config
         spans.append((positions[start], positions[start + count - 1] + 1))
         start += count
     request.prompt_tokens = len(ids)
+    request.top_logprobs = top_logprobs
+    if constraint is not None:
+        request.constraint_complete = False
     sequences = prepared.input_ids.to(device=device, dtype=torch.int64)
     return Sequence(request, ids, len(ids), pixels, spans, list(prepared.image_keys), params, stop, max_new_tokens,
                     options.pop("generator", None), list(stop_strings), sequences=sequences,
-                    finished=torch.zeros(1, dtype=torch.bool, device=sequences.device))
+                    finished=torch.zeros(1, dtype=torch.bool, device=sequences.device),
+                    matcher=None if constraint is None else constraint.matcher(), top_logprobs=top_logprobs)

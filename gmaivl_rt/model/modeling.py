@@ -455,10 +455,12 @@ class GMAIVL(nn.Module):
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, min_p: float = 0.0,
-                 eos_token_id=None, pad_token_id=None, generator: torch.Generator | None = None):
+                 eos_token_id=None, pad_token_id=None, generator: torch.Generator | None = None, constraint=None,
+                 logprobs: bool = False, top_logprobs: int = 0, trace=None):
         """input_ids: (B, S) left-padded prompts (attention_mask 0 on padding). Returns (B, S + new) int64 like
         transformers: generation stops when every row has produced an eos; finished rows are filled with
-        pad_token_id. eos_token_id: int or list (default: the config's)."""
+        pad_token_id. eos_token_id: int or list (default: the config's). constraint, logprobs, top_logprobs,
+        trace: structured output and logprobs, see `gmaivl_rt.model.sampling.generate_tokens`."""
         B, S = input_ids.shape
         # checked before the cache is sized by them (generate_tokens checks them again for every backend)
         max_new_tokens = check_max_new_tokens(max_new_tokens)
@@ -470,7 +472,8 @@ class GMAIVL(nn.Module):
             input_ids, self.config.text, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
             top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
             no_repeat_ngram_size=no_repeat_ngram_size, min_p=min_p, eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id, generator=generator)
+            pad_token_id=pad_token_id, generator=generator, constraint=constraint, logprobs=logprobs,
+            top_logprobs=top_logprobs, trace=trace)
 
     def last_logits(self, input_ids, pixel_values=None, attention_mask=None, cache=None, *, image_features=None,
                     image_slots=None) -> torch.Tensor:

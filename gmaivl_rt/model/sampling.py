@@ -8,18 +8,25 @@ greedily (ties shared), a huge one uniformly: the limits of the distribution it 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from gmaivl_rt.errors import InputError, LimitError
 from gmaivl_rt.limits import DEFAULT_LIMITS, Limits, check_context, check_max_new_tokens, short_repr, type_name
+from gmaivl_rt.model.constraint import constraint_from_options
 
 
 SAMPLING_OPTIONS = ("do_sample", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                     "no_repeat_ngram_size")
-GENERATION_OPTIONS = ("max_new_tokens", *SAMPLING_OPTIONS, "eos_token_id", "pad_token_id", "generator")
+# Structured output and logprobs (docs/structured-output.md): json_schema / choice / regex become one `constraint`
+# (gmaivl_rt.model.constraint); logprobs (bool) and top_logprobs (int, 0..MAX_TOP_LOGPROBS) as OpenAI names them.
+OUTPUT_OPTIONS = ("json_schema", "choice", "regex", "constraint", "logprobs", "top_logprobs")
+GENERATION_OPTIONS = ("max_new_tokens", *SAMPLING_OPTIONS, "eos_token_id", "pad_token_id", "generator",
+                      *OUTPUT_OPTIONS)
+MAX_TOP_LOGPROBS = 20  # OpenAI's ceiling
 
 
 @dataclass
@@ -103,16 +110,23 @@ def ban_repeated_ngrams(scores, sequences, n):
     return scores
 
 
-def select_next_token(logits, sequences, params: SamplingParams, generator=None):
-    """logits: (B, V) last-position logits; sequences: (B, S) ids so far (prompt included). Returns (B,) int64."""
+def processed_scores(logits, sequences, params: SamplingParams, allowed=None):
+    """The scores the next token is chosen from, (B, V) fp32: logits (B, V) after the repetition penalty, the n-gram
+    ban and the constraint mask `allowed` ((B, V) bool, or None: no constraint), then, when sampling, temperature,
+    top-k, top-p and min-p. Greedy picks their argmax, sampling draws from their softmax; their log-softmax is what
+    `logprobs` report (vLLM's processed logprobs). Banned tokens are -inf."""
     scores = logits.float()
     scores = apply_repetition_penalty(scores, sequences, params.repetition_penalty)
     scores = ban_repeated_ngrams(scores, sequences, params.no_repeat_ngram_size)
+    if allowed is not None:  # the constraint's mask, as a logits processor (before the sampling filters, as vLLM)
+        scores = scores.masked_fill(~allowed.to(scores.device), -float("inf"))
     if not params.do_sample:
-        return scores.argmax(-1)
+        return scores
     # Shifted by the row's maximum first, the scaled scores are <= 0 with the best at exactly 0: no inf - inf
     # whatever the temperature (softmax shifts by the maximum anyway).
-    scores = (scores - scores.max(-1, keepdim=True).values) / fp32_divisor(params.temperature)
+    # (A row with every token banned keeps its -inf: its maximum is taken as 0, never -inf - -inf.)
+    top = scores.max(-1, keepdim=True).values
+    scores = (scores - top.masked_fill(top == -float("inf"), 0.0)) / fp32_divisor(params.temperature)
     if params.top_k > 0:
         kth = torch.topk(scores, min(params.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, -float("inf"))
@@ -125,8 +139,31 @@ def select_next_token(logits, sequences, params: SamplingParams, generator=None)
     if params.min_p > 0:  # keep tokens at least min_p times as likely as the most likely one (always kept)
         probs = scores.softmax(-1)
         scores = scores.masked_fill(probs < params.min_p * probs.max(-1, keepdim=True).values, -float("inf"))
-    probs = scores.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return scores
+
+
+def _no_token_left(scores) -> torch.Tensor:
+    """(B,) bool: rows whose every score is -inf (every token banned), NaN rows excluded (a broken forward)."""
+    return ~(scores > -float("inf")).any(-1) & ~scores.isnan().any(-1)
+
+
+def pick_token(scores, params: SamplingParams, generator=None) -> torch.Tensor:
+    """scores (B, V) from `processed_scores` -> (B,) int64: argmax (greedy) or a draw from their softmax; -1 for a
+    row with no token left (every score -inf; the caller decides how it ends). A NaN row raises."""
+    empty = _no_token_left(scores)
+    if bool(empty.any()):  # no softmax of an all -inf row (it is NaN and multinomial raises)
+        scores = scores.masked_fill(empty[:, None], 0.0)
+    if not params.do_sample:
+        tokens = scores.argmax(-1)
+    else:
+        tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
+    return tokens.masked_fill(empty.to(tokens.device), -1)
+
+
+def select_next_token(logits, sequences, params: SamplingParams, generator=None, allowed=None):
+    """logits: (B, V) last-position logits; sequences: (B, S) ids so far (prompt included); allowed: (B, V) bool
+    constraint mask or None. Returns (B,) int64 (-1 where no token is left: see `pick_token`)."""
+    return pick_token(processed_scores(logits, sequences, params, allowed), params, generator)
 
 
 def _as_list(ids) -> list[int]:
@@ -150,15 +187,75 @@ class StopRule:
         return cls(eos, int(pad))
 
 
-def decode_step(step_logits, sequences, finished, params: SamplingParams, stop: StopRule, generator=None):
+class StepLogprobs(NamedTuple):
+    """Log-probabilities of one step, from the log-softmax of `processed_scores` (after the constraint mask):
+    chosen (B,) fp32 of the token picked; top_ids (B, k) int64 and top (B, k) fp32, the k most likely (k may be 0;
+    -inf entries are banned tokens, to be dropped)."""
+    chosen: torch.Tensor
+    top_ids: torch.Tensor
+    top: torch.Tensor
+
+
+class DecodeStep(NamedTuple):
+    """What `decode_step` returns: next_tokens (B,) int64, sequences (B, S + 1), finished (B,) bool, failed (B,)
+    bool (a constrained row with no token left: it ends with an error) and logprobs (StepLogprobs, or None when
+    not asked for)."""
+    next_tokens: torch.Tensor
+    sequences: torch.Tensor
+    finished: torch.Tensor
+    failed: torch.Tensor
+    logprobs: StepLogprobs | None
+
+
+def decode_step(step_logits, sequences, finished, params: SamplingParams, stop: StopRule, generator=None, *,
+                allowed=None, top_logprobs: int | None = None) -> DecodeStep:
     """One token for each row: step_logits (B, V) at the last position; sequences (B, S) int64 ids so far;
-    finished (B,) bool. Returns (next_tokens (B,) int64, sequences (B, S + 1), finished (B,)): finished rows get
-    `stop.pad`, a row that produced an eos becomes finished. The step `generate_tokens` and the engine share."""
-    next_tokens = select_next_token(step_logits, sequences, params, generator).to(sequences.device)
+    finished (B,) bool; allowed: (B, V) bool constraint mask (None: unconstrained); top_logprobs: None (no
+    logprobs) or k >= 0 (the chosen token's logprob and the k most likely). Finished rows get `stop.pad`; a row
+    that produced an eos becomes finished. A row with no token left (every token banned) ends: unconstrained, with
+    its first eos (the answer cannot go on); constrained, as `failed` (padded), so the caller ends that answer
+    alone with an error. The step `generate_tokens` and the engine share."""
+    scores = processed_scores(step_logits, sequences, params, allowed)
+    next_tokens = pick_token(scores, params, generator).to(sequences.device)
+    empty = (next_tokens < 0) & ~finished
+    failed = empty if allowed is not None else torch.zeros_like(finished)
+    end = stop.eos[0] if stop.eos and allowed is None else stop.pad
+    next_tokens = torch.where(empty, torch.full_like(next_tokens, end), next_tokens)
     next_tokens = torch.where(finished, torch.full_like(next_tokens, stop.pad), next_tokens)
+    logprobs = None
+    if top_logprobs is not None:
+        logsoftmax = scores.log_softmax(-1)
+        chosen = logsoftmax.gather(1, next_tokens.clamp(min=0)[:, None].to(logsoftmax.device))[:, 0]
+        top, top_ids = torch.topk(logsoftmax, min(int(top_logprobs), logsoftmax.shape[-1]), dim=-1)
+        logprobs = StepLogprobs(chosen, top_ids, top)
     sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
     eos = torch.tensor(stop.eos, dtype=torch.long, device=sequences.device)
-    return next_tokens, sequences, finished | torch.isin(next_tokens, eos)
+    return DecodeStep(next_tokens, sequences, finished | torch.isin(next_tokens, eos) | empty, failed, logprobs)
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token's log-probability and the `top_logprobs` most likely alternatives [(id, logprob)],
+    banned tokens left out."""
+    token: int
+    logprob: float
+    top: list = field(default_factory=list)
+
+    @classmethod
+    def from_step(cls, logprobs: StepLogprobs, row: int, token: int) -> "TokenLogprob":
+        top = [(int(i), float(v)) for i, v in zip(logprobs.top_ids[row].tolist(), logprobs.top[row].tolist())
+               if v > -float("inf")]
+        return cls(int(token), float(logprobs.chosen[row]), top)
+
+
+@dataclass
+class DecodeTrace:
+    """What `generate_tokens` records beside the ids, one entry per row: logprobs (a TokenLogprob per generated
+    token, eos included; when logprobs were asked for), failed (the constraint left no token: the row ended there,
+    its answer unfinished) and complete (the answer satisfies its constraint; None without one)."""
+    logprobs: list = field(default_factory=list)
+    failed: list = field(default_factory=list)
+    complete: list = field(default_factory=list)
 
 
 def seeded_generator(seed, device="cpu") -> torch.Generator:
@@ -175,25 +272,59 @@ def seeded_generator(seed, device="cpu") -> torch.Generator:
 def generate_tokens(prefill, step, input_ids, text_config, *, max_new_tokens: int = 32, do_sample: bool = False,
                     temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
                     no_repeat_ngram_size: int = 0, min_p: float = 0.0, eos_token_id=None, pad_token_id=None,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+                    generator: torch.Generator | None = None, constraint=None, logprobs: bool = False,
+                    top_logprobs: int = 0, trace: DecodeTrace | None = None) -> torch.Tensor:
     """The decoding loop every backend shares, with transformers' stopping rule.
 
     prefill() -> (B, V) logits at each prompt's last token; step(next_tokens (B,) int64) -> (B, V) logits after
     feeding them. input_ids: (B, S) prompts. eos_token_id, pad_token_id: see `StopRule.from_config`.
+    constraint: a `gmaivl_rt.model.constraint.CompiledConstraint` every row must satisfy (its mask applied in
+    `decode_step`), or None; logprobs / top_logprobs: record each token's logprob (and the top_logprobs most
+    likely) into `trace`, a DecodeTrace that also tells which rows a constraint failed or left incomplete.
     Returns (B, S + new) int64: generation stops when every row has produced an eos or after max_new_tokens."""
     params = SamplingParams(do_sample, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size, min_p)
     max_new_tokens = check_max_new_tokens(max_new_tokens)
     check_context(input_ids.shape[1], max_new_tokens, text_config.context_length)
     stop = StopRule.from_config(text_config, eos_token_id, pad_token_id)
+    rows = input_ids.shape[0]
+    trace = trace if trace is not None else DecodeTrace()
+    trace.logprobs, trace.failed = [[] for _ in range(rows)], [False] * rows
+    matchers = None if constraint is None else [constraint.matcher() for _ in range(rows)]
     sequences = input_ids
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
     step_logits = prefill()
     for produced in range(1, max_new_tokens + 1):
-        next_tokens, sequences, finished = decode_step(step_logits, sequences, finished, params, stop, generator)
+        allowed = None if matchers is None else constraint_masks(matchers, finished.tolist())
+        out = decode_step(step_logits, sequences, finished, params, stop, generator, allowed=allowed,
+                          top_logprobs=top_logprobs if logprobs else None)
+        for row, (token, done) in enumerate(zip(out.next_tokens.tolist(), finished.tolist())):
+            if done or (matchers is None and out.logprobs is None):
+                continue
+            if bool(out.failed[row]):
+                trace.failed[row] = True
+                continue
+            if matchers is not None:
+                matchers[row].advance(token)
+            if out.logprobs is not None:
+                trace.logprobs[row].append(TokenLogprob.from_step(out.logprobs, row, token))
+        next_tokens, sequences, finished = out.next_tokens, out.sequences, out.finished
         if bool(finished.all()) or produced == max_new_tokens:
             break
         step_logits = step(next_tokens)
+    trace.complete = [None] * rows if matchers is None else [m.complete for m in matchers]
     return sequences
+
+
+def constraint_masks(matchers: list, finished: list) -> torch.Tensor:
+    """(B, V) bool constraint masks of the rows still running (one batched computation); finished rows allow
+    every token (they are padded anyway)."""
+    from gmaivl_rt.model.constraint import allowed_tokens
+
+    running = [r for r, done in enumerate(finished) if not done]
+    allowed = torch.ones(len(matchers), matchers[0].vocab_size, dtype=torch.bool)
+    if running:
+        allowed[running] = allowed_tokens([matchers[r] for r in running])
+    return allowed
 
 
 def _check_token_ids(value, role: str):
@@ -210,8 +341,10 @@ def check_generation(options: dict, *, prompt_tokens: int | None, context: int |
                      limits: Limits | None = None) -> dict:
     """Validate generation options once for every backend; returns a new dict ready for `generate(**...)`.
 
-    options: any of GENERATION_OPTIONS (unknown names are refused). max_new_tokens: int >= 1 and at most
-    limits.max_new_tokens; prompt_tokens + max_new_tokens <= context (the model's TextConfig.context_length; None
+    options: any of GENERATION_OPTIONS (unknown names are refused); json_schema / choice / regex come out as one
+    `constraint` (`gmaivl_rt.model.constraint.constraint_from_options`), compiled later for the tokenizer;
+    logprobs a bool, top_logprobs an int in [0, MAX_TOP_LOGPROBS] (only with logprobs). max_new_tokens: int >= 1
+    and at most limits.max_new_tokens; prompt_tokens + max_new_tokens <= context (the model's TextConfig.context_length; None
     skips it). Sampling options are typed and range-checked by `gmaivl_rt.model.sampling.SamplingParams`.
     Raises InputError (bad type or value) or LimitError (over a limit or the context)."""
     limits = limits or DEFAULT_LIMITS
@@ -232,6 +365,19 @@ def check_generation(options: dict, *, prompt_tokens: int | None, context: int |
     for key in ("eos_token_id", "pad_token_id"):
         if key in out:
             out[key] = _check_token_ids(out[key], key)
+    constraint = constraint_from_options(**{k: out.pop(k) for k in ("json_schema", "choice", "regex", "constraint")
+                                            if k in out})
+    if constraint is not None:
+        out["constraint"] = constraint
+    if "logprobs" in out and not isinstance(out["logprobs"], (bool, np.bool_)):
+        raise InputError(f"logprobs must be a bool, got {type_name(out['logprobs'])}")
+    if "top_logprobs" in out:
+        top = _integer(out["top_logprobs"], "top_logprobs")
+        if not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise InputError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top}")
+        if top and not out.get("logprobs"):
+            raise InputError("top_logprobs needs logprobs=True")
+        out["top_logprobs"] = top
     if out.get("generator") is not None:
         import torch
 

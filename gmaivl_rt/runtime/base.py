@@ -4,11 +4,12 @@ backend adds `generate` over its own way of running the model. The serving engin
 the same functions, so `ask` and `Engine.ask` accept one set."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gmaivl_rt.errors import InputError, ModelError
 from gmaivl_rt.limits import DEFAULT_LIMITS, Limits
-from gmaivl_rt.model.sampling import seeded_generator
+from gmaivl_rt.model.sampling import DecodeTrace, seeded_generator
 from gmaivl_rt.runtime.request import PreparedRequest, build_request
 
 # What a folder's tokenizer is looked for in (transformers' fast tokenizer, or a sentencepiece model + config).
@@ -38,6 +39,21 @@ def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     return text, stopped
 
 
+@dataclass
+class Answer:
+    """One answer with what `ask` leaves out. text: the answer (as `ask` returns it); token_ids: the generated ids
+    (eos included); finish_reason: "stop" (an eos or a stop string) | "length" (max_new_tokens reached);
+    logprobs: a `gmaivl_rt.model.sampling.TokenLogprob` per generated token when `logprobs=True` was asked, else
+    None; complete: with a constraint, whether the answer satisfies it (False: cut by max_new_tokens, partial),
+    None without one."""
+    text: str
+    token_ids: list
+    finish_reason: str
+    logprobs: list | None = None
+    complete: bool | None = None
+    extra: dict = field(default_factory=dict)
+
+
 class Backend:
     """Tokenizer and template helpers shared by the backends (need the tokenizer files in the folder)."""
 
@@ -46,6 +62,7 @@ class Backend:
     limits: Limits = DEFAULT_LIMITS
     _tokenizer = None
     _generation = None  # a GenerationDefaults; `load()` sets it from its `generation_config` argument
+    _constraint_compiler = None
 
     @property
     def generation(self):
@@ -139,16 +156,44 @@ class Backend:
 
         return chat_stop_ids(self.tokenizer)
 
-    def ask(self, question=None, image=None, *, messages=None, images=None, system=None, frame=None,
-            slice_index=None, plane=None, window=None, **options) -> str:
+    def compile_constraint(self, constraint):
+        """A `gmaivl_rt.model.constraint.Constraint` -> its CompiledConstraint for this folder's tokenizer (cached
+        by the constraint's hash). InputError before any decoding when it cannot be compiled or nothing satisfies
+        it."""
+        if self._constraint_compiler is None:
+            from gmaivl_rt.model.constraint import ConstraintCompiler
+
+            self._constraint_compiler = ConstraintCompiler(self.tokenizer, self.config.text.vocab_size,
+                                                           self.eos_token_ids)
+        return self._constraint_compiler.compile(constraint)
+
+    def ask(self, question=None, image=None, **kwargs) -> str:
         """Answer a question about an image (or none), or the next turn of `messages`: `build_request` (all its
         checks), then generate and decode. image: a path, bytes, a file object, a pydicom Dataset, a nibabel or
-        PIL image, an array or a MedicalImage. `options`: generation options over `generation_defaults` (the model
-        folder's generation_config.json, else plain greedy), plus seed and stop (`answer_options`), as `Engine.ask`
-        takes them."""
+        PIL image, an array or a MedicalImage. Options: generation options over `generation_defaults` (the model
+        folder's generation_config.json, else plain greedy; json_schema / choice / regex constrain the answer),
+        plus seed and stop (`answer_options`), as `Engine.ask` takes them. `answer(...).text`."""
+        return self.answer(question, image, **kwargs).text
+
+    def answer(self, question=None, image=None, *, messages=None, images=None, system=None, frame=None,
+               slice_index=None, plane=None, window=None, **options) -> Answer:
+        """`ask` with the rest of the answer: an `Answer` (text, token ids, finish reason, logprobs when
+        `logprobs=True` (and `top_logprobs=k`), whether a constraint is satisfied). InputError when a constraint
+        leaves the answer no token to go on with (the grammar engine reached a dead end)."""
         generation, stop = self.answer_options(options)
         request = self.build_request(question, image, messages=messages, images=images, system=system, frame=frame,
                                      slice_index=slice_index, plane=plane, window=window, **generation)
-        out = self.generate(**request.generate_inputs(), **request.generation)
-        text, _ = cut_at_stop(self.decode(out[:, request.prompt_tokens:])[0].lstrip(), stop)
-        return text.rstrip()
+        trace = DecodeTrace()
+        out = self.generate(**request.generate_inputs(), **request.generation, trace=trace)
+        if trace.failed and trace.failed[0]:
+            raise InputError("the constraint allows no next token: the answer cannot be finished under it")
+        ids = out[0, request.prompt_tokens:].tolist()
+        stop_ids = request.generation.get("eos_token_id") or []
+        stop_ids = [stop_ids] if isinstance(stop_ids, int) else list(stop_ids)
+        ended = next((i for i, t in enumerate(ids) if t in stop_ids), None)
+        if ended is not None:  # anything after the eos is padding
+            ids = ids[:ended + 1]
+        text, stopped = cut_at_stop(self.decode([ids])[0].lstrip(), stop)
+        complete = trace.complete[0] if trace.complete else None
+        logprobs = trace.logprobs[0] if request.generation.get("logprobs") else None
+        return Answer(text.rstrip(), ids, "stop" if ended is not None or stopped else "length", logprobs, complete)

@@ -132,7 +132,8 @@ class GraphBackend(Backend):
     def generate(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens: int = 32,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                  repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0, min_p: float = 0.0,
-                 eos_token_id=None, pad_token_id=None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 eos_token_id=None, pad_token_id=None, generator: torch.Generator | None = None, constraint=None,
+                 logprobs: bool = False, top_logprobs: int = 0, trace=None) -> torch.Tensor:
         """As `GMAIVL.generate`: input_ids (B, S) left-padded -> (B, S + new) int64 on the CPU."""
         input_ids, mask = self._check_ids(input_ids, attention_mask)
         state = {}
@@ -146,7 +147,8 @@ class GraphBackend(Backend):
                                self.config.text, max_new_tokens=max_new_tokens,
                                do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
                                repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                               min_p=min_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator)
+                               min_p=min_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator,
+                               constraint=constraint, logprobs=logprobs, top_logprobs=top_logprobs, trace=trace)
 
     # ------------------------------------------------------------------ for subclasses
     def _vision(self, pixel_values):

@@ -28,7 +28,8 @@ class PreparedRequest:
     attention_mask: (1, S) int64 ones.
     pixel_values:   (N, 3, H, W) float32 CLIP-normalised, a list of (3, H_i, W_i) in dynamic-resolution mode, or
                     None without images.
-    generation:     validated options for `generate()`: max_new_tokens, sampling options, eos_token_id, pad_token_id.
+    generation:     validated options for `generate()`: max_new_tokens, sampling options, eos_token_id, pad_token_id,
+                    and where asked `constraint` (compiled for the runtime's tokenizer), logprobs, top_logprobs.
     prompt_tokens:  S.
     image_keys:     one hex SHA-256 per image of its preprocessed pixels (and shape): equal keys, equal image
                     features, so a cache may reuse them.
@@ -170,6 +171,8 @@ def build_request(runtime, question=None, image=None, *, messages=None, images=N
     if generation is not None:  # the cheap checks before any image is decoded
         options = check_generation({**runtime.generation_defaults, **generation}, prompt_tokens=None,
                                    context=context, limits=limits)
+        if options.get("constraint") is not None:  # compiled (or refused) before any image is read
+            options["constraint"] = runtime.compile_constraint(options["constraint"])
     read = [to_medical_image(obj, role=f"image {i + 1}", limits=limits, frame=frame, slice_index=slice_index,
                              plane=plane, window=window) for i, obj in enumerate(given)]
     pixels, counts, keys = preprocess_images(read, runtime.config.vision)
