@@ -47,31 +47,49 @@ class Item:
     images: list = field(default_factory=list)
     groups: dict[str, str] = field(default_factory=dict)
     scoring_options: dict[str, str] | None = None  # options the scorer reads when they differ from the prompt's
+    split: str | None = None  # the file's `split` value: reported separately, never pooled (VLMEvalKit report_acc)
+    g_index: str | None = None  # circular evaluation: the index of the question this row is a rotation of
+    language: str | None = None  # the prompt's instruction language; None = decided by the question (VLMEvalKit)
 
 
 @dataclass
 class Benchmark:
+    """items: the questions; evaluation: "vanilla" or "circular" (VLMEvalKit, where the file holds rotated copies);
+    notes: what the reader applied that moves scores (dropped rows, answers that can never be right)."""
     path: Path
     format: str
     protocol: str
     items: list[Item]
+    evaluation: str = "vanilla"
+    notes: list[str] = field(default_factory=list)
+    language: str | None = None
 
 
-def read_benchmark(path, format: str = "auto", protocol: str | None = None) -> Benchmark:
+LANGUAGES = ("en", "zh", "all")
+
+
+def read_benchmark(path, format: str = "auto", protocol: str | None = None, language: str = "en") -> Benchmark:
     """Read a benchmark file. format: "auto" or one of FORMATS; protocol: None (the format's default), "mcq" or
-    "closed-open". Raises InputError naming the file (by role) and the problem."""
+    "closed-open"; language: SLAKE's `q_lang` to keep ("en", "zh" or "all"; other formats ignore it). Raises
+    InputError naming the file (by role) and the problem."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"benchmark file (--data) {str(path)!r} does not exist")
+    if language not in LANGUAGES:
+        raise InputError(f"language (--lang) {language!r} is not one of {', '.join(LANGUAGES)}")
     fmt = detect_format(path) if format == "auto" else format
     if fmt not in FORMATS:
         raise InputError(f"benchmark format {fmt!r} is not one of auto, {', '.join(FORMATS)}")
     protocol = protocol or DEFAULT_PROTOCOL[fmt]
     if protocol not in PROTOCOLS:
         raise InputError(f"protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
-    reader = {"vlmevalkit": read_vlmevalkit_tsv, "huatuo": read_huatuo_json, "slake": read_slake,
-              "vqa-rad": read_vqa_rad, "pmc-vqa": read_pmc_vqa}[fmt]
-    items = reader(path, protocol)
+    notes: list[str] = []
+    if fmt == "vlmevalkit":
+        items = read_vlmevalkit_tsv(path, protocol, notes)
+    elif fmt == "slake":
+        items = read_slake(path, protocol, language)
+    else:
+        items = {"huatuo": read_huatuo_json, "vqa-rad": read_vqa_rad, "pmc-vqa": read_pmc_vqa}[fmt](path, protocol)
     if not items:
         raise InputError(f"benchmark file (--data) {path.name!r} holds no {protocol} questions")
     seen = set()
@@ -79,7 +97,11 @@ def read_benchmark(path, format: str = "auto", protocol: str | None = None) -> B
         if item.index in seen:
             raise InputError(f"benchmark file (--data) {path.name!r}: index {item.index!r} occurs twice")
         seen.add(item.index)
-    return Benchmark(path, fmt, protocol, items)
+    evaluation = "circular" if any(i.g_index is not None and i.g_index != i.index for i in items) else "vanilla"
+    if evaluation == "vanilla":
+        for item in items:
+            item.g_index = None
+    return Benchmark(path, fmt, protocol, items, evaluation, notes, language if fmt == "slake" else None)
 
 
 def detect_format(path: Path) -> str:
@@ -137,11 +159,20 @@ def _resolve_image(root: Path, name: str, subfolders=()) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ VLMEvalKit TSV
-def read_vlmevalkit_tsv(path: Path, protocol: str = "mcq") -> list[Item]:
-    """VLMEvalKit's TSV, read with pandas as VLMEvalKit reads it (so empty and "nan"-like cells are absent
-    options). `image` values of 64 characters or fewer name the `index` of the row whose image they reuse;
-    `image_path` (relative to the file) is used when there is no `image` column; a missing or empty `answer` means
-    the row is predicted but not scored."""
+CIRCULAR_NAMES = ("mmbench", "ccbench", "circular", "mmcr")  # VLMEvalKit: names it evaluates circularly
+
+
+def read_vlmevalkit_tsv(path: Path, protocol: str = "mcq", notes: list | None = None) -> list[Item]:
+    """VLMEvalKit's TSV, read as its `ImageBaseDataset` and `ImageMCQDataset.evaluate` read it (VLMEvalKit main
+    e8e78f0): pandas (empty and "nan"-like cells are absent), column names lower-cased except the option letters
+    A..Z, rows with an empty `image` cell dropped, an `image` value of 1..64 characters names the `index` of the
+    row whose image it reuses, `image_path` (relative to the file) when there is no `image` column. Answers are
+    taken as written (a gold "B " never equals an extracted "B"); a missing answer cell counts wrong when other
+    rows have answers (a file without any answer is predicted, not scored). Option-less rows: in an MMMU file
+    (name holding "MMMU") `MMMU_preproc` (A = the answer, B = "Other Answers", gold = the answer when it is one
+    capital letter, else A); elsewhere there is nothing to extract and they count wrong, as in the kit. Rotated
+    copies (`g_index`, or for a name holding mmbench/ccbench/circular/mmcr the index modulo 10**6) make the run
+    circular. `notes` collects what moved scores."""
     if protocol != "mcq":
         raise InputError("VLMEvalKit TSV benchmarks are multiple choice: use --protocol mcq")
     from gmaivl_rt.extras import require
@@ -149,14 +180,21 @@ def read_vlmevalkit_tsv(path: Path, protocol: str = "mcq") -> list[Item]:
     require("pandas", extra="eval")
     import pandas as pd
 
+    notes = [] if notes is None else notes
     try:
         frame = pd.read_csv(path, sep="\t")
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
         raise InputError(f"benchmark file (--data) {path.name!r} is not a readable TSV ({type(e).__name__})") \
             from None
+    frame.columns = [c if c in string.ascii_uppercase else str(c).lower() for c in frame.columns]
     _require(set(frame.columns), ["index", "question"], path, "header")
     if "image" not in frame.columns and "image_path" not in frame.columns:
         raise InputError(f"benchmark file (--data) {path.name!r}: needs an `image` or `image_path` column")
+    if "image" in frame.columns:
+        empty = int(pd.isna(frame["image"]).sum())
+        if empty:
+            frame = frame[~pd.isna(frame["image"])]
+            notes.append(f"{empty} row(s) with an empty image cell dropped (VLMEvalKit skip_noimg)")
     records = frame.to_dict("records")
     indexes = [str(r["index"]) for r in records]
     images = {}
@@ -168,34 +206,69 @@ def read_vlmevalkit_tsv(path: Path, protocol: str = "mcq") -> list[Item]:
                     raise InputError(f"benchmark file (--data) {path.name!r}, row index {key}: its image refers to "
                                      f"index {value[:20]!r}, which has no image of its own")
                 images[key] = images[value]
+    mmmu = "MMMU" in path.stem
+    has_answers = "answer" in frame.columns and not bool(pd.isna(frame["answer"]).all())
+    circular_by_name = any(name in path.stem.lower() for name in CIRCULAR_NAMES)
+    counts = {"missing answer": 0, "answer not an option": 0, "no options": 0}
     items = []
     for index, record in zip(indexes, records):
         options = {letter: str(record[letter]) for letter in string.ascii_uppercase
                    if letter in record and not pd.isna(record[letter])}
-        answer = record.get("answer")
-        answer = None if answer is None or pd.isna(answer) else str(answer).strip()
+        answer = None
+        if has_answers:
+            raw = record.get("answer")
+            if raw is None or pd.isna(raw):
+                answer, counts["missing answer"] = MISSING_ANSWER, counts["missing answer"] + 1
+            else:
+                answer = str(raw)
         scoring_options = None
-        if not options:
-            if answer is None:
-                raise InputError(f"benchmark file (--data) {path.name!r}, row index {index}: no options (columns "
-                                 "A..Z) and no answer")
-            # VLMEvalKit's MMMU_preproc: an open question is asked without options and scored as the choice
-            # between A = its answer and B = "Other Answers" (gold A)
-            scoring_options, answer = {"A": answer, "B": "Other Answers"}, "A"
-        elif answer is not None and answer not in options:
-            raise InputError(f"benchmark file (--data) {path.name!r}, row index {index}: answer {answer[:8]!r} "
-                             "is not one of its option letters")
+        if mmmu:
+            if "A" not in options and answer not in (None, MISSING_ANSWER):
+                # MMMU_preproc: an open question is asked without options, scored as A = its answer or B
+                scoring_options = {**options, "A": answer, "B": "Other Answers"}
+            if answer is not None:  # the kit's answer map: a one-capital-letter answer stays, anything else is A
+                answer = answer if len(answer) == 1 and answer in string.ascii_uppercase else "A"
+        elif not options:
+            counts["no options"] += 1
+        if answer not in (None, MISSING_ANSWER) and answer not in (scoring_options or options):
+            counts["answer not an option"] += 1
         hint = record.get("hint")
         hint = None if hint is None or pd.isna(hint) else str(hint)
         if images:
             refs = [Base64Image(b) for b in _image_list(images[index])]
         else:
             refs = [_resolve_image(path.parent, p, ("images",)) for p in _image_list(str(record["image_path"]))]
-        groups = {c: str(record[c]) for c in TSV_GROUP_COLUMNS if c in record and not pd.isna(record[c])}
+        groups = {c: str(record[c]) for c in TSV_GROUP_COLUMNS if c != "split" and c in record
+                  and not pd.isna(record[c])}
+        split = None
+        if "split" in record:
+            split = "none" if pd.isna(record["split"]) else str(record["split"])
+        g_index = None
+        if "g_index" in record and not pd.isna(record["g_index"]):
+            g_index = _integer_text(record["g_index"])
+        elif circular_by_name:
+            try:
+                g_index = str(int(float(index)) % 1_000_000)
+            except ValueError:
+                raise InputError(f"benchmark file (--data) {path.name!r}, row index {index}: circular evaluation "
+                                 "(the file's name) needs integer indexes") from None
         items.append(Item(index=index, question=str(record["question"]), kind="mcq", answer=answer,
                           scorer="vlmevalkit", options=options, hint=hint, images=refs, groups=groups,
-                          scoring_options=scoring_options))
+                          scoring_options=scoring_options, split=split, g_index=g_index))
+    for what, count in counts.items():
+        if count:
+            notes.append(f"{count} row(s) with {what}: counted wrong, as VLMEvalKit counts them")
     return items
+
+
+MISSING_ANSWER = ""  # a scored row whose answer cell is empty: no extraction equals it, so it counts wrong
+
+
+def _integer_text(value) -> str:
+    """A pandas cell holding an index (read as int, or float where the column has gaps) -> its text."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _image_list(value: str) -> list[str]:
@@ -213,44 +286,64 @@ def _image_list(value: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ HuatuoGPT-Vision
+HUATUO_OPTION_LETTERS = "ABCDEFGHIJK"  # its `opt_title`: the prompt and the gold label know eleven options
+
+
+def _huatuo_options(record: dict, path: Path, n: int) -> list:
+    """An item's `options`: a list, or a string holding a Python list literal (its `llava_prompt` reads those with
+    `ast.literal_eval`)."""
+    options = record.get("options") or []
+    if isinstance(options, str):
+        import ast
+
+        try:
+            options = ast.literal_eval(options)
+        except (ValueError, SyntaxError):
+            raise InputError(f"benchmark file (--data) {path.name!r}, item {n}: `options` is a string that is not "
+                             "a list literal") from None
+    if not isinstance(options, list):
+        raise InputError(f"benchmark file (--data) {path.name!r}, item {n}: `options` must be a list of texts")
+    if len(options) > len(HUATUO_OPTION_LETTERS):
+        raise InputError(f"benchmark file (--data) {path.name!r}, item {n}: {len(options)} options; HuatuoGPT-Vision's "
+                         f"prompt and scorer know {len(HUATUO_OPTION_LETTERS)} (A..K)")
+    return options
+
+
 def read_huatuo_json(path: Path, protocol: str = "mcq") -> list[Item]:
-    """HuatuoGPT-Vision's evaluation list. mcq (its `score_mix_llava`): drops `question_type == "open"` and items
-    without options, keeps the first item of each `test_id`; the gold letter is the answer's position among the
-    options ("?" answers count as wrong). closed-open: every item, scored on its answer text."""
+    """HuatuoGPT-Vision's evaluation list, as its `eval.py` (`TestDataset`) and `scorer.py` (`score_mix_llava`)
+    read it (commit f699d88): items are numbered 1..N as `test_id` whatever the file says (so no item is a
+    duplicate), options may be a list literal in a string; mcq drops `question_type == "open"` and items without
+    options; the gold letter is the answer's position among the options ("?" answers count as wrong); the prompt is
+    always its English one. closed-open: every item, scored on its answer text."""
     records = _load_json_list(path)
-    items, seen = [], set()
-    letters = string.ascii_uppercase
+    items = []
     for n, record in enumerate(records):
         _require(record, ["question", "answer"], path, f"item {n}")
-        options = record.get("options") or []
+        options = _huatuo_options(record, path, n)
         groups = {"dataset": str(record.get("dataset", "")) or "unknown"}
         if record.get("subset"):
             groups["subset"] = f"{groups['dataset']}_{record['subset']}"
         images = record.get("image") or []
         images = [images] if isinstance(images, str) else images
         refs = [_resolve_image(path.parent, str(p), ("images",)) for p in images]
-        index = str(record.get("test_id", n))
+        index = str(n + 1)  # its TestDataset: test_id = 1, 2, ... in file order
         if protocol == "mcq":
             if record.get("question_type") == "open" or not options:
                 continue
-            if "test_id" in record:
-                if record["test_id"] in seen:
-                    continue
-                seen.add(record["test_id"])
             answer = str(record["answer"])
             if answer == "?":
                 gold = "?"
             elif answer in options:
-                gold = letters[options.index(answer)]
+                gold = HUATUO_OPTION_LETTERS[options.index(answer)]
             else:
                 raise InputError(f"benchmark file (--data) {path.name!r}, item {n}: its answer is not one of "
                                  "its options")
             items.append(Item(index=index, question=str(record["question"]), kind="mcq", answer=gold,
-                              scorer="huatuo", options={letters[i]: str(o) for i, o in enumerate(options)},
-                              images=refs, groups=groups))
+                              scorer="huatuo", options={HUATUO_OPTION_LETTERS[i]: str(o) for i, o in enumerate(options)},
+                              images=refs, groups=groups, language="en"))
         else:
             kind = "open" if record.get("question_type") == "open" else "closed"
-            items.append(Item(index=str(n), question=str(record["question"]), kind=kind,
+            items.append(Item(index=index, question=str(record["question"]), kind=kind,
                               answer=str(record["answer"]), scorer="closed-open", images=refs,
                               groups={**groups, "answer_type": kind}))
     return items
@@ -259,21 +352,25 @@ def read_huatuo_json(path: Path, protocol: str = "mcq") -> list[Item]:
 # ------------------------------------------------------------------------------------------------ SLAKE
 def read_slake(path: Path, protocol: str = "closed-open", language: str = "en") -> list[Item]:
     """SLAKE's JSON (`img_name`, `question`, `answer`, `answer_type` OPEN/CLOSED, `q_lang`, `modality`,
-    `content_type`, `location`), English questions by default; images under the file's folder or `imgs/`."""
+    `content_type`, `location`); images under the file's folder or `imgs/`. language "en" / "zh": the items whose
+    stripped, lower-cased `q_lang` is that (lmms-eval 75571cf `_process_docs`: "EN" kept, a missing `q_lang`
+    dropped); "all": every item, each asked in its own language."""
     if protocol != "closed-open":
         raise InputError("SLAKE has no options: use --protocol closed-open (HuatuoGPT-Vision's file carries its "
                          "multiple-choice version)")
     items = []
     for n, record in enumerate(_load_json_list(path)):
         _require(record, ["img_name", "question", "answer", "answer_type"], path, f"item {n}")
-        if language and str(record.get("q_lang", "en")) != language:
+        q_lang = str(record.get("q_lang") or "").strip().lower()
+        if language != "all" and q_lang != language:
             continue
         kind = "closed" if str(record["answer_type"]).strip().upper() == "CLOSED" else "open"
         groups = {"answer_type": kind}
         groups.update({k: str(record[k]) for k in ("modality", "content_type", "location") if record.get(k)})
         items.append(Item(index=str(record.get("qid", n)), question=str(record["question"]), kind=kind,
                           answer=str(record["answer"]), scorer="closed-open",
-                          images=[_resolve_image(path.parent, str(record["img_name"]), ("imgs",))], groups=groups))
+                          images=[_resolve_image(path.parent, str(record["img_name"]), ("imgs",))], groups=groups,
+                          language="zh" if q_lang == "zh" else "en"))
     return items
 
 
@@ -293,7 +390,9 @@ def read_vqa_rad(path: Path, protocol: str = "closed-open") -> list[Item]:
     items = []
     if path.suffix.lower() == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
-            for n, row in enumerate(csv.DictReader(f)):
+            reader = csv.DictReader(f)
+            _require(set(reader.fieldnames or ()), ["image", "question", "answer"], path, "header")
+            for n, row in enumerate(reader):
                 answer = str(row["answer"]).strip()
                 kind = "closed" if answer.lower() in _YES_NO else "open"
                 items.append(Item(index=str(n), question=row["question"], kind=kind, answer=answer,
@@ -322,8 +421,9 @@ def read_pmc_vqa(path: Path, protocol: str = "mcq") -> list[Item]:
         raise InputError("PMC-VQA is multiple choice: use --protocol mcq")
     items = []
     with open(path, newline="", encoding="utf-8") as f:
-        for n, row in enumerate(csv.DictReader(f)):
-            _require(row, ["Figure_path", "Question", "Answer_label"], path, f"row {n}")
+        reader = csv.DictReader(f)
+        _require(set(reader.fieldnames or ()), ["Figure_path", "Question", "Answer_label"], path, "header")
+        for n, row in enumerate(reader):
             options = {}
             for letter in "ABCD":
                 text = (row.get(f"Choice {letter}") or "").strip()

@@ -3,8 +3,10 @@
 - `can_infer_option`, `can_infer_text`, `can_infer`, `extract_option`: VLMEvalKit's deterministic MCQ chain
   (`vlmeval/utils/matching_util.py` and `dataset/utils/multiple_choice.py`, `exact_matching` policy: no LLM judge).
 - `huatuo_match_choice`: HuatuoGPT-Vision's `match_choice3` (its `scorer.py`).
-- `normalize_answer`, `closed_correct`, `open_scores`: LLaVA-Med's `normalize_word` / `calculate_f1score` and
-  lmms-eval's single-word VQA conventions for closed (yes/no) and open questions.
+- closed / open questions (SLAKE, VQA-RAD), one scorer per kit (`CLOSED_OPEN_SCORERS`):
+  `llava_med_normalize`, `llava_med_closed`, `llava_med_open`: LLaVA-Med v1.0.0 `llava/eval/run_eval.py` with
+  `eval_metrics/glossary.py` `normalize_word` and `evaluate_metrics.py` `calculate_f1score` / `calculate_exactmatch`;
+  `lmms_eval_normalize`: lmms-eval 75571cf `lmms_eval/tasks/slake/utils.py` `normalize_answer` (exact match).
 """
 from __future__ import annotations
 
@@ -70,9 +72,10 @@ def can_infer(answer, choices: dict[str, str]) -> str | None:
 
 
 def extract_option(prediction: str, choices: dict[str, str]) -> tuple[str, bool]:
-    """VLMEvalKit `extract_answer_from_item` under the `exact_matching` policy (no judge model): the stripped
-    prediction through `can_infer`; nothing inferred -> "Z" (counted wrong). Returns (letter, parsed)."""
-    letter = can_infer(str(prediction).strip(), dict(choices))
+    """VLMEvalKit `extract_answer_from_item` under the `exact_matching` policy (no judge model): the prediction as
+    written (not stripped: the kit's length guard sees padding) through `can_infer`; nothing inferred -> "Z"
+    (counted wrong). Returns (letter, parsed)."""
+    letter = can_infer(str(prediction), dict(choices))
     return (letter, True) if letter else ("Z", False)
 
 
@@ -105,78 +108,136 @@ def huatuo_match_choice(text: str, options: dict[str, str]) -> tuple[str, int]:
 
 
 # ------------------------------------------------------------------------------------------------ closed / open
-# LLaVA-Med's normalize_word: number words to digits, articles dropped; plus lmms-eval's "x ray" -> "xray" and
-# yes/no synonyms folded so "yeah" scores like "yes".
+CLOSED_OPEN_SCORERS = ("llava-med", "lmms-eval")
+# LLaVA-Med reports closed accuracy and open recall, the pair medical VQA papers (LLaVA-Med, HuatuoGPT-Vision,
+# GMAI-VL's comparisons) quote: the default. lmms-eval scores every item by exact match after its normalisation.
+DEFAULT_CLOSED_OPEN_SCORER = "llava-med"
+
+# LLaVA-Med v1.0.0 glossary.py: the VQA evaluation's punctuation and number words
+_LLAVA_MED_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+                    "?", "!")
+_LLAVA_MED_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # (sic): a lookahead, so every "." not before a digit
+_LLAVA_MED_COMMA = re.compile(r"(\d)(\,)(\d)")
 _NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                  "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-_ARTICLES = {"a", "an", "the"}
-_YES_NO = {"yes": "yes", "yeah": "yes", "yep": "yes", "true": "yes", "no": "no", "nope": "no", "false": "no"}
-_PUNCTUATION = re.compile(r"[!\"#$%&'()*+,\-/:;<=>?@\[\\\]^_`{|}~。，、；：？！“”‘’（）《》【】…·]")
+_ARTICLES = ("a", "an", "the")
 
 
-def normalize_answer(text: str) -> str:
-    """Lower case; "x ray" / "x-ray" -> "xray"; commas inside numbers dropped, a period kept only between digits,
-    other punctuation -> space; number words -> digits; articles dropped; yes/no synonyms -> yes/no."""
-    text = str(text).lower()
-    text = re.sub(r"\bx[\s\-]*ray", "xray", text)
-    text = re.sub(r"(?<=\d),(?=\d)", "", text)
-    text = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", text)
-    text = _PUNCTUATION.sub(" ", text)
-    words = []
-    for word in text.split():
-        word = _YES_NO.get(word, _NUMBER_WORDS.get(word, word))
-        if word not in _ARTICLES:
-            words.append(word)
-    return " ".join(words)
+def llava_med_normalize(text: str) -> str:
+    """LLaVA-Med `normalize_word`: each punctuation mark of the VQA list is deleted where it touches a space (or
+    anywhere, once the text holds a digit-comma-digit) and spaced otherwise; up to 32 periods not followed by a
+    digit deleted (its `re.UNICODE` lands in `sub`'s count); lower case; number words -> digits; articles dropped;
+    the VQA contraction table; commas dropped."""
+    from gmaivl_rt.eval.vqa_contractions import CONTRACTIONS
+
+    token = str(text)
+    out = token
+    for mark in _LLAVA_MED_PUNCT:
+        if mark + " " in token or " " + mark in token or _LLAVA_MED_COMMA.search(token):
+            out = out.replace(mark, "")
+        else:
+            out = out.replace(mark, " ")
+    out = _LLAVA_MED_PERIOD.sub("", out, count=32)
+    words = [_NUMBER_WORDS.get(w, w) for w in out.lower().split()]
+    words = [CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES]
+    return " ".join(words).replace(",", "")
 
 
-def closed_correct(prediction: str, gold: str) -> bool:
-    """A closed question's answer (LLaVA-Med / lmms-eval, on normalised words): for a yes/no gold the prediction
-    must contain exactly one of yes/no and it must be the gold one; otherwise the gold's words must occur in the
-    prediction as a contiguous run."""
-    predicted, wanted = normalize_answer(prediction).split(), normalize_answer(gold).split()
-    if wanted in (["yes"], ["no"]):
-        return {w for w in predicted if w in ("yes", "no")} == set(wanted)
-    if not wanted:
-        return False
-    n = len(wanted)
-    return any(predicted[i:i + n] == wanted for i in range(len(predicted) - n + 1))
+def llava_med_closed(prediction: str, gold: str) -> bool:
+    """LLaVA-Med `run_eval.evaluate`, CLOSED items: on the lower-cased, normalised texts, "yes" or "no" must occur
+    in the prediction as a substring and the whole gold text must be a substring of it (so gold "no" + "not" is
+    right, gold "CT" + "CT scan" is wrong: neither yes nor no occurs)."""
+    predicted, wanted = llava_med_normalize(str(prediction).lower()), llava_med_normalize(str(gold).lower())
+    return ("yes" in predicted or "no" in predicted) and wanted in predicted
 
 
-def open_scores(prediction: str, gold: str) -> dict[str, float]:
-    """An open question's scores on normalised words: `recall` and `f1` as LLaVA-Med's `calculate_f1score` counts
-    them (true positives sum the prediction's counts of shared words), `exact_match` 1.0 when the normalised texts
-    are equal."""
-    predicted, wanted = Counter(normalize_answer(prediction).split()), Counter(normalize_answer(gold).split())
-    exact = float(bool(wanted) and predicted == wanted)
-    if not predicted or not wanted:
-        return {"recall": 0.0, "f1": 0.0, "exact_match": exact}
-    tp = sum(count for word, count in predicted.items() if word in wanted)
-    fp = sum(count for word, count in predicted.items() if word not in wanted)
-    fn = sum(count for word, count in wanted.items() if word not in predicted)
+def _word_counts(text: str) -> Counter:
+    return Counter(text.lower().strip().split())
+
+
+def llava_med_open(prediction: str, gold: str) -> dict[str, float]:
+    """LLaVA-Med `run_eval.evaluate`, OPEN items, on texts normalised once there and again inside the metrics:
+    `calculate_f1score` -> recall, precision, f1 (word counts: true positives count the prediction's copies of a
+    shared word, false negatives the gold's missing words; all 0 when no word is shared) and
+    `calculate_exactmatch` (distinct gold words found in the prediction / the prediction's word count)."""
+    predicted = llava_med_normalize(llava_med_normalize(str(prediction).lower()))
+    wanted = llava_med_normalize(llava_med_normalize(str(gold).lower()))
+    cand, ref = _word_counts(predicted), _word_counts(wanted)
+    total = sum(cand.values())
+    exact = (sum(1 for w in ref if w in cand) / total) if total else 0.0
+    if not cand or not ref:
+        return {"recall": 0.0, "precision": 0.0, "f1": 0.0, "exact_match": exact}
+    tp = sum(n for w, n in cand.items() if w in ref)
+    fp = sum(n for w, n in cand.items() if w not in ref)
+    fn = sum(n for w, n in ref.items() if w not in cand)
     if tp == 0:
-        return {"recall": 0.0, "f1": 0.0, "exact_match": exact}
+        return {"recall": 0.0, "precision": 0.0, "f1": 0.0, "exact_match": exact}
     precision, recall = tp / (tp + fp), tp / (tp + fn)
-    return {"recall": recall, "f1": 2 * precision * recall / (precision + recall), "exact_match": exact}
+    return {"recall": recall, "precision": precision, "f1": 2 * precision * recall / (precision + recall),
+            "exact_match": exact}
+
+
+_LMMS_EN_YES, _LMMS_EN_NO = {"yes", "yeah", "yep", "true"}, {"no", "nope", "false"}
+_LMMS_ZH_YES = {"是", "是的", "有", "包含", "可以", "能", "会", "正常"}
+_LMMS_ZH_NO = {"否", "不是", "没有", "无", "不包含", "不能", "不会", "不可以", "不正常", "异常"}
+_LMMS_ZH_PUNCTUATION = "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～、，。；：《》？【】（）"
+
+
+def lmms_eval_normalize(answer) -> str:
+    """lmms-eval SLAKE `normalize_answer`: None -> ""; strip, lower case; parenthesised text (ASCII or full-width)
+    dropped; ASCII and Chinese punctuation -> spaces; whitespace collapsed; then the WHOLE answer "x ray" / "xray"
+    -> "xray" and a whole-answer yes/no synonym (English or Chinese) -> "yes" / "no"."""
+    import string
+
+    text = "" if answer is None else str(answer)
+    text = text.strip().lower()
+    text = re.sub(r"\([^)]*\)", " ", text)
+    text = re.sub(r"（[^）]*）", " ", text)
+    text = text.translate(str.maketrans({c: " " for c in string.punctuation + _LMMS_ZH_PUNCTUATION}))
+    text = re.sub(r"\s+", " ", text).strip()
+    if text in {"x ray", "xray"}:
+        text = "xray"
+    if text in _LMMS_EN_YES or text in _LMMS_ZH_YES:
+        return "yes"
+    if text in _LMMS_EN_NO or text in _LMMS_ZH_NO:
+        return "no"
+    return text
+
+
+def closed_open_score(kind: str, prediction: str, gold: str, scorer: str) -> dict:
+    """One closed or open item under `scorer` ("llava-med" | "lmms-eval") -> {"extracted", "score" (the item's
+    figure in [0, 1]: LLaVA-Med's closed hit or open recall, lmms-eval's exact match), "correct" (score == 1)}
+    plus LLaVA-Med's "recall", "precision", "f1", "exact_match" for its open items."""
+    if scorer == "lmms-eval":
+        extracted = lmms_eval_normalize(prediction)
+        hit = float(extracted == lmms_eval_normalize(gold))
+        return {"extracted": extracted, "score": hit, "correct": hit == 1.0}
+    if scorer != "llava-med":
+        raise ValueError(f"closed/open scorer {scorer!r} is not one of {', '.join(CLOSED_OPEN_SCORERS)}")
+    extracted = llava_med_normalize(str(prediction).lower())
+    if kind == "closed":
+        hit = float(llava_med_closed(prediction, gold))
+        return {"extracted": extracted, "score": hit, "correct": hit == 1.0}
+    metrics = llava_med_open(prediction, gold)
+    return {"extracted": extracted, "score": metrics["recall"], "correct": metrics["recall"] == 1.0, **metrics}
 
 
 # ------------------------------------------------------------------------------------------------ one item
-def score_prediction(item, prediction: str) -> dict:
-    """One item's scoring by its rule: {"extracted", "correct" (None when the item has no gold answer), "parsed"}
-    plus {"recall", "f1", "exact_match"} for open questions. item: a `readers.Item`."""
+def score_prediction(item, prediction: str, scorer: str = DEFAULT_CLOSED_OPEN_SCORER) -> dict:
+    """One item's scoring by its rule: {"extracted", "correct" (None when the item has no gold answer), "score"
+    (1.0 / 0.0, or an open item's recall under LLaVA-Med; None unscored), "parsed"} plus LLaVA-Med's open metrics.
+    item: a `readers.Item`; scorer: the closed/open rule (MCQ items follow their file's kit)."""
     if item.kind == "mcq":
-        choices = item.scoring_options or item.options
+        choices = item.options if item.scoring_options is None else item.scoring_options
         if item.scorer == "huatuo":
             letter, rule = huatuo_match_choice(str(prediction), choices)
             extracted, parsed = letter, rule == 1
         else:
             extracted, parsed = extract_option(prediction, choices)
         correct = None if item.answer is None else extracted == item.answer
-        return {"extracted": extracted, "correct": correct, "parsed": parsed}
-    extracted = normalize_answer(prediction)
-    if item.kind == "closed":
-        correct = None if item.answer is None else closed_correct(prediction, item.answer)
-        return {"extracted": extracted, "correct": correct, "parsed": bool(extracted)}
-    scores = open_scores(prediction, item.answer) if item.answer is not None else {}
-    correct = None if item.answer is None else scores["exact_match"] == 1.0
-    return {"extracted": extracted, "correct": correct, "parsed": bool(extracted), **scores}
+        return {"extracted": extracted, "correct": correct, "score": None if correct is None else float(correct),
+                "parsed": parsed}
+    if item.answer is None:
+        return {"extracted": str(prediction), "correct": None, "score": None, "parsed": bool(str(prediction))}
+    result = closed_open_score(item.kind, prediction, item.answer, scorer)
+    return {**result, "parsed": bool(result["extracted"])}

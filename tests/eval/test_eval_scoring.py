@@ -3,8 +3,9 @@ are worked out from the anchor's rule in the comment beside each case."""
 import pytest
 
 from gmaivl_rt.eval.readers import Item
-from gmaivl_rt.eval.scoring import (can_infer_option, can_infer_text, closed_correct, extract_option,
-                                    huatuo_match_choice, normalize_answer, open_scores, score_prediction)
+from gmaivl_rt.eval.scoring import (can_infer_option, can_infer_text, closed_open_score, extract_option,
+                                    huatuo_match_choice, llava_med_closed, llava_med_normalize, llava_med_open,
+                                    lmms_eval_normalize, score_prediction)
 
 CHOICES = {"A": "Pneumonia", "B": "Normal", "C": "Effusion", "D": "Edema"}  # option texts: 9+6+8+5 = 28 chars
 
@@ -35,7 +36,7 @@ CHOICES = {"A": "Pneumonia", "B": "Normal", "C": "Effusion", "D": "Edema"}  # op
     # "E" is no option here and the regex only knows A-D -> unparsed
     ("The answer is E", ("Z", False)),
     ("Z", ("Z", True)),  # a bare Z token with no option letter
-    ("  D  ", ("D", True)),  # the prediction is stripped first
+    ("  D  ", ("D", True)),  # whitespace never makes a token
 ])
 def test_vlmevalkit_extraction(prediction, expected):
     assert extract_option(prediction, CHOICES) == expected
@@ -62,9 +63,16 @@ def test_vlmevalkit_text_rule_needs_a_unique_option():
     assert can_infer_text("the heart", choices) == "C"
 
 
-def test_vlmevalkit_strips_the_prediction_before_the_length_guard():
-    # options "ab" + "cd": the text rule gives up above 8 characters; stripped, "    ab    " is "ab" -> A
-    assert extract_option("    ab    ", {"A": "ab", "B": "cd"}) == ("A", True)
+def test_vlmevalkit_length_guard_sees_whitespace_padding():
+    """VLMEvalKit e8e78f0 `extract_answer_from_item` passes `item['prediction']` to `can_infer` unstripped, and
+    `can_infer_text` gives up when `len(answer) > 2 * sum(len(option texts))`: "coronal" + 60 spaces (or + 80
+    newlines) is Z there (checked by running the kit's mcq_vanilla_eval: hit 0), "coronal" alone is B.
+    Mutant seen failing: `extract_option` stripping the prediction first (the old rule)."""
+    plane = {"A": "axial", "B": "coronal", "C": "sagittal"}  # 20 characters: the guard is 40
+    assert extract_option("coronal" + " " * 60, plane) == ("Z", False)
+    assert extract_option("coronal" + "\n" * 80, plane) == ("Z", False)
+    assert extract_option("coronal", plane) == ("B", True)
+    assert extract_option(" B ", plane) == ("B", True)  # a letter token is found whatever the padding
 
 
 def test_vlmevalkit_choices_are_the_rows_options_only():
@@ -92,36 +100,60 @@ def test_huatuo_difflib_ties_go_to_the_later_option():
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("The X-ray shows Two nodules.", "xray shows 2 nodules"),
-    ("x ray", "xray"),
-    ("Yeah.", "yes"),
-    ("1,000 ml, 2.5 cm", "1000 ml 2.5 cm"),
-    ("An (enlarged) heart!", "enlarged heart"),
+    # LLaVA-Med v1.0.0 glossary.normalize_word (outputs checked by running it): "-" touching no space is spaced,
+    # the period deleted, number words -> digits, articles dropped
+    ("the x-ray shows two nodules.", "x ray shows 2 nodules"),
+    ("1,000 ml, 2.5 cm", "1000 ml 2.5 cm"),       # a digit-comma-digit anywhere: every mark deleted, not spaced
+    ("an (enlarged) heart!", "enlarged heart"),    # "(" and ")" touch a space: deleted; "!" does not: spaced
+    ("dont", "don't"),                             # the VQA contraction table
+    ("a" * 3 + "." * 40, "aaa" + "." * 8),         # its re.UNICODE lands in sub's count: 32 periods go
 ])
-def test_normalize_answer(text, expected):
-    assert normalize_answer(text) == expected
+def test_llava_med_normalize(text, expected):
+    assert llava_med_normalize(text) == expected
 
 
-@pytest.mark.parametrize("prediction, gold, expected", [
-    ("Yes, there is.", "yes", True),
-    ("yes and no", "yes", False),          # both yes and no: not exactly one
-    ("Nodule present", "no", False),       # "no" must be a word, not a prefix of "nodule"
-    ("Yeah", "Yes", True),                 # synonym folded
-    ("No.", "No", True),
-    ("No", "yes", False),
-    ("the left lung", "Left lung", True),  # gold words in order
-    ("lung, left", "Left lung", False),
+@pytest.mark.parametrize("prediction, gold, closed, recall", [
+    # LLaVA-Med v1.0.0 run_eval.py (verdicts checked by running its evaluate/normalize_word/calculate_f1score):
+    # closed = ("yes" in p or "no" in p) and g in p, substrings of the normalised texts
+    ("not", "No", True, 0.0),          # "no" is a substring of "not"
+    ("Nodule", "no", True, 0.0),       # ... and of "nodule"
+    ("CT scan", "CT", False, 1.0),     # neither yes nor no: closed wrong; open recall 1
+    ("xray", "X-Ray", False, 0.0),     # gold normalises to "x ray": no shared word
+    ("2", "Two", False, 1.0),
+    ("There is no tumor", "no", True, 1.0),
+    ("yes", "No", False, 0.0),
+    ("lung lung", "left lung", False, 2 / 3),  # tp counts the prediction's copies: 2 / (2 + 1)
 ])
-def test_closed_correct(prediction, gold, expected):
-    assert closed_correct(prediction, gold) is expected
+def test_llava_med_closed_and_open(prediction, gold, closed, recall):
+    """Mutant seen failing: closed requiring whole words (the old rule) fails "not"/"Nodule"."""
+    assert llava_med_closed(prediction, gold) is closed
+    assert llava_med_open(prediction, gold)["recall"] == pytest.approx(recall)
 
 
-def test_open_scores_follow_llava_med_counts():
-    # LLaVA-Med: tp sums the prediction's counts of shared words: "lung lung" vs "left lung" -> tp 2, fn 1,
-    # fp 0 -> recall 2/3, precision 1, f1 0.8
-    assert open_scores("lung lung", "left lung") == pytest.approx({"recall": 2 / 3, "f1": 0.8, "exact_match": 0.0})
-    assert open_scores("The Left Lung.", "left lung") == {"recall": 1.0, "f1": 1.0, "exact_match": 1.0}
-    assert open_scores("heart", "left lung") == {"recall": 0.0, "f1": 0.0, "exact_match": 0.0}
+def test_llava_med_open_metrics_follow_its_counts():
+    # calculate_f1score / calculate_exactmatch: "Yes, it is" vs "yes" -> tp 1, fp 2: precision 1/3, f1 0.5;
+    # exact match = distinct gold words found / the prediction's words = 1/3
+    assert llava_med_open("Yes, it is", "yes") == pytest.approx(
+        {"recall": 1.0, "precision": 1 / 3, "f1": 0.5, "exact_match": 1 / 3})
+
+
+@pytest.mark.parametrize("prediction, gold, equal", [
+    # lmms-eval 75571cf tasks/slake/utils.py normalize_answer + `pred_norm == target_norm` (checked by running it)
+    ("not", "No", False),
+    ("CT scan", "CT", False),
+    ("xray", "X-Ray", True),       # punctuation -> space: "x ray" -> the whole-answer alias "xray"
+    ("2", "Two", False),           # no number words
+    ("No.", "no", True),
+    ("The left lung.", "left lung", False),  # no article dropping
+    ("Yeah", "yes", True),
+    ("Yeah it is", "yes it is", False),      # synonyms fold only as the whole answer
+    ("是的", "是", True),            # Chinese yes synonyms
+    ("Liver (left lobe)", "liver", True),    # parenthesised text dropped
+])
+def test_lmms_eval_exact_match(prediction, gold, equal):
+    """Mutant seen failing: normalising yes/no synonyms word by word instead of the whole answer."""
+    assert (lmms_eval_normalize(prediction) == lmms_eval_normalize(gold)) is equal
+    assert closed_open_score("closed", prediction, gold, "lmms-eval")["correct"] is equal
 
 
 def test_score_prediction_routes_each_item_to_its_rule():
@@ -134,5 +166,7 @@ def test_score_prediction_routes_each_item_to_its_rule():
     unscored = Item(index="3", question="q", kind="mcq", answer=None, scorer="vlmevalkit", options=CHOICES)
     assert score_prediction(unscored, "A")["correct"] is None
     opened = Item(index="4", question="q", kind="open", answer="left lung", scorer="closed-open")
-    result = score_prediction(opened, "left lung")
-    assert result["correct"] is True and result["recall"] == 1.0
+    result = score_prediction(opened, "the left lung")
+    assert result["correct"] is True and result["recall"] == 1.0 and result["score"] == 1.0  # LLaVA-Med default
+    assert score_prediction(opened, "the left lung", "lmms-eval")["correct"] is False
+    assert score_prediction(opened, "lung", "llava-med")["score"] == 0.5  # an open item's score is its recall
