@@ -187,7 +187,7 @@ def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None
             raise
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(sse_events(generation, first, request_id, model, include_usage),
+            return StreamingResponse(sse_events(generation, first, request_id, model, include_usage, engine.tokenizer),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         watcher = asyncio.create_task(cancel_on_disconnect(http_request, generation))
         try:
@@ -198,7 +198,8 @@ def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None
             watcher.cancel()
             generation.cancel()
         return protocol.completion(request_id, model, generation.text, generation.finish_reason,
-                                   generation.prompt_tokens, generation.completion_tokens)
+                                   generation.prompt_tokens, generation.completion_tokens,
+                                   **protocol.answer_details(generation.request, engine.tokenizer))
 
     @app.get("/v1/models")
     async def models():

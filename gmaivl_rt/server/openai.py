@@ -3,6 +3,7 @@ slots, the image URLs in order, and the generation options."""
 from __future__ import annotations
 
 from gmaivl_rt.errors import InputError
+from gmaivl_rt.model.constraint import constraint_from_options
 from gmaivl_rt.runtime.request import image_slots
 from gmaivl_rt.server import protocol
 
@@ -59,4 +60,35 @@ def generation_options(body: protocol.ChatCompletionRequest) -> dict:
             options[name] = getattr(body, name)
     if body.stop:
         options["stop"] = [body.stop] if isinstance(body.stop, str) else list(body.stop)
+    constraint = structured_output(body)
+    if constraint is not None:
+        options["constraint"] = constraint
+    if body.logprobs is not None:
+        options["logprobs"] = body.logprobs
+    if body.top_logprobs is not None:
+        options["top_logprobs"] = body.top_logprobs
     return options
+
+
+def structured_output(body: protocol.ChatCompletionRequest):
+    """OpenAI's `response_format` (json_object: any JSON object; json_schema: its `schema`) or vLLM's
+    `guided_json`, `guided_choice`, `guided_regex` (at most one) -> the request's checked
+    `gmaivl_rt.model.constraint.Constraint`, or None. InputError / LimitError naming the field and the problem
+    (the schema is compiled for the tokenizer when the engine prepares the request, still before any decoding)."""
+    fields = {}
+    fmt = body.response_format
+    if fmt is not None and fmt.type == "json_object":
+        fields["response_format"] = {"json_schema": {"type": "object"}}
+    elif fmt is not None and fmt.type == "json_schema":
+        fields["response_format.json_schema.schema"] = {"json_schema": fmt.json_schema.schema_}
+    for name, option in (("guided_json", "json_schema"), ("guided_choice", "choice"), ("guided_regex", "regex")):
+        if getattr(body, name) is not None:
+            fields[name] = {option: getattr(body, name)}
+    if len(fields) > 1:
+        raise InputError(f"{' and '.join(fields)}: give at most one way to constrain the answer")
+    for field, option in fields.items():
+        try:
+            return constraint_from_options(**option)
+        except InputError as error:  # LimitError too: the same class, named by its field
+            raise type(error)(f"{field}: {error}") from None
+    return None

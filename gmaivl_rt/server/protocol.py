@@ -9,6 +9,8 @@ accepted only with their neutral value (null, false, 0, ...) and refused otherwi
 Request fields gmaivl-rt adds, all optional: inside `image_url`, `frame`, `slice_index`, `plane` and `window` pick
 the picture of a multi-frame DICOM or NIfTI volume and its CT window, as `gmaivl-rt ask` does; vLLM's extra sampling
 fields `top_k`, `min_p`, `repetition_penalty` and ours `no_repeat_ngram_size` (see `gmaivl_rt.server.openai`).
+Structured output: OpenAI's `response_format` (text, json_object, json_schema) and vLLM's `guided_json`,
+`guided_choice`, `guided_regex`; `logprobs` / `top_logprobs` as OpenAI (docs/structured-output.md).
 """
 from __future__ import annotations
 
@@ -47,8 +49,7 @@ IGNORED_FIELDS = ("user", "metadata")
 NOT_IMPLEMENTED = {
     "tools": (None, []), "tool_choice": (None, "none"), "parallel_tool_calls": (None,),
     "functions": (None, []), "function_call": (None, "none"), "logit_bias": (None, {}),
-    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "response_format": (None, {"type": "text"}),
-    "logprobs": (None, False), "top_logprobs": (None, 0)
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
 }
 # On a message: OpenAI's participant name (ignored), and what an assistant message echoed back from a response
 # carries when it used no tools.
@@ -118,6 +119,30 @@ class StreamOptions(_Strict):
     continuous_usage_stats: StrictBool = False  # vLLM's; usage is sent once, at the end
 
 
+class JSONSchemaFormat(_Strict):
+    name: Text
+    schema_: dict = Field(alias="schema")  # the JSON Schema (checked and compiled by gmaivl_rt.model.constraint)
+    strict: StrictBool | None = None  # always enforced here, whatever it says
+    description: Text | None = None
+
+
+class TextFormat(_Strict):
+    type: Literal["text"]
+
+
+class JSONObjectFormat(_Strict):
+    type: Literal["json_object"]
+
+
+class JSONSchemaResponseFormat(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = Annotated[Union[TextFormat, JSONObjectFormat, JSONSchemaResponseFormat],
+                           Field(discriminator="type")]
+
+
 class ChatCompletionRequest(_Strict):
     model: Text | None = None
     messages: list[ChatMessage] = Field(min_length=1)
@@ -135,6 +160,13 @@ class ChatCompletionRequest(_Strict):
     min_p: Number | None = None
     repetition_penalty: Number | None = None
     no_repeat_ngram_size: StrictInt | None = None
+    # structured output (OpenAI's, then vLLM's fields) and logprobs
+    response_format: ResponseFormat | None = None
+    guided_json: dict | Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_regex: Text | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -157,19 +189,51 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def completion(request_id: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
-               completion_tokens: int) -> dict:
-    """A non-streamed `chat.completion` object."""
+               completion_tokens: int, logprobs: dict | None = None, constraint_satisfied: bool | None = None) -> dict:
+    """A non-streamed `chat.completion` object. logprobs: OpenAI's `{"content": [...]}` (`logprobs_content`);
+    constraint_satisfied: with a constraint, whether the answer satisfies it (false: cut by max_tokens, partial;
+    left out without one)."""
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+              "finish_reason": finish_reason}
+    if constraint_satisfied is not None:
+        choice["constraint_satisfied"] = constraint_satisfied
     return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": finish_reason}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def answer_details(request, tokenizer) -> dict:
+    """What an engine request adds to its completion: `logprobs` (OpenAI's shape, when asked for) and
+    `constraint_satisfied` (when it had a constraint), as `completion` takes them."""
+    out = {}
+    if getattr(request, "top_logprobs", None) is not None:
+        out["logprobs"] = {"content": logprobs_content(request.logprobs, tokenizer)}
+    if getattr(request, "constraint_complete", None) is not None:
+        out["constraint_satisfied"] = bool(request.constraint_complete)
+    return out
+
+
+def _token_entry(token: int, logprob: float, tokenizer) -> dict:
+    text = tokenizer.decode([token], skip_special_tokens=False)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", errors="replace"))}
+
+
+def logprobs_content(entries: list, tokenizer) -> list[dict]:
+    """`gmaivl_rt.model.sampling.TokenLogprob`s -> OpenAI's logprobs content: per token {"token", "logprob",
+    "bytes", "top_logprobs": [{"token", "logprob", "bytes"}, ...]} (a token as the tokenizer decodes it alone;
+    bytes of that text, as vLLM gives them)."""
+    return [{**_token_entry(e.token, e.logprob, tokenizer),
+             "top_logprobs": [_token_entry(t, v, tokenizer) for t, v in e.top]} for e in entries]
 
 
 def chunk(request_id: str, model: str, created: int, delta: dict | None = None, finish_reason: str | None = None,
-          usage_: dict | None = None) -> dict:
-    """One `chat.completion.chunk`; with `usage_` and no delta it is the final usage chunk (no choices)."""
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
+          usage_: dict | None = None, logprobs: dict | None = None, constraint_satisfied: bool | None = None) -> dict:
+    """One `chat.completion.chunk`; with `usage_` and no delta it is the final usage chunk (no choices).
+    logprobs: the `{"content": [...]}` of the tokens this chunk carries; constraint_satisfied: on the last chunk
+    of a constrained answer."""
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": logprobs,
                                          "finish_reason": finish_reason}]
+    if choices and constraint_satisfied is not None:
+        choices[0]["constraint_satisfied"] = constraint_satisfied
     out = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
            "choices": choices}
     if usage_ is not None:

@@ -18,18 +18,32 @@ def event(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-async def sse_events(generation: Generation, first, request_id: str, model: str, include_usage: bool):
+async def sse_events(generation: Generation, first, request_id: str, model: str, include_usage: bool,
+                     tokenizer=None):
     """Server-sent `chat.completion.chunk` events ending in `data: [DONE]`; a failure sends an error object first.
-    A client that goes away cancels the generator, which cancels the engine request (its slot is freed)."""
+    A client that goes away cancels the generator, which cancels the engine request (its slot is freed).
+    With logprobs asked for, each chunk carries those of the tokens produced since the previous one (their text
+    may still be held back, e.g. a possible stop string), the last chunk the rest (`tokenizer` renders them)."""
     created = int(time.time())
+    request, sent = generation.request, 0
+
+    def new_logprobs():
+        nonlocal sent
+        if getattr(request, "top_logprobs", None) is None or tokenizer is None:
+            return None
+        entries = request.logprobs[sent:]
+        sent += len(entries)
+        return {"content": protocol.logprobs_content(entries, tokenizer)}
+
     try:
         yield event(protocol.chunk(request_id, model, created, {"role": "assistant", "content": ""}))
         delta = first
         while delta is not END:
             if delta:
-                yield event(protocol.chunk(request_id, model, created, {"content": delta}))
+                yield event(protocol.chunk(request_id, model, created, {"content": delta}, logprobs=new_logprobs()))
             delta = await generation.next_delta()
-        yield event(protocol.chunk(request_id, model, created, {}, generation.finish_reason))
+        yield event(protocol.chunk(request_id, model, created, {}, generation.finish_reason, logprobs=new_logprobs(),
+                                   constraint_satisfied=getattr(request, "constraint_complete", None)))
         if include_usage:
             yield event(protocol.chunk(request_id, model, created, usage_=protocol.usage(
                 generation.prompt_tokens, generation.completion_tokens)))

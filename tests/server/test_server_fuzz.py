@@ -73,7 +73,12 @@ sampling = {
     "stream": maybe(st.booleans()), "stream_options": maybe(st.fixed_dictionaries(
         {}, optional={"include_usage": maybe(st.booleans())})), "n": maybe(st.sampled_from([1, 1, 2])),
     "user": maybe(text), "logprobs": maybe(st.booleans()), "presence_penalty": maybe(st.sampled_from([0, 0.5])),
-    "response_format": maybe(st.sampled_from([{"type": "text"}, {"type": "json_object"}])),
+    "response_format": maybe(st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "json_schema"},
+                                              {"type": "json_schema", "json_schema": {"name": "f", "schema": {
+                                                  "type": "object", "properties": {"a": {"enum": ["x", 1]}}}}}])),
+    "guided_choice": maybe(st.lists(text, max_size=3)), "guided_regex": maybe(text),
+    "guided_json": maybe(st.one_of(text, st.dictionaries(text, json_values, max_size=2))),
+    "top_logprobs": maybe(st.one_of(small_ints, good_ints)),
 }
 
 
