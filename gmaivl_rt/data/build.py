@@ -42,6 +42,7 @@ from gmaivl_rt.data.records import Converter, ItemError
 from gmaivl_rt.data.rewriter import resolve_rewriter
 from gmaivl_rt.data.sources import dataset_items, demo_datasets, input_dir_dataset
 from gmaivl_rt.medical.base import safe_reason
+from gmaivl_rt.processes import end_with_parent  # pool workers end with the build (kill -9 included)
 
 logger = logging.getLogger("gmaivl_rt.data")
 _WORK_VERSION = 1
@@ -180,40 +181,12 @@ def _build_fingerprint(specs, plan, seed: int, rewriter_id: str) -> str:
 
 # Per-process state of the conversion pool (set once per worker by `_init_worker`).
 _WORKER: dict = {}
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _init_worker(out_dir, plan, converter, rewriter_id, parent_pid=None):
     if parent_pid is not None:
         end_with_parent(parent_pid)
     _WORKER.update(out_dir=out_dir, plan=plan, converter=converter, rewriter_id=rewriter_id)
-
-
-def end_with_parent(parent_pid: int) -> None:
-    """Make this pool worker end when the build process `parent_pid` ends, however it ends (kill -9 included): a
-    worker holds the write end of its own task pipe, so it would otherwise wait for tasks forever. Linux: the kernel
-    sends SIGKILL (prctl PR_SET_PDEATHSIG; whatever a worker was writing is a temporary file the next build
-    removes); elsewhere a watchdog thread polls the parent. A parent already gone ends the worker at once."""
-    import ctypes
-    import signal
-    import threading
-
-    armed = False
-    if sys.platform.startswith("linux"):
-        try:
-            armed = ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
-        except (OSError, AttributeError):
-            armed = False
-    if os.getppid() != parent_pid:  # the parent died before the signal was armed
-        os._exit(1)
-    if not armed:
-        threading.Thread(target=_watch_parent, args=(parent_pid,), name="gmaivl-parent-watch", daemon=True).start()
-
-
-def _watch_parent(parent_pid: int, every_s: float = 0.5) -> None:
-    while os.getppid() == parent_pid:
-        time.sleep(every_s)
-    os._exit(1)
 
 
 def _convert_one(item: tuple[int, int]) -> tuple[dict | str, dict]:

@@ -31,6 +31,7 @@ import torch
 from gmaivl_rt.gpu_check.kernel_checks import check_configs, check_determinism, check_scale
 from gmaivl_rt.gpu_check.model_checks import check_model, check_throughput
 from gmaivl_rt.gpu_check.recording import FULL, SMOKE, Recorder
+from gmaivl_rt.processes import ends_with_parent
 
 CHECKS = (check_configs, check_determinism, check_scale, check_model, check_throughput)
 
@@ -75,8 +76,9 @@ def main(argv=None) -> int:
 
     if args.smoke and not _dispatch.interpreting():  # the interpreter must be on before triton is imported
         env = dict(os.environ, TRITON_INTERPRET="1")
+        # the re-run ends with this process (kill -9 included)
         return subprocess.run([sys.executable, "-m", "gmaivl_rt.gpu_check", *(argv or sys.argv[1:])],
-                              env=env).returncode
+                              env=env, **ends_with_parent()).returncode
     rows = run(args.out, args.budget, args.smoke)
     counts = {s: sum(r["status"] == s for r in rows[1:]) for s in ("pass", "fail", "error", "skipped")}
     print(f"gpu_check: {counts} -> {Path(args.out) / 'gpu_check.jsonl'}")

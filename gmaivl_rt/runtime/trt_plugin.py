@@ -32,6 +32,7 @@ import triton.language as tl
 
 from gmaivl_rt.kernels._dispatch import interpreting, pick_config
 from gmaivl_rt.kernels.attention import _LOG2E, FWD_CONFIGS, _attn_fwd_kernel, attention_reference, launch_attrs
+from gmaivl_rt.processes import ends_with_parent
 
 PLUGIN_NAMESPACE = "gmaivl"
 PLUGIN_NAME = "flash_attention"
@@ -85,7 +86,9 @@ def _compile_in_child(dtype, head_dim, causal, softmax_scale, arch) -> AotKernel
     code = ("import dataclasses, json, sys; from gmaivl_rt.runtime.trt_plugin import _compile; "
             "json.dump(dataclasses.asdict(_compile(*json.loads(sys.argv[1]))), sys.stdout)")
     args = json.dumps([dtype, head_dim, causal, softmax_scale, arch])
-    child = subprocess.run([sys.executable, "-c", code, args], env=env, capture_output=True, text=True)
+    # the compile ends with this process (kill -9 included) instead of running on with nobody to read its answer
+    child = subprocess.run([sys.executable, "-c", code, args], env=env, capture_output=True, text=True,
+                           **ends_with_parent())
     if child.returncode:
         raise RuntimeError(f"flash_attention plugin: compiling the kernel failed:\n{child.stderr[-4000:]}")
     return AotKernel(**json.loads(child.stdout))

@@ -7,6 +7,8 @@ import time
 
 import pytest
 from manifest_sources import make_sources
+from proc_children import alive as _alive
+from proc_children import children as _children
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads processes from /proc")
 
@@ -18,32 +20,6 @@ def rewrite(text, context):
     time.sleep(0.15)
     return text + " (checked)"
 '''
-
-
-def _stat(pid: int):
-    """(parent pid, state, start time) of a process from /proc/PID/stat, or None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return int(fields[1]), fields[0], int(fields[19])
-
-
-def _children(pid: int) -> dict:
-    """{child pid: its start time} of the live children of `pid`."""
-    found = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            stat = _stat(int(name))
-            if stat and stat[0] == pid and stat[1] != "Z":
-                found[int(name)] = stat[2]
-    return found
-
-
-def _alive(pid: int, start: int) -> bool:
-    stat = _stat(pid)
-    return stat is not None and stat[1] != "Z" and stat[2] == start  # the same process, not a reused pid
 
 
 def test_sigkill_of_a_parallel_build_leaves_no_worker_alive(tmp_path, start_child):
@@ -83,6 +59,6 @@ def test_a_worker_whose_parent_is_already_gone_ends_at_once(tmp_path):
     Mutant: the `os.getppid() != parent_pid` check removed: it prints 'served' and exits 0."""
     import subprocess
 
-    code = "from gmaivl_rt.data.build import end_with_parent; end_with_parent(1); print('served')"
+    code = "from gmaivl_rt.processes import end_with_parent; end_with_parent(1); print('served')"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "served" not in run.stdout

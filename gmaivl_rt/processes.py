@@ -1,0 +1,75 @@
+"""Worker processes end when their parent ends, however it ends (kill -9 included): the one rule every pool worker
+and child process of gmaivl-rt follows.
+
+* `end_with_parent(parent_pid)`: called first thing in a worker (a multiprocessing pool's initializer): Linux arms
+  `prctl(PR_SET_PDEATHSIG, SIGKILL)`, so the kernel kills the worker when its parent thread ends; elsewhere a
+  watchdog thread polls the parent. A parent already gone (the race the signal cannot cover) ends the worker at once.
+* `ends_with_parent()`: keyword arguments for `subprocess.run` / `Popen` that arm the same signal in the child
+  before it runs its program (it survives `exec`), so a child command ends with the process that started it.
+  Elsewhere (no prctl) it is empty: such a child is left to finish by itself.
+
+Without it a child outlives a killed parent: a pool worker blocked forever on a task pipe whose write end it holds
+itself, a TensorRT plugin compile or a GPU check running on with nobody to read its answer.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _prctl():
+    """libc's prctl, or None where there is none (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _arm_death_signal(prctl) -> bool:
+    try:
+        return prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    except (OSError, AttributeError, ctypes.ArgumentError):
+        return False
+
+
+def end_with_parent(parent_pid: int) -> None:
+    """Make this process end when `parent_pid` (the process that started it) ends: SIGKILL from the kernel on Linux,
+    a watchdog thread polling the parent elsewhere; if the parent is already gone, exit (code 1) at once."""
+    prctl = _prctl()
+    armed = prctl is not None and _arm_death_signal(prctl)
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+    if not armed:
+        threading.Thread(target=_watch_parent, args=(parent_pid,), name="gmaivl-parent-watch", daemon=True).start()
+
+
+def _watch_parent(parent_pid: int, every_s: float = 0.5) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(every_s)
+    os._exit(1)
+
+
+def ends_with_parent() -> dict:
+    """`subprocess.run(cmd, **ends_with_parent())`: the child gets SIGKILL when this process ends (Linux; armed in the
+    child between fork and exec, the C library's prctl looked up here first so the child calls nothing but it and
+    getppid). A child whose parent died before the signal was armed exits (code 1) before running its program. An
+    empty dict where prctl does not exist."""
+    prctl = _prctl()
+    if prctl is None:
+        return {}
+    parent_pid = os.getpid()
+
+    def arm():  # runs in the child, between fork and exec: only async-signal-safe work
+        _arm_death_signal(prctl)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    return {"preexec_fn": arm}
