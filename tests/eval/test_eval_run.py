@@ -109,3 +109,69 @@ def test_an_unreadable_image_names_its_rows(colour_model_dir, tmp_path):
                                              "answer": "A"}])
     with pytest.raises(ValueError, match=r"benchmark items 7\.\.7: image 1"):
         evaluate(colour_model_dir, path, tmp_path / "out", progress=False)
+
+
+def test_shards_merge_into_the_unsharded_run(colour_model_dir, colour_bench_file, full_run, tmp_path, capsys):
+    """`eval --shard I/N` answers batches I, I+N, ... of the unsharded run's fixed batches; `eval merge` joins the
+    folders into predictions equal to the unsharded run's, line for line, and the same scores. Mutants seen
+    failing: merge writing the shards one after another (order by shard, not benchmark); a shard taking every
+    N-th item instead of whole batches (the batches, so the padding, would differ from the unsharded run's)."""
+    assert main(["eval", str(colour_model_dir), "--data", str(colour_bench_file), "--out", str(tmp_path / "s1"),
+                 "--batch-size", "4", "--shard", "1/2", "--no-progress"]) == 0
+    first = evaluate(colour_model_dir, colour_bench_file, tmp_path / "s0", batch_size=4, shard=(0, 2), progress=False)
+    full_out, full_scores = full_run
+    unsharded = [line["index"] for line in _lines(full_out / "predictions.jsonl")]
+    assert [line["index"] for line in _lines(tmp_path / "s0" / "predictions.jsonl")] == unsharded[:4]  # batch 0
+    assert first["predicted"] == 4
+    assert main(["eval", "merge", str(tmp_path / "s1"), "--out", str(tmp_path / "bad")]) == 2
+    assert "a merge needs each of 0..1 once" in capsys.readouterr().err
+    assert main(["eval", "merge", str(tmp_path / "s1"), str(tmp_path / "s0"), "--out", str(tmp_path / "m")]) == 0
+    merged = _lines(tmp_path / "m" / "predictions.jsonl")
+    assert merged == _lines(full_out / "predictions.jsonl")
+    assert json.loads((tmp_path / "m" / "scores.json").read_text()) == full_scores
+    run = json.loads((tmp_path / "m" / "run.json").read_text())
+    assert run["status"] == "done" and run["shard"] is None and len(run["merged_from"]) == 2
+
+
+def test_a_failed_first_batch_leaves_no_predictions_and_a_failed_run_json(colour_model_dir, tmp_path):
+    """Mutants seen failing: the predictions file opened before the first answer (an empty file that makes a
+    plain rerun refuse); run.json left "running"."""
+    from eval_fixtures import write_tsv
+
+    garbage = base64.b64encode(b"not an image at all " * 8).decode()
+    path = write_tsv(tmp_path / "bad.tsv", [{"index": 7, "image": garbage, "question": "q", "A": "x", "B": "y",
+                                             "answer": "A"}])
+    with pytest.raises(ValueError):
+        evaluate(colour_model_dir, path, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "predictions.jsonl").exists()
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["status"] == "failed" and "benchmark items 7..7" in run["error"]
+
+
+def test_closed_open_run_records_its_scorer(colour_model_dir, tmp_path):
+    """run.json and scores.json name the closed/open rule; `eval score --scorer` rescoring the run's answers under
+    the other kit gives that kit's verdicts (`closed_open_score`). Mutant seen failing: run.json without the
+    scorer."""
+    from eval_fixtures import image_file, write_json
+
+    from gmaivl_rt.eval.scoring import closed_open_score
+
+    image_file(tmp_path / "imgs" / "red.png")
+    data = write_json(tmp_path / "test.json", [
+        {"qid": 1, "img_name": "red.png", "question": "Is the image red?", "answer": "Yes", "answer_type": "CLOSED",
+         "q_lang": "en"},
+        {"qid": 2, "img_name": "red.png", "question": "Which colour is the image?", "answer": "red",
+         "answer_type": "OPEN", "q_lang": "en"}])
+    assert main(["eval", str(colour_model_dir), "--data", str(data), "--out", str(tmp_path / "run"),
+                 "--scorer", "lmms-eval", "--no-progress"]) == 0
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    scores = json.loads((tmp_path / "run" / "scores.json").read_text())
+    assert run["scorer"] == scores["scorer"] == "lmms-eval" and run["decoding"]["max_new_tokens"] == 32
+    lines = _lines(tmp_path / "run" / "predictions.jsonl")
+    assert main(["eval", "score", str(tmp_path / "run" / "predictions.jsonl"), "--data", str(data), "--out",
+                 str(tmp_path / "rescored"), "--scorer", "llava-med"]) == 0
+    rescored = _lines(tmp_path / "rescored" / "predictions.jsonl")
+    for line, again, kind, gold in zip(lines, rescored, ("closed", "open"), ("Yes", "red")):
+        assert line["correct"] == closed_open_score(kind, line["prediction"], gold, "lmms-eval")["correct"]
+        assert again["correct"] == closed_open_score(kind, line["prediction"], gold, "llava-med")["correct"]
+    assert json.loads((tmp_path / "rescored" / "scores.json").read_text())["scorer"] == "llava-med"
