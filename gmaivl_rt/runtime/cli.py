@@ -56,6 +56,11 @@ def register(subparsers) -> None:
     p.add_argument("--repetition-penalty", type=float, default=None, help="1.0: off")
     p.add_argument("--no-repeat-ngram-size", type=int, default=None, help="0: off")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling RNG (reproducible --do-sample)")
+    # structured output (docs/structured-output.md): at most one of the three
+    p.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="answer with JSON valid under this JSON Schema (a .json file)")
+    p.add_argument("--choice", nargs="+", default=None, metavar="TEXT", help="answer with exactly one of these")
+    p.add_argument("--regex", default=None, help="answer with text that the regular expression matches whole")
     p.add_argument("--frame", type=int, default=None, help="DICOM / TIFF frame (default 0)")
     p.add_argument("--slice", type=int, default=None, dest="slice_index",
                    help="NIfTI slice along --plane (default the middle one)")
@@ -76,10 +81,27 @@ def _cli_window(text):
     return centre, width
 
 
+def _constraint_options(args) -> dict:
+    """--json-schema FILE / --choice / --regex -> ask's json_schema / choice / regex (the file read as JSON)."""
+    options = {k: getattr(args, k) for k in ("choice", "regex") if getattr(args, k, None) is not None}
+    if getattr(args, "json_schema", None) is not None:
+        import json
+
+        try:
+            with open(args.json_schema, encoding="utf-8") as f:
+                options["json_schema"] = json.load(f)
+        except OSError as e:
+            raise InputError(f"--json-schema: the file cannot be read ({e.strerror})") from None
+        except ValueError as e:
+            raise InputError(f"--json-schema: the file is not JSON ({str(e)[:80]})") from None
+    return options
+
+
 def _ask_cli(args) -> int:
     backend = load(args.model, backend=args.backend, **backend_options(args))
     backend.tokenizer  # noqa: B018  (a folder without a tokenizer cannot answer: say so before reading the image)
     generation = {key: getattr(args, key) for key in DECODING_FIELDS if getattr(args, key) is not None}
+    generation.update(_constraint_options(args))
     print(backend.ask(args.question, args.image, system=args.system, frame=args.frame,
                       slice_index=args.slice_index, plane=args.plane, window=_cli_window(args.window),
                       seed=args.seed, **generation))
