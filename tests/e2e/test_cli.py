@@ -56,7 +56,7 @@ def test_readme_names_every_command_and_option():
     from pathlib import Path
 
     from gmaivl_rt import cli
-    from gmaivl_rt.eval.cli import run_parser, score_parser
+    from gmaivl_rt.eval.cli import compare_parser, merge_parser, run_parser, score_parser
 
     root = Path(__file__).resolve().parents[2]
     pages = sorted((root / "docs").glob("*.md"))
@@ -69,6 +69,8 @@ def test_readme_names_every_command_and_option():
     assert len(subcommands.choices) >= 8  # ask, data, demo, eval, export, kernels, serve, tokenizer, train, ...
     missing = [name for name in subcommands.choices if f"gmaivl-rt {name}" not in docs_text]
     options = [*_long_options(parser, "gmaivl-rt"), *_long_options(run_parser(), "gmaivl-rt eval"),
-               *_long_options(score_parser(), "gmaivl-rt eval score")]
+               *_long_options(score_parser(), "gmaivl-rt eval score"),
+               *_long_options(merge_parser(), "gmaivl-rt eval merge"),
+               *_long_options(compare_parser(), "gmaivl-rt eval compare")]
     missing += [f"{command} {option}" for command, option in options if option not in docs_text]
     assert not missing, f"neither README.md nor docs/*.md mentions: {missing}"
