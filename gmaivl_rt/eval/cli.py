@@ -55,6 +55,9 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--shard", type=_shard, default=None, metavar="I/N",
                         help="answer only batches I, I+N, ... (0 <= I < N); join the N folders with `eval merge`")
+    parser.add_argument("--constrained", action="store_true",
+                        help="decode multiple-choice items under choice = their option letters and yes/no questions "
+                             "under choice = yes/no (recorded in run.json; not comparable with the kits' numbers)")
     return parser
 
 
@@ -135,7 +138,7 @@ def _run(args) -> int:
         from gmaivl_rt.eval.demo import run_eval_demo
 
         run_eval_demo(ns.model, ns.out, backend=ns.backend, batch_size=ns.batch_size, progress=not ns.no_progress,
-                      **load_options)
+                      constrained=ns.constrained, **load_options)
         return 0
     if not ns.data:
         run_parser().error("--data is required (or --demo)")
@@ -143,7 +146,7 @@ def _run(args) -> int:
 
     scores = evaluate(ns.model, ns.data, ns.out, format=ns.format, protocol=ns.protocol, backend=ns.backend,
                       batch_size=ns.batch_size, limit=ns.limit, resume=ns.resume, progress=not ns.no_progress,
-                      scorer=ns.scorer, language=ns.lang, shard=ns.shard, **load_options)
+                      scorer=ns.scorer, language=ns.lang, shard=ns.shard, constrained=ns.constrained, **load_options)
     print(summary_line(scores))
     return 0
 

@@ -25,6 +25,8 @@ from gmaivl_rt.eval.scoring import CLOSED_OPEN_SCORERS, DEFAULT_CLOSED_OPEN_SCOR
 from gmaivl_rt.runtime.batching import left_padded_batch, pixel_batch
 
 PREDICTIONS = "predictions.jsonl"
+CONSTRAINED_NOTE = ("constrained decoding (--constrained): multiple-choice answers under choice = the option letters, "
+                    "yes/no questions under choice = yes/no; not comparable with the kits' unconstrained numbers")
 
 
 # ------------------------------------------------------------------------------------------------ model side
@@ -42,13 +44,28 @@ def _image_input(ref):
     return ref
 
 
-def _answer_batch(runtime, questions: list[str], images: list[list], decoding: dict) -> list[str]:
+def item_constraint(item) -> dict:
+    """`--constrained` decoding (issue 26): a multiple-choice item answers under `choice` = its option letters, a
+    closed item whose gold answer is yes or no under `choice` = ["yes", "no"]; anything else is unconstrained ({})."""
+    if item.kind == "mcq" and item.options:
+        return {"choice": list(item.options)}
+    if item.kind == "closed" and isinstance(item.answer, str) and item.answer.strip().lower() in ("yes", "no"):
+        return {"choice": ["yes", "no"]}
+    return {}
+
+
+def _answer_batch(runtime, questions: list[str], images: list[list], decoding: dict,
+                  constraints: list[dict] | None = None) -> list[str]:
     """One batch through the runtime: each question (literal text; the chat template puts one image slot per image
     before it) and its images checked and prepared by `runtime.build_request`, left-padded into one batch
-    (`gmaivl_rt.runtime.batching`), generated with `decoding`, decoded. Returns the stripped answer texts, in
-    order."""
-    requests = [runtime.build_request(q, images=list(imgs), **decoding) for q, imgs in zip(questions, images)]
-    generation = requests[0].generation  # the same options for every item: eos / pad ids, decoding
+    (`gmaivl_rt.runtime.batching`), generated with `decoding` (and each row's own constraint, `constraints`: one
+    `item_constraint` per question), decoded. Returns the stripped answer texts, in order."""
+    constraints = constraints or [{}] * len(questions)
+    requests = [runtime.build_request(q, images=list(imgs), **decoding, **c)
+                for q, imgs, c in zip(questions, images, constraints)]
+    generation = dict(requests[0].generation)  # the same options for every item: eos / pad ids, decoding
+    if any(constraints):  # one constraint per row (None: free), each row masked by its own
+        generation["constraint"] = [r.generation.get("constraint") for r in requests]
     ids, mask = left_padded_batch([request.input_ids[0] for request in requests], generation["pad_token_id"])
     width = ids.shape[1]
     # images in row order = image tokens in row-major order
@@ -214,7 +231,7 @@ def _resolve_scorer(protocol: str, scorer: str | None) -> str | None:
 def evaluate(model_dir, data, out, *, format: str = "auto", protocol: str | None = None, backend: str = "torch",
              batch_size: int = 8, limit: int | None = None, resume: bool = False, progress: bool = True,
              generation_config="auto", scorer: str | None = None, language: str = "en",
-             shard: tuple[int, int] | None = None, **backend_kwargs) -> dict:
+             shard: tuple[int, int] | None = None, constrained: bool = False, **backend_kwargs) -> dict:
     """Answer every question of the benchmark file `data` with the model in `model_dir` and score the answers.
     Writes into `out`: predictions.jsonl (appended as it goes, one verdict per item), scores.json,
     scores_by_<column>.csv, scores.png and run.json. resume: continue an interrupted run in `out` (same data file,
@@ -222,7 +239,9 @@ def evaluate(model_dir, data, out, *, format: str = "auto", protocol: str | None
     "none" or a path); the protocol's decoding (`prompts.DECODING`) goes over them, and run.json records every
     decoding option used and where the defaults came from. scorer: closed/open rule ("llava-med" default,
     "lmms-eval"); language: SLAKE's questions ("en", "zh", "all"); shard: (i, n) answers only batches i, i+n, ...
-    (join with `merge`). Returns scores.json's dict."""
+    (join with `merge`). constrained: decode multiple-choice and yes/no items under `choice` (`item_constraint`),
+    recorded in run.json ("constrained") and in the scores' notes; such a run is never resumed, merged or compared
+    as an unconstrained one (the kits' published numbers are unconstrained). Returns scores.json's dict."""
     import gmaivl_rt
 
     if batch_size < 1:
@@ -248,7 +267,7 @@ def evaluate(model_dir, data, out, *, format: str = "auto", protocol: str | None
         if previous.get("data_sha256") not in (None, data_sha256):
             raise InputError("--resume: the benchmark file differs from the one this run started on")
         for key, value in (("batch_size", batch_size), ("shard", list(shard) if shard else None),
-                           ("limit", limit)):
+                           ("limit", limit), ("constrained", constrained)):
             if key in previous and previous[key] != value:
                 raise InputError(f"--resume: {key} differs from the one this run started with ({previous[key]})")
     out.mkdir(parents=True, exist_ok=True)
@@ -269,7 +288,9 @@ def evaluate(model_dir, data, out, *, format: str = "auto", protocol: str | None
                 "prompts": _prompt_description(bench), "decoding": decoding,
                 "generation_config": runtime.generation.origin, "batch_size": batch_size,
                 "limit": limit, "shard": list(shard) if shard else None, "items": len(items),
-                "scoring": _scoring_description(items, scorer), "notes": bench.notes}
+                "scoring": _scoring_description(items, scorer), "notes": bench.notes, "constrained": constrained}
+    if constrained:
+        bench.notes.append(CONSTRAINED_NOTE)
     atomic_write_json(out / "run.json", {**run_info, "status": "running"})
 
     from tqdm.auto import tqdm
@@ -287,7 +308,8 @@ def evaluate(model_dir, data, out, *, format: str = "auto", protocol: str | None
                 continue
             try:
                 answers = _answer_batch(runtime, [item_text(i) for i in batch],
-                                        [[_image_input(ref) for ref in i.images] for i in batch], decoding)
+                                        [[_image_input(ref) for ref in i.images] for i in batch], decoding,
+                                        [item_constraint(i) for i in batch] if constrained else None)
             except InputError as error:  # name the benchmark rows: the runtime names only "image 1", "question"
                 raise type(error)(f"benchmark items {batch[0].index}..{batch[-1].index}: {error}") from None
             if handle is None:  # created with its first line: a run failing before any answer leaves no file
@@ -388,7 +410,8 @@ def merge(shard_dirs, out) -> dict:
     first = runs[0][1]
     total = first["shard"][1]
     for folder, run in runs:
-        for key in ("data_sha256", "decoding", "batch_size", "limit", "format", "protocol", "scorer", "language"):
+        for key in ("data_sha256", "decoding", "batch_size", "limit", "format", "protocol", "scorer", "language",
+                    "constrained"):
             if run.get(key) != first.get(key):
                 raise InputError(f"shard folder {str(folder)!r}: {key} differs from the first shard's")
         if run["shard"][1] != total:

@@ -279,7 +279,7 @@ def generate_tokens(prefill, step, input_ids, text_config, *, max_new_tokens: in
     prefill() -> (B, V) logits at each prompt's last token; step(next_tokens (B,) int64) -> (B, V) logits after
     feeding them. input_ids: (B, S) prompts. eos_token_id, pad_token_id: see `StopRule.from_config`.
     constraint: a `gmaivl_rt.model.constraint.CompiledConstraint` every row must satisfy (its mask applied in
-    `decode_step`), or None; logprobs / top_logprobs: record each token's logprob (and the top_logprobs most
+    `decode_step`), a list of them (one per row, None for a free row), or None; logprobs / top_logprobs: record each token's logprob (and the top_logprobs most
     likely) into `trace`, a DecodeTrace that also tells which rows a constraint failed or left incomplete.
     Returns (B, S + new) int64: generation stops when every row has produced an eos or after max_new_tokens."""
     params = SamplingParams(do_sample, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size, min_p)
@@ -289,7 +289,10 @@ def generate_tokens(prefill, step, input_ids, text_config, *, max_new_tokens: in
     rows = input_ids.shape[0]
     trace = trace if trace is not None else DecodeTrace()
     trace.logprobs, trace.failed = [[] for _ in range(rows)], [False] * rows
-    matchers = None if constraint is None else [constraint.matcher() for _ in range(rows)]
+    per_row = list(constraint) if isinstance(constraint, (list, tuple)) else [constraint] * rows
+    if len(per_row) != rows:
+        raise InputError(f"constraint: {len(per_row)} constraints for {rows} rows")
+    matchers = None if all(c is None for c in per_row) else [None if c is None else c.matcher() for c in per_row]
     sequences = input_ids
     finished = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
     step_logits = prefill()
@@ -303,7 +306,7 @@ def generate_tokens(prefill, step, input_ids, text_config, *, max_new_tokens: in
             if bool(out.failed[row]):
                 trace.failed[row] = True
                 continue
-            if matchers is not None:
+            if matchers is not None and matchers[row] is not None:
                 matchers[row].advance(token)
             if out.logprobs is not None:
                 trace.logprobs[row].append(TokenLogprob.from_step(out.logprobs, row, token))
@@ -311,17 +314,18 @@ def generate_tokens(prefill, step, input_ids, text_config, *, max_new_tokens: in
         if bool(finished.all()) or produced == max_new_tokens:
             break
         step_logits = step(next_tokens)
-    trace.complete = [None] * rows if matchers is None else [m.complete for m in matchers]
+    trace.complete = [None] * rows if matchers is None else [None if m is None else m.complete for m in matchers]
     return sequences
 
 
 def constraint_masks(matchers: list, finished: list) -> torch.Tensor:
-    """(B, V) bool constraint masks of the rows still running (one batched computation); finished rows allow
-    every token (they are padded anyway)."""
+    """(B, V) bool constraint masks of the rows still running (one batched computation); finished rows and rows
+    without a matcher (None) allow every token."""
     from gmaivl_rt.model.constraint import allowed_tokens
 
-    running = [r for r, done in enumerate(finished) if not done]
-    allowed = torch.ones(len(matchers), matchers[0].vocab_size, dtype=torch.bool)
+    running = [r for r, done in enumerate(finished) if not done and matchers[r] is not None]
+    vocab_size = next(m for m in matchers if m is not None).vocab_size
+    allowed = torch.ones(len(matchers), vocab_size, dtype=torch.bool)
     if running:
         allowed[running] = allowed_tokens([matchers[r] for r in running])
     return allowed
