@@ -160,3 +160,49 @@ def test_bad_constraints_are_400s_naming_the_problem(client, fields, param_or_te
         _ask(client, max_tokens=4, **fields)
     assert re.search(param_or_text, caught.value.response.json()["error"]["message"]), \
         caught.value.response.json()
+
+
+def test_page_structured_toggle_shows_the_finding_as_a_table(server, browser):
+    """The page's "structured" toggle asks under the findings schema (response_format) and shows the answer as a
+    table: every leaf of the JSON the API gives for the same request (the openai client, greedy) is one row,
+    "lesion.size_mm"-style, with its value. Mutants: the toggle's response_format not sent (prose, no table);
+    `flatten` not descending into objects (a "lesion" row holding JSON)."""
+    from pydicom.data import get_testdata_file
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from server_fixtures import data_uri
+
+    ct = get_testdata_file("CT_small.dcm")
+    url = data_uri(open(ct, "rb").read(), "application/octet-stream")
+    expected = openai.OpenAI(base_url=server.url + "/v1", api_key="none").chat.completions.create(
+        model="tiny", max_tokens=160, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]}],
+        response_format={"type": "json_schema", "json_schema": {"name": "finding", "schema": FINDINGS}},
+    ).choices[0].message.content
+    finding = json.loads(expected)
+    want = [("modality", finding["modality"]), ("plane", finding["plane"]), ("body_part", finding["body_part"]),
+            *[(f"lesion.{k}", json.dumps(v) if not isinstance(v, str) else v) for k, v in finding["lesion"].items()]]
+
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 60)
+    upload = browser.find_element(By.ID, "file")
+    browser.execute_script("arguments[0].style.display = 'block';", upload)
+    upload.send_keys(ct)
+    wait.until(lambda d: d.find_element(By.ID, "ask").is_enabled())
+    question = browser.find_element(By.ID, "question")
+    question.clear()
+    question.send_keys(QUESTION)
+    tokens = browser.find_element(By.ID, "max-tokens")
+    tokens.clear()
+    tokens.send_keys("160")
+    browser.find_element(By.ID, "structured").click()
+    browser.find_element(By.ID, "ask").click()
+    wait.until(lambda d: d.find_element(By.ID, "answer").get_attribute("data-done") in ("true", "error"))
+    status = browser.find_element(By.ID, "status").text
+    assert browser.find_element(By.ID, "answer").get_attribute("data-done") == "true", status
+    assert browser.find_element(By.ID, "answer").get_attribute("textContent") == expected
+    table = browser.find_element(By.ID, "finding")
+    assert table.is_displayed()
+    rows = [tuple(cell.text for cell in row.find_elements(By.TAG_NAME, "td"))
+            for row in table.find_elements(By.CSS_SELECTOR, "tbody tr")]
+    assert sorted(rows) == sorted(want)

@@ -108,8 +108,50 @@ async function chooseFile(file) {
   await refreshPreview(false);
 }
 
+// "structured": the answer is decoded under the radiology findings schema (the server's copy of
+// examples/findings.schema.json) and shown as a table, one row per field (nested fields as "lesion.size_mm").
+let findingsSchema = null;
+async function structuredFormat() {
+  if (findingsSchema === null) {
+    const response = await fetch("/static/findings.schema.json");
+    if (!response.ok) throw new Error("the findings schema could not be loaded");
+    findingsSchema = await response.json();
+  }
+  return { type: "json_schema", json_schema: { name: "finding", schema: findingsSchema, strict: true } };
+}
+
+function flatten(value, prefix, rows) {
+  if (value !== null && typeof value === "object" && !Array.isArray(value)) {
+    for (const [key, inner] of Object.entries(value)) flatten(inner, prefix ? prefix + "." + key : key, rows);
+  } else {
+    rows.push([prefix, typeof value === "string" ? value : JSON.stringify(value)]);
+  }
+  return rows;
+}
+
+function showFinding(text, finishReason) {
+  const table = $("finding"), body = table.querySelector("tbody");
+  body.textContent = "";
+  let finding;
+  try {
+    finding = JSON.parse(text);
+  } catch (e) {
+    table.hidden = true;
+    return finishReason === "length" ? "The answer was cut at max tokens before its JSON was complete." :
+      "The answer is not JSON.";
+  }
+  for (const [field, value] of flatten(finding, "", [])) {
+    const row = body.insertRow();
+    row.insertCell().textContent = field;
+    row.insertCell().textContent = value;
+  }
+  table.hidden = false;
+  return null;
+}
+
 async function ask() {
   $("ask").disabled = true;
+  $("finding").hidden = true;
   $("answer").textContent = "";
   $("answer").dataset.done = "false";
   $("latency").textContent = "";
@@ -123,9 +165,11 @@ async function ask() {
     stream: true, stream_options: { include_usage: true },
   };
   if (state.model) request.model = state.model;
+  const structured = $("structured").checked;
   const start = performance.now();
-  let firstToken = null, usage = null, failed = false;
+  let firstToken = null, usage = null, failed = false, finishReason = null;
   try {
+    if (structured) request.response_format = await structuredFormat();
     const response = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(request) });
     if (!response.ok) throw new Error(await errorText(response));
     const reader = response.body.getReader();
@@ -145,6 +189,7 @@ async function ask() {
         if (chunk.error) throw new Error(chunk.error.message);
         if (chunk.usage) usage = chunk.usage;
         for (const choice of chunk.choices || []) {
+          if (choice.finish_reason) finishReason = choice.finish_reason;
           const text = choice.delta && choice.delta.content;
           if (text) {
             if (firstToken === null) firstToken = performance.now();
@@ -153,7 +198,8 @@ async function ask() {
         }
       }
     }
-    setStatus("Done.");
+    const problem = structured ? showFinding($("answer").textContent, finishReason) : null;
+    setStatus(problem || "Done.", problem !== null);
   } catch (error) {
     failed = true;
     setStatus(String(error.message || error), true);
