@@ -145,7 +145,7 @@ def test_eval_records_the_decoding_it_used(recommended_folder, colour_bench_file
     recorded = json.loads((tmp_path / "api" / "run.json").read_text())
     assert recorded["decoding"] == {**RECOMMENDED_GENERATION, **DECODING["mcq"]}
     assert recorded["generation_config"] == str((recommended_folder / GENERATION_CONFIG).resolve())
-    assert api["count"] == 2
+    assert api["predicted"] == 2  # one per split (dev, test): splits are reported separately
 
 
 def test_trainer_writes_the_recommended_settings(tmp_path):
