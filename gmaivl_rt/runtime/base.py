@@ -4,7 +4,7 @@ backend adds `generate` over its own way of running the model. The serving engin
 the same functions, so `ask` and `Engine.ask` accept one set."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from gmaivl_rt.errors import InputError, ModelError
@@ -51,7 +51,6 @@ class Answer:
     finish_reason: str
     logprobs: list | None = None
     complete: bool | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class Backend:

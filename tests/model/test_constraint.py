@@ -237,3 +237,44 @@ def test_findings_schema_is_a_valid_schema_of_the_kind_shown_in_the_issue():
     jsonschema.validate(finding, FINDINGS)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**finding, "plane": "diagonal"}, FINDINGS)
+
+
+def test_generate_tokens_records_each_rows_logprobs_and_constraint_as_alone(tokenizer, compiler):
+    """`generate_tokens` over three rows (one constraint per row, one of them free; greedy, logits that depend on
+    the row's last token) records in its DecodeTrace the same tokens, logprobs (chosen and top 3) and completeness
+    as each row decoded alone. Mutants: `TokenLogprob.from_step` reading row 0's top list for every row; the
+    per-row constraint list applied as the first row's to all."""
+    from types import SimpleNamespace
+
+    from gmaivl_rt.model.sampling import DecodeTrace, generate_tokens
+
+    V = len(tokenizer) + 8
+    weights = torch.randn(V, V, generator=torch.Generator().manual_seed(5))
+    config = SimpleNamespace(eos_token_id=list(tokenizer.stop_ids), pad_token_id=0, context_length=64)
+    constraints = [compiler.compile(constraint_from_options(choice=CHOICES)), None,
+                   compiler.compile(constraint_from_options(regex="[a-z]{2,6}"))]
+    prompts = torch.randint(10, len(tokenizer), (3, 4), generator=torch.Generator().manual_seed(6))
+
+    def run(rows):
+        state = {"last": prompts[rows, -1]}
+
+        def step(tokens):
+            state["last"] = tokens
+            return 3 * weights[tokens]
+
+        trace = DecodeTrace()
+        out = generate_tokens(lambda: 3 * weights[state["last"]], step, prompts[rows], config, max_new_tokens=10,
+                              constraint=[constraints[r] for r in rows], logprobs=True, top_logprobs=3, trace=trace)
+        return out, trace
+
+    out, trace = run([0, 1, 2])
+    assert trace.complete[0] is True and trace.complete[1] is None and trace.complete[2] is True
+    for row in range(3):
+        alone, alone_trace = run([row])
+        n = alone.shape[1]
+        assert out[row, :n].tolist() == alone[0].tolist()
+        assert trace.complete[row] == alone_trace.complete[0]
+        assert len(trace.logprobs[row]) == len(alone_trace.logprobs[0])
+        for a, b in zip(trace.logprobs[row], alone_trace.logprobs[0]):
+            assert a.token == b.token and a.logprob == pytest.approx(b.logprob, abs=1e-5)
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
