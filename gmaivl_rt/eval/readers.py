@@ -110,8 +110,7 @@ def detect_format(path: Path) -> str:
     if suffix == ".tsv":
         return "vlmevalkit"
     if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            header = next(csv.reader(f), [])
+        header, _ = _read_csv(path)
         if "Figure_path" in header:
             return "pmc-vqa"
         if {"image", "question", "answer"} <= set(header):
@@ -126,6 +125,17 @@ def detect_format(path: Path) -> str:
             return "huatuo"
     raise InputError(f"benchmark file (--data) {path.name!r}: cannot tell its format; pass --format "
                      f"({', '.join(FORMATS)})")
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
+    """A CSV benchmark file -> (its header, its rows as dicts); unreadable text is an error naming the file."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            return list(reader.fieldnames or ()), list(reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"benchmark file (--data) {path.name!r} is not a readable UTF-8 CSV ({type(e).__name__})") \
+            from None
 
 
 def _load_json_list(path: Path) -> list[dict]:
@@ -389,15 +399,14 @@ def read_vqa_rad(path: Path, protocol: str = "closed-open") -> list[Item]:
     folders = ("VQA_RAD Image Folder", "images")
     items = []
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            _require(set(reader.fieldnames or ()), ["image", "question", "answer"], path, "header")
-            for n, row in enumerate(reader):
-                answer = str(row["answer"]).strip()
-                kind = "closed" if answer.lower() in _YES_NO else "open"
-                items.append(Item(index=str(n), question=row["question"], kind=kind, answer=answer,
-                                  scorer="closed-open", images=[_resolve_image(path.parent, row["image"], folders)],
-                                  groups={"answer_type": kind}))
+        header, rows = _read_csv(path)
+        _require(set(header), ["image", "question", "answer"], path, "header")
+        for n, row in enumerate(rows):
+            answer = str(row["answer"]).strip()
+            kind = "closed" if answer.lower() in _YES_NO else "open"
+            items.append(Item(index=str(n), question=row["question"], kind=kind, answer=answer,
+                              scorer="closed-open", images=[_resolve_image(path.parent, row["image"], folders)],
+                              groups={"answer_type": kind}))
         return items
     for n, record in enumerate(_load_json_list(path)):
         _require(record, ["image_name", "question", "answer", "answer_type"], path, f"item {n}")
@@ -420,22 +429,21 @@ def read_pmc_vqa(path: Path, protocol: str = "mcq") -> list[Item]:
     if protocol != "mcq":
         raise InputError("PMC-VQA is multiple choice: use --protocol mcq")
     items = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        _require(set(reader.fieldnames or ()), ["Figure_path", "Question", "Answer_label"], path, "header")
-        for n, row in enumerate(reader):
-            options = {}
-            for letter in "ABCD":
-                text = (row.get(f"Choice {letter}") or "").strip()
-                if text[:2] in (f"{letter}:", f"{letter}."):
-                    text = text[2:].strip()
-                if text:
-                    options[letter] = text
-            answer = row["Answer_label"].strip() or None
-            if answer is not None and answer not in options:
-                raise InputError(f"benchmark file (--data) {path.name!r}, row {n}: Answer_label is not one of its "
-                                 "option letters")
-            items.append(Item(index=str(row.get("index") or n), question=row["Question"], kind="mcq", answer=answer,
-                              scorer="vlmevalkit", options=options,
-                              images=[_resolve_image(path.parent, row["Figure_path"], ("images", "figures"))]))
+    header, rows = _read_csv(path)
+    _require(set(header), ["Figure_path", "Question", "Answer_label"], path, "header")
+    for n, row in enumerate(rows):
+        options = {}
+        for letter in "ABCD":
+            text = (row.get(f"Choice {letter}") or "").strip()
+            if text[:2] in (f"{letter}:", f"{letter}."):
+                text = text[2:].strip()
+            if text:
+                options[letter] = text
+        answer = row["Answer_label"].strip() or None
+        if answer is not None and answer not in options:
+            raise InputError(f"benchmark file (--data) {path.name!r}, row {n}: Answer_label is not one of its "
+                             "option letters")
+        items.append(Item(index=str(row.get("index") or n), question=row["Question"], kind="mcq", answer=answer,
+                          scorer="vlmevalkit", options=options,
+                          images=[_resolve_image(path.parent, row["Figure_path"], ("images", "figures"))]))
     return items

@@ -329,7 +329,10 @@ def evaluate(model_dir, data, out, *, format: str = "auto", protocol: str | None
         bar.close()
         if handle is not None:
             handle.close()
-    scores = _score_items(bench, items, {i.index: done[i.index] for i in items}, out, scorer)
+    # verdicts recomputed from the answers: lines a resumed run wrote under an older version score the same way
+    lines = {i.index: {"index": i.index, "prompt": item_prompt(i), **_scored_line(i, done[i.index]["prediction"],
+                                                                                 scorer)} for i in items}
+    scores = _score_items(bench, items, lines, out, scorer)
     atomic_write_json(out / "run.json", {**run_info, "status": "done", "seconds": time.perf_counter() - started,
                                          "unparsed": scores["unparsed"]})
     return scores

@@ -36,7 +36,7 @@ def _lines(path, rows):
 
 def test_reader_failures_are_one_line(tmp_path, capsys, bench):
     """Mutants seen failing: the VQA-RAD CSV header check removed (KeyError 'answer' traceback); a non-list
-    options string passed on (the kit's IndexError)."""
+    options string passed on (the kit's IndexError); the CSV decode error not caught."""
     out = tmp_path / "out"
     pmc = write_csv(tmp_path / "test_clean.csv", ["Figure_path", "Question", "Answer", "Choice A", "Choice B",
                                                   "Answer_label"], [["a.jpg", "q", "CT", "A:CT", "B:MRI", "A"]])
@@ -47,6 +47,9 @@ def test_reader_failures_are_one_line(tmp_path, capsys, bench):
                                                "image": []}])
     _fails(capsys, ["eval", "score", predictions, "--data", huatuo, "--format", "huatuo", "--out", out],
            "`options` is a string that is not a list literal", out)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("image,question,answer\na.jpg,Is it \u00e9dema?,yes\n".encode("latin-1"))
+    _fails(capsys, ["eval", "score", predictions, "--data", latin, "--out", out], "is not a readable UTF-8 CSV", out)
     existing = tmp_path / "a-file"
     existing.write_text("keep me")
     _fails(capsys, ["eval", "score", predictions, "--data", bench, "--out", existing], "is an existing file")
