@@ -31,8 +31,13 @@ def bootstrap_ci(values, clusters, *, resamples: int = BOOTSTRAP_RESAMPLES, seed
     sums = np.bincount(ids, weights=np.asarray(values, dtype=np.float64))
     counts = np.bincount(ids).astype(np.float64)
     rng = np.random.default_rng(seed)
-    draws = rng.multinomial(len(keys), np.full(len(keys), 1.0 / len(keys)), size=resamples)
-    stats = (draws @ sums) / (draws @ counts)
+    clusters_n = len(keys)
+    chunk = max(1, 4_000_000 // clusters_n)  # resamples drawn a chunk at a time: memory stays bounded at 100k images
+    stats = []
+    for start in range(0, resamples, chunk):
+        drawn = rng.integers(0, clusters_n, size=(min(chunk, resamples - start), clusters_n), dtype=np.int64)
+        stats.append(sums[drawn].sum(axis=1) / counts[drawn].sum(axis=1))
+    stats = np.concatenate(stats)
     tail = (1.0 - level) / 2 * 100
     low, high = np.percentile(stats, [tail, 100 - tail])
     return [float(low), float(high)]
