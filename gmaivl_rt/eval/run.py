@@ -81,8 +81,39 @@ LINE_FIELDS = ("index", "prompt", "prediction", "extracted", "answer", "correct"
                "g_index", "circular_correct", "recall", "precision", "f1", "exact_match")
 
 
+PREDICTION_TABLES = (".xlsx", ".tsv", ".csv")  # VLMEvalKit's own prediction files ({model}_{dataset}.xlsx)
+
+
+def _read_prediction_table(path: Path) -> dict[str, dict]:
+    """VLMEvalKit's prediction file (xlsx, or tsv/csv with PRED_FORMAT) -> {index: {"index", "prediction"}}, read
+    as its `evaluate` reads it: column names lower-cased, `str(prediction)` (an empty cell is the text "nan")."""
+    from gmaivl_rt.extras import require
+
+    require("pandas", extra="eval")
+    import pandas as pd
+
+    try:
+        if path.suffix.lower() == ".xlsx":
+            require("openpyxl", extra="eval")
+            frame = pd.read_excel(path)
+        else:
+            frame = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",")
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"predictions file {path.name!r} is not a readable table ({type(e).__name__})") from None
+    frame.columns = [str(c).lower() for c in frame.columns]
+    if "index" not in frame.columns or "prediction" not in frame.columns:
+        raise InputError(f"predictions file {path.name!r} needs `index` and `prediction` columns")
+    found = {}
+    for index, prediction in zip(frame["index"], frame["prediction"]):
+        index = str(index)
+        if index in found:
+            raise InputError(f"predictions file {path.name!r}: index {index[:20]!r} occurs twice")
+        found[index] = {"index": index, "prediction": str(prediction)}
+    return found
+
+
 def read_predictions(path, repair: bool = False) -> dict[str, dict]:
-    """predictions.jsonl -> {index: line}. A torn last line (a run killed mid-write) is dropped with a warning, and
+    """predictions.jsonl (or VLMEvalKit's own prediction table, `_read_prediction_table`) -> {index: line}. A torn last line (a run killed mid-write) is dropped with a warning, and
     with `repair` cut from the file so appending continues cleanly; any other bad line, a repeated index or a
     `prediction` that is not text is an error. `path` may be a pipe."""
     path = Path(path)
@@ -90,6 +121,8 @@ def read_predictions(path, repair: bool = False) -> dict[str, dict]:
         raise InputError(f"predictions file {str(path)!r} does not exist")
     if path.is_dir():
         raise InputError(f"predictions file {str(path)!r} is a folder")
+    if path.suffix.lower() in PREDICTION_TABLES:
+        return _read_prediction_table(path)
     with open(path, "rb") as f:
         data = f.read()
     complete = data[:data.rfind(b"\n") + 1]

@@ -210,3 +210,19 @@ def test_slake_language_follows_lmms_eval(tmp_path):
     assert len(read_benchmark(data, language="all").items) == 9  # the missing q_lang too
     with pytest.raises(InputError, match="--lang"):
         read_benchmark(data, language="fr")
+
+
+def test_score_reads_vlmevalkit_prediction_tables_as_the_kit_does(tmp_path):
+    """VLMEvalKit writes predictions as `{model}_{dataset}.xlsx` (or .tsv with PRED_FORMAT=tsv): the TSV's columns
+    plus `prediction`; its `evaluate` lower-cases column names and takes `str(prediction)`, so an empty cell is the
+    text "nan" (unparsed, wrong) and padding is kept (kit hits on this file: 0, 1, 0).
+    Mutant seen failing: the table's predictions stripped."""
+    plane = {"A": "axial", "B": "coronal", "C": "sagittal"}
+    rows = [{"index": i, "image": IMAGE, "question": "Plane?", **plane, "answer": "B"} for i in range(3)]
+    data = write_tsv(tmp_path / "planes.tsv", rows)
+    table = write_tsv(tmp_path / "model_planes.tsv", [{"Index": r["index"], "question": r["question"],
+                                                       "Prediction": p} for r, p in
+                                                      zip(rows, ["coronal" + " " * 60, "B", None])])
+    scores = score(table, data, tmp_path / "out")
+    assert _verdicts(tmp_path / "out") == {"0": False, "1": True, "2": False}
+    assert scores["unparsed"] == 2
