@@ -321,7 +321,7 @@ def _huatuo_options(record: dict, path: Path, n: int) -> list:
 
 def read_huatuo_json(path: Path, protocol: str = "mcq") -> list[Item]:
     """HuatuoGPT-Vision's evaluation list, as its `eval.py` (`TestDataset`) and `scorer.py` (`score_mix_llava`)
-    read it (commit f699d88): items are numbered 1..N as `test_id` whatever the file says (so no item is a
+    read it (its evaluation code as issue 27 cites it, commit f699d88): items are numbered 1..N as `test_id` whatever the file says (so no item is a
     duplicate), options may be a list literal in a string; mcq drops `question_type == "open"` and items without
     options; the gold letter is the answer's position among the options ("?" answers count as wrong); the prompt is
     always its English one. closed-open: every item, scored on its answer text."""

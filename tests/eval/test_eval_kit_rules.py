@@ -1,9 +1,10 @@
 """The kits' own rules where they differ from a plain reading (issue 27), scored through `eval score` on small files
-written here. Every expected verdict and figure was checked while writing these tests by running the kit's own
+written here. The expected verdicts and figures were checked while writing these tests by running the kit's own
 Python code on the same file and predictions: VLMEvalKit main e8e78f0 (`dataset/utils/multiple_choice.py`
 `mcq_vanilla_eval` / `mcq_circular_eval` / `report_acc` with `utils/matching_util.py`, as
-`ImageMCQDataset.evaluate` feeds them under `exact_matching`), HuatuoGPT-Vision's `eval.py` / `scorer.py`,
-LLaVA-Med v1.0.0 `llava/eval/run_eval.py` and lmms-eval 75571cf `lmms_eval/tasks/slake/utils.py`. The kits are not
+`ImageMCQDataset.evaluate` feeds them under `exact_matching`), LLaVA-Med v1.0.0 `llava/eval/run_eval.py` and
+lmms-eval 75571cf `lmms_eval/tasks/slake/utils.py`; HuatuoGPT-Vision's `eval.py` / `scorer.py` (whose evaluation
+code is not in the authors' current repository snapshot) were read from a stored copy, not run. The kits are not
 imported here: each docstring states the rule."""
 import json
 
