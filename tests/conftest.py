@@ -206,3 +206,40 @@ def colour_bench_file(tmp_path_factory):
     from eval_fixtures import colour_benchmark
 
     return colour_benchmark(tmp_path_factory.mktemp("colour_bench") / "colours.tsv", count=8)
+
+
+# ------------------------------------------------------------------------------------------------ the browser
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+def _browser_missing() -> str | None:
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
+    if missing:
+        return (f"headless browser test: {' and '.join(missing)} not installed (`make test` installs Debian's "
+                "chromium and chromium-driver when run as root on an apt machine)")
+    return None
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """A headless Chromium (selenium), closed after the test; skips, saying why, where it is not installed. Used by
+    the server page tests and the in-browser export page test."""
+    reason = _browser_missing()
+    if reason:
+        pytest.skip(reason)
+    webdriver = pytest.importorskip("selenium.webdriver", reason="headless browser test: selenium not installed")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--no-first-run",
+                 "--disable-sync", "--window-size=1200,900", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(30)
+    driver.set_script_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-from pathlib import Path
 
 import pytest
 
@@ -76,40 +75,5 @@ def serve():
 def keep_alive():
     """keep_alive(server, headers=None) -> a `Connection`."""
     return Connection
-
-
-# ------------------------------------------------------------------------------------------------ the browser
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-
-
-def _browser_missing() -> str | None:
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
-    if missing:
-        return (f"headless browser test: {' and '.join(missing)} not installed (`make test` installs Debian's "
-                "chromium and chromium-driver when run as root on an apt machine)")
-    return None
-
-
-@pytest.fixture
-def browser(tmp_path):
-    reason = _browser_missing()
-    if reason:
-        pytest.skip(reason)
-    webdriver = pytest.importorskip("selenium.webdriver", reason="headless browser test: selenium not installed")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--no-first-run",
-                 "--disable-sync", "--window-size=1200,900", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    driver.set_page_load_timeout(30)
-    driver.set_script_timeout(30)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
