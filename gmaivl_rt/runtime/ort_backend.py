@@ -140,6 +140,8 @@ class OnnxBackend(GraphBackend):
         self.past_names, self.present_names = past_names(self.num_layers), present_names(self.num_layers)
         self.on_cuda = self.graphs["decoder_model_merged"].on_cuda
         self.float_dtype = self.graphs["decoder_model_merged"].dtype("inputs_embeds")
+        # fp16 in a q4f16 export even where its inputs_embeds are fp32 (gmaivl_rt.export.quantize)
+        self.cache_dtype = self.graphs["decoder_model_merged"].dtype(self.past_names[0])
 
     @property
     def placement(self) -> dict:
@@ -160,7 +162,7 @@ class OnnxBackend(GraphBackend):
 
     def _empty_past(self, batch):
         t = self.config.text
-        empty = np.zeros((batch, t.num_kv_heads, 0, t.head_dim), dtype=self.float_dtype)
+        empty = np.zeros((batch, t.num_kv_heads, 0, t.head_dim), dtype=self.cache_dtype)
         if self.on_cuda:
             import onnxruntime as ort
 
