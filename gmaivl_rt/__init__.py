@@ -14,6 +14,7 @@ _PUBLIC = {  # name -> the module that defines it
     "GmaivlError": "errors", "InputError": "errors", "LimitError": "errors", "ModelError": "errors",
     "Limits": "limits",
     "to_medical_image": "medical.convert",
+    "DicomWebRef": "medical.dicomweb",
     "PreparedRequest": "runtime.request",
 }
 __all__ = sorted([*_PUBLIC, "load"])

@@ -52,6 +52,8 @@ RETRY_WAIT_MS = 500  # exponential back-off multiplier between attempts
 # What QIDO-RS is asked for besides its defaults: enough to choose an image and check limits before downloading.
 INSTANCE_FIELDS = ("SeriesInstanceUID", "SOPInstanceUID", "SeriesNumber", "InstanceNumber", "Rows", "Columns",
                    "NumberOfFrames", "ImagePositionPatient", "ImageOrientationPatient", "Modality")
+QIDO_PAGE = 1000  # instances per QIDO-RS answer (limit / offset paging)
+MAX_INSTANCES = 100_000  # instances one reference may search through
 # Loggers that quote URLs (with UIDs), response headers or header values at some level.
 _QUIET_LOGGERS = ("dicomweb_client", "urllib3", "requests", "highdicom", "pydicom", "retrying")
 
@@ -267,17 +269,16 @@ class Archive:
             raise ArchiveError(f"archive: {what}: cannot connect to the archive") from None
         except requests.exceptions.RequestException as e:
             raise ArchiveError(f"archive: {what} failed ({type(e).__name__})") from None
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError, OSError) as e:
-            # a malformed DICOM JSON / multipart answer: its text may quote the data, so only its type
+        except Exception as e:
+            # a malformed DICOM JSON / multipart / DICOM answer (pydicom, json, the multipart parser raise many
+            # types): their text may quote the data, so only the type
             raise ArchiveError(f"archive: {what}: the archive's answer cannot be read ({type(e).__name__})") \
                 from None
 
     def image_instances(self, study: str, series: str | None = None) -> list[InstanceInfo]:
         """The study's (or one series') image instances (with Rows and Columns), from QIDO-RS; WADO-RS metadata
         fills in sizes QIDO left out. ArchiveError when the study (series) is not found."""
-        with self._call("searching the study"):
-            found = self.client.search_for_instances(study, series, fields=list(INSTANCE_FIELDS),
-                                                     get_remaining=True)
+        found = self._search_instances(study, series)
         if not found:
             raise ArchiveError(f"archive: {'series' if series else 'study'} not found (no instances)")
         infos = []
@@ -292,6 +293,22 @@ class Archive:
             if info is not None:
                 infos.append(info)
         return infos
+
+    def _search_instances(self, study: str, series: str | None) -> list[dict]:
+        """QIDO-RS instances, page by page (QIDO_PAGE at a time), bounded: an archive that ignores `offset` (the
+        same page again) ends the search, and more than MAX_INSTANCES is refused."""
+        found, seen = [], set()
+        while True:
+            with self._call("searching the study"):
+                page = self.client.search_for_instances(study, series, fields=list(INSTANCE_FIELDS),
+                                                        limit=QIDO_PAGE, offset=len(found))
+            new = [item for item in page if _value(item, "00080018") not in seen]
+            found.extend(new)
+            seen.update(_value(item, "00080018") for item in new)
+            if len(found) > MAX_INSTANCES:
+                raise LimitError(f"archive: more than {MAX_INSTANCES} instances to search; name the series")
+            if len(page) < QIDO_PAGE or not new:
+                return found
 
     def retrieve(self, study: str, info: InstanceInfo):
         """One instance as a pydicom Dataset, in the transfer syntax the archive holds it in."""

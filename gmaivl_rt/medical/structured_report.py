@@ -8,6 +8,7 @@ Content tree (root: LN 18748-4 "Diagnostic Imaging Report"):
 * CONTAINS TEXT DCM 121071 "Finding": the model's answer, INFERRED FROM one IMAGE item (DCM 121112 "Source of
   Measurement") per source instance the answer was made from.
 
+Text: UTF-8 (Specific Character Set ISO_IR 192), control characters DICOM text cannot hold replaced (`dicom_text`).
 Header: the source's Patient and Study modules (highdicom copies them from the evidence, as an object filed in the
 study must carry them) and nothing else of the source header; Current Requested Procedure Evidence Sequence lists
 the source instances; `VerificationFlag` UNVERIFIED, `CompletionFlag` COMPLETE; a new series whose description says
@@ -52,6 +53,16 @@ def _check_text(value: str, role: str, limit: int = 64) -> str:
     return value
 
 
+# C0 control characters DICOM text (UT) may not hold: all but TAB, LF, FF, CR (and ESC, for ISO 2022 only).
+_CONTROL = {code: "\ufffd" for code in range(32) if code not in (9, 10, 12, 13)}
+
+
+def dicom_text(text: str) -> str:
+    """Text as a report holds it: characters DICOM's text repertoire excludes (C0 controls other than TAB, LF, FF,
+    CR; DEL) become U+FFFD; everything else is kept (the report is UTF-8, ISO_IR 192)."""
+    return text.translate({**_CONTROL, 127: "\ufffd"})
+
+
 def answer_report(sources: list, question: str, answer: str, algorithm: Algorithm):
     """sources: the pydicom Datasets the answer was made from (one study); question / answer: text. Returns the
     highdicom `ComprehensiveSR` (a pydicom Dataset). Raises InputError for sources of several studies or none, and
@@ -79,14 +90,14 @@ def answer_report(sources: list, question: str, answer: str, algorithm: Algorith
                                      referenced_sop_class_uid=ds.SOPClassUID,
                                      referenced_sop_instance_uid=ds.SOPInstanceUID,
                                      relationship_type=RelationshipTypeValues.INFERRED_FROM) for ds in sources]
-        finding = TextContentItem(name=codes.DCM.Finding, value=answer, relationship_type=contains)
+        finding = TextContentItem(name=codes.DCM.Finding, value=dicom_text(answer), relationship_type=contains)
         finding.ContentSequence = evidence
         items = [
             TextContentItem(name=codes.DCM.AlgorithmName, value=algorithm.name, relationship_type=context),
             TextContentItem(name=codes.DCM.AlgorithmVersion, value=algorithm.version, relationship_type=context),
             TextContentItem(name=codes.DCM.AlgorithmParameters, value=f"weights SHA-256 {algorithm.weights_sha256}",
                             relationship_type=context),
-            TextContentItem(name=codes.DCM.Request, value=question, relationship_type=contains),
+            TextContentItem(name=codes.DCM.Request, value=dicom_text(question), relationship_type=contains),
             finding,
         ]
         root = ContainerContentItem(name=CodedConcept("18748-4", "LN", "Diagnostic Imaging Report"))
@@ -102,6 +113,9 @@ def answer_report(sources: list, question: str, answer: str, algorithm: Algorith
             sop_instance_uid=generate_uid(), instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
             is_final=False, is_verified=False, series_description=SERIES_DESCRIPTION,
             contributing_equipment=[equipment])
+        # A model's answer may hold any character: UTF-8, whatever the source's character set (the patient's
+        # values keep their characters, re-encoded).
+        report.SpecificCharacterSet = "ISO_IR 192"
         # highdicom also lists the source's acquisition equipment (its manufacturer, institution, station name):
         # source header values this report does not carry.
         report.ContributingEquipmentSequence = [

@@ -69,6 +69,9 @@ def register(subparsers) -> None:
                    help="intensity window: a CT window name (lung, mediastinum, bone, brain, abdomen), percentile, "
                         "minmax, or CENTRE,WIDTH")
     p.set_defaults(func=_ask_cli)
+    from gmaivl_rt.runtime.hospital import add_archive_options
+
+    add_archive_options(p)
 
 
 def _cli_window(text):
@@ -98,10 +101,17 @@ def _constraint_options(args) -> dict:
 
 
 def _ask_cli(args) -> int:
+    from gmaivl_rt.runtime.hospital import archive_ref_from_args, ask_archive_cli
+
+    archive_ref = archive_ref_from_args(args)  # a half-given --dicomweb set fails before the model loads
     backend = load(args.model, backend=args.backend, **backend_options(args))
     backend.tokenizer  # noqa: B018  (a folder without a tokenizer cannot answer: say so before reading the image)
     generation = {key: getattr(args, key) for key in DECODING_FIELDS if getattr(args, key) is not None}
     generation.update(_constraint_options(args))
+    if archive_ref is not None:
+        return ask_archive_cli(backend, args, archive_ref, system=args.system, frame=args.frame,
+                               slice_index=args.slice_index, plane=args.plane, window=_cli_window(args.window),
+                               seed=args.seed, **generation)
     print(backend.ask(args.question, args.image, system=args.system, frame=args.frame,
                       slice_index=args.slice_index, plane=args.plane, window=_cli_window(args.window),
                       seed=args.seed, **generation))

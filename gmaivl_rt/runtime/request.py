@@ -146,6 +146,15 @@ def preprocess_images(images, vision) -> tuple[list[torch.Tensor], list[int], li
     return pixels, counts, keys
 
 
+def _read_image(obj, **reader):
+    """One request image -> MedicalImage: a `DicomWebRef` is read from its archive (`archive_image`), anything else
+    by `to_medical_image`; both with the same role, limits and reader options."""
+    from gmaivl_rt.medical.convert import to_medical_image
+    from gmaivl_rt.medical.dicomweb import DicomWebRef, archive_image
+
+    return archive_image(obj, **reader) if isinstance(obj, DicomWebRef) else to_medical_image(obj, **reader)
+
+
 def build_request(runtime, question=None, image=None, *, messages=None, images=None, system=None, frame=None,
                   slice_index=None, plane=None, window=None, generation: dict | None = None,
                   limits: Limits | None = None) -> PreparedRequest:
@@ -153,8 +162,6 @@ def build_request(runtime, question=None, image=None, *, messages=None, images=N
     generation: options over the runtime's decoding defaults (`runtime.generation_defaults`, resolved from the
     model folder's generation_config.json by `gmaivl_rt.runtime.generation_config`), or None for prompt-only use
     (`prepare`), which skips them."""
-    from gmaivl_rt.medical.convert import to_medical_image
-
     limits = limits or DEFAULT_LIMITS
     if image is not None and images is not None:
         raise InputError("give image or images, not both")
@@ -173,8 +180,8 @@ def build_request(runtime, question=None, image=None, *, messages=None, images=N
                                    context=context, limits=limits)
         if options.get("constraint") is not None:  # compiled (or refused) before any image is read
             options["constraint"] = runtime.compile_constraint(options["constraint"])
-    read = [to_medical_image(obj, role=f"image {i + 1}", limits=limits, frame=frame, slice_index=slice_index,
-                             plane=plane, window=window) for i, obj in enumerate(given)]
+    read = [_read_image(obj, role=f"image {i + 1}", limits=limits, frame=frame, slice_index=slice_index,
+                        plane=plane, window=window) for i, obj in enumerate(given)]
     pixels, counts, keys = preprocess_images(read, runtime.config.vision)
     tokenizer = runtime.tokenizer
     ids = encode_chat(tokenizer, messages, system, counts, runtime.config.image_token_index)

@@ -91,8 +91,9 @@ def ref_to(archive, ds, level: str = "instance", **kw) -> DicomWebRef:
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm"])
 def test_an_instance_reads_as_the_same_file_from_disk(archive, name):
     """WADO-RS, in the transfer syntax stored (JPEG 2000 stays JPEG 2000), gives the picture the reader makes of the
-    file on disk. Mutant seen failing: retrieving without `transfer-syntax=*` (Orthanc transcodes JPEG2000.dcm to
-    Explicit VR Little Endian: the syntax check fails)."""
+    file on disk. Mutant seen failing: `retrieve` asking for Explicit VR Little Endian instead of `transfer-syntax=*`
+    (Orthanc transcodes JPEG2000.dcm: the syntax check fails). (Leaving the transfer syntax out altogether passes
+    with Orthanc 1.10, which then sends what it holds.)"""
     ds = archive.files[name]
     fetched = fetch_study(ref_to(archive, ds))
     assert fetched.sources[0].file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
@@ -275,6 +276,50 @@ def test_a_bearer_token_is_sent_and_errors_map(monkeypatch):
         assert len(seen) == 2
         for error in (forbidden, unavailable):
             assert "t0ken" not in str(error.value) and root not in str(error.value)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_qido_paging_is_followed_and_bounded(archive, monkeypatch):
+    """Instances are searched page by page: with 2 per page the 5-slice volume is still found whole (Orthanc
+    honours offset); an archive that ignores offset (the same page every time) ends the search instead of looping
+    (the first retrieval then fails on its non-DICOM answer). Mutants seen failing: the `not new` stop removed
+    (the loop never ends: the test's timeout), the offset not advanced (3 slices short of the volume)."""
+    import http.server
+    import json
+    import threading
+
+    from gmaivl_rt.medical import dicomweb
+
+    monkeypatch.setattr(dicomweb, "QIDO_PAGE", 2)
+    fetched = fetch_study(ref_to(archive, archive.volume[0], level="series"))
+    assert fetched.volume and len(fetched.sources) == 5
+    page = json.dumps([{"0020000E": {"vr": "UI", "Value": ["1.2.3.4"]}, "00080018": {"vr": "UI", "Value": [f"1.2.3.{n}"]},
+                        "00280010": {"vr": "US", "Value": [8]}, "00280011": {"vr": "US", "Value": [8]}}
+                       for n in (5, 6)]).encode()
+    calls = []
+
+    class SamePage(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            calls.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SamePage)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(ArchiveError):
+            fetch_study(DicomWebRef(f"http://127.0.0.1:{server.server_address[1]}/dicom-web", "1.2.3"))
+        assert sum("/instances?" in c for c in calls) == 2  # the second page repeated the first: stop
     finally:
         server.shutdown()
         server.server_close()

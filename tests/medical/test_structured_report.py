@@ -27,8 +27,8 @@ QUESTION, ANSWER = "Which plane does this image show?", "An axial CT slice of th
 PATIENT_AND_STUDY = {
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "OtherPatientIDsSequence", "PatientAge",
     "PatientWeight", "PatientSize", "AdditionalPatientHistory", "StudyInstanceUID", "StudyDate", "StudyTime",
-    "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription", "SpecificCharacterSet"}
-MADE_HERE = {"SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "SeriesNumber", "InstanceNumber", "Modality",
+    "ReferringPhysicianName", "StudyID", "AccessionNumber", "StudyDescription"}
+MADE_HERE = {"SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "SeriesNumber", "InstanceNumber", "Modality",
              "Manufacturer", "ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime",
              "SeriesDescription"}
 
@@ -129,6 +129,18 @@ def test_dciodvfy_finds_no_error(tmp_path):
     out = run.stdout + run.stderr
     assert "ComprehensiveSR" in out
     assert not [line for line in out.splitlines() if line.startswith("Error")], out
+
+
+def test_any_answer_text_survives_the_file():
+    """Answers in any script are kept exactly (the report is UTF-8 whatever the source's Latin-1 says), the patient
+    name keeps its characters; control characters DICOM text cannot hold become U+FFFD. Mutant seen failing:
+    SpecificCharacterSet left as the source's ISO_IR 100 (the CJK and the replacement characters read back as
+    '?')."""
+    source = read_shipped("CT_small.dcm")
+    answer = "Kein Befund \u00e9\u00fc \u80ba \ufffd, line\nbreak \x17 end"
+    ds = read_back(answer_report([source], QUESTION, answer, ALGORITHM))
+    assert text_items(ds)[("DCM", "121071")] == answer.replace("\x17", "\ufffd")
+    assert ds.PatientName == source.PatientName and ds.SpecificCharacterSet == "ISO_IR 192"
 
 
 def test_refuses_what_dicom_cannot_hold():
