@@ -15,7 +15,7 @@ import numpy as np
 
 from gmaivl_rt.medical.base import (ImageSource, MedicalImage, MedicalImageError, body_part_term, check_finite,
                                     check_pixels, modality_code, safe_reason, source_label, square_pixels)
-from gmaivl_rt.medical.windowing import (CT_WINDOW_BY_BODY_PART, CT_WINDOWS, STRETCHES, apply_window, grey_unit,
+from gmaivl_rt.medical.windowing import (CT_WINDOWS, STRETCHES, apply_window, ct_window_name, grey_unit,
                                          parse_window, percentile_unit, to_uint8)
 
 # Compressed DICOM: the [dicom-codecs] extra's decoders first (pylibjpeg-libjpeg / -openjpeg / -rle, pyjpegls,
@@ -271,7 +271,7 @@ class DicomSource:
             function = str(function or "LINEAR")
             unit, window, name = apply_window(values, center, width, function), (center, width), "file"
         elif self.modality == "CT":
-            name = CT_WINDOW_BY_BODY_PART.get((self.body_part or "").replace(" ", ""), "abdomen")
+            name = ct_window_name(self.body_part)
             window = CT_WINDOWS[name]
             unit = apply_window(values, *window)
         else:
