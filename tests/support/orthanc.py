@@ -85,6 +85,18 @@ class Orthanc:
                 self.process.wait(timeout=15)
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the test process dies, even by SIGKILL (Linux prctl
+    PR_SET_PDEATHSIG), so no archive outlives the tests that started it."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 @contextlib.contextmanager
 def orthanc_archive(folder: Path, users: dict | None = None):
     """Start Orthanc + DICOMweb in `folder` (config, storage, log); yield an `Orthanc`; stop it on the way out.
@@ -101,7 +113,7 @@ def orthanc_archive(folder: Path, users: dict | None = None):
     (folder / "orthanc.json").write_text(json.dumps(config))
     log = open(folder / "orthanc.log", "w")
     process = subprocess.Popen([ORTHANC, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT,
-                               cwd=folder)
+                               cwd=folder, preexec_fn=_die_with_parent)
     archive = Orthanc(process, port, folder, users or {})
     try:
         deadline = time.monotonic() + START_SECONDS
