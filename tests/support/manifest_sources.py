@@ -80,6 +80,11 @@ def make_sources(root):
                             "options": ["T1", "T2", "FLAIR"]}) + "\n")
         f.write(json.dumps({"image": "xray2.png", "question": "Which side is the marker on?",
                             "answer": "left"}) + "\n")
+        # a multi-turn row (one dialogue about one image; options per turn) and one whose lists do not match
+        f.write(json.dumps({"image": "ct.dcm", "question": ["Which organ is shown?", "Is there contrast?"],
+                            "answer": ["lung", "no"], "options": [None, ["yes", "no"]]}) + "\n")
+        f.write(json.dumps({"image": "xray1.png", "question": ["Which side?", "Any fracture?"],
+                            "answer": ["left"]}) + "\n")
     manifest = {"datasets": [
         {"name": "chest_cls", "task": "classification", "image_root": "images", "annotations": "cls.csv",
          "labels": LABELS, "modality": "X-ray", "department": "pulmonology"},
@@ -93,5 +98,5 @@ def make_sources(root):
     path = root / "manifest.yaml"
     path.write_text(yaml.safe_dump(manifest))
     bad = {("chest_cls", "corrupt.png"), ("chest_cls", "truncated.dcm"), ("chest_cls", "notes.dcm"),
-           ("chest_cls", "badvr.dcm"), ("organ_seg", "seg.png")}
+           ("chest_cls", "badvr.dcm"), ("organ_seg", "seg.png"), ("small_vqa", "xray1.png")}
     return path, {"bad": bad, "anat_mask_slices": 4, "anat_axial_slices": canonical.shape[2]}

@@ -23,7 +23,7 @@ TRAIN_SCENES, HELD_OUT_SCENES = 160, 40
 CONFIG = {"preset": "compact", "data": {"max_length": 384}, "batch": {"global_batch_size": 4},
           "schedule": {"warmup_ratio": 0.05, "min_lr_ratio": 0.1}, "train": {"save_every": 1000000},
           "stages": {1: {"schedule": {"total_steps": 4}}, 2: {"schedule": {"total_steps": 4}},
-                     3: {"schedule": {"total_steps": 70}, "optimizer": {"lr": 2.0e-3}}}}
+                     3: {"schedule": {"total_steps": 200}, "optimizer": {"lr": 1.0e-3}}}}
 
 
 def _small_task(corpus, out):
@@ -35,8 +35,10 @@ def _small_task(corpus, out):
         if "mri_volume" in spec["name"]:
             continue
         rows = [json.loads(line) for line in (corpus / spec["annotations"]).read_text().splitlines()]
-        if spec["task"] == "vqa":
-            rows = [r for r in rows if r["question_type"] == TASK]
+        if spec["task"] == "vqa":  # a row is one dialogue: keep its turns of the task's question type
+            rows = [{**r, **{k: [v for v, t in zip(r[k], r["question_type"]) if t == TASK]
+                             for k in ("question", "answer", "question_type")}} for r in rows]
+            rows = [r for r in rows if r["question"]]
         path = out / "annotations" / f"{spec['name']}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -45,16 +47,16 @@ def _small_task(corpus, out):
     return out / "manifest.yaml"
 
 
-# Not met yet (2026-12-07): at 70 stage III steps the held-out score was 21.9 %, at 150 steps 25 % with the blind
-# control also 25 %: the model answers "CT (D)" to every question, and even its captions of training scans name
-# the wrong modality, so it has not learned to use the image at this budget. strict: the day it passes, the mark
-# must go (pytest reports XPASS as a failure).
-# It costs several minutes of this machine (over CI's ~90 s budget for it) to show a known shortfall, so it runs
-# on demand: GMAIVL_CONVERGENCE=1.
-@pytest.mark.skipif(not os.environ.get("GMAIVL_CONVERGENCE"), reason="not met yet (measured 25 % held-out, 25 % "
-                    "blind; issue 24) and several minutes long: GMAIVL_CONVERGENCE=1 runs it")
-@pytest.mark.xfail(strict=True, reason="the compact model does not yet learn to use the image at this step budget "
-                                       "(measured 25 % held-out, 25 % blind); issue 24")
+# Not met yet (2026-12-07): with dialogues, 16-token images and named options (docs/data.md) the held-out score at 200
+# stage III steps rose from 25 % (the model answered "CT (D)" to everything) to 47 % of 32 (chance 25 %), short of
+# 90 %: the from-scratch ViT needs more images than this budget shows it. strict: the day it passes, the mark must
+# go (pytest reports XPASS as a failure).
+# It costs about 7 minutes of this (shared) machine, over CI's ~90 s budget for it, to show a known shortfall, so it
+# runs on demand: GMAIVL_CONVERGENCE=1.
+@pytest.mark.skipif(not os.environ.get("GMAIVL_CONVERGENCE"), reason="not met yet (measured 47 % held-out at 200 "
+                    "steps, goal 90 %; issue 24) and several minutes long: GMAIVL_CONVERGENCE=1 runs it")
+@pytest.mark.xfail(strict=True, reason="the compact model does not yet reach 90 % held-out at this step budget "
+                                       "(measured 47 %); issue 24")
 def test_trained_model_answers_from_the_pixels(tmp_path):
     synthesize(tmp_path / "corpus", TRAIN_SCENES, seed=21)
     manifest = _small_task(tmp_path / "corpus", tmp_path / "task")

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from gmaivl_rt.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, remove_partial_files
-from gmaivl_rt.data.synth.questions import caption, training_turns
+from gmaivl_rt.data.synth.questions import caption, training_conversations
 from gmaivl_rt.data.synth.render import render_file, slice_index
 from gmaivl_rt.data.synth.scenes import KINDS, Scene, draw_scene, scene_rng
 
@@ -131,8 +131,9 @@ def synthesize(out, count: int, seed: int = 0, *, resume: bool = False, overwrit
             specs.setdefault(name, _spec(scene, name, task))
         annotations.setdefault(dataset_name(scene, "report"), []).append({**row, "report": caption(scene, rng)})
         rows = annotations.setdefault(dataset_name(scene, "vqa"), [])
-        for qtype, text, answer in training_turns(scene, rng):
-            rows.append({**row, "question": text, "answer": answer, "question_type": qtype})
+        for dialogue in training_conversations(scene, rng):
+            qtypes, texts, answers = (list(column) for column in zip(*dialogue))
+            rows.append({**row, "question": texts, "answer": answers, "question_type": qtypes})
         labels.append({"index": index, "file": relative, "kind": scene.kind, "modality": scene.modality,
                        "region": scene.region, "plane": scene.plane, "count": scene.count, "side": scene.side,
                        "size": scene.size, **({"frame": row["frame"]} if "frame" in row else {})})
