@@ -16,7 +16,12 @@ import pydicom
 import pytest
 
 from gmaivl_rt.data.build import build_dataset
-from gmaivl_rt.data.synth import SynthError, constant_image_tsv, synthesize, write_benchmark
+from gmaivl_rt.data.synth import (
+    SynthError,
+    constant_image_tsv,
+    synthesize,
+    write_benchmark,
+)
 from gmaivl_rt.data.synth.questions import training_turns
 from gmaivl_rt.data.synth.scenes import draw_scene, scene_rng
 from gmaivl_rt.eval.readers import read_benchmark
@@ -337,3 +342,38 @@ def test_benchmark_command_writes_the_same_files(tmp_path, capsys):
         assert (tmp_path / "cli" / name).read_bytes() == (tmp_path / "api" / name).read_bytes()
     assert main(["data", "synth", "--out", str(tmp_path / "cli"), "--count", "4", "--seed", "31", "--benchmark"]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_dialogues_ask_each_type_once_presence_first_and_task_subset_keeps_only_the_task(tmp_path):
+    """A written corpus's dialogues (`training_conversations`) never ask a question type twice (the first answer would
+    answer the second) and never ask about the lesion's count, side or size before the presence question (they tell
+    that there is one); they hold exactly the turns `training_turns` draws, one form per type per dialogue.
+    `task_subset` keeps only the chosen types' turns and drops what is left empty, over the same files.
+    Mutants seen failing: dealing every form into one dialogue; skipping the presence reorder; task_subset keeping
+    every turn."""
+    from gmaivl_rt.data.synth import task_subset
+    from gmaivl_rt.data.synth.questions import LESION_DETAILS, training_conversations
+
+    for index in range(200):
+        scene = draw_scene(5, index)
+        dialogues = training_conversations(scene, scene_rng(5, index, "questions"))
+        flat = sorted(t for d in dialogues for t in d)
+        assert flat == sorted(training_turns(scene, scene_rng(5, index, "questions")))
+        for dialogue in dialogues:
+            types = [t[0] for t in dialogue]
+            assert len(types) == len(set(types)), types
+            if "presence" in types:
+                assert not any(t in LESION_DETAILS for t in types[:types.index("presence")]), types
+
+    synthesize(tmp_path / "corpus", 12, seed=3)
+    manifest = task_subset(tmp_path / "corpus", tmp_path / "task", ["modality"], volumes=False)
+    import yaml
+
+    specs = yaml.safe_load(manifest.read_text())["datasets"]
+    assert specs and not any("mri_volume" in s["name"] for s in specs)
+    vqa_turns = [t for s in specs if s["task"] == "vqa"
+                 for line in (manifest.parent / s["annotations"]).read_text().splitlines()
+                 for t in json.loads(line)["question_type"]]
+    assert vqa_turns and set(vqa_turns) == {"modality"}
+    build = build_dataset(tmp_path / "built", manifest=manifest, progress=False, workers=1)
+    assert build["errors"] == 0 and build["records"] > 0

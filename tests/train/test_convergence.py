@@ -6,14 +6,18 @@ the kernels' backward through the reference path: break any of them and the held
 
 The task: which imaging modality a generated scan is (CT, MRI, X-ray or ultrasound; VLMEvalKit multiple choice,
 options shuffled per question, plus yes/no forms in training). Scored by `gmaivl_rt.eval` with VLMEvalKit's rules."""
-import json
 import os
 
 import pytest
 import yaml
 
 from gmaivl_rt.data.build import build_dataset
-from gmaivl_rt.data.synth import constant_image_tsv, synthesize, write_benchmark
+from gmaivl_rt.data.synth import (
+    constant_image_tsv,
+    synthesize,
+    task_subset,
+    write_benchmark,
+)
 from gmaivl_rt.eval.run import evaluate
 from gmaivl_rt.train.recipe import train
 from gmaivl_rt.train.tokenizer import conversation_texts, train_bpe_tokenizer
@@ -24,27 +28,6 @@ CONFIG = {"preset": "compact", "data": {"max_length": 384}, "batch": {"global_ba
           "schedule": {"warmup_ratio": 0.05, "min_lr_ratio": 0.1}, "train": {"save_every": 1000000},
           "stages": {1: {"schedule": {"total_steps": 4}}, 2: {"schedule": {"total_steps": 4}},
                      3: {"schedule": {"total_steps": 200}, "optimizer": {"lr": 1.0e-3}}}}
-
-
-def _small_task(corpus, out):
-    """The corpus's 2D scans with their modality questions and findings captions only (a manifest over the same
-    files, the question rows filtered by their question_type)."""
-    manifest = yaml.safe_load((corpus / "manifest.yaml").read_text())
-    kept = []
-    for spec in manifest["datasets"]:
-        if "mri_volume" in spec["name"]:
-            continue
-        rows = [json.loads(line) for line in (corpus / spec["annotations"]).read_text().splitlines()]
-        if spec["task"] == "vqa":  # a row is one dialogue: keep its turns of the task's question type
-            rows = [{**r, **{k: [v for v, t in zip(r[k], r["question_type"]) if t == TASK]
-                             for k in ("question", "answer", "question_type")}} for r in rows]
-            rows = [r for r in rows if r["question"]]
-        path = out / "annotations" / f"{spec['name']}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        kept.append({**spec, "image_root": str(corpus / "files"), "annotations": str(path)})
-    (out / "manifest.yaml").write_text(yaml.safe_dump({"datasets": kept}))
-    return out / "manifest.yaml"
 
 
 # Not met yet (2026-12-07): with dialogues, 16-token images and named options (docs/data.md) the held-out score at 200
@@ -59,7 +42,7 @@ def _small_task(corpus, out):
                                        "(measured 47 %); issue 24")
 def test_trained_model_answers_from_the_pixels(tmp_path):
     synthesize(tmp_path / "corpus", TRAIN_SCENES, seed=21)
-    manifest = _small_task(tmp_path / "corpus", tmp_path / "task")
+    manifest = task_subset(tmp_path / "corpus", tmp_path / "task", [TASK], volumes=False)
     build_dataset(tmp_path / "data", manifest=manifest, progress=False, workers=2)
     train_bpe_tokenizer(conversation_texts(tmp_path / "data"), tmp_path / "tok", vocab_size=512)
     config = tmp_path / "config.yaml"

@@ -5,6 +5,6 @@ scenes.py draws what each file shows from a closed, uniform label space; render.
 out as source files plus a manifest that `data build` converts; benchmark.py writes held-out files of another seed
 in the formats `gmaivl-rt eval` reads."""
 from gmaivl_rt.data.synth.benchmark import constant_image_tsv, write_benchmark
-from gmaivl_rt.data.synth.writer import SynthError, synthesize
+from gmaivl_rt.data.synth.writer import SynthError, synthesize, task_subset
 
-__all__ = ["synthesize", "write_benchmark", "constant_image_tsv", "SynthError"]
+__all__ = ["synthesize", "task_subset", "write_benchmark", "constant_image_tsv", "SynthError"]

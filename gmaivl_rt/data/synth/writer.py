@@ -151,6 +151,34 @@ def synthesize(out, count: int, seed: int = 0, *, resume: bool = False, overwrit
             "records": sum(len(rows) for rows in annotations.values()), "manifest": str(out / MANIFEST_FILE)}
 
 
+def task_subset(corpus, out, question_types, *, volumes: bool = True, captions: bool = True) -> Path:
+    """A manifest over a written corpus (`synthesize`) that keeps only the dialogue turns of `question_types`
+    (dialogues left empty are dropped), the findings captions when `captions`, and the NIfTI volumes when `volumes`;
+    the files stay where they are. Writes OUT/manifest.yaml and OUT/annotations/*.jsonl; returns the manifest path.
+    For small tasks (the convergence test, the stage ablation) built with `data build --manifest` like any corpus."""
+    import yaml
+
+    corpus, out, keep = Path(corpus), Path(out), set(question_types)
+    manifest = yaml.safe_load((corpus / MANIFEST_FILE).read_text())
+    kept = []
+    for spec in manifest["datasets"]:
+        if (not volumes and "mri_volume" in spec["name"]) or (not captions and spec["task"] == "report"):
+            continue
+        rows = [json.loads(line) for line in (corpus / spec["annotations"]).read_text().splitlines()]
+        if spec["task"] == "vqa":
+            rows = [{**r, **{k: [v for v, t in zip(r[k], r["question_type"]) if t in keep]
+                             for k in ("question", "answer", "question_type")}} for r in rows]
+            rows = [r for r in rows if r["question"]]
+        if not rows:
+            continue
+        atomic_write_text(out / "annotations" / f"{spec['name']}.jsonl",
+                          "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        kept.append({**spec, "image_root": str((corpus / spec["image_root"]).resolve()),
+                     "annotations": f"annotations/{spec['name']}.jsonl"})
+    atomic_write_text(out / MANIFEST_FILE, yaml.safe_dump({"datasets": kept}, sort_keys=False))
+    return out / MANIFEST_FILE
+
+
 def _spec(scene: Scene, name: str, task: str) -> dict:
     """A manifest dataset entry (gmaivl_rt.data.manifest) for one kind (and plane) and task."""
     spec = {"name": name, "task": task, "image_root": "files", "annotations": f"annotations/{name}.jsonl",
@@ -160,4 +188,12 @@ def _spec(scene: Scene, name: str, task: str) -> dict:
     return spec
 
 
-__all__ = ["synthesize", "SynthError", "check_count", "prepare_output", "dataset_name", "scene_file"]
+__all__ = [
+    "SynthError",
+    "check_count",
+    "dataset_name",
+    "prepare_output",
+    "scene_file",
+    "synthesize",
+    "task_subset",
+]
