@@ -263,10 +263,10 @@ class DicomSource:
             unit, window, name = (voi - lo) / max(hi - lo, 1.0), None, "file VOI LUT"
         elif ("WindowCenter" in ds and "WindowWidth" in ds) or (frame_center is not None and frame_width is not None):
             if "WindowCenter" in ds and "WindowWidth" in ds:
-                center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+                center, width = first_number(ds.WindowCenter), first_number(ds.WindowWidth)
                 function = ds.get("VOILUTFunction")
             else:
-                center, width = _first(frame_center), _first(frame_width)
+                center, width = first_number(frame_center), first_number(frame_width)
                 function = _functional_group(ds, "FrameVOILUTSequence", "VOILUTFunction", index)
             function = str(function or "LINEAR")
             unit, window, name = apply_window(values, center, width, function), (center, width), "file"
@@ -295,7 +295,7 @@ def _functional_group(ds, sequence: str, keyword: str, frame: int = 0):
     return None
 
 
-def _first(value) -> float:
+def first_number(value) -> float:
     """First entry of a possibly multi-valued DICOM number (several windows -> the first one)."""
     try:
         return float(value[0])

@@ -498,26 +498,18 @@ def volume_window(ds):
     whose own default is a percentile stretch): the file's first (centre, width), else for CT the named window of
     `ct_window_name`, else None. A VOI LUT sequence is not carried over."""
     from gmaivl_rt.medical.base import body_part_term, modality_code
-    from gmaivl_rt.medical.dicom import quiet_pydicom
+    from gmaivl_rt.medical.dicom import first_number, quiet_pydicom
     from gmaivl_rt.medical.windowing import ct_window_name
 
     with quiet_pydicom():
         try:
             if "WindowCenter" in ds and "WindowWidth" in ds:
-                return _first_number(ds.WindowCenter), _first_number(ds.WindowWidth)
+                return first_number(ds.WindowCenter), first_number(ds.WindowWidth)
         except (TypeError, ValueError, IndexError):
             return None
         if modality_code(ds.get("Modality")) == "CT":
             return ct_window_name(body_part_term(ds.get("BodyPartExamined")))
     return None
-
-
-def _first_number(value) -> float:
-    """A possibly multi-valued DICOM number's first value (several windows: the first one)."""
-    try:
-        return float(value[0])
-    except TypeError:
-        return float(value)
 
 
 def archive_image(ref: DicomWebRef, *, role: str = "image 1", limits: Limits | None = None, frame=None,
