@@ -61,7 +61,8 @@ def ends_with_parent() -> dict:
     """`subprocess.run(cmd, **ends_with_parent())`: the child gets SIGKILL when this process ends (Linux; armed in the
     child between fork and exec, the C library's prctl looked up here first so the child calls nothing but it and
     getppid). A child whose parent died before the signal was armed exits (code 1) before running its program. An
-    empty dict where prctl does not exist."""
+    empty dict where prctl does not exist. The kernel ties the signal to the thread that started the child: use it
+    with `subprocess.run`, or a `Popen` the same thread waits for."""
     prctl = _prctl()
     if prctl is None:
         return {}

@@ -1,16 +1,18 @@
 """`create_app(engine, ...)`: the OpenAI-compatible HTTP server over a `gmaivl_rt.Engine`, in vLLM's shapes.
 
 A thin layer: requests are turned into the engine's `submit(messages=, images=, system=, **generation)`; images go
-through the request boundary (`gmaivl_rt.medical.convert.to_medical_image`) in a worker thread, never on the
-event loop; the chat template, limits and decoding are the engine's. What this layer adds is HTTP: JSON and SSE
+through the request boundary (`gmaivl_rt.medical.convert.to_medical_image`) in the decode pool of `decoding`, never
+on the event loop; the chat template, limits and decoding are the engine's. What this layer adds is HTTP: JSON and SSE
 shapes, status codes, authentication, body size, media URLs, metrics and the web page.
 
 Status codes: 400 bad JSON / parameters / images (the boundary's `InputError`, message passed through: it names the
 input by role and never echoes bytes or header values), an unknown or unimplemented field (named), or a Host header
 outside `allowed_hosts`, 401 missing or wrong bearer token (with `api_key`), 404 an
-unknown model name or path, 413 a body over `max_request_bytes`, 429 when `max_waiting` requests already wait
-(images being read, or queued in the engine: `generation.Admission`, counted atomically; without `max_waiting`
-requests queue in the engine until a slot is free), 503 engine dead.
+unknown model name or path, 413 a body over `max_request_bytes` or images over the per-request decode budget, 429
+when `max_waiting` requests already wait (images being read, or queued in the engine: `generation.Admission`,
+counted atomically; without `max_waiting` requests queue in the engine until a slot is free) or the server's decode
+budget has no room (`decoding`: both read from the image headers before decoding, with Retry-After), 503 engine
+dead.
 
 This module wires the routes; the pieces are by idea: `openai` (requests -> the engine's arguments), `generation`
 and `sse` (answers, streamed or not), `boundary` (limits and images), `media` and `remote_media` (image URLs),
@@ -130,7 +132,8 @@ def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None
         """Image URLs -> (MedicalImages, their budget reservation): received and their headers read in a worker
         thread, refused from the headers (BudgetRefusal: 413 / 429) before anything is decoded, then decoded in the
         decode pool. The reservation is released once the pictures are freed (or by the caller when it is done)."""
-        received = await run_in_threadpool(receive_images, urls, limits, digests, **media_options)
+        received = await run_in_threadpool(receive_images, urls, limits, digests, decoding.check_request,
+                                           **media_options)
         reservation = decoding.admit([image.pixels for image in received])
         images = await decoding.decode(lambda: decode_images(received, limits), reservation)
         reservation.release_when_freed([image.pixels for image in images])

@@ -56,13 +56,15 @@ class ReceivedImage:
     pixels: int
 
 
-def receive_images(urls: list[protocol.ImageURL], limits: Limits, digests: list | None = None,
+def receive_images(urls: list[protocol.ImageURL], limits: Limits, digests: list | None = None, check=None,
                    **media_options) -> list[ReceivedImage]:
     """Image URLs -> `ReceivedImage`s, named "image 1", "image 2", ... in errors; only headers are read (a bad one
     raises the reader's InputError, naming the image by role). media_options: `read_image_url`'s
     allowed_local_media_path / allow_remote_media / allowed_media_domains / remote_timeout_s. `digests`: a list each
     image's `sha256_hex` is appended to as it is received (before its header is read, so a refused image has one
-    too). Blocking (fetches, reads files): call from a worker thread."""
+    too). `check`: called with the pixel counts read so far after each header (it may raise: a request over its
+    budget is refused at the header that takes it over, the rest never read). Blocking (fetches, reads files): call
+    from a worker thread."""
     out = []
     for i, image_url in enumerate(urls, start=1):
         role = f"image {i}"
@@ -76,6 +78,8 @@ def receive_images(urls: list[protocol.ImageURL], limits: Limits, digests: list 
         header = io.BytesIO(source) if isinstance(source, bytes) else source
         out.append(ReceivedImage(role, source, image_url.reader_options(),
                                  decoded_pixels(header, role=role, limits=limits)))
+        if check is not None:
+            check([image.pixels for image in out])
     return out
 
 

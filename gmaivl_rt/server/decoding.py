@@ -134,6 +134,16 @@ def return_memory() -> bool:
     return True
 
 
+def import_readers() -> None:
+    """Import the image readers' libraries (Pillow's plugins, pydicom and its pixel handlers, nibabel): a second or
+    more on a cold start, otherwise paid by the first image request, its 413 / 429 included."""
+    import nibabel  # noqa: F401
+    import pydicom.pixels  # noqa: F401
+    from PIL import Image
+
+    Image.init()
+
+
 class ImageDecoding:
     """One server's image admission: the `PixelBudget` and the decode pool.
 
@@ -148,13 +158,23 @@ class ImageDecoding:
                                                           thread_name_prefix="gmaivl-decode")
         self._lock = threading.Lock()
         self.decoding = 0  # requests in the pool (running or queued)
+        self.pool.submit(import_readers)  # the first image request should not wait for pydicom / nibabel to import
+
+    def check_request(self, pixels_per_image: list[int]) -> None:
+        """413 (BudgetRefusal) when the request's first images (their counts so far) already decode to more than
+        one request may take."""
+        total, limit = sum(pixels_per_image), self.budget.max_request_pixels
+        if total > limit:
+            count = len(pixels_per_image)
+            images = "image 1 decodes" if count == 1 else f"images 1 to {count} decode"
+            raise BudgetRefusal(413, f"the request's {images} to {total} pixel values; the limit per request is "
+                                     f"{limit} (--max-request-pixels)")
 
     def admit(self, pixels_per_image: list[int]) -> Reservation:
+        """A reservation of the request's pixels in the server budget: BudgetRefusal 413 over the per-request
+        limit, 429 (with retry_after_s) when the server budget has not that much left now."""
+        self.check_request(pixels_per_image)
         total = sum(pixels_per_image)
-        limit = self.budget.max_request_pixels
-        if total > limit:
-            raise BudgetRefusal(413, f"the request's images decode to {total} pixel values; the limit per request is "
-                                     f"{limit} (--max-request-pixels)")
         reservation = self.pixels.try_reserve(total)
         if reservation is None:
             retry = self.budget.retry_after_s
