@@ -95,8 +95,8 @@ def test_logprobs_are_the_masked_model_distribution(backend):
     (and the top 3) equals log_softmax of the model's own logits for that prefix (teacher-forced through
     `GMAIVL.last_logits`, no cache) with the tokens a brute-force rule bans set to -inf (a token whose text leaves
     the class or the length; the stop tokens before one character): what the token was chosen from. (Forced text
-    is left out on purpose: there llguidance allows only the canonical tokenization, a subset.) Mutants: logprobs
-    from the unmasked scores; the top list taken before the mask (it then names banned tokens)."""
+    is left out on purpose: there llguidance allows only the canonical tokenization, a subset.) Mutant seen
+    failing: logprobs from the unmasked logits (`step_logits.float().log_softmax`)."""
     tokenizer = backend.tokenizer
     answer = backend.answer("Which plane is shown?", regex="[a-z ]{1,12}", max_new_tokens=16, logprobs=True,
                             top_logprobs=3)
@@ -129,8 +129,7 @@ def test_logprobs_are_the_masked_model_distribution(backend):
 
 def test_an_answer_cut_by_max_new_tokens_is_flagged_partial(backend, folder):
     """A schema the budget cannot finish: finish_reason "length" and complete False (never a finished-looking
-    answer), in `answer` and in the engine. Mutant: `complete` read as `is_accepting` without the error check, or
-    the engine's constraint_complete left at True."""
+    answer), in `answer` and in the engine. Mutant seen failing: `ConstraintMatcher.complete` always True."""
     answer = backend.answer("What modality is this image?", json_schema=FINDINGS, max_new_tokens=6)
     assert answer.finish_reason == "length" and answer.complete is False
     with pytest.raises(ValueError):
@@ -144,9 +143,8 @@ def test_an_answer_cut_by_max_new_tokens_is_flagged_partial(backend, folder):
 def test_a_constraint_with_no_token_left_fails_that_request_alone(backend, folder):
     """The constraint's only answer repeats a word, and no_repeat_ngram_size=1 bans every token already seen:
     midway no allowed token survives. `answer` raises InputError; in the engine that request fails with it while
-    a request batched with it answers as it does alone. Mutants: `failed` ignored in `Engine._next_token` (the
-    request goes on with padding and ends "stop"); the empty-row guard removed from `pick_token` (a RuntimeError,
-    a 500 over HTTP)."""
+    a request batched with it answers as it does alone. Mutant seen failing: `failed` ignored in
+    `Engine._next_token` (the request goes on with padding and ends "stop")."""
     dead = {"choice": ["yes yes yes yes yes yes"], "no_repeat_ngram_size": 1, "max_new_tokens": 20}
     with pytest.raises(InputError, match="the constraint allows no next token"):
         backend.answer("Which plane is shown?", **dead)
@@ -163,7 +161,8 @@ def test_a_constraint_with_no_token_left_fails_that_request_alone(backend, folde
 
 def test_bad_constraints_fail_before_any_decoding(backend, folder, monkeypatch):
     """Every refusal comes from the request boundary: `generate` is never reached (it is made to fail the test),
-    and the engine fails that request alone. Mutant: the compile moved after generation (into `answer`)."""
+    and the engine fails that request alone. Mutant seen failing: `build_request` not compiling the constraint
+    (the uncompiled one reaches generation)."""
     monkeypatch.setattr(type(backend), "generate", lambda *a, **k: pytest.fail("decoding started"))
     for options, match in [({"choice": []}, "choice is empty"), ({"regex": "(ab"}, "unclosed group"),
                            ({"json_schema": {"type": "strin"}}, "not a valid JSON Schema"),

@@ -39,8 +39,8 @@ def test_constrained_mcq_answers_are_option_letters_each_as_alone(colour_model_d
     """Every prediction is one of its row's option letters in the TSV (a row with three options never answers
     D), parsed, and equal to `ask` with that choice on the item alone (a batch of 4 rows with their own choice
     lists); run.json and scores.json say the run was constrained, the unconstrained run says it was not.
-    Mutants: `item_constraint` giving every item A-D (row 5 may answer D); the per-row constraint list replaced by
-    the first row's constraint; the note left out."""
+    Mutants seen failing: `item_constraint` giving every item A-D (row 5 may answer D); the per-row constraint
+    list replaced by the first row's constraint; the note left out."""
     free, free_scores, constrained, scores = runs
     table = pd.read_csv(colour_bench_file, sep="\t", dtype=str, keep_default_na=False)
     letters = {str(row["index"]): [c for c in "ABCD" if row.get(c, "")] for _, row in table.iterrows()}
@@ -63,7 +63,7 @@ def test_constrained_mcq_answers_are_option_letters_each_as_alone(colour_model_d
 
 def test_a_constrained_run_never_resumes_or_merges_an_unconstrained_one(colour_model_dir, colour_bench_file, runs,
                                                                         tmp_path):
-    """Mutants: "constrained" left out of the resume check; left out of the merge check."""
+    """Mutants seen failing: "constrained" left out of the resume check; left out of the merge check."""
     free, _, constrained, _ = runs
     shutil.copytree(free, tmp_path / "free")
     with pytest.raises(InputError, match="constrained differs"):

@@ -109,9 +109,8 @@ def test_constrained_step_and_logprobs_match_transformers(tokenizer, compiler, d
     masks) and, independently, through transformers' processors with PrefixConstrainedLogitsProcessor fed the
     brute-force rule: the same token each step (sampling: the same seeded draw from the reference softmax), and
     the logprobs (chosen and top 5) equal `log_softmax` of the reference scores: after the mask, i.e. what was
-    sampled from. Mutants: the mask applied after temperature/top-k (`allowed` moved below the filters: top-k then
-    keeps banned tokens out and changes the draw); logprobs from the raw logits (`logits.float().log_softmax`);
-    the top logprobs taken before the mask; rows given each other's mask (`allowed.flip(0)`)."""
+    sampled from. Mutants seen failing: logprobs from the raw logits (`step_logits.float().log_softmax`); rows
+    given each other's mask (`allowed.flip(0)`)."""
     V = len(tokenizer) + 8
     rule = _prefix_rule(tokenizer, CHOICES)
     params = SamplingParams(do_sample=do_sample, temperature=0.7, top_k=40, top_p=0.95, repetition_penalty=1.3)
@@ -160,8 +159,8 @@ def test_constrained_step_and_logprobs_match_transformers(tokenizer, compiler, d
 def test_a_row_with_every_token_banned_never_raises_and_ends_alone():
     """Sampling a row whose every score is -inf used to raise (softmax NaN -> multinomial), a 500 over HTTP.
     Unconstrained, it ends with its eos; constrained (a mask that excludes everything), it is `failed`; either
-    way the other rows draw exactly what they draw alone. Mutants: the empty-row guard removed from `pick_token`
-    (raises); `failed` set for unconstrained rows too; the empty row's eos replaced by the pad (not finished)."""
+    way the other rows draw exactly what they draw alone. Mutants seen failing: the empty-row guard removed from
+    `pick_token` (raises); `failed` set for unconstrained rows too; the empty row's eos replaced by the pad."""
     V = 30
     params = SamplingParams(do_sample=True, temperature=0.9, top_k=5, top_p=0.9, min_p=0.05)
     stop = StopRule([7], 0)
@@ -198,8 +197,7 @@ def test_a_row_with_every_token_banned_never_raises_and_ends_alone():
     ({"regex": "a", "choice": ["b"]}, InputError, "not choice and regex"),
 ], ids=lambda v: str(v)[:30] if isinstance(v, dict) else None)
 def test_bad_constraints_are_refused_naming_the_problem(options, error, match):
-    """Mutants: each check of `constraint_from_options` removed in turn (the empty list, a non-string choice, the
-    meta-schema check, the size limit, two constraints at once)."""
+    """Mutants seen failing: the empty-list check removed; the schema size limit removed."""
     with pytest.raises(error, match=match):
         constraint_from_options(**options)
 

@@ -52,9 +52,9 @@ def test_json_schema_answers_validate_streamed_or_not_and_equal_the_engine(clien
     """Sampled at temperature 1 under the findings schema with a seed: the reply parses and validates
     (jsonschema), equals `Engine.ask` with json_schema= and the same seed, streams the same text and logprobs (the
     chunks' logprobs joined), and carries one logprob per completion token, each with its top 2 (fewer where the
-    schema allows fewer tokens) in OpenAI's shape. Mutants: `structured_output` ignoring response_format (prose
-    comes back); sse_events sending each chunk's logprobs twice (`sent` not advanced); the non-streamed
-    completion without `answer_details` (logprobs null)."""
+    schema allows fewer tokens) in OpenAI's shape. Mutants seen failing: `structured_output` ignoring a json_schema
+    response_format (prose comes back); sse_events sending earlier tokens' logprobs again (`sent` not advanced);
+    the non-streamed completion without `answer_details` (logprobs null)."""
     fields = dict(max_tokens=200, temperature=1.0, seed=11, logprobs=True, top_logprobs=2,
                   response_format={"type": "json_schema",
                                    "json_schema": {"name": "finding", "schema": FINDINGS, "strict": True}})
@@ -86,7 +86,7 @@ def test_json_schema_answers_validate_streamed_or_not_and_equal_the_engine(clien
 ], ids=["guided_choice", "guided_regex", "guided_json"])
 def test_vllm_guided_fields_constrain_sampled_answers(client, fields, check):
     """Five seeds each, temperature 1: every answer is inside its constraint (checked by Python's re, json and
-    jsonschema). Mutant: one of the guided_* fields dropped in `structured_output`."""
+    jsonschema). Mutant seen failing: guided_choice dropped in `structured_output`."""
     for seed in range(5):
         reply = _ask(client, max_tokens=200, temperature=1.0, seed=seed, **fields)
         assert reply.choices[0].finish_reason == "stop", reply
@@ -110,7 +110,7 @@ def test_json_object_is_a_json_object_or_flagged_partial(client):
 
 def test_a_schema_cut_by_max_tokens_is_flagged_partial(client):
     """finish_reason "length" and constraint_satisfied false, streamed and not; the text is no finished JSON.
-    Mutant: constraint_satisfied taken from "finish_reason == 'stop'" alone... or left out of the last chunk."""
+    Mutant seen failing: constraint_satisfied left out of the last chunk."""
     reply = _ask(client, max_tokens=5, extra_body={"guided_json": FINDINGS})
     assert reply.choices[0].finish_reason == "length"
     assert reply.choices[0].model_extra.get("constraint_satisfied") is False
@@ -123,8 +123,8 @@ def test_a_schema_cut_by_max_tokens_is_flagged_partial(client):
 
 def test_logprobs_without_a_constraint(client, serving_engine):
     """Greedy, unconstrained: top_logprobs 3 per token, the chosen token first among them (greedy picks the most
-    likely), logprobs equal to the engine's; no constraint_satisfied field. Mutant: TokenLogprob.from_step reading
-    the top lists of the wrong row."""
+    likely), logprobs equal to the engine's; no constraint_satisfied field. Mutant seen failing: one more top
+    logprob than asked for (`top_logprobs + 1`)."""
     reply = _ask(client, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
     choice = reply.choices[0]
     assert "constraint_satisfied" not in (choice.model_extra or {})
@@ -154,8 +154,7 @@ def test_logprobs_without_a_constraint(client, serving_engine):
     ({"extra_body": {"guided_json": {"enum": [str(i) * 100 for i in range(700)]}}}, "the limit is 65536"),
 ])
 def test_bad_constraints_are_400s_naming_the_problem(client, fields, param_or_text):
-    """Mutants: the InputError of a compile turned into a generic error (a 500); the field prefix dropped from
-    `structured_output`'s errors."""
+    """Mutant seen failing: the field prefix dropped from `structured_output`'s errors."""
     with pytest.raises(openai.BadRequestError) as caught:
         _ask(client, max_tokens=4, **fields)
     assert re.search(param_or_text, caught.value.response.json()["error"]["message"]), \
