@@ -24,7 +24,8 @@ def load(path, backend: str = "torch", *, limits: Limits | None = None, generati
     """path: a model folder (torch) or an exported folder (onnx / tensorrt). limits: the request `Limits` of this
     runtime (default `Limits()`). generation_config: where the decoding defaults come from ("auto": the folder's
     generation_config.json, else plain greedy; "none": plain greedy; or a file / folder path;
-    `gmaivl_rt.runtime.generation_config`), resolved here, before the weights load. kwargs go to the backend: torch: dtype, device; onnx: device or providers, threads;
+    `gmaivl_rt.runtime.generation_config`), resolved here, before the weights load. kwargs go to the backend: torch: dtype, device; onnx: device or providers, threads, inter_op_threads,
+    allow_spinning (`ort_backend.session_options`);
     tensorrt: device. torch on CUDA without a dtype loads an fp32 checkpoint in bf16 (fp16 on GPUs before sm_80;
     `checkpoint.inference_dtype`); an explicit dtype wins, CPU keeps the stored dtype. A folder with tokenizer
     files has its tokenizer loaded and checked here (ModelError when it cannot serve); a folder without any serves

@@ -5,6 +5,9 @@ generation loop of `gmaivl_rt.runtime.graph_backend.GraphBackend`.
 Providers: the CPU provider by default; CUDA (and TensorRT, when asked for) where onnxruntime-gpu is installed.
 On CUDA the KV cache stays on the device between steps through I/O binding; on the CPU the present arrays are fed
 back as the next step's past as they are.
+Threads: every session is built by `session_options`, with ONNX Runtime's spin-waiting off by default: its intra-op
+threads otherwise keep spinning on the cores for a while after each call, which on a small CPU slows whatever runs
+next in the process (torch work beside the graphs, the engine's Python, the HTTP server).
 """
 from __future__ import annotations
 
@@ -44,6 +47,32 @@ def providers_for_device(device: str) -> list:
         raise InputError(f"device {device}: this ONNX Runtime has no CUDA execution provider (install "
                          "onnxruntime-gpu)")
     return [("CUDAExecutionProvider", {"device_id": int(index or 0)}), "CPUExecutionProvider"]
+
+
+def session_options(threads: int | None = None, inter_op_threads: int | None = None,
+                    allow_spinning: bool = False):
+    """The one place our ONNX Runtime sessions get their `SessionOptions`: all graph optimisations; `threads` /
+    `inter_op_threads` intra- / inter-op thread counts (None: ONNX Runtime's choice, one intra-op thread per core);
+    `allow_spinning` False (the default) sets `session.intra_op.allow_spinning` and `session.inter_op.allow_spinning`
+    to "0", so idle pool threads block instead of spin-waiting on cores the rest of the process needs. True restores
+    ONNX Runtime's default (spinning: lower latency between back-to-back calls on a machine with cores to spare)."""
+    import onnxruntime as ort
+
+    for role, count in (("threads", threads), ("inter_op_threads", inter_op_threads)):
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+            raise InputError(f"{role} must be an int >= 0 (0: ONNX Runtime's choice), got {count!r}")
+    if not isinstance(allow_spinning, bool):
+        raise InputError(f"allow_spinning must be a bool, got {type(allow_spinning).__name__}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    if inter_op_threads:
+        options.inter_op_num_threads = inter_op_threads
+    spinning = "1" if allow_spinning else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
+    return options
 
 
 def read_deploy(path: Path) -> dict:
@@ -106,14 +135,14 @@ class _Graph:
 
 class OnnxBackend(GraphBackend):
     """generate() through ONNX Runtime. providers: list for onnxruntime (default: CUDA if present, else CPU);
-    device: "cpu", "cuda" or "cuda:N" instead of providers; threads: intra-op threads (default: ONNX Runtime's
-    choice)."""
+    device: "cpu", "cuda" or "cuda:N" instead of providers; threads / inter_op_threads: ONNX Runtime's intra- /
+    inter-op thread counts (default: its choice); allow_spinning: let idle pool threads spin-wait (default False:
+    `session_options`)."""
 
     name = "onnx"
 
-    def __init__(self, path, providers=None, threads: int | None = None, device: str | None = None):
-        import onnxruntime as ort
-
+    def __init__(self, path, providers=None, threads: int | None = None, device: str | None = None,
+                 inter_op_threads: int | None = None, allow_spinning: bool = False):
         self.path = Path(path)
         deploy = read_deploy(self.path)
         if deploy.get("attention") not in (None, "sdpa"):
@@ -123,10 +152,7 @@ class OnnxBackend(GraphBackend):
             raise ValueError(f"{self.path}: bf16 graphs are meant for TensorRT (numpy and ONNX Runtime's CPU "
                              "provider have no bf16); export fp16 or fp32 for ONNX Runtime")
         self._init_from_deploy(deploy)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
+        options = session_options(threads, inter_op_threads, allow_spinning)
         if device is not None and providers is not None:
             raise TypeError("OnnxBackend: pass providers or device, not both")
         providers = providers_for_device(device) if device is not None else providers or default_providers()

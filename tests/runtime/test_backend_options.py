@@ -87,3 +87,35 @@ def test_serve_dtype_reaches_the_engines_model(colour_model_dir, monkeypatch):
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(app.state.engine.backend.placement))
     assert main(["serve", str(colour_model_dir), "--dtype", "bf16", "--device", "cpu", "--max-batch-size", "1"]) == 0
     assert seen == {"device": "cpu", "dtype": "bfloat16"}
+
+
+def _spinning(session) -> tuple[str, str]:
+    options = session.get_session_options()  # read back from ONNX Runtime's own session (InferenceSession._sess)
+    return tuple(options.get_session_config_entry(f"session.{pool}.allow_spinning") for pool in ("intra_op", "inter_op"))
+
+
+def test_onnx_sessions_do_not_spin_unless_asked(onnx_dir):
+    """Every session the onnx backend builds (all three graphs) has ONNX Runtime's spin-waiting off by default, read
+    back from the session itself: spinning threads slow the torch work and Python that run next on a small CPU
+    (issue 29). `allow_spinning=True` turns it back on; thread counts reach the session; bad values are refused by
+    role. Mutants seen failing: `session_options` or `OnnxBackend` default allow_spinning=True; "0" written as "1"; the
+    inter-op entry dropped; OnnxBackend building its own SessionOptions instead of `session_options` (the readback
+    raises: no entry); `inter_op_threads` not passed on."""
+    from gmaivl_rt.runtime.ort_backend import OnnxBackend, session_options
+
+    helper_default = session_options()
+    assert [helper_default.get_session_config_entry(f"session.{pool}.allow_spinning")
+            for pool in ("intra_op", "inter_op")] == ["0", "0"]
+    default = gmaivl_rt.load(onnx_dir, backend="onnx", device="cpu")
+    assert sorted(default.graphs) == ["decoder_model_merged", "embed_tokens", "vision_encoder"]
+    for graph in default.graphs.values():
+        assert _spinning(graph.session) == ("0", "0"), graph.name
+    spinning = OnnxBackend(onnx_dir, device="cpu", threads=1, inter_op_threads=1, allow_spinning=True)
+    for graph in spinning.graphs.values():
+        assert _spinning(graph.session) == ("1", "1"), graph.name
+        options = graph.session.get_session_options()
+        assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
+    with pytest.raises(InputError, match="inter_op_threads must be an int"):
+        session_options(inter_op_threads=-1)
+    with pytest.raises(InputError, match="allow_spinning must be a bool"):
+        session_options(allow_spinning="no")
