@@ -15,7 +15,9 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 
 def median_seconds(fn, rounds: int, warmup: int = 1) -> float:
@@ -29,20 +31,40 @@ def median_seconds(fn, rounds: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def interleaved_median_seconds(fns: dict, rounds: int, warmup: int = 1) -> dict:
-    """{name: fn} -> {name: median seconds}. Every side is warmed up first, then the rounds alternate between the
-    sides (a, b, c, a, b, c, ...), so load from other jobs on a shared machine falls on all of them alike rather
-    than on whichever side happened to run during it."""
+IDLE_GAP_S = 0.2
+
+
+def interleaved_seconds(fns: dict, rounds: int, warmup: int = 1, gap_s: float = IDLE_GAP_S) -> dict:
+    """{name: fn} -> {name: [seconds of each round]}. Every side is warmed up first, then the rounds alternate
+    between the sides, so load from other jobs on a shared machine falls on all of them alike rather than on
+    whichever side happened to run during it. The order rotates each round (a b c, b c a, c a b, ...), so no side
+    always runs right after the same other one, and every timed call starts after `gap_s` seconds of idling: what
+    one side leaves running (ONNX Runtime's spin-waiting pool threads, a freed allocator's work) cannot slow the
+    next (issue 29: with spinning ONNX threads timed right before it, torch's prefill looked 5-8x slower)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    names = list(fns)
+    times = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            time.sleep(gap_s)
             start = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - start)
+    return times
+
+
+def interleaved_median_seconds(fns: dict, rounds: int, warmup: int = 1, gap_s: float = IDLE_GAP_S) -> dict:
+    """{name: fn} -> {name: median seconds} of `interleaved_seconds`."""
+    times = interleaved_seconds(fns, rounds, warmup, gap_s)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def load_average() -> tuple[float, float, float]:
+    """The machine's 1, 5 and 15 minute load averages, recorded beside every figure a bench reports."""
+    return os.getloadavg()
 
 
 def compact_checkpoint(path) -> None:
@@ -95,11 +117,34 @@ print(json.dumps(getattr(module, sys.argv[2])(*sys.argv[3:])))
 
 def in_fresh_process(file, function: str, *args, timeout: int = 900) -> dict:
     """Call `function(*args)` (string args) from the module at `file` in a new Python process, on the CPU paths of
-    our ops (GMAIVL_KERNELS=auto, no interpreter); returns the dict it returns."""
+    our ops (GMAIVL_KERNELS=auto, no interpreter); returns the dict it returns. The process starts in a temporary
+    folder, not the checkout root, where `python -c` would put the root's `kernels/`, `train/` and `export/` first
+    on sys.path as bare top-level packages (docs/architecture.md)."""
     env = dict(os.environ, GMAIVL_KERNELS="auto")
     env.pop("TRITON_INTERPRET", None)
-    done = subprocess.run([sys.executable, "-c", _RUNNER, str(file), function, *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+    with tempfile.TemporaryDirectory(prefix="gmaivl-bench-") as outside:
+        done = subprocess.run([sys.executable, "-c", _RUNNER, str(Path(file).resolve()), function, *map(str, args)],
+                              capture_output=True, text=True, env=env, timeout=timeout, cwd=outside)
     if done.returncode != 0:
         raise RuntimeError(f"{function}{args} failed in a fresh process:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def alternating_fresh_processes(file, function: str, sides: dict, rounds: int, timeout: int = 900) -> dict:
+    """sides: {name: args for `function`}. Runs `in_fresh_process(file, function, *args)` for every side, `rounds`
+    times, the order rotating each round (a b, b a, ...) so neither side always runs first or right after the other
+    while load from other jobs comes and goes. Returns {name: [the dict of each round]}; each round's ratio between
+    sides is a same-run ratio."""
+    names = list(sides)
+    results = {name: [] for name in names}
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            results[name].append(in_fresh_process(file, function, *sides[name], timeout=timeout))
+    return results
+
+
+def span(values, fmt: str = "{:.2f}") -> str:
+    """min-max of a list of figures as text ("1.10-1.45"; one value alone)."""
+    low, high = fmt.format(min(values)), fmt.format(max(values))
+    return low if low == high else f"{low}-{high}"

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from gmaivl_rt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
-from measure import in_fresh_process, peak_extra_mib
+from measure import alternating_fresh_processes, load_average, peak_extra_mib, span
 
 TOKENS, HIDDEN, VOCAB = 2048, 256, 92544
 
@@ -47,15 +47,21 @@ def measure(variant: str, tokens: str, hidden_size: str, vocab: str, rounds: str
     return {"peak_extra_mib": peak, "seconds": statistics.median(times), "rounds": len(times), "method": method}
 
 
-def _measure(variant: str) -> dict:
-    return in_fresh_process(__file__, "measure", variant, TOKENS, HIDDEN, VOCAB, timeout=600)
+ROUNDS = int(os.environ.get("GMAIVL_BENCH_ROUNDS", "3"))
 
 
 def test_fused_cross_entropy_memory_vs_naive(benchmark, monkeypatch):
     monkeypatch.setenv("GMAIVL_KERNELS", "auto")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         pytest.skip("TRITON_INTERPRET is set; this benchmark measures the CPU (chunked torch) path")
-    fused, naive = _measure("fused"), _measure("naive")
+    load_before = load_average()
+    # each side in its own fresh process, alternating over GMAIVL_BENCH_ROUNDS rounds: per-round same-run ratios
+    runs = alternating_fresh_processes(__file__, "measure", {side: (side, TOKENS, HIDDEN, VOCAB)
+                                                             for side in ("fused", "naive")}, ROUNDS, timeout=1800)
+    load_after = load_average()
+    fused, naive = runs["fused"], runs["naive"]
+    memory = [n["peak_extra_mib"] / max(f["peak_extra_mib"], 1e-9) for f, n in zip(fused, naive)]
+    speed = [n["seconds"] / f["seconds"] for f, n in zip(fused, naive)]
 
     torch.manual_seed(0)
     hidden = torch.randn(TOKENS, HIDDEN, requires_grad=True)
@@ -67,24 +73,25 @@ def test_fused_cross_entropy_memory_vs_naive(benchmark, monkeypatch):
     logits_mib = TOKENS * VOCAB * 4 / 2**20
     benchmark.extra_info.update(
         shape=f"N={TOKENS} H={HIDDEN} V={VOCAB} fp32, forward+backward",
-        memory_method=fused["method"],
-        timing=f"median of {fused['rounds']} runs after the warm-up run that gave the peak, each side in its own "
-               "process",
-        fused_peak_extra_mib=round(fused["peak_extra_mib"], 1),
-        naive_peak_extra_mib=round(naive["peak_extra_mib"], 1),
+        memory_method=fused[0]["method"],
+        timing=f"per round, median of {fused[0]['rounds']} runs after the warm-up run that gave the peak, each side "
+               f"in its own process; {ROUNDS} alternating rounds",
+        fused_peak_extra_mib=[round(f["peak_extra_mib"], 1) for f in fused],
+        naive_peak_extra_mib=[round(n["peak_extra_mib"], 1) for n in naive],
         full_logits_mib=round(logits_mib, 1),
-        memory_reduction_vs_naive=round(naive["peak_extra_mib"] / max(fused["peak_extra_mib"], 1e-9), 2),
-        fused_s=round(fused["seconds"], 3),
-        naive_s=round(naive["seconds"], 3),
-        speedup_vs_naive=round(naive["seconds"] / fused["seconds"], 3),
+        memory_reduction_vs_naive=[round(m, 2) for m in memory],
+        fused_s=[round(f["seconds"], 3) for f in fused],
+        naive_s=[round(n["seconds"], 3) for n in naive],
+        speedup_vs_naive=[round(x, 3) for x in speed],
+        load_average_before=load_before, load_average_after=load_after,
     )
-    print(f"\nfused CE: peak +{fused['peak_extra_mib']:.0f} MiB, {fused['seconds']:.2f} s | naive: peak "
-          f"+{naive['peak_extra_mib']:.0f} MiB, {naive['seconds']:.2f} s | one (N, V) fp32 logits = "
-          f"{logits_mib:.0f} MiB | memory {naive['peak_extra_mib'] / fused['peak_extra_mib']:.1f}x less, "
-          f"time x{naive['seconds'] / fused['seconds']:.2f}")
+    print(f"\nfused CE, {ROUNDS} alternating rounds (load average {load_before[0]:.1f} before, {load_after[0]:.1f} "
+          f"after): peak +{span([f['peak_extra_mib'] for f in fused], '{:.0f}')} MiB, "
+          f"{span([f['seconds'] for f in fused])} s | naive: peak +{span([n['peak_extra_mib'] for n in naive], '{:.0f}')}"
+          f" MiB, {span([n['seconds'] for n in naive])} s | one (N, V) fp32 logits = {logits_mib:.0f} MiB | memory "
+          f"{span(memory, '{:.1f}')}x less, naive time / fused time x{span(speed)} (same-round ratios)")
 
 
-@pytest.mark.gpu  # skipped with the reason by bench/conftest.py where no CUDA device runs Triton
 def test_fused_cross_entropy_gpu_memory_vs_naive(benchmark, monkeypatch):
     from gmaivl_rt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy_reference
 

@@ -65,8 +65,10 @@ def _stream_once(url: str, body: dict) -> tuple[float, float, int]:
 def served(tmp_path_factory):
     folder = make_tiny_chat_model(tmp_path_factory.mktemp("bench_serve"), TEXTS)
     port = free_port()
+    # started outside the checkout root, where `python -m` would take its kernels/ train/ export/ for top-level
+    # packages (docs/architecture.md)
     process = subprocess.Popen([sys.executable, "-m", "gmaivl_rt.cli", "serve", str(folder), "--port", str(port),
-                                "--max-batch-size", str(max(CLIENTS, 1))],
+                                "--max-batch-size", str(max(CLIENTS, 1))], cwd=tmp_path_factory.mktemp("outside"),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -6,7 +6,8 @@ one (1, 2048) sequence with cu_seqlens, theirs as a (4, 512) batch: no padding e
 Twice: at the compact preset's own vocabulary and at InternLM2's 92544 entries, where the full logits that
 transformers materialises dominate memory and the fused cross-entropy shows its cut.
 
-Each variant runs in a fresh subprocess; peak memory is the resident-set high-water mark of the measured steps
+Each variant runs in a fresh subprocess, the two alternating over GMAIVL_BENCH_ROUNDS rounds (default 3; ratios per
+round, reported as ranges with the load average); peak memory is the resident-set high-water mark of the measured steps
 above the resident set after a warm-up step (bench/measure.py), so weights,
 gradients-to-be and AdamW state are in the baseline and the figure is what the step itself needs. Ratios (ours
 over transformers' memory, transformers' over ours in time) go to extra_info; only the first-step losses are
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 from gmaivl_rt import GMAIVL, GMAIVLConfig
-from measure import in_fresh_process, peak_extra_mib
+from measure import alternating_fresh_processes, load_average, peak_extra_mib, span
 
 SEQS, SEQ_LEN, STEPS = 4, 512, 3
 
@@ -82,8 +83,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def _measure(variant: str, model_dir) -> dict:
-    return in_fresh_process(__file__, "measure", variant, model_dir)
+ROUNDS = int(os.environ.get("GMAIVL_BENCH_ROUNDS", "3"))
 
 
 @pytest.mark.parametrize("vocab", [None, 92544], ids=["compact-vocab", "vocab-92544"])
@@ -95,25 +95,36 @@ def test_train_step_vs_transformers(benchmark, tmp_path, vocab):
         config = config.replace(image_token_index=vocab - 1, text={"vocab_size": vocab})
     torch.manual_seed(0)
     GMAIVL(config).save_pretrained(tmp_path)
-    ours = _measure("ours", tmp_path)
-    theirs = _measure("transformers", tmp_path)
-    torch.testing.assert_close(ours["first_loss"], theirs["first_loss"], rtol=1e-4, atol=1e-4)
+    load_before = load_average()
+    # GMAIVL_BENCH_ROUNDS rounds, each side in its own fresh process, alternating: per-round same-run ratios
+    runs = alternating_fresh_processes(__file__, "measure", {"ours": ("ours", tmp_path),
+                                                             "transformers": ("transformers", tmp_path)}, ROUNDS)
+    load_after = load_average()
+    ours, theirs = runs["ours"], runs["transformers"]
+    torch.testing.assert_close(ours[0]["first_loss"], theirs[0]["first_loss"], rtol=1e-4, atol=1e-4)
+    speed = [o["tokens_per_s"] / t["tokens_per_s"] for o, t in zip(ours, theirs)]
+    memory = [o["peak_extra_mib"] / t["peak_extra_mib"] for o, t in zip(ours, theirs)]
 
     # pytest-benchmark's own row: our training step timed in this process (the ratios come from the subprocesses).
     benchmark.pedantic(build_step("ours", tmp_path), rounds=2, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update(
         batch=f"{SEQS} x {SEQ_LEN} tokens ({config.num_image_tokens} image tokens each), fp32, CPU",
         vocab_size=config.text.vocab_size,
-        memory_method=ours["method"],
-        ours_peak_extra_mib=round(ours["peak_extra_mib"], 1),
-        transformers_peak_extra_mib=round(theirs["peak_extra_mib"], 1),
-        peak_memory_ratio_ours_over_transformers=round(ours["peak_extra_mib"] / theirs["peak_extra_mib"], 3),
-        ours_tokens_per_s=round(ours["tokens_per_s"], 1),
-        transformers_tokens_per_s=round(theirs["tokens_per_s"], 1),
-        speedup_vs_transformers=round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3),
-        first_step_loss=round(ours["first_loss"], 5),
+        memory_method=ours[0]["method"],
+        rounds=ROUNDS,
+        ours_peak_extra_mib=[round(o["peak_extra_mib"], 1) for o in ours],
+        transformers_peak_extra_mib=[round(t["peak_extra_mib"], 1) for t in theirs],
+        peak_memory_ratio_ours_over_transformers=[round(m, 3) for m in memory],
+        ours_tokens_per_s=[round(o["tokens_per_s"], 1) for o in ours],
+        transformers_tokens_per_s=[round(t["tokens_per_s"], 1) for t in theirs],
+        speedup_vs_transformers=[round(x, 3) for x in speed],
+        first_step_loss=round(ours[0]["first_loss"], 5),
+        load_average_before=load_before, load_average_after=load_after,
     )
-    print(f"\ntrain step, vocab {config.text.vocab_size}: ours {ours['tokens_per_s']:.0f} tok/s, peak "
-          f"+{ours['peak_extra_mib']:.0f} MiB | transformers {theirs['tokens_per_s']:.0f} tok/s, peak "
-          f"+{theirs['peak_extra_mib']:.0f} MiB | memory x{ours['peak_extra_mib'] / theirs['peak_extra_mib']:.2f}, "
-          f"speed x{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}")
+    print(f"\ntrain step, vocab {config.text.vocab_size}, {ROUNDS} alternating rounds (load average "
+          f"{load_before[0]:.1f} before, {load_after[0]:.1f} after): ours "
+          f"{span([o['tokens_per_s'] for o in ours], '{:.0f}')} tok/s, peak "
+          f"+{span([o['peak_extra_mib'] for o in ours], '{:.0f}')} MiB | transformers "
+          f"{span([t['tokens_per_s'] for t in theirs], '{:.0f}')} tok/s, peak "
+          f"+{span([t['peak_extra_mib'] for t in theirs], '{:.0f}')} MiB | memory x{span(memory)}, speed x{span(speed)} "
+          f"(same-round ratios)")
