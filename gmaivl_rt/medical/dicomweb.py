@@ -332,10 +332,16 @@ class Archive:
             raise ArchiveError(f"archive: refused {len(failed)} of the instances stored (failure reason "
                                f"{', '.join(reasons)})")
 
-    def studies(self, limit: int = 100, offset: int = 0) -> list[dict]:
-        """QIDO-RS studies as DICOM JSON (for browsing)."""
+    def studies(self, limit: int = 100, offset: int = 0, fields=None) -> list[dict]:
+        """QIDO-RS studies as DICOM JSON (for browsing; `browse_studies` keeps only what is needed to choose)."""
         with self._call("searching studies"):
-            return self.client.search_for_studies(limit=limit, offset=offset)
+            return self.client.search_for_studies(limit=limit, offset=offset,
+                                                  fields=list(fields) if fields else None)
+
+    def series(self, study: str, fields=None) -> list[dict]:
+        """QIDO-RS series of one study as DICOM JSON (for browsing: `browse_series`)."""
+        with self._call("searching the study's series"):
+            return self.client.search_for_series(study, fields=list(fields) if fields else None)
 
 
 def _status_text(response) -> str:
@@ -433,10 +439,18 @@ def check_sizes(instances: list[InstanceInfo], limits: Limits, volume: bool) -> 
                              f"{limits.max_volume_voxels}")
 
 
-def fetch_study(ref: DicomWebRef, limits: Limits | None = None, *, role: str = "image 1") -> FetchedImage:
+def decoded_values(chosen: list[InstanceInfo], volume: bool) -> int:
+    """The pixel values reading the choice decodes, from metadata: a volume's voxels (read whole, like a NIfTI
+    file), one frame of an instance (QIDO does not say whether it is colour: counted as greyscale)."""
+    return sum(i.pixels for i in chosen) if volume else chosen[0].rows * chosen[0].columns
+
+
+def fetch_study(ref: DicomWebRef, limits: Limits | None = None, *, role: str = "image 1",
+                admit=None) -> FetchedImage:
     """Read the image `ref` means (module docstring) from the archive: metadata first, limits checked, then the
     pixel data. Raises ArchiveError / LimitError / MedicalImageError (undecodable transfer syntax), none of which
-    quote a UID, URL or header value."""
+    quote a UID, URL or header value. admit: called with `decoded_values(chosen, volume)` after the limits are
+    checked and before any pixel data is downloaded (it may raise: the server's decode budget)."""
     if not isinstance(ref, DicomWebRef):
         raise InputError(f"{role}: expected a DicomWebRef, got {type_name(ref)}")
     limits = limits or DEFAULT_LIMITS
@@ -454,6 +468,8 @@ def fetch_study(ref: DicomWebRef, limits: Limits | None = None, *, role: str = "
     volume = ref.instance is None and forms_volume(members)
     chosen = members if volume else [first_instance(members)]
     check_sizes(chosen, limits, volume)
+    if admit is not None:
+        admit(decoded_values(chosen, volume))
     if not volume:
         dataset = archive.retrieve(ref.study, chosen[0])
         return FetchedImage(image=dataset, sources=[dataset])
@@ -518,3 +534,67 @@ def archive_image(ref: DicomWebRef, *, role: str = "image 1", limits: Limits | N
     -> MedicalImage."""
     return fetch_study(ref, limits, role=role).read(role=role, limits=limits, frame=frame, slice_index=slice_index,
                                                     plane=plane, window=window)
+
+
+# What the archive browse (`gmaivl-rt serve --dicomweb`, docs/hospital.md) asks QIDO-RS for and passes on: UIDs,
+# modality codes (DICOM defined terms only), dates as digits, counts. Never a patient value or free text (names, IDs,
+# birth dates, descriptions, accession numbers, referring physicians): the clinician picks by date, modality and size.
+STUDY_FIELDS = ("StudyInstanceUID", "StudyDate", "ModalitiesInStudy", "NumberOfStudyRelatedSeries",
+                "NumberOfStudyRelatedInstances")
+SERIES_FIELDS = ("SeriesInstanceUID", "Modality", "SeriesNumber", "NumberOfSeriesRelatedInstances")
+MAX_BROWSE = 100  # studies per browse page
+
+
+def _dicom_date(value) -> str | None:
+    """A DA value "YYYYMMDD" -> "YYYY-MM-DD" when it is eight digits of a plausible date, else None (never
+    passed through as given)."""
+    text = str(value or "")
+    if len(text) != 8 or not text.isdigit():
+        return None
+    year, month, day = int(text[:4]), int(text[4:6]), int(text[6:])
+    if not (1800 <= year <= 9999 and 1 <= month <= 12 and 1 <= day <= 31):
+        return None
+    return f"{year:04d}-{month:02d}-{day:02d}"
+
+
+def _uid_or_none(value) -> str | None:
+    text = str(value or "")
+    return text if _is_uid(text) else None
+
+
+def browse_studies(archive: Archive, limit: int = MAX_BROWSE, offset: int = 0) -> list[dict]:
+    """One page of the archive's studies, as the browse list shows them: {"study": UID, "date": "YYYY-MM-DD" |
+    None, "modalities": [codes], "series": int | None, "instances": int | None}; items without a valid Study
+    Instance UID are left out. No patient value and no free text (see STUDY_FIELDS)."""
+    from gmaivl_rt.medical.base import modality_code
+
+    limit = max(1, min(int(limit), MAX_BROWSE))
+    out = []
+    for item in archive.studies(limit=limit, offset=max(0, int(offset)), fields=STUDY_FIELDS):
+        uid = _uid_or_none(_value(item, "0020000D"))
+        if uid is None:
+            continue
+        try:
+            codes = item["00080061"]["Value"]
+        except (KeyError, TypeError):
+            codes = []
+        modalities = sorted({code for code in (modality_code(c) for c in codes) if code})
+        out.append({"study": uid, "date": _dicom_date(_value(item, "00080020")), "modalities": modalities,
+                    "series": _int(_value(item, "00201206")), "instances": _int(_value(item, "00201208"))})
+    return out
+
+
+def browse_series(archive: Archive, study: str) -> list[dict]:
+    """A study's series, as the browse list shows them: {"series": UID, "modality": code | None, "number": int |
+    None, "instances": int | None}, in SeriesNumber order (then UID). ArchiveError when the study has none."""
+    from gmaivl_rt.medical.base import modality_code
+
+    out = []
+    for item in archive.series(study, fields=SERIES_FIELDS):
+        uid = _uid_or_none(_value(item, "0020000E"))
+        if uid is not None:
+            out.append({"series": uid, "modality": modality_code(_value(item, "00080060")),
+                        "number": _int(_value(item, "00200011")), "instances": _int(_value(item, "00201209"))})
+    if not out:
+        raise ArchiveError("archive: study not found (no series)")
+    return sorted(out, key=lambda s: (s["number"] if s["number"] is not None else 1 << 31, s["series"]))

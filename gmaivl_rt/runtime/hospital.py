@@ -83,22 +83,32 @@ def ask_archive(runtime, question: str, ref, *, write_sr: bool = False, sr_out=N
     file. algorithm: the `Algorithm` the report names (default `model_algorithm(runtime)`). frame / slice_index /
     plane / window and options (generation options, seed, stop): as `Backend.ask` takes them. Raises ArchiveError /
     InputError / LimitError with nothing written."""
-    from gmaivl_rt.atomic import atomic_write_bytes
-    from gmaivl_rt.medical.dicomweb import Archive, fetch_study
-    from gmaivl_rt.medical.structured_report import answer_report, report_bytes
+    from gmaivl_rt.medical.dicomweb import fetch_study
 
     fetched = fetch_study(ref, runtime.limits)
     image = fetched.read(limits=runtime.limits, frame=frame, slice_index=slice_index, plane=plane, window=window)
     answer = runtime.ask(question, image, system=system, **options)
-    result = ArchiveAnswer(answer=answer)
     if not (write_sr or sr_out):
-        return result
-    result.report = answer_report(fetched.sources, question, answer, algorithm or model_algorithm(runtime))
+        return ArchiveAnswer(answer=answer)
+    return file_report(ref, fetched.sources, question, answer, algorithm or model_algorithm(runtime),
+                       limits=runtime.limits, write_sr=write_sr, sr_out=sr_out)
+
+
+def file_report(ref, sources: list, question: str, answer: str, algorithm, *, limits=None, write_sr: bool = False,
+                sr_out=None) -> ArchiveAnswer:
+    """The answer's Structured Report (`answer_report` over `sources`, the pydicom Datasets the answer was made
+    from), written to `sr_out` (atomically) and / or stored in `ref`'s archive with STOW-RS (`write_sr`). The one
+    place `ask_archive` and `gmaivl-rt serve --dicomweb` write reports."""
+    from gmaivl_rt.atomic import atomic_write_bytes
+    from gmaivl_rt.medical.dicomweb import Archive
+    from gmaivl_rt.medical.structured_report import answer_report, report_bytes
+
+    result = ArchiveAnswer(answer=answer, report=answer_report(sources, question, answer, algorithm))
     if sr_out is not None:
         result.sr_path = Path(sr_out)
         atomic_write_bytes(result.sr_path, report_bytes(result.report))
     if write_sr:
-        Archive.for_ref(ref, runtime.limits).store([result.report])
+        Archive.for_ref(ref, limits).store([result.report])
         result.stored = True
     return result
 

@@ -53,7 +53,7 @@ def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None
                max_request_bytes: int = 64 * 2**20, max_images_per_request: int | None = None,
                allowed_local_media_path=None, allow_remote_media: bool = False, allowed_media_domains=None,
                remote_media_timeout_s: float = 10.0, max_waiting: int | None = None, limits=None, allowed_hosts=None,
-               audit_log=None, decode_budget=None):
+               audit_log=None, decode_budget=None, dicomweb=None, dicomweb_auth=None):
     """The ASGI app serving `engine` (a `gmaivl_rt.Engine`). `limits`: the request boundary's `Limits` (default:
     the engine's); `max_images_per_request` overrides its images-per-request limit. `api_key`: None (open) or a
     non-empty key (an empty one is refused: InputError). `allowed_hosts`: Host header names answered (None: any;
@@ -62,6 +62,9 @@ def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None
     `remote_media_timeout_s`. `audit_log`: None, or a file path receiving one JSON line per /v1 request
     (`gmaivl_rt.server.audit`; created 0600 at once, InputError if it cannot be). `decode_budget`: a
     `gmaivl_rt.limits.DecodeBudget` (default: its defaults), what image decoding may cost (`server.decoding`).
+    `dicomweb`: a DICOMweb archive's root URL: adds the archive routes (`gmaivl_rt.server.archive`: browse
+    studies, ask about one, write the answer back as an SR), with `dicomweb_auth` or the archive credentials of the
+    environment (`gmaivl_rt.medical.dicomweb.auth_from_env`).
     See the module doc for status codes. Endpoints: POST /v1/chat/completions, GET /v1/models,
     POST /v1/gmaivl/preview, GET /health, /metrics, /."""
     if api_key is not None and not str(api_key).strip():
@@ -246,4 +249,10 @@ def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None
         content, media_type = page_files[name]
         return Response(content, media_type=media_type)
 
+    if dicomweb is not None:
+        from gmaivl_rt.server.archive import ArchiveService, add_archive_routes
+
+        add_archive_routes(app, engine, ArchiveService(dicomweb, limits, dicomweb_auth),
+                           served_model_name=served_model_name, admission=admission, decoding=decoding,
+                           metrics=metrics, max_waiting=max_waiting)
     return app

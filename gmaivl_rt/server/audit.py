@@ -24,7 +24,8 @@ from gmaivl_rt.errors import InputError
 log = logging.getLogger("gmaivl_rt.server")
 
 # Endpoints are logged by name only when they are the server's own routes: any other path could carry text.
-AUDITED_ENDPOINTS = ("/v1/chat/completions", "/v1/models", "/v1/gmaivl/preview")
+AUDITED_ENDPOINTS = ("/v1/chat/completions", "/v1/models", "/v1/gmaivl/preview",
+                     "/v1/gmaivl/archive/chat/completions", "/v1/gmaivl/archive/studies", "/v1/gmaivl/archive/series")
 OTHER_ENDPOINT = "/v1/(other)"
 FILE_MODE = 0o600
 

@@ -43,6 +43,10 @@ def register(subparsers) -> None:
     p.add_argument("--audit-log", default=None, metavar="FILE",
                    help="append one JSON line per /v1 request to FILE (mode 0600): time, request id, client, "
                         "endpoint, outcome, status, token counts, image count and SHA-256 digests; never text")
+    p.add_argument("--dicomweb", metavar="URL", default=None,
+                   help="a DICOMweb archive's root: adds endpoints that ask about a study by its UIDs, browse the "
+                        "archive and write answers back as Structured Reports (credentials: GMAIVL_DICOMWEB_TOKEN"
+                        "[_FILE] or GMAIVL_DICOMWEB_USER + GMAIVL_DICOMWEB_PASSWORD[_FILE]; docs/hospital.md)")
     p.set_defaults(func=_serve_cli)
 
 
@@ -114,6 +118,6 @@ def _serve_cli(args: argparse.Namespace) -> int:
                          allowed_local_media_path=args.allowed_local_media_path,
                          allow_remote_media=args.allow_remote_media,
                          allowed_media_domains=args.allowed_media_domains, audit_log=args.audit_log,
-                         decode_budget=decode_budget)
+                         decode_budget=decode_budget, dicomweb=args.dicomweb)
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

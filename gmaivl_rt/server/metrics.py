@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 OUTCOMES = ("success", "cancelled", "client_error", "server_error")
-COUNTED_PATHS = ("/v1/chat/completions",)
+COUNTED_PATHS = ("/v1/chat/completions", "/v1/gmaivl/archive/chat/completions")
 
 # vLLM's bucket edges (seconds).
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,

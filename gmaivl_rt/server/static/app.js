@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { dataUri: null, meta: null, model: null };
+const state = { dataUri: null, meta: null, model: null, archive: null };
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -102,6 +102,7 @@ async function refreshPreview(withIndex) {
 
 async function chooseFile(file) {
   if (!file) return;
+  state.archive = null;
   state.dataUri = await readAsDataUri(file);
   state.meta = null;
   $("window").value = "";
@@ -150,6 +151,7 @@ function showFinding(text, finishReason) {
 }
 
 async function ask() {
+  if (state.archive) return askArchive();
   $("ask").disabled = true;
   $("finding").hidden = true;
   $("answer").textContent = "";
@@ -252,6 +254,86 @@ async function checkKey() {
   $("file").disabled = false;
   const body = response.ok ? await response.json() : null;
   if (body && body.data && body.data.length) { state.model = body.data[0].id; $("model").textContent = "model: " + state.model; }
+  if (response.ok) loadStudies();
 }
 
 init();
+
+// The archive (`gmaivl-rt serve --dicomweb`): the studies list (dates, modality codes and counts only: no patient
+// value is sent to the page), a study's series, and asking about the chosen one (answered whole, optionally written
+// back to the study as a Structured Report). UIDs travel in request bodies, never in URLs.
+function cell(row, text) { row.insertCell().textContent = text === null || text === undefined ? "" : String(text); }
+
+function chooseButton(row, label, onClick) {
+  const button = document.createElement("button");
+  button.type = "button"; button.textContent = label; button.addEventListener("click", onClick);
+  row.insertCell().append(button);
+}
+
+async function loadStudies() {
+  const response = await fetch("/v1/gmaivl/archive/studies?limit=100", { headers: headers() });
+  if (response.status === 404) return;  // this server has no archive
+  $("archive").hidden = false;
+  if (!response.ok) { $("archive-status").textContent = await errorText(response); return; }
+  const body = await response.json();
+  const rows = $("studies").querySelector("tbody");
+  rows.replaceChildren();
+  for (const study of body.data) {
+    const row = rows.insertRow();
+    row.dataset.study = study.study;
+    cell(row, study.date); cell(row, study.modalities.join(", ")); cell(row, study.series); cell(row, study.instances);
+    chooseButton(row, "Series", () => loadSeries(study));
+  }
+  $("archive-status").textContent = body.data.length ? "" : "The archive holds no studies.";
+}
+
+async function loadSeries(study) {
+  const response = await fetch("/v1/gmaivl/archive/series", { method: "POST", headers: headers(),
+    body: JSON.stringify({ study: study.study }) });
+  if (!response.ok) { $("archive-status").textContent = await errorText(response); return; }
+  const rows = $("series").querySelector("tbody");
+  rows.replaceChildren();
+  for (const series of (await response.json()).data) {
+    const row = rows.insertRow();
+    row.dataset.series = series.series;
+    cell(row, series.number); cell(row, series.modality); cell(row, series.instances);
+    chooseButton(row, "Choose", () => {
+      state.archive = { study: study.study, series: series.series };
+      $("archive-status").textContent = "Chosen: " + [study.date, series.modality, "series " + series.number,
+        series.instances + " instances"].filter(Boolean).join(" · ") + ". Ask about it.";
+      $("ask").disabled = false;
+    });
+  }
+  $("series").hidden = false;
+}
+
+async function askArchive() {
+  $("ask").disabled = true;
+  $("answer").textContent = ""; $("answer").dataset.done = "false"; $("report").textContent = "";
+  $("latency").textContent = "";
+  setStatus("Asking (archive)…");
+  const request = { messages: [{ role: "user", content: $("question").value }], max_tokens: Number($("max-tokens").value),
+    dicomweb: state.archive, write_sr: $("write-sr").checked };
+  if (state.model) request.model = state.model;
+  const start = performance.now();
+  let failed = false;
+  try {
+    if ($("structured").checked) request.response_format = await structuredFormat();
+    const response = await fetch("/v1/gmaivl/archive/chat/completions", { method: "POST", headers: headers(),
+      body: JSON.stringify(request) });
+    if (!response.ok) throw new Error(await errorText(response));
+    const body = await response.json();
+    $("answer").textContent = body.choices[0].message.content;
+    if (body.report) $("report").textContent = "Structured report stored in the study (SOP Instance UID " +
+      body.report.sop_instance_uid + "), unverified.";
+    const problem = $("structured").checked ? showFinding(body.choices[0].message.content, body.choices[0].finish_reason) : null;
+    setStatus(problem || "Done.", problem !== null);
+    $("latency").textContent = "total " + ((performance.now() - start) / 1000).toFixed(2) + " s · " +
+      body.usage.completion_tokens + " tokens";
+  } catch (error) {
+    failed = true;
+    setStatus(String(error.message || error), true);
+  }
+  $("answer").dataset.done = failed ? "error" : "true";
+  $("ask").disabled = false;
+}

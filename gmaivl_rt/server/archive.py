@@ -1,0 +1,231 @@
+"""`gmaivl-rt serve --dicomweb URL`: asking about a study in a DICOMweb archive instead of an upload, browsing the
+archive's studies for the page, and writing answers back as Structured Reports (docs/hospital.md).
+
+Routes (under /v1, so behind the same API key):
+
+* `GET /v1/gmaivl/archive/studies?limit=&offset=`: one page of studies, only what is needed to choose one
+  (`gmaivl_rt.medical.dicomweb.browse_studies`: UIDs, modality codes, dates, counts; no patient value).
+* `POST /v1/gmaivl/archive/series {"study": UID}`: a study's series (`browse_series`). UIDs travel in bodies, never
+  in paths or query strings, so the access log never holds one.
+* `POST /v1/gmaivl/archive/chat/completions`: a chat completion request (the same fields as /v1/chat/completions,
+  text-only messages) plus `dicomweb: {study, series?, instance?, frame?, slice_index?, plane?, window?}` naming the
+  image and `write_sr` (store the answer in the study as an SR). Non-streamed. The image is chosen and read by
+  `fetch_study` (the choice rule, the request limits before download), counted in the server's decode budget
+  before its pixel data is downloaded (413 / 429 as for uploads), read in the decode pool, admitted by the same
+  `max_waiting` ceiling, and answered by the engine; the report is written by `gmaivl_rt.runtime.hospital.file_report`,
+  the one place `gmaivl-rt ask --write-sr` writes it too.
+
+Archive credentials come from the environment variables `gmaivl-rt ask --dicomweb` reads (`auth_from_env`), never
+the command line. Errors are 400s naming the field (`dicomweb`, `dicomweb.study`, `write_sr`, ...) with the
+archive's own one-line message, which never quotes a UID, URL or header value.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from typing import Annotated, Literal
+
+from fastapi import HTTPException, Query, Request
+from pydantic import AfterValidator, BaseModel, ConfigDict, StrictBool, StrictInt
+from starlette.concurrency import run_in_threadpool
+
+from gmaivl_rt.errors import InputError
+from gmaivl_rt.server import protocol
+from gmaivl_rt.server.generation import (
+    END,
+    Generation,
+    cancel_on_disconnect,
+    engine_alive,
+)
+from gmaivl_rt.server.http_errors import error_response
+from gmaivl_rt.server.metrics import current_outcome
+from gmaivl_rt.server.openai import chat_turns, generation_options
+
+log = logging.getLogger("gmaivl_rt.server")
+
+STUDIES_PATH = "/v1/gmaivl/archive/studies"
+SERIES_PATH = "/v1/gmaivl/archive/series"
+ASK_PATH = "/v1/gmaivl/archive/chat/completions"
+
+
+def _uid(text: str) -> str:
+    from gmaivl_rt.medical.dicomweb import _is_uid
+
+    if not _is_uid(text):
+        raise ValueError("not a DICOM UID (digits and dots, at most 64)")
+    return text
+
+
+UID = Annotated[str, AfterValidator(_uid)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ArchiveImage(_Strict):
+    """The archive image a request asks about, and the reader options an `image_url` takes."""
+    study: UID
+    series: UID | None = None
+    instance: UID | None = None
+    frame: StrictInt | None = None
+    slice_index: StrictInt | None = None
+    plane: Literal["axial", "coronal", "sagittal"] | None = None
+    window: protocol.Text | tuple[protocol.Number, protocol.Number] | None = None
+
+    def reader_options(self) -> dict:
+        options = {"frame": self.frame, "slice_index": self.slice_index, "plane": self.plane, "window": self.window}
+        return {k: v for k, v in options.items() if v is not None}
+
+
+class ArchiveChatRequest(protocol.ChatCompletionRequest):
+    """POST /v1/gmaivl/archive/chat/completions: a chat completion about `dicomweb`'s image."""
+    dicomweb: ArchiveImage
+    write_sr: StrictBool = False
+
+
+class SeriesRequest(_Strict):
+    study: UID
+
+
+class ArchiveService:
+    """The archive one server reads: its DICOMweb root and credentials (from the environment by default, read
+    once at start: a contradictory set stops the start), the request limits."""
+
+    def __init__(self, url: str, limits, auth=None):
+        from gmaivl_rt.medical.dicomweb import Archive, auth_from_env
+
+        self.url, self.limits = url, limits
+        self.auth = auth if auth is not None else auth_from_env()
+        Archive(url, auth=self.auth, limits=limits)  # checks the extra and the URL now, not at the first request
+
+    def archive(self):
+        from gmaivl_rt.medical.dicomweb import Archive
+
+        return Archive(self.url, auth=self.auth, limits=self.limits)
+
+    def ref(self, image: ArchiveImage):
+        from gmaivl_rt.medical.dicomweb import DicomWebRef
+
+        return DicomWebRef(self.url, image.study, image.series, image.instance, auth=self.auth)
+
+
+def _refused(error: InputError, param: str):
+    log.info("archive request refused (400): %s", type(error).__name__)  # the type only: never a UID
+    return error_response(400, str(error), param)
+
+
+def add_archive_routes(app, engine, service: ArchiveService, *, served_model_name: str, admission, decoding,
+                       metrics, max_waiting) -> None:
+    """Register the archive routes (module doc) on `app`, sharing the server's admission, decode budget and
+    metrics."""
+
+    @functools.lru_cache(maxsize=1)
+    def algorithm():
+        from gmaivl_rt.runtime.hospital import model_algorithm
+
+        return model_algorithm(engine.backend, name=served_model_name)
+
+    @app.get(STUDIES_PATH)
+    async def studies(limit: int = Query(50, ge=1, le=100), offset: int = Query(0, ge=0, le=1_000_000)):
+        from gmaivl_rt.medical.dicomweb import browse_studies
+
+        try:
+            found = await run_in_threadpool(browse_studies, service.archive(), limit, offset)
+        except InputError as error:
+            return _refused(error, "dicomweb")
+        return {"object": "list", "offset": offset, "limit": limit, "data": found}
+
+    @app.post(SERIES_PATH)
+    async def series(body: SeriesRequest):
+        from gmaivl_rt.medical.dicomweb import browse_series
+
+        try:
+            found = await run_in_threadpool(browse_series, service.archive(), body.study)
+        except InputError as error:
+            return _refused(error, "study")
+        return {"object": "list", "data": found}
+
+    @app.post(ASK_PATH)
+    async def ask(body: ArchiveChatRequest, http_request: Request):
+        arrival = time.monotonic()
+        if body.model not in (None, "", served_model_name):
+            raise HTTPException(404, f"The model `{body.model[:64]}` does not exist.")
+        if not engine_alive(engine):
+            raise HTTPException(503, "the engine is not running")
+        if body.n != 1:
+            raise InputError("n: only n=1 is supported")
+        if body.stream:
+            return error_response(400, "stream: the archive endpoint answers whole (stream: false)", "stream")
+        system, turns, urls = chat_turns(body.messages)
+        if urls:
+            return error_response(400, "messages: the image comes from the archive (dicomweb), not an image_url "
+                                       "part", "messages")
+        question = turns[-1]["content"][-1]["text"]
+        turns[-1]["content"] = _with_image_slot(turns[-1]["content"])
+        options = generation_options(body)
+        if (outcome := current_outcome()) is not None:
+            outcome.image_count = 1
+        ticket = admission.admit()
+        if ticket is None:
+            raise HTTPException(429, f"the server is saturated ({max_waiting} requests waiting); retry later",
+                                headers={"Retry-After": "1"})
+        reserved = []
+        try:
+            ref = service.ref(body.dicomweb)
+            from gmaivl_rt.medical.dicomweb import fetch_study
+
+            try:
+                fetched = await run_in_threadpool(fetch_study, ref, service.limits,
+                                                  admit=lambda values: reserved.append(decoding.admit([values])))
+                reservation = reserved[0]
+                image = await decoding.decode(functools.partial(
+                    fetched.read, limits=service.limits, **body.dicomweb.reader_options()), reservation)
+            except InputError as error:
+                return _refused(error, "dicomweb")
+            reservation.release_when_freed([image.pixels])
+            request = await run_in_threadpool(ticket.submit, lambda: engine.submit(
+                messages=turns, images=[image], system=system, **options))
+        except BaseException:
+            for reservation in reserved:
+                reservation.release()
+            raise
+        finally:
+            ticket.release()  # a no-op once submitted
+        generation = Generation(request, arrival, metrics)
+        generation.on_end.append(reserved[0].release)
+        request_id = protocol.completion_id()
+        if (outcome := current_outcome()) is not None:
+            outcome.request_id = request_id
+        watcher = asyncio.create_task(cancel_on_disconnect(http_request, generation))
+        try:
+            delta = None
+            while delta is not END:
+                delta = await generation.next_delta()
+        finally:
+            watcher.cancel()
+            generation.cancel()
+        reply = protocol.completion(request_id, served_model_name, generation.text, generation.finish_reason,
+                                    generation.prompt_tokens, generation.completion_tokens,
+                                    **protocol.answer_details(generation.request, engine.tokenizer))
+        reply["report"] = None
+        if body.write_sr:
+            from gmaivl_rt.runtime.hospital import file_report
+
+            try:
+                made = await run_in_threadpool(lambda: file_report(ref, fetched.sources, question, generation.text,
+                                                                   algorithm(), limits=service.limits,
+                                                                   write_sr=True))
+            except InputError as error:
+                return _refused(error, "write_sr")
+            reply["report"] = {"sop_instance_uid": made.report_uid, "stored": made.stored}
+        return reply
+
+
+def _with_image_slot(content: list[dict]) -> list[dict]:
+    """A user turn's parts with one image slot first, as `chat_turns` places an uploaded image."""
+    from gmaivl_rt.runtime.request import image_slots
+
+    return image_slots(1) + content

@@ -1,0 +1,258 @@
+"""`gmaivl-rt serve --dicomweb URL` (create_app(dicomweb=...)) against a real archive (Orthanc + DICOMweb, started
+here): a chat completion about a study named by its UIDs answers as the same picture uploaded answers, and with
+`write_sr` stores a Structured Report that Orthanc's REST API and pydicom read back; the browse routes give only
+UIDs, modality codes, dates and counts (checked against pydicom's reading of the stored files); bad input is a 400
+naming the field, the decode budget refuses before download, nothing is written on failure, and no UID or patient
+value reaches the server's log; the page browses the archive and asks in headless Chromium."""
+from __future__ import annotations
+
+import base64
+import io
+
+import pydicom
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("dicomweb_client", reason="the [hospital] extra (dicomweb-client) is not installed")
+pytest.importorskip("highdicom", reason="the [hospital] extra (highdicom) is not installed")
+
+from orthanc import ct_volume, orthanc_archive, read_shipped
+
+from gmaivl_rt.limits import DecodeBudget
+from gmaivl_rt.medical.structured_report import dicom_text
+from gmaivl_rt.server import create_app
+
+API_KEY = "archive-key-1"
+QUESTION = "What modality is this image?"
+TOKENS = 6
+ASK = "/v1/gmaivl/archive/chat/completions"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    with orthanc_archive(tmp_path_factory.mktemp("orthanc")) as server:
+        from dicomweb_client.api import DICOMwebClient
+
+        server.volume = ct_volume(5)
+        server.mr = read_shipped("MR_small.dcm")
+        assert not DICOMwebClient(server.dicomweb).store_instances([*server.volume, server.mr]) \
+            .get("FailedSOPSequence")
+        yield server
+
+
+@pytest.fixture(scope="module")
+def server(serving_engine, serve, archive):
+    app = create_app(serving_engine, served_model_name="tiny", api_key=API_KEY, dicomweb=archive.dicomweb)
+    with serve(app) as running:
+        yield running
+
+
+def post(server, path, body, key=API_KEY):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(server.url + path, json=body, headers=headers, timeout=300)
+
+
+def study_instances(archive, study: str) -> list[dict]:
+    """Orthanc's own view (REST API, not DICOMweb): the study's instances."""
+    found = [s for s in archive.rest("/studies?expand") if s["MainDicomTags"]["StudyInstanceUID"] == study]
+    return archive.rest(f"/studies/{found[0]['ID']}/instances") if found else []
+
+
+def patient_values(ds) -> list[str]:
+    """The source's patient and free-text header values that must never show (names, IDs, birth date, ...)."""
+    values = []
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "StudyDescription",
+                    "ReferringPhysicianName", "InstitutionName", "StudyID"):
+        value = str(ds.get(keyword, "") or "")
+        if len(value) >= 3:
+            values.append(value)
+    return values
+
+
+def uploaded_answer(server, ds) -> str:
+    """The answer /v1/chat/completions gives for the same picture uploaded as a DICOM data URI."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    url = "data:application/dicom;base64," + base64.b64encode(buffer.getvalue()).decode()
+    reply = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]}],
+        "max_tokens": TOKENS, "temperature": 0})
+    assert reply.status_code == 200, reply.text
+    return reply.json()["choices"][0]["message"]["content"]
+
+
+def test_ask_by_uids_answers_as_the_upload_and_stores_the_report(server, archive):
+    """The openai client, pointed at the archive route: the volume study's middle slice (the study-only rule)
+    answers exactly as that slice uploaded answers; with write_sr a Comprehensive SR appears in the same study
+    (Orthanc's REST API), pydicom reads it: the question and answer, references to the five slices, UNVERIFIED, the
+    served model's name; the reply names its UID; no UID or patient value in the server's log.
+    Mutants seen failing: the image slot not added to the turn (the model asked without the picture: answer
+    differs); the series' first instance asked about instead of the chosen read (answer differs); `file_report`
+    called with write_sr=False (no SR in Orthanc)."""
+    volume = archive.volume
+    study = str(volume[0].StudyInstanceUID)
+    expected = uploaded_answer(server, volume[2])
+    before = len(study_instances(archive, study))
+    client = openai.OpenAI(base_url=server.url + "/v1/gmaivl/archive", api_key=API_KEY, max_retries=0,
+                           timeout=300)
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": QUESTION}],
+                                           max_tokens=TOKENS, temperature=0,
+                                           extra_body={"dicomweb": {"study": study}, "write_sr": True})
+    assert reply.choices[0].message.content == expected
+    report = reply.model_extra["report"]
+    assert report["stored"] is True
+    instances = study_instances(archive, study)
+    assert len(instances) == before + 1
+    stored = [i for i in instances if i["MainDicomTags"]["SOPInstanceUID"] == report["sop_instance_uid"]]
+    assert len(stored) == 1
+    sr = pydicom.dcmread(io.BytesIO(archive.rest_bytes(f"/instances/{stored[0]['ID']}/file")))
+    assert sr.SOPClassUID == COMPREHENSIVE_SR and sr.StudyInstanceUID == study
+    assert sr.VerificationFlag == "UNVERIFIED"
+    assert sr.ContributingEquipmentSequence[0].ManufacturerModelName == "tiny"
+    texts = {item.ConceptNameCodeSequence[0].CodeValue: item.get("TextValue") for item in sr.ContentSequence}
+    assert texts["121062"] == QUESTION and texts["121071"] == dicom_text(expected)
+    evidence = {ref.ReferencedSOPInstanceUID for item in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in item.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
+    assert evidence == {str(ds.SOPInstanceUID) for ds in volume}
+    seen = server.log.text
+    assert ASK in seen  # the recorder did capture the access log
+    for value in (study, str(volume[0].SeriesInstanceUID), *patient_values(volume[0])):
+        assert value not in seen
+
+
+def test_browse_shows_only_what_is_needed_to_choose(server, archive):
+    """GET studies / POST series: each stored study with its date, modality codes and counts as pydicom reads the
+    stored files; the series with its modality, number and instance count; no patient or free-text value anywhere
+    in the answers, and no UID in the log (UIDs travel in bodies). Mutants seen failing: `browse_studies` passing
+    QIDO's items through (patient values appear); the date passed as given ("20040119", not "2004-01-19");
+    `browse_series` without the instance count."""
+    volume, mr = archive.volume, archive.mr
+    answer = httpx.get(server.url + "/v1/gmaivl/archive/studies", params={"limit": 100},
+                       headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    studies = {s["study"]: s for s in answer.json()["data"]}
+    for ds, count in ((volume[0], len(volume)), (mr, 1)):
+        entry = studies[str(ds.StudyInstanceUID)]
+        date = str(ds.StudyDate)
+        assert entry["date"] == f"{date[:4]}-{date[4:6]}-{date[6:]}"
+        # an SR may have been stored by another test: the study's series as Orthanc's REST API lists them
+        found = [s for s in archive.rest("/studies?expand") if s["MainDicomTags"]["StudyInstanceUID"] == entry["study"]]
+        series = archive.rest(f"/studies/{found[0]['ID']}/series")
+        assert str(ds.Modality) in entry["modalities"]
+        assert entry["modalities"] == sorted({s["MainDicomTags"]["Modality"] for s in series})
+        assert entry["series"] == len(series) and entry["instances"] == len(study_instances(archive, entry["study"]))
+        assert entry["instances"] >= count
+        assert set(entry) == {"study", "date", "modalities", "series", "instances"}
+    series = post(server, "/v1/gmaivl/archive/series", {"study": str(mr.StudyInstanceUID)})
+    assert series.status_code == 200, series.text
+    assert series.json()["data"] == [{"series": str(mr.SeriesInstanceUID), "modality": "MR",
+                                      "number": int(mr.SeriesNumber), "instances": 1}]
+    for value in (*patient_values(volume[0]), *patient_values(mr)):
+        assert value not in answer.text + series.text
+    assert str(mr.StudyInstanceUID) not in server.log.text
+
+
+def test_bad_requests_are_400s_naming_the_field_and_write_nothing(server, archive):
+    """A malformed UID, an unknown study, an image_url part, stream: true, an unknown field, a bad generation
+    option with write_sr (nothing stored), a wrong key: each one 4xx JSON naming the field, never a 500, no UID in
+    the message or the log. Mutants seen failing: the UID type without its check (the archive is asked: a 400
+    from the archive without param dicomweb.study); `_refused` naming no param."""
+    study = str(archive.volume[0].StudyInstanceUID)
+    missing = "1.2.3.4.5.6.7.8.9"
+    base = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": TOKENS}
+    cases = [
+        ({**base, "dicomweb": {"study": "1.2.abc"}}, 400, "dicomweb.study"),
+        ({**base, "dicomweb": {"study": missing}}, 400, "dicomweb"),
+        ({**base, "dicomweb": {"study": study}, "stream": True}, 400, "stream"),
+        ({**base, "dicomweb": {"study": study, "serie": study}}, 400, "dicomweb.serie"),
+        ({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+            {"type": "text", "text": QUESTION}]}], "dicomweb": {"study": study}}, 400, "messages"),
+    ]
+    for body, status, param in cases:
+        reply = post(server, ASK, body)
+        assert reply.status_code == status, (param, reply.text)
+        error = reply.json()["error"]
+        assert error["param"] == param, error
+        assert missing not in error["message"] and study not in error["message"]
+    assert "study not found" in post(server, ASK, cases[1][0]).json()["error"]["message"]
+    before = len(study_instances(archive, study))
+    reply = post(server, ASK, {**base, "top_p": 5, "dicomweb": {"study": study}, "write_sr": True})
+    assert reply.status_code == 400 and "top_p" in reply.json()["error"]["message"]
+    assert len(study_instances(archive, study)) == before
+    assert post(server, ASK, {**base, "dicomweb": {"study": study}}, key=None).status_code == 401
+    assert post(server, "/v1/gmaivl/archive/series", {"study": missing}).json()["error"]["param"] == "study"
+    assert study not in server.log.text and missing not in server.log.text
+
+
+def test_decode_budget_refuses_before_download(serving_engine, serve, archive):
+    """The server's decode budget, from QIDO metadata before any pixel data is downloaded: the 5-slice volume
+    (81920 voxels) over a 20000 per-request limit is a 413 with the budget's message; the 64x64 MR study while all
+    but 1000 of the server's 100000 are reserved is a 429 with Retry-After; once released it is answered. Mutant
+    seen failing: fetch_study without the `admit` call (the volume is downloaded and answered: 200)."""
+    body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 2}
+    app = create_app(serving_engine, dicomweb=archive.dicomweb,
+                     decode_budget=DecodeBudget(max_request_pixels=20_000, max_server_pixels=100_000))
+    with serve(app) as running:
+        reply = post(running, ASK, {**body, "dicomweb": {"study": str(archive.volume[0].StudyInstanceUID)}}, key=None)
+        assert reply.status_code == 413, reply.text
+        assert "81920" in reply.json()["error"]["message"] and "--max-request-pixels" in reply.text
+        mr = {**body, "dicomweb": {"study": str(archive.mr.StudyInstanceUID)}}
+        held = app.state.decoding.pixels.try_reserve(99_000)
+        try:
+            busy = post(running, ASK, mr, key=None)
+        finally:
+            held.release()
+        assert busy.status_code == 429 and busy.headers["retry-after"] == "1", busy.text
+        assert post(running, ASK, mr, key=None).status_code == 200
+
+
+def test_page_browses_the_archive_and_asks(server, archive, browser):
+    """Headless Chromium: after the key, the page lists the archive's studies (date, modalities); choosing the MR
+    study and its series and asking with "write back" shows the answer the API gives for the same picture
+    uploaded and the stored report's UID, which Orthanc then lists in the study. Mutants seen failing: `ask()`
+    not sending to the archive route when a series is chosen (no picture: the Ask button stays disabled / the
+    upload route refuses); `write_sr` left out of the page's request (no report line, no SR)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    mr = archive.mr
+    study = str(mr.StudyInstanceUID)
+    expected = uploaded_answer(server, mr)
+    before = len(study_instances(archive, study))
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 120)
+    key = browser.find_element(By.ID, "api-key")
+    wait.until(lambda d: key.is_displayed())
+    key.send_keys(API_KEY + Keys.TAB)
+    wait.until(lambda d: d.find_element(By.ID, "archive").is_displayed())
+    row = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f'#studies tr[data-study="{study}"]'))
+    date = str(mr.StudyDate)
+    assert f"{date[:4]}-{date[4:6]}-{date[6:]}" in row.text and "MR" in row.text
+    row.find_element(By.TAG_NAME, "button").click()
+    series = wait.until(lambda d: d.find_element(By.CSS_SELECTOR,
+                                                 f'#series tr[data-series="{mr.SeriesInstanceUID}"]'))
+    series.find_element(By.TAG_NAME, "button").click()
+    wait.until(lambda d: d.find_element(By.ID, "ask").is_enabled())
+    question = browser.find_element(By.ID, "question")
+    question.clear()
+    question.send_keys(QUESTION)
+    tokens = browser.find_element(By.ID, "max-tokens")
+    tokens.clear()
+    tokens.send_keys(str(TOKENS))
+    browser.find_element(By.ID, "write-sr").click()
+    browser.find_element(By.ID, "ask").click()
+    wait.until(lambda d: d.find_element(By.ID, "answer").get_attribute("data-done") in ("true", "error"))
+    status = browser.find_element(By.ID, "status").text
+    assert browser.find_element(By.ID, "answer").get_attribute("data-done") == "true", status
+    assert browser.find_element(By.ID, "answer").get_attribute("textContent") == expected
+    instances = study_instances(archive, study)
+    assert len(instances) == before + 1
+    new = {i["MainDicomTags"]["SOPInstanceUID"] for i in instances} - {str(mr.SOPInstanceUID)}
+    assert any(uid in browser.find_element(By.ID, "report").text for uid in new)
+    for value in patient_values(mr):
+        assert value not in browser.find_element(By.TAG_NAME, "body").text
