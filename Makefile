@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/gmaivl-rt demo --out runs/demo
 
-test: setup browser archive lint
+test: setup browser archive js lint
 	$(BIN)/python -m pytest -q -ra
 
 # The house plan (pyproject's [tool.importlinter]): folders are layers, imports only go down, no cycles.
@@ -75,3 +75,14 @@ archive:
 mutate: setup
 	$(BIN)/pip install -q -e '.[mutate]'
 	PATH="$(abspath $(BIN)):$$PATH" mutation/run.sh
+
+# transformers.js + onnxruntime-node for the export's Node test (tests/export/test_transformers_js.py): `npm ci` from
+# js/package-lock.json into js/node_modules (kept between runs, redone when the lock file changes). Where npm is
+# missing the test skips and says why.
+.PHONY: js
+js:
+	@if command -v npm >/dev/null 2>&1; then \
+		if [ ! -f js/node_modules/.installed ] || [ js/package-lock.json -nt js/node_modules/.installed ]; then \
+			(cd js && npm ci --no-audit --no-fund) && touch js/node_modules/.installed \
+			|| echo "npm ci failed in js/: the transformers.js tests will skip"; fi; \
+	else echo "npm not found: the transformers.js tests will skip"; fi
