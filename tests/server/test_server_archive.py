@@ -72,16 +72,24 @@ def patient_values(ds) -> list[str]:
     return values
 
 
-def uploaded_answer(server, ds) -> str:
-    """The answer /v1/chat/completions gives for the same picture uploaded as a DICOM data URI."""
+def uploaded_reply(server, ds) -> dict:
+    """The choice /v1/chat/completions gives (greedy, with logprobs) for the picture uploaded as a DICOM data URI."""
     buffer = io.BytesIO()
     ds.save_as(buffer)
     url = "data:application/dicom;base64," + base64.b64encode(buffer.getvalue()).decode()
     reply = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]}],
-        "max_tokens": TOKENS, "temperature": 0})
+        "max_tokens": TOKENS, "temperature": 0, "logprobs": True, "top_logprobs": 1})
     assert reply.status_code == 200, reply.text
-    return reply.json()["choices"][0]["message"]["content"]
+    return reply.json()["choices"][0]
+
+
+def uploaded_answer(server, ds) -> str:
+    return uploaded_reply(server, ds)["message"]["content"]
+
+
+def logprob_values(content) -> list[float]:
+    return [entry["logprob"] if isinstance(entry, dict) else entry.logprob for entry in content]
 
 
 def test_ask_by_uids_answers_as_the_upload_and_stores_the_report(server, archive):
@@ -89,19 +97,25 @@ def test_ask_by_uids_answers_as_the_upload_and_stores_the_report(server, archive
     answers exactly as that slice uploaded answers; with write_sr a Comprehensive SR appears in the same study
     (Orthanc's REST API), pydicom reads it: the question and answer, references to the five slices, UNVERIFIED, the
     served model's name; the reply names its UID; no UID or patient value in the server's log.
-    Mutants seen failing: the image slot not added to the turn (the model asked without the picture: answer
-    differs); the series' first instance asked about instead of the chosen read (answer differs); `file_report`
-    called with write_sr=False (no SR in Orthanc)."""
+    The answers' logprobs are compared too: this tiny model may give the same few tokens for two slices, never the
+    same logprobs (checked for the first slice). Mutants seen failing: the series' first instance asked about
+    instead of the chosen read (logprobs differ); `file_report` called with write_sr=False (no SR in Orthanc); the
+    study UID logged by the ask route."""
     volume = archive.volume
     study = str(volume[0].StudyInstanceUID)
-    expected = uploaded_answer(server, volume[2])
+    upload = uploaded_reply(server, volume[2])
+    expected = upload["message"]["content"]
+    other = logprob_values(uploaded_reply(server, volume[0])["logprobs"]["content"])
+    want = logprob_values(upload["logprobs"]["content"])
+    assert other != pytest.approx(want, abs=1e-4)  # the model tells these slices apart: the check below can fail
     before = len(study_instances(archive, study))
     client = openai.OpenAI(base_url=server.url + "/v1/gmaivl/archive", api_key=API_KEY, max_retries=0,
                            timeout=300)
     reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": QUESTION}],
-                                           max_tokens=TOKENS, temperature=0,
+                                           max_tokens=TOKENS, temperature=0, logprobs=True, top_logprobs=1,
                                            extra_body={"dicomweb": {"study": study}, "write_sr": True})
     assert reply.choices[0].message.content == expected
+    assert logprob_values(reply.choices[0].logprobs.content) == pytest.approx(want, abs=1e-4)
     report = reply.model_extra["report"]
     assert report["stored"] is True
     instances = study_instances(archive, study)
@@ -192,7 +206,7 @@ def test_decode_budget_refuses_before_download(serving_engine, serve, archive):
     """The server's decode budget, from QIDO metadata before any pixel data is downloaded: the 5-slice volume
     (81920 voxels) over a 20000 per-request limit is a 413 with the budget's message; the 64x64 MR study while all
     but 1000 of the server's 100000 are reserved is a 429 with Retry-After; once released it is answered. Mutant
-    seen failing: fetch_study without the `admit` call (the volume is downloaded and answered: 200)."""
+    seen failing: fetch_study without the `admit` call (no 413)."""
     body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 2}
     app = create_app(serving_engine, dicomweb=archive.dicomweb,
                      decode_budget=DecodeBudget(max_request_pixels=20_000, max_server_pixels=100_000))
