@@ -174,10 +174,10 @@ def add_archive_routes(app, engine, service: ArchiveService, *, served_model_nam
                                 headers={"Retry-After": "1"})
         reserved = []
         try:
-            ref = service.ref(body.dicomweb)
             from gmaivl_rt.medical.dicomweb import fetch_study
 
             try:
+                ref = service.ref(body.dicomweb)
                 fetched = await run_in_threadpool(fetch_study, ref, service.limits,
                                                   admit=lambda values: reserved.append(decoding.admit([values])))
                 reservation = reserved[0]

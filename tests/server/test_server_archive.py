@@ -45,9 +45,18 @@ def archive(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(serving_engine, serve, archive):
+    """The server, its log recorded at every level (gmaivl_rt's loggers at DEBUG while it runs)."""
+    import logging
+
+    ours = logging.getLogger("gmaivl_rt")
+    level = ours.level
+    ours.setLevel(logging.DEBUG)
     app = create_app(serving_engine, served_model_name="tiny", api_key=API_KEY, dicomweb=archive.dicomweb)
-    with serve(app) as running:
-        yield running
+    try:
+        with serve(app) as running:
+            yield running
+    finally:
+        ours.setLevel(level)
 
 
 def post(server, path, body, key=API_KEY):
@@ -170,7 +179,7 @@ def test_browse_shows_only_what_is_needed_to_choose(server, archive):
 
 
 def test_bad_requests_are_400s_naming_the_field_and_write_nothing(server, archive):
-    """A malformed UID, an unknown study, an image_url part, stream: true, an unknown field, a bad generation
+    """A malformed UID, an unknown study, an instance without its series, an image_url part, stream: true, an unknown field, a bad generation
     option with write_sr (nothing stored), a wrong key: each one 4xx JSON naming the field, never a 500, no UID in
     the message or the log. Mutants seen failing: the UID type without its check (the archive is asked: a 400
     from the archive without param dicomweb.study); `_refused` naming no param."""
@@ -181,6 +190,7 @@ def test_bad_requests_are_400s_naming_the_field_and_write_nothing(server, archiv
         ({**base, "dicomweb": {"study": "1.2.abc"}}, 400, "dicomweb.study"),
         ({**base, "dicomweb": {"study": missing}}, 400, "dicomweb"),
         ({**base, "dicomweb": {"study": study}, "stream": True}, 400, "stream"),
+        ({**base, "dicomweb": {"study": study, "instance": study}}, 400, "dicomweb"),
         ({**base, "dicomweb": {"study": study, "serie": study}}, 400, "dicomweb.serie"),
         ({"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
@@ -199,6 +209,7 @@ def test_bad_requests_are_400s_naming_the_field_and_write_nothing(server, archiv
     assert len(study_instances(archive, study)) == before
     assert post(server, ASK, {**base, "dicomweb": {"study": study}}, key=None).status_code == 401
     assert post(server, "/v1/gmaivl/archive/series", {"study": missing}).json()["error"]["param"] == "study"
+    assert "archive request refused (400)" in server.log.text  # our own records are captured
     assert study not in server.log.text and missing not in server.log.text
 
 
