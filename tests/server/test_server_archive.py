@@ -150,7 +150,7 @@ def test_browse_shows_only_what_is_needed_to_choose(server, archive):
     """GET studies / POST series: each stored study with its date, modality codes and counts as pydicom reads the
     stored files; the series with its modality, number and instance count; no patient or free-text value anywhere
     in the answers, and no UID in the log (UIDs travel in bodies). Mutants seen failing: `browse_studies` passing
-    QIDO's items through (patient values appear); the date passed as given ("20040119", not "2004-01-19");
+    QIDO's items through (fields beyond the five appear); the date passed as given ("20040119", not "2004-01-19");
     `browse_series` without the instance count."""
     volume, mr = archive.volume, archive.mr
     answer = httpx.get(server.url + "/v1/gmaivl/archive/studies", params={"limit": 100},
@@ -181,8 +181,8 @@ def test_browse_shows_only_what_is_needed_to_choose(server, archive):
 def test_bad_requests_are_400s_naming_the_field_and_write_nothing(server, archive):
     """A malformed UID, an unknown study, an instance without its series, an image_url part, stream: true, an unknown field, a bad generation
     option with write_sr (nothing stored), a wrong key: each one 4xx JSON naming the field, never a 500, no UID in
-    the message or the log. Mutants seen failing: the UID type without its check (the archive is asked: a 400
-    from the archive without param dicomweb.study); `_refused` naming no param."""
+    the message or the log. Mutants seen failing: the UID type without its check (refused later, by DicomWebRef,
+    naming dicomweb only); `_refused` naming no param."""
     study = str(archive.volume[0].StudyInstanceUID)
     missing = "1.2.3.4.5.6.7.8.9"
     base = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": TOKENS}
@@ -239,8 +239,8 @@ def test_page_browses_the_archive_and_asks(server, archive, browser):
     """Headless Chromium: after the key, the page lists the archive's studies (date, modalities); choosing the MR
     study and its series and asking with "write back" shows the answer the API gives for the same picture
     uploaded and the stored report's UID, which Orthanc then lists in the study. Mutants seen failing: `ask()`
-    not sending to the archive route when a series is chosen (no picture: the Ask button stays disabled / the
-    upload route refuses); `write_sr` left out of the page's request (no report line, no SR)."""
+    not sending to the archive route when a series is chosen (the upload route refuses: no
+    picture); `write_sr` left out of the page's request (no report line, no SR)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
