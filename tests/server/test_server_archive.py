@@ -281,3 +281,25 @@ def test_page_browses_the_archive_and_asks(server, archive, browser):
     assert any(uid in browser.find_element(By.ID, "report").text for uid in new)
     for value in patient_values(mr):
         assert value not in browser.find_element(By.TAG_NAME, "body").text
+
+
+def test_the_archive_image_goes_with_the_last_user_turn(server, archive):
+    """A follow-up conversation: the archive image is placed in the last user turn, where the question is, as an
+    upload placed there answers (logprobs equal). Mutant seen failing: `_with_image_slot` returning the parts as
+    they are (the boundary then puts the image in the first user turn: logprobs differ)."""
+    mr = archive.mr
+    buffer = io.BytesIO()
+    mr.save_as(buffer)
+    url = "data:application/dicom;base64," + base64.b64encode(buffer.getvalue()).decode()
+    earlier = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "An axial slice."}]
+    fields = {"max_tokens": TOKENS, "temperature": 0, "logprobs": True, "top_logprobs": 1}
+    upload = post(server, "/v1/chat/completions", {**fields, "messages": [*earlier, {"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]}]})
+    assert upload.status_code == 200, upload.text
+    reply = post(server, ASK, {**fields, "messages": [*earlier, {"role": "user", "content": QUESTION}],
+                               "dicomweb": {"study": str(mr.StudyInstanceUID)}})
+    assert reply.status_code == 200, reply.text
+    want, got = (r.json()["choices"][0] for r in (upload, reply))
+    assert got["message"]["content"] == want["message"]["content"]
+    assert logprob_values(got["logprobs"]["content"]) == pytest.approx(logprob_values(want["logprobs"]["content"]),
+                                                                       abs=1e-4)
