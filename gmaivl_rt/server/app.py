@@ -20,7 +20,6 @@ and `sse` (answers, streamed or not), `boundary` (limits and images), `media` an
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import mimetypes
 import time
@@ -37,7 +36,7 @@ from gmaivl_rt.server import protocol
 from gmaivl_rt.server.audit import AuditLog
 from gmaivl_rt.server.boundary import check_image_count, decode_images, receive_images, server_limits
 from gmaivl_rt.server.decoding import BudgetRefusal, ImageDecoding
-from gmaivl_rt.server.generation import END, Admission, Generation, cancel_on_disconnect, engine_alive
+from gmaivl_rt.server.generation import Admission, Generation, engine_alive, finish_unstreamed
 from gmaivl_rt.server.http_errors import error_response, refusal, validation_message
 from gmaivl_rt.server.metrics import OutcomeCounter, RequestOutcome, ServerMetrics, current_outcome
 from gmaivl_rt.server.middleware import AllowedHosts, BearerToken, BodyLimit, InternalErrors, SecurityHeaders
@@ -195,14 +194,7 @@ def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(sse_events(generation, first, request_id, model, include_usage, engine.tokenizer),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        watcher = asyncio.create_task(cancel_on_disconnect(http_request, generation))
-        try:
-            delta = first
-            while delta is not END:
-                delta = await generation.next_delta()
-        finally:
-            watcher.cancel()
-            generation.cancel()
+        await finish_unstreamed(http_request, generation, first)
         return protocol.completion(request_id, model, generation.text, generation.finish_reason,
                                    generation.prompt_tokens, generation.completion_tokens,
                                    **protocol.answer_details(generation.request, engine.tokenizer))

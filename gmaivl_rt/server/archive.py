@@ -21,7 +21,6 @@ archive's own one-line message, which never quotes a UID, URL or header value.
 """
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import time
@@ -33,12 +32,7 @@ from starlette.concurrency import run_in_threadpool
 
 from gmaivl_rt.errors import InputError
 from gmaivl_rt.server import protocol
-from gmaivl_rt.server.generation import (
-    END,
-    Generation,
-    cancel_on_disconnect,
-    engine_alive,
-)
+from gmaivl_rt.server.generation import Generation, engine_alive, finish_unstreamed
 from gmaivl_rt.server.http_errors import error_response
 from gmaivl_rt.server.metrics import current_outcome
 from gmaivl_rt.server.openai import chat_turns, generation_options
@@ -199,14 +193,7 @@ def add_archive_routes(app, engine, service: ArchiveService, *, served_model_nam
         request_id = protocol.completion_id()
         if (outcome := current_outcome()) is not None:
             outcome.request_id = request_id
-        watcher = asyncio.create_task(cancel_on_disconnect(http_request, generation))
-        try:
-            delta = None
-            while delta is not END:
-                delta = await generation.next_delta()
-        finally:
-            watcher.cancel()
-            generation.cancel()
+        await finish_unstreamed(http_request, generation)
         reply = protocol.completion(request_id, served_model_name, generation.text, generation.finish_reason,
                                     generation.prompt_tokens, generation.completion_tokens,
                                     **protocol.answer_details(generation.request, engine.tokenizer))

@@ -181,3 +181,16 @@ async def cancel_on_disconnect(http_request: Request, generation: Generation, ev
             return
         await asyncio.sleep(every_s)
 
+
+async def finish_unstreamed(http_request: Request, generation: Generation, first=None) -> None:
+    """Wait until a non-streamed answer ends (`first`: a delta already taken, or None), cancelling it when the
+    client goes away; the generation is released whatever happens."""
+    watcher = asyncio.create_task(cancel_on_disconnect(http_request, generation))
+    try:
+        delta = first
+        while delta is not END:
+            delta = await generation.next_delta()
+    finally:
+        watcher.cancel()
+        generation.cancel()
+
