@@ -151,21 +151,8 @@ def to_medical_image(obj, *, role: str = "image 1", limits: Limits | None = None
 
     if isinstance(obj, MedicalImage):
         return _check_medical_image(obj, role, limits)
-    if isinstance(obj, (bytearray, memoryview)):
-        obj = bytes(obj)
-    if isinstance(obj, bytes):
-        source = _from_path(obj, role, limits) if _looks_like_path(obj) else _from_bytes(obj, role, limits)
-    elif isinstance(obj, str) or hasattr(obj, "__fspath__"):
-        source = _from_path(obj, role, limits)
-    elif hasattr(obj, "read") and callable(obj.read):
-        try:
-            data = obj.read(limits.max_image_bytes + 1)
-        except Exception as e:  # closed file, text-mode file, a stream that fails
-            raise InputError(f"{role}: the file object cannot be read ({type(e).__name__})") from None
-        if not isinstance(data, (bytes, bytearray)):
-            raise InputError(f"{role}: the file object gave {type_name(data)}, not bytes (open it in binary mode)")
-        source = _from_bytes(bytes(data), role, limits)
-    else:
+    source = _byte_source(obj, role, limits)
+    if source is None:
         source = _object_source(obj, role, limits)
         if source is None:
             if type(obj).__module__.split(".")[0] in ("numpy", "torch"):
@@ -184,6 +171,29 @@ def to_medical_image(obj, *, role: str = "image 1", limits: Limits | None = None
         raise MedicalImageError(f"{role}: cannot decode the image ({type(e).__name__})") from None
 
 
+def _byte_source(obj, role: str, limits: Limits, rewind: bool = False):
+    """bytes (or a path given as bytes), a path, or a binary file object -> its source; None for any other type.
+    rewind: seek a seekable file object back to where it was (its bytes are read again later)."""
+    if isinstance(obj, (bytearray, memoryview)):
+        obj = bytes(obj)
+    if isinstance(obj, bytes):
+        return _from_path(obj, role, limits) if _looks_like_path(obj) else _from_bytes(obj, role, limits)
+    if isinstance(obj, str) or hasattr(obj, "__fspath__"):
+        return _from_path(obj, role, limits)
+    if not (hasattr(obj, "read") and callable(obj.read)):
+        return None
+    position = obj.tell() if rewind and hasattr(obj, "tell") and hasattr(obj, "seek") else None
+    try:
+        data = obj.read(limits.max_image_bytes + 1)
+        if position is not None:
+            obj.seek(position)
+    except Exception as e:  # closed file, text-mode file, a stream that fails
+        raise InputError(f"{role}: the file object cannot be read ({type(e).__name__})") from None
+    if not isinstance(data, (bytes, bytearray)):
+        raise InputError(f"{role}: the file object gave {type_name(data)}, not bytes (open it in binary mode)")
+    return _from_bytes(bytes(data), role, limits)
+
+
 def decoded_pixels(obj, *, role: str = "image 1", limits: Limits | None = None) -> int:
     """How many pixel values `to_medical_image(obj, ...)` decodes, read from the image's header alone, nothing
     decoded (Pillow's lazy open, pydicom without the pixel data, the NIfTI header): for a picture (PNG, JPEG, ...,
@@ -197,24 +207,8 @@ def decoded_pixels(obj, *, role: str = "image 1", limits: Limits | None = None) 
     from gmaivl_rt.medical.nifti import nifti_decoded_voxels
 
     limits = limits or DEFAULT_LIMITS
-    if isinstance(obj, (bytearray, memoryview)):
-        obj = bytes(obj)
-    if isinstance(obj, bytes):
-        source = _from_path(obj, role, limits) if _looks_like_path(obj) else _from_bytes(obj, role, limits)
-    elif isinstance(obj, str) or hasattr(obj, "__fspath__"):
-        source = _from_path(obj, role, limits)
-    elif hasattr(obj, "read") and callable(obj.read):
-        position = obj.tell() if hasattr(obj, "tell") and hasattr(obj, "seek") else None
-        try:
-            data = obj.read(limits.max_image_bytes + 1)
-            if position is not None:
-                obj.seek(position)  # the decoder reads it again
-        except Exception as e:
-            raise InputError(f"{role}: the file object cannot be read ({type(e).__name__})") from None
-        if not isinstance(data, (bytes, bytearray)):
-            raise InputError(f"{role}: the file object gave {type_name(data)}, not bytes (open it in binary mode)")
-        source = _from_bytes(bytes(data), role, limits)
-    else:
+    source = _byte_source(obj, role, limits, rewind=True)
+    if source is None:
         raise InputError(f"{role}: decoded_pixels takes bytes, a path or a binary file object, not {type_name(obj)}")
     try:
         if source.format == "dicom":
