@@ -16,7 +16,7 @@ pytest.importorskip("dicomweb_client", reason="the [hospital] extra (dicomweb-cl
 pytest.importorskip("highdicom", reason="the [hospital] extra (highdicom) is not installed")
 
 from dicom_files import DICOM_DIR  # noqa: E402
-from orthanc import ct_volume, orthanc_archive, read_shipped  # noqa: E402
+from orthanc import stocked_archive  # noqa: E402
 
 import gmaivl_rt  # noqa: E402
 from gmaivl_rt import DicomWebRef  # noqa: E402
@@ -35,13 +35,7 @@ def folder(tiny_model_folder):
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    with orthanc_archive(tmp_path_factory.mktemp("orthanc")) as server:
-        from dicomweb_client.api import DICOMwebClient
-
-        server.volume = ct_volume(5)
-        server.mr = read_shipped("MR_small.dcm")
-        assert not DICOMwebClient(server.dicomweb).store_instances([*server.volume, server.mr]) \
-            .get("FailedSOPSequence")
+    with stocked_archive(tmp_path_factory.mktemp("orthanc")) as server:
         yield server
 
 

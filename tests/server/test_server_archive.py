@@ -18,7 +18,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("dicomweb_client", reason="the [hospital] extra (dicomweb-client) is not installed")
 pytest.importorskip("highdicom", reason="the [hospital] extra (highdicom) is not installed")
 
-from orthanc import ct_volume, orthanc_archive, read_shipped
+from orthanc import stocked_archive
 
 from gmaivl_rt.limits import DecodeBudget
 from gmaivl_rt.medical.structured_report import dicom_text
@@ -33,13 +33,7 @@ COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    with orthanc_archive(tmp_path_factory.mktemp("orthanc")) as server:
-        from dicomweb_client.api import DICOMwebClient
-
-        server.volume = ct_volume(5)
-        server.mr = read_shipped("MR_small.dcm")
-        assert not DICOMwebClient(server.dicomweb).store_instances([*server.volume, server.mr]) \
-            .get("FailedSOPSequence")
+    with stocked_archive(tmp_path_factory.mktemp("orthanc")) as server:
         yield server
 
 

@@ -136,6 +136,20 @@ def orthanc_archive(folder: Path, users: dict | None = None):
         log.close()
 
 
+@contextlib.contextmanager
+def stocked_archive(folder: Path):
+    """`orthanc_archive` holding a 5-slice CT series (`.volume`, from CT_small) and pydicom's MR_small (`.mr`),
+    stored through STOW-RS: the archive the ask and serve tests read."""
+    from dicomweb_client.api import DICOMwebClient
+
+    with orthanc_archive(folder) as server:
+        server.volume = ct_volume(5)
+        server.mr = read_shipped("MR_small.dcm")
+        assert not DICOMwebClient(server.dicomweb).store_instances([*server.volume, server.mr]) \
+            .get("FailedSOPSequence")
+        yield server
+
+
 def read_shipped(name: str):
     import pydicom
 
