@@ -6,7 +6,13 @@ Content tree (root: LN 18748-4 "Diagnostic Imaging Report"):
   (the weights' SHA-256): TID 4019 Algorithm Identification;
 * CONTAINS TEXT DCM 121062 "Request": the question, as asked;
 * CONTAINS TEXT DCM 121071 "Finding": the model's answer, INFERRED FROM one IMAGE item (DCM 121112 "Source of
-  Measurement") per source instance the answer was made from.
+  Measurement") per source instance the answer was made from;
+* with `findings` (an answer made under the findings JSON schema, examples/findings.schema.json), CONTAINS CODE
+  items for its fields that have a standard code (`FINDING_CODES`, `coded_findings`; docs/hospital.md has the
+  table): DCM 121139 "Modality", DCM 123014 "Target Region", DCM 113764 "Acquisition Plane", and DCM 121071
+  "Finding" = SCT 52988006 "Lesion" with HAS PROPERTIES DCM 121052 "Presence of property" (SCT Present / Absent),
+  HAS CONCEPT MOD SCT 272741003 "Laterality" and, for a present lesion, HAS PROPERTIES NUM SCT 81827009
+  "Diameter" in mm.
 
 Text: UTF-8 (Specific Character Set ISO_IR 192), control characters DICOM text cannot hold replaced (`dicom_text`).
 Header: the source's Patient and Study modules (highdicom copies them from the evidence, as an object filed in the
@@ -63,10 +69,96 @@ def dicom_text(text: str) -> str:
     return text.translate({**_CONTROL, 127: "\ufffd"})
 
 
-def answer_report(sources: list, question: str, answer: str, algorithm: Algorithm):
-    """sources: the pydicom Datasets the answer was made from (one study); question / answer: text. Returns the
-    highdicom `ComprehensiveSR` (a pydicom Dataset). Raises InputError for sources of several studies or none, and
-    for algorithm fields DICOM cannot hold (LO: 64 characters)."""
+# The findings schema's values -> (scheme, code value, meaning) of the standard code, per field. Values left out have
+# no single standard code and stay in the answer text only: "XR" (DICOM codes a radiograph by how it was taken: CR,
+# DX, RG), "other", "not applicable", a lesion side "none".
+FINDING_CODES = {
+    "modality": {  # CID 29 Acquisition Modality
+        "CT": ("DCM", "CT", "Computed Tomography"), "MR": ("DCM", "MR", "Magnetic Resonance"),
+        "US": ("DCM", "US", "Ultrasound"), "PT": ("DCM", "PT", "Positron emission tomography"),
+        "NM": ("DCM", "NM", "Nuclear Medicine")},
+    "plane": {  # CID 6312 Cross-sectional Scan Plane Orientation
+        "axial": ("SCT", "24422004", "Axial"), "coronal": ("SCT", "81654009", "Coronal"),
+        "sagittal": ("SCT", "30730003", "Sagittal"), "oblique": ("SCT", "21114003", "Oblique")},
+    "body_part": {  # CID 4031 Common Anatomic Regions
+        "head": ("SCT", "69536005", "Head"), "neck": ("SCT", "45048000", "Neck"),
+        "chest": ("SCT", "816094009", "Chest"), "abdomen": ("SCT", "818981001", "Abdomen"),
+        "pelvis": ("SCT", "816092008", "Pelvis"), "spine": ("SCT", "421060004", "Spine"),
+        "extremity": ("SCT", "66019005", "Extremity")},
+    "lesion.present": {  # CID 241 Present-Absent Only
+        True: ("SCT", "52101004", "Present"), False: ("SCT", "272519000", "Absent")},
+    "lesion.side": {  # CID 245 Laterality with Median
+        "left": ("SCT", "7771000", "Left"), "right": ("SCT", "24028007", "Right"),
+        "bilateral": ("SCT", "51440002", "Bilateral"), "midline": ("DCM", "130290", "Median")},
+}
+# The concept each field is the value of.
+FINDING_CONCEPTS = {
+    "modality": ("DCM", "121139", "Modality"), "plane": ("DCM", "113764", "Acquisition Plane"),
+    "body_part": ("DCM", "123014", "Target Region"), "lesion": ("DCM", "121071", "Finding"),
+    "lesion.present": ("DCM", "121052", "Presence of property"), "lesion.side": ("SCT", "272741003", "Laterality"),
+    "lesion.size_mm": ("SCT", "81827009", "Diameter")}
+LESION = ("SCT", "52988006", "Lesion")
+
+
+def _code(triple):
+    from highdicom.sr import CodedConcept
+
+    scheme, value, meaning = triple
+    return CodedConcept(value=value, scheme_designator=scheme, meaning=meaning)
+
+
+def _coded(findings: dict, field: str):
+    """The code of `findings`' value at the dotted `field`, or None (absent, not a value the table has)."""
+    value = findings
+    for part in field.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    table = FINDING_CODES[field]
+    if isinstance(value, bool) != isinstance(next(iter(table)), bool):
+        return None  # JSON true is not the string "true", nor 1
+    try:
+        return table.get(value)
+    except TypeError:  # a list or object where a value should be
+        return None
+
+
+def coded_findings(findings: dict) -> list:
+    """An answer made under the findings JSON schema (its parsed object) -> the CONTAINS content items coding what
+    has a standard code (`FINDING_CODES`): Modality, Acquisition Plane, Target Region as CODE items; the lesion as
+    Finding = Lesion with its presence, laterality and (when present) its diameter in mm. Fields without a code
+    (or not in the answer) give no item; [] when none has one."""
+    from highdicom.sr import CodeContentItem, NumContentItem, RelationshipTypeValues
+
+    contains = RelationshipTypeValues.CONTAINS
+    items = []
+    for field in ("modality", "plane", "body_part"):
+        if (code := _coded(findings, field)) is not None:
+            items.append(CodeContentItem(name=_code(FINDING_CONCEPTS[field]), value=_code(code),
+                                         relationship_type=contains))
+    presence = _coded(findings, "lesion.present")
+    if presence is None:
+        return items
+    lesion = CodeContentItem(name=_code(FINDING_CONCEPTS["lesion"]), value=_code(LESION), relationship_type=contains)
+    details = [CodeContentItem(name=_code(FINDING_CONCEPTS["lesion.present"]), value=_code(presence),
+                               relationship_type=RelationshipTypeValues.HAS_PROPERTIES)]
+    if (side := _coded(findings, "lesion.side")) is not None:
+        details.append(CodeContentItem(name=_code(FINDING_CONCEPTS["lesion.side"]), value=_code(side),
+                                       relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD))
+    size = findings["lesion"].get("size_mm")
+    if findings["lesion"]["present"] is True and isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+        details.append(NumContentItem(name=_code(FINDING_CONCEPTS["lesion.size_mm"]), value=size,
+                                      unit=_code(("UCUM", "mm", "millimeter")),
+                                      relationship_type=RelationshipTypeValues.HAS_PROPERTIES))
+    lesion.ContentSequence = details
+    return [*items, lesion]
+
+
+def answer_report(sources: list, question: str, answer: str, algorithm: Algorithm, findings: dict | None = None):
+    """sources: the pydicom Datasets the answer was made from (one study); question / answer: text; findings: the
+    answer's parsed JSON object when it was made under the findings JSON schema (its coded items are added,
+    `coded_findings`). Returns the highdicom `ComprehensiveSR` (a pydicom Dataset). Raises InputError for sources of
+    several studies or none, and for algorithm fields DICOM cannot hold (LO: 64 characters)."""
     import highdicom as hd
     from highdicom.sr import (CodedConcept, ComprehensiveSR, ContainerContentItem, ImageContentItem,
                               RelationshipTypeValues, TextContentItem)
@@ -99,6 +191,7 @@ def answer_report(sources: list, question: str, answer: str, algorithm: Algorith
                             relationship_type=context),
             TextContentItem(name=codes.DCM.Request, value=dicom_text(question), relationship_type=contains),
             finding,
+            *(coded_findings(findings) if isinstance(findings, dict) else []),
         ]
         root = ContainerContentItem(name=CodedConcept("18748-4", "LN", "Diagnostic Imaging Report"))
         root.ContentSequence = items

@@ -87,23 +87,39 @@ def ask_archive(runtime, question: str, ref, *, write_sr: bool = False, sr_out=N
 
     fetched = fetch_study(ref, runtime.limits)
     image = fetched.read(limits=runtime.limits, frame=frame, slice_index=slice_index, plane=plane, window=window)
-    answer = runtime.ask(question, image, system=system, **options)
+    made = runtime.answer(question, image, system=system, **options)
     if not (write_sr or sr_out):
-        return ArchiveAnswer(answer=answer)
-    return file_report(ref, fetched.sources, question, answer, algorithm or model_algorithm(runtime),
-                       limits=runtime.limits, write_sr=write_sr, sr_out=sr_out)
+        return ArchiveAnswer(answer=made.text)
+    findings = answer_findings(made.text, made.complete) if options.get("json_schema") is not None else None
+    return file_report(ref, fetched.sources, question, made.text, algorithm or model_algorithm(runtime),
+                       limits=runtime.limits, write_sr=write_sr, sr_out=sr_out, findings=findings)
+
+
+def answer_findings(text: str, complete) -> dict | None:
+    """An answer made under a JSON schema -> its object, for the report's coded findings; None when the answer is
+    not complete under the schema (cut by the token budget) or is not a JSON object."""
+    import json
+
+    if complete is not True:
+        return None
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
 
 
 def file_report(ref, sources: list, question: str, answer: str, algorithm, *, limits=None, write_sr: bool = False,
-                sr_out=None) -> ArchiveAnswer:
+                sr_out=None, findings: dict | None = None) -> ArchiveAnswer:
     """The answer's Structured Report (`answer_report` over `sources`, the pydicom Datasets the answer was made
-    from), written to `sr_out` (atomically) and / or stored in `ref`'s archive with STOW-RS (`write_sr`). The one
-    place `ask_archive` and `gmaivl-rt serve --dicomweb` write reports."""
+    from; `findings`: the answer's object when it was made under a JSON schema, coded as the findings schema's
+    fields are), written to `sr_out` (atomically) and / or stored in `ref`'s archive with STOW-RS (`write_sr`). The
+    one place `ask_archive` and `gmaivl-rt serve --dicomweb` write reports."""
     from gmaivl_rt.atomic import atomic_write_bytes
     from gmaivl_rt.medical.dicomweb import Archive
     from gmaivl_rt.medical.structured_report import answer_report, report_bytes
 
-    result = ArchiveAnswer(answer=answer, report=answer_report(sources, question, answer, algorithm))
+    result = ArchiveAnswer(answer=answer, report=answer_report(sources, question, answer, algorithm, findings))
     if sr_out is not None:
         result.sr_path = Path(sr_out)
         atomic_write_bytes(result.sr_path, report_bytes(result.report))

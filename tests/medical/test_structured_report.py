@@ -153,3 +153,88 @@ def test_refuses_what_dicom_cannot_hold():
     for bad in (Algorithm("x" * 65, "1", "ab" * 32, "gmaivl-rt 0.1.0"), Algorithm("x", "1", "AB" * 32, "g")):
         with pytest.raises(InputError, match="structured report"):
             answer_report([one], QUESTION, ANSWER, bad)
+
+
+def findings_answers() -> list[dict]:
+    """Answers valid under examples/findings.schema.json that between them use every value of every field."""
+    import json
+    from pathlib import Path
+
+    import jsonschema
+
+    schema = json.loads((Path(__file__).parents[2] / "examples" / "findings.schema.json").read_text())
+    props = schema["properties"]
+    enums = [props["modality"]["enum"], props["plane"]["enum"], props["body_part"]["enum"],
+             props["lesion"]["properties"]["side"]["enum"], [True, False], [0, 7, 500]]
+    count = max(len(values) for values in enums)
+    answers = [{"modality": m, "plane": p, "body_part": b, "lesion": {"present": present, "side": side, "size_mm": size}}
+               for m, p, b, side, present, size in (
+                   [values[(k + i) % len(values)] for i, values in enumerate(enums)] for k in range(count))]
+    for values, taken in zip(enums, zip(*[(a["modality"], a["plane"], a["body_part"], a["lesion"]["side"],
+                                          a["lesion"]["present"], a["lesion"]["size_mm"]) for a in answers])):
+        assert set(values) <= set(taken)  # every value used at least once
+    for answer in answers:
+        jsonschema.validate(answer, schema)
+    return answers, schema
+
+
+def test_coded_findings_read_back_equal_the_json_answer():
+    """Answers under the findings schema that between them use every value of every field: pydicom reads the
+    report's CODE / NUM items back (decoded with pydicom's own code dictionary, tests/support/sr_findings.py) and
+    they equal the answer's codable fields; the text finding still holds the JSON. Mutants seen failing: left and
+    right swapped in FINDING_CODES; laterality as HAS PROPERTIES instead of HAS CONCEPT MOD; the diameter coded for
+    an absent lesion; True/False presence swapped."""
+    import json
+
+    from sr_findings import codable, findings_from_report
+
+    answers, _ = findings_answers()
+    source = read_shipped("CT_small.dcm")
+    for answer in answers:
+        text = json.dumps(answer, separators=(",", ":"))
+        ds = read_back(answer_report([source], QUESTION, text, ALGORITHM, findings=answer))
+        assert findings_from_report(ds) == codable(answer), answer
+        assert text_items(ds)[("DCM", "121071")] == text
+    plain = read_back(answer_report([source], QUESTION, json.dumps(answers[0]), ALGORITHM))
+    assert findings_from_report(plain) == {} and not [i for i in plain.ContentSequence if i.ValueType == "CODE"]
+
+
+def test_every_findings_value_is_coded_from_its_context_group_or_named_uncoded():
+    """Each value of the findings schema is either coded (with the code pydicom's dictionary gives it, a member of
+    the DICOM context group the mapping names, per pydicom's CID tables) or in the documented no-code set, and the
+    table codes nothing the schema does not have."""
+    from pydicom.sr import _cid_dict
+    from pydicom.sr.codedict import codes
+    from sr_findings import UNCODED, VALUES
+
+    from gmaivl_rt.medical.structured_report import FINDING_CODES
+
+    _, schema = findings_answers()
+    props = schema["properties"]
+    enums = {"modality": props["modality"]["enum"], "plane": props["plane"]["enum"],
+             "body_part": props["body_part"]["enum"], "lesion.side": props["lesion"]["properties"]["side"]["enum"],
+             "lesion.present": [True, False]}
+    assert set(FINDING_CODES) == set(enums)
+    for field, values in enums.items():
+        table, cid = VALUES[field]
+        assert set(table) | UNCODED.get(field, set()) == set(values) and not set(table) & UNCODED.get(field, set())
+        for value, code in table.items():
+            assert FINDING_CODES[field][value][:2] == (code.scheme_designator, code.value), (field, value)
+            members = {(scheme, getattr(getattr(codes, scheme), keyword).value)
+                       for scheme, keywords in _cid_dict.cid_concepts[cid].items() for keyword in keywords}
+            assert (code.scheme_designator, code.value) in members, (field, value, cid)
+
+
+def test_dciodvfy_finds_no_error_with_coded_findings(tmp_path):
+    """dciodvfy on a report with every kind of coded item (modality, plane, region, a present lesion with side and
+    diameter): no line says Error."""
+    if shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy (Debian's dicom3tools) is not installed")
+    findings = {"modality": "MR", "plane": "coronal", "body_part": "head",
+                "lesion": {"present": True, "side": "left", "size_mm": 14}}
+    path = tmp_path / "coded.dcm"
+    path.write_bytes(report_bytes(answer_report(ct_volume(2), QUESTION, "{}", ALGORITHM, findings=findings)))
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    out = run.stdout + run.stderr
+    assert "ComprehensiveSR" in out
+    assert not [line for line in out.splitlines() if line.startswith("Error")], out

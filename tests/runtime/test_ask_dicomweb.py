@@ -149,3 +149,27 @@ def test_half_given_archive_options_fail_before_loading(cli, tmp_path):
                            "--image or --dicomweb, not both")):
         run = cli(["ask", missing, "--question", QUESTION, *args], expect=2)
         assert message in run.stderr and "no_model" not in run.stderr
+
+
+def test_a_structured_answer_goes_into_the_report_as_codes(folder, archive, cli):
+    """`ask --json-schema examples/findings.schema.json --write-sr` about the MR study: the SR Orthanc returns holds
+    CODE items (read back with pydicom, decoded with pydicom's own code dictionary) equal to the JSON answer printed
+    on stdout, besides the answer text. Mutant seen failing: `ask_archive` not passing the findings to
+    `file_report` (no CODE items)."""
+    from sr_findings import codable, findings_from_report
+
+    mr = archive.mr
+    study = str(mr.StudyInstanceUID)
+    schema = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "findings.schema.json")
+    before = {i["MainDicomTags"]["SOPInstanceUID"] for i in study_instances(archive, study)}
+    run = cli(["ask", folder, "--question", "Report the finding.", "--dicomweb", archive.dicomweb, "--study", study,
+               "--max-new-tokens", 200, "--json-schema", schema, "--write-sr"])
+    answer = json.loads(run.stdout)
+    new = [i for i in study_instances(archive, study) if i["MainDicomTags"]["SOPInstanceUID"] not in before]
+    assert len(new) == 1
+    stored = pydicom.dcmread(io.BytesIO(archive.rest_bytes(f"/instances/{new[0]['ID']}/file")))
+    coded = findings_from_report(stored)
+    assert coded == codable(answer) and "lesion" in coded
+    texts = {item.ConceptNameCodeSequence[0].CodeValue: item.TextValue for item in stored.ContentSequence
+             if item.ValueType == "TEXT"}
+    assert texts["121071"] == run.stdout.strip()
