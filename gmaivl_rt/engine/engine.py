@@ -36,7 +36,7 @@ import torch
 from gmaivl_rt.engine.scheduler import Batch, Scheduler
 from gmaivl_rt.engine.sequence import END_OF_ANSWER, Request, Sequence, fail_request, sequence_from_request
 from gmaivl_rt.errors import InputError
-from gmaivl_rt.model.sampling import TokenLogprob, decode_step
+from gmaivl_rt.model.sampling import TokenLogprob, decode_rows, decode_step
 from gmaivl_rt.runtime.backends import load
 
 log = logging.getLogger("gmaivl_rt.engine")
@@ -63,7 +63,8 @@ class Engine:
             from gmaivl_rt.engine.torch_runner import TorchRunner
 
             self.runner = TorchRunner(self.backend.model, block_size, kv_cache_tokens, max_batch_size)
-            self.scheduler = Scheduler(max_batch_size, self.runner.block_pool, self.tokenizer)
+            self.scheduler = Scheduler(max_batch_size, self.runner.block_pool, self.tokenizer,
+                                       self.runner.block_pool.blocks_for(self.backend.config.text.context_length))
         else:
             from gmaivl_rt.engine.graph_runner import GraphRunner
 
@@ -198,34 +199,78 @@ class Engine:
         if batch is None:
             return
         constrained = [seq for seq, active in zip(batch.seqs, batch.active)
-                       if active and seq.matcher is not None and not bool(seq.finished)]
+                       if active and seq.matcher is not None and not seq.eos]
         masks = self._mask_pool.submit(self._masks, constrained) if constrained else None
         logits, failed = self._run(batch)
         try:
             masks = masks.result() if masks is not None else {}
         except Exception:  # computed again row by row in `_next_token`, where a failure ends that row alone
             masks = {}
-        tokens = []
-        for seq, row, active in zip(batch.seqs, logits, batch.active):
-            token = None
-            if row is not None and active and self.scheduler.wants_token(seq):
-                try:
-                    token = self._next_token(seq, row, masks.get(seq))
-                except Exception as error:  # this row's logits could not be sampled (nan, ...): it alone fails
-                    failed[seq] = error
-            tokens.append(token)
+        tokens = self._sample(batch, logits, masks, failed)
         with self._cv:
             for seq, error in failed.items():
                 self.scheduler.retire(seq, "error", error)
             self.scheduler.postprocess(batch, tokens)
 
-    def _run(self, batch: Batch) -> tuple[list, dict]:
-        """Per row its logits (1, V) fp32, None where the row failed; and {sequence: error} of the active rows that
-        failed. A static batch fails together; when a mixed batch fails, each row runs alone to find the ones at
-        fault, so the others go on."""
+    def _sample(self, batch: Batch, logits, masks: dict, failed: dict) -> list:
+        """Per row the sampled id, or None (inactive, cancelled, failed). Unconstrained rows sharing their sampling
+        settings are sampled in one batched call (`decode_rows`; seeded rows still draw from their own generator);
+        constrained rows, and the rows of a batched call that raised, one by one (`decode_step`), so a row whose
+        logits cannot be sampled (nan, ...) fails alone. logits: (rows, V) fp32, or per row (1, V) or None."""
+        tokens = [None] * len(batch)
+        groups = {}
+        for r, (seq, active) in enumerate(zip(batch.seqs, batch.active)):
+            if not active or (isinstance(logits, list) and logits[r] is None) or not self.scheduler.wants_token(seq):
+                continue
+            groups.setdefault(None if seq.matcher is not None else seq.sampling_key, []).append(r)
+        for key, rows in groups.items():
+            if key is not None:
+                try:
+                    self._sample_rows(batch, logits, rows, tokens)
+                    continue
+                except Exception:  # one of these rows cannot be sampled: find it, row by row
+                    pass
+            for r in rows:
+                seq = batch.seqs[r]
+                try:
+                    tokens[r] = self._next_token(seq, logits[r:r + 1] if torch.is_tensor(logits) else logits[r],
+                                                 masks.get(seq))
+                except Exception as error:  # this row's logits could not be sampled (nan, ...): it alone fails
+                    failed[seq] = error
+        return tokens
+
+    @staticmethod
+    def _sample_rows(batch: Batch, logits, rows: list, tokens: list) -> None:
+        """Sample `rows` (unconstrained, one sampling key) in one `decode_rows` call; their state advances only when
+        all succeeded."""
+        seqs = [batch.seqs[r] for r in rows]
+        first = seqs[0]
+        if torch.is_tensor(logits):
+            step_logits = logits if len(rows) == len(batch) else logits[torch.tensor(rows, device=logits.device)]
+        else:
+            step_logits = torch.cat([logits[r] for r in rows])
+        generators = [seq.generator for seq in seqs] if first.params.do_sample else None
+        # a failed call is redone row by row: each seeded row's stream then starts where it stood
+        states = [(g, g.get_state()) for g in generators or () if g is not None]
         try:
-            logits = self.runner.run(batch)
-            return [logits[r:r + 1] for r in range(len(batch))], {}
+            step = decode_rows(step_logits, [seq.ids for seq in seqs], first.params, first.stop, generators,
+                               top_logprobs=first.top_logprobs)
+        except Exception:
+            for generator, state in states:
+                generator.set_state(state)
+            raise
+        picked, done = step.next_tokens.tolist(), step.finished.tolist()
+        for i, (r, seq) in enumerate(zip(rows, seqs)):
+            tokens[r], seq.eos = picked[i], done[i]
+            if step.logprobs is not None:
+                seq.request.logprobs.append(TokenLogprob.from_step(step.logprobs, i, picked[i]))
+
+    def _run(self, batch: Batch) -> tuple:
+        """The logits (rows, V) fp32 of the batch and {} ; or, when the batch failed, per row its logits (1, V) or
+        None, and {sequence: error} of the active rows that failed. A static batch fails together; when a mixed
+        batch fails, each row runs alone to find the ones at fault, so the others go on."""
+        try:
+            return self.runner.run(batch), {}
         except Exception as error:
             if batch.phase != "mixed" or len(batch) == 1:
                 return [None] * len(batch), {seq: error for seq, active in zip(batch.seqs, batch.active) if active}
@@ -253,12 +298,14 @@ class Engine:
         matcher, logprobs) advances. InputError when its constraint leaves no token (that request alone ends)."""
         if seq.matcher is not None and allowed is None:  # a row whose mask was not computed ahead (none expected)
             allowed = Engine._masks([seq])[seq]
-        step = decode_step(logits, seq.sequences, seq.finished, seq.params, seq.stop, seq.generator,
+        history = torch.tensor([seq.ids], dtype=torch.int64, device=logits.device)
+        running = torch.zeros(1, dtype=torch.bool, device=logits.device)  # a row that produced eos has left
+        step = decode_step(logits, history, running, seq.params, seq.stop, seq.generator,
                            allowed=allowed, top_logprobs=seq.top_logprobs)
         if bool(step.failed[0]):
             raise InputError("the constraint allows no next token: the answer cannot be finished under it")
         token = int(step.next_tokens[0])
-        seq.sequences, seq.finished = step.sequences, step.finished
+        seq.eos = bool(step.finished[0])
         if seq.matcher is not None:
             seq.matcher.advance(token)
             seq.request.constraint_complete = seq.matcher.complete

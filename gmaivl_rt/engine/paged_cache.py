@@ -29,28 +29,42 @@ class PagedKVCache:
         self.pool = BlockPool(num_blocks, block_size)
         self.block_size, self.device = block_size, device
         self.lengths, self.max_length, self.block_tables = [], 0, None
+        self._stored_for, self._store_index = None, None
 
     @property
     def bytes_per_block(self) -> int:
         return 2 * len(self.keys) * self.keys[0][0].numel() * self.keys[0].element_size()
 
-    def bind(self, block_tables: list[list[int]], cached_lengths: list[int]) -> None:
-        """block_tables: per sequence, its blocks (enough for its cached and new tokens); cached_lengths: tokens
-        each already holds."""
-        width = max(len(t) for t in block_tables)
-        self.block_tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32,
-                                         device=self.device)
-        self.lengths, self.max_length = list(cached_lengths), width * self.block_size
+    def bind(self, block_tables, cached_lengths: list[int]) -> None:
+        """block_tables: per sequence, its blocks (enough for its cached and new tokens): lists of ints, or a
+        (sequences, max blocks) int32 tensor (the scheduler's table; entries past a sequence's last block unused);
+        cached_lengths: tokens each already holds."""
+        if torch.is_tensor(block_tables):
+            self.block_tables = block_tables.to(device=self.device, dtype=torch.int32)
+        else:
+            width = max(len(t) for t in block_tables)
+            self.block_tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32,
+                                             device=self.device)
+        self.lengths, self.max_length = list(cached_lengths), self.block_tables.shape[1] * self.block_size
+        self._stored_for, self._store_index = None, None
+
+    def _token_index(self, batch):
+        """(T,) int64: where each new token's key/value goes in a layer's pool seen as (blocks * block_size, ...);
+        made once per forward, used by every layer."""
+        if self._stored_for is not batch:
+            blocks = self.block_tables[batch.cache_rows, batch.cache_slots // self.block_size].long()
+            self._store_index = blocks * self.block_size + batch.cache_slots % self.block_size
+            self._stored_for = batch
+        return self._store_index
 
     def attend(self, layer: int, q, k, v, batch):
         """Store the new tokens' k/v in their blocks, then attend each new query to its sequence's cached and new
         keys: varlen attention for fresh prompts, the paged decode kernel for single tokens, and a gather for
         several tokens after a cached prefix."""
         keys, values = self.keys[layer], self.values[layer]
-        blocks = self.block_tables[batch.cache_rows, batch.cache_slots // self.block_size].long()
-        offsets = batch.cache_slots % self.block_size
-        keys[blocks, offsets] = k.to(keys.dtype)
-        values[blocks, offsets] = v.to(values.dtype)
+        index = self._token_index(batch)
+        keys.view(-1, *keys.shape[2:]).index_copy_(0, index, k.to(keys.dtype))
+        values.view(-1, *values.shape[2:]).index_copy_(0, index, v.to(values.dtype))
         starts, lengths = batch.cache_starts, batch.lengths
         if all(s == 0 for s in starts):
             return ops.attention(q, k, v, causal=True, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)
@@ -78,8 +92,8 @@ class PagedKVCache:
             if s and n > 1:  # several tokens after a cached prefix: gather this sequence's blocks
                 total = s + n
                 table = self.block_tables[r, :self.pool.blocks_for(total)].long()
-                ks = keys[table].flatten(0, 1)[:total]
-                vs = values[table].flatten(0, 1)[:total]
+                ks = keys.index_select(0, table).flatten(0, 1)[:total]
+                vs = values.index_select(0, table).flatten(0, 1)[:total]
                 out[bounds[r]:bounds[r + 1]] = attend_after_prefix(q[bounds[r]:bounds[r + 1]], ks, vs)
         return out
 

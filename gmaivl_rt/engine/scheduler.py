@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+import torch
+
 from gmaivl_rt.engine.block_pool import BlockPool, block_keys
 from gmaivl_rt.engine.sequence import Sequence
 from gmaivl_rt.errors import LimitError
@@ -32,10 +34,14 @@ class Batch:
     """What the runner runs next, one row per sequence in `seqs`.
     phase: "mixed" (paged: each row feeds its uncached tokens, seq.ids[seq.cached:]), "prefill" (a new static
     batch: each row's whole prompt) or "decode" (the static batch in flight: each active row feeds its last token).
-    active: per row, whether it still runs (static batches keep finished rows, fed padding; their logits unused)."""
+    active: per row, whether it still runs (static batches keep finished rows, fed padding; their logits unused).
+    block_tables: paged, (rows, max blocks) int32 CPU, each row's blocks in order (entries past its last block are
+    valid but unused block ids), or None (the runner builds them from seq.blocks)."""
     seqs: list
     phase: str
     active: list
+    block_tables: torch.Tensor | None = None
+    slots: torch.Tensor | None = None  # (rows,) int64: each row's row in the scheduler's block table
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -43,12 +49,25 @@ class Batch:
 
 class Scheduler:
     """max_batch_size: sequences run together; pool: the KV block pool (paged batching), or None (static
-    batching); tokenizer: decodes the streamed text."""
+    batching); tokenizer: decodes the streamed text; max_blocks_per_sequence: the most blocks one sequence can hold
+    (its context; default the whole pool).
 
-    def __init__(self, max_batch_size: int, pool: BlockPool | None, tokenizer):
+    Per step the paged scheduler's work follows what changed: the block table (one row per running sequence, a
+    slot) is written where a sequence gets blocks, and the batch is made again only when the running set changes;
+    an ordinary decode step reuses both (one index into the table)."""
+
+    def __init__(self, max_batch_size: int, pool: BlockPool | None, tokenizer,
+                 max_blocks_per_sequence: int | None = None):
         self.max_batch_size, self.pool, self.tokenizer = max_batch_size, pool, tokenizer
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._running_set: set = set()
+        self._batch: Batch | None = None  # the paged batch of the current running set (None: to be made again)
+        if pool is not None:
+            width = pool.num_blocks if max_blocks_per_sequence is None else min(pool.num_blocks,
+                                                                                max_blocks_per_sequence)
+            self.block_table = torch.zeros(max_batch_size, width, dtype=torch.int32)
+            self._free_slots = list(range(max_batch_size - 1, -1, -1))
         self.counters = {"generated_tokens": 0, "prompt_tokens": 0, "prefix_cache_hits": 0,
                          "prefix_cache_hit_tokens": 0, "preemptions": 0, "finished": 0}
         self._static: list[Sequence] | None = None  # the static batch in flight
@@ -95,7 +114,30 @@ class Scheduler:
         self._grow_blocks()
         if not self.running:
             return None
-        return Batch(list(self.running), "mixed", [True] * len(self.running))
+        if self._batch is None:
+            rows = list(self.running)
+            self._batch = Batch(rows, "mixed", [True] * len(rows),
+                                slots=torch.tensor([seq.slot for seq in rows], dtype=torch.int64))
+        batch = self._batch
+        batch.block_tables = self.block_table[batch.slots, :max(len(seq.blocks) for seq in batch.seqs)]
+        return batch
+
+    def _set_running(self, seq: Sequence, running: bool) -> None:
+        """Add a sequence to the running list (at the end) or take it out; the next batch is made again."""
+        if running:
+            self.running.append(seq)
+            self._running_set.add(seq)
+        else:
+            self.running.remove(seq)
+            self._running_set.discard(seq)
+        self._batch = None
+
+    def _table_blocks(self, seq: Sequence, start: int) -> None:
+        """Write the sequence's blocks from `start` on into its block-table row (taking a row if it has none)."""
+        if seq.slot is None:
+            seq.slot, start = self._free_slots.pop(), 0
+        if len(seq.blocks) > start:
+            self.block_table[seq.slot, start:len(seq.blocks)] = torch.tensor(seq.blocks[start:], dtype=torch.int32)
 
     def _drop_cancelled(self) -> None:
         for seq in [s for s in self.waiting if s.cancelled]:
@@ -105,13 +147,13 @@ class Scheduler:
             self.retire(seq, "cancelled")
 
     def _schedule_static(self) -> Batch | None:
-        if self._static is not None and any(seq in self.running for seq in self._static):
-            return Batch(self._static, "decode", [seq in self.running for seq in self._static])
+        if self._static is not None and any(seq in self._running_set for seq in self._static):
+            return Batch(self._static, "decode", [seq in self._running_set for seq in self._static])
         rows = []
         while self.waiting and len(rows) < self.max_batch_size:
             rows.append(self.waiting.popleft())
             rows[-1].mark_scheduled()
-        self.running.extend(rows)
+            self._set_running(rows[-1], True)
         self._static = rows or None
         return Batch(rows, "prefill", [True] * len(rows)) if rows else None
 
@@ -127,7 +169,8 @@ class Scheduler:
                 return
             seq.blocks += pool.allocate(need)
             self.waiting.popleft()
-            self.running.append(seq)
+            self._set_running(seq, True)
+            self._table_blocks(seq, 0)
             seq.mark_scheduled()
             if hit and not seq.hit_tokens:
                 self.counters["prefix_cache_hits"] += 1
@@ -146,16 +189,19 @@ class Scheduler:
         """Every running sequence gets the blocks for the tokens it runs next; when the pool is out, the youngest
         is preempted (its full blocks stay in the prefix cache, the rest is recomputed when readmitted)."""
         pool = self.pool
-        for seq in list(self.running):
-            if seq not in self.running:
+        growing = [seq for seq in self.running if pool.blocks_for(len(seq.ids)) > len(seq.blocks)]
+        for seq in growing:  # most steps: none, or the few that cross into a new block
+            if seq not in self._running_set:  # preempted meanwhile
                 continue
             need = pool.blocks_for(len(seq.ids)) - len(seq.blocks)
             while need > 0:
                 blocks = pool.allocate(need)
                 if blocks is not None:
                     seq.blocks += blocks
+                    self._table_blocks(seq, len(seq.blocks) - len(blocks))
                     break
-                victim = self.running.pop()
+                victim = self.running[-1]
+                self._set_running(victim, False)
                 self._free_blocks(victim, keep_prefix=True)
                 self.waiting.appendleft(victim)
                 self.counters["preemptions"] += 1
@@ -165,15 +211,15 @@ class Scheduler:
     # ------------------------------------------------------------------ after a step
     def wants_token(self, seq: Sequence) -> bool:
         """Whether a row's logits are to be sampled: it still runs and was not cancelled meanwhile."""
-        return seq in self.running and not seq.cancelled
+        return seq in self._running_set and not seq.cancelled
 
     def postprocess(self, batch: Batch, tokens: list) -> None:
         """tokens: per row, the sampled id (int), or None for rows not sampled (inactive, cancelled, failed).
         Appends and streams each token, and retires the sequences that are done: an eos ("stop", as
-        `decode_step` flagged it in seq.finished), a stop string in the text ("stop"), or max_new_tokens
+        the decoding step flagged it in seq.eos), a stop string in the text ("stop"), or max_new_tokens
         ("length")."""
         for seq, token in zip(batch.seqs, tokens):
-            if seq not in self.running:  # retired during the step (it failed)
+            if seq not in self._running_set:  # retired during the step (it failed)
                 continue
             if batch.phase == "mixed":
                 seq.cached = len(seq.ids)  # the runner stored the keys/values of every token it fed
@@ -188,7 +234,7 @@ class Scheduler:
         """Append one sampled token, stream the new text and retire the sequence if it is done."""
         seq.append_token(token)
         self.counters["generated_tokens"] += 1
-        reason = "stop" if bool(seq.finished) else ("length" if len(seq.generated) >= seq.max_new_tokens else None)
+        reason = "stop" if seq.eos else ("length" if len(seq.generated) >= seq.max_new_tokens else None)
         if reason is None and seq.stream_text(self.tokenizer, final=False):
             reason = "stop"
         if reason is not None:
@@ -197,8 +243,8 @@ class Scheduler:
     def retire(self, seq: Sequence, reason: str, error: BaseException | None = None) -> None:
         """Take a sequence out of the running list, return its blocks (a finished one's full blocks join the
         prefix cache), flush its text and finish its request: "stop" | "length" | "cancelled" | "error"."""
-        if seq in self.running:
-            self.running.remove(seq)
+        if seq in self._running_set:
+            self._set_running(seq, False)
         self._free_blocks(seq, keep_prefix=reason in ("stop", "length"))
         if reason in ("stop", "length", "cancelled"):
             seq.stream_text(self.tokenizer, final=True)
@@ -220,3 +266,6 @@ class Scheduler:
                 self.pool.register(key, block)
         self.pool.release(seq.blocks)
         seq.blocks, seq.cached = [], 0
+        if seq.slot is not None:
+            self._free_slots.append(seq.slot)
+            seq.slot = None

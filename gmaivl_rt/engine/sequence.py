@@ -3,6 +3,8 @@
 `sequence_from_request` turns the runtime's checked `PreparedRequest` into a `Sequence`."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import queue
 import threading
 import time
@@ -125,14 +127,19 @@ class Sequence:
     max_new_tokens: int
     generator: torch.Generator | None
     stop_strings: list
-    sequences: torch.Tensor = None   # (1, S) int64 ids so far, for the sampling rules
-    finished: torch.Tensor = None    # (1,) bool: an eos was produced (`decode_step` sets it)
+    eos: bool = False               # an eos was produced (the decoding step says so): the answer ends
     blocks: list = field(default_factory=list)
+    slot: int | None = None         # its row in the scheduler's block table while it holds blocks
     cached: int = 0                 # tokens whose keys/values are in `blocks`
     emitted: str = ""               # text streamed so far
     hit_tokens: int = 0             # prompt tokens found in the prefix cache at admission
     matcher: object = None          # a constraint.ConstraintMatcher where the request has a constraint
     top_logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the k most likely
+
+    @functools.cached_property
+    def sampling_key(self) -> tuple:
+        """Rows with equal keys are sampled in one batched call (same sampling params, stop rule and logprobs)."""
+        return (*dataclasses.astuple(self.params), tuple(self.stop.eos), self.stop.pad, self.top_logprobs)
 
     @property
     def generated(self) -> list:
@@ -206,8 +213,6 @@ def sequence_from_request(request: Request, prepared, stop_strings: list, config
     request.top_logprobs = top_logprobs
     if constraint is not None:
         request.constraint_complete = False
-    sequences = prepared.input_ids.to(device=device, dtype=torch.int64)
     return Sequence(request, ids, len(ids), pixels, spans, list(prepared.image_keys), params, stop, max_new_tokens,
-                    options.pop("generator", None), list(stop_strings), sequences=sequences,
-                    finished=torch.zeros(1, dtype=torch.bool, device=sequences.device),
+                    options.pop("generator", None), list(stop_strings),
                     matcher=None if constraint is None else constraint.matcher(), top_logprobs=top_logprobs)

@@ -50,18 +50,22 @@ class TorchRunner:
         holding room for them. Returns (rows, vocab) float32 logits at each row's last token."""
         rows = batch.seqs
         new = [seq.ids[seq.cached:] for seq in rows]
-        width = max(len(n) for n in new)
+        lengths = [len(n) for n in new]
+        width = max(lengths)
         # right-padded: the model packs the rows by the mask, so the padding side does not matter here
-        input_ids = torch.zeros(len(rows), width, dtype=torch.int64)
-        mask = torch.zeros(len(rows), width, dtype=torch.int64)
-        slots = torch.zeros(len(rows), width, dtype=torch.bool)  # the prompt's image slots, never generated ids
-        for r, (seq, ids) in enumerate(zip(rows, new)):
-            input_ids[r, :len(ids)] = torch.tensor(ids)
-            mask[r, :len(ids)] = 1
-            for start, end in seq.image_spans:
-                slots[r, max(0, start - seq.cached):max(0, end - seq.cached)] = True
+        input_ids = torch.tensor(new if width == 1 else [n + [0] * (width - len(n)) for n in new], dtype=torch.int64)
+        mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).to(torch.int64)
+        slots = None  # the prompt's image slots, never generated ids (None: no image token runs in this batch)
+        for r, seq in enumerate(rows):
+            if seq.image_spans and seq.image_spans[-1][1] > seq.cached:
+                slots = torch.zeros(len(rows), width, dtype=torch.bool) if slots is None else slots
+                for start, end in seq.image_spans:
+                    slots[r, max(0, start - seq.cached):max(0, end - seq.cached)] = True
+        if slots is None:
+            slots = torch.zeros(len(rows), width, dtype=torch.bool)
         features = self._image_features(rows)
-        self.cache.bind([seq.blocks for seq in rows], [seq.cached for seq in rows])
+        tables = batch.block_tables if batch.block_tables is not None else [seq.blocks for seq in rows]
+        self.cache.bind(tables, [seq.cached for seq in rows])
         return self.model.last_logits(input_ids.to(self.device), None, mask.to(self.device), self.cache,
                                       image_features=features, image_slots=slots.to(self.device))
 

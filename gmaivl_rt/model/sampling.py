@@ -85,11 +85,20 @@ def fp32_divisor(value: float) -> float:
     return min(max(float(value), _FP32.tiny), _FP32.max)
 
 
+def _ragged_ids(rows: list, device) -> torch.Tensor:
+    """B id lists of any lengths -> (B, max length) int64, each row padded with its own first id: gathering and
+    scattering a score twice at one index writes the same value, so the padding changes nothing."""
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + r[:1] * (width - len(r)) for r in rows], dtype=torch.int64, device=device)
+
+
 def apply_repetition_penalty(scores, sequences, penalty):
-    """scores: (B, V) fp32; sequences: (B, S) ids seen so far. CTRL-style penalty, as transformers applies it.
+    """scores: (B, V) fp32; sequences: (B, S) ids seen so far, or a list of B non-empty id lists. CTRL-style penalty, as transformers applies it.
     A seen score that the penalty drives past fp32's range stays at its largest finite value (never inf or nan)."""
     if penalty == 1.0:
         return scores
+    if isinstance(sequences, list):
+        sequences = _ragged_ids(sequences, scores.device)
     penalty = fp32_divisor(penalty)
     seen = torch.gather(scores, 1, sequences)
     seen = torch.where(seen < 0, seen * penalty, seen / penalty).clamp(max=_FP32.max)
@@ -97,12 +106,16 @@ def apply_repetition_penalty(scores, sequences, penalty):
 
 
 def ban_repeated_ngrams(scores, sequences, n):
-    """Forbid any token that would complete an n-gram already present in its row of `sequences` (B, S)."""
-    if n <= 0 or sequences.shape[1] + 1 < n:
+    """Forbid any token that would complete an n-gram already present in its row of `sequences`: (B, S) ids, or
+    a list of B id lists of any lengths (the engine's rows)."""
+    rows = sequences if isinstance(sequences, list) else sequences.tolist()
+    if n <= 0 or max(map(len, rows), default=0) + 1 < n:
         return scores
     scores = scores.clone()
     prefix_len = n - 1
-    for row, seq in enumerate(sequences.tolist()):
+    for row, seq in enumerate(rows):
+        if len(seq) < n:  # no n-gram yet in this row
+            continue
         prefix = tuple(seq[len(seq) - prefix_len:]) if prefix_len else ()
         banned = {seq[i + prefix_len] for i in range(len(seq) - n + 1) if tuple(seq[i:i + prefix_len]) == prefix}
         if banned:
@@ -112,7 +125,7 @@ def ban_repeated_ngrams(scores, sequences, n):
 
 def processed_scores(logits, sequences, params: SamplingParams, allowed=None):
     """The scores the next token is chosen from, (B, V) fp32: logits (B, V) after the repetition penalty, the n-gram
-    ban and the constraint mask `allowed` ((B, V) bool, or None: no constraint), then, when sampling, temperature,
+    ban (sequences: (B, S) ids so far, or B id lists of any lengths) and the constraint mask `allowed` ((B, V) bool, or None: no constraint), then, when sampling, temperature,
     top-k, top-p and min-p. Greedy picks their argmax, sampling draws from their softmax; their log-softmax is what
     `logprobs` report (vLLM's processed logprobs). Banned tokens are -inf."""
     scores = logits.float()
@@ -148,13 +161,16 @@ def _no_token_left(scores) -> torch.Tensor:
 
 
 def pick_token(scores, params: SamplingParams, generator=None) -> torch.Tensor:
-    """scores (B, V) from `processed_scores` -> (B,) int64: argmax (greedy) or a draw from their softmax; -1 for a
-    row with no token left (every score -inf; the caller decides how it ends). A NaN row raises."""
+    """scores (B, V) from `processed_scores` -> (B,) int64: argmax (greedy) or a draw from their softmax (generator:
+    one torch.Generator or None for the batch, or a list of B, one per row); -1 for a row with no token left (every score -inf; the caller decides how it ends). A NaN row raises."""
     empty = _no_token_left(scores)
     if bool(empty.any()):  # no softmax of an all -inf row (it is NaN and multinomial raises)
         scores = scores.masked_fill(empty[:, None], 0.0)
     if not params.do_sample:
         tokens = scores.argmax(-1)
+    elif isinstance(generator, (list, tuple)):  # a generator per row: each row draws from its own stream
+        probs = scores.softmax(-1)
+        tokens = torch.cat([torch.multinomial(probs[r:r + 1], 1, generator=g)[:, 0] for r, g in enumerate(generator)])
     else:
         tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
     return tokens.masked_fill(empty.to(tokens.device), -1)
@@ -216,10 +232,33 @@ def decode_step(step_logits, sequences, finished, params: SamplingParams, stop: 
     its first eos (the answer cannot go on); constrained, as `failed` (padded), so the caller ends that answer
     alone with an error. The step `generate_tokens` and the engine share."""
     scores = processed_scores(step_logits, sequences, params, allowed)
-    next_tokens = pick_token(scores, params, generator).to(sequences.device)
+    next_tokens, done, failed, logprobs = _choose(scores, finished, params, stop, generator, allowed is not None,
+                                                  top_logprobs)
+    return DecodeStep(next_tokens, torch.cat([sequences, next_tokens[:, None]], dim=1), done, failed, logprobs)
+
+
+def decode_rows(step_logits, histories: list, params: SamplingParams, stop: StopRule, generators=None, *,
+                top_logprobs: int | None = None) -> DecodeStep:
+    """`decode_step` for rows that each carry their own history, none finished and none constrained (the serving
+    engine's running rows that share `params`, `stop` and `top_logprobs`, in one call): step_logits (B, V);
+    histories: B lists of int ids so far (prompt included, any lengths); generators: None, or B generators (or
+    None entries) so a seeded row draws from its own stream whatever it is batched with. The same rules as
+    `decode_step` (which a row alone would get); returns its DecodeStep with sequences None (the caller keeps the
+    histories)."""
+    finished = torch.zeros(len(histories), dtype=torch.bool, device=step_logits.device)
+    scores = processed_scores(step_logits, histories, params)
+    next_tokens, done, failed, logprobs = _choose(scores, finished, params, stop, generators, False, top_logprobs)
+    return DecodeStep(next_tokens, None, done, failed, logprobs)
+
+
+def _choose(scores, finished, params: SamplingParams, stop: StopRule, generator, constrained: bool,
+            top_logprobs: int | None):
+    """The token of each row from its processed scores, and the stopping rule (see `decode_step`): returns
+    next_tokens (B,), done (B,), failed (B,) and logprobs (StepLogprobs or None)."""
+    next_tokens = pick_token(scores, params, generator).to(finished.device)
     empty = (next_tokens < 0) & ~finished
-    failed = empty if allowed is not None else torch.zeros_like(finished)
-    end = stop.eos[0] if stop.eos and allowed is None else stop.pad
+    failed = empty if constrained else torch.zeros_like(finished)
+    end = stop.eos[0] if stop.eos and not constrained else stop.pad
     next_tokens = torch.where(empty, torch.full_like(next_tokens, end), next_tokens)
     next_tokens = torch.where(finished, torch.full_like(next_tokens, stop.pad), next_tokens)
     logprobs = None
@@ -228,9 +267,8 @@ def decode_step(step_logits, sequences, finished, params: SamplingParams, stop: 
         chosen = logsoftmax.gather(1, next_tokens.clamp(min=0)[:, None].to(logsoftmax.device))[:, 0]
         top, top_ids = torch.topk(logsoftmax, min(int(top_logprobs), logsoftmax.shape[-1]), dim=-1)
         logprobs = StepLogprobs(chosen, top_ids, top)
-    sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
-    eos = torch.tensor(stop.eos, dtype=torch.long, device=sequences.device)
-    return DecodeStep(next_tokens, sequences, finished | torch.isin(next_tokens, eos) | empty, failed, logprobs)
+    eos = torch.tensor(stop.eos, dtype=torch.long, device=next_tokens.device)
+    return next_tokens, finished | torch.isin(next_tokens, eos) | empty, failed, logprobs
 
 
 @dataclass

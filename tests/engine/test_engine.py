@@ -13,6 +13,7 @@ import torch
 import gmaivl_rt
 from gmaivl_rt import Engine
 from gmaivl_rt.errors import InputError, LimitError
+from gmaivl_rt.model.sampling import DecodeTrace
 
 TEXTS = ["<image>\nWhat modality is this image?", "This is a CT scan of the chest.", "Which plane is shown?",
          "An axial slice.", "Describe the image.", "A magnetic resonance image of the head.",
@@ -319,3 +320,98 @@ def test_a_forward_that_fails_on_one_request_fails_only_that_request(folder):
         while not late.done:
             gate.steps(1)
         assert late.token_ids == expected
+
+
+def test_rows_sampled_in_one_batched_call_answer_as_each_request_alone(folder, monkeypatch):
+    """Requests sharing GMAI-VL's recommended settings (repetition penalty, n-gram ban, top_p), greedy and seeded
+    sampled, some with logprobs, prompts of different lengths: the engine samples each group in one `decode_rows`
+    call (checked: calls with several rows happen), and every request's tokens and logprobs equal `generate` on it
+    alone. Mutants: `Engine._sample_rows` passing the first row's generator for every row, or its history for
+    every row: seen failing."""
+    import gmaivl_rt.engine.engine as engine_module
+
+    backend = gmaivl_rt.load(folder)
+    recommended = {"repetition_penalty": 1.12, "no_repeat_ngram_size": 5, "top_p": 0.9, "max_new_tokens": 10,
+                   **NO_STOP}
+    questions = ["What modality is this image?", "Which plane is shown?", "Describe the image.",
+                 "This is a CT scan of the chest. Which plane is shown?"]
+    cases = []
+    for i in range(8):
+        generation = dict(recommended)
+        if i % 2:
+            generation.update(do_sample=True, temperature=0.8, seed=40 + i)
+        if i % 3 == 0:
+            generation.update(logprobs=True, top_logprobs=2)
+        cases.append((questions[i % 4], _image(28, 28, seed=i) if i % 4 == 0 else None, generation))
+    expected = []
+    for q, im, g in cases:
+        g = dict(g)
+        seed = g.pop("seed", None)
+        prepared = backend.build_request(q, im, **g)
+        trace = DecodeTrace()
+        out = backend.generate(prepared.input_ids, prepared.pixel_values, trace=trace,
+                               generator=None if seed is None else torch.Generator().manual_seed(seed),
+                               **dict(prepared.generation))
+        expected.append((out[0, prepared.input_ids.shape[1]:].tolist(), trace.logprobs[0]))
+
+    sizes = []
+    decode_rows = engine_module.decode_rows
+
+    def counted(step_logits, histories, *args, **kwargs):
+        sizes.append(len(histories))
+        return decode_rows(step_logits, histories, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "decode_rows", counted)
+    with Engine(folder, max_batch_size=8) as engine:
+        gate = StepGate(engine)
+        requests = [engine.submit(q, image=im, **g) for q, im, g in cases]
+        _wait_prepared(engine, len(requests))
+        while not all(r.done for r in requests):
+            gate.steps(1)
+    assert max(sizes) >= 2, sizes
+    for i, (request, (ids, logprobs)) in enumerate(zip(requests, expected)):
+        assert request.token_ids == ids, f"request {i} differs from the same request alone"
+        if cases[i][2].get("logprobs"):
+            # the batched forward's logits may differ from the alone forward's in the last fp32 bit
+            assert [(p.token, [i for i, _ in p.top]) for p in request.logprobs] == \
+                [(p.token, [i for i, _ in p.top]) for p in logprobs]
+            got = [v for p in request.logprobs for v in (p.logprob, *(v for _, v in p.top))]
+            assert got == pytest.approx([v for p in logprobs for v in (p.logprob, *(v for _, v in p.top))], abs=1e-5)
+
+
+def test_block_table_rows_follow_each_sequence_through_growth_preemption_and_cancel(folder):
+    """The scheduler writes its block table only where blocks change (and remakes the batch only when the running
+    set changes); after every step of a run with preemption and a cancel, each running sequence's table row holds
+    exactly its blocks, the rows are distinct, and a step that changed nothing reused the batch.
+    Mutants: `_table_blocks` not writing the blocks a growing sequence gets (`start` past them): rows differ from
+    seq.blocks and tokens differ; a freed slot not returned: slots run out (IndexError); `_set_running` not
+    resetting the batch: a retired row stays in the batch. Each seen failing."""
+    backend = gmaivl_rt.load(folder)
+    cases = [("Which plane is shown?", None), ("Describe the image.", _image(28, 28, seed=8)),
+             ("What modality is this image?", None)]
+    expected = [_alone(backend, q, im, max_new_tokens=24, **NO_STOP) for q, im in cases]
+    with Engine(folder, max_batch_size=4, kv_cache_tokens=96, block_size=4) as engine:
+        gate = StepGate(engine)
+        scheduler = engine.scheduler
+        requests = [engine.submit(q, image=im, max_new_tokens=24, **NO_STOP) for q, im in cases]
+        doomed = engine.submit("An axial slice.", max_new_tokens=24, **NO_STOP)
+        _wait_prepared(engine, 4)
+        previous, reused = None, 0
+        while not all(r.done for r in [*requests, doomed]):
+            gate.steps(1)
+            if doomed.generated_tokens == 3:
+                doomed.cancel()
+            with engine._cv:
+                running = list(scheduler.running)
+                for seq in running:
+                    assert scheduler.block_table[seq.slot, :len(seq.blocks)].tolist() == seq.blocks
+                assert len({seq.slot for seq in running}) == len(running)
+                batch = scheduler._batch
+                if batch is not None:
+                    assert batch.seqs == running
+                    reused += batch is previous
+                previous = batch
+        stats = engine.stats()
+    assert stats["preemptions"] >= 1 and doomed.finish_reason == "cancelled"
+    assert reused >= 10
+    assert [r.token_ids for r in requests] == expected

@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+import torch
 from engine_steps import slow_steps
 
 import gmaivl_rt
@@ -90,11 +91,20 @@ def test_extreme_sampling_settings_among_live_requests_harm_none(folder, backend
 def test_a_row_whose_logits_cannot_be_sampled_fails_that_request_alone(folder, backend):
     """A row of NaN logits (a broken forward for one request: its sampling raises) ends that request with the error;
     the requests decoded in the same steps answer as alone and the engine keeps serving.
-    Mutant: the per-row try/except around `decode_step` in `Engine._step` removed: every live request fails."""
+    Seeded sampled requests share the poison's batched sampling call (same settings), which raises: they are
+    sampled again row by row from where their generators stood, and answer as alone.
+    Mutants: the per-row try/except around `decode_step` in `Engine._step` removed: every live request fails;
+    `Engine._sample_rows` not restoring the generators' states: the seeded requests differ. Both seen failing."""
     expected = {q: _alone(backend, q, max_new_tokens=LIVE_TOKENS, **NO_STOP) for q in QUESTIONS}
+    seeded = {seed: _alone(backend, QUESTIONS[0], max_new_tokens=LIVE_TOKENS, do_sample=True,
+                           generator=torch.Generator().manual_seed(seed), **NO_STOP) for seed in (5, 6)}
     with Engine(folder, max_batch_size=8) as engine:
         run = slow_steps(engine, 0.01)
         live = _start_live(engine)
+        sampled = {seed: engine.submit(QUESTIONS[0], max_new_tokens=LIVE_TOKENS, do_sample=True, seed=seed,
+                                       **NO_STOP) for seed in seeded}
+        for request in sampled.values():
+            next(iter(request))
         poison = None
 
         def poisoned(batch):
@@ -113,7 +123,10 @@ def test_a_row_whose_logits_cannot_be_sampled_fails_that_request_alone(folder, b
         for request, question in zip(live, QUESTIONS):
             request.result(timeout=60)
             assert request.finish_reason == "length" and request.token_ids == expected[question], question
-        assert _overlapped(poison, live)
+        for seed, request in sampled.items():
+            request.result(timeout=60)
+            assert request.token_ids == seeded[seed], seed
+        assert _overlapped(poison, live) and _overlapped(poison, list(sampled.values()))
         engine.runner.run = run
         assert engine.submit(QUESTIONS[0], max_new_tokens=LIVE_TOKENS, **NO_STOP).result(timeout=60) == \
             backend.tokenizer.decode(expected[QUESTIONS[0]], skip_special_tokens=True).strip()
