@@ -23,13 +23,16 @@ def weights_sha256(path) -> str:
     """Hex SHA-256 identifying a folder's weights: a safetensors file's own digest from its header metadata
     (`gmaivl_sha256`, written by save_pretrained; computed for files without it), other weight files' (ONNX graphs and
     their data, TensorRT engines) file SHA-256; one file -> its digest, several -> the SHA-256 of the lines
-    "<name> <digest>" in name order. ValueError for a folder without weight files."""
+    "<name> <digest>" in name order. ModelError for a folder without weight files (a report must name its
+    weights)."""
     from gmaivl_rt.atomic import file_sha256
+    from gmaivl_rt.errors import ModelError
 
     path = Path(path)
     files = sorted(f for f in path.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
     if not files:
-        raise ValueError(f"{path}: no weight files to identify the model by ({', '.join(WEIGHT_SUFFIXES)})")
+        raise ModelError("the model folder has no weight files to name in a structured report (the report carries "
+                         f"the weights' SHA-256; looked for {', '.join(WEIGHT_SUFFIXES)})")
     digests = [(f.name, _safetensors_digest(f) if f.suffix == ".safetensors" else file_sha256(f)) for f in files]
     if len(digests) == 1:
         return digests[0][1]
@@ -82,16 +85,19 @@ def ask_archive(runtime, question: str, ref, *, write_sr: bool = False, sr_out=N
     `write_sr`, store a Structured Report of the answer in the same study (STOW-RS); with `sr_out`, write it to that
     file. algorithm: the `Algorithm` the report names (default `model_algorithm(runtime)`). frame / slice_index /
     plane / window and options (generation options, seed, stop): as `Backend.ask` takes them. Raises ArchiveError /
-    InputError / LimitError with nothing written."""
+    InputError / LimitError with nothing written; ModelError (before fetching) for a report about a model folder
+    without weight files."""
     from gmaivl_rt.medical.dicomweb import fetch_study
 
+    if write_sr or sr_out:  # a model the report cannot name fails before anything is fetched or generated
+        algorithm = algorithm or model_algorithm(runtime)
     fetched = fetch_study(ref, runtime.limits)
     image = fetched.read(limits=runtime.limits, frame=frame, slice_index=slice_index, plane=plane, window=window)
     made = runtime.answer(question, image, system=system, **options)
     if not (write_sr or sr_out):
         return ArchiveAnswer(answer=made.text)
     findings = answer_findings(made.text, made.complete) if options.get("json_schema") is not None else None
-    return file_report(ref, fetched.sources, question, made.text, algorithm or model_algorithm(runtime),
+    return file_report(ref, fetched.sources, question, made.text, algorithm,
                        limits=runtime.limits, write_sr=write_sr, sr_out=sr_out, findings=findings)
 
 

@@ -15,8 +15,8 @@ pytest.importorskip("dicomweb_client", reason="the [hospital] extra (dicomweb-cl
 pytest.importorskip("highdicom", reason="the [hospital] extra (highdicom) is not installed")
 
 from dicom_files import DICOM_DIR  # noqa: E402
-from orthanc import (ct_volume, free_port, orthanc_archive, read_shipped, redirecting_server,  # noqa: E402
-                     with_uids)
+from orthanc import (ct_volume, free_port, mpeg2_instance, orthanc_archive, read_shipped,  # noqa: E402
+                     redirecting_server, with_uids)
 
 from gmaivl_rt import LimitError, Limits, to_medical_image  # noqa: E402
 from gmaivl_rt.medical.base import MedicalImageError  # noqa: E402
@@ -69,17 +69,6 @@ def mixed_study() -> dict:
     reports = [with_uids(read_shipped("test-SR.dcm"), study=study, series=reports_series) for _ in range(4)]
     return {"study": study, "volume": volume, "single": single, "pair": pair, "reports": reports,
             "all": [*volume, *single, *pair, *reports]}
-
-
-def mpeg2_instance():
-    """MR_small relabelled as MPEG-2 (a transfer syntax pydicom has no decoder for)."""
-    from pydicom.encaps import encapsulate
-
-    ds = with_uids(read_shipped("MR_small.dcm"), study=_uid(), series=_uid())
-    ds.PixelData = encapsulate([ds.PixelData])
-    ds["PixelData"].VR = "OB"
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"
-    return ds
 
 
 def ref_to(archive, ds, level: str = "instance", **kw) -> DicomWebRef:
@@ -242,9 +231,10 @@ def test_basic_auth_comes_from_the_environment(tmp_path, monkeypatch):
 
 
 def test_a_bearer_token_is_sent_and_errors_map(monkeypatch):
-    """GMAIVL_DICOMWEB_TOKEN reaches the archive as `Authorization: Bearer ...`; 403 and 503 (retried `retries`
-    times, then reported) are named. Checked against a loopback server that records what it receives. Mutant seen
-    failing: the retry count not passed to dicomweb-client (503 asked 5 times)."""
+    """GMAIVL_DICOMWEB_TOKEN reaches the archive as `Authorization: Bearer ...`; 403, 404 and 503 (retried
+    `retries` times, then reported) are named. Checked against a loopback server that records what it receives.
+    Mutants seen failing: the retry count not passed to dicomweb-client (503 asked 5 times); 404 missing from
+    `_status_text`'s meanings ("archive error")."""
     import http.server
     import threading
 
@@ -253,7 +243,7 @@ def test_a_bearer_token_is_sent_and_errors_map(monkeypatch):
     class Status(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
             seen.append((self.path, self.headers.get("Authorization")))
-            self.send_response(403 if "forbidden" in self.path else 503)
+            self.send_response(403 if "forbidden" in self.path else 404 if "missing" in self.path else 503)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
@@ -270,11 +260,13 @@ def test_a_bearer_token_is_sent_and_errors_map(monkeypatch):
         with pytest.raises(ArchiveError, match="HTTP 403") as forbidden:
             fetch_study(DicomWebRef(root + "/forbidden", "1.2.3"))
         assert seen[-1][1] == "Bearer t0ken-value"
+        with pytest.raises(ArchiveError, match=r"HTTP 404 \(not found\)") as missing:
+            fetch_study(DicomWebRef(root + "/missing", "1.2.3"))
         seen.clear()
         with pytest.raises(ArchiveError, match="HTTP 503") as unavailable:
             fetch_study(DicomWebRef(root + "/busy", "1.2.3", retries=2))
         assert len(seen) == 2
-        for error in (forbidden, unavailable):
+        for error in (forbidden, missing, unavailable):
             assert "t0ken" not in str(error.value) and root not in str(error.value)
     finally:
         server.shutdown()

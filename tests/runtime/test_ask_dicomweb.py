@@ -173,3 +173,100 @@ def test_a_structured_answer_goes_into_the_report_as_codes(folder, archive, cli)
     texts = {item.ConceptNameCodeSequence[0].CodeValue: item.TextValue for item in stored.ContentSequence
              if item.ValueType == "TEXT"}
     assert texts["121071"] == run.stdout.strip()
+
+
+def test_a_report_about_a_model_without_weight_files_fails_first(folder, archive, monkeypatch, tmp_path):
+    """A loaded model whose folder no longer holds weight files (the report must name the weights' SHA-256):
+    `ask_archive(..., write_sr=True)` is a ModelError saying so, raised before the archive is even asked, and the
+    study is unchanged; without a report the same ask answers. Mutants seen failing: `weights_sha256` raising a
+    plain ValueError (not a ModelError); the digest taken after fetching (the archive is asked first)."""
+    import shutil
+
+    from gmaivl_rt import ModelError
+    from gmaivl_rt.medical import dicomweb
+    from gmaivl_rt.runtime import hospital
+
+    copy = tmp_path / "weightless"
+    shutil.copytree(folder, copy)
+    vlm = gmaivl_rt.load(copy)
+    for weights in copy.glob("*.safetensors"):
+        weights.unlink()
+    mr = archive.mr
+    study = str(mr.StudyInstanceUID)
+    ref = DicomWebRef(archive.dicomweb, study, str(mr.SeriesInstanceUID), str(mr.SOPInstanceUID))
+    before = len(study_instances(archive, study))
+    fetch = dicomweb.fetch_study
+
+    def not_yet(*args, **kwargs):
+        raise AssertionError("the archive was asked before the model's identity was checked")
+
+    monkeypatch.setattr(dicomweb, "fetch_study", not_yet)
+    with pytest.raises(ModelError, match="no weight files to name in a structured report") as error:
+        hospital.ask_archive(vlm, QUESTION, ref, write_sr=True, max_new_tokens=4)
+    assert study not in str(error.value) and str(copy) not in str(error.value)
+    assert len(study_instances(archive, study)) == before
+    monkeypatch.setattr(dicomweb, "fetch_study", fetch)
+    assert hospital.ask_archive(vlm, QUESTION, ref, max_new_tokens=4).answer
+
+
+def test_no_bad_input_writes_anything(folder, archive, tmp_path):
+    """Each bad input of issue 28 through `ask_archive(..., write_sr=True, sr_out=FILE)`: an unknown study, a
+    study without images, an instance whose transfer syntax nothing decodes, an unreachable archive, a redirect to
+    another host, a series over the voxel limit (refused from QIDO metadata), a 404 from the archive: one clear
+    error each that quotes no UID, URL or patient value, no report file, and Orthanc holds exactly the instances
+    it held before. Mutant seen failing: `ask_archive` filing the report right after the fetch, before the image
+    is read (the MPEG-2 case left a report file behind)."""
+    import http.server
+    import threading
+
+    from dicomweb_client.api import DICOMwebClient
+    from orthanc import free_port, mpeg2_instance, read_shipped, redirecting_server, with_uids
+    from pydicom.uid import generate_uid
+
+    from gmaivl_rt import InputError, LimitError, Limits
+    from gmaivl_rt.runtime.hospital import ask_archive
+
+    mpeg = mpeg2_instance()
+    report_only = with_uids(read_shipped("test-SR.dcm"), study=generate_uid(), series=generate_uid())
+    assert not DICOMwebClient(archive.dicomweb).store_instances([mpeg, report_only]).get("FailedSOPSequence")
+    held = set(archive.rest("/instances"))  # Orthanc's own ids of every instance it holds
+    vlm = gmaivl_rt.load(folder)
+    tight = gmaivl_rt.load(folder, limits=Limits(max_volume_voxels=5 * 128 * 128 - 1))
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    missing_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=missing_server.serve_forever, daemon=True).start()
+    volume = archive.volume
+    try:
+        with redirecting_server(archive.dicomweb + "/studies") as redirect:
+            cases = [
+                (vlm, DicomWebRef(archive.dicomweb, generate_uid()), "study not found"),
+                (vlm, DicomWebRef(archive.dicomweb, str(report_only.StudyInstanceUID)), "has no image instances"),
+                (vlm, DicomWebRef(archive.dicomweb, str(mpeg.StudyInstanceUID)), "MPEG2 .* has no pixel data decoder"),
+                (vlm, DicomWebRef(f"http://127.0.0.1:{free_port()}/dicom-web", generate_uid()), "cannot connect"),
+                (vlm, DicomWebRef(redirect, generate_uid()), "redirected to another host"),
+                (tight, DicomWebRef(archive.dicomweb, str(volume[0].StudyInstanceUID)), "voxels is over the limit"),
+                (vlm, DicomWebRef(f"http://127.0.0.1:{missing_server.server_address[1]}/dicom-web", generate_uid()),
+                 r"HTTP 404 \(not found\)"),
+            ]
+            for k, (runtime, ref, pattern) in enumerate(cases):
+                out = tmp_path / f"report-{k}.dcm"
+                with pytest.raises(InputError, match=pattern) as error:
+                    ask_archive(runtime, QUESTION, ref, write_sr=True, sr_out=out, max_new_tokens=2)
+                message = str(error.value)
+                assert isinstance(error.value, (LimitError, InputError)) and "\n" not in message
+                for value in (*PATIENT_VALUES, ref.study, "127.0.0.1", "http"):
+                    assert value not in message, (pattern, message)
+                assert not out.exists(), pattern
+    finally:
+        missing_server.shutdown()
+        missing_server.server_close()
+    assert set(archive.rest("/instances")) == held

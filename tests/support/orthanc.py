@@ -193,6 +193,18 @@ def with_uids(ds, study: str | None = None, series: str | None = None):
     return ds
 
 
+def mpeg2_instance():
+    """MR_small relabelled as MPEG-2 (a transfer syntax pydicom has no decoder for), in a study of its own."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import generate_uid
+
+    ds = with_uids(read_shipped("MR_small.dcm"), study=generate_uid(), series=generate_uid())
+    ds.PixelData = encapsulate([ds.PixelData])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"
+    return ds
+
+
 @contextlib.contextmanager
 def redirecting_server(location: str):
     """A loopback HTTP server that answers every GET with 302 to `location`; yields its root URL."""
