@@ -11,6 +11,7 @@ from gmaivl_rt.server.generation import END, Generation
 from gmaivl_rt.server.http_errors import error_body, refusal
 
 log = logging.getLogger("gmaivl_rt.server")
+DONE = "data: [DONE]\n\n"  # the event that closes every stream
 
 
 def event(obj) -> str:
@@ -56,5 +57,5 @@ async def sse_events(generation: Generation, first, request_id: str, model: str,
         yield event(error_body(500, "internal server error"))
     finally:
         generation.cancel()
-    yield "data: [DONE]\n\n"
+    yield DONE
 

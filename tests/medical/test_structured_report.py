@@ -167,7 +167,8 @@ def findings_answers() -> list[dict]:
     enums = [props["modality"]["enum"], props["plane"]["enum"], props["body_part"]["enum"],
              props["lesion"]["properties"]["side"]["enum"], [True, False], [0, 7, 500]]
     count = max(len(values) for values in enums)
-    answers = [{"modality": m, "plane": p, "body_part": b, "lesion": {"present": present, "side": side, "size_mm": size}}
+    answers = [{"modality": m, "plane": p, "body_part": b,
+                "lesion": {"present": present, "side": side, "size_mm": size}}
                for m, p, b, side, present, size in (
                    [values[(k + i) % len(values)] for i, values in enumerate(enums)] for k in range(count))]
     for values, taken in zip(enums, zip(*[(a["modality"], a["plane"], a["body_part"], a["lesion"]["side"],

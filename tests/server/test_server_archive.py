@@ -28,6 +28,7 @@ API_KEY = "archive-key-1"
 QUESTION = "What modality is this image?"
 TOKENS = 6
 ASK = "/v1/gmaivl/archive/chat/completions"
+PREVIEW = "/v1/gmaivl/archive/preview"
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 
 
@@ -173,8 +174,8 @@ def test_browse_shows_only_what_is_needed_to_choose(server, archive):
 
 
 def test_bad_requests_are_400s_naming_the_field_and_write_nothing(server, archive):
-    """A malformed UID, an unknown study, an instance without its series, an image_url part, stream: true, an unknown field, a bad generation
-    option with write_sr (nothing stored), a wrong key: each one 4xx JSON naming the field, never a 500, no UID in
+    """A malformed UID, an unknown study, an instance without its series, an image_url part, an unknown field, a
+    bad generation option with write_sr (nothing stored), a wrong key: each one 4xx JSON naming the field, never a 500, no UID in
     the message or the log. Mutants seen failing: the UID type without its check (refused later, by DicomWebRef,
     naming dicomweb only); `_refused` naming no param."""
     study = str(archive.volume[0].StudyInstanceUID)
@@ -183,7 +184,6 @@ def test_bad_requests_are_400s_naming_the_field_and_write_nothing(server, archiv
     cases = [
         ({**base, "dicomweb": {"study": "1.2.abc"}}, 400, "dicomweb.study"),
         ({**base, "dicomweb": {"study": missing}}, 400, "dicomweb"),
-        ({**base, "dicomweb": {"study": study}, "stream": True}, 400, "stream"),
         ({**base, "dicomweb": {"study": study, "instance": study}}, 400, "dicomweb"),
         ({**base, "dicomweb": {"study": study, "serie": study}}, 400, "dicomweb.serie"),
         ({"messages": [{"role": "user", "content": [
@@ -232,9 +232,11 @@ def test_decode_budget_refuses_before_download(serving_engine, serve, archive):
 def test_page_browses_the_archive_and_asks(server, archive, browser):
     """Headless Chromium: after the key, the page lists the archive's studies (date, modalities); choosing the MR
     study and its series and asking with "write back" shows the answer the API gives for the same picture
-    uploaded and the stored report's UID, which Orthanc then lists in the study. Mutants seen failing: `ask()`
-    not sending to the archive route when a series is chosen (the upload route refuses: no
-    picture); `write_sr` left out of the page's request (no report line, no SR)."""
+    uploaded and the stored report's UID, which Orthanc then lists in the study; the answer comes streamed, and
+    the chosen series' picture is shown as the archive preview route renders it (the same PNG). Mutants seen
+    failing: `ask()` not sending to the archive route when a series is chosen (the upload route refuses: no
+    picture); `write_sr` left out of the page's request (no report line, no SR); `previewArchive` not called on
+    Choose (no picture); the page's stream reader ignoring the report chunk (no report line)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
@@ -257,6 +259,9 @@ def test_page_browses_the_archive_and_asks(server, archive, browser):
                                                  f'#series tr[data-series="{mr.SeriesInstanceUID}"]'))
     series.find_element(By.TAG_NAME, "button").click()
     wait.until(lambda d: d.find_element(By.ID, "ask").is_enabled())
+    shown = post(server, PREVIEW, {"dicomweb": {"study": study, "series": str(mr.SeriesInstanceUID)}}).json()["image"]
+    wait.until(lambda d: d.find_element(By.ID, "preview").get_attribute("src") == shown)
+    assert browser.find_element(By.ID, "preview").is_displayed()
     question = browser.find_element(By.ID, "question")
     question.clear()
     question.send_keys(QUESTION)
@@ -297,3 +302,98 @@ def test_the_archive_image_goes_with_the_last_user_turn(server, archive):
     assert got["message"]["content"] == want["message"]["content"]
     assert logprob_values(got["logprobs"]["content"]) == pytest.approx(logprob_values(want["logprobs"]["content"]),
                                                                        abs=1e-4)
+
+
+def test_write_sr_about_a_model_without_weight_files_is_a_400(serving_folder, serve, archive, tmp_path):
+    """A served model whose folder lost its weight files: `write_sr` is a 400 naming write_sr and saying why (the
+    report must carry the weights' SHA-256), before the archive is read or a token generated; nothing is stored;
+    the same ask without write_sr is answered. Mutant seen failing: the route checking the model's identity only
+    when writing (ModelError escapes: a 500)."""
+    import shutil
+
+    from gmaivl_rt import Engine
+
+    copy = tmp_path / "weightless"
+    shutil.copytree(serving_folder, copy)
+    mr = archive.mr
+    study = str(mr.StudyInstanceUID)
+    body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 2, "dicomweb": {"study": study}}
+    with Engine(copy, backend="torch", max_batch_size=1) as engine:
+        for weights in copy.glob("*.safetensors"):
+            weights.unlink()
+        with serve(create_app(engine, dicomweb=archive.dicomweb)) as running:
+            before = len(study_instances(archive, study))
+            reply = post(running, ASK, {**body, "write_sr": True}, key=None)
+            assert reply.status_code == 400, reply.text
+            error = reply.json()["error"]
+            assert error["param"] == "write_sr" and "no weight files" in error["message"]
+            assert str(copy) not in error["message"] and study not in error["message"]
+            assert len(study_instances(archive, study)) == before
+            assert post(running, ASK, body, key=None).status_code == 200
+            assert "Traceback" not in running.log.text
+
+
+def test_the_archive_answer_streams_as_chat_completions_do(server, archive):
+    """`stream: true` with the openai client: the deltas make up the answer the same picture uploaded gets (and
+    the logprobs with it), a usage chunk comes when asked for, and with write_sr a last chunk carries the stored
+    report, which Orthanc returns with the streamed answer as its text; raw, the events end with `[DONE]` after
+    the report chunk. Mutants seen failing: the report chunk left out of the stream (`_with_report` passing
+    events through); the stream branch removed (a whole chat.completion: the client finds no chunks)."""
+    mr = archive.mr
+    study = str(mr.StudyInstanceUID)
+    upload = uploaded_reply(server, mr)
+    before = len(study_instances(archive, study))
+    client = openai.OpenAI(base_url=server.url + "/v1/gmaivl/archive", api_key=API_KEY, max_retries=0, timeout=300)
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": QUESTION}], max_tokens=TOKENS, temperature=0,
+        logprobs=True, top_logprobs=1, stream=True, stream_options={"include_usage": True},
+        extra_body={"dicomweb": {"study": study}, "write_sr": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == upload["message"]["content"] and len([c for c in chunks if c.choices]) > 2
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert logprob_values(streamed) == pytest.approx(logprob_values(upload["logprobs"]["content"]), abs=1e-4)
+    assert any(c.usage is not None and c.usage.completion_tokens > 0 for c in chunks)
+    reports = [c.model_extra["report"] for c in chunks if (c.model_extra or {}).get("report")]
+    assert len(reports) == 1 and reports[0]["stored"] is True
+    instances = study_instances(archive, study)
+    assert len(instances) == before + 1
+    stored = [i for i in instances if i["MainDicomTags"]["SOPInstanceUID"] == reports[0]["sop_instance_uid"]]
+    sr = pydicom.dcmread(io.BytesIO(archive.rest_bytes(f"/instances/{stored[0]['ID']}/file")))
+    texts = {item.ConceptNameCodeSequence[0].CodeValue: item.get("TextValue") for item in sr.ContentSequence}
+    assert texts["121071"] == dicom_text(text)
+    raw = httpx.post(server.url + ASK, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=300, json={
+        "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 2, "stream": True,
+        "dicomweb": {"study": study}, "write_sr": True})
+    assert raw.status_code == 200 and raw.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in raw.text.split("\n\n") if e]
+    assert events[-1] == "data: [DONE]" and '"report":' in events[-2]
+    for value in patient_values(mr):
+        assert value not in raw.text
+
+
+def test_archive_preview_is_the_picture_an_upload_preview_shows(server, archive):
+    """POST /v1/gmaivl/archive/preview: for the MR instance, the same PNG and metadata /v1/gmaivl/preview gives
+    for the file uploaded; for the volume study (the study-only rule: the middle axial slice), the same PNG as
+    that slice uploaded; no patient or header value in either answer; a study without the instance is a 400
+    naming dicomweb. Mutant seen failing: the preview rendering the series' first instance instead of the read
+    picture (the volume's PNG differs)."""
+    def uploaded_preview(ds):
+        buffer = io.BytesIO()
+        ds.save_as(buffer)
+        url = "data:application/dicom;base64," + base64.b64encode(buffer.getvalue()).decode()
+        reply = post(server, "/v1/gmaivl/preview", {"image_url": {"url": url}})
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    mr, volume = archive.mr, archive.volume
+    reply = post(server, PREVIEW, {"dicomweb": {"study": str(mr.StudyInstanceUID)}})
+    assert reply.status_code == 200, reply.text
+    assert reply.json() == uploaded_preview(mr)
+    stacked = post(server, PREVIEW, {"dicomweb": {"study": str(volume[0].StudyInstanceUID)}})
+    assert stacked.status_code == 200, stacked.text
+    assert stacked.json()["image"] == uploaded_preview(volume[2])["image"]
+    assert stacked.json()["image"] != uploaded_preview(volume[0])["image"]  # the slices do differ
+    for value in (*patient_values(mr), *patient_values(volume[0])):
+        assert value not in reply.text + stacked.text
+    missing = post(server, PREVIEW, {"dicomweb": {"study": "1.2.3.4.5.6.7.8.9"}})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "dicomweb"

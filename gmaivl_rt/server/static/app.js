@@ -174,32 +174,17 @@ async function ask() {
     if (structured) request.response_format = await structuredFormat();
     const response = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(request) });
     if (!response.ok) throw new Error(await errorText(response));
-    const reader = response.body.getReader();
-    const decoder = new TextDecoder();
-    let buffer = "", finished = false;
-    while (!finished) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buffer += decoder.decode(value, { stream: true });
-      let end;
-      while ((end = buffer.indexOf("\n\n")) >= 0) {
-        const event = buffer.slice(0, end); buffer = buffer.slice(end + 2);
-        if (!event.startsWith("data: ")) continue;
-        const data = event.slice(6);
-        if (data === "[DONE]") { finished = true; break; }
-        const chunk = JSON.parse(data);
-        if (chunk.error) throw new Error(chunk.error.message);
-        if (chunk.usage) usage = chunk.usage;
-        for (const choice of chunk.choices || []) {
-          if (choice.finish_reason) finishReason = choice.finish_reason;
-          const text = choice.delta && choice.delta.content;
-          if (text) {
-            if (firstToken === null) firstToken = performance.now();
-            $("answer").textContent += text;
-          }
+    await readChunks(response, (chunk) => {
+      if (chunk.usage) usage = chunk.usage;
+      for (const choice of chunk.choices || []) {
+        if (choice.finish_reason) finishReason = choice.finish_reason;
+        const text = choice.delta && choice.delta.content;
+        if (text) {
+          if (firstToken === null) firstToken = performance.now();
+          $("answer").textContent += text;
         }
       }
-    }
+    });
     const problem = structured ? showFinding($("answer").textContent, finishReason) : null;
     setStatus(problem || "Done.", problem !== null);
   } catch (error) {
@@ -214,6 +199,28 @@ async function ask() {
   $("latency").textContent = parts.join(" · ");
   $("answer").dataset.done = failed ? "error" : "true";
   $("ask").disabled = false;
+}
+
+// A streamed answer's server-sent events: each chunk's JSON to `onChunk` until [DONE]; an error object throws.
+async function readChunks(response, onChunk) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, end); buffer = buffer.slice(end + 2);
+      if (!event.startsWith("data: ")) continue;
+      const data = event.slice(6);
+      if (data === "[DONE]") return;
+      const chunk = JSON.parse(data);
+      if (chunk.error) throw new Error(chunk.error.message);
+      onChunk(chunk);
+    }
+  }
 }
 
 function init() {
@@ -260,8 +267,9 @@ async function checkKey() {
 init();
 
 // The archive (`gmaivl-rt serve --dicomweb`): the studies list (dates, modality codes and counts only: no patient
-// value is sent to the page), a study's series, and asking about the chosen one (answered whole, optionally written
-// back to the study as a Structured Report). UIDs travel in request bodies, never in URLs.
+// value is sent to the page), a study's series, the chosen series' picture as the model sees it (the server renders
+// it as it renders uploads), and asking about it (streamed, optionally written back to the study as a Structured
+// Report). UIDs travel in request bodies, never in URLs.
 function cell(row, text) { row.insertCell().textContent = text === null || text === undefined ? "" : String(text); }
 
 function chooseButton(row, label, onClick) {
@@ -297,14 +305,30 @@ async function loadSeries(study) {
     const row = rows.insertRow();
     row.dataset.series = series.series;
     cell(row, series.number); cell(row, series.modality); cell(row, series.instances);
-    chooseButton(row, "Choose", () => {
+    chooseButton(row, "Choose", async () => {
       state.archive = { study: study.study, series: series.series };
       $("archive-status").textContent = "Chosen: " + [study.date, series.modality, "series " + series.number,
         series.instances + " instances"].filter(Boolean).join(" · ") + ". Ask about it.";
       $("ask").disabled = false;
+      await previewArchive();
     });
   }
   $("series").hidden = false;
+}
+
+async function previewArchive() {
+  const chosen = state.archive;
+  const response = await fetch("/v1/gmaivl/archive/preview", { method: "POST", headers: headers(),
+    body: JSON.stringify({ dicomweb: chosen }) });
+  if (state.archive !== chosen) return;  // another choice was made meanwhile
+  if (!response.ok) { $("archive-status").textContent = await errorText(response); return; }
+  const body = await response.json();
+  $("preview").src = body.image;
+  $("preview").hidden = false;
+  $("preview-caption").textContent = "As the model sees it (archive): " + body.metadata.width + " × " +
+    body.metadata.height + " px";
+  $("controls").hidden = true;
+  showMeta(body.metadata);
 }
 
 async function askArchive() {
@@ -313,23 +337,29 @@ async function askArchive() {
   $("latency").textContent = "";
   setStatus("Asking (archive)…");
   const request = { messages: [{ role: "user", content: $("question").value }], max_tokens: Number($("max-tokens").value),
-    dicomweb: state.archive, write_sr: $("write-sr").checked };
+    dicomweb: state.archive, write_sr: $("write-sr").checked,
+    stream: true, stream_options: { include_usage: true } };
   if (state.model) request.model = state.model;
   const start = performance.now();
-  let failed = false;
+  let failed = false, usage = null, finishReason = null;
   try {
     if ($("structured").checked) request.response_format = await structuredFormat();
     const response = await fetch("/v1/gmaivl/archive/chat/completions", { method: "POST", headers: headers(),
       body: JSON.stringify(request) });
     if (!response.ok) throw new Error(await errorText(response));
-    const body = await response.json();
-    $("answer").textContent = body.choices[0].message.content;
-    if (body.report) $("report").textContent = "Structured report stored in the study (SOP Instance UID " +
-      body.report.sop_instance_uid + "), unverified.";
-    const problem = $("structured").checked ? showFinding(body.choices[0].message.content, body.choices[0].finish_reason) : null;
+    await readChunks(response, (chunk) => {
+      if (chunk.usage) usage = chunk.usage;
+      if (chunk.report) $("report").textContent = "Structured report stored in the study (SOP Instance UID " +
+        chunk.report.sop_instance_uid + "), unverified.";
+      for (const choice of chunk.choices || []) {
+        if (choice.finish_reason) finishReason = choice.finish_reason;
+        if (choice.delta && choice.delta.content) $("answer").textContent += choice.delta.content;
+      }
+    });
+    const problem = $("structured").checked ? showFinding($("answer").textContent, finishReason) : null;
     setStatus(problem || "Done.", problem !== null);
-    $("latency").textContent = "total " + ((performance.now() - start) / 1000).toFixed(2) + " s · " +
-      body.usage.completion_tokens + " tokens";
+    $("latency").textContent = "total " + ((performance.now() - start) / 1000).toFixed(2) + " s" +
+      (usage ? " · " + usage.completion_tokens + " tokens" : "");
   } catch (error) {
     failed = true;
     setStatus(String(error.message || error), true);
