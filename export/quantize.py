@@ -64,11 +64,30 @@ def parse_thresholds(text: str) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------------- quantizers
+def _over_limit(weight_bytes: int) -> bool:
+    """Whether a graph's weights need external data (export/onnx_export.EXTERNAL_DATA_BYTES, the one threshold)."""
+    from . import onnx_export
+
+    return weight_bytes > onnx_export.EXTERNAL_DATA_BYTES
+
+
+def _save(model, dst: Path) -> None:
+    """Save a quantized graph, its weights in one `dst.name + '.data'` file when over the limit (as export onnx)."""
+    import onnx
+
+    big = _over_limit(sum(len(t.raw_data) for t in model.graph.initializer))
+    onnx.save_model(model, str(dst), save_as_external_data=big, all_tensors_to_one_file=True,
+                    location=dst.name + ".data", size_threshold=1024)
+    onnx.checker.check_model(str(dst), full_check=False)  # path form: works for external data too
+
+
 def quantize_q8(src: Path, dst: Path) -> None:
     """int8 dynamic quantization of the MatMul and Gather weights (ONNX Runtime's quantize_dynamic)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"])
+    source_bytes = sum(p.stat().st_size for p in src.parent.glob(src.name + "*"))  # the graph and its .data
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"],
+                     use_external_data_format=_over_limit(source_bytes))
 
 
 def quantize_q4(src: Path, dst: Path, block_size: int) -> None:
@@ -81,11 +100,12 @@ def quantize_q4(src: Path, dst: Path, block_size: int) -> None:
     quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=True,
                                      op_types_to_quantize=("MatMul",))
     quantizer.process()
-    onnx.save_model(quantizer.model.model, str(dst))
+    _save(quantizer.model.model, dst)
 
 
 def fp32_interface(model, names) -> None:
-    """Give the fp16 graph `model` fp32 inputs/outputs called `names` (a Cast inside each), in place."""
+    """Give the fp16 graph `model` fp32 inputs/outputs called `names` (a Cast inside each), in place (checked when
+    saved)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -107,7 +127,6 @@ def fp32_interface(model, names) -> None:
             graph.node.append(helper.make_node("Cast", [inner], [value.name], to=TensorProto.FLOAT,
                                                name=f"{value.name}_to_fp32"))
             value.type.tensor_type.elem_type = TensorProto.FLOAT
-    onnx.checker.check_model(model)
 
 
 def quantize_folder(fp32_dir: Path, fp16_dir: Path | None, variant: str, out_dir: Path, block_size: int = 32) -> Path:
@@ -126,7 +145,7 @@ def quantize_folder(fp32_dir: Path, fp16_dir: Path | None, variant: str, out_dir
             quantize_q4(fp16_dir / file, out_dir / file, block_size)
             model = onnx.load(str(out_dir / file))
             fp32_interface(model, FP32_INTERFACE[name])
-            onnx.save_model(model, str(out_dir / file))
+            _save(model, out_dir / file)
         else:
             raise InputError(f"quantize: unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     deploy = json.loads((fp32_dir / DEPLOY_JSON).read_text())

@@ -144,20 +144,70 @@ def _generation_config(file: Path, model_dir: Path) -> dict:
     return config
 
 
-def _write_graph(src: Path, dst: Path, name: str) -> None:
+def external_data_chunk_names(file: str, chunks: int) -> list[str]:
+    """transformers.js' names for a graph's external data files: `F_data`, `F_data_1`, ... (its
+    getExternalDataChunkNames)."""
+    return [f"{file}_data" + (f"_{i}" if i else "") for i in range(chunks)]
+
+
+def _save_in_chunks(model, dst: Path, chunk_bytes: int) -> int:
+    """Save `model` with every tensor of 1 KiB or more in external data files named as transformers.js fetches
+    them (`dst.name` + `_data`, `_data_1`, ...), each at most `chunk_bytes` (a tensor larger than that gets a file of
+    its own): a browser fetches each file into one ArrayBuffer. Returns the number of files."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, set_external_data  # onnx has no public walker
+
+    names, sizes = [], []
+    handles = []
+    try:
+        for tensor in _get_all_tensors(model):
+            if not tensor.HasField("raw_data") or len(tensor.raw_data) < 1024:
+                continue
+            data = tensor.raw_data
+            if not sizes or (sizes[-1] and sizes[-1] + len(data) > chunk_bytes):
+                names.append(external_data_chunk_names(dst.name, len(names) + 1)[-1])
+                handles.append((dst.parent / names[-1]).open("wb"))
+                sizes.append(0)
+            handles[-1].write(data)
+            set_external_data(tensor, names[-1], offset=sizes[-1], length=len(data))
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            tensor.ClearField("raw_data")
+            sizes[-1] += len(data)
+    finally:
+        for handle in handles:
+            handle.close()
+    onnx.save_model(model, str(dst))
+    onnx.checker.check_model(str(dst), full_check=False)  # path form: reads the external files' references
+    return len(names)
+
+
+def _write_graph(src: Path, dst: Path, name: str) -> int:
+    """Copy one graph into the layout (the decoder with `num_logits_to_keep`); weights over protobuf's 2 GB limit
+    (export/onnx_export.EXTERNAL_DATA_BYTES, the one threshold) go to external data chunks of that size. Returns the
+    number of external data files (0: one self-contained .onnx)."""
     import onnx
 
-    model = onnx.load(str(src))
+    from . import onnx_export
+
+    model = onnx.load(str(src))  # loads a source's external data too
     if name == "decoder_model_merged":
         keep_last_logits(model)
+    limit = onnx_export.EXTERNAL_DATA_BYTES
+    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+    if weight_bytes > limit:
+        return _save_in_chunks(model, dst, limit)
     onnx.checker.check_model(model)
     onnx.save_model(model, str(dst))
+    return 0
 
 
-def _transformers_js_config(model_dir: Path, dtype: str) -> dict:
+def _transformers_js_config(model_dir: Path, dtype: str, external_chunks: dict[str, int]) -> dict:
+    """config.json: the model's, with transformers.js' block; `use_external_data_format` maps each .onnx file with
+    external data to its number of chunks (transformers.js fetches exactly those), false when there are none."""
     config = json.loads((model_dir / "config.json").read_text())
     config.pop("gmaivl", None)  # our own extension; transformers.js would carry it along unread
-    config["transformers.js_config"] = {"dtype": dtype, "use_external_data_format": False}
+    config["transformers.js_config"] = {"dtype": dtype,
+                                        "use_external_data_format": dict(external_chunks) or False}
     return config
 
 
@@ -205,9 +255,13 @@ def export_transformers_js(model_dir, out_dir, *, quantize=(), block_size: int =
             report["variants"][variant] = entry
         with staged_files(out_dir, prefix=".export-") as tmp:
             (tmp / "onnx").mkdir()
+            external_chunks = {}
             for variant in report["shipped"]:
                 for name, file in GRAPH_FILES.items():
-                    _write_graph(folders[variant] / file, tmp / "onnx" / f"{name}{q.SUFFIXES[variant]}.onnx", name)
+                    target = f"{name}{q.SUFFIXES[variant]}.onnx"
+                    chunks = _write_graph(folders[variant] / file, tmp / "onnx" / target, name)
+                    if chunks:
+                        external_chunks[target] = chunks
             fp32 = folders["fp32"]
             for file in ("tokenizer.json", "special_tokens_map.json"):
                 if (fp32 / file).is_file():
@@ -217,7 +271,7 @@ def export_transformers_js(model_dir, out_dir, *, quantize=(), block_size: int =
             preprocessor, processor = _processor_files(config)
             atomic_write_json(tmp / "preprocessor_config.json", preprocessor)
             atomic_write_json(tmp / "processor_config.json", processor)
-            atomic_write_json(tmp / "config.json", _transformers_js_config(model_dir, "fp32"))
+            atomic_write_json(tmp / "config.json", _transformers_js_config(model_dir, "fp32", external_chunks))
             if quantize:
                 atomic_write_json(tmp / REPORT_JSON, report)
     return report
