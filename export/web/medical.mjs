@@ -5,8 +5,10 @@
 //          SIGMOID), else a named CT window by body part (abdomen by default), else the 0.5-99.5 percentiles;
 //          MONOCHROME1 inverted; [0, 1] -> uint8 as numpy rounds (half to even, float32).
 //   then   LLaVA's expand2square (pad with the CLIP mean colour) and PIL's bicubic resize to the model's square.
+//   NIfTI  (.nii, .nii.gz) as gmaivl_rt/medical/nifti.py reads it: see readNifti below.
 // What the Python reader does and this does not (compressed transfer syntaxes, VOI LUT / Modality LUT sequences,
-// colour and palette DICOM, non-square pixel spacing, NIfTI) is refused with the reason: ask the server instead.
+// colour and palette DICOM, non-square pixel spacing, sheared NIfTI affines) is refused with the reason: ask the
+// server instead.
 
 export const CT_WINDOWS = { lung: [-600, 1500], mediastinum: [50, 350], bone: [400, 1800], brain: [40, 80],
                             abdomen: [40, 400] };
@@ -17,6 +19,16 @@ export const CT_WINDOW_BY_BODY_PART = {
 };
 export const CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073];
 const UNCOMPRESSED = { '1.2.840.10008.1.2': true, '1.2.840.10008.1.2.1': true, '1.2.840.10008.1.2.2': false };
+// compressed transfer syntaxes the Python reader decodes (with the dicom-codecs extra) and this page does not
+const COMPRESSED_NAMES = {
+  '1.2.840.10008.1.2.4.50': 'JPEG Baseline', '1.2.840.10008.1.2.4.51': 'JPEG Extended',
+  '1.2.840.10008.1.2.4.57': 'JPEG Lossless', '1.2.840.10008.1.2.4.70': 'JPEG Lossless SV1',
+  '1.2.840.10008.1.2.4.80': 'JPEG-LS Lossless', '1.2.840.10008.1.2.4.81': 'JPEG-LS Near-Lossless',
+  '1.2.840.10008.1.2.4.90': 'JPEG 2000 Lossless', '1.2.840.10008.1.2.4.91': 'JPEG 2000',
+  '1.2.840.10008.1.2.4.201': 'HTJ2K Lossless', '1.2.840.10008.1.2.4.202': 'HTJ2K Lossless RPCL',
+  '1.2.840.10008.1.2.4.203': 'HTJ2K', '1.2.840.10008.1.2.5': 'RLE Lossless',
+  '1.2.840.10008.1.2.1.99': 'Deflated Explicit VR Little Endian',
+};
 
 export function isDicom(bytes) {
   return bytes.length > 132 && bytes[128] === 0x44 && bytes[129] === 0x49 && bytes[130] === 0x43 && bytes[131] === 0x4d;
@@ -88,7 +100,11 @@ export function readDicom(bytes, dicomParser) {
     refuse(`not a readable DICOM file (${error.exception ?? error.message ?? error})`);
   }
   const syntax = (ds.string('x00020010') || '').replace(/\0/g, '').trim();
-  if (!(syntax in UNCOMPRESSED)) refuse(`transfer syntax ${syntax || 'missing'} is compressed or not supported here`);
+  if (syntax in COMPRESSED_NAMES) {
+    refuse(`its pixels are compressed (${COMPRESSED_NAMES[syntax]}, transfer syntax ${syntax}), which the page does not `
+           + 'decode');
+  }
+  if (!(syntax in UNCOMPRESSED)) refuse(`transfer syntax ${syntax || 'missing'} is not supported here`);
   const photometric = (ds.string('x00280004') || '').trim();
   if (photometric !== 'MONOCHROME1' && photometric !== 'MONOCHROME2') refuse(`photometric ${photometric || 'missing'}`);
   if (ds.elements.x00283010) refuse('a VOI LUT sequence');
@@ -262,14 +278,279 @@ export function dicomForModel(bytes, dicomParser, side) {
 }
 
 // Any picture -> RGB uint8 at the model's square, the way gmaivl_rt preprocesses it: DICOM by `dicomForModel`,
-// other files decoded by transformers.js' RawImage (PNG, JPEG, ...), then expand2square and PIL's bicubic.
+// NIfTI (.nii, .nii.gz) by `readNifti` (options `nifti`: {plane, index, volume}), other files decoded by transformers.js' RawImage (PNG, JPEG, ...), then expand2square and PIL's bicubic.
 // Returns a RawImage of side x side, which transformers.js' processor then only rescales and normalises.
-export async function pictureForModel(bytes, { RawImage, dicomParser, side, decode }) {
+export async function pictureForModel(bytes, { RawImage, dicomParser, side, decode, nifti = {} }) {
   if (isDicom(bytes)) {
     const { rgb } = dicomForModel(bytes, dicomParser, side);
     return new RawImage(rgb, side, side, 3);
   }
+  const unpacked = isGzip(bytes) ? await gunzip(bytes) : bytes;
+  if (isNifti(unpacked)) {
+    const image = readNifti(unpacked, nifti);
+    const square = expandToSquare(greyToRgb(image.grey), image.width, image.height);
+    return new RawImage(resizeBicubic(square.rgb, square.side, square.side, side, side), side, side, 3);
+  }
   const image = (await decode(bytes)).rgb();
   const square = expandToSquare(new Uint8Array(image.data), image.width, image.height);
   return new RawImage(resizeBicubic(square.rgb, square.side, square.side, side, side), side, side, 3);
+}
+
+// ------------------------------------------------------------------------------------------------------ NIfTI
+// gmaivl_rt/medical/nifti.py's rules: NIfTI-1 or -2 (gzipped or not), the affine nibabel picks (sform, else qform,
+// else the header zooms with x flipped), reoriented to the closest canonical RAS+ orientation (flips and axis
+// order), volume `volume` of a 4D image, the slice `index` (default the middle one) along `plane` in radiological
+// display orientation, the 0.5-99.5 percentiles of the whole volume (numpy's linear interpolation), NaN as the low
+// end, square pixels by PIL's bilinear float resample, numpy's rounding to uint8. Refused with the reason: a
+// sheared affine (nibabel's SVD-based choice of axes is not done here), other data types (complex, RGB, 64-bit
+// integers).
+const NIFTI_TYPES = { 2: 'Uint8', 4: 'Int16', 8: 'Int32', 16: 'Float32', 64: 'Float64', 256: 'Int8', 512: 'Uint16',
+                      768: 'Uint32' };
+const NIFTI_PLANE_AXIS = { sagittal: 0, coronal: 1, axial: 2 };
+
+function refuseNifti(problem) {
+  throw new Error(`this NIfTI cannot be read in the browser: ${problem}; ask the server instead`);
+}
+
+export function isGzip(bytes) {
+  return bytes.length > 2 && bytes[0] === 0x1f && bytes[1] === 0x8b;
+}
+
+export async function gunzip(bytes) {   // the platform's own decoder (browsers, Node 18+)
+  const stream = new Blob([bytes]).stream().pipeThrough(new DecompressionStream('gzip'));
+  return new Uint8Array(await new Response(stream).arrayBuffer());
+}
+
+function niftiHeaderSize(bytes) {
+  if (bytes.length < 348) return null;
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  for (const little of [true, false]) {
+    const size = view.getInt32(0, little);
+    if (size === 348 && bytes.length >= 348) return { version: 1, little };
+    if (size === 540 && bytes.length >= 540) return { version: 2, little };
+  }
+  return null;
+}
+
+export function isNifti(bytes) {
+  const kind = niftiHeaderSize(bytes);
+  if (!kind) return false;
+  const at = kind.version === 1 ? 344 : 4;
+  const magic = String.fromCharCode(...bytes.subarray(at, at + 3));
+  return magic === 'n+1' || magic === 'n+2';
+}
+
+function niftiHeader(bytes) {
+  const kind = niftiHeaderSize(bytes);
+  const v = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const le = kind.little;
+  if (kind.version === 1) {
+    const f = (o) => v.getFloat32(o, le);
+    return {
+      dim: Array.from({ length: 8 }, (_, i) => v.getInt16(40 + 2 * i, le)), datatype: v.getInt16(70, le),
+      pixdim: Array.from({ length: 8 }, (_, i) => f(76 + 4 * i)), voxOffset: f(108), slope: f(112), inter: f(116),
+      qformCode: v.getInt16(252, le), sformCode: v.getInt16(254, le), quatern: [f(256), f(260), f(264)],
+      srow: [0, 1, 2].map((r) => [0, 1, 2, 3].map((c) => f(280 + 16 * r + 4 * c))), little: le,
+    };
+  }
+  const d = (o) => v.getFloat64(o, le);
+  const i64 = (o) => Number(v.getBigInt64(o, le));
+  return {
+    dim: Array.from({ length: 8 }, (_, i) => i64(16 + 8 * i)), datatype: v.getInt16(12, le),
+    pixdim: Array.from({ length: 8 }, (_, i) => d(104 + 8 * i)), voxOffset: i64(168), slope: d(176), inter: d(184),
+    qformCode: v.getInt32(344, le), sformCode: v.getInt32(348, le), quatern: [d(352), d(360), d(368)],
+    srow: [0, 1, 2].map((r) => [0, 1, 2, 3].map((c) => d(400 + 32 * r + 8 * c))), little: le,
+  };
+}
+
+// nibabel's get_best_affine, its 3x3 part: sform, else qform (quaternion, pixdim, qfac), else diag(-x, y, z)
+function niftiLinear(h) {
+  if (h.sformCode > 0) return h.srow.map((row) => row.slice(0, 3));
+  const zooms = [1, 2, 3].map((i) => h.pixdim[i]);
+  if (h.qformCode > 0) {
+    const [b, c, d] = h.quatern;
+    let w2 = 1 - (b * b + c * c + d * d);
+    if (w2 < 0) w2 = 0;   // nibabel treats a slightly negative w^2 as 0
+    const a = Math.sqrt(w2);
+    const R = [[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+               [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
+               [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b]];
+    const qfac = h.pixdim[0] === 0 ? 1 : h.pixdim[0];
+    const vox = [zooms[0], zooms[1], zooms[2] * (qfac < 0 ? -1 : 1)];
+    return R.map((row) => row.map((x, j) => x * vox[j]));
+  }
+  return [[-zooms[0], 0, 0], [0, zooms[1], 0], [0, 0, zooms[2]]];
+}
+
+// nibabel's io_orientation for an affine without shear: per voxel axis, the world axis and direction it runs along
+function niftiOrientation(linear) {
+  const norms = [0, 1, 2].map((j) => Math.hypot(linear[0][j], linear[1][j], linear[2][j]) || 1);
+  const unit = linear.map((row) => row.map((x, j) => x / norms[j]));
+  for (let i = 0; i < 3; i++) {
+    for (let j = i + 1; j < 3; j++) {
+      const dot = unit[0][i] * unit[0][j] + unit[1][i] * unit[1][j] + unit[2][i] * unit[2][j];
+      if (Math.abs(dot) > 1e-6) refuseNifti('a sheared (non-orthogonal) affine');
+    }
+  }
+  const R = unit.map((row) => row.slice());
+  const orientation = [];
+  for (let j = 0; j < 3; j++) {
+    let best = 0;
+    for (let i = 1; i < 3; i++) if (Math.abs(R[i][j]) > Math.abs(R[best][j])) best = i;
+    orientation.push([best, R[best][j] < 0 ? -1 : 1]);
+    R[best] = [0, 0, 0];
+  }
+  return { orientation, norms };
+}
+
+// numpy.percentile (method linear) of sorted float64 values, as numpy 2 computes it in float32 data's dtype
+function numpyPercentile(sorted, q) {
+  const n = sorted.length;
+  const quantile = q / 100;
+  const virtual = n * quantile + (1 + quantile * (1 - 1 - 1)) - 1;
+  const below = Math.min(Math.max(Math.floor(virtual), 0), n - 1);
+  const above = Math.min(Math.max(below + 1, 0), n - 1);
+  const t = virtual - Math.floor(virtual);
+  const a = sorted[virtual < 0 ? 0 : below];
+  const b = sorted[virtual >= n - 1 ? n - 1 : above];
+  const diff = Math.fround(b - a);      // float32 data: b - a in float32, then float64 with the weight
+  return t >= 0.5 ? b - diff * (1 - t) : a + diff * t;
+}
+
+// PIL's bilinear resample of a mode "F" image (Resample.c, 32-bit float: double weights, float32 results)
+function resizeFloatBilinear(plane, width, height, outWidth, outHeight) {
+  const weights = (inSize, outSize) => {
+    const scale = inSize / outSize;
+    const filterScale = Math.max(scale, 1);
+    const support = filterScale;
+    const out = [];
+    for (let xx = 0; xx < outSize; xx++) {
+      const center = (xx + 0.5) * scale;
+      let xmin = Math.trunc(center - support + 0.5);
+      if (xmin < 0) xmin = 0;
+      let xmax = Math.trunc(center + support + 0.5);
+      if (xmax > inSize) xmax = inSize;
+      xmax -= xmin;
+      const k = new Float64Array(xmax);
+      let ww = 0;
+      for (let x = 0; x < xmax; x++) {
+        const d = Math.abs((x + xmin - center + 0.5) / filterScale);
+        k[x] = d < 1 ? 1 - d : 0;
+        ww += k[x];
+      }
+      if (ww !== 0) for (let x = 0; x < xmax; x++) k[x] /= ww;
+      out.push([xmin, k]);
+    }
+    return out;
+  };
+  let src = plane;
+  let w = width;
+  if (outWidth !== width) {
+    const ks = weights(width, outWidth);
+    const out = new Float32Array(outWidth * height);
+    for (let y = 0; y < height; y++) {
+      for (let x = 0; x < outWidth; x++) {
+        const [xmin, k] = ks[x];
+        let ss = 0;
+        for (let i = 0; i < k.length; i++) ss += src[y * w + xmin + i] * k[i];
+        out[y * outWidth + x] = ss;
+      }
+    }
+    src = out;
+    w = outWidth;
+  }
+  if (outHeight !== height) {
+    const ks = weights(height, outHeight);
+    const out = new Float32Array(w * outHeight);
+    for (let y = 0; y < outHeight; y++) {
+      const [ymin, k] = ks[y];
+      for (let x = 0; x < w; x++) {
+        let ss = 0;
+        for (let i = 0; i < k.length; i++) ss += src[(ymin + i) * w + x] * k[i];
+        out[y * w + x] = ss;
+      }
+    }
+    src = out;
+  }
+  return src;
+}
+
+function roundHalfEven(x) {   // Python's round()
+  const r = Math.round(x);
+  return Math.abs(x % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
+}
+
+// NIfTI bytes (gunzipped) -> {width, height, grey: Uint8Array (H*W), count, index, plane, windowName}
+export function readNifti(bytes, { plane = 'axial', index = null, volume = 0 } = {}) {
+  if (!isNifti(bytes)) refuseNifti('not a single-file NIfTI-1/-2 (.nii or .nii.gz)');
+  const h = niftiHeader(bytes);
+  const ndim = h.dim[0];
+  if (ndim < 2 || ndim > 4) refuseNifti(`${ndim} dimensions; expected 3 or 4`);
+  const shape = [1, 2, 3].map((i) => (i <= ndim ? h.dim[i] : 1));
+  const volumes = ndim === 4 ? h.dim[4] : 1;
+  if (!(volume >= 0 && volume < volumes)) refuseNifti(`volume ${volume} out of range (the image has ${volumes})`);
+  const type = NIFTI_TYPES[h.datatype];
+  if (!type) refuseNifti(`data type code ${h.datatype} (not a greyscale integer or float)`);
+  const size = { Uint8: 1, Int8: 1, Int16: 2, Uint16: 2, Int32: 4, Uint32: 4, Float32: 4, Float64: 8 }[type];
+  const voxels = shape[0] * shape[1] * shape[2];
+  const start = h.voxOffset + volume * voxels * size;
+  if (start + voxels * size > bytes.length) refuseNifti('the voxel data is shorter than the header says');
+  const view = new DataView(bytes.buffer, bytes.byteOffset + start, voxels * size);
+  const scaled = Number.isFinite(h.slope) && h.slope !== 0 && !(h.slope === 1 && h.inter === 0);
+  const raw = new Float32Array(voxels);   // nibabel's dataobj as float32, scl_slope / scl_inter applied
+  for (let i = 0; i < voxels; i++) {
+    const value = view[`get${type}`](i * size, h.little);
+    raw[i] = scaled ? value * h.slope + (Number.isFinite(h.inter) ? h.inter : 0) : value;
+  }
+  // as_closest_canonical: canonical axis o holds source axis `from[o]`, flipped where it runs backwards
+  const { orientation, norms } = niftiOrientation(niftiLinear(h));
+  const from = [0, 1, 2].map((o) => orientation.findIndex(([axis]) => axis === o));
+  const canonical = orientation.every(([axis, sign], j) => axis === j && sign === 1);
+  const dims = from.map((s) => shape[s]);
+  const zooms = canonical ? [1, 2, 3].map((i) => h.pixdim[i]) : from.map((s) => norms[s]);
+  const round6 = (z) => roundHalfEven(Math.fround(z) * 1e6) / 1e6;
+  const spacingOf = zooms.map((z) => round6(z));
+  const sourceIndex = (xyz) => {
+    const src = [0, 0, 0];
+    for (let o = 0; o < 3; o++) {
+      const s = from[o];
+      src[s] = orientation[s][1] < 0 ? shape[s] - 1 - xyz[o] : xyz[o];
+    }
+    return src[0] + shape[0] * (src[1] + shape[1] * src[2]);
+  };
+  const finite = raw.filter((x) => Number.isFinite(x));
+  if (finite.length === 0) refuseNifti('pixel data has no finite value (all NaN or infinite)');
+  const sorted = Float64Array.from(finite).sort();
+  const lo = numpyPercentile(sorted, 0.5);
+  let hi = numpyPercentile(sorted, 99.5);
+  if (hi <= lo) hi = lo + 1;
+  const axis = NIFTI_PLANE_AXIS[plane];
+  if (axis === undefined) refuseNifti(`plane ${plane}`);
+  const count = dims[axis];
+  const slice = index ?? Math.floor(count / 2);
+  if (!(slice >= 0 && slice < count)) refuseNifti(`slice ${slice} out of range (${count} along ${plane})`);
+  const [a, b] = [0, 1, 2].filter((i) => i !== axis);
+  let height = dims[b];
+  let width = dims[a];
+  let unit = new Float64Array(width * height);
+  for (let r = 0; r < height; r++) {
+    for (let c = 0; c < width; c++) {
+      const xyz = [0, 0, 0];
+      xyz[axis] = slice;
+      xyz[a] = dims[a] - 1 - c;   // patient right on the image's left
+      xyz[b] = dims[b] - 1 - r;   // anterior / superior at the top
+      const x = raw[sourceIndex(xyz)];
+      const u = ((Number.isNaN(x) ? lo : x) - lo) / (hi - lo);
+      unit[r * width + c] = Math.min(1, Math.max(0, u));
+    }
+  }
+  const [row, col] = [spacingOf[b], spacingOf[a]];
+  if (row > 0 && col > 0 && Math.abs(row - col) > 1e-3 * Math.max(row, col)) {
+    const target = Math.min(row, col);
+    const newHeight = Math.max(1, roundHalfEven(height * row / target));
+    const newWidth = Math.max(1, roundHalfEven(width * col / target));
+    unit = resizeFloatBilinear(Float32Array.from(unit), width, height, newWidth, newHeight);
+    [width, height] = [newWidth, newHeight];
+  }
+  return { width, height, grey: toUint8(unit), count, index: slice, plane, windowName: 'percentile' };
 }
