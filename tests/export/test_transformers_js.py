@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
@@ -40,6 +41,12 @@ SHIPPED_DICOM = ("CT_small.dcm", "examples_overlay.dcm", "MR_small_bigendian.dcm
 REFUSED_DICOM = ("JPEG2000.dcm", "liver_1frame.dcm")  # a random tiny model: every variant shipped, its agreement only measured
 
 
+def _nibabel_file(name: str) -> Path:
+    import nibabel
+
+    return Path(nibabel.__file__).parent / "tests" / "data" / name
+
+
 def _node_missing() -> str | None:
     if shutil.which("node") is None:
         return "node is not installed (transformers.js runs under Node 20+)"
@@ -59,8 +66,8 @@ def model_dir(tiny_model_folder):
 
 @pytest.fixture(scope="module")
 def held_out(model_dir, tmp_path_factory):
-    """Six questions: four random PNGs (28x28, the model's square; 40x24, padded and resized) and two DICOMs
-    pydicom ships (a CT without a window, a non-square MR with two windows)."""
+    """Seven questions: four random PNGs (28x28, the model's square; 40x24, padded and resized), two DICOMs
+    pydicom ships (a CT without a window, a non-square MR with two windows) and a NIfTI nibabel ships."""
     folder = tmp_path_factory.mktemp("tjs_images")
     rng = np.random.default_rng(7)
     items = []
@@ -70,6 +77,7 @@ def held_out(model_dir, tmp_path_factory):
         Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path)
         items.append(q.HeldOutItem(question, path))
     items += [q.HeldOutItem(QUESTIONS[0], Path(get_testdata_file(name))) for name in SHIPPED_DICOM[:2]]
+    items.append(q.HeldOutItem(QUESTIONS[1], _nibabel_file("example4d.nii.gz")))  # 4D, gzipped, oblique qform
     return items
 
 
@@ -232,6 +240,66 @@ def test_num_logits_to_keep_selects_the_last_positions(exported):
                                       .astype(np.int64)})[0]
         got = run_b.run(["logits"], {**feeds, "num_logits_to_keep": np.array(keep, np.int64)})[0]
         np.testing.assert_array_equal(got, want)
+
+
+# ------------------------------------------------------------------------------------- graphs over 2 GB
+CHUNK_LIMIT = 50_000  # stands for protobuf's 2 GB (onnx_export.EXTERNAL_DATA_BYTES): the tiny model's fp32 decoder
+# holds 372 kB of weights, its q4 decoder 58 kB (tensors of at most 77 kB and 10 kB)
+
+
+def _transformers_js_chunk_files(config: dict, files: list[str]) -> dict[str, list[str]]:
+    """transformers.js' own answer (its model-loader.js, under Node) to which external data files it fetches for
+    each .onnx file, given config.json's use_external_data_format."""
+    loader = JS / "node_modules" / "@huggingface" / "transformers" / "src" / "utils" / "model-loader.js"
+    script = (f"const m = await import({json.dumps(loader.as_uri())});"
+              f"const config = {json.dumps(config)}; const out = {{}};"
+              f"for (const f of {json.dumps(files)}) out[f] = m.getExternalDataChunkNames(f, "
+              "m.resolveExternalDataFormat(config, f, f.replace(/(_quantized|_q4f16|_q4)?\\.onnx$/, '')));"
+              "process.stdout.write(JSON.stringify(out));")
+    done = subprocess.run(["node", "--input-type=module", "-e", script], capture_output=True, text=True, timeout=60,
+                          cwd=JS)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+@needs_node
+def test_graphs_over_the_limit_load_in_transformers_js_from_chunks(model_dir, held_out, monkeypatch, tmp_path):
+    """Graphs whose weights exceed the external-data limit (lowered to 100 kB here, standing for protobuf's 2 GB) are
+    written with their weights in external data chunks of at most that size (a browser fetches each into one
+    ArrayBuffer), under the names transformers.js' own loader asks for given config.json's
+    `use_external_data_format` (its model-loader.js, run under Node, lists exactly the files on disk); each .onnx
+    holds no weights (tensors under 1 kB stay inline, as `export onnx` leaves them); transformers.js under Node answers from them with the tokens of the self-contained export, fp32
+    and q4. Mutants seen failing: use_external_data_format left false (the loader asks for no files); chunks named
+    `.data` as export onnx names them; no new chunk started at the limit (one file of 372 kB); the limit read once
+    at import (the quantized graphs' own test of it ignored)."""
+    from gmaivl_rt.export import onnx_export
+
+    inline = tmp_path / "inline"
+    export_transformers_js(model_dir, inline, quantize=("q4",), held_out=held_out[:1], min_agreement=LOOSE,
+                           max_new_tokens=MAX_NEW)
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", CHUNK_LIMIT)
+    out = tmp_path / "chunked"
+    export_transformers_js(model_dir, out, quantize=("q4",), held_out=held_out[:1], min_agreement=LOOSE,
+                           max_new_tokens=MAX_NEW)
+    config = json.loads((out / "config.json").read_text())["transformers.js_config"]
+    graphs = sorted(p.name for p in (out / "onnx").glob("*.onnx"))
+    asked = _transformers_js_chunk_files(config["use_external_data_format"], graphs)
+    on_disk = sorted(p.name for p in (out / "onnx").iterdir() if not p.name.endswith(".onnx"))
+    assert sorted(name for names in asked.values() for name in names) == on_disk
+    assert len(asked["decoder_model_merged.onnx"]) >= 2 and asked["decoder_model_merged_q4.onnx"]
+    for graph, names in asked.items():
+        model = onnx.load(str(out / "onnx" / graph), load_external_data=False)
+        assert max((len(t.raw_data) for t in model.graph.initializer), default=0) < 1024  # the weights are outside
+        tensors_in = {name: 0 for name in names}
+        for tensor in model.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                tensors_in[next(e.value for e in tensor.external_data if e.key == "location")] += 1
+        for name, count in tensors_in.items():  # only a tensor over the limit by itself makes a bigger file
+            assert count == 1 or (out / "onnx" / name).stat().st_size <= CHUNK_LIMIT, name
+    assert not list((inline / "onnx").glob("*_data*"))
+    for dtype in ("fp32", "q4"):
+        want = _node_answers(inline, dtype, held_out[:3], tmp_path)
+        assert _node_answers(out, dtype, held_out[:3], tmp_path) == want, dtype
 
 
 # -------------------------------------------------------------------------------------------------- bad input
@@ -400,6 +468,7 @@ def test_page_reads_pictures_as_the_python_reader(tmp_path):
         if Path(file).name in REFUSED_DICOM:
             assert "cannot be read in the browser" in got["error"], got
             continue
+        assert "error" not in got, got
         image = to_medical_image(file)
         if "grey" in got:
             grey = np.frombuffer(base64.b64decode(got["grey"]), np.uint8).reshape(got["height"], got["width"])
@@ -409,7 +478,83 @@ def test_page_reads_pictures_as_the_python_reader(tmp_path):
                        - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None])
         torch.testing.assert_close(normalised, preprocess_image(image.pixels, side), rtol=0, atol=0)
     assert {r.get("window_name") for r in results} >= {"abdomen", "file", "percentile"}
+    jpeg2000 = results[files.index(get_testdata_file("JPEG2000.dcm"))]["error"]
+    assert "compressed (JPEG 2000, transfer syntax 1.2.840.10008.1.2.4.91)" in jpeg2000
     assert all("grey" not in r and "rgb" in r for r in results[-2:])  # PNGs take the ordinary-picture path
+
+
+NIBABEL_SHIPPED = ("anatomical.nii", "example4d.nii.gz", "example_nifti2.nii.gz", "functional.nii",
+                   "reoriented_anat_moved.nii", "standard.nii.gz")
+
+
+def _made_niftis(folder: Path) -> dict[str, Path]:
+    """NIfTIs the shipped ones do not cover: axes stored out of order (voxel axis 0 runs along y) with int16
+    scaling; a float NIfTI-2 with a NaN, a qform and an unused sform (sform_code 0), whose coronal and sagittal
+    slices resample 5 rows to 12.5 (Python rounds half to even); a sheared affine, which the page
+    refuses."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(5)
+    permuted = np.array([[0, -2.5, 0, 10], [1.0, 0, 0, -4], [0, 0, 3.0, 2], [0, 0, 0, 1]])  # voxel i runs along y
+    image = nib.Nifti1Image(rng.integers(-300, 900, (9, 14, 6)).astype(np.int16), permuted)
+    floats = rng.normal(100, 30, (11, 7, 5)).astype(np.float32)
+    floats[3, 3, 2] = np.nan  # in the axial and the (resampled) coronal middle slices
+    qform_only = nib.Nifti2Image(floats, None)
+    qform_only.set_qform(np.diag([-1.5, 1.5, 3.75, 1.0]), code=1)  # sform_code 0: nibabel takes the qform
+    qform_only.set_sform(np.diag([1.5, 1.5, 1.5, 1.0]), code=0)
+    sheared = np.array([[1.0, 0.4, 0, 0], [0, 1.0, 0, 0], [0, 0, 2.0, 0], [0, 0, 0, 1]])
+    files = {"permuted_scaled.nii": image, "float_nan.nii.gz": qform_only,
+             "sheared.nii": nib.Nifti1Image(floats, sheared)}
+    paths = {}
+    for name, img in files.items():
+        paths[name] = folder / name
+        nib.save(img, paths[name])
+    scaled = bytearray(paths["permuted_scaled.nii"].read_bytes())  # nibabel's writer sets its own scaling: patch it
+    struct.pack_into("<ff", scaled, 112, -0.5, -20.0)  # scl_slope < 0 (a positive one the percentiles undo)
+    paths["permuted_scaled.nii"].write_bytes(bytes(scaled))
+    assert nib.load(paths["permuted_scaled.nii"]).dataobj.slope == -0.5
+    return paths
+
+
+@needs_node
+def test_page_reads_nifti_as_the_python_reader(tmp_path):
+    """export/web/medical.mjs reads NIfTI as gmaivl_rt/medical/nifti.py (nibabel) does: on nibabel's shipped files
+    (NIfTI-1 and -2, gzipped, 4D, LAS and RAS, an oblique qform, anisotropic voxels) and on made ones (axes stored
+    out of order with int16 scaling, float with a NaN), in each plane, the windowed grey slice equals
+    `read_medical_image(file, plane=...)`'s and the model's input (axial) equals `preprocess_image`'s, exactly; a
+    sheared affine is refused with the reason. Mutants seen failing: percentiles as numpy's (q/100)(n-1) formula
+    without its float32 difference; no flip of x for LAS; columns not reversed (radiological convention); square
+    pixels by rounding half up; the canonical axis order ignored (permuted file); scaling ignored; NaN not taken as
+    the low end; sform preferred to qform when sform_code is 0."""
+    import base64
+
+    import torch
+
+    from gmaivl_rt.medical.reader import read_medical_image
+    from gmaivl_rt.model.preprocess import CLIP_MEAN, CLIP_STD, preprocess_image
+
+    side = 28
+    shipped = [_nibabel_file(n) for n in NIBABEL_SHIPPED]
+    made = _made_niftis(tmp_path)
+    files = [*shipped, made["permuted_scaled.nii"], made["float_nan.nii.gz"]]
+    args = [f"{f}@{plane}" for f in files for plane in ("axial", "coronal", "sagittal")]
+    done = subprocess.run(["node", str(JS / "read_pictures.mjs"), str(side), *args, str(made["sheared.nii"])],
+                          capture_output=True, text=True, timeout=120, cwd=JS)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout)
+    assert "cannot be read in the browser: a sheared" in results[-1]["error"], results[-1]
+    for arg, got in zip(args, results):
+        assert "error" not in got, got
+        file, plane = arg.split("@")
+        image = read_medical_image(file, plane=plane)
+        grey = np.frombuffer(base64.b64decode(got["grey"]), np.uint8).reshape(got["height"], got["width"])
+        np.testing.assert_array_equal(grey, image.pixels[..., 0], err_msg=arg)
+        if plane == "axial":
+            rgb = np.frombuffer(base64.b64decode(got["rgb"]), np.uint8).reshape(side, side, 3)
+            normalised = ((torch.from_numpy(rgb.astype(np.float32) / 255.0).permute(2, 0, 1)
+                           - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None])
+            torch.testing.assert_close(normalised, preprocess_image(image.pixels, side), rtol=0, atol=0)
+    assert len({r["grey"] for r in results[:-1]}) == len(results) - 1  # every slice its own picture
 
 
 def test_export_web_needs_a_transformers_js_folder_and_the_npm_packages(model_dir, tjs_export, tmp_path):
