@@ -274,6 +274,8 @@ def export_transformers_js(model_dir, out_dir, *, quantize=(), block_size: int =
             atomic_write_json(tmp / "config.json", _transformers_js_config(model_dir, "fp32", external_chunks))
             if quantize:
                 atomic_write_json(tmp / REPORT_JSON, report)
+    if not quantize:  # an earlier export's report would describe graphs no longer there
+        (out_dir / REPORT_JSON).unlink(missing_ok=True)
     return report
 
 

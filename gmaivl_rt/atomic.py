@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -42,13 +43,22 @@ def atomic_path(path: str | Path, exclusive: bool = False):
 @contextlib.contextmanager
 def staged_files(out_dir: str | Path, prefix: str = ".staging-"):
     """Yield a temporary folder inside `out_dir`; on success every file written there is moved into `out_dir`
-    (each rename atomic), on error nothing lands. For writers that only take a folder (save_pretrained, exporters)."""
+    (each rename atomic), on error nothing lands. A folder written there replaces the one of that name already in
+    `out_dir` whole (moved aside, the new one renamed in, the old one deleted), so nothing of an earlier run stays
+    inside it. For writers that only take a folder (save_pretrained, exporters)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=prefix) as tmp:
         yield Path(tmp)
         for item in sorted(Path(tmp).iterdir()):
-            os.replace(item, out_dir / item.name)
+            target = out_dir / item.name
+            if item.is_dir() and target.is_dir() and not target.is_symlink():
+                old = Path(tempfile.mkdtemp(dir=out_dir, prefix=prefix + "old-"))
+                os.replace(target, old / item.name)
+                os.replace(item, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(item, target)
 
 
 def remove_partial_files(folder: str | Path, recursive: bool = True) -> int:

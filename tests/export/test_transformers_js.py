@@ -559,6 +559,29 @@ def test_page_reads_nifti_as_the_python_reader(tmp_path):
     assert len({r["grey"] for r in results[:-1]}) == len(results) - 1  # every slice its own picture
 
 
+def test_exporting_again_into_a_folder_replaces_what_was_there(model_dir, tjs_export, tmp_path):
+    """A second `export onnx --layout transformers.js` (here fp32 only) into a folder holding an earlier export with
+    every quantized variant leaves no earlier graph behind (`export web` would otherwise offer stale q4 weights
+    beside new fp32 ones), and `export web` writes over its own earlier site. Mutant seen failing: staged_files
+    moving a folder onto an existing one (the OSError 'Directory not empty' both commands hit before); the earlier
+    quantization_report.json kept."""
+    from gmaivl_rt.export.web import export_web, shipped_dtypes
+
+    folder = tmp_path / "again"
+    shutil.copytree(tjs_export[0], folder)
+    assert shipped_dtypes(folder) == ["fp32", *q.VARIANTS]
+    export_transformers_js(model_dir, folder)
+    assert shipped_dtypes(folder) == ["fp32"]
+    assert sorted(p.name for p in (folder / "onnx").iterdir()) == sorted(f"{g}.onnx" for g in GRAPH_FILES)
+    assert not (folder / REPORT_JSON).exists()  # it described the variants just removed
+    site = tmp_path / "site"
+    export_web(tjs_export[0], site)
+    export_web(folder, site)
+    assert json.loads((site / "site.json").read_text())["dtypes"] == ["fp32"]
+    assert not list((site / "model" / "onnx").glob("*_q4*"))
+    assert [p.name for p in site.iterdir() if p.name.startswith(".")] == []
+
+
 def test_export_web_needs_a_transformers_js_folder_and_the_npm_packages(model_dir, tjs_export, tmp_path):
     from gmaivl_rt.export.web import export_web
 
