@@ -82,15 +82,17 @@ class Engine:
 
     # ------------------------------------------------------------------ public API
     def submit(self, question: str | None = None, image=None, *, messages=None, images=None, system=None,
-               _sink=None, **options) -> Request:
+               sink=None, **options) -> Request:
         """Queue one request and return at once (thread-safe). question + image, or chat `messages` with `images`,
         as `backend.build_request` takes them (also frame, slice_index, plane, window); options: the generation
         options (max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty, no_repeat_ngram_size,
         eos_token_id, pad_token_id, generator) plus seed (int: reproducible sampling, alone or batched) and stop
         (strings that end the answer, not included): the options the runtime's `ask` takes
         (`gmaivl_rt.runtime.base.Backend.answer_options`). Errors in the input (InputError, LimitError) surface
-        from the request (result / iteration), never from the engine."""
-        request = Request(self, next(self._ids), sink=_sink)
+        from the request (result / iteration), never from the engine. `sink`: called with each text delta and then
+        `END_OF_ANSWER`, from the engine's threads (it must not block; one that raises is dropped and the request
+        cancelled): how an event loop takes deltas without a thread waiting on each (`stream`, the server)."""
+        request = Request(self, next(self._ids), sink=sink)
         with self._cv:
             if self._closed:
                 raise RuntimeError("the engine is closed")
@@ -108,7 +110,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue = asyncio.Queue()
         # call_soon_threadsafe raises once the loop is closed: the request's sink then drops it and cancels
-        request = self.submit(question, image, _sink=lambda item: loop.call_soon_threadsafe(deltas.put_nowait, item),
+        request = self.submit(question, image, sink=lambda item: loop.call_soon_threadsafe(deltas.put_nowait, item),
                               **kwargs)
         try:
             while (item := await deltas.get()) is not END_OF_ANSWER:
