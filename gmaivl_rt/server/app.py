@@ -34,9 +34,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gmaivl_rt.errors import GmaivlError, InputError
 from gmaivl_rt.server import protocol
 from gmaivl_rt.server.audit import AuditLog
+from gmaivl_rt.server.body import parsed_body
 from gmaivl_rt.server.boundary import check_image_count, decode_images, receive_images, server_limits
 from gmaivl_rt.server.decoding import BudgetRefusal, ImageDecoding
-from gmaivl_rt.server.generation import Admission, Generation, engine_alive, finish_unstreamed
+from gmaivl_rt.server.generation import Admission, Generation, LoopDeltas, engine_alive, finish_unstreamed
 from gmaivl_rt.server.http_errors import error_response, refusal, validation_message
 from gmaivl_rt.server.metrics import OutcomeCounter, RequestOutcome, ServerMetrics, current_outcome
 from gmaivl_rt.server.middleware import AllowedHosts, BearerToken, BodyLimit, InternalErrors, SecurityHeaders
@@ -165,22 +166,24 @@ def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None
             images, reservation = await decoded_images(urls, digests) if urls else ([], None)
             if urls:
                 metrics.image_decode_time.observe(time.monotonic() - decode_started)
+            deltas = LoopDeltas()
             request = await run_in_threadpool(ticket.submit, lambda: engine.submit(
-                messages=turns, images=images, system=system, **generation_options(body)))
+                messages=turns, images=images, system=system, sink=deltas.sink, **generation_options(body)))
         except BaseException:
             if reservation is not None:
                 reservation.release()
             raise
         finally:
             ticket.release()  # a no-op once submitted
-        generation = Generation(request, arrival, metrics)
+        generation = Generation(request, deltas, arrival, metrics)
         if reservation is not None:  # at the latest when the request ends (its pictures may outlive it in a cycle)
             generation.on_end.append(reservation.release)
         return generation
 
     # --------------------------------------------------------------- endpoints
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: protocol.ChatCompletionRequest, http_request: Request):
+    async def chat_completions(http_request: Request):
+        body = await parsed_body(http_request, protocol.ChatCompletionRequest)
         generation = await start(body, http_request)
         request_id, model = protocol.completion_id(), served_model_name
         if (outcome := current_outcome()) is not None:
@@ -205,9 +208,10 @@ def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None
                                             "owned_by": "gmaivl-rt", "root": served_model_name}]}
 
     @app.post("/v1/gmaivl/preview")
-    async def preview(body: protocol.PreviewRequest):
+    async def preview(http_request: Request):
         """The picture the model would see for an image URL, as a PNG data URI, and what the file says about itself
         (format, modality, body part, size, frames/slices, window), never who the patient is."""
+        body = await parsed_body(http_request, protocol.PreviewRequest)
         digests = audited_images([body.image_url])
         images, reservation = await decoded_images([body.image_url], digests)
         try:

@@ -36,7 +36,7 @@ from starlette.concurrency import run_in_threadpool
 
 from gmaivl_rt.errors import InputError, ModelError
 from gmaivl_rt.server import protocol
-from gmaivl_rt.server.generation import Generation, engine_alive, finish_unstreamed
+from gmaivl_rt.server.generation import Generation, LoopDeltas, engine_alive, finish_unstreamed
 from gmaivl_rt.server.http_errors import error_response
 from gmaivl_rt.server.metrics import current_outcome
 from gmaivl_rt.server.openai import chat_turns, generation_options
@@ -199,15 +199,16 @@ def add_archive_routes(app, engine, service: ArchiveService, *, served_model_nam
             except InputError as error:
                 return _refused(error, "dicomweb")
             reserved[0].release_when_freed([image.pixels])
+            deltas = LoopDeltas()
             request = await run_in_threadpool(ticket.submit, lambda: engine.submit(
-                messages=turns, images=[image], system=system, **options))
+                messages=turns, images=[image], system=system, sink=deltas.sink, **options))
         except BaseException:
             for reservation in reserved:
                 reservation.release()
             raise
         finally:
             ticket.release()  # a no-op once submitted
-        generation = Generation(request, arrival, metrics)
+        generation = Generation(request, deltas, arrival, metrics)
         generation.on_end.append(reserved[0].release)
         request_id = protocol.completion_id()
         if (outcome := current_outcome()) is not None:

@@ -1,6 +1,7 @@
-"""One engine request as the event loop sees it (`Generation`): its text deltas read in a worker thread, so the
-loop never blocks; cancellation when the client leaves; the metrics it records when it ends. Admission (`Admission`:
-the `max_waiting` ceiling, counted atomically). And whether the engine is alive at all."""
+"""One engine request as the event loop sees it (`Generation`): its text deltas handed to the loop by the engine's
+threads (`LoopDeltas`), so no worker thread waits on a stream; cancellation when the client leaves; the metrics it
+records when it ends. Admission (`Admission`: the `max_waiting` ceiling, counted atomically). And whether the engine
+is alive at all."""
 from __future__ import annotations
 
 import asyncio
@@ -8,22 +9,40 @@ import threading
 import time
 
 from fastapi import Request
-from starlette.concurrency import run_in_threadpool
 
+from gmaivl_rt.engine.sequence import END_OF_ANSWER
 from gmaivl_rt.errors import InputError
 from gmaivl_rt.server.metrics import ServerMetrics, current_outcome
 
 END = object()  # what `Generation.next_delta` returns once the answer is complete
 
 
-class Generation:
-    """One engine request seen from the event loop: its text deltas (read in a worker thread, so the loop never
-    blocks), cancellation, and the metrics it records when it ends. Times are the server's monotonic clock, from the
-    HTTP request's arrival (image decoding included)."""
+class LoopDeltas:
+    """An engine request's deltas delivered to the event loop it was made on: pass `sink` to `Engine.submit`; the
+    engine's threads call it, each item is put on an asyncio queue through `call_soon_threadsafe` (no thread waits
+    for a delta, so any number of streams hold no worker thread). Once the loop is closed the sink raises and the
+    engine drops it and cancels the request."""
 
-    def __init__(self, request, arrival: float, metrics: ServerMetrics):
+    def __init__(self):
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def sink(self, item) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    async def get(self):
+        """The next delta (str), or `END_OF_ANSWER`."""
+        return await self._queue.get()
+
+
+class Generation:
+    """One engine request seen from the event loop: its text deltas (awaited on the loop from `deltas`, the
+    `LoopDeltas` whose sink the request was submitted with), cancellation, and the metrics it records when it ends.
+    Times are the server's monotonic clock, from the HTTP request's arrival (image decoding included)."""
+
+    def __init__(self, request, deltas: LoopDeltas, arrival: float, metrics: ServerMetrics):
         self.request, self.arrival, self.metrics = request, arrival, metrics
-        self._iterator = iter(request)
+        self._deltas = deltas
         self.first_token: float | None = None
         self.done = False
         self.text = ""
@@ -35,19 +54,18 @@ class Generation:
             outcome.generation = self
 
     async def next_delta(self):
-        """The next piece of the answer, or `END`. Raises the request's error (InputError, LimitError, ...)."""
+        """The next piece of the answer, or `END`. Raises the request's error (InputError, LimitError, ...); a
+        CancelledError here (the client left) leaves the request to `cancel`."""
         if self.done:
             return END
-        try:
-            delta = await run_in_threadpool(next, self._iterator, END)
-        except Exception as error:  # the request failed (ended); a CancelledError here is the client leaving
-            self.done, self.error = True, error
-            self._ended(time.monotonic())
-            raise
+        delta = await self._deltas.get()
         now = time.monotonic()
-        if delta is END:
+        if delta is END_OF_ANSWER:
             self.done = True
+            self.error = getattr(self.request, "error", None)
             self._ended(now)
+            if self.error is not None:
+                raise self.error
             return END
         if self.first_token is None:
             self.first_token = now

@@ -275,17 +275,17 @@ def test_a_failure_mid_stream_sends_an_error_object_then_done(engine):
 
     from gmaivl_rt.engine.sequence import Request
     from gmaivl_rt.errors import LimitError
-    from gmaivl_rt.server.generation import Generation
+    from gmaivl_rt.server.generation import Generation, LoopDeltas
     from gmaivl_rt.server.metrics import ServerMetrics
     from gmaivl_rt.server.sse import sse_events
 
-    request = Request(engine, -1)
-    request._push("Hello")
-    request._push(" wor")
-    request._finish("error", LimitError("image 1: went over a limit"))
-    generation = Generation(request, time.monotonic(), ServerMetrics(engine))
-
     async def events():
+        deltas = LoopDeltas()
+        request = Request(engine, -1, sink=deltas.sink)
+        request._push("Hello")
+        request._push(" wor")
+        request._finish("error", LimitError("image 1: went over a limit"))
+        generation = Generation(request, deltas, time.monotonic(), ServerMetrics(engine))
         first = await generation.next_delta()
         return [e async for e in sse_events(generation, first, "chatcmpl-1", MODEL, include_usage=True)]
 
