@@ -9,6 +9,8 @@
     onnx/embed_tokens.onnx, onnx/vision_encoder.onnx, onnx/decoder_model_merged.onnx, and per `--quantize` variant
     the same three with transformers.js' suffix (_quantized, _q4, _q4f16)
     quantization_report.json   sizes and agreement of each variant with the fp32 torch model (when quantized)
+    onnx/F.onnx_data, F.onnx_data_1, ...  a graph's weights when they pass protobuf's 2 GB limit (listed per file in
+                               config.json's use_external_data_format, as transformers.js reads them)
 
 The graphs are `export onnx`'s (one export path); the decoder's `logits_indices` input becomes transformers.js'
 `num_logits_to_keep` (a scalar: 0 = every position, k = the last k; generation passes 1) by a few ONNX nodes in
