@@ -28,6 +28,9 @@ def paged_decode_attention(q, k_pool, v_pool, block_tables, cache_seqlens, *, so
                          f"{tuple(k_pool.shape)}/{tuple(v_pool.shape)} (num_blocks, block_size, Hkv, D) and "
                          f"block_tables {tuple(block_tables.shape)} (B, max_blocks)")
     if use_triton(q, k_pool, v_pool):
+        if torch.compiler.is_compiling():  # the registered op: torch.compile keeps the kernel, traces around it
+            return torch.ops.gmaivl.paged_decode_attention(q, k_pool, v_pool, block_tables, cache_seqlens,
+                                                           softmax_scale)
         return _paged_decode_attention_triton(q, k_pool, v_pool, block_tables, cache_seqlens, softmax_scale)
     return paged_decode_attention_reference(q, k_pool, v_pool, block_tables, cache_seqlens,
                                             softmax_scale=softmax_scale)
@@ -110,6 +113,32 @@ def _paged_decode_attention_triton(q, k_pool, v_pool, block_tables, cache_seqlen
                                (tables, seqlens), (*k_pool.stride()[:3], *v_pool.stride()[:3], tables.stride(0)),
                                num_kv_heads, splits, softmax_scale,
                                BLOCK_SIZE=block_size)
+
+
+@torch.library.custom_op("gmaivl::paged_decode_attention", mutates_args=())
+def _paged_decode_attention_op(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                               block_tables: torch.Tensor, cache_seqlens: torch.Tensor,
+                               softmax_scale: float | None) -> torch.Tensor:
+    """The Triton kernels as a torch.library op, for compiled graphs."""
+    return _paged_decode_attention_triton(q, k_pool, v_pool, block_tables, cache_seqlens, softmax_scale)
+
+
+@_paged_decode_attention_op.register_fake
+def _(q, k_pool, v_pool, block_tables, cache_seqlens, softmax_scale):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("gmaivl::store_kv", mutates_args=("pool",))
+def store_kv(pool: torch.Tensor, index: torch.Tensor, kv: torch.Tensor) -> None:
+    """pool: (num_blocks, block_size, Hkv, D); index: (T,) int64 slots in the pool seen as (blocks * block_size,
+    Hkv, D); kv: (T, Hkv, D). Writes kv there, in place. An op of its own so a compiled graph writes the few new
+    rows in place instead of copying the whole pool."""
+    pool.view(-1, *pool.shape[2:]).index_copy_(0, index, kv.to(pool.dtype))
+
+
+@store_kv.register_fake
+def _(pool, index, kv):
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -20,6 +20,8 @@ from ._spec import KernelSpec, Roofline
 def rms_norm(x, weight, eps=1e-6):
     """x: (..., H) any float dtype; weight: (H,). Returns x's shape, in x's dtype promoted with weight's."""
     if use_triton(x, weight):
+        if torch.compiler.is_compiling():  # the registered op: torch.compile keeps the kernel, traces around it
+            return torch.ops.gmaivl.rms_norm(x, weight, float(eps))
         return _rms_norm_triton(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
 
@@ -114,6 +116,17 @@ def _rms_norm_triton(x, weight, eps):
         raise ValueError(f"rms_norm: weight has shape {tuple(weight.shape)} but x has shape {tuple(x.shape)}; "
                          f"weight must be (H,) with H = x.shape[-1]")
     return _RMSNormFunction.apply(x, weight.contiguous(), float(eps))
+
+
+@torch.library.custom_op("gmaivl::rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The Triton forward as a torch.library op (inference: no autograd), for compiled graphs."""
+    return _rms_norm_triton(x, weight, eps)
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
 
 
 # Hidden sizes the report compiles for: InternLM2.5-7B (GMAI-VL's LLM) is the default.

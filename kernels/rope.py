@@ -30,6 +30,8 @@ def rope_cos_sin(position_ids, head_dim, theta=10000.0, dtype=torch.float32):
 def apply_rope(q, k, cos, sin):
     """q: (..., Hq, D), k: (..., Hkv, D); cos, sin: (..., D) broadcast over heads. Returns (q, k) rotated."""
     if use_triton(q, k):
+        if torch.compiler.is_compiling():  # the registered op: torch.compile keeps the kernel, traces around it
+            return torch.ops.gmaivl.apply_rope(q, k, cos, sin)
         return _apply_rope_triton(q, k, cos, sin)
     return apply_rope_reference(q, k, cos, sin)
 
@@ -160,6 +162,19 @@ def _apply_rope_triton(q, k, cos, sin):
             raise ValueError(f"apply_rope: {name} has shape {tuple(t.shape)}; expected {lead + (head_dim,)} "
                              f"(q's leading dims then head_dim, size-1 dims broadcast)")
     return _RoPEFunction.apply(q, k, cos, sin)
+
+
+@torch.library.custom_op("gmaivl::apply_rope", mutates_args=())
+def _apply_rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                                     torch.Tensor]:
+    """The Triton forward as a torch.library op (inference: no autograd), for compiled graphs."""
+    rq, rk = _apply_rope_triton(q, k, cos, sin)
+    return rq.clone() if rq is q else rq, rk.clone() if rk is k else rk
+
+
+@_apply_rope_op.register_fake
+def _(q, k, cos, sin):
+    return torch.empty_like(q), torch.empty_like(k)
 
 
 # (query heads, key/value heads, head_dim) the report compiles for: InternLM2.5-7B (GQA 32/8, 128) is the default.

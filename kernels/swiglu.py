@@ -21,6 +21,8 @@ from ._spec import KernelSpec, Roofline
 def swiglu(gate, up):
     """gate, up: (..., I), same shape and dtype. Returns silu(gate) * up."""
     if use_triton(gate, up):
+        if torch.compiler.is_compiling():  # the registered op: torch.compile keeps the kernel, traces around it
+            return torch.ops.gmaivl.swiglu(gate, up)
         return _swiglu_triton(gate, up)
     return swiglu_reference(gate, up)
 
@@ -91,6 +93,17 @@ def _swiglu_triton(gate, up):
         raise ValueError(f"swiglu: gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} "
                          f"must have the same shape and dtype")
     return _SwiGLUFunction.apply(gate, up)
+
+
+@torch.library.custom_op("gmaivl::swiglu", mutates_args=())
+def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The Triton forward as a torch.library op (inference: no autograd), for compiled graphs."""
+    return _swiglu_triton(gate, up)
+
+
+@_swiglu_op.register_fake
+def _(gate, up):
+    return torch.empty_like(gate)
 
 
 def report_specs() -> list[KernelSpec]:

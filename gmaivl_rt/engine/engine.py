@@ -48,11 +48,15 @@ class Engine:
     model_dir: a model folder (torch) or an exported folder (onnx / tensorrt); backend: "torch" | "onnx" |
     "tensorrt"; max_batch_size: requests decoded together; kv_cache_tokens: KV pool size in tokens (default:
     max_batch_size x 1024, at most the model's context per request); block_size: tokens per KV block;
-    workers: threads that read images and build prompts; backend_kwargs go to `gmaivl_rt.load` (dtype, device,
-    providers, ...)."""
+    workers: threads that read images and build prompts; compile (torch backend): run decode steps through
+    torch.compile, warmed up for bucketed batch sizes (compile_buckets, default powers of two up to max_batch_size)
+    as the engine starts (requests submitted meanwhile wait); None reads GMAIVL_COMPILE (default: on for CUDA, off
+    on the CPU); a compile failure falls back to eager with one warning naming the cause
+    (gmaivl_rt/engine/compiled_decode.py); backend_kwargs go to `gmaivl_rt.load` (dtype, device, providers, ...)."""
 
     def __init__(self, model_dir, backend: str = "torch", max_batch_size: int = 16, kv_cache_tokens: int | None = None,
-                 *, block_size: int = 16, workers: int = 2, **backend_kwargs):
+                 *, block_size: int = 16, workers: int = 2, compile: bool | None = None,
+                 compile_buckets: list[int] | None = None, **backend_kwargs):
         if max_batch_size < 1 or block_size < 1:
             raise ValueError(f"max_batch_size ({max_batch_size}) and block_size ({block_size}) must be >= 1")
         self.backend = load(model_dir, backend=backend, **backend_kwargs)
@@ -62,7 +66,12 @@ class Engine:
         if backend == "torch":
             from gmaivl_rt.engine.torch_runner import TorchRunner
 
-            self.runner = TorchRunner(self.backend.model, block_size, kv_cache_tokens, max_batch_size)
+            from gmaivl_rt.engine.compiled_decode import compile_wanted
+
+            model = self.backend.model
+            self.runner = TorchRunner(model, block_size, kv_cache_tokens, max_batch_size,
+                                      compile=compile_wanted(compile, model.lm_head.weight.device),
+                                      compile_buckets=compile_buckets)
             self.scheduler = Scheduler(max_batch_size, self.runner.block_pool, self.tokenizer,
                                        self.runner.block_pool.blocks_for(self.backend.config.text.context_length))
         else:
@@ -178,6 +187,9 @@ class Engine:
 
     # ------------------------------------------------------------------ scheduler thread
     def _loop(self):
+        compiled = getattr(self.runner, "compiled", None)
+        if compiled is not None:  # before the first step: submitted requests wait in the queue meanwhile
+            compiled.warm_up()
         while True:
             with self._cv:
                 while not self.scheduler.has_work and not (self._closed and not self._preparing):

@@ -10,11 +10,24 @@ business, through the cache's `BlockPool` (gmaivl_rt/engine/block_pool.py).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from gmaivl_rt.engine.block_pool import BlockPool
 from gmaivl_rt.model import ops
 from gmaivl_rt.model.modeling import attend_after_prefix
+
+
+@dataclass
+class DecodeRows:
+    """What a forward in which every row feeds one token needs from the cache, as tensors only (the compiled decode
+    step, gmaivl_rt/engine/compiled_decode.py, passes it where the eager model passes its TokenBatch): block_tables
+    (B, W) int32; seqlens_after (B,) int32, positions each row holds once its new token is stored; store_index (B,)
+    int64, where each row's new key/value goes in a layer's pool seen as (blocks * block_size, Hkv, D)."""
+    block_tables: torch.Tensor
+    seqlens_after: torch.Tensor
+    store_index: torch.Tensor
 
 
 class PagedKVCache:
@@ -23,7 +36,10 @@ class PagedKVCache:
 
     def __init__(self, cfg, num_blocks: int, block_size: int, dtype, device):
         t = cfg.text
-        shape = (num_blocks, block_size, t.num_kv_heads, t.head_dim)
+        # one block more than the pool hands out: its first slot, `scratch_slot`, takes the keys/values of the
+        # compiled step's padding rows, which no sequence ever reads
+        shape = (num_blocks + 1, block_size, t.num_kv_heads, t.head_dim)
+        self.scratch_slot = num_blocks * block_size
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(t.num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(t.num_layers)]
         self.pool = BlockPool(num_blocks, block_size)
@@ -62,6 +78,10 @@ class PagedKVCache:
         keys: varlen attention for fresh prompts, the paged decode kernel for single tokens, and a gather for
         several tokens after a cached prefix."""
         keys, values = self.keys[layer], self.values[layer]
+        if isinstance(batch, DecodeRows):  # the compiled decode step: one token per row, tensors only
+            ops.store_kv(keys, batch.store_index, k)
+            ops.store_kv(values, batch.store_index, v)
+            return ops.paged_decode_attention(q, keys, values, batch.block_tables, batch.seqlens_after)
         index = self._token_index(batch)
         keys.view(-1, *keys.shape[2:]).index_copy_(0, index, k.to(keys.dtype))
         values.view(-1, *values.shape[2:]).index_copy_(0, index, v.to(values.dtype))

@@ -19,11 +19,14 @@ from gmaivl_rt.runtime.batching import pixel_batch
 class TorchRunner:
     """model: a GMAIVL (its weights' device and dtype are the runner's); block_size: tokens per KV block;
     kv_cache_tokens: the KV pool's size in tokens (None: max_batch_size x 1024, at most the model's context per
-    request)."""
+    request); compile: run batches of one new token per row through the compiled decode step
+    (gmaivl_rt/engine/compiled_decode.py), for compile_buckets batch sizes (default: powers of two up to
+    max_batch_size)."""
 
     FEATURE_CACHE_IMAGES = 32  # projected features of recent images kept for follow-up questions
 
-    def __init__(self, model, block_size: int, kv_cache_tokens: int | None, max_batch_size: int):
+    def __init__(self, model, block_size: int, kv_cache_tokens: int | None, max_batch_size: int,
+                 compile: bool = False, compile_buckets: list[int] | None = None):
         self.model, self.config = model, model.config
         weight = model.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
@@ -34,6 +37,11 @@ class TorchRunner:
             raise ValueError(f"kv_cache_tokens must be >= 1, got {kv_cache_tokens}")
         self.cache = PagedKVCache(self.config, num_blocks, block_size, self.dtype, self.device)
         self._features = OrderedDict()  # image key -> projected features (tokens, hidden), least recent first
+        self.compiled = None  # the compiled decode step (gmaivl_rt/engine/compiled_decode.py) where asked for
+        if compile:
+            from gmaivl_rt.engine.compiled_decode import CompiledDecode, buckets_for
+
+            self.compiled = CompiledDecode(model, self.cache, compile_buckets or buckets_for(max_batch_size))
 
     @property
     def block_pool(self):
@@ -61,13 +69,27 @@ class TorchRunner:
                 slots = torch.zeros(len(rows), width, dtype=torch.bool) if slots is None else slots
                 for start, end in seq.image_spans:
                     slots[r, max(0, start - seq.cached):max(0, end - seq.cached)] = True
+        tables = batch.block_tables if batch.block_tables is not None else [seq.blocks for seq in rows]
+        if width == 1 and slots is None and self.compiled is not None and torch.is_tensor(tables):
+            logits = self._run_compiled(input_ids[:, 0], [seq.cached for seq in rows], tables)
+            if logits is not None:
+                return logits
         if slots is None:
             slots = torch.zeros(len(rows), width, dtype=torch.bool)
         features = self._image_features(rows)
-        tables = batch.block_tables if batch.block_tables is not None else [seq.blocks for seq in rows]
         self.cache.bind(tables, [seq.cached for seq in rows])
         return self.model.last_logits(input_ids.to(self.device), None, mask.to(self.device), self.cache,
                                       image_features=features, image_slots=slots.to(self.device))
+
+    def _run_compiled(self, ids, cached: list, tables):
+        """A batch of one new token per row through the compiled decode step: (rows, vocab) fp32 logits, or None
+        (run it eagerly)."""
+        device, block_size = self.device, self.cache.block_size
+        positions = torch.tensor(cached, dtype=torch.int64, device=device)
+        tables = tables.to(device)
+        blocks = tables.gather(1, (positions // block_size)[:, None])[:, 0].long()
+        return self.compiled.run(ids.to(device), positions, tables, (positions + 1).to(torch.int32),
+                                 blocks * block_size + positions % block_size)
 
     @staticmethod
     def _images_to_feed(seq) -> list:

@@ -6,7 +6,8 @@ from gmaivl_rt.kernels._dispatch import interpreting, kernel_mode, kernels, trit
 from gmaivl_rt.kernels.attention import attention, attention_reference
 from gmaivl_rt.kernels.decode_attention import decode_attention, decode_attention_reference
 from gmaivl_rt.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
-from gmaivl_rt.kernels.paged_decode_attention import paged_decode_attention, paged_decode_attention_reference
+from gmaivl_rt.kernels.paged_decode_attention import (paged_decode_attention, paged_decode_attention_reference,
+                                                      store_kv)
 from gmaivl_rt.kernels.layer_norm import layer_norm, layer_norm_reference
 from gmaivl_rt.kernels.patch_embed import interpolate_position_embedding, patch_embed, patch_embed_reference
 from gmaivl_rt.kernels.projector import fused_linear, fused_linear_reference, mlp2x_gelu
@@ -20,5 +21,5 @@ __all__ = [
     "patch_embed", "patch_embed_reference", "interpolate_position_embedding", "fused_linear",
     "fused_linear_reference", "mlp2x_gelu", "rms_norm", "rms_norm_reference", "apply_rope", "apply_rope_reference",
     "rope_cos_sin", "swiglu", "swiglu_reference", "interpreting", "kernel_mode", "kernels", "triton_available",
-    "use_triton", "paged_decode_attention", "paged_decode_attention_reference",
+    "use_triton", "paged_decode_attention", "paged_decode_attention_reference", "store_kv",
 ]

@@ -1,0 +1,121 @@
+"""The torch runner's compiled decode step: a batch in which every row feeds one token (the steady state of serving)
+runs through `torch.compile` (Inductor: C++ on CPU, Triton on CUDA) instead of the eager model.
+
+What is compiled is the model's own decoder, unchanged (`GMAIVL.language_model` layers, final norm, `lm_head`): the
+rows' tokens are embedded, their rotary cos/sin computed (eagerly, outside), and the layers run over a
+`PagedKVCache` that stores each token's key/value and attends through the paged decode op. The cache is given
+`DecodeRows`, tensors only, so nothing in the graph depends on Python lists that change every step. Batch sizes are
+bucketed (rows padded to the next bucket; a padding row writes into the cache's scratch slot and reads one
+position), and the block-table width is a dynamic dimension, so a few graphs serve every step.
+
+On by default for CUDA models, off on the CPU; `GMAIVL_COMPILE=1|0` or `Engine(compile=True|False)` decides. The eager path stays the
+reference: the compiled step is tested against it (greedy tokens equal, logits within fp32 reordering)."""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+import torch
+
+from gmaivl_rt.engine.paged_cache import DecodeRows
+from gmaivl_rt.model import ops
+
+log = logging.getLogger("gmaivl_rt.engine")
+
+COMPILE_ENV = "GMAIVL_COMPILE"
+
+
+def compile_wanted(option: bool | None, device) -> bool:
+    """The engine's compile switch: the option when given, else GMAIVL_COMPILE (1/true/on/yes, 0/false/off/no),
+    else on for a CUDA model and off on the CPU (on 2 shared CPU cores, warming up five buckets took minutes and
+    the compiled step was not faster: docs/engine.md)."""
+    if option is not None:
+        return bool(option)
+    value = os.environ.get(COMPILE_ENV, "").strip().lower()
+    if value in ("0", "false", "off", "no"):
+        return False
+    return value in ("1", "true", "on", "yes") or torch.device(device).type == "cuda"
+
+
+def buckets_for(max_batch_size: int) -> list[int]:
+    """Batch sizes a graph is compiled for: powers of two below max_batch_size, and max_batch_size."""
+    sizes, size = [], 1
+    while size < max_batch_size:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, max_batch_size]
+
+
+class CompiledDecode:
+    """model: a GMAIVL; cache: the runner's PagedKVCache; buckets: batch sizes to compile (each warmed up by
+    `warm_up`); backend: torch.compile's (Inductor by default). `run(...)` returns (rows, vocab) fp32 logits, or None once compiling has failed (the runner then
+    runs eagerly; the failure was warned about once, naming its cause)."""
+
+    BACKEND = "inductor"
+
+    def __init__(self, model, cache, buckets: list[int]):
+        self.model, self.cache, self.buckets = model, cache, sorted(buckets)
+        self.failed: str | None = None
+        self._step = torch.compile(self._forward, dynamic=False, backend=type(self).BACKEND)
+
+    def _forward(self, ids, cos, sin, rows: DecodeRows):
+        lm = self.model.language_model
+        hidden = lm.embed_tokens(ids)
+        for layer in lm.layers:
+            hidden = layer(hidden, cos, sin, rows, self.cache)
+        return self.model.lm_head(lm.norm(hidden)).float()
+
+    def bucket(self, rows: int) -> int | None:
+        """The smallest bucket holding `rows` rows, or None (more rows than the largest bucket)."""
+        return next((b for b in self.buckets if b >= rows), None)
+
+    @torch.no_grad()
+    def run(self, ids, positions, block_tables, seqlens_after, store_index):
+        """ids, positions: (B,) int64, the rows' new tokens and their positions; block_tables: (B, W) int32;
+        seqlens_after: (B,) int32; store_index: (B,) int64 (see DecodeRows). Returns (B, vocab) fp32 logits, or
+        None when this step is to run eagerly (compiling failed, or B is over the largest bucket)."""
+        rows = ids.shape[0]
+        size = self.bucket(rows)
+        if self.failed is not None or size is None:
+            return None
+        pad = size - rows
+        width = max(2, block_tables.shape[1])  # a width of 1 would be specialised: one more graph for nothing
+        tables = torch.zeros(size, width, dtype=torch.int32, device=block_tables.device)
+        tables[:rows, :block_tables.shape[1]] = block_tables
+        if pad:  # padding rows: token 0 at position 0, stored in the scratch slot, attending to that one position
+            ids = torch.cat([ids, ids.new_zeros(pad)])
+            positions = torch.cat([positions, positions.new_zeros(pad)])
+            seqlens_after = torch.cat([seqlens_after, seqlens_after.new_ones(pad)])
+            store_index = torch.cat([store_index, store_index.new_full((pad,), self.cache.scratch_slot)])
+        torch._dynamo.mark_dynamic(tables, 1)
+        lm = self.model.language_model
+        cos, sin = ops.rope_cos_sin(positions, lm.cfg.head_dim, lm.rope_theta(int(positions.max())),
+                                    dtype=lm.embed_tokens.weight.dtype)
+        try:
+            logits = self._step(ids, cos, sin, DecodeRows(tables, seqlens_after, store_index))
+        except Exception as error:  # a compiler missing or an op it cannot compile: eager from now on
+            self._fail(error)
+            return None
+        return logits[:rows]
+
+    def warm_up(self) -> None:
+        """Compile every bucket now (the engine does it before serving: a request arriving meanwhile waits)."""
+        device = self.cache.device
+        for size in self.buckets:
+            if self.failed is not None:
+                return
+            self.run(torch.zeros(size, dtype=torch.int64, device=device),
+                     torch.zeros(size, dtype=torch.int64, device=device),
+                     torch.zeros(size, 2, dtype=torch.int32, device=device),
+                     torch.ones(size, dtype=torch.int32, device=device),
+                     torch.full((size,), self.cache.scratch_slot, dtype=torch.int64, device=device))
+
+    def _fail(self, error: BaseException) -> None:
+        while getattr(error, "inner_exception", None) or error.__cause__:  # torch.compile wraps the real cause
+            error = getattr(error, "inner_exception", None) or error.__cause__
+        text = str(error).strip()
+        cause = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+        self.failed = cause
+        warnings.warn(f"the engine's compiled decode step is off, decoding runs eagerly: torch.compile failed "
+                      f"({cause}); set {COMPILE_ENV}=0 to skip compiling", RuntimeWarning, stacklevel=2)
+        log.warning("compiled decode step off, running eagerly: %s", cause)
