@@ -98,7 +98,8 @@ def test_engine_throughput_vs_sequential_ask_and_padded_batch(benchmark, model_d
                                 load_average_after=load_after)
 
     def span(values, fmt="{:.0f}"):
-        return f"{fmt.format(min(values))}-{fmt.format(max(values))}"
+        return (f"{fmt.format(min(values))}-{fmt.format(max(values))} "
+                f"(median {fmt.format(statistics.median(values))})")
 
     print(f"\nthroughput over {ROUNDS} interleaved rounds (16 requests x {NEW_TOKENS} tokens; load average "
           f"{load_before[0]:.1f} before, {load_after[0]:.1f} after): "
