@@ -48,6 +48,20 @@ def read_image_url(url: str, *, role: str, max_bytes: int, allowed_local_media_p
                      "server's allowed local media path")
 
 
+def data_uri_head(url: str, head_bytes: int) -> bytes | None:
+    """The first `head_bytes` bytes (or all, if fewer) of a base64 data URI, decoded from its first characters alone
+    (so an image's header can be read without decoding the rest); None for any other URL, or one whose start is
+    not plain base64 (`read_image_url` then reads it whole and says what is wrong)."""
+    head = _DATA_URI.match(url, 0, 512) if url.startswith("data:") else None
+    if head is None or not head.group("b64"):
+        return None
+    try:
+        chars = url[head.end():head.end() + (head_bytes + 2) // 3 * 4]  # whole base64 quanta
+        return base64.b64decode(chars, validate=True)[:head_bytes] or None
+    except (binascii.Error, ValueError):
+        return None
+
+
 def _read_data_uri(url: str, role: str, max_bytes: int) -> bytes:
     head = _DATA_URI.match(url, 0, 512)
     if head is None:

@@ -248,3 +248,106 @@ def test_page_files_and_health_answer_while_the_decode_pool_and_the_thread_pool_
     assert served["/static/style.css"].headers["content-type"].startswith("text/css")
     assert "gmaivl:image_decode_requests 2.0" in served["/metrics"].text
     assert [r.status_code for r in answers] == [200, 200]
+
+
+def _sample_images() -> dict:
+    """Images of every reader, as bytes: PNG (16-bit grey, 8-bit RGB), a JPEG whose ICC profile pushes its header
+    past HEAD_BYTES (a large ICC profile), a TIFF, DICOMs (pydicom's CT, MR and a multi-frame colour one), NIfTI
+    plain and gzipped."""
+    import gzip
+
+    import nibabel as nib
+    from pydicom.data import get_testdata_file
+
+    from gmaivl_rt.server.boundary import HEAD_BYTES
+
+    def saved(array, fmt, **kwargs):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format=fmt, **kwargs)
+        return buffer.getvalue()
+
+    rgb = (np.arange(120 * 90 * 3).reshape(120, 90, 3) % 251).astype(np.uint8)
+    icc = bytes(range(256)) * (HEAD_BYTES // 256 + 8)  # stored in APP2 segments before the frame header
+    volume = nib.Nifti1Image(np.arange(20 * 18 * 6, dtype=np.int16).reshape(20, 18, 6), np.eye(4))
+    nifti = volume.to_bytes()
+    return {"png16": png16(300, 200), "png rgb": saved(rgb, "PNG"), "jpeg big icc": saved(rgb, "JPEG", icc_profile=icc),
+            "tiff": saved(rgb, "TIFF"), "ct dicom": open(get_testdata_file("CT_small.dcm"), "rb").read(),
+            "mr dicom": open(get_testdata_file("MR_small.dcm"), "rb").read(),
+            "colour dicom": open(get_testdata_file("examples_ybr_color.dcm"), "rb").read(),
+            "nifti": nifti, "nifti gz": gzip.compress(nifti)}
+
+
+def test_the_head_gives_the_whole_files_count_or_none():
+    """`head_pixels` reads only an inline image's first HEAD_BYTES bytes; so that a refusal from it is the refusal
+    the whole file would get, every header cut short must give no count (the readers raise on it) and a head holding
+    the whole header the whole file's count. Checked for each reader's format at cuts from 8 bytes to the whole file,
+    against `decoded_pixels` of the whole file and, for the pictures, Pillow's / pydicom's own sizes.
+    Mutant: `head_pixels` counting a head the reader refused as 0 pixels (not None): failed (a count of 0)."""
+    import pydicom
+
+    from gmaivl_rt.medical.convert import decoded_pixels
+    from gmaivl_rt.server import boundary
+    from gmaivl_rt.server.media import data_uri_head
+
+    for name, data in _sample_images().items():
+        whole = decoded_pixels(io.BytesIO(data))
+        if name.startswith(("png", "jpeg", "tiff")):
+            picture = Image.open(io.BytesIO(data))
+            assert whole == picture.size[0] * picture.size[1] * (1 if picture.mode in ("L", "I;16") else 3), name
+        elif "dicom" in name:
+            ds = pydicom.dcmread(io.BytesIO(data))
+            assert whole == ds.Rows * ds.Columns * int(ds.SamplesPerPixel), name
+        counts = {}
+        for cut in sorted({8, 16, 40, 200, 1000, 3000, 10000, 40000, len(data) - 1, len(data)}):
+            if 0 < cut <= len(data):
+                url = data_uri(data[:cut], "application/octet-stream")
+                counts[cut] = boundary.head_pixels(url, "image 1", boundary.Limits())
+                assert data_uri_head(url, boundary.HEAD_BYTES) == data[:cut][:boundary.HEAD_BYTES]
+        assert set(counts.values()) <= {None, whole}, (name, counts)
+        whole_url = data_uri(data, "application/octet-stream")
+        head = boundary.head_pixels(whole_url, "image 1", boundary.Limits())
+        if name == "jpeg big icc":  # its header ends past the head: read whole
+            assert head is None and len(data) > boundary.HEAD_BYTES
+        elif name != "tiff":  # Pillow may read a TIFF's directory from past the head, or not: either is right
+            assert head == whole, name
+
+
+def test_a_request_over_its_budget_is_refused_without_reading_its_images_whole(serving_engine, serve,
+                                                                               monkeypatch, tmp_path):
+    """Three 300x200 16-bit PNGs against a per-request budget of two: 413 at image 3, and no image's base64 was
+    decoded whole (`read_image_url` never called: each header came from its head); admitted under a larger budget,
+    all three are read whole and answered. With an audit log, the refused request's images are still all read and
+    digested (the log records what was sent).
+    Mutant: the head check left out of `receive_images`: images 1 and 2 read whole before the refusal (2 calls)."""
+    from gmaivl_rt.server import boundary
+
+    reads = []
+    real = boundary.read_image_url
+
+    def counting(url, **kwargs):
+        reads.append(kwargs["role"])
+        return real(url, **kwargs)
+
+    monkeypatch.setattr(boundary, "read_image_url", counting)
+    picture = png16(300, 200)
+    tight = DecodeBudget(max_request_pixels=2 * 300 * 200)
+    with serve(create_app(serving_engine, served_model_name=MODEL, decode_budget=tight)) as server:
+        refused = post(server, chat_body(picture, picture, picture))
+        refused_reads, reads[:] = list(reads), []
+    audit = tmp_path / "audit.jsonl"
+    with serve(create_app(serving_engine, served_model_name=MODEL, decode_budget=tight, audit_log=audit)) as server:
+        audited = post(server, chat_body(picture, picture, picture))
+        audited_reads, reads[:] = list(reads), []
+    with serve(create_app(serving_engine, served_model_name=MODEL)) as server:
+        admitted = post(server, chat_body(picture, picture, picture))
+    assert refused.status_code == 413, refused.text
+    assert f"images 1 to 3 decode to {3 * 300 * 200} pixel values" in refused.json()["error"]["message"]
+    assert refused_reads == []
+    assert audited.status_code == 413 and audited_reads == ["image 1", "image 2", "image 3"]
+    import hashlib
+    import json
+
+    logged = json.loads(audit.read_text().splitlines()[-1])
+    assert logged["image_sha256"] == [hashlib.sha256(picture).hexdigest()] * 3
+    assert admitted.status_code == 200, admitted.text
+    assert reads == ["image 1", "image 2", "image 3"]
