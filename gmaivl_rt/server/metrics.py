@@ -140,8 +140,11 @@ class RequestOutcome:
         self.request_id: str | None = None
         self.image_count = 0
         self.image_digests: list[str] = []
+        self.stopped = False  # ended by the server's shutdown (`middleware.InternalErrors` answered it)
 
     def result(self, raised: bool = False) -> str:
+        if self.stopped:
+            return "cancelled"
         if raised or (self.status is not None and self.status >= 500):
             return "server_error"
         if self.status is not None and self.status >= 400:

@@ -2,13 +2,16 @@
 Host header check, the last-resort error answer, the request body size limit and the bearer token check."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import traceback
 
 from fastapi import HTTPException
 
-from gmaivl_rt.server.http_errors import error_response
+from gmaivl_rt.server.http_errors import error_body, error_response
+from gmaivl_rt.server.metrics import current_outcome
+from gmaivl_rt.server.sse import DONE, event
 
 log = logging.getLogger("gmaivl_rt.server")
 
@@ -77,10 +80,18 @@ def code_location(error: BaseException) -> str:
     return f"{last.filename.rsplit('/', 1)[-1]}:{last.lineno} in {last.name}"
 
 
+SHUTTING_DOWN = "the server is shutting down; retry later"
+
+
 class InternalErrors:
     """The last resort: an exception no handler took becomes a 500 JSON answer and one log line naming its type and
     code location, never its message or a traceback (both may quote a file name or input). It is not re-raised,
-    so the connection stays usable for the client's next request."""
+    so the connection stays usable for the client's next request.
+
+    A request still running when the server stops (uvicorn cancels it once its graceful period is over; its engine
+    request is cancelled on the way out) is answered 503, or, for a stream already under way, ends with a 503
+    error event and `[DONE]`, as a failure mid-stream does; it is counted `cancelled`, and nothing is logged as an
+    error (uvicorn would log the cancellation with a traceback, and answer 500)."""
 
     def __init__(self, app):
         self.app = app
@@ -88,11 +99,16 @@ class InternalErrors:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started = False
+        started = finished = streaming = False
 
         async def tracking_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
+            nonlocal started, finished, streaming
+            if message["type"] == "http.response.start":
+                started = True
+                headers = {name.lower(): value for name, value in message.get("headers", ())}
+                streaming = headers.get(b"content-type", b"").startswith(b"text/event-stream")
+            elif message["type"] == "http.response.body":
+                finished = not message.get("more_body", False)
             await send(message)
 
         try:
@@ -101,6 +117,15 @@ class InternalErrors:
             log.error("internal error: %s at %s", type(error).__name__, code_location(error))
             if not started:
                 await error_response(500, "internal server error")(scope, receive, send)
+        except asyncio.CancelledError:  # the server is stopping
+            log.info("request ended by the server's shutdown")
+            if (outcome := current_outcome()) is not None:
+                outcome.stopped = True
+            if not started:
+                await error_response(503, SHUTTING_DOWN)(scope, receive, send)
+            elif not finished:
+                tail = (event(error_body(503, SHUTTING_DOWN)) + DONE).encode() if streaming else b""
+                await send({"type": "http.response.body", "body": tail, "more_body": False})
 
 
 class RequestTooLarge(HTTPException):
