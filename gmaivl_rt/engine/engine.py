@@ -33,7 +33,7 @@ import threading
 
 import torch
 
-from gmaivl_rt.engine.scheduler import Batch, Scheduler
+from gmaivl_rt.engine.scheduler import Batch, Scheduler, check_step_tokens
 from gmaivl_rt.engine.sequence import END_OF_ANSWER, Request, Sequence, fail_request, sequence_from_request
 from gmaivl_rt.errors import InputError
 from gmaivl_rt.model.sampling import TokenLogprob, decode_rows, decode_step
@@ -52,13 +52,17 @@ class Engine:
     torch.compile, warmed up for bucketed batch sizes (compile_buckets, default powers of two up to max_batch_size)
     as the engine starts (requests submitted meanwhile wait); None reads GMAIVL_COMPILE (default: on for CUDA, off
     on the CPU); a compile failure falls back to eager with one warning naming the cause
-    (gmaivl_rt/engine/compiled_decode.py); backend_kwargs go to `gmaivl_rt.load` (dtype, device, providers, ...)."""
+    (gmaivl_rt/engine/compiled_decode.py); max_step_tokens (torch backend): the most tokens one step feeds, at
+    least max_batch_size (None, the default: no budget). Prompts (image tokens included) longer than what is left
+    after the running requests' one decode token each are prefilled in chunks over several steps, so the running
+    requests keep getting a token every step (chunked prefill; docs/engine.md); backend_kwargs go to `gmaivl_rt.load` (dtype, device, providers, ...)."""
 
     def __init__(self, model_dir, backend: str = "torch", max_batch_size: int = 16, kv_cache_tokens: int | None = None,
                  *, block_size: int = 16, workers: int = 2, compile: bool | None = None,
-                 compile_buckets: list[int] | None = None, **backend_kwargs):
+                 compile_buckets: list[int] | None = None, max_step_tokens: int | None = None, **backend_kwargs):
         if max_batch_size < 1 or block_size < 1:
             raise ValueError(f"max_batch_size ({max_batch_size}) and block_size ({block_size}) must be >= 1")
+        check_step_tokens(max_step_tokens, max_batch_size, paged=backend == "torch")  # before loading the model
         self.backend = load(model_dir, backend=backend, **backend_kwargs)
         self.tokenizer = self.backend.tokenizer
         self.max_batch_size = max_batch_size
@@ -73,7 +77,8 @@ class Engine:
                                       compile=compile_wanted(compile, model.lm_head.weight.device),
                                       compile_buckets=compile_buckets)
             self.scheduler = Scheduler(max_batch_size, self.runner.block_pool, self.tokenizer,
-                                       self.runner.block_pool.blocks_for(self.backend.config.text.context_length))
+                                       self.runner.block_pool.blocks_for(self.backend.config.text.context_length),
+                                       max_step_tokens=max_step_tokens)
         else:
             from gmaivl_rt.engine.graph_runner import GraphRunner
 
@@ -289,9 +294,10 @@ class Engine:
             if batch.phase != "mixed" or len(batch) == 1:
                 return [None] * len(batch), {seq: error for seq, active in zip(batch.seqs, batch.active) if active}
         logits, failed = [], {}
-        for seq in batch.seqs:
-            try:
-                logits.append(self.runner.run(Batch([seq], "mixed", [True])))
+        for r, seq in enumerate(batch.seqs):
+            try:  # the row alone, feeding what it fed in the batch (its chunk, when prefilled in chunks)
+                feeds = None if batch.feeds is None else [batch.feeds[r]]
+                logits.append(self.runner.run(Batch([seq], "mixed", [True], feeds=feeds)))
             except Exception as error:
                 logits.append(None)
                 failed[seq] = error

@@ -32,9 +32,11 @@ BLOCK_STATS = ("kv_blocks_used", "kv_blocks_free", "kv_blocks_cached", "kv_block
 @dataclass
 class Batch:
     """What the runner runs next, one row per sequence in `seqs`.
-    phase: "mixed" (paged: each row feeds its uncached tokens, seq.ids[seq.cached:]), "prefill" (a new static
-    batch: each row's whole prompt) or "decode" (the static batch in flight: each active row feeds its last token).
-    active: per row, whether it still runs (static batches keep finished rows, fed padding; their logits unused).
+    phase: "mixed" (paged: each row feeds its uncached tokens, seq.ids[seq.cached:], or with `feeds` the next
+    feeds[row] of them), "prefill" (a new static batch: each row's whole prompt) or "decode" (the static batch in
+    flight: each active row feeds its last token).
+    active: per row, whether its logits are sampled this step: static batches keep finished rows, fed padding;
+    a mixed row whose prompt is still being prefilled in chunks is inactive until its last chunk.
     block_tables: paged, (rows, max blocks) int32 CPU, each row's blocks in order (entries past its last block are
     valid but unused block ids), or None (the runner builds them from seq.blocks)."""
     seqs: list
@@ -42,23 +44,44 @@ class Batch:
     active: list
     block_tables: torch.Tensor | None = None
     slots: torch.Tensor | None = None  # (rows,) int64: each row's row in the scheduler's block table
+    feeds: list | None = None  # mixed, chunked: per row the tokens it feeds this step (None: all its uncached)
 
     def __len__(self) -> int:
         return len(self.seqs)
 
 
+def check_step_tokens(max_step_tokens, max_batch_size: int, paged: bool = True) -> None:
+    """ValueError unless max_step_tokens is None or an integer >= max_batch_size (each running sequence feeds at
+    least one token per step), and only for paged (torch backend) batching: static batches cannot be chunked."""
+    if max_step_tokens is None:
+        return
+    if isinstance(max_step_tokens, bool) or not isinstance(max_step_tokens, int):
+        raise ValueError(f"max_step_tokens must be an integer (tokens one engine step feeds) or None, "
+                         f"got {max_step_tokens!r}")
+    if max_step_tokens < max_batch_size:
+        raise ValueError(f"max_step_tokens ({max_step_tokens}) must be >= max_batch_size ({max_batch_size}): "
+                         f"every running request feeds at least one token per step")
+    if not paged:
+        raise ValueError("max_step_tokens (chunked prefill) needs the torch backend's paged KV cache; the graph "
+                         "backends (onnx, tensorrt) run each static batch's prompts whole")
+
+
 class Scheduler:
     """max_batch_size: sequences run together; pool: the KV block pool (paged batching), or None (static
     batching); tokenizer: decodes the streamed text; max_blocks_per_sequence: the most blocks one sequence can hold
-    (its context; default the whole pool).
+    (its context; default the whole pool); max_step_tokens: paged only, the most tokens one step feeds (chunked
+    prefill; None: no budget, every prompt runs whole in one step), at least max_batch_size (`check_step_tokens`).
 
     Per step the paged scheduler's work follows what changed: the block table (one row per running sequence, a
     slot) is written where a sequence gets blocks, and the batch is made again only when the running set changes;
     an ordinary decode step reuses both (one index into the table)."""
 
     def __init__(self, max_batch_size: int, pool: BlockPool | None, tokenizer,
-                 max_blocks_per_sequence: int | None = None):
+                 max_blocks_per_sequence: int | None = None, max_step_tokens: int | None = None):
+        check_step_tokens(max_step_tokens, max_batch_size, paged=pool is not None)
         self.max_batch_size, self.pool, self.tokenizer = max_batch_size, pool, tokenizer
+        self.max_step_tokens = max_step_tokens
+        self._prefilling: dict = {}  # running sequences with more than one token to run, in admission order
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._running_set: set = set()
@@ -120,16 +143,41 @@ class Scheduler:
                                 slots=torch.tensor([seq.slot for seq in rows], dtype=torch.int64))
         batch = self._batch
         batch.block_tables = self.block_table[batch.slots, :max(len(seq.blocks) for seq in batch.seqs)]
+        if self.max_step_tokens is not None and self._prefilling:
+            return self._chunk(batch)
         return batch
+
+    def _chunk(self, batch: Batch) -> Batch:
+        """The batch within the step's token budget. Every decode row feeds its one token; the prompts being
+        prefilled share the rest first come, first served, each feeding at least one token (so no row waits a
+        step out: the budget is at least max_batch_size). A prompt's chunk may end inside an image's tokens: the
+        runner projects the image once and feeds the slice of its features the chunk covers. A row is sampled
+        (active) only on the step that feeds its prompt's last token."""
+        prefilling = self._prefilling
+        left = self.max_step_tokens - (len(batch) - len(prefilling))
+        uncached = {seq: len(seq.ids) - seq.cached for seq in prefilling}
+        if sum(uncached.values()) <= left:
+            return batch  # everything fits: the plain batch, every prompt whole
+        chunks, later = {}, len(prefilling)
+        for seq, count in uncached.items():
+            later -= 1
+            chunks[seq] = min(count, left - later)  # one token kept for each later prompt
+            left -= chunks[seq]
+        feeds = [chunks.get(seq, 1) for seq in batch.seqs]
+        active = [chunks.get(seq) is None or chunks[seq] == uncached[seq] for seq in batch.seqs]
+        return Batch(batch.seqs, "mixed", active, batch.block_tables, batch.slots, feeds)
 
     def _set_running(self, seq: Sequence, running: bool) -> None:
         """Add a sequence to the running list (at the end) or take it out; the next batch is made again."""
         if running:
             self.running.append(seq)
             self._running_set.add(seq)
+            if len(seq.ids) - seq.cached > 1:
+                self._prefilling[seq] = None
         else:
             self.running.remove(seq)
             self._running_set.discard(seq)
+            self._prefilling.pop(seq, None)
         self._batch = None
 
     def _table_blocks(self, seq: Sequence, start: int) -> None:
@@ -218,11 +266,13 @@ class Scheduler:
         Appends and streams each token, and retires the sequences that are done: an eos ("stop", as
         the decoding step flagged it in seq.eos), a stop string in the text ("stop"), or max_new_tokens
         ("length")."""
-        for seq, token in zip(batch.seqs, tokens):
+        for r, (seq, token) in enumerate(zip(batch.seqs, tokens)):
             if seq not in self._running_set:  # retired during the step (it failed)
                 continue
-            if batch.phase == "mixed":
-                seq.cached = len(seq.ids)  # the runner stored the keys/values of every token it fed
+            if batch.phase == "mixed":  # the runner stored the keys/values of every token it fed
+                seq.cached = len(seq.ids) if batch.feeds is None else seq.cached + batch.feeds[r]
+                if seq.cached >= len(seq.ids):
+                    self._prefilling.pop(seq, None)
             if token is None or seq.cancelled:
                 continue
             try:

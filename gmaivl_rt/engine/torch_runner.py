@@ -54,21 +54,24 @@ class TorchRunner:
 
     @torch.no_grad()
     def run(self, batch) -> torch.Tensor:
-        """One forward over the rows' uncached tokens seq.ids[seq.cached:], each row's blocks (seq.blocks) already
+        """One forward over the rows' uncached tokens seq.ids[seq.cached:] (or the next batch.feeds[row] of them:
+        chunked prefill), each row's blocks (seq.blocks) already
         holding room for them. Returns (rows, vocab) float32 logits at each row's last token."""
         rows = batch.seqs
-        new = [seq.ids[seq.cached:] for seq in rows]
+        # chunked prefill: a row feeds only its next feeds[r] uncached tokens (None: all of them)
+        stops = [len(seq.ids) if batch.feeds is None else seq.cached + batch.feeds[r] for r, seq in enumerate(rows)]
+        new = [seq.ids[seq.cached:stop] for seq, stop in zip(rows, stops)]
         lengths = [len(n) for n in new]
         width = max(lengths)
         # right-padded: the model packs the rows by the mask, so the padding side does not matter here
         input_ids = torch.tensor(new if width == 1 else [n + [0] * (width - len(n)) for n in new], dtype=torch.int64)
         mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).to(torch.int64)
         slots = None  # the prompt's image slots, never generated ids (None: no image token runs in this batch)
-        for r, seq in enumerate(rows):
-            if seq.image_spans and seq.image_spans[-1][1] > seq.cached:
+        for r, (seq, stop) in enumerate(zip(rows, stops)):
+            if seq.image_spans and self._images_to_feed(seq, stop):
                 slots = torch.zeros(len(rows), width, dtype=torch.bool) if slots is None else slots
                 for start, end in seq.image_spans:
-                    slots[r, max(0, start - seq.cached):max(0, end - seq.cached)] = True
+                    slots[r, max(0, start - seq.cached):max(0, min(end, stop) - seq.cached)] = True
         tables = batch.block_tables if batch.block_tables is not None else [seq.blocks for seq in rows]
         if width == 1 and slots is None and self.compiled is not None and torch.is_tensor(tables):
             logits = self._run_compiled(input_ids[:, 0], [seq.cached for seq in rows], tables)
@@ -76,7 +79,7 @@ class TorchRunner:
                 return logits
         if slots is None:
             slots = torch.zeros(len(rows), width, dtype=torch.bool)
-        features = self._image_features(rows)
+        features = self._image_features(rows, stops)
         self.cache.bind(tables, [seq.cached for seq in rows])
         return self.model.last_logits(input_ids.to(self.device), None, mask.to(self.device), self.cache,
                                       image_features=features, image_slots=slots.to(self.device))
@@ -92,18 +95,21 @@ class TorchRunner:
                                  blocks * block_size + positions % block_size)
 
     @staticmethod
-    def _images_to_feed(seq) -> list:
-        """(image index, first uncached feature) of each image with tokens still to run."""
-        return [(i, max(0, seq.cached - start)) for i, (start, end) in enumerate(seq.image_spans) if end > seq.cached]
+    def _images_to_feed(seq, stop: int) -> list:
+        """(image index, first feature, end feature) of each image with tokens in seq.ids[seq.cached:stop]."""
+        return [(i, max(0, seq.cached - start), min(end, stop) - start)
+                for i, (start, end) in enumerate(seq.image_spans) if end > seq.cached and start < stop]
 
-    def _image_features(self, rows):
-        """Projected features of the image tokens the rows run next, (tokens, hidden), in token order, or None.
-        Images not in the feature cache go through the vision tower together, once each."""
-        wanted = [(seq, i, first) for seq in rows for i, first in self._images_to_feed(seq)]
+    def _image_features(self, rows, stops: list):
+        """Projected features of the image tokens the rows run next (up to each row's stop), (tokens, hidden), in
+        token order, or None. Images not in the feature cache go through the vision tower together, once each; a
+        chunk that ends inside an image takes the slice it covers, the next chunk the rest from the same cache
+        (an image evicted meanwhile is projected again: the same features)."""
+        wanted = [(seq, *image) for seq, stop in zip(rows, stops) for image in self._images_to_feed(seq, stop)]
         if not wanted:
             return None
         missing = {}
-        for seq, i, _ in wanted:
+        for seq, i, _, _ in wanted:
             key = seq.image_keys[i]
             if key in self._features:
                 self._features.move_to_end(key)
@@ -117,4 +123,4 @@ class TorchRunner:
                 self._features[key] = features
             while len(self._features) > max(self.FEATURE_CACHE_IMAGES, len(missing)):
                 self._features.popitem(last=False)
-        return torch.cat([self._features[seq.image_keys[i]][first:] for seq, i, first in wanted])
+        return torch.cat([self._features[seq.image_keys[i]][first:end] for seq, i, first, end in wanted])
