@@ -15,6 +15,10 @@ def register(subparsers) -> None:
     add_backend_options(p)
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: folder name)")
     p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--max-step-tokens", type=int, default=None,
+                   help="torch backend: the most tokens one engine step feeds, >= --max-batch-size; longer prompts "
+                        "(image tokens included) are prefilled in chunks so running streams keep their pace "
+                        "(Engine(max_step_tokens=...), docs/engine.md; default: no budget)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints (visible "
                    "in `ps`: prefer --api-key-file or GMAIVL_API_KEY)")
     p.add_argument("--api-key-file", default=None, help="read the API key from this file (its first line)")
@@ -103,6 +107,8 @@ def _serve_cli(args: argparse.Namespace) -> int:
     decode_budget = DecodeBudget(max_request_pixels=args.max_request_pixels, max_server_pixels=args.max_server_pixels,
                                  decode_workers=args.decode_workers)
     engine_kwargs = backend_options(args)
+    if args.max_step_tokens is not None:
+        engine_kwargs["max_step_tokens"] = args.max_step_tokens
     if args.max_images_per_request is not None:
         from gmaivl_rt.limits import Limits
 
