@@ -7,6 +7,7 @@ picture is read by the page and never leaves the browser.
     SITE/index.html, SITE/page.mjs, SITE/site.json      the page and its settings (weights offered, answer length)
     SITE/medical.mjs                                    pictures read as gmaivl_rt reads them (DICOM windowing, ...)
     SITE/lib/dicomParser.min.js                         dicom-parser (npm), for DICOM files
+    SITE/lib/{openjpegwasm,charlswasm}_decode.{js,wasm}  OpenJPEG and CharLS (@cornerstonejs/codec-*): JPEG 2000, JPEG-LS
     SITE/lib/transformers.min.js                        @huggingface/transformers' browser bundle
     SITE/lib/ort-wasm-simd-threaded.asyncify.{mjs,wasm}  the onnxruntime-web build that bundle loads
     SITE/model/                                          the transformers.js folder
@@ -24,6 +25,8 @@ from .quantize import SUFFIXES
 PAGE = Path(__file__).parent / "web"
 PAGE_FILES = ("index.html", "page.mjs", "medical.mjs")
 ORT_WASM = "ort-wasm-simd-threaded.asyncify"  # what transformers.js' bundle picks by default (WebGPU and WASM)
+# the WebAssembly DICOM decoders the page loads (JPEG 2000, JPEG-LS): build name -> npm package
+DICOM_CODECS = {"openjpegwasm": "codec-openjpeg", "charlswasm": "codec-charls"}
 DEFAULT_JS_MODULES = Path(__file__).resolve().parent.parent / "js" / "node_modules"  # the checkout's `make js`
 
 
@@ -32,7 +35,9 @@ def library_files(js_modules: Path) -> dict[str, Path]:
     files = {"transformers.min.js": js_modules / "@huggingface" / "transformers" / "dist" / "transformers.min.js",
              f"{ORT_WASM}.mjs": js_modules / "onnxruntime-web" / "dist" / f"{ORT_WASM}.mjs",
              f"{ORT_WASM}.wasm": js_modules / "onnxruntime-web" / "dist" / f"{ORT_WASM}.wasm",
-             "dicomParser.min.js": js_modules / "dicom-parser" / "dist" / "dicomParser.min.js"}
+             "dicomParser.min.js": js_modules / "dicom-parser" / "dist" / "dicomParser.min.js",
+             **{f"{codec}_decode.{ext}": js_modules / "@cornerstonejs" / package / "dist" / f"{codec}_decode.{ext}"
+                for codec, package in DICOM_CODECS.items() for ext in ("js", "wasm")}}
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"export web: the npm packages are not installed ({missing[0]} is missing): run "

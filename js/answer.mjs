@@ -11,6 +11,7 @@ import path from 'node:path';
 import { AutoProcessor, LlavaForConditionalGeneration, RawImage, env } from '@huggingface/transformers';
 import dicomParser from 'dicom-parser';
 import { pictureForModel } from '../export/web/medical.mjs';
+import { nodeCodecs } from './codecs.mjs';
 
 const request = JSON.parse(readFileSync(process.argv[2], 'utf8'));
 const dir = path.resolve(request.model);
@@ -24,13 +25,14 @@ const model = await LlavaForConditionalGeneration.from_pretrained(name, {
   local_files_only: true, dtype: request.dtype ?? 'fp32', device: 'cpu',
 });
 
+const codecs = nodeCodecs();
 const answers = [];
 for (const item of request.items) {
   const messages = [{ role: 'user', content: `<image>\n${item.question}` }];
   const prompt = processor.tokenizer.apply_chat_template(messages, { tokenize: false, add_generation_prompt: true });
   const side = processor.image_processor.config.size.height;
   const image = await pictureForModel(new Uint8Array(readFileSync(path.resolve(item.image))), {
-    RawImage, dicomParser, side, decode: (bytes) => RawImage.fromBlob(new Blob([bytes])),
+    RawImage, dicomParser, side, codecs, decode: (bytes) => RawImage.fromBlob(new Blob([bytes])),
   });
   const inputs = await processor(image, prompt);
   const output = await model.generate({ ...inputs, max_new_tokens: request.max_new_tokens ?? 24, do_sample: false,

@@ -4,6 +4,7 @@
 import { readFileSync } from 'node:fs';
 import dicomParser from 'dicom-parser';
 import { RawImage } from '@huggingface/transformers';
+import { nodeCodecs } from './codecs.mjs';
 import { gunzip, isDicom, isGzip, pictureForModel, readDicom, readNifti } from '../export/web/medical.mjs';
 
 const [side, ...args] = process.argv.slice(2);
@@ -11,15 +12,16 @@ const [side, ...args] = process.argv.slice(2);
 const files = args.map((a) => a.split('@')[0]);
 const planes = args.map((a) => a.split('@')[1]);
 const out = [];
+const codecs = nodeCodecs();
 for (const [i, file] of files.entries()) {
   const plane = planes[i];
   try {
     const bytes = new Uint8Array(readFileSync(file));
     const image = await pictureForModel(bytes, { RawImage, dicomParser, side: Number(side), nifti: plane ? { plane } : {},
-                                                 decode: (b) => RawImage.fromBlob(new Blob([b])) });
+                                                 codecs, decode: (b) => RawImage.fromBlob(new Blob([b])) });
     const entry = { file, rgb: Buffer.from(image.data).toString('base64') };
     const unpacked = isGzip(bytes) ? await gunzip(bytes) : bytes;
-    const grey = isDicom(bytes) ? readDicom(bytes, dicomParser)
+    const grey = isDicom(bytes) ? await readDicom(bytes, dicomParser, codecs)
       : file.endsWith('.nii') || file.endsWith('.nii.gz') ? readNifti(unpacked, plane ? { plane } : {}) : null;
     if (grey) {
       Object.assign(entry, { width: grey.width, height: grey.height, window_name: grey.windowName,

@@ -1,12 +1,15 @@
 // Pictures for the model, read in JavaScript with the Python reader's rules, so the browser page and Node see the
 // pixels `gmaivl-rt ask` sees (gmaivl_rt/medical/dicom.py + windowing.py, gmaivl_rt/model/preprocess.py):
-//   DICOM  uncompressed greyscale (Explicit/Implicit VR Little Endian, Explicit VR Big Endian), first frame:
+//   DICOM  greyscale, first frame: uncompressed (Explicit/Implicit VR Little Endian, Explicit VR Big Endian), RLE
+//          Lossless (decoded here), JPEG 2000 (lossless and lossy: OpenJPEG, @cornerstonejs/codec-openjpeg) and
+//          JPEG-LS (lossless and near-lossless: CharLS, @cornerstonejs/codec-charls), the WebAssembly decoders the
+//          page loads from its own lib/ (see `codecLoaders`):
 //          Modality LUT (rescale slope/intercept), then the file's window (VOI LUT function LINEAR, LINEAR_EXACT,
 //          SIGMOID), else a named CT window by body part (abdomen by default), else the 0.5-99.5 percentiles;
 //          MONOCHROME1 inverted; [0, 1] -> uint8 as numpy rounds (half to even, float32).
 //   then   LLaVA's expand2square (pad with the CLIP mean colour) and PIL's bicubic resize to the model's square.
 //   NIfTI  (.nii, .nii.gz) as gmaivl_rt/medical/nifti.py reads it: see readNifti below.
-// What the Python reader does and this does not (compressed transfer syntaxes, VOI LUT / Modality LUT sequences,
+// What the Python reader does and this does not (JPEG baseline/extended/lossless, HTJ2K, deflate, VOI LUT / Modality LUT sequences,
 // colour and palette DICOM, non-square pixel spacing, sheared NIfTI affines) is refused with the reason: ask the
 // server instead.
 
@@ -19,7 +22,8 @@ export const CT_WINDOW_BY_BODY_PART = {
 };
 export const CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073];
 const UNCOMPRESSED = { '1.2.840.10008.1.2': true, '1.2.840.10008.1.2.1': true, '1.2.840.10008.1.2.2': false };
-// compressed transfer syntaxes the Python reader decodes (with the dicom-codecs extra) and this page does not
+// compressed transfer syntaxes the Python reader decodes (with the dicom-codecs extra); DECODERS says which of
+// them this page decodes too (the others are refused, naming the syntax)
 const COMPRESSED_NAMES = {
   '1.2.840.10008.1.2.4.50': 'JPEG Baseline', '1.2.840.10008.1.2.4.51': 'JPEG Extended',
   '1.2.840.10008.1.2.4.57': 'JPEG Lossless', '1.2.840.10008.1.2.4.70': 'JPEG Lossless SV1',
@@ -29,6 +33,100 @@ const COMPRESSED_NAMES = {
   '1.2.840.10008.1.2.4.203': 'HTJ2K', '1.2.840.10008.1.2.5': 'RLE Lossless',
   '1.2.840.10008.1.2.1.99': 'Deflated Explicit VR Little Endian',
 };
+
+const DECODERS = {
+  '1.2.840.10008.1.2.5': 'rle', '1.2.840.10008.1.2.4.90': 'openjpeg', '1.2.840.10008.1.2.4.91': 'openjpeg',
+  '1.2.840.10008.1.2.4.80': 'charls', '1.2.840.10008.1.2.4.81': 'charls',
+};
+
+// The WebAssembly decoders, each instantiated on first use only: `factories` holds the Emscripten module factories
+// (OpenJPEGWASM, CharLSWASM: globals of lib/openjpegwasm_decode.js and lib/charlswasm_decode.js in the page,
+// require()d under Node), `locateFile` where their .wasm files lie (the page: its own lib/).
+export function codecLoaders({ OpenJPEGWASM, CharLSWASM }, locateFile) {
+  const loaded = {};
+  const once = (name, factory) => () => {
+    if (!factory) refuse(`the ${name} decoder is not loaded`);
+    // OpenJPEG logs every header it reads: keep it off the console (and off Node's stdout)
+    loaded[name] ??= factory({ ...(locateFile ? { locateFile } : {}), print: () => {}, printErr: () => {} });
+    return loaded[name];
+  };
+  return { openjpeg: once('openjpeg', OpenJPEGWASM), charls: once('charls', CharLSWASM) };
+}
+
+// PackBits as DICOM's RLE Lossless uses it (PS3.5 G.3.1): n >= 0 copies n + 1 bytes, -127..-1 repeats the next
+// byte 1 - n times, -128 does nothing; stops at `length` decoded bytes.
+function unpackBits(data, start, end, length) {
+  const out = new Uint8Array(length);
+  let i = start;
+  let o = 0;
+  while (i < end && o < length) {
+    const n = (data[i++] << 24) >> 24;
+    if (n >= 0) {
+      const stop = Math.min(i + n + 1, end);
+      out.set(data.subarray(i, stop).subarray(0, length - o), o);
+      o += stop - i;
+      i = stop;
+    } else if (n !== -128) {
+      out.fill(data[i++], o, Math.min(o + 1 - n, length));
+      o += 1 - n;
+    }
+  }
+  if (o < length) refuse('RLE data shorter than one frame');
+  return out;
+}
+
+// One RLE frame (PS3.5 Annex G) -> stored values as little-endian bytes: segment k holds byte k of each sample,
+// most significant first.
+function decodeRle(frame, count, bytesPerSample) {
+  const view = new DataView(frame.buffer, frame.byteOffset, frame.byteLength);
+  if (frame.length < 64) refuse('an RLE frame without its header');
+  const segments = view.getUint32(0, true);
+  if (segments !== bytesPerSample) refuse(`an RLE frame of ${segments} segments for ${bytesPerSample}-byte samples`);
+  const out = new Uint8Array(count * bytesPerSample);
+  for (let k = 0; k < segments; k++) {
+    const start = view.getUint32(4 + 4 * k, true);
+    const end = k + 1 < segments ? view.getUint32(8 + 4 * k, true) : frame.length;
+    const plane = unpackBits(frame, start, end, count);
+    const byte = bytesPerSample - 1 - k;
+    for (let i = 0; i < count; i++) out[i * bytesPerSample + byte] = plane[i];
+  }
+  return out;
+}
+
+// An Emscripten decoder (OpenJPEG's J2KDecoder, CharLS' JpegLSDecoder) over one frame -> {bytes (little endian),
+// bytesPerSample, signed}
+function decodeWasm(module, className, frame, rows, columns) {
+  const decoder = new module[className]();
+  try {
+    decoder.getEncodedBuffer(frame.length).set(frame);
+    try {
+      decoder.decode();
+    } catch (error) {
+      refuse(`its compressed pixel data cannot be decoded (${typeof error === 'number' ? 'decoder error' : error.message ?? error})`);
+    }
+    const info = decoder.getFrameInfo();
+    if (!info.width) refuse('its compressed pixel data cannot be decoded (no image in the codestream)');
+    if (info.width !== columns || info.height !== rows || info.componentCount !== 1) {
+      refuse(`its compressed frame is ${info.width} x ${info.height} x ${info.componentCount}, not the header's `
+             + `${columns} x ${rows} x 1`);
+    }
+    return { bytes: decoder.getDecodedBuffer().slice(), bytesPerSample: info.bitsPerSample > 8 ? 2 : 1,
+             signed: info.isSigned };
+  } finally {
+    decoder.delete();
+  }
+}
+
+// The first frame's bytes of encapsulated pixel data (PS3.5 A.4): every fragment of a single-frame file, else the
+// offset table's first frame, else (no offset table) the first fragment when there is one per frame.
+function firstFrame(ds, pixel, dicomParser, frames) {
+  const fragments = pixel.fragments ?? [];
+  if (!fragments.length) refuse('compressed pixel data without fragments');
+  if (frames <= 1) return dicomParser.readEncapsulatedPixelDataFromFragments(ds, pixel, 0, fragments.length);
+  if ((pixel.basicOffsetTable ?? []).length) return dicomParser.readEncapsulatedImageFrame(ds, pixel, 0);
+  if (fragments.length === frames) return dicomParser.readEncapsulatedPixelDataFromFragments(ds, pixel, 0, 1);
+  refuse('several frames in fragments without an offset table');
+}
 
 export function isDicom(bytes) {
   return bytes.length > 132 && bytes[128] === 0x44 && bytes[129] === 0x49 && bytes[130] === 0x43 && bytes[131] === 0x4d;
@@ -91,8 +189,9 @@ function numbers(ds, tag) {
   return text === undefined ? [] : text.split('\\').map(Number).filter((n) => Number.isFinite(n));
 }
 
-// DICOM bytes -> {width, height, grey: Uint8Array (H*W), window: [c, w] | null, windowName}
-export function readDicom(bytes, dicomParser) {
+// DICOM bytes -> {width, height, grey: Uint8Array (H*W), window: [c, w] | null, windowName}; `codecs`: from
+// `codecLoaders`, for JPEG 2000 and JPEG-LS
+export async function readDicom(bytes, dicomParser, codecs = {}) {
   let ds;
   try {
     ds = dicomParser.parseDicom(bytes);
@@ -100,11 +199,11 @@ export function readDicom(bytes, dicomParser) {
     refuse(`not a readable DICOM file (${error.exception ?? error.message ?? error})`);
   }
   const syntax = (ds.string('x00020010') || '').replace(/\0/g, '').trim();
-  if (syntax in COMPRESSED_NAMES) {
+  if (syntax in COMPRESSED_NAMES && !(syntax in DECODERS)) {
     refuse(`its pixels are compressed (${COMPRESSED_NAMES[syntax]}, transfer syntax ${syntax}), which the page does not `
            + 'decode');
   }
-  if (!(syntax in UNCOMPRESSED)) refuse(`transfer syntax ${syntax || 'missing'} is not supported here`);
+  if (!(syntax in UNCOMPRESSED) && !(syntax in DECODERS)) refuse(`transfer syntax ${syntax || 'missing'} is not supported here`);
   const photometric = (ds.string('x00280004') || '').trim();
   if (photometric !== 'MONOCHROME1' && photometric !== 'MONOCHROME2') refuse(`photometric ${photometric || 'missing'}`);
   if (ds.elements.x00283010) refuse('a VOI LUT sequence');
@@ -121,16 +220,37 @@ export function readDicom(bytes, dicomParser) {
   const pixel = ds.elements.x7fe00010;
   if (!pixel || !rows || !columns || ![8, 16, 32].includes(bits)) refuse('no pixel data of 8, 16 or 32 bits');
   const count = rows * columns;
-  if (pixel.length < count * (bits / 8)) refuse('pixel data shorter than one frame');
-  const view = new DataView(bytes.buffer, bytes.byteOffset + pixel.dataOffset, count * (bits / 8));
-  const little = UNCOMPRESSED[syntax];
+  let view;
+  let little = true;
+  let sampleBytes = bits / 8;
+  if (syntax in DECODERS) {
+    const frame = firstFrame(ds, pixel, dicomParser, parseInt(ds.string('x00280008') || '1', 10) || 1);
+    let decoded;
+    if (DECODERS[syntax] === 'rle') decoded = decodeRle(frame, count, sampleBytes);
+    else {
+      const name = DECODERS[syntax];
+      const module = await codecs[name]?.();
+      if (!module) refuse(`the ${name} decoder is not loaded`);
+      const out = decodeWasm(module, name === 'openjpeg' ? 'J2KDecoder' : 'JpegLSDecoder', frame, rows, columns);
+      // a JPEG 2000 / JPEG-LS codestream of up to 16 bits in 16- or 32-bit DICOM samples: read at its own width
+      if (out.bytesPerSample > sampleBytes) refuse(`its compressed samples are wider than BitsAllocated ${bits}`);
+      decoded = out.bytes;
+      sampleBytes = out.bytesPerSample;
+    }
+    if (decoded.length < count * sampleBytes) refuse('decoded pixel data shorter than one frame');
+    view = new DataView(decoded.buffer, decoded.byteOffset, count * sampleBytes);
+  } else {
+    if (pixel.length < count * sampleBytes) refuse('pixel data shorter than one frame');
+    view = new DataView(bytes.buffer, bytes.byteOffset + pixel.dataOffset, count * sampleBytes);
+    little = UNCOMPRESSED[syntax];
+  }
   const values = new Float64Array(count);
   for (let i = 0; i < count; i++) {
     let v;
-    if (bits === 8) v = signed ? view.getInt8(i) : view.getUint8(i);
-    else if (bits === 16) v = signed ? view.getInt16(2 * i, little) : view.getUint16(2 * i, little);
+    if (sampleBytes === 1) v = signed ? view.getInt8(i) : view.getUint8(i);
+    else if (sampleBytes === 2) v = signed ? view.getInt16(2 * i, little) : view.getUint16(2 * i, little);
     else v = signed ? view.getInt32(4 * i, little) : view.getUint32(4 * i, little);
-    if (signed && stored < bits) { // pydicom sign-extends from BitsStored
+    if (signed && stored < 8 * sampleBytes) { // pydicom sign-extends from BitsStored
       const shift = 32 - stored;
       v = ((v << shift) >> shift);
     }
@@ -271,8 +391,8 @@ export function resizeBicubic(rgb, width, height, outWidth, outHeight) {
 }
 
 // DICOM bytes -> RGB uint8 (side * side * 3) at the model's square, as gmaivl_rt's preprocessing sees it
-export function dicomForModel(bytes, dicomParser, side) {
-  const image = readDicom(bytes, dicomParser);
+export async function dicomForModel(bytes, dicomParser, side, codecs = {}) {
+  const image = await readDicom(bytes, dicomParser, codecs);
   const square = expandToSquare(greyToRgb(image.grey), image.width, image.height);
   return { ...image, rgb: resizeBicubic(square.rgb, square.side, square.side, side, side), side };
 }
@@ -280,9 +400,9 @@ export function dicomForModel(bytes, dicomParser, side) {
 // Any picture -> RGB uint8 at the model's square, the way gmaivl_rt preprocesses it: DICOM by `dicomForModel`,
 // NIfTI (.nii, .nii.gz) by `readNifti` (options `nifti`: {plane, index, volume}), other files decoded by transformers.js' RawImage (PNG, JPEG, ...), then expand2square and PIL's bicubic.
 // Returns a RawImage of side x side, which transformers.js' processor then only rescales and normalises.
-export async function pictureForModel(bytes, { RawImage, dicomParser, side, decode, nifti = {} }) {
+export async function pictureForModel(bytes, { RawImage, dicomParser, side, decode, nifti = {}, codecs = {} }) {
   if (isDicom(bytes)) {
-    const { rgb } = dicomForModel(bytes, dicomParser, side);
+    const { rgb } = await dicomForModel(bytes, dicomParser, side, codecs);
     return new RawImage(rgb, side, side, 3);
   }
   const unpacked = isGzip(bytes) ? await gunzip(bytes) : bytes;

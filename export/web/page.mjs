@@ -3,7 +3,7 @@
 // here (medical.mjs: DICOM windowing as the Python reader does it, expand2square, PIL's bicubic; dicom-parser from
 // lib/); nothing but GET requests for the page, the libraries and the model leave the page.
 import { AutoProcessor, LlavaForConditionalGeneration, RawImage, TextStreamer, env } from './lib/transformers.min.js';
-import { pictureForModel } from './medical.mjs';
+import { codecLoaders, pictureForModel } from './medical.mjs';
 
 const site = await (await fetch('./site.json')).json();
 env.allowRemoteModels = false;            // never a model hub
@@ -16,6 +16,10 @@ env.backends.onnx.wasm.wasmPaths = {
   wasm: new URL(`./lib/${site.ort_wasm}.wasm`, location.href).href,
 };
 env.backends.onnx.wasm.proxy = false;
+
+// JPEG 2000 and JPEG-LS decoders (classic scripts of index.html), their .wasm from this origin's lib/
+const codecs = codecLoaders({ OpenJPEGWASM: globalThis.OpenJPEGWASM, CharLSWASM: globalThis.CharLSWASM },
+                            (name) => new URL(`./lib/${name}`, location.href).href);
 
 const $ = (id) => document.getElementById(id);
 const status = (text) => { $('status').textContent = text; };
@@ -44,7 +48,7 @@ async function ask() {
     status('reading the picture…');
     const side = processor.image_processor.config.size.height;
     const image = await pictureForModel(new Uint8Array(await file.arrayBuffer()), {   // decoded here, locally
-      RawImage, dicomParser: globalThis.dicomParser, side, decode: (bytes) => RawImage.fromBlob(new Blob([bytes])),
+      RawImage, dicomParser: globalThis.dicomParser, side, codecs, decode: (bytes) => RawImage.fromBlob(new Blob([bytes])),
     });
     const messages = [{ role: 'user', content: `<image>\n${$('question').value}` }];
     const prompt = processor.tokenizer.apply_chat_template(messages, { tokenize: false, add_generation_prompt: true });
