@@ -38,7 +38,13 @@ LOOSE = {v: 0.0 for v in q.VARIANTS}
 # endian and implicit VR, 32-bit RT dose (percentiles); and files the page refuses (compressed, 1-bit).
 SHIPPED_DICOM = ("CT_small.dcm", "examples_overlay.dcm", "MR_small_bigendian.dcm", "MR_small_implicit.dcm",
                  "rtdose_1frame.dcm", "MR_small.dcm")
-REFUSED_DICOM = ("JPEG2000.dcm", "liver_1frame.dcm")  # a random tiny model: every variant shipped, its agreement only measured
+REFUSED_DICOM = ("JPGExtended.dcm", "liver_1frame.dcm")
+# Compressed greyscale DICOMs pydicom ships that the page decodes (RLE in JavaScript, JPEG 2000 by OpenJPEG, JPEG-LS
+# by CharLS, WebAssembly): 16- and 32-bit RLE (one frame and the first of 15), J2K lossless and lossy (one whose
+# codestream's signedness differs from PixelRepresentation), JPEG-LS lossless and near-lossless (8 and 16 bits).
+COMPRESSED_DICOM = ("MR_small_RLE.dcm", "rtdose_rle_1frame.dcm", "rtdose_rle.dcm", "MR_small_jp2klossless.dcm",
+                    "JPEG2000.dcm", "693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm", "MR_small_jpeg_ls_lossless.dcm",
+                    "JPEGLSNearLossless_16.dcm", "JPEGLSNearLossless_08.dcm")  # a random tiny model: every variant shipped, its agreement only measured
 
 
 def _nibabel_file(name: str) -> Path:
@@ -442,12 +448,12 @@ def test_page_answers_in_the_browser_without_sending_the_picture(browser, tjs_ex
 @needs_node
 def test_page_reads_pictures_as_the_python_reader(tmp_path):
     """export/web/medical.mjs (the page's and js/answer.mjs' reader) under Node against gmaivl_rt's readers on the
-    shipped DICOMs and a non-square PNG: the windowed grey pixels equal `to_medical_image`'s, and the model's input
-    (expand2square + bicubic + CLIP normalisation) equals `preprocess_image`'s, exactly. Compressed and 1-bit files
-    are refused with the reason. Mutants seen failing: MONOCHROME2 inverted instead of MONOCHROME1; CT without a
+    shipped DICOMs (uncompressed, and the compressed ones the page decodes: COMPRESSED_DICOM) and a non-square PNG:
+    the windowed grey pixels equal `to_medical_image`'s, and the model's input (expand2square + bicubic + CLIP
+    normalisation) equals `preprocess_image`'s, exactly. JPEG Extended and 1-bit files are refused with the reason. Mutants seen failing: MONOCHROME2 inverted instead of MONOCHROME1; CT without a
     window stretched by percentiles instead of the named CT window; PIL's filter support not widened when
     shrinking (no antialiasing); expand2square's padding all on the right; a compressed syntax refused without
-    its name. (numpy's rint -> Math.round survives
+    its name; RLE segments taken least significant byte first. (numpy's rint -> Math.round survives
     and is equivalent: the only float32 product u * 255 ending in .5 is 127.5, which both round to 128.)"""
     import base64
 
@@ -461,7 +467,7 @@ def test_page_reads_pictures_as_the_python_reader(tmp_path):
     rng = np.random.default_rng(3)
     for path, shape in zip(pngs, ((17, 45, 3), (45, 17, 3))):
         Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path)
-    files = [get_testdata_file(n) for n in SHIPPED_DICOM + REFUSED_DICOM] + [str(p) for p in pngs]
+    files = [get_testdata_file(n) for n in SHIPPED_DICOM + COMPRESSED_DICOM + REFUSED_DICOM] + [str(p) for p in pngs]
     done = subprocess.run(["node", str(JS / "read_pictures.mjs"), str(side), *files], capture_output=True, text=True,
                           timeout=120, cwd=JS)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -480,9 +486,99 @@ def test_page_reads_pictures_as_the_python_reader(tmp_path):
                        - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None])
         torch.testing.assert_close(normalised, preprocess_image(image.pixels, side), rtol=0, atol=0)
     assert {r.get("window_name") for r in results} >= {"abdomen", "file", "percentile"}
-    jpeg2000 = results[files.index(get_testdata_file("JPEG2000.dcm"))]["error"]
-    assert "compressed (JPEG 2000, transfer syntax 1.2.840.10008.1.2.4.91)" in jpeg2000
+    jpeg_extended = results[files.index(get_testdata_file("JPGExtended.dcm"))]["error"]
+    assert "compressed (JPEG Extended, transfer syntax 1.2.840.10008.1.2.4.51)" in jpeg_extended
     assert all("grey" not in r and "rgb" in r for r in results[-2:])  # PNGs take the ordinary-picture path
+
+
+def _fragmented(folder: Path) -> dict[str, Path]:
+    """Single-frame RLE and JPEG 2000 files with their one frame split over 3 fragments (PS3.5 A.4 allows it; no
+    shipped file does it), and the 15-frame RLE file with a basic offset table (the shipped one has none),
+    re-encapsulated by pydicom."""
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+
+    made = {}
+    for name in ("MR_small_RLE.dcm", "MR_small_jp2klossless.dcm"):
+        ds = pydicom.dcmread(get_testdata_file(name))
+        frames = list(generate_frames(ds.PixelData, number_of_frames=1))
+        ds.PixelData = encapsulate(frames, fragments_per_frame=3)
+        made[f"fragments3_{name}"] = folder / f"fragments3_{name}"
+        ds.save_as(made[f"fragments3_{name}"])
+    ds = pydicom.dcmread(get_testdata_file("rtdose_rle.dcm"))  # 15 frames, no offset table: give it one
+    ds.PixelData = encapsulate(list(generate_frames(ds.PixelData, number_of_frames=15)), has_bot=True)
+    made["offset_table_rtdose_rle.dcm"] = folder / "offset_table_rtdose_rle.dcm"
+    ds.save_as(made["offset_table_rtdose_rle.dcm"])
+    return made
+
+
+@needs_node
+def test_page_decodes_compressed_dicom_in_the_browser(browser, tmp_path):
+    """The exported site in headless Chromium decodes the compressed DICOMs pydicom ships (COMPRESSED_DICOM: RLE in
+    the page's JavaScript, JPEG 2000 and JPEG-LS by the OpenJPEG and CharLS WebAssembly builds `export web` copies
+    into lib/ from js/node_modules): the page's windowed grey pixels equal `read_medical_image`'s exactly, lossy
+    J2K and near-lossless JPEG-LS included (pylibjpeg decodes with the same OpenJPEG and CharLS libraries, so no
+    tolerance is needed), and so are three of them re-encapsulated (a frame in 3 fragments; an offset table). The decoders'
+    .wasm come from the site itself. JPEG Extended stays refused, naming its
+    transfer syntax. The site's model is a stand-in (no model needed to read pictures): medical.mjs is imported in
+    the page's origin with the decoder globals index.html loads.
+    Mutants seen failing: RLE segments taken least significant byte first; PackBits repeat count 1 - n -> -n;
+    the J2K decoder's own signedness used instead of PixelRepresentation; the first fragment only of a
+    single-frame file; the offset table's second frame; the second fragment of a multi-frame file without one; index.html without the OpenJPEG script tag; export web not copying the .wasm files."""
+    import base64
+
+    from selenium.webdriver.common.by import By
+
+    from gmaivl_rt.export.web import export_web
+    from gmaivl_rt.medical.reader import read_medical_image
+
+    stand_in = tmp_path / "model"
+    (stand_in / "onnx").mkdir(parents=True)
+    (stand_in / "config.json").write_text(json.dumps({"transformers.js_config": {}}))
+    for graph in ("embed_tokens", "vision_encoder", "decoder_model_merged"):
+        (stand_in / "onnx" / f"{graph}.onnx").write_bytes(b"")
+    site_dir = tmp_path / "site"
+    export_web(stand_in, site_dir)
+    pictures = {name: Path(get_testdata_file(name)) for name in COMPRESSED_DICOM + ("JPGExtended.dcm",)}
+    pictures.update(_fragmented(tmp_path))
+    names = list(pictures)
+    (site_dir / "pictures").mkdir()
+    for name, path in pictures.items():
+        shutil.copyfile(path, site_dir / "pictures" / name)
+    site = _StaticSite(site_dir)
+    try:
+        browser.get(site.url)
+        _wait_for(lambda: browser.find_element(By.ID, "status").text.startswith("error"), 60, "the stand-in model "
+                  "to fail loading (the page's scripts have run)")
+        results = browser.execute_async_script("""
+            const [names, done] = arguments;
+            (async () => {
+              const medical = await import(new URL('./medical.mjs', location.href).href);
+              const codecs = medical.codecLoaders({ OpenJPEGWASM: globalThis.OpenJPEGWASM,
+                                                    CharLSWASM: globalThis.CharLSWASM },
+                                                  (name) => new URL(`./lib/${name}`, location.href).href);
+              const out = {};
+              for (const name of names) {
+                const bytes = new Uint8Array(await (await fetch(`./pictures/${name}`)).arrayBuffer());
+                try {
+                  const image = await medical.readDicom(bytes, globalThis.dicomParser, codecs);
+                  out[name] = { width: image.width, height: image.height,
+                                grey: btoa(Array.from(image.grey, (b) => String.fromCharCode(b)).join('')) };
+                } catch (error) { out[name] = { error: String(error.message ?? error) }; }
+              }
+              return out;
+            })().then(done, (error) => done({ failed: String(error) }));""", names)
+    finally:
+        site.close()
+    assert "failed" not in results, results
+    for name in (n for n in names if n != "JPGExtended.dcm"):
+        got = results[name]
+        assert "error" not in got, (name, got)
+        grey = np.frombuffer(base64.b64decode(got["grey"]), np.uint8).reshape(got["height"], got["width"])
+        np.testing.assert_array_equal(grey, read_medical_image(pictures[name]).pixels[..., 0], err_msg=name)
+    assert "compressed (JPEG Extended, transfer syntax 1.2.840.10008.1.2.4.51)" in results["JPGExtended.dcm"]["error"]
+    paths = {path for _, path, _ in site.requests}
+    assert {"/lib/openjpegwasm_decode.wasm", "/lib/charlswasm_decode.wasm"} <= paths, sorted(paths)
 
 
 NIBABEL_SHIPPED = ("anatomical.nii", "example4d.nii.gz", "example_nifti2.nii.gz", "functional.nii",
