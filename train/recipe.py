@@ -110,7 +110,7 @@ def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps
     # so a silently corrupt --init or checkpoint never reaches step 1.
     if checkpoint is None:  # else the model is the checkpoint's, loaded (and verified) by resume_checkpoint
         model = GMAIVL.from_pretrained(init) if init is not None else \
-            GMAIVL(_preset_config(GMAIVLConfig, cfg["preset"], tokenizer))
+            GMAIVL(_preset_config(GMAIVLConfig, cfg["preset"], tokenizer, cfg.get("model")))
     check_tokenizer_fits(model.config, tokenizer, tokenizer_dir)
     trainable = set_trainable(model, cfg["trainable"])
     model.set_gradient_checkpointing(bool(cfg["train"]["activation_checkpointing"]))
@@ -259,11 +259,13 @@ def set_trainable(model: torch.nn.Module, prefixes: list[str]) -> list[str]:
     return names
 
 
-def _preset_config(config_cls, preset: str, tokenizer):
-    """The preset's dimensions with the vocabulary, `<image>` id and special ids our tokenizer decides."""
+def _preset_config(config_cls, preset: str, tokenizer, model: dict | None = None):
+    """The preset's dimensions, changed by the config's `model` block ({"vision": {...}, "text": {...}}: field
+    changes, as `GMAIVLConfig.replace` takes them), with the vocabulary, `<image>` id and special ids our tokenizer
+    decides."""
     fields = model_vocab_fields(tokenizer)
     eos = chat_stop_ids(tokenizer)
-    return config_cls.preset(preset).replace(
+    return config_cls.preset(preset).replace(**(model or {})).replace(
         image_token_index=fields["image_token_index"],
         text={"vocab_size": fields["text"]["vocab_size"], "bos_token_id": tokenizer.bos_token_id,
               "eos_token_id": eos, "pad_token_id": tokenizer.pad_token_id})

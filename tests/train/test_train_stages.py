@@ -143,6 +143,24 @@ def test_dynamic_resolution_model_trains(tmp_path):
     assert GMAIVL.from_pretrained(tmp_path / "s2").config.vision.dynamic_resolution
 
 
+def test_config_model_block_changes_the_preset_dimensions(tmp_path):
+    """A config's `model` block changes the preset's dimensions for a run from random weights (the demo uses it for
+    a smaller language model): the saved config.json, read by transformers' LlavaConfig, has them, and a field the
+    model has not is refused naming it. Mutant seen failing: the block ignored (`_preset_config` without it)."""
+    from transformers import LlavaConfig
+
+    data, tokenizer_dir = make_training_setup(tmp_path, records_per_source=(4, 2))
+    block = {"text": {"num_layers": 1, "intermediate_size": 96}, "vision": {"num_layers": 1}}
+    overrides = {"batch": {"global_batch_size": 2}, "schedule": {"total_steps": 1}, "model": block}
+    train(3, data, tmp_path / "s3", preset="tiny", tokenizer=tokenizer_dir, progress=False, overrides=overrides)
+    hf = LlavaConfig.from_pretrained(tmp_path / "s3")
+    assert (hf.text_config.num_hidden_layers, hf.text_config.intermediate_size) == (1, 96)
+    assert hf.vision_config.num_hidden_layers == 1
+    overrides["model"] = {"text": {"num_layayers": 1}}
+    with pytest.raises(ValueError, match="num_layayers"):
+        train(3, data, tmp_path / "bad", preset="tiny", tokenizer=tokenizer_dir, progress=False, overrides=overrides)
+
+
 def assert_trained_alike(init, want, got, atol, moved_by):
     """Every parameter the reference run changed moved by more than `moved_by` (a threshold well above `atol`, so
     an untrained model cannot pass the comparison), `got` changed the same parameters, and its weights are within
