@@ -18,19 +18,22 @@ from gmaivl_rt.data.synth.scenes import Scene
 SIZE = 128          # 2D pictures are SIZE x SIZE pixels
 VOLUME = 48         # volumes are VOLUME^3 voxels
 PIXEL_MM = 2.5      # pixel spacing / voxel size written in the headers
-LESION_RADIUS = {"small": (3.0, 4.0), "large": (7.0, 9.0)}     # in pixels at SIZE
+# Lesions are sized and valued so that a ViT trained from scratch on a few hundred scans can find them: wider than a
+# fifth of a 28-pixel patch, and brighter than every other tissue in every modality (a hyperdense / enhancing /
+# hyperechoic focus), so no anatomy (ventricles, kidneys, bladder) looks like one.
+LESION_RADIUS = {"small": (5.0, 6.0), "large": (8.0, 9.5)}     # in pixels at SIZE
 # Tissue codes of the maps.
 AIR, SOFT, ORGAN, BONE, LUNG, FLUID, LESION = range(7)
 # CT: Hounsfield units per tissue; window (centre, width) written into the header per region.
-CT_HU = {AIR: -1000.0, SOFT: 30.0, ORGAN: 60.0, BONE: 800.0, LUNG: -850.0, FLUID: 5.0, LESION: 160.0}
+CT_HU = {AIR: -1000.0, SOFT: 30.0, ORGAN: 60.0, BONE: 800.0, LUNG: -850.0, FLUID: 5.0, LESION: 320.0}
 CT_WINDOW = {"head": (40.0, 120.0), "chest": (-500.0, 1600.0), "abdomen": (40.0, 400.0), "pelvis": (40.0, 400.0)}
 # MR signal (arbitrary 12-bit units) per tissue for T1-like and T2-like contrast (fluid dark on T1, bright on T2).
-MR_SIGNAL = {"T1": {AIR: 20.0, SOFT: 1400.0, ORGAN: 1000.0, BONE: 200.0, LUNG: 90.0, FLUID: 300.0, LESION: 450.0},
-             "T2": {AIR: 20.0, SOFT: 900.0, ORGAN: 650.0, BONE: 150.0, LUNG: 80.0, FLUID: 2200.0, LESION: 2000.0}}
+MR_SIGNAL = {"T1": {AIR: 20.0, SOFT: 1400.0, ORGAN: 1000.0, BONE: 200.0, LUNG: 90.0, FLUID: 300.0, LESION: 2600.0},
+             "T2": {AIR: 20.0, SOFT: 900.0, ORGAN: 650.0, BONE: 150.0, LUNG: 80.0, FLUID: 2200.0, LESION: 3000.0}}
 # Radiograph attenuation per tissue (projection: bone and opacities bright, lungs dark).
-XRAY_ATTENUATION = {AIR: 0.0, SOFT: 0.35, ORGAN: 0.45, BONE: 1.0, LUNG: 0.08, FLUID: 0.4, LESION: 0.85}
-# Ultrasound echogenicity per tissue (fluid and lesions hypoechoic, bone bright).
-US_ECHO = {AIR: 0.02, SOFT: 0.45, ORGAN: 0.6, BONE: 1.0, LUNG: 0.15, FLUID: 0.05, LESION: 0.0}
+XRAY_ATTENUATION = {AIR: 0.0, SOFT: 0.35, ORGAN: 0.45, BONE: 1.0, LUNG: 0.08, FLUID: 0.4, LESION: 1.1}
+# Ultrasound echogenicity per tissue (fluid hypoechoic; bone and lesions bright).
+US_ECHO = {AIR: 0.02, SOFT: 0.45, ORGAN: 0.6, BONE: 1.0, LUNG: 0.15, FLUID: 0.05, LESION: 1.1}
 
 
 # ------------------------------------------------------------------------------------------------ tissue maps
@@ -65,7 +68,7 @@ def region_map(region: str, rng: np.random.Generator) -> np.ndarray:
             tissue[_ellipse((s, s), c + 20, c + dx, 9, 6)] = ORGAN     # kidneys
         tissue[_ellipse((s, s), c + ry - 10, c, 7, 7)] = BONE
     elif region == "pelvis":
-        ry, rx = j(38), j(58)
+        ry, rx = j(44), j(58)
         tissue[_ellipse((s, s), c, c, ry, rx)] = SOFT
         for dx in (-36, 36):
             tissue[_ellipse((s, s), c + 4, c + dx, 16, 9)] = BONE      # hip bones
@@ -200,7 +203,7 @@ def render_volume(scene: Scene, rng: np.random.Generator) -> tuple[np.ndarray, i
         # place_lesions takes (rows, columns) with sides on the columns: the slab transposed puts x (the first
         # free axis of an axial or coronal slab; RAS+: high x = patient's right) on the columns.
         along_x = scene.plane != "sagittal"
-        placed = place_lesions(inside.T, scene if along_x else _without_side(scene), rng, scale=0.4,
+        placed = place_lesions(inside.T, scene if along_x else _without_side(scene), rng, scale=0.36,
                                left_is_high_column=not along_x)
         free = [a for a in range(3) if a != axis]
         for row, column, r in placed:
