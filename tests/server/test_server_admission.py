@@ -8,7 +8,6 @@ import asyncio
 import io
 import re
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from PIL import Image  # noqa: E402
-from server_fixtures import data_uri  # noqa: E402
+from server_fixtures import data_uri, wait_until  # noqa: E402
 
 from gmaivl_rt.limits import DecodeBudget  # noqa: E402
 from gmaivl_rt.server import app as app_module  # noqa: E402
@@ -79,13 +78,6 @@ def gated_decodes(monkeypatch):
     monkeypatch.setattr(app_module, "decode_images", gated)
     yield gate, started
     gate.set()
-
-
-def wait_until(condition, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def test_the_reports_request_is_refused_with_413_from_the_headers_before_any_decoding(serving_engine, serve,

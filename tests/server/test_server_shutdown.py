@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
 from engine_steps import slow_steps
@@ -15,7 +14,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from prometheus_client import generate_latest  # noqa: E402
-from server_fixtures import LogRecorder  # noqa: E402
+from server_fixtures import LogRecorder, wait_until  # noqa: E402
 
 from gmaivl_rt import Engine  # noqa: E402
 from gmaivl_rt.server import create_app  # noqa: E402
@@ -24,13 +23,6 @@ from gmaivl_rt.server.background import BackgroundServer  # noqa: E402
 MODEL = "tiny-shutdown"
 TOKENS = 200
 QUESTION = "Describe the image."
-
-
-def wait_until(condition, timeout=120.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def counted(app, outcome: str) -> float:
@@ -102,7 +94,7 @@ def test_a_server_stopped_mid_answer_cancels_and_counts_its_requests(serving_fol
                     thread.start()
                 assert first_chunk.wait(120), "the stream sent no chunk"
                 wait_until(lambda: len(submitted) == 2 and all(r.generated_tokens >= 2 for r in submitted),
-                           what="both requests mid-answer")
+                           timeout=120, what="both requests mid-answer")
             # asked to stop by the server as it stopped (not only later, by the engine, when a delta finds the
             # server's event loop closed)
             cancelled_by_the_server = [r.cancel_requested for r in submitted]

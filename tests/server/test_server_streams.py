@@ -8,7 +8,6 @@ import asyncio
 import io
 import json
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ httpx = pytest.importorskip("httpx")
 
 from fastapi import Request  # noqa: E402
 from PIL import Image  # noqa: E402
-from server_fixtures import data_uri  # noqa: E402
+from server_fixtures import data_uri, wait_until  # noqa: E402
 
 from gmaivl_rt import Engine  # noqa: E402
 from gmaivl_rt.server import body as body_module  # noqa: E402
@@ -28,13 +27,6 @@ from gmaivl_rt.server import create_app, protocol  # noqa: E402
 MODEL = "tiny-streams"
 STREAMS, BATCH, TOKENS = 64, 8, 48
 QUESTION = "Describe the image."
-
-
-def wait_until(condition, timeout=120.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def small_png() -> str:
@@ -104,7 +96,7 @@ def test_64_streams_leave_the_thread_pool_to_health_and_preview(serving_folder, 
 
             wait_until(lambda: in_engine()[2] > finished_before or (
                 in_engine()[0] == STREAMS and in_engine()[1] >= TOKENS + BATCH * TOKENS // 3),
-                what="64 streams in the engine, the first ones mid-answer")
+                timeout=120, what="64 streams in the engine, the first ones mid-answer")
             submitted, _, finished = in_engine()
             all_submitted_early = submitted == STREAMS and finished == finished_before
             with httpx.Client(base_url=server.url, timeout=300) as client:

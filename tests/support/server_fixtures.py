@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import time
 
 TEXTS = ["<image>\nWhat modality is this image?", "This is a CT scan of the chest.", "Which plane is shown?",
          "An axial slice.", "Describe the image.", "A magnetic resonance image of the head."] * 20
@@ -56,3 +57,11 @@ class LogRecorder(logging.Handler):
     @property
     def text(self) -> str:
         return "\n".join(self.lines)
+
+
+def wait_until(condition, timeout: float = 60.0, what: str = "condition") -> None:
+    """Poll `condition()` every 10 ms until it is true; fail the test naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
