@@ -37,7 +37,8 @@ from gmaivl_rt.server.audit import AuditLog
 from gmaivl_rt.server.body import parsed_body
 from gmaivl_rt.server.boundary import check_image_count, decode_images, receive_images, server_limits
 from gmaivl_rt.server.decoding import BudgetRefusal, ImageDecoding
-from gmaivl_rt.server.generation import Admission, Generation, LoopDeltas, engine_alive, finish_unstreamed
+from gmaivl_rt.server.generation import Admission, Generation, LoopDeltas, begin_answer, engine_alive, \
+    finish_unstreamed
 from gmaivl_rt.server.http_errors import error_response, refusal, validation_message
 from gmaivl_rt.server.metrics import OutcomeCounter, RequestOutcome, ServerMetrics, current_outcome
 from gmaivl_rt.server.middleware import AllowedHosts, BearerToken, BodyLimit, InternalErrors, SecurityHeaders
@@ -185,14 +186,8 @@ def create_app(engine, *, served_model_name: str = "gmaivl", api_key: str | None
     async def chat_completions(http_request: Request):
         body = await parsed_body(http_request, protocol.ChatCompletionRequest)
         generation = await start(body, http_request)
-        request_id, model = protocol.completion_id(), served_model_name
-        if (outcome := current_outcome()) is not None:
-            outcome.request_id = request_id
-        try:
-            first = await generation.next_delta()  # errors raised before any output get their status code
-        except BaseException:
-            generation.cancel()
-            raise
+        model = served_model_name
+        request_id, first = await begin_answer(generation)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(sse_events(generation, first, request_id, model, include_usage, engine.tokenizer),

@@ -36,7 +36,7 @@ from starlette.concurrency import run_in_threadpool
 
 from gmaivl_rt.errors import InputError, ModelError
 from gmaivl_rt.server import protocol
-from gmaivl_rt.server.generation import Generation, LoopDeltas, engine_alive, finish_unstreamed
+from gmaivl_rt.server.generation import Generation, LoopDeltas, begin_answer, engine_alive, finish_unstreamed
 from gmaivl_rt.server.http_errors import error_response
 from gmaivl_rt.server.metrics import current_outcome
 from gmaivl_rt.server.openai import chat_turns, generation_options
@@ -210,14 +210,7 @@ def add_archive_routes(app, engine, service: ArchiveService, *, served_model_nam
             ticket.release()  # a no-op once submitted
         generation = Generation(request, deltas, arrival, metrics)
         generation.on_end.append(reserved[0].release)
-        request_id = protocol.completion_id()
-        if (outcome := current_outcome()) is not None:
-            outcome.request_id = request_id
-        try:
-            first = await generation.next_delta()  # errors raised before any output get their status code
-        except BaseException:
-            generation.cancel()
-            raise
+        request_id, first = await begin_answer(generation)
 
         async def write_report() -> dict:
             """The finished answer's report, stored in the study (`file_report`; InputError when refused)."""

@@ -12,6 +12,7 @@ from fastapi import Request
 
 from gmaivl_rt.engine.sequence import END_OF_ANSWER
 from gmaivl_rt.errors import InputError
+from gmaivl_rt.server import protocol
 from gmaivl_rt.server.metrics import ServerMetrics, current_outcome
 
 END = object()  # what `Generation.next_delta` returns once the answer is complete
@@ -198,6 +199,20 @@ async def cancel_on_disconnect(http_request: Request, generation: Generation, ev
             generation.cancel()
             return
         await asyncio.sleep(every_s)
+
+
+async def begin_answer(generation: Generation) -> tuple[str, object]:
+    """(completion id, first delta) of an answer the engine has started: the id goes on the request's outcome (the
+    metrics' and audit log's); an error raised before any output cancels the generation and is raised on, to be
+    answered with its status code."""
+    request_id = protocol.completion_id()
+    if (outcome := current_outcome()) is not None:
+        outcome.request_id = request_id
+    try:
+        return request_id, await generation.next_delta()
+    except BaseException:
+        generation.cancel()
+        raise
 
 
 async def finish_unstreamed(http_request: Request, generation: Generation, first=None) -> None:
