@@ -32,6 +32,8 @@ import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from measure import serving  # bench/ is the script's own folder
+
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 QUESTION = "What part of the body is imaged?"
 
@@ -129,8 +131,6 @@ def _server_ask(url: str, picture: Path, max_new_tokens: int) -> dict:
 
 
 def _serve(model_dir: Path, work: Path, backend: str):
-    import httpx
-
     from gmaivl_rt.server.background import free_port
 
     port = free_port()
@@ -140,17 +140,10 @@ def _serve(model_dir: Path, work: Path, backend: str):
                                 str(port), "--served-model-name", "gmaivl", "--backend", backend], cwd=outside,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError("gmaivl-rt serve did not come up")
-        time.sleep(0.5)
+    if not serving(url, process, timeout=300):
+        process.kill()
+        raise RuntimeError("gmaivl-rt serve did not come up")
+    return process, url
 
 
 def _summary(rows: list[dict]) -> str:

@@ -148,3 +148,20 @@ def span(values, fmt: str = "{:.2f}") -> str:
     """min-max of a list of figures as text ("1.10-1.45"; one value alone)."""
     low, high = fmt.format(min(values)), fmt.format(max(values))
     return low if low == high else f"{low}-{high}"
+
+
+def serving(url: str, process, timeout: float = 180.0) -> bool:
+    """Poll `url`/health every 0.5 s until it answers 200 (True), or until the server `process` (a Popen) exits or
+    `timeout` seconds pass (False); the caller decides what a server that never came up means."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)

@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
+from measure import serving  # noqa: E402
 from server_fixtures import TEXTS  # noqa: E402
 from train_fixtures import make_tiny_chat_model  # noqa: E402
 
@@ -217,17 +218,9 @@ def main() -> int:
 
 
 def soak(url: str, server: subprocess.Popen, rng: random.Random, server_log: Path) -> int:
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            print("soak: the server did not start:\n" + server_log.read_text()[-3000:], file=sys.stderr)
-            return 1
-        time.sleep(0.5)
+    if not serving(url, server):
+        print("soak: the server did not start:\n" + server_log.read_text()[-3000:], file=sys.stderr)
+        return 1
 
     makers = build_requests(rng)
     names = sorted(makers)

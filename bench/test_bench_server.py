@@ -21,6 +21,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 # tests/support is on pytest's pythonpath (pyproject.toml)
+from measure import serving  # noqa: E402
 from server_fixtures import QUESTION, TEXTS, data_uri  # noqa: E402
 from train_fixtures import make_tiny_chat_model  # noqa: E402
 
@@ -72,16 +73,8 @@ def served(tmp_path_factory):
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("gmaivl-rt serve did not come up")
-            time.sleep(0.5)
+        if not serving(url, process):
+            pytest.fail("gmaivl-rt serve did not come up")
         yield url, process.pid
     finally:
         process.terminate()

@@ -32,6 +32,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
+from measure import serving  # noqa: E402
 from PIL import Image  # noqa: E402
 from server_fixtures import TEXTS, data_uri  # noqa: E402
 from train_fixtures import make_tiny_chat_model  # noqa: E402
@@ -76,17 +77,9 @@ class Served:
         self.process = subprocess.Popen([sys.executable, "-m", "gmaivl_rt.cli", "serve", str(folder), "--port",
                                          str(self.port), *map(str, args)], env=env, cwd=other or None,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail("gmaivl-rt serve did not come up")
-            time.sleep(0.5)
+        if not serving(self.url, self.process):
+            self.stop()
+            pytest.fail("gmaivl-rt serve did not come up")
 
     @property
     def pid(self) -> int:
