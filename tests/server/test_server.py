@@ -22,7 +22,7 @@ httpx = pytest.importorskip("httpx")
 from PIL import Image  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from pydicom.data import get_testdata_file  # noqa: E402
-from server_fixtures import (PATIENT_ID, PATIENT_NAME, QUESTION, TEXTS, data_uri,  # noqa: E402
+from server_fixtures import (PATIENT_ID, PATIENT_NAME, QUESTION, TEXTS, ask_on_page, data_uri,  # noqa: E402
                              dicom_with_identity)
 from train_fixtures import make_image  # noqa: E402
 
@@ -461,14 +461,7 @@ def test_page_uploads_a_dicom_streams_the_answer_the_api_gives(server, browser, 
     meta = browser.find_element(By.ID, "meta").text
     assert "CT" in meta and "128 × 128" in meta
 
-    question = browser.find_element(By.ID, "question")
-    question.clear()
-    question.send_keys(QUESTION)
-    tokens = browser.find_element(By.ID, "max-tokens")
-    tokens.clear()
-    tokens.send_keys(str(TOKENS))
-    browser.find_element(By.ID, "ask").click()
-    wait.until(lambda d: d.find_element(By.ID, "answer").get_attribute("data-done") in ("true", "error"))
+    ask_on_page(browser, wait, QUESTION, TOKENS)
     status = browser.find_element(By.ID, "status").text
     assert browser.find_element(By.ID, "answer").get_attribute("data-done") == "true", status
     assert browser.find_element(By.ID, "answer").get_attribute("textContent") == expected

@@ -19,6 +19,7 @@ pytest.importorskip("dicomweb_client", reason="the [hospital] extra (dicomweb-cl
 pytest.importorskip("highdicom", reason="the [hospital] extra (highdicom) is not installed")
 
 from orthanc import stocked_archive
+from server_fixtures import ask_on_page
 
 from gmaivl_rt.limits import DecodeBudget
 from gmaivl_rt.medical.structured_report import dicom_text
@@ -262,15 +263,7 @@ def test_page_browses_the_archive_and_asks(server, archive, browser):
     shown = post(server, PREVIEW, {"dicomweb": {"study": study, "series": str(mr.SeriesInstanceUID)}}).json()["image"]
     wait.until(lambda d: d.find_element(By.ID, "preview").get_attribute("src") == shown)
     assert browser.find_element(By.ID, "preview").is_displayed()
-    question = browser.find_element(By.ID, "question")
-    question.clear()
-    question.send_keys(QUESTION)
-    tokens = browser.find_element(By.ID, "max-tokens")
-    tokens.clear()
-    tokens.send_keys(str(TOKENS))
-    browser.find_element(By.ID, "write-sr").click()
-    browser.find_element(By.ID, "ask").click()
-    wait.until(lambda d: d.find_element(By.ID, "answer").get_attribute("data-done") in ("true", "error"))
+    ask_on_page(browser, wait, QUESTION, TOKENS, "write-sr")
     status = browser.find_element(By.ID, "status").text
     assert browser.find_element(By.ID, "answer").get_attribute("data-done") == "true", status
     assert browser.find_element(By.ID, "answer").get_attribute("textContent") == expected

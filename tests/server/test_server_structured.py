@@ -169,7 +169,7 @@ def test_page_structured_toggle_shows_the_finding_as_a_table(server, browser):
     from pydicom.data import get_testdata_file
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-    from server_fixtures import data_uri
+    from server_fixtures import ask_on_page, data_uri
 
     ct = get_testdata_file("CT_small.dcm")
     url = data_uri(open(ct, "rb").read(), "application/octet-stream")
@@ -188,15 +188,7 @@ def test_page_structured_toggle_shows_the_finding_as_a_table(server, browser):
     browser.execute_script("arguments[0].style.display = 'block';", upload)
     upload.send_keys(ct)
     wait.until(lambda d: d.find_element(By.ID, "ask").is_enabled())
-    question = browser.find_element(By.ID, "question")
-    question.clear()
-    question.send_keys(QUESTION)
-    tokens = browser.find_element(By.ID, "max-tokens")
-    tokens.clear()
-    tokens.send_keys("160")
-    browser.find_element(By.ID, "structured").click()
-    browser.find_element(By.ID, "ask").click()
-    wait.until(lambda d: d.find_element(By.ID, "answer").get_attribute("data-done") in ("true", "error"))
+    ask_on_page(browser, wait, QUESTION, 160, "structured")
     status = browser.find_element(By.ID, "status").text
     assert browser.find_element(By.ID, "answer").get_attribute("data-done") == "true", status
     assert browser.find_element(By.ID, "answer").get_attribute("textContent") == expected

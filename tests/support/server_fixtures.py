@@ -65,3 +65,19 @@ def wait_until(condition, timeout: float = 60.0, what: str = "condition") -> Non
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
+
+
+def ask_on_page(browser, wait, question: str, max_tokens: int, *toggles: str) -> None:
+    """On the served page (selenium `browser`, `wait` a WebDriverWait): type `question` and `max_tokens`, click each
+    of `toggles` (element ids, e.g. "structured", "write-sr"), press Ask and wait until the answer has ended
+    (`#answer[data-done]` "true" or "error")."""
+    from selenium.webdriver.common.by import By
+
+    for field, value in (("question", question), ("max-tokens", str(max_tokens))):
+        box = browser.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(value)
+    for toggle in toggles:
+        browser.find_element(By.ID, toggle).click()
+    browser.find_element(By.ID, "ask").click()
+    wait.until(lambda d: d.find_element(By.ID, "answer").get_attribute("data-done") in ("true", "error"))
