@@ -14,6 +14,7 @@ import torch
 
 from gmaivl_rt.model.sampling import SAMPLING_OPTIONS, SamplingParams, StopRule
 from gmaivl_rt.runtime.base import cut_at_stop
+from gmaivl_rt.runtime.tokenizer import IncrementalDetokenizer
 
 END_OF_ANSWER = object()  # the last item of a request's delta stream (its iterator and `sink` see it)
 
@@ -135,6 +136,7 @@ class Sequence:
     hit_tokens: int = 0             # prompt tokens found in the prefix cache at admission
     matcher: object = None          # a constraint.ConstraintMatcher where the request has a constraint
     top_logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the k most likely
+    detokenizer: IncrementalDetokenizer | None = None  # the answer's text so far, made by stream_text
 
     @functools.cached_property
     def sampling_key(self) -> tuple:
@@ -165,15 +167,27 @@ class Sequence:
     def stream_text(self, tokenizer, final: bool) -> bool:
         """Stream the new part of the decoded answer. Held back while unsure: an incomplete UTF-8 character,
         trailing spaces (the answer is stripped, as `ask` strips it) and a possible start of a stop string.
-        True when a stop string appeared (the text is cut before it, as `runtime.base.cut_at_stop` cuts)."""
-        text, stopped = cut_at_stop(tokenizer.decode(self.generated, skip_special_tokens=True).lstrip(),
-                                    self.stop_strings)
+        True when a stop string appeared (the text is cut before it, as `runtime.base.cut_at_stop` cuts).
+        The answer is decoded incrementally (`IncrementalDetokenizer`: each step decodes a few ids, not the whole
+        answer); the final call decodes it whole, once, as `ask` does."""
+        if self.detokenizer is None:
+            self.detokenizer = IncrementalDetokenizer(tokenizer)
+        if final:
+            decoded = self.detokenizer.final(self.generated)
+        else:
+            self.detokenizer.update(self.generated)
+            decoded = self.detokenizer.text
+            if self.stop_strings and self.detokenizer.holding:
+                # a stop string may already show in the held-back ids' text (U+FFFD for an incomplete character,
+                # as `ask`'s whole decode shows it): the whole decode, for the steps that hold ids back
+                whole = tokenizer.decode(self.generated, skip_special_tokens=True)
+                if cut_at_stop(whole.lstrip(), self.stop_strings)[1]:
+                    decoded = whole
+        text, stopped = cut_at_stop(decoded.lstrip(), self.stop_strings)
         final = final or stopped
         if final:
             text = text.rstrip()
         else:
-            if text.endswith("\ufffd"):
-                return False
             text = text.rstrip()
             hold = max((len(s) - 1 for s in self.stop_strings), default=0)
             text = text[:len(text) - hold] if hold else text
