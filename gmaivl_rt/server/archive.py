@@ -19,6 +19,9 @@ Routes (under /v1, so behind the same API key):
   `/v1/gmaivl/preview` gives it for an upload (a PNG data URI through the same reader and windowing, and metadata
   from closed vocabularies only: no header value), read under the same limits and decode budget.
 
+Bodies are read by `server.body.parsed_body`, as /v1/chat/completions reads them: a large one (long messages) is
+parsed in a worker thread, never on the event loop.
+
 Archive credentials come from the environment variables `gmaivl-rt ask --dicomweb` reads (`auth_from_env`), never
 the command line. Errors are 400s naming the field (`dicomweb`, `dicomweb.study`, `write_sr`, ...) with the
 archive's own one-line message, which never quotes a UID, URL or header value.
@@ -36,6 +39,7 @@ from starlette.concurrency import run_in_threadpool
 
 from gmaivl_rt.errors import InputError, ModelError
 from gmaivl_rt.server import protocol
+from gmaivl_rt.server.body import parsed_body
 from gmaivl_rt.server.generation import Generation, LoopDeltas, begin_answer, engine_alive, finish_unstreamed
 from gmaivl_rt.server.http_errors import error_response
 from gmaivl_rt.server.metrics import current_outcome
@@ -156,9 +160,10 @@ def add_archive_routes(app, engine, service: ArchiveService, *, served_model_nam
         return {"object": "list", "offset": offset, "limit": limit, "data": found}
 
     @app.post(SERIES_PATH)
-    async def series(body: SeriesRequest):
+    async def series(http_request: Request):
         from gmaivl_rt.medical.dicomweb import browse_series
 
+        body = await parsed_body(http_request, SeriesRequest)
         try:
             found = await run_in_threadpool(browse_series, service.archive(), body.study)
         except InputError as error:
@@ -166,8 +171,9 @@ def add_archive_routes(app, engine, service: ArchiveService, *, served_model_nam
         return {"object": "list", "data": found}
 
     @app.post(ASK_PATH)
-    async def ask(body: ArchiveChatRequest, http_request: Request):
+    async def ask(http_request: Request):
         arrival = time.monotonic()
+        body = await parsed_body(http_request, ArchiveChatRequest)
         if body.model not in (None, "", served_model_name):
             raise HTTPException(404, f"The model `{body.model[:64]}` does not exist.")
         if not engine_alive(engine):
@@ -247,9 +253,10 @@ def add_archive_routes(app, engine, service: ArchiveService, *, served_model_nam
         return reply
 
     @app.post(PREVIEW_PATH)
-    async def preview(body: ArchivePreviewRequest):
+    async def preview(http_request: Request):
         from gmaivl_rt.server.preview import preview as preview_body
 
+        body = await parsed_body(http_request, ArchivePreviewRequest)
         reserved = []
         try:
             try:

@@ -390,3 +390,51 @@ def test_archive_preview_is_the_picture_an_upload_preview_shows(server, archive)
         assert value not in reply.text + stacked.text
     missing = post(server, PREVIEW, {"dicomweb": {"study": "1.2.3.4.5.6.7.8.9"}})
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "dicomweb"
+
+
+def test_large_archive_bodies_are_parsed_off_the_event_loop(server, archive, monkeypatch):
+    """The POST archive routes (ask, preview, series) read their bodies as /v1/chat/completions does
+    (`server.body.parsed_body`): each request sent plain and padded with spaces past OFF_LOOP_BYTES gets the same
+    answer (the answer's text and usage, the preview, the series; a bad UID the same 400 naming dicomweb.study), the
+    plain body parsed on the event loop, the padded one in a worker thread (no running loop there). Mutant (seen
+    failing): the routes taking their bodies as FastAPI parameters, as before (parsed on the loop, `parse_body`
+    never called)."""
+    import asyncio
+    import json
+
+    from gmaivl_rt.server import body as body_module
+
+    parsed = []
+    parse = body_module.parse_body
+
+    def recording(raw, content_type, model):
+        try:
+            asyncio.get_running_loop()
+            on_loop = True
+        except RuntimeError:
+            on_loop = False
+        parsed.append((model.__name__, len(raw) >= body_module.OFF_LOOP_BYTES, on_loop))
+        return parse(raw, content_type, model)
+
+    monkeypatch.setattr(body_module, "parse_body", recording)
+    mr = str(archive.mr.StudyInstanceUID)
+    ask = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": TOKENS, "temperature": 0}
+    cases = [(ASK, {**ask, "dicomweb": {"study": mr}}), (ASK, {**ask, "dicomweb": {"study": "1.2.abc"}}),
+             (PREVIEW, {"dicomweb": {"study": mr}}), ("/v1/gmaivl/archive/series", {"study": mr})]
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+
+    def essence(reply):
+        body = reply.json()
+        if "choices" in body:  # a fresh id and time per answer
+            return reply.status_code, body["choices"][0]["message"]["content"], body["usage"]
+        return reply.status_code, body
+
+    for path, body in cases:
+        raw = json.dumps(body).encode()
+        plain, padded = (essence(httpx.post(server.url + path, content=content, headers=headers, timeout=300))
+                         for content in (raw, raw + b" " * body_module.OFF_LOOP_BYTES))
+        assert padded == plain, path
+    assert essence(httpx.post(server.url + ASK, json=cases[1][1], headers=headers, timeout=60))[1]["error"][
+        "param"] == "dicomweb.study"
+    models = ["ArchiveChatRequest", "ArchiveChatRequest", "ArchivePreviewRequest", "SeriesRequest"]
+    assert parsed[:8] == [call for name in models for call in ((name, False, True), (name, True, False))]
