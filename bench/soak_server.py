@@ -235,10 +235,14 @@ def soak(url: str, server: subprocess.Popen, rng: random.Random, server_log: Pat
         if counted:
             with tally.lock:
                 tally.sent += 1
+        idle_s = time.monotonic() - getattr(local, "last_end", time.monotonic())
         try:
             answer_class, detail = makers[kind][1](client)
         except httpx.TransportError as error:  # a connection the server broke
-            answer_class, detail = "unexpected", f"{type(error).__name__}: {error}"
+            # how long this client's connections had been idle: a keep-alive race shows as idle ~ the server's
+            # keep-alive timeout (--timeout-keep-alive)
+            answer_class, detail = "unexpected", f"{type(error).__name__}: {error} (client idle {idle_s:.2f} s)"
+        local.last_end = time.monotonic()
         if answer_class is not None:
             tally.add(kind, answer_class, detail)
 

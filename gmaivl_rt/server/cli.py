@@ -5,6 +5,7 @@ import argparse
 
 from gmaivl_rt.limits import DecodeBudget
 from gmaivl_rt.runtime.cli import add_backend_options, backend_options
+from gmaivl_rt.server.background import KEEP_ALIVE_S
 
 
 def register(subparsers) -> None:
@@ -24,6 +25,9 @@ def register(subparsers) -> None:
     p.add_argument("--api-key-file", default=None, help="read the API key from this file (its first line)")
     p.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
                    help="Host header names answered, '*' for any (default: the bound host and localhost)")
+    p.add_argument("--timeout-keep-alive", type=int, default=KEEP_ALIVE_S, metavar="S",
+                   help="seconds an idle keep-alive connection is kept; keep it longer than clients keep theirs "
+                        f"(httpx and the openai client: 5 s) so they close first (default {KEEP_ALIVE_S})")
     p.add_argument("--max-request-bytes", type=int, default=64 * 2**20, help="larger bodies get 413")
     p.add_argument("--max-images-per-request", type=int, default=None)
     p.add_argument("--max-waiting", type=int, default=None,
@@ -104,6 +108,10 @@ def _serve_cli(args: argparse.Namespace) -> int:
     from gmaivl_rt.server.app import create_app
 
     key = api_key(args, os.environ)  # before the model loads: a bad key stops the start at once
+    if args.timeout_keep_alive < 1:
+        from gmaivl_rt.errors import InputError
+
+        raise InputError(f"--timeout-keep-alive must be at least 1 second, not {args.timeout_keep_alive}")
     decode_budget = DecodeBudget(max_request_pixels=args.max_request_pixels, max_server_pixels=args.max_server_pixels,
                                  decode_workers=args.decode_workers)
     engine_kwargs = backend_options(args)
@@ -125,5 +133,6 @@ def _serve_cli(args: argparse.Namespace) -> int:
                          allow_remote_media=args.allow_remote_media,
                          allowed_media_domains=args.allowed_media_domains, audit_log=args.audit_log,
                          decode_budget=decode_budget, dicomweb=args.dicomweb)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info",
+                    timeout_keep_alive=args.timeout_keep_alive)
     return 0

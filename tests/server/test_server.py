@@ -259,6 +259,76 @@ def test_serve_cli_builds_the_app_its_flags_describe(folder, monkeypatch):
     assert [m["id"] for m in seen["models"]["data"]] == [folder.name]
 
 
+def test_serve_keeps_an_idle_connection_longer_than_clients_do(folder, monkeypatch):
+    """`gmaivl-rt serve` (uvicorn run with the flags' settings) keeps an idle keep-alive connection past the time
+    httpx, and so the official openai client, keep theirs (their own default, read from them): a request sent on
+    the same connection one second after that is answered. So the client gives a connection up first, never
+    sending a request on one the server is closing at that moment ("connection reset by peer" before the app sees
+    it). Mutant (seen failing): uvicorn's default keep-alive (5 s, the flag not passed on): the connection was
+    closed."""
+    import socket
+
+    import uvicorn
+
+    from gmaivl_rt.cli import main
+    from gmaivl_rt.server.background import free_port
+
+    client_keep_alive_s = max(httpx.Limits().keepalive_expiry, _openai_keepalive_expiry())
+    answers = []
+
+    def health(connection) -> bytes:
+        connection.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            try:
+                piece = connection.recv(4096)
+            except ConnectionResetError:
+                piece = b""
+            if not piece:
+                break
+            head += piece
+        return head.split(b"\r\n", 1)[0]
+
+    def run(app, host, port, **kwargs):  # the real server, with the settings `serve` gives uvicorn
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=free_port(), lifespan="off", **kwargs))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        try:
+            while not server.started and thread.is_alive():
+                time.sleep(0.02)
+            with socket.create_connection((host, server.config.port), timeout=30) as connection:
+                answers.append(health(connection))
+                time.sleep(client_keep_alive_s + 1)
+                answers.append(health(connection))
+        finally:
+            server.should_exit = True
+            thread.join(30)
+
+    monkeypatch.setattr(uvicorn, "run", run)
+    assert main(["serve", str(folder), "--max-batch-size", "1"]) == 0
+    assert answers == [b"HTTP/1.1 200 OK"] * 2
+
+
+def test_serve_refuses_a_keep_alive_under_a_second(tmp_path, capsys):
+    """Exit 2 and one line naming the flag, before the (here missing) model folder is read. Mutant (seen failing):
+    the check dropped (the missing folder's error instead)."""
+    from gmaivl_rt.cli import main
+
+    assert main(["serve", str(tmp_path / "missing"), "--timeout-keep-alive", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--timeout-keep-alive must be at least 1 second" in err and err.count("\n") == 1, err
+
+
+def _openai_keepalive_expiry() -> float:
+    """The official openai client's idle-connection expiry (its httpx limits), 0 where it cannot be read."""
+    try:
+        from openai._constants import DEFAULT_CONNECTION_LIMITS
+
+        return float(DEFAULT_CONNECTION_LIMITS.keepalive_expiry or 0)
+    except (ImportError, AttributeError):
+        return 0.0
+
+
 def test_health_is_503_once_the_engine_is_closed(folder):
     from fastapi.testclient import TestClient
 
