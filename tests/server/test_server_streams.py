@@ -205,3 +205,53 @@ def test_a_large_body_is_parsed_in_a_worker_thread(monkeypatch):
     loop_thread, parsed = asyncio.run(both())
     assert [p.messages[0].content for p in parsed] == ["Hi", "x" * body_module.OFF_LOOP_BYTES]
     assert threads[0] is loop_thread and threads[1] is not loop_thread
+
+
+def test_a_burst_of_deltas_wakes_the_loop_once_and_keeps_each_streams_order():
+    """An engine step hands a delta to every row from its thread: 16 streams x 3 deltas and their ends, posted while
+    the event loop is busy, reach the loop in ONE wake-up (`call_soon_threadsafe`), each stream's deltas in order,
+    none lost; after the loop is closed a sink raises (the engine then cancels the request). Mutant (seen failing):
+    a wake-up per delta (`wake = True` in `_LoopMailbox.post`, what `LoopDeltas` did before): 64 wake-ups."""
+    from gmaivl_rt.engine.sequence import END_OF_ANSWER
+    from gmaivl_rt.server.generation import LoopDeltas
+
+    wakeups = []
+
+    class CountingLoop(asyncio.SelectorEventLoop):
+        def call_soon_threadsafe(self, *args, **kwargs):
+            wakeups.append(threading.current_thread())
+            return super().call_soon_threadsafe(*args, **kwargs)
+
+    async def burst():
+        streams = [LoopDeltas() for _ in range(16)]
+        posted = threading.Event()
+
+        def engine_step():  # the engine's thread: three steps' deltas while the loop is busy, then the ends
+            for step in range(3):
+                for i, deltas in enumerate(streams):
+                    deltas.sink(f"{i}:{step} ")
+            for deltas in streams:
+                deltas.sink(END_OF_ANSWER)
+            posted.set()
+
+        thread = threading.Thread(target=engine_step)
+        thread.start()
+        posted.wait(30)  # the loop's thread blocked meanwhile: nothing is delivered until it runs again
+        thread.join(30)
+        received = []
+        for deltas in streams:
+            items = []
+            while (item := await asyncio.wait_for(deltas.get(), 30)) is not END_OF_ANSWER:
+                items.append(item)
+            received.append(items)
+        return streams, received
+
+    loop = CountingLoop()
+    try:
+        streams, received = loop.run_until_complete(burst())
+    finally:
+        loop.close()
+    assert received == [[f"{i}:{step} " for step in range(3)] for i in range(16)]
+    assert len(wakeups) == 1, f"{len(wakeups)} wake-ups of the event loop for one burst of 64 deltas"
+    with pytest.raises(RuntimeError):
+        streams[0].sink("after the loop closed")
