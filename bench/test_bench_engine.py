@@ -7,6 +7,8 @@
   model's forward (goal <= 15 %);
 - time to first token of a follow-up question on the same image vs the first question (goal <= 0.3x);
 - peak KV memory of 16 requests of mixed lengths in the paged pool vs a max_batch x max_length cache (goal <= 0.5x);
+- Poisson arrivals at a rate that saturates one static batch: the engine vs a static-batching server (throughput
+  and TTFT p50/p99, goal >= 1.5x at equal p99 TTFT);
 - Poisson arrivals at a fixed rate for GMAIVL_BENCH_ENGINE_SECONDS (default 60): time to first token p50/p99 and
   tokens/s.
 Ratios go to extra_info and are printed; nothing is asserted about speed.
@@ -36,6 +38,7 @@ TEXTS = ["<image>\nWhat modality is this image?", "This is a CT scan of the ches
 QUESTIONS = ["What modality is this image?", "Which plane is shown?", "Describe the image in detail.",
              "Is there a fracture?"]
 NEW_TOKENS = 32
+DECODE_TOKENS = 32  # batch-1 decode: tokens timed after the first
 ROUNDS = int(os.environ.get("GMAIVL_BENCH_ROUNDS", "3"))
 NO_EOS = {"eos_token_id": [], "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}  # every request runs its length
 
@@ -57,6 +60,17 @@ def _requests(count):
     return [(QUESTIONS[i % 4], _image(i) if i % 2 == 0 else None) for i in range(count)]
 
 
+def padded_generate(backend, requests, options) -> list:
+    """One left-padded `generate` batch of `requests` [(question, image or None)] with one set of options, prompts
+    built by the request boundary (`gmaivl_rt.runtime.batching`): the static batch. Returns the answers (str)."""
+    built = [backend.build_request(q, im, **options) for q, im in requests]
+    ids, mask = left_padded_batch([b.input_ids[0] for b in built], built[0].generation["pad_token_id"])
+    pixels = pixel_batch([p for b in built if b.pixel_values is not None for p in b.pixel_values],
+                         backend.config.vision.dynamic_resolution)
+    out = backend.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **built[0].generation)
+    return [text.strip() for text in backend.decode(out[:, ids.shape[1]:])]
+
+
 def test_engine_throughput_vs_sequential_ask_and_padded_batch(benchmark, model_dir):
     """Three sides on the same 16 requests (half with an image), greedy, every request running NEW_TOKENS: the engine
     with all 16 submitted at once, `ask` one request after another, and one left-padded `generate` batch of all 16
@@ -72,12 +86,7 @@ def test_engine_throughput_vs_sequential_ask_and_padded_batch(benchmark, model_d
         return [backend.ask(q, im, **options) for q, im in requests]
 
     def padded_batch():
-        built = [backend.build_request(q, im, **options) for q, im in requests]
-        ids, mask = left_padded_batch([b.input_ids[0] for b in built], built[0].generation["pad_token_id"])
-        pixels = pixel_batch([p for b in built if b.pixel_values is not None for p in b.pixel_values],
-                             backend.config.vision.dynamic_resolution)
-        out = backend.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, **built[0].generation)
-        return [text.strip() for text in backend.decode(out[:, ids.shape[1]:])]
+        return padded_generate(backend, requests, options)
 
     load_before = load_average()
     with Engine(model_dir, max_batch_size=16) as engine:
@@ -109,6 +118,53 @@ def test_engine_throughput_vs_sequential_ask_and_padded_batch(benchmark, model_d
           + f"; engine {span(vs['sequential'], '{:.2f}')}x sequential ask (goal >= 3x), "
             f"{span(vs['padded_generate'], '{:.2f}')}x one padded generate batch (goal >= 1.2x); "
             f"answers identical on every side: {same}")
+
+
+def test_engine_vs_transformers_continuous_batching_text(benchmark, model_dir):
+    """The engine vs transformers' continuous batching (`generate_batch`, text prompts only: it takes no
+    pixel_values; goal >= 2x, issue 29) on the same 16 text requests x NEW_TOKENS, greedy, no eos, prompts built by
+    the same request boundary; transformers' manager kept between calls (persistent_manager) and sized for the
+    workload (32 pages), as the engine's pool is; ROUNDS interleaved rounds (`interleaved_seconds`), same-round
+    ratios, the load average, and how many answers agree."""
+    from transformers import GenerationConfig, LlavaForConditionalGeneration
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    backend = gmaivl_rt.load(model_dir)
+    requests = [(QUESTIONS[i % 4], None) for i in range(16)]
+    options = dict(max_new_tokens=NEW_TOKENS, **NO_EOS)
+    built = [backend.build_request(q, None, **options) for q, _ in requests]
+    prompts = [b.input_ids[0].tolist() for b in built]
+    hf = LlavaForConditionalGeneration.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+    config = GenerationConfig(max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+                              pad_token_id=built[0].generation["pad_token_id"])
+    batching = ContinuousBatchingConfig(num_blocks=32, max_batch_tokens=512, max_requests_per_batch=16)
+
+    def transformers_batch():
+        out = hf.generate_batch(inputs=prompts, generation_config=config, continuous_batching_config=batching,
+                                persistent_manager=True, warmup=False)
+        ordered = sorted(out.values(), key=lambda o: prompts.index(o.prompt_ids) if o.prompt_ids in prompts else 0)
+        return [text.strip() for text in backend.decode([o.generated_tokens for o in ordered])]
+
+    load_before = load_average()
+    with Engine(model_dir, max_batch_size=16) as engine:
+        def engine_batch():
+            return [r.result() for r in [engine.submit(q, **options) for q, _ in requests]]
+
+        same = sum(a == b for a, b in zip(sorted(engine_batch()), sorted(transformers_batch())))
+        benchmark.pedantic(engine_batch, rounds=1, iterations=1)
+        seconds = interleaved_seconds({"engine": engine_batch, "transformers_cb": transformers_batch},
+                                      rounds=ROUNDS)
+    load_after = load_average()
+    tokens = 16 * NEW_TOKENS
+    ratios = [t / e for t, e in zip(seconds["transformers_cb"], seconds["engine"])]
+    benchmark.extra_info.update(seconds=seconds, ratios=ratios, same_answers=same, load_average_before=load_before,
+                                load_average_after=load_after)
+    print(f"\ntext prompts, 16 x {NEW_TOKENS} tokens, {ROUNDS} interleaved rounds (load average {load_before[0]:.1f} "
+          f"before, {load_after[0]:.1f} after): engine {statistics.median(tokens / s for s in seconds['engine']):.0f}"
+          f" tok/s, transformers continuous batching "
+          f"{statistics.median(tokens / s for s in seconds['transformers_cb']):.0f} (medians); engine "
+          f"{statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}; goal >= 2x); "
+          f"{same} of 16 answers equal")
 
 
 def step_overhead(engine, run, rounds: int) -> list:
@@ -268,6 +324,231 @@ def test_peak_kv_memory_vs_contiguous_cache(benchmark, model_dir):
     benchmark.extra_info.update(paged_peak_bytes=paged, contiguous_bytes=contiguous, memory_ratio=paged / contiguous)
     print(f"\npeak KV memory: paged {paged / 2**20:.2f} MiB vs contiguous 16 x {max_length} tokens "
           f"{contiguous / 2**20:.2f} MiB: {paged / contiguous:.2f}x (goal <= 0.5x)")
+
+
+POISSON_LENGTHS = [16, 32, 48]
+
+
+def _arrivals(count: int, rate: float, seed: int) -> list:
+    """[(seconds after the start, question, image or None, max_new_tokens)]: Poisson arrivals at `rate`/s."""
+    rng, at, out = random.Random(seed), 0.0, []
+    for i in range(count):
+        out.append((at, QUESTIONS[i % 4], _image(i) if rng.random() < 0.5 else None, rng.choice(POISSON_LENGTHS)))
+        at += rng.expovariate(rate)
+    return out
+
+
+def _serve_engine(engine, arrivals) -> dict:
+    """Submit each request at its arrival time; per request (ttft s, tokens) and the makespan."""
+    start, submitted = time.perf_counter(), []
+    for at, q, im, n in arrivals:
+        time.sleep(max(0.0, start + at - time.perf_counter()))
+        submitted.append(engine.submit(q, image=im, max_new_tokens=n, **NO_EOS))
+    for r in submitted:
+        r.result(timeout=600)
+    finish = max(r.finish_time for r in submitted)
+    return {"ttft": [r.first_token_time - r.arrival_time for r in submitted],
+            "tokens": sum(r.generated_tokens for r in submitted),
+            "seconds": finish - (submitted[0].arrival_time)}
+
+
+def _serve_static(backend, arrivals, batch_size: int) -> dict:
+    """A static-batching server: wait for a request, take every one waiting (at most batch_size), run them as one
+    padded `generate` until the longest is done (`padded_generate`), repeat. A request's first token comes when its
+    batch's prefill forward returns; its useful tokens are its own max_new_tokens (the rest of its row is waste)."""
+    import queue
+    import threading
+
+    arrived: queue.Queue = queue.Queue()
+    start = time.perf_counter()
+
+    def feed():
+        for index, (at, *_rest) in enumerate(arrivals):
+            time.sleep(max(0.0, start + at - time.perf_counter()))
+            arrived.put((index, time.perf_counter()))
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    model, first_forward = backend.model, []
+    forward = model.last_logits
+
+    def noted(*args, **kwargs):
+        logits = forward(*args, **kwargs)
+        if not first_forward:
+            first_forward.append(time.perf_counter())
+        return logits
+
+    model.last_logits = noted
+    ttft, tokens, served, finish = [None] * len(arrivals), 0, 0, start
+    try:
+        while served < len(arrivals):
+            batch = [arrived.get(timeout=600)]
+            while len(batch) < batch_size:
+                try:
+                    batch.append(arrived.get_nowait())
+                except queue.Empty:
+                    break
+            first_forward.clear()
+            longest = max(arrivals[i][3] for i, _ in batch)
+            padded_generate(backend, [arrivals[i][1:3] for i, _ in batch], dict(max_new_tokens=longest, **NO_EOS))
+            finish = time.perf_counter()
+            for i, at in batch:
+                ttft[i] = first_forward[0] - at
+                tokens += arrivals[i][3]
+            served += len(batch)
+    finally:
+        del model.last_logits
+        feeder.join()
+    return {"ttft": ttft, "tokens": tokens, "seconds": finish - start}
+
+
+def test_poisson_engine_vs_static_batching_server(benchmark, model_dir):
+    """Poisson arrivals (issue 29; goal: engine throughput >= 1.5x a static-batching server at equal p99 TTFT).
+    The rate saturates one static batch: GMAIVL_BENCH_POISSON_LOAD (default 1.25) x 16 requests per the time one
+    padded batch of 16 x the longest length takes (measured first). GMAIVL_BENCH_POISSON_REQUESTS (default 48)
+    requests, the same seeded arrivals (half with an image, 16/32/48 new tokens) for both sides, max(2, ROUNDS)
+    rounds alternating which side runs first, an idle gap before each; per side useful tokens/s (each request's
+    own length, over first arrival to last finish) and TTFT p50/p99, same-round throughput ratios, the load
+    average."""
+    batch_size = 16
+    count = int(os.environ.get("GMAIVL_BENCH_POISSON_REQUESTS", "48"))
+    factor = float(os.environ.get("GMAIVL_BENCH_POISSON_LOAD", "1.25"))
+    backend = gmaivl_rt.load(model_dir)
+    full = [(QUESTIONS[i % 4], _image(i) if i % 2 == 0 else None) for i in range(batch_size)]
+    longest = dict(max_new_tokens=max(POISSON_LENGTHS), **NO_EOS)
+    padded_generate(backend, full, longest)  # warm-up
+    batch_s = statistics.median(
+        interleaved_seconds({"static batch": lambda: padded_generate(backend, full, longest)}, rounds=3,
+                            warmup=0)["static batch"])
+    rate = factor * batch_size / batch_s
+    print(f"\none static batch of {batch_size} x {max(POISSON_LENGTHS)} tokens: {batch_s:.2f} s; arrivals at "
+          f"{rate:.1f}/s", flush=True)
+    arrivals = _arrivals(count, rate, seed=1)
+    load_before = load_average()
+    results = {"engine": [], "static": []}
+    with Engine(model_dir, max_batch_size=batch_size) as engine:
+        engine.ask("Warm up.", max_new_tokens=2)
+
+        def run():
+            for r in range(max(2, ROUNDS)):
+                for side in (["engine", "static"] if r % 2 == 0 else ["static", "engine"]):
+                    time.sleep(0.5)
+                    results[side].append(_serve_engine(engine, arrivals) if side == "engine"
+                                         else _serve_static(backend, arrivals, batch_size))
+
+        benchmark.pedantic(run, rounds=1, iterations=1)
+    load_after = load_average()
+
+    def p(values, q):
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    summary = {side: [{"tokens_per_s": r["tokens"] / r["seconds"], "ttft_p50_s": p(r["ttft"], 0.5),
+                       "ttft_p99_s": p(r["ttft"], 0.99)} for r in runs] for side, runs in results.items()}
+    ratios = [e["tokens_per_s"] / s["tokens_per_s"] for e, s in zip(summary["engine"], summary["static"])]
+    benchmark.extra_info.update(rate=rate, static_batch_s=batch_s, requests=count, summary=summary, throughput_ratios=ratios,
+                                load_average_before=load_before, load_average_after=load_after)
+
+    def side_text(side):
+        rows = summary[side]
+        return (f"{side} {statistics.median(r['tokens_per_s'] for r in rows):.0f} useful tok/s, TTFT p50 "
+                f"{1e3 * statistics.median(r['ttft_p50_s'] for r in rows):.0f} ms, p99 "
+                f"{1e3 * statistics.median(r['ttft_p99_s'] for r in rows):.0f} ms")
+
+    print(f"\nPoisson arrivals at {rate:.1f}/s ({factor}x one static batch of {batch_size}: {batch_s:.2f} s for "
+          f"{batch_size} x {max(POISSON_LENGTHS)} tokens), {count} requests, "
+          f"{len(ratios)} rounds (load average {load_before[0]:.1f} before, {load_after[0]:.1f} after; medians): "
+          f"{side_text('engine')}; {side_text('static')}; engine throughput {statistics.median(ratios):.2f}x "
+          f"the static server (range {min(ratios):.2f}-{max(ratios):.2f}; goal >= 1.5x at equal p99 TTFT)")
+
+
+def compiled_decode_per_token(threads: str, rounds: str = "3") -> dict:
+    """In a fresh process (`measure.in_fresh_process`, OMP_NUM_THREADS set by the caller): batch-1 decode
+    milliseconds per token of the engine with the compiled step (compile=True, bucket 1), the same engine eager,
+    and transformers' `generate` (LlavaForConditionalGeneration, sdpa) on the same compact weights, one request
+    of 33 tokens, text prompt; the engine's per token is (finish - first token) / 32, transformers'
+    (generate 33 - generate 1) / 32. Rounds interleaved (`interleaved_seconds`)."""
+    import tempfile
+
+    from transformers import LlavaForConditionalGeneration
+
+    torch.set_num_threads(int(threads))
+    path = tempfile.mkdtemp(prefix="gmaivl-compiled-")
+    tokenizer = train_bpe_tokenizer(TEXTS, path, vocab_size=512, min_frequency=1)
+    torch.manual_seed(0)
+    GMAIVL(GMAIVLConfig.preset("compact").replace(**model_vocab_fields(tokenizer))).save_pretrained(path)
+    hf = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa").eval()
+    options = dict(max_new_tokens=DECODE_TOKENS + 1, **NO_EOS)
+    started = time.perf_counter()
+    compiled = Engine(path, max_batch_size=1, compile=True, compile_buckets=[1])
+    compiled.ask("Warm up.", max_new_tokens=2)  # after the warm-up compile
+    warm_up_s = time.perf_counter() - started
+    eager = Engine(path, max_batch_size=1, compile=False)
+    ids = torch.tensor([tokenizer.encode(QUESTIONS[2])])
+    per_token = {}
+
+    def engine_side(engine, name):
+        def run():
+            request = engine.submit(QUESTIONS[2], **options)
+            request.result()
+            per_token.setdefault(name, []).append((request.finish_time - request.first_token_time)
+                                                  / DECODE_TOKENS)
+        return run
+
+    def hf_generate(n):
+        with torch.no_grad():
+            hf.generate(input_ids=ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    try:
+        seconds = interleaved_seconds({"compiled": engine_side(compiled, "compiled"),
+                                       "eager": engine_side(eager, "eager"),
+                                       "hf_1": lambda: hf_generate(1),
+                                       "hf_33": lambda: hf_generate(DECODE_TOKENS + 1)}, rounds=int(rounds))
+    finally:
+        compiled.close()
+        eager.close()
+    warm = slice(1, None)  # the warm-up call of each side is not a round
+    hf_ms = [1e3 * (a - b) / DECODE_TOKENS for a, b in zip(seconds["hf_33"], seconds["hf_1"])]
+    return {"threads": int(threads), "compile_failed": compiled.runner.compiled.failed, "warm_up_s": warm_up_s,
+            "compiled_ms": [1e3 * t for t in per_token["compiled"][warm]],
+            "eager_ms": [1e3 * t for t in per_token["eager"][warm]], "transformers_ms": hf_ms}
+
+
+@pytest.mark.skipif(os.environ.get("GMAIVL_BENCH_COMPILE") != "1",
+                    reason="compiling the decode step takes minutes on this CPU: set GMAIVL_BENCH_COMPILE=1")
+def test_compiled_batch1_decode_vs_transformers(benchmark):
+    """Batch-1 decode per token, the engine's compiled step vs transformers (goal <= 0.6x; issue 29), and vs the
+    eager engine, with 1 and 2 threads (OMP_NUM_THREADS and torch's intra-op threads), each in its own fresh
+    process (Inductor's OpenMP pool is sized when it starts), the load average printed."""
+    from measure import in_fresh_process
+
+    results, load_before = [], load_average()
+
+    def run():
+        for threads in ("1", "2"):
+            saved = os.environ.get("OMP_NUM_THREADS")
+            os.environ["OMP_NUM_THREADS"] = threads
+            try:
+                results.append(in_fresh_process(__file__, "compiled_decode_per_token", threads, ROUNDS,
+                                                timeout=1800))
+            finally:
+                if saved is None:
+                    os.environ.pop("OMP_NUM_THREADS")
+                else:
+                    os.environ["OMP_NUM_THREADS"] = saved
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    load_after = load_average()
+    benchmark.extra_info.update(results=results, load_average_before=load_before, load_average_after=load_after)
+    for r in results:
+        ratios = [c / h for c, h in zip(r["compiled_ms"], r["transformers_ms"])]
+        eager = [c / e for c, e in zip(r["compiled_ms"], r["eager_ms"])]
+        print(f"\nbatch-1 decode, {r['threads']} thread(s) (load average {load_before[0]:.1f} before, "
+              f"{load_after[0]:.1f} after; warm-up {r['warm_up_s']:.0f} s, compile failure: {r['compile_failed']}): "
+              f"compiled {statistics.median(r['compiled_ms']):.2f} ms/token, eager engine "
+              f"{statistics.median(r['eager_ms']):.2f}, transformers {statistics.median(r['transformers_ms']):.2f} "
+              f"(medians); compiled / transformers {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-"
+              f"{max(ratios):.2f}; goal <= 0.6x), compiled / eager {statistics.median(eager):.2f}x")
 
 
 def test_poisson_arrivals(benchmark, model_dir):
