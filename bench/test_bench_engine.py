@@ -459,7 +459,10 @@ def test_poisson_engine_vs_static_batching_server(benchmark, model_dir):
           f"{batch_size} x {max(POISSON_LENGTHS)} tokens), {count} requests, "
           f"{len(ratios)} rounds (load average {load_before[0]:.1f} before, {load_after[0]:.1f} after; medians): "
           f"{side_text('engine')}; {side_text('static')}; engine throughput {statistics.median(ratios):.2f}x "
-          f"the static server (range {min(ratios):.2f}-{max(ratios):.2f}; goal >= 1.5x at equal p99 TTFT)")
+          f"the static server (range {min(ratios):.2f}-{max(ratios):.2f}; goal >= 1.5x at equal p99 TTFT); per "
+          f"round (tok/s, p99 TTFT s) engine "
+          + ", ".join(f"{r['tokens_per_s']:.0f} {r['ttft_p99_s']:.1f}" for r in summary["engine"]) + "; static "
+          + ", ".join(f"{r['tokens_per_s']:.0f} {r['ttft_p99_s']:.1f}" for r in summary["static"]))
 
 
 def compiled_decode_per_token(threads: str, rounds: str = "3") -> dict:
