@@ -5,7 +5,8 @@
    (`--max-request-pixels 400000000 --max-server-pixels 400000000`) one is served and the others get 429 with
    Retry-After; clients that retry are all served in turn. Reported: each refusal's latency (goal: under 1 s), the
    server's peak RSS above idle against the bound documented in `gmaivl_rt.limits.DecodeBudget`, and RSS after.
-2. A separate process probes `GET /` and `/health` on the same server idle, then while 64 streams run: p50/p99
+2. A separate process probes `GET /` and `/health` on the same server idle, then while 64 streams run (64 clients,
+   each starting its next stream as its last one ends): p50/p99
    latency of each (goal: p99 under 100 ms under the streams), the longest gap between two events of a stream,
    the load average (GMAIVL_BENCH_PROBE_S, default 20 s, per probe).
 
@@ -259,29 +260,34 @@ def _probe(url: str) -> dict:
 
 
 def test_page_and_health_latency_while_64_streams_run(folder, benchmark):
-    """Same server, same run: GET / and /health probed idle, then while STREAMS streams run (each long enough to
-    outlast the probe; how many had ended when it stopped is reported). p50 / p99 of each, the ratio of the p99s,
-    the longest gap a stream saw between two events, and the load average around each part."""
+    """Same server, same run: GET / and /health probed idle, then while STREAMS streams run: each of STREAMS
+    clients starts a new stream as soon as its last one ends, until the probe is over (the tiny model's answers may
+    end early, at its end-of-sequence token: the streams would otherwise thin out during the probe). p50 / p99 of
+    each, the ratio of the p99s, the longest gap a stream saw between two events, and the load average around each
+    part."""
     served = Served(folder, "--max-batch-size", 16)
     report = {}
     try:
         body = {"max_tokens": STREAM_TOKENS, "temperature": 0, "stream": True, "messages": [
             {"role": "user", "content": "Describe the image."}]}
-        ended, errors, gaps, ended_at = [], [], [], []
+        ended, errors, gaps = [], [], []
+        probed = threading.Event()
 
         def stream():
-            try:
-                with httpx.stream("POST", served.url + "/v1/chat/completions", json=body, timeout=600) as response:
-                    lines, stamps = [], []
-                    for line in response.iter_lines():
-                        if line.startswith("data: "):
-                            lines.append(line)
-                            stamps.append(time.monotonic())
-                ended.append(lines[-1] == "data: [DONE]" and response.status_code == 200)
-                ended_at.append(stamps[-1])
-                gaps.append(max(b - a for a, b in zip(stamps, stamps[1:])) if len(stamps) > 1 else 0.0)
-            except Exception as error:  # counted and reported
-                errors.append(type(error).__name__)
+            while not probed.is_set():  # one stream after another, so STREAMS run throughout the probe
+                try:
+                    with httpx.stream("POST", served.url + "/v1/chat/completions", json=body,
+                                      timeout=600) as response:
+                        lines, stamps = [], []
+                        for line in response.iter_lines():
+                            if line.startswith("data: "):
+                                lines.append(line)
+                                stamps.append(time.monotonic())
+                    ended.append(lines[-1] == "data: [DONE]" and response.status_code == 200)
+                    gaps.append(max(b - a for a, b in zip(stamps, stamps[1:])) if len(stamps) > 1 else 0.0)
+                except Exception as error:  # counted and reported
+                    errors.append(type(error).__name__)
+                    return
 
         def run():
             _warm_up(served.url)
@@ -293,11 +299,11 @@ def test_page_and_health_latency_while_64_streams_run(folder, benchmark):
                 t.start()
             time.sleep(3)  # every stream connected and the engine busy
             loaded = _probe(served.url)
-            probe_end = time.monotonic()
+            probed.set()
             report["load after streamed probe"] = os.getloadavg()
+            report["streams ended during the probe (each replaced)"] = len(ended)
             for t in threads:
                 t.join(900)
-            report["streams ended before the probe did"] = sum(end <= probe_end for end in ended_at)
             return idle, loaded
 
         idle, loaded = benchmark.pedantic(run, rounds=1, iterations=1)
@@ -311,10 +317,11 @@ def test_page_and_health_latency_while_64_streams_run(folder, benchmark):
             report[f"{path} p99 streams / idle"] = report[f"64 streams: {path} p99 ms"] / report[f"idle: {path} p99 ms"]
         report["longest gap between stream events s"] = max(gaps, default=float("nan"))
         report["streams ended with [DONE]"] = sum(ended)
+        report["streams"] = len(ended)
     finally:
         served.stop()
     benchmark.extra_info.update({k: v for k, v in report.items() if not isinstance(v, tuple)})
     print("\npage and /health, idle and under streams: " + json.dumps(report))
     assert not errors, errors
-    assert report["streams ended with [DONE]"] == STREAMS
+    assert report["streams ended with [DONE]"] == report["streams"] >= STREAMS
     assert report["idle: probe failures"] == 0 and report["64 streams: probe failures"] == 0
