@@ -74,3 +74,12 @@ def ends_with_parent() -> dict:
             os._exit(1)
 
     return {"preexec_fn": arm}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (the OS's pick), for a server or a process group's rendezvous."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])

@@ -5,9 +5,10 @@
 """
 from __future__ import annotations
 
-import socket
 import threading
 import time
+
+from gmaivl_rt.processes import free_port  # noqa: F401 - re-exported: tests and benches take it from here
 
 # Seconds an idle keep-alive connection is kept open. Longer than clients keep theirs (httpx, and so the official
 # openai client, drop an idle connection after 5 s; uvicorn's own default is also 5 s): the client always gives a
@@ -15,12 +16,6 @@ import time
 # closing at that moment, and get "connection reset by peer" before the request reaches the app (the soak's 2 lost
 # requests in 3405; reproduced with uvicorn and httpx, docs/serving.md).
 KEEP_ALIVE_S = 15
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class BackgroundServer:
