@@ -75,6 +75,9 @@ def _validate(config: dict) -> None:
         problems.append("'trainable' lists no parameter prefixes")
     if float(config["optimizer"].get("lr", 0)) <= 0:
         problems.append("optimizer.lr must be positive")
+    scale = config["optimizer"].get("lr_scale") or {}
+    if not isinstance(scale, dict) or any(not isinstance(v, (int, float)) or v <= 0 for v in scale.values()):
+        problems.append("optimizer.lr_scale must map module paths to positive numbers")
     if int(config["batch"]["global_batch_size"]) < 1:
         problems.append("batch.global_batch_size must be >= 1")
     if int(config["data"]["max_length"]) < 2:

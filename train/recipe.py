@@ -130,7 +130,8 @@ def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps
     # ---- optimizer and schedule
     opt = cfg["optimizer"]
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=float(opt["lr"]), betas=tuple(opt["betas"]), eps=float(opt["eps"]),
+    optimizer = torch.optim.AdamW(lr_groups(dist_utils.unwrap(model), float(opt["lr"]), opt.get("lr_scale")),
+                                  lr=float(opt["lr"]), betas=tuple(opt["betas"]), eps=float(opt["eps"]),
                                   weight_decay=float(opt["weight_decay"]))
     warmup = int(round(cfg["schedule"]["warmup_ratio"] * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -179,7 +180,7 @@ def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps
             loss_share += float(output.loss.detach()) * weight
             tokens += dataset.num_tokens(index)
         grad_norm = _grad_norm(torch.nn.utils.clip_grad_norm_(params, grad_clip))
-        lr = scheduler.get_last_lr()[0]
+        lr = scheduler.get_last_lr()[0] / optimizer.param_groups[0]["lr_scale"]  # the base lr, as configured
         # Every rank sees the same global loss and grad norm, so every rank takes the same branch below.
         loss = dist_utils.all_reduce_sum(loss_share, info)
         tokens = dist_utils.all_reduce_sum(float(tokens), info)
@@ -197,7 +198,8 @@ def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps
         optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started
         record = {"stage": stage, "step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "tokens": int(tokens), "tokens_per_s": tokens / seconds, "peak_mem_mb": _peak_memory_mb(info)}
+                  "tokens": int(tokens), "tokens_per_s": tokens / seconds, "peak_mem_mb": _peak_memory_mb(info),
+                  "ranks": info.world_size}
         if not finite:
             record["skipped"] = True
         record = strict_json_record(record)
@@ -257,6 +259,18 @@ def set_trainable(model: torch.nn.Module, prefixes: list[str]) -> list[str]:
     if not names:
         raise ValueError(f"trainable prefixes {prefixes} match no parameter of the model")
     return names
+
+
+def lr_groups(model: torch.nn.Module, lr: float, scale: dict | None) -> list[dict]:
+    """AdamW parameter groups over the trainable parameters: those under a module path in `scale` ({prefix: factor},
+    the optimizer's `lr_scale`) learn at lr * factor, the rest at lr. The schedule scales every group alike."""
+    scale = {str(k): float(v) for k, v in (scale or {}).items()}
+    groups: dict[float, list] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            factor = next((f for prefix, f in scale.items() if name == prefix or name.startswith(prefix + ".")), 1.0)
+            groups.setdefault(factor, []).append(param)
+    return [{"params": params, "lr": lr * factor, "lr_scale": factor} for factor, params in groups.items()]
 
 
 def _preset_config(config_cls, preset: str, tokenizer, model: dict | None = None):
