@@ -30,6 +30,9 @@ def register(subparsers) -> None:
                         "(OUT/train_config.yaml): flags left out are taken from it, flags that contradict it are "
                         "refused; a corrupt newest checkpoint is reported and the one before it used "
                         "(`--resume strict` stops at a corrupt one instead)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="data-parallel ranks on this machine, one thread each (DDP over gloo on CPU; like torchrun "
+                        "--standalone --nproc_per_node N; the global batch must split evenly among them)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_train)
 
@@ -48,9 +51,19 @@ def _run_train(args: argparse.Namespace) -> int:
     if not args.resume and (args.stage is None or args.data is None):
         raise ValueError("train: --stage and --data are required (unless --resume continues a run in --out)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    summary = train(args.stage, args.data, args.out, config=args.config, preset=args.preset, init=args.init,
-                    tokenizer=args.tokenizer, max_steps=args.max_steps, resume=args.resume,
-                    progress=not args.no_progress)
+    if args.processes != 1:
+        from .launch import train_on_local_ranks
+
+        if args.resume:
+            raise ValueError("train --processes: --resume continues a run of local ranks under torchrun "
+                             "(torchrun --standalone --nproc_per_node N -m gmaivl_rt.cli train --out OUT --resume)")
+        summary = train_on_local_ranks(args.processes, args.stage, args.data, args.out, config=args.config,
+                                       preset=args.preset, init=args.init, tokenizer=args.tokenizer,
+                                       max_steps=args.max_steps, progress=not args.no_progress)
+    else:
+        summary = train(args.stage, args.data, args.out, config=args.config, preset=args.preset, init=args.init,
+                        tokenizer=args.tokenizer, max_steps=args.max_steps, resume=args.resume,
+                        progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":  # under torchrun one result line, not one per rank
         print(json.dumps({k: summary[k] for k in ("out", "stage", "steps", "total_steps", "final_loss")}))
     return 0
