@@ -109,13 +109,39 @@ def test_ct_lesions_in_hounsfield_units_match_the_labels(tmp_path):
         # lesion 320 HU between organ 60 and bone 800, with 12 HU noise: nothing else reaches the band
         blobs = [b for b in _components((hu > 240) & (hu < 450)) if len(b) >= 12]
         assert len(blobs) == label["count"], label
+        cells = set()
         for blob in blobs:
             # LPS columns run toward the patient's left
             assert (blob[:, 1].mean() > 64) == (label["side"] == "left"), label
             radius = np.sqrt(len(blob) / np.pi)
             assert (radius > 7.0) == (label["size"] == "large"), (label, radius)
+            # each lesion has a 4 x 4 cell of its own (the compact ViT's patches), most of it inside that cell
+            cell = tuple(int(v) for v in blob.mean(0) // 32)
+            assert np.mean([tuple(p) == cell for p in blob // 32]) > 0.6, label
+            cells.add(cell)
+        assert len(cells) == label["count"], label
         checked += 1
     assert checked == 12
+
+
+def test_ultrasound_lesions_lie_inside_the_fan():
+    """An ultrasound frame shows only its sector: every lesion of the tissue map lies inside it, so a label never
+    names a lesion the picture cannot show. (Mutant seen failing: the old narrower fan, 38 degrees from depth 22, with
+    lesions placed over the whole body, as before; with today's fan every cell a lesion may take lies inside it, so
+    the `visible` mask guards a future narrower fan.)"""
+    from gmaivl_rt.data.synth import render
+
+    fan, _ = render.ultrasound_fan()
+    seen = 0
+    for index in range(400):
+        scene = draw_scene(5, index)
+        if scene.kind != "us" or not scene.lesion:
+            continue
+        tissue = render.scene_tissue(scene, np.random.default_rng(scene.seed), visible=fan)
+        lesion = tissue == render.LESION
+        assert lesion.any() and not (lesion & ~fan).any(), scene
+        seen += 1
+    assert seen >= 30
 
 
 def test_data_build_converts_it_and_removes_every_identity(corpus, built):

@@ -21,7 +21,7 @@ PIXEL_MM = 2.5      # pixel spacing / voxel size written in the headers
 # Lesions are sized and valued so that a ViT trained from scratch on a few hundred scans can find them: wider than a
 # fifth of a 28-pixel patch, and brighter than every other tissue in every modality (a hyperdense / enhancing /
 # hyperechoic focus), so no anatomy (ventricles, kidneys, bladder) looks like one.
-LESION_RADIUS = {"small": (5.0, 6.0), "large": (8.0, 9.5)}     # in pixels at SIZE
+LESION_RADIUS = {"small": (5.0, 6.0), "large": (7.5, 9.0)}     # in pixels at SIZE
 # Tissue codes of the maps.
 AIR, SOFT, ORGAN, BONE, LUNG, FLUID, LESION = range(7)
 # CT: Hounsfield units per tissue; window (centre, width) written into the header per region.
@@ -48,7 +48,7 @@ def region_map(region: str, rng: np.random.Generator) -> np.ndarray:
     j = lambda v: v * float(rng.uniform(0.93, 1.07))  # noqa: E731 - a small per-scene size jitter
     tissue = np.full((s, s), AIR, np.uint8)
     if region == "head":
-        r = j(50)
+        r = j(55)
         tissue[_ellipse((s, s), c, c, r * 1.1, r)] = BONE
         tissue[_ellipse((s, s), c, c, r * 1.1 - 5, r - 5)] = ORGAN
         for dx in (-7, 7):  # the two lateral ventricles
@@ -78,29 +78,41 @@ def region_map(region: str, rng: np.random.Generator) -> np.ndarray:
     return tissue
 
 
+CELL_JITTER = 0.2  # a lesion's centre lies within this fraction of a cell from the cell's centre
+GRID = 4  # lesions lie in different cells of a GRID x GRID grid: the compact ViT's patches (112 px / 28 px)
+
+
 def place_lesions(body: np.ndarray, scene: Scene, rng: np.random.Generator, scale: float = 1.0,
                   left_is_high_column: bool = True) -> list[tuple[float, float, float]]:
     """Centres and radii [(y, x, r)] of the scene's lesions: inside `body` (bool, (H, W)), all in the half of the
-    patient's `scene.side`, apart from each other. left_is_high_column: the patient's left is the image's right
-    (DICOM LPS / radiograph display); False for a RAS+ volume's x axis."""
+    patient's `scene.side`, each in its own cell of a GRID x GRID grid over the picture (so a lesion never spans two
+    of the compact ViT's patches and no two share one: the count is the number of patches that show a lesion).
+    left_is_high_column: the patient's left is the image's right (DICOM LPS / radiograph display); False for a
+    RAS+ volume's x axis."""
     if not scene.lesion:
         return []
     h, w = body.shape
+    ch, cw = h / GRID, w / GRID
     lo, hi = LESION_RADIUS[scene.size]
     on_high = (scene.side == "left") == left_is_high_column
-    for _attempt in range(50):  # random sequential placement, started over when it runs into a corner
+    columns = range(GRID // 2, GRID) if on_high else range(GRID // 2)
+    cells = [(row, col) for row in range(GRID) for col in columns]
+    for _attempt in range(200):  # a random cell per lesion, a random centre in it; started over on a miss
         placed: list[tuple[float, float, float]] = []
-        for _ in range(400):
+        for index in rng.permutation(len(cells)):
             if len(placed) == scene.count:
-                return placed
-            r = float(rng.uniform(lo, hi)) * scale
-            y = float(rng.uniform(r + 1, h - r - 1))
-            x = float(rng.uniform(w / 2 + r + 1, w - r - 1)) if on_high else \
-                float(rng.uniform(r + 1, w / 2 - r - 1))
-            if not body[_ellipse(body.shape, y, x, r, r)].all():
-                continue
-            if all((y - py) ** 2 + (x - px) ** 2 > (r + pr + 2 * scale) ** 2 for py, px, pr in placed):
-                placed.append((y, x, r))
+                break
+            row, col = cells[index]
+            for _try in range(30):
+                r = float(rng.uniform(lo, hi)) * scale
+                # near the cell's centre (the disc inside the cell, alike in every patch that shows one); where the
+                # anatomy leaves no room there, anywhere with at least half a radius inside the cell
+                spread = CELL_JITTER if _try < 20 else 0.5 - (r / 2 + 1) / min(ch, cw)
+                y = float((row + 0.5 + rng.uniform(-spread, spread)) * ch)
+                x = float((col + 0.5 + rng.uniform(-spread, spread)) * cw)
+                if body[_ellipse(body.shape, y, x, r, r)].all():
+                    placed.append((y, x, r))
+                    break
         if len(placed) == scene.count:
             return placed
     # never seen with these sizes (tests draw thousands of scenes); a scene must not silently change its labels
@@ -126,10 +138,12 @@ def _values(tissue: np.ndarray, table: dict) -> np.ndarray:
     return lut[tissue]
 
 
-def scene_tissue(scene: Scene, rng: np.random.Generator) -> np.ndarray:
-    """The 2D tissue map of a DICOM scene with its lesions drawn in."""
+def scene_tissue(scene: Scene, rng: np.random.Generator, visible: np.ndarray | None = None) -> np.ndarray:
+    """The 2D tissue map of a DICOM scene with its lesions drawn in (inside `visible`, when given)."""
     tissue = region_map(scene.region, rng)
     body = (tissue != AIR) & (tissue != BONE)
+    if visible is not None:
+        body &= visible
     for y, x, r in place_lesions(body, scene, rng):
         tissue[_ellipse(tissue.shape, y, x, r, r)] = LESION
     return tissue
@@ -161,15 +175,21 @@ def render_xray(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.rint(image * 3000 + 200), 0, 4095).astype(np.uint16)
 
 
-def render_us(scene: Scene, rng: np.random.Generator) -> np.ndarray:
-    """A B-mode ultrasound frame (uint8): echogenicity inside a sector (fan) from an apex at the top, multiplied
-    by Rayleigh speckle, with depth attenuation; black outside the fan."""
-    echo = _blur(_values(scene_tissue(scene, rng), US_ECHO), 1.0)
+def ultrasound_fan() -> tuple[np.ndarray, np.ndarray]:
+    """(the sector an ultrasound frame shows, bool (SIZE, SIZE); each pixel's depth from the probe's apex above the
+    top edge, float32)."""
     yy, xx = np.mgrid[:SIZE, :SIZE].astype(np.float32)
     apex_y, apex_x = -10.0, SIZE / 2
     depth = np.hypot(yy - apex_y, xx - apex_x)
     angle = np.degrees(np.arctan2(xx - apex_x, yy - apex_y))
-    fan = (np.abs(angle) <= 38) & (depth >= 22) & (depth <= SIZE + 4)
+    return (np.abs(angle) <= 50) & (depth >= 16) & (depth <= SIZE + 8), depth
+
+
+def render_us(scene: Scene, rng: np.random.Generator) -> np.ndarray:
+    """A B-mode ultrasound frame (uint8): echogenicity inside a sector (fan) from an apex at the top, multiplied
+    by Rayleigh speckle, with depth attenuation; black outside the fan."""
+    fan, depth = ultrasound_fan()
+    echo = _blur(_values(scene_tissue(scene, rng, visible=fan), US_ECHO), 1.0)  # lesions only where they show
     # Speckle is spatially correlated (a few pixels across), not independent per pixel.
     speckle = _blur(rng.rayleigh(0.8, (SIZE, SIZE)), 0.9)
     speckle *= 1.0 / float(speckle.mean())

@@ -21,7 +21,7 @@ REGIONS = ("head", "chest", "abdomen", "pelvis")
 PLANES = ("axial", "coronal", "sagittal")
 SIDES = ("left", "right")
 SIZES = ("small", "large")
-COUNTS = (1, 2, 3, 4)
+COUNTS = (1, 2, 3)
 # A department-style grouping (GMAI-MMBench's `department` column) follows the body region.
 DEPARTMENT_OF_REGION = {"head": "neurology", "chest": "pulmonology", "abdomen": "gastroenterology",
                         "pelvis": "urology"}
