@@ -47,7 +47,16 @@ def _config_file() -> Path:
 
 # The demo block of the config (train/configs/demo.yaml `demo:`), where a config leaves a key out.
 DEMO_DEFAULTS = {"synth_scenes": 150, "synth_seed": 0, "heldout_scenes": 60, "shipped_share": 0.15,
-                 "slake_limit": 120}
+                 "slake_limit": 120, "processes": 1}
+
+
+def training_processes(asked) -> int:
+    """Stage III's data-parallel ranks: the demo config's `processes`, but no more than the CPU cores this process
+    may use (each rank is one thread)."""
+    if not isinstance(asked, int) or isinstance(asked, bool) or asked < 1:
+        raise ValueError(f"demo.processes must be a positive whole number, got {asked!r}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(asked, cores)
 
 
 def demo_settings(config: Path, long: bool) -> tuple[dict, Path | None]:
@@ -73,7 +82,7 @@ def run_demo(out="runs/demo", config=None, question: str = DEMO_QUESTION, progre
     from gmaivl_rt.data.build import build_dataset
     from gmaivl_rt.data.synth import synthesize
     from gmaivl_rt.data.synth.writer import SETTINGS_FILE
-    from gmaivl_rt.train.recipe import train
+    from gmaivl_rt.train.launch import train_on_local_ranks
     from gmaivl_rt.train.tokenizer import conversation_texts, train_bpe_tokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -106,10 +115,13 @@ def run_demo(out="runs/demo", config=None, question: str = DEMO_QUESTION, progre
                         min_frequency=int(tokenizer_cfg.get("min_frequency", 2)))
 
     stages, init = [], None
+    ranks = training_processes(settings["processes"])
     for stage in (1, 2, 3):
-        print(f"[4/6] stage {stage} -> {out / f'stage{stage}'}", flush=True)
-        result = train(stage, data, out / f"stage{stage}", config=config, init=init,
-                       tokenizer=out / "tokenizer", progress=progress)
+        # stages I and II are a few steps: starting rank processes would cost more than they save
+        n = ranks if stage == 3 else 1
+        print(f"[4/6] stage {stage} -> {out / f'stage{stage}'}" + (f" ({n} ranks)" if n > 1 else ""), flush=True)
+        result = train_on_local_ranks(n, stage, data, out / f"stage{stage}", config=config, init=init,
+                                      tokenizer=out / "tokenizer", progress=progress)
         stages.append({k: result[k] for k in ("stage", "steps", "final_loss")} |
                       {"first_loss": result["losses"][0] if result["losses"] else None})
         init = out / f"stage{stage}"

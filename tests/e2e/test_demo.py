@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shlex
 from pathlib import Path
@@ -21,7 +22,8 @@ CT = get_testdata_file("CT_small.dcm")
 # The demo config with the model and step counts cut to CI size (tiny preset, 2/2/3 steps): the demo entry, its
 # data, tokenizer, three chained stages, the question and the held-out evaluation all run as `make demo` runs them.
 SMALL_DEMO = {"preset": "tiny", "data": {"max_length": 256},
-              "demo": {"synth_scenes": 10, "heldout_scenes": 10, "slake_limit": 12}, "batch": {"global_batch_size": 2},
+              "demo": {"synth_scenes": 10, "heldout_scenes": 10, "slake_limit": 12, "processes": 2},
+              "batch": {"global_batch_size": 2},
               "schedule": {"warmup_ratio": 0.0}, "tokenizer": {"vocab_size": 512},
               "stages": {1: {"schedule": {"total_steps": 2}}, 2: {"schedule": {"total_steps": 2}},
                          3: {"schedule": {"total_steps": 3}, "optimizer": {"lr": 2.0e-3}}}}
@@ -44,7 +46,7 @@ def test_make_demo_command_end_to_end(tmp_path, cli_in_process):
     is, stage III changes it), the printed answer is what the stage III model says about CT_small.dcm, and the
     evaluation line is the stage III model's score on the held-out benchmark.
     Mutants: the demo not chaining the stages (`init=None` in its train call), asking or scoring the stage I
-    model."""
+    model, stage III in one process although `demo.processes` asks for two ranks."""
     argv = _make_demo_argv()
     assert argv == ["demo", "--out", "runs/demo"]  # README: "`make demo` runs `gmaivl-rt demo --out runs/demo`"
     out = tmp_path / "runs/demo"
@@ -69,9 +71,11 @@ def test_make_demo_command_end_to_end(tmp_path, cli_in_process):
 
     # the three stages: their steps, and each started from the one before
     weights = {s: model_weights(out / f"stage{s}") for s in (1, 2, 3)}
+    ranks = min(2, len(os.sched_getaffinity(0)))  # stage III on the demo's data-parallel ranks, one per core
     for stage, total in ((1, 2), (2, 2), (3, 3)):
         assert checkpoint_step(out / f"stage{stage}") == total
-        assert len(read_jsonl(out / f"stage{stage}/log.jsonl")) == total
+        log = read_jsonl(out / f"stage{stage}/log.jsonl")
+        assert len(log) == total and {r["ranks"] for r in log} == {ranks if stage == 3 else 1}
     lm1, rest1 = split_weights(weights[1], "language_model.")
     lm2, rest2 = split_weights(weights[2], "language_model.")
     lm3, _ = split_weights(weights[3], "language_model.")
