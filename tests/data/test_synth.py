@@ -98,7 +98,8 @@ def test_headers_and_values_read_back_with_pydicom_and_nibabel(corpus):
 
 def test_ct_lesions_in_hounsfield_units_match_the_labels(tmp_path):
     """The labels are what the pixels show: lesions (240..450 HU; no other tissue is) counted, sided and
-    sized from the CT values pydicom reads, against labels.jsonl."""
+    sized from the CT values pydicom reads, against labels.jsonl; each lesion in a grid cell of its own. Mutant seen
+    failing: cells drawn with replacement (two lesions in one patch)."""
     synthesize(tmp_path / "ct", 60, seed=11)
     checked = 0
     for label in _labels(tmp_path / "ct"):
