@@ -55,8 +55,9 @@ def training_processes(asked) -> int:
     may use (each rank is one thread)."""
     if not isinstance(asked, int) or isinstance(asked, bool) or asked < 1:
         raise ValueError(f"demo.processes must be a positive whole number, got {asked!r}")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(asked, cores)
+    from gmaivl_rt.processes import usable_cores
+
+    return min(asked, usable_cores())
 
 
 def demo_settings(config: Path, long: bool) -> tuple[dict, Path | None]:

@@ -55,10 +55,11 @@ def train_on_local_ranks(processes: int, stage: int, data, out, *, config=None, 
                    "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
             quiet = rank > 0 or not progress
-            # rank 0 speaks on this process's stderr (its log lines and progress bar), the others into files
+            # rank 0 speaks on this process's stderr (its log lines and progress bar), the others into files;
+            # rank 0's result line (stdout) is read back below
             stderr = open(Path(logs) / f"rank{rank}.log", "wb") if rank > 0 else None
-            # a neutral working directory: the checkout's top-level folders never shadow an installed package
             stdout = open(Path(logs) / "result.json", "wb") if rank == 0 else subprocess.DEVNULL
+            # cwd: a neutral folder, so the checkout's top-level folders never shadow an installed package
             children.append((subprocess.Popen(command + (["--no-progress"] if quiet else []), env=env,
                                               cwd=logs, stdout=stdout, stderr=stderr, **ends_with_parent()),
                              stderr))

@@ -42,7 +42,7 @@ from gmaivl_rt.data.records import Converter, ItemError
 from gmaivl_rt.data.rewriter import resolve_rewriter
 from gmaivl_rt.data.sources import dataset_items, demo_datasets, input_dir_dataset
 from gmaivl_rt.medical.base import safe_reason
-from gmaivl_rt.processes import end_with_parent  # pool workers end with the build (kill -9 included)
+from gmaivl_rt.processes import end_with_parent, usable_cores  # pool workers end with the build (kill -9 included)
 
 logger = logging.getLogger("gmaivl_rt.data")
 _WORK_VERSION = 1
@@ -95,7 +95,7 @@ def build_dataset(out_dir: str | os.PathLike, *, manifest: str | os.PathLike | N
     else:
         specs = list(datasets)
     rewriter, rewriter_id = resolve_rewriter(rewriter)
-    workers = default_workers() if workers is None else int(workers)
+    workers = usable_cores() if workers is None else int(workers)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if shard is not None:
@@ -133,14 +133,6 @@ def build_dataset(out_dir: str | os.PathLike, *, manifest: str | os.PathLike | N
 
 SHARD_FILE = "shard.json"
 RUN_FILE = "build_run.json"
-
-
-def default_workers() -> int:
-    """The cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 
