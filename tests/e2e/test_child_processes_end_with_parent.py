@@ -1,6 +1,6 @@
 """Child processes end with their parent (issue 25 item 11, the remaining subprocesses): the TensorRT plugin's compile
-child (`runtime/trt_plugin.py`, under the Triton interpreter) and the GPU check's re-run without the interpreter
-(`gpu_check --smoke`). Each parent runs the real function with `sys.executable` pointing at a stand-in that stays
+child (`runtime/trt_plugin.py`, under the Triton interpreter), the GPU check's re-run without the interpreter
+(`gpu_check --smoke`) and the training ranks of `train --processes` / the demo (`train.launch`). Each parent runs the real function with `sys.executable` pointing at a stand-in that stays
 alive (`exec sleep`), is killed with SIGKILL, and no child may be alive 5 s later. Processes are read from /proc."""
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ PARENTS = {
                           "plugin._compile_in_child('fp16', 64, True, None, 80)",
     "gpu_check --smoke": "import sys; from gmaivl_rt.gpu_check.run import main; sys.executable = sys.argv[1]; "
                          "main(['--out', sys.argv[2], '--smoke'])",
+    "train --processes 2": "import sys; from gmaivl_rt.train.launch import train_on_local_ranks; "
+                           "sys.executable = sys.argv[1]; train_on_local_ranks(2, 3, 'data', sys.argv[2])",
 }
 
 
@@ -43,7 +45,7 @@ def _kill_and_count_survivors(parent: subprocess.Popen, timeout_s: float = 120) 
 @pytest.mark.parametrize("which", sorted(PARENTS))
 def test_sigkill_of_the_parent_ends_its_child(which, tmp_path):
     """Mutant: `**ends_with_parent()` removed from the call site (trt_plugin's `_compile_in_child`, gpu_check's
-    `main`): the child (`sleep 600`) is still alive 5 s after its parent was killed."""
+    `main`, train.launch's rank Popen): the child (`sleep 600`) is still alive 5 s after its parent was killed."""
     stand_in = tmp_path / "python-stand-in"
     stand_in.write_text("#!/bin/sh\nexec sleep 600\n")
     stand_in.chmod(0o755)
