@@ -78,7 +78,7 @@ class Engine:
                                       compile_buckets=compile_buckets)
             self.scheduler = Scheduler(max_batch_size, self.runner.block_pool, self.tokenizer,
                                        self.runner.block_pool.blocks_for(self.backend.config.text.context_length),
-                                       max_step_tokens=max_step_tokens)
+                                       max_step_tokens=max_step_tokens, copy_tokens=self.runner.cache.copy_tokens)
         else:
             from gmaivl_rt.engine.graph_runner import GraphRunner
 

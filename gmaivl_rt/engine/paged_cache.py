@@ -51,6 +51,12 @@ class PagedKVCache:
     def bytes_per_block(self) -> int:
         return 2 * len(self.keys) * self.keys[0][0].numel() * self.keys[0].element_size()
 
+    def copy_tokens(self, source: int, target: int, count: int) -> None:
+        """Copy the keys/values of block `source`'s first `count` tokens into block `target`, every layer (a prompt
+        sharing them with a cached one: the scheduler's partial-block reuse, gmaivl_rt/engine/block_pool.py)."""
+        for pool in (*self.keys, *self.values):
+            pool[target, :count] = pool[source, :count]
+
     def bind(self, block_tables, cached_lengths: list[int]) -> None:
         """block_tables: per sequence, its blocks (enough for its cached and new tokens): lists of ints, or a
         (sequences, max blocks) int32 tensor (the scheduler's table; entries past a sequence's last block unused);

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gmaivl_rt.engine.block_pool import BlockPool, block_keys
+from gmaivl_rt.engine.block_pool import BlockPool, block_contents, block_keys
 from gmaivl_rt.engine.sequence import Sequence
 from gmaivl_rt.errors import LimitError
 
@@ -70,16 +70,21 @@ class Scheduler:
     """max_batch_size: sequences run together; pool: the KV block pool (paged batching), or None (static
     batching); tokenizer: decodes the streamed text; max_blocks_per_sequence: the most blocks one sequence can hold
     (its context; default the whole pool); max_step_tokens: paged only, the most tokens one step feeds (chunked
-    prefill; None: no budget, every prompt runs whole in one step), at least max_batch_size (`check_step_tokens`).
+    prefill; None: no budget, every prompt runs whole in one step), at least max_batch_size (`check_step_tokens`);
+    copy_tokens: paged only, `copy_tokens(source block, target block, count)` copies the keys/values of a block's
+    first `count` tokens in the KV cache (`PagedKVCache.copy_tokens`): with it, a prompt that departs from a cached
+    one inside a block reuses the shared tokens of that block too (None: whole blocks only).
 
     Per step the paged scheduler's work follows what changed: the block table (one row per running sequence, a
     slot) is written where a sequence gets blocks, and the batch is made again only when the running set changes;
     an ordinary decode step reuses both (one index into the table)."""
 
     def __init__(self, max_batch_size: int, pool: BlockPool | None, tokenizer,
-                 max_blocks_per_sequence: int | None = None, max_step_tokens: int | None = None):
+                 max_blocks_per_sequence: int | None = None, max_step_tokens: int | None = None,
+                 copy_tokens=None):
         check_step_tokens(max_step_tokens, max_batch_size, paged=pool is not None)
         self.max_batch_size, self.pool, self.tokenizer = max_batch_size, pool, tokenizer
+        self.copy_tokens = copy_tokens
         self.max_step_tokens = max_step_tokens
         self._prefilling: dict = {}  # running sequences with more than one token to run, in admission order
         self.waiting: deque[Sequence] = deque()
@@ -209,13 +214,16 @@ class Scheduler:
         pool = self.pool
         while self.waiting and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
-            hit = self._lookup(seq) if not seq.blocks else 0
+            looked_up = not seq.blocks
+            hit = self._lookup(seq) if looked_up else 0
             need = pool.blocks_for(len(seq.ids)) - len(seq.blocks)
             # keep a block per running sequence for its growth, so admitting does not force a preemption
             if pool.num_free < need + len(self.running):
                 self._free_blocks(seq, keep_prefix=False)
                 return
             seq.blocks += pool.allocate(need)
+            if looked_up:
+                hit += self._reuse_partial_block(seq)
             self.waiting.popleft()
             self._set_running(seq, True)
             self._table_blocks(seq, 0)
@@ -232,6 +240,27 @@ class Scheduler:
         seq.blocks = self.pool.lookup(keys)
         seq.cached = len(seq.blocks) * self.pool.block_size
         return seq.cached
+
+    def _reuse_partial_block(self, seq: Sequence) -> int:
+        """After the whole cached blocks (seq.cached tokens), the leading tokens of the sequence's next block that a
+        cached block holds after the same prefix (a follow-up question departs from the first inside a block):
+        their keys/values are copied into the sequence's own block (its blocks already allocated), at least one
+        token is left to run. Returns the tokens reused."""
+        if self.copy_tokens is None:
+            return 0
+        size, start = self.pool.block_size, seq.cached
+        end = min(start + size, len(seq.ids) - 1)
+        if end <= start or start % size:
+            return 0
+        index = start // size
+        parent = b"" if index == 0 else block_keys(seq.ids[:start], size, seq.image_spans, seq.image_keys)[-1]
+        source, count = self.pool.longest_partial(
+            parent, block_contents(seq.ids, start, end, seq.image_spans, seq.image_keys))
+        if source is None:
+            return 0
+        self.copy_tokens(source, seq.blocks[index], count)
+        seq.cached += count
+        return count
 
     def _grow_blocks(self) -> None:
         """Every running sequence gets the blocks for the tokens it runs next; when the pool is out, the youngest
@@ -311,9 +340,14 @@ class Scheduler:
         if self.pool is None:
             return  # static batches keep their cache inside the graphs' state, freed with the batch
         if keep_prefix:
-            keys = block_keys(seq.ids[:seq.cached], self.pool.block_size, seq.image_spans, seq.image_keys)
-            for key, block in zip(keys, seq.blocks):
-                self.pool.register(key, block)
+            size = self.pool.block_size
+            keys = block_keys(seq.ids[:seq.cached], size, seq.image_spans, seq.image_keys)
+            for index, block in enumerate(seq.blocks[:-(-seq.cached // size)]):
+                start = index * size
+                contents = block_contents(seq.ids, start, min(start + size, seq.cached), seq.image_spans,
+                                          seq.image_keys)
+                self.pool.register(keys[index] if index < len(keys) else None, block,
+                                   keys[index - 1] if index else b"", contents)
         self.pool.release(seq.blocks)
         seq.blocks, seq.cached = [], 0
         if seq.slot is not None:

@@ -238,10 +238,67 @@ def test_follow_up_on_the_same_image_reuses_the_prefix(folder):
     assert stats["prefix_cache_hits"] == 1
     # the system prompt, the image and the tokens up to the question came from the cache: no vision tower run
     ids = backend.build_request(follow_up, image, system=SYSTEM).input_ids[0].tolist()
+    first = backend.build_request("What modality is this image?", image, system=SYSTEM).input_ids[0].tolist()
     image_end = max(i for i, t in enumerate(ids) if t == backend.config.image_token_index) + 1
-    assert stats["prefix_cache_hit_tokens"] == image_end // 4 * 4  # up to the block where the prompts part
+    # up to the token where the prompts part, inside a block too (the partial-block reuse)
+    assert image_end <= stats["prefix_cache_hit_tokens"] == _shared(ids, first)
     assert encoded == [1, 1]  # only the different image ran the vision tower again
     assert engine.stats()["prefix_cache_hits"] == 2  # its system prompt still came from the cache
+
+
+def _shared(a: list, b: list) -> int:
+    """How many leading tokens two id lists share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def test_a_follow_up_computes_only_what_follows_the_shared_prefix(folder):
+    """Follow-up TTFT (issue 29): the prefix cache gives every token a follow-up shares with an earlier request,
+    not only whole KV blocks, so the first forward of a follow-up feeds just the tokens after the point where the
+    prompts part (counted at the runner). Block size 16: the prompts part inside a block. Three follow-ups after a
+    first question about an image: another question in a new prompt, the same conversation (question, answer,
+    next question: it parts from the first request's answer inside that request's last, partly filled block), and
+    the same question about another image (its image tokens share the id but not the image: they are computed).
+    Every answer equals `GMAIVL.generate` on the request alone (no cache). Mutants seen failing: no partial-block
+    reuse (the follow-ups feed up to 15 tokens more), the copy of the shared keys/values skipped (other tokens),
+    `block_contents` without the image's key (the other image's follow-up reuses the first image's keys/values:
+    other tokens), the finished request's partly filled last block not registered (the conversation feeds more)."""
+    backend = gmaivl_rt.load(folder)
+    image, other = _image(36, 30, seed=11), _image(36, 30, seed=12)
+    first_q = "What modality is this image?"
+    answer_ids = _alone(backend, first_q, image, system=SYSTEM, max_new_tokens=6, **NO_STOP)
+    answer = backend.decode([answer_ids])[0].strip()
+    turns = [{"role": "user", "content": "<image>\n" + first_q}, {"role": "assistant", "content": answer},
+             {"role": "user", "content": "Which plane is shown?"}]
+    follow_ups = {"new prompt": dict(question="Which plane is shown?", image=image),
+                  "conversation": dict(messages=turns, images=[image]),
+                  "other image": dict(question=first_q, image=other)}
+
+    def prompt(request):
+        return backend.build_request(system=SYSTEM, **request).input_ids[0].tolist()
+
+    with Engine(folder, max_batch_size=4, block_size=16) as engine:
+        run, fed = engine.runner.run, []
+
+        def counted(batch):
+            fed.append(sum(len(seq.ids) - seq.cached if batch.feeds is None else batch.feeds[r]
+                           for r, seq in enumerate(batch.seqs)))
+            return run(batch)
+
+        engine.runner.run = counted
+        engine.ask(first_q, image, system=SYSTEM, max_new_tokens=6, **NO_STOP)
+        first_ids = prompt(dict(question=first_q, image=image)) + answer_ids[:-1]  # the tokens it fed
+        for name, request in follow_ups.items():
+            fed.clear()
+            submitted = engine.submit(system=SYSTEM, max_new_tokens=4, **NO_STOP, **request)
+            submitted.result(timeout=30)
+            ids = prompt(request)
+            shared = _shared(ids, first_ids)
+            if name == "other image":  # the same prompt ids, another image: only the part before the image
+                shared = min(shared, ids.index(backend.config.image_token_index))
+            assert shared % 16, f"{name}: the prompts should part inside a block for this test to mean anything"
+            assert fed[0] == len(ids) - shared, name
+            assert submitted.token_ids == _alone(backend, **{"question": None, **request}, system=SYSTEM,
+                                                 max_new_tokens=4, **NO_STOP), name
 
 
 def test_onnx_backend_serves_through_the_same_api(folder, tmp_path):

@@ -4,7 +4,7 @@ logits of one full forward of each sequence. BlockPool's reference counts, prefi
 import torch
 
 from gmaivl_rt import GMAIVL, GMAIVLConfig
-from gmaivl_rt.engine.block_pool import BlockPool, block_keys
+from gmaivl_rt.engine.block_pool import BlockPool, block_contents, block_keys
 from gmaivl_rt.engine.paged_cache import PagedKVCache
 
 
@@ -68,6 +68,32 @@ def test_block_pool_references_prefix_cache_and_lru():
     assert taken == [3, first[2], first[0]] and pool.num_cached == 1
     assert pool.lookup(keys) == []           # the chain is broken at its first block
     assert pool.peak_used == 3
+
+
+def test_block_pool_finds_the_longest_shared_start_of_a_next_block_and_forgets_evicted_ones():
+    """`longest_partial`: among the cached blocks after one parent, the one sharing the most leading tokens with
+    a prompt's next block (full or partly filled blocks alike); image tokens match only for the same image at the
+    same place in it; an evicted block is never offered. Mutant: eviction leaving the block in the parent's index
+    (it is offered after being handed out), seen failing."""
+    pool = BlockPool(num_blocks=3, block_size=4)
+    ids = [1, 2, 3, 4, 5, 6, 7]
+    keys = block_keys(ids, 4)
+    first, second, third = pool.allocate(3)
+    pool.register(keys[0], first, b"", block_contents(ids, 0, 4))
+    pool.register(None, second, keys[0], block_contents(ids, 4, 7))  # partly filled: 3 of 4 tokens
+    pool.register(None, third, keys[0], block_contents([1, 2, 3, 4, 5, 9], 4, 6))
+    pool.release([first, second, third])
+    assert pool.num_cached == 3
+    assert pool.longest_partial(keys[0], (5, 6, 8, 8)) == (second, 2)
+    assert pool.longest_partial(keys[0], (5, 9)) == (third, 2)
+    assert pool.longest_partial(keys[0], (4,)) == (None, 0) and pool.longest_partial(b"x", (5,)) == (None, 0)
+    spans, image = [(1, 3)], ["scan"]
+    assert block_contents(ids, 0, 4, spans, image) == (1, ("scan", 0), ("scan", 1), 4)
+    assert block_contents(ids, 0, 4, spans, image) != block_contents(ids, 0, 4, spans, ["other"])
+    assert block_contents(ids, 2, 4, [(0, 3)], image) == (("scan", 2), 4)
+    taken = pool.allocate(3)  # evicts all three, least recently used first
+    assert sorted(taken) == sorted([first, second, third]) and pool.num_cached == 0
+    assert pool.longest_partial(keys[0], (5, 6, 7)) == (None, 0) and pool.lookup(keys) == []
 
 
 def test_a_recomputed_answer_holding_the_image_token_id_matches_decoding_it():
