@@ -9,27 +9,24 @@ import threading
 import time
 
 from gmaivl_rt.processes import free_port  # noqa: F401 - re-exported: tests and benches take it from here
-
-# Seconds an idle keep-alive connection is kept open. Longer than clients keep theirs (httpx, and so the official
-# openai client, drop an idle connection after 5 s; uvicorn's own default is also 5 s): the client always gives a
-# connection up first. Were the server first, a client could send its next request on a connection the server is
-# closing at that moment, and get "connection reset by peer" before the request reaches the app (the soak's 2 lost
-# requests in 3405; reproduced with uvicorn and httpx, docs/serving.md).
-KEEP_ALIVE_S = 15
-
+from gmaivl_rt.server.hosting import GRACEFUL_SHUTDOWN_S, KEEP_ALIVE_S, uvicorn_config
 
 class BackgroundServer:
-    """uvicorn serving `app` on `host` (loopback by default) in a daemon thread; stops on exit, bounded in time."""
+    """uvicorn serving `app` on `host` (loopback by default) in a daemon thread, with the settings `gmaivl-rt serve`
+    uses (`hosting.uvicorn_config`); stops on exit, bounded in time: open requests get `stop_timeout_s` seconds
+    (uvicorn's graceful period), then are cancelled. lifespan "off", as always here: the app's shutdown hooks (its decode pool's close) do not run,
+    so the app may be served again."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int | None = None, start_timeout_s: float = 30.0,
-                 stop_timeout_s: float = 30.0, log_level: str = "warning", timeout_keep_alive: int = KEEP_ALIVE_S):
+                 stop_timeout_s: float = GRACEFUL_SHUTDOWN_S, log_level: str = "warning",
+                 timeout_keep_alive: int = KEEP_ALIVE_S):
         import uvicorn
 
         self.host, self.port = host, port or free_port(host)
         self.start_timeout_s, self.stop_timeout_s = start_timeout_s, stop_timeout_s
-        config = uvicorn.Config(app, host=self.host, port=self.port, log_level=log_level, lifespan="off",
-                                timeout_graceful_shutdown=int(stop_timeout_s), timeout_keep_alive=timeout_keep_alive)
-        self.server = uvicorn.Server(config)
+        self.server = uvicorn.Server(uvicorn_config(app, self.host, self.port, log_level=log_level, lifespan="off",
+                                                    timeout_keep_alive=timeout_keep_alive,
+                                                    timeout_graceful_shutdown=stop_timeout_s))
         self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
 
     @property
@@ -48,7 +45,7 @@ class BackgroundServer:
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
-        self.thread.join(self.stop_timeout_s)
-        if self.thread.is_alive():  # open streams past the grace period: close them
+        self.thread.join(self.stop_timeout_s + 10.0)  # the grace period, then the cancelled requests' ends
+        if self.thread.is_alive():  # still not done: close what is open
             self.server.force_exit = True
             self.thread.join(5.0)

@@ -5,7 +5,7 @@ import argparse
 
 from gmaivl_rt.limits import DecodeBudget
 from gmaivl_rt.runtime.cli import add_backend_options, backend_options
-from gmaivl_rt.server.background import KEEP_ALIVE_S
+from gmaivl_rt.server.hosting import GRACEFUL_SHUTDOWN_S, KEEP_ALIVE_S
 
 
 def register(subparsers) -> None:
@@ -28,6 +28,10 @@ def register(subparsers) -> None:
     p.add_argument("--timeout-keep-alive", type=int, default=KEEP_ALIVE_S, metavar="S",
                    help="seconds an idle keep-alive connection is kept; keep it longer than clients keep theirs "
                         f"(httpx and the openai client: 5 s) so they close first (default {KEEP_ALIVE_S})")
+    p.add_argument("--timeout-graceful-shutdown", type=float, default=GRACEFUL_SHUTDOWN_S, metavar="S",
+                   help="on SIGTERM / SIGINT, seconds open requests may go on before they are cancelled (a stream "
+                        "then ends with a 503 error event and [DONE]); the process then closes the engine and "
+                        f"exits 0 (default {GRACEFUL_SHUTDOWN_S})")
     p.add_argument("--max-request-bytes", type=int, default=64 * 2**20, help="larger bodies get 413")
     p.add_argument("--max-images-per-request", type=int, default=None)
     p.add_argument("--max-waiting", type=int, default=None,
@@ -102,16 +106,12 @@ def _serve_cli(args: argparse.Namespace) -> int:
     require("fastapi", "uvicorn", "prometheus_client", extra="serve")
     import os
 
-    import uvicorn
-
     from gmaivl_rt.engine.engine import Engine
+    from gmaivl_rt.server import hosting
     from gmaivl_rt.server.app import create_app
 
-    key = api_key(args, os.environ)  # before the model loads: a bad key stops the start at once
-    if args.timeout_keep_alive < 1:
-        from gmaivl_rt.errors import InputError
-
-        raise InputError(f"--timeout-keep-alive must be at least 1 second, not {args.timeout_keep_alive}")
+    key = api_key(args, os.environ)  # before the model loads: a bad key or timeout stops the start at once
+    hosting.check_timeouts(args.timeout_keep_alive, args.timeout_graceful_shutdown)
     decode_budget = DecodeBudget(max_request_pixels=args.max_request_pixels, max_server_pixels=args.max_server_pixels,
                                  decode_workers=args.decode_workers)
     engine_kwargs = backend_options(args)
@@ -133,6 +133,9 @@ def _serve_cli(args: argparse.Namespace) -> int:
                          allow_remote_media=args.allow_remote_media,
                          allowed_media_domains=args.allowed_media_domains, audit_log=args.audit_log,
                          decode_budget=decode_budget, dicomweb=args.dicomweb)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info",
-                    timeout_keep_alive=args.timeout_keep_alive)
+        hosting.serve_until_stopped(hosting.uvicorn_config(
+            app, args.host, args.port, timeout_keep_alive=args.timeout_keep_alive,
+            timeout_graceful_shutdown=args.timeout_graceful_shutdown))
+        # stopped: every HTTP request has ended (cancelled past the grace period), so no one waits for an answer
+        engine.close(cancel=True)
     return 0

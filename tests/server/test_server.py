@@ -236,15 +236,16 @@ def test_models_health_and_metrics_move(server, client, media):
 
 
 def test_serve_cli_builds_the_app_its_flags_describe(folder, monkeypatch):
-    """`gmaivl-rt serve` wiring: the app uvicorn would run answers as the flags say (uvicorn.run is intercepted)."""
-    import uvicorn
+    """`gmaivl-rt serve` wiring: the app uvicorn would run answers as the flags say (the run is intercepted)."""
     from fastapi.testclient import TestClient
 
     from gmaivl_rt.cli import main
+    from gmaivl_rt.server import hosting
 
     seen = {}
 
-    def run(app, host, port, **kwargs):
+    def run(config):
+        app, host, port = config.app, config.host, config.port
         seen.update(host=host, port=port)
         with TestClient(app, base_url=f"http://{host}:{port}") as local:  # the Host header must be allowed
             seen["models"] = local.get("/v1/models", headers={"Authorization": "Bearer k"}).json()
@@ -252,7 +253,7 @@ def test_serve_cli_builds_the_app_its_flags_describe(folder, monkeypatch):
             seen["big"] = local.post("/v1/chat/completions", content=b"x" * 2000,
                                      headers={"Authorization": "Bearer k"}).status_code
 
-    monkeypatch.setattr(uvicorn, "run", run)
+    monkeypatch.setattr(hosting, "serve_until_stopped", run)
     assert main(["serve", str(folder), "--port", "8123", "--api-key", "k", "--max-request-bytes", "1000",
                  "--max-batch-size", "1"]) == 0
     assert (seen["host"], seen["port"], seen["no key"], seen["big"]) == ("127.0.0.1", 8123, 401, 413)
@@ -271,6 +272,7 @@ def test_serve_keeps_an_idle_connection_longer_than_clients_do(folder, monkeypat
     import uvicorn
 
     from gmaivl_rt.cli import main
+    from gmaivl_rt.server import hosting
     from gmaivl_rt.server.background import free_port
 
     client_keep_alive_s = max(httpx.Limits().keepalive_expiry, _openai_keepalive_expiry())
@@ -289,8 +291,9 @@ def test_serve_keeps_an_idle_connection_longer_than_clients_do(folder, monkeypat
             head += piece
         return head.split(b"\r\n", 1)[0]
 
-    def run(app, host, port, **kwargs):  # the real server, with the settings `serve` gives uvicorn
-        server = uvicorn.Server(uvicorn.Config(app, host=host, port=free_port(), lifespan="off", **kwargs))
+    def run(config):  # the real server, with the settings `serve` gives uvicorn, on a free port in a thread
+        config.port, config.lifespan, host = free_port(), "off", config.host
+        server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         try:
@@ -304,7 +307,7 @@ def test_serve_keeps_an_idle_connection_longer_than_clients_do(folder, monkeypat
             server.should_exit = True
             thread.join(30)
 
-    monkeypatch.setattr(uvicorn, "run", run)
+    monkeypatch.setattr(hosting, "serve_until_stopped", run)
     assert main(["serve", str(folder), "--max-batch-size", "1"]) == 0
     assert answers == [b"HTTP/1.1 200 OK"] * 2
 
