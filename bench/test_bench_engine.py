@@ -244,16 +244,21 @@ def test_follow_up_time_to_first_token(benchmark, model_dir):
     """Time to first token of a follow-up about a cached image vs the first question (goal <= 0.3x). Each of
     max(3, ROUNDS) rounds takes a new image: the first question (cold: vision tower and whole prefill), then a
     follow-up in a new prompt (same system prompt and image, another question) and one in the same conversation
-    (the first question and its answer, then the new one). Per round the same-round ratios, the prompt tokens the
-    prefix cache gave, and where the time went: preparing the request (reading, preprocessing and hashing the
-    image, the chat template) and the model's first forward (`runner.run`), with the load average."""
+    (the first question and its answer, then the new one). Each round runs twice, alternating which goes first,
+    on a new image each: with the prefix cache as it is (any shared token prefix reused) and with whole KV blocks
+    only (`scheduler.copy_tokens` None: the cache before the partial-block reuse), a same-run comparison of the
+    two. Per round the same-round ratios, the prompt tokens the prefix cache gave, and where the time went:
+    preparing the request (reading, preprocessing and hashing the image, the chat template) and the model's first
+    forward (`runner.run`), with the load average."""
     image_system = "You are a careful radiology assistant."
     rounds_count = max(3, ROUNDS)
-    rows = {"first": [], "follow_up": [], "conversation": []}
+    modes = ("any prefix", "whole blocks")
+    rows = {mode: {"first": [], "follow_up": [], "conversation": []} for mode in modes}
     load_before = load_average()
     with Engine(model_dir, max_batch_size=4) as engine:
         engine.ask("Warm up.", max_new_tokens=2)
         run, forwards = engine.runner.run, []
+        copy_tokens = engine.scheduler.copy_tokens
 
         def timed_run(batch):
             start = time.perf_counter()
@@ -277,30 +282,35 @@ def test_follow_up_time_to_first_token(benchmark, model_dir):
 
         def measure():
             for r in range(rounds_count):
-                image = _image(1000 + r)
-                answer, first = ttft(question=QUESTIONS[0], image=image)
-                rows["first"].append(first)
-                rows["follow_up"].append(ttft(question=QUESTIONS[1], image=image)[1])
-                turns = [{"role": "user", "content": "<image>\n" + QUESTIONS[0]},
-                         {"role": "assistant", "content": answer}, {"role": "user", "content": QUESTIONS[1]}]
-                rows["conversation"].append(ttft(messages=turns, images=[image])[1])
+                for m, mode in enumerate(modes if r % 2 == 0 else modes[::-1]):
+                    engine.scheduler.copy_tokens = copy_tokens if mode == "any prefix" else None
+                    image = _image(1000 + 2 * r + m)
+                    answer, first = ttft(question=QUESTIONS[0], image=image)
+                    rows[mode]["first"].append(first)
+                    rows[mode]["follow_up"].append(ttft(question=QUESTIONS[1], image=image)[1])
+                    turns = [{"role": "user", "content": "<image>\n" + QUESTIONS[0]},
+                             {"role": "assistant", "content": answer}, {"role": "user", "content": QUESTIONS[1]}]
+                    rows[mode]["conversation"].append(ttft(messages=turns, images=[image])[1])
+            engine.scheduler.copy_tokens = copy_tokens
 
         benchmark.pedantic(measure, rounds=1, iterations=1)
         del engine.runner.run
     load_after = load_average()
-    ratios = {side: [f["ttft"] / c["ttft"] for f, c in zip(rows[side], rows["first"])]
-              for side in ("follow_up", "conversation")}
+    ratios = {mode: {side: [f["ttft"] / c["ttft"] for f, c in zip(rows[mode][side], rows[mode]["first"])]
+                     for side in ("follow_up", "conversation")} for mode in modes}
     benchmark.extra_info.update(rows=rows, ratios=ratios, load_average_before=load_before,
                                 load_average_after=load_after)
-    med = lambda side, key: statistics.median(row[key] for row in rows[side])
-    parts = [f"{side}: ttft {1e3 * med(side, 'ttft'):.1f} ms (preparing {1e3 * med(side, 'prepare'):.1f}, first "
-             f"forward {1e3 * med(side, 'forward'):.1f}; {rows[side][0]['hit']}/{rows[side][0]['prompt']} prompt "
-             f"tokens from the cache)" for side in rows]
+    lines = []
+    for mode in modes:
+        med = lambda side, key: statistics.median(row[key] for row in rows[mode][side])  # noqa: E731
+        parts = [f"{side}: ttft {1e3 * med(side, 'ttft'):.1f} ms (preparing {1e3 * med(side, 'prepare'):.1f}, "
+                 f"first forward {1e3 * med(side, 'forward'):.1f}; {rows[mode][side][-1]['hit']}/"
+                 f"{rows[mode][side][-1]['prompt']} prompt tokens from the cache)" for side in rows[mode]]
+        lines.append(f"{mode}: " + "; ".join(parts) + "; follow-up / first " + ", ".join(
+            f"{side} {statistics.median(v):.2f}x (range {min(v):.2f}-{max(v):.2f})"
+            for side, v in ratios[mode].items()))
     print(f"\ntime to first token over {rounds_count} rounds (load average {load_before[0]:.1f} before, "
-          f"{load_after[0]:.1f} after; medians): " + "; ".join(parts)
-          + "; follow-up / first " + ", ".join(
-              f"{side} {statistics.median(v):.2f}x (range {min(v):.2f}-{max(v):.2f})" for side, v in ratios.items())
-          + " (goal <= 0.3x)")
+          f"{load_after[0]:.1f} after; medians; goal <= 0.3x):\n  " + "\n  ".join(lines))
 
 
 def test_peak_kv_memory_vs_contiguous_cache(benchmark, model_dir):
