@@ -25,7 +25,6 @@ How it works (nano-vllm's shape):
 """
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import itertools
 import logging
@@ -33,6 +32,7 @@ import threading
 
 import torch
 
+from gmaivl_rt.engine.loop_deltas import LoopDeltas, one_wakeup_per_loop
 from gmaivl_rt.engine.scheduler import Batch, Scheduler, check_step_tokens
 from gmaivl_rt.engine.sequence import END_OF_ANSWER, Request, Sequence, fail_request, sequence_from_request
 from gmaivl_rt.errors import InputError
@@ -121,11 +121,10 @@ class Engine:
     async def stream(self, question: str | None = None, image=None, **kwargs):
         """Async iterator of text deltas; never blocks the event loop. Leaving the loop early (break, an exception,
         aclose()) cancels the request; so does closing the event loop while it runs (the engine goes on serving)."""
-        loop = asyncio.get_running_loop()
-        deltas: asyncio.Queue = asyncio.Queue()
-        # call_soon_threadsafe raises once the loop is closed: the request's sink then drops it and cancels
-        request = self.submit(question, image, sink=lambda item: loop.call_soon_threadsafe(deltas.put_nowait, item),
-                              **kwargs)
+        # one wake-up of the loop per engine step, whatever the number of streams; the sink raises once the loop is
+        # closed, and the engine then drops it and cancels the request
+        deltas = LoopDeltas()
+        request = self.submit(question, image, sink=deltas.sink, **kwargs)
         try:
             while (item := await deltas.get()) is not END_OF_ANSWER:
                 yield item
@@ -226,7 +225,7 @@ class Engine:
         except Exception:  # computed again row by row in `_next_token`, where a failure ends that row alone
             masks = {}
         tokens = self._sample(batch, logits, masks, failed)
-        with self._cv:
+        with self._cv, one_wakeup_per_loop():  # the step's deltas for all rows wake a streaming event loop once
             for seq, error in failed.items():
                 self.scheduler.retire(seq, "error", error)
             self.scheduler.postprocess(batch, tokens)

@@ -7,74 +7,16 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-import weakref
 
 from fastapi import Request
 
+from gmaivl_rt.engine.loop_deltas import LoopDeltas
 from gmaivl_rt.engine.sequence import END_OF_ANSWER
 from gmaivl_rt.errors import InputError
 from gmaivl_rt.server import protocol
 from gmaivl_rt.server.metrics import ServerMetrics, current_outcome
 
 END = object()  # what `Generation.next_delta` returns once the answer is complete
-
-
-class LoopDeltas:
-    """An engine request's deltas delivered to the event loop it was made on: pass `sink` to `Engine.submit`; the
-    engine's threads call it, each item reaches an asyncio queue on the loop (no thread waits for a delta, so any
-    number of streams hold no worker thread), through the loop's one `_LoopMailbox`. Once the loop is closed the
-    sink raises and the engine drops it and cancels the request."""
-
-    def __init__(self):
-        self._mailbox = _LoopMailbox.of(asyncio.get_running_loop())
-        self._queue: asyncio.Queue = asyncio.Queue()
-
-    def sink(self, item) -> None:
-        self._mailbox.post(self._queue, item)
-
-    async def get(self):
-        """The next delta (str), or `END_OF_ANSWER`."""
-        return await self._queue.get()
-
-
-class _LoopMailbox:
-    """Every stream's deltas for one event loop, handed over in one loop callback per burst: an engine step gives a
-    delta to each of its rows (16 with --max-batch-size 16), and a `call_soon_threadsafe` each would write the loop's
-    wake-up pipe, wake the loop and contend for the interpreter lock 16 times a step (with 64 streams that flood
-    kept the page and /health waiting behind it). Here only a post into an empty mailbox wakes the loop; the
-    callback then delivers all that arrived meanwhile, in order."""
-
-    _by_loop: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-    _by_loop_lock = threading.Lock()
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop = loop
-        self._lock = threading.Lock()
-        self._items: list = []  # (asyncio.Queue, item), in the order posted
-
-    @classmethod
-    def of(cls, loop: asyncio.AbstractEventLoop) -> "_LoopMailbox":
-        with cls._by_loop_lock:
-            mailbox = cls._by_loop.get(loop)
-            if mailbox is None:
-                mailbox = cls._by_loop[loop] = cls(loop)
-            return mailbox
-
-    def post(self, queue: asyncio.Queue, item) -> None:
-        """From any thread: put `item` on `queue` on the loop's thread. RuntimeError once the loop is closed."""
-        if self._loop.is_closed():  # checked on every post: a wake-up already pending would not raise
-            raise RuntimeError("the event loop is closed")
-        with self._lock:
-            self._items.append((queue, item))
-            wake = len(self._items) == 1
-        if wake:
-            self._loop.call_soon_threadsafe(self._deliver)
-
-    def _deliver(self) -> None:
-        with self._lock:
-            items, self._items = self._items, []
-        for queue, item in items:
-            queue.put_nowait(item)
 
 
 class Generation:
