@@ -24,7 +24,7 @@ demo: setup
 	$(BIN)/gmaivl-rt demo --out runs/demo
 
 test: setup browser archive js lint
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=25
 
 # The house plan (pyproject's [tool.importlinter]): folders are layers, imports only go down, no cycles.
 lint: setup
