@@ -30,6 +30,7 @@ class Sizes:
     prompt_tokens: int               # text tokens after the image in the model checks' prompt
     new_tokens: int                  # tokens the model checks' greedy decodes generate
     throughput_reps: int
+    decode: tuple = ("compact", 16, 64, True)  # (preset, rows, new tokens, compiled side) of the decode check
 
 
 # The smoke run takes the same code paths at the smallest sizes that still reach them (the interpreter's cost grows
@@ -40,7 +41,7 @@ SMOKE = Sizes(device="cpu", dtype=torch.float32, tolerance=1e-4, attn=((9,), 2, 
               decode_cache=40,
               presets=(("tiny, 1 text layer, fewer heads", "tiny",
                         {"text": {"num_layers": 1, "num_heads": 2, "num_kv_heads": 1}, "vision": {"num_heads": 1}}),),
-              prompt_tokens=4, new_tokens=2, throughput_reps=1)
+              prompt_tokens=4, new_tokens=2, throughput_reps=1, decode=("tiny", 2, 3, False))
 FULL = Sizes(device="cuda", dtype=torch.bfloat16, tolerance=6e-2, attn=((1, 17, 127, 300, 1000), 32, 8, 128),
              causal=(False, True),
              gemm=(4608, 1024, 4096), image=(336, 14), loss_head=(2048, 4096, 92544),

@@ -11,11 +11,14 @@ reports what it did):
                   decode over a 32k-token cache;
   4. model        loss and every gradient, Triton against PyTorch: the compact preset and a 2-layer model at
                   GMAI-VL-7B widths; greedy decode; fp32 weights under bf16 autocast;
-  5. throughput   autotuning on: first call (compile + tune) time, steady time against the reference, the winners.
+  5. throughput   autotuning on: first call (compile + tune) time, steady time against the reference, the winners;
+  6. decode       decode tokens/s at batch 16 (issue 29): the engine's compiled decode step (CUDA graphs) against
+                  the eager engine and transformers' generate with SDPA, the compact preset (decode_checks.py).
 A check whose turn comes after the budget is spent is recorded as "skipped". `--smoke` runs the same plumbing at
 tiny sizes on the CPU under the Triton interpreter (what CI runs); there a config that differs from an earlier one
 only in num_warps / num_stages, which the interpreter ignores, is recorded as skipped with "same_as" naming it.
-Exit status 1 when any check failed or errored. Each line: {"check", "priority", "status": pass|fail|error|skipped, "seconds", ...measurements}.
+Exit status 1 when any check failed or errored. Without a CUDA device (and without --smoke) nothing runs: one
+"skipped" line says why, exit status 0. Each line: {"check", "priority", "status": pass|fail|error|skipped, "seconds", ...measurements}.
 """
 from __future__ import annotations
 
@@ -28,12 +31,26 @@ from pathlib import Path
 
 import torch
 
+from gmaivl_rt.gpu_check.decode_checks import check_decode
 from gmaivl_rt.gpu_check.kernel_checks import check_configs, check_determinism, check_scale
 from gmaivl_rt.gpu_check.model_checks import check_model, check_throughput
 from gmaivl_rt.gpu_check.recording import FULL, SMOKE, Recorder
 from gmaivl_rt.processes import ends_with_parent
 
-CHECKS = (check_configs, check_determinism, check_scale, check_model, check_throughput)
+CHECKS = (check_configs, check_determinism, check_scale, check_model, check_throughput, check_decode)
+NO_GPU = ("no CUDA device here (torch.cuda.is_available() is False): the GPU checks need one; --smoke runs their "
+          "plumbing on the CPU under the Triton interpreter")
+
+
+def record_no_gpu(out_dir: str | Path) -> dict:
+    """The one line a run without a CUDA device writes: every check skipped, and why."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    row = {"check": "all", "priority": 0, "status": "skipped", "seconds": 0.0, "reason": NO_GPU,
+           "checks": [check.__name__ for check in CHECKS], "torch": torch.__version__,
+           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    Recorder(out / "gpu_check.jsonl", 0).write(row)
+    return row
 
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
@@ -79,6 +96,10 @@ def main(argv=None) -> int:
         # the re-run ends with this process (kill -9 included)
         return subprocess.run([sys.executable, "-m", "gmaivl_rt.gpu_check", *(argv or sys.argv[1:])],
                               env=env, **ends_with_parent()).returncode
+    if not args.smoke and not torch.cuda.is_available():
+        record_no_gpu(args.out)
+        print(f"gpu_check: skipped: {NO_GPU} -> {Path(args.out) / 'gpu_check.jsonl'}")
+        return 0
     rows = run(args.out, args.budget, args.smoke)
     counts = {s: sum(r["status"] == s for r in rows[1:]) for s in ("pass", "fail", "error", "skipped")}
     print(f"gpu_check: {counts} -> {Path(args.out) / 'gpu_check.jsonl'}")

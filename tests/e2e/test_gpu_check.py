@@ -94,3 +94,32 @@ def test_spent_budget_skips_every_check_but_still_reports(tmp_path):
     rows = gpu_check.run(tmp_path, budget_s=0, smoke=True)
     assert len(rows) > 10 and all(r["status"] == "skipped" for r in rows[1:])
     assert _lines(tmp_path / "gpu_check.jsonl") == json.loads(json.dumps(rows, default=str))
+
+
+def test_without_a_gpu_nothing_runs_and_the_reason_is_recorded(tmp_path, monkeypatch, capsys):
+    """`make gpu-check` on a machine without CUDA: exit status 0, one "skipped" line naming the reason and the
+    checks it covers (the decode check among them). Mutant: main going on to `run` (its RuntimeError), seen
+    failing."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["--out", str(tmp_path), "--budget", "60"]) == 0
+    (row,) = _lines(tmp_path / "gpu_check.jsonl")
+    assert row["status"] == "skipped" and "no CUDA device" in row["reason"] and row["reason"] == gpu_check.NO_GPU
+    assert "check_decode" in row["checks"] and len(row["checks"]) == len(gpu_check.CHECKS)
+    assert "skipped: no CUDA device" in capsys.readouterr().out
+
+
+def test_decode_check_smoke_reports_every_side(tmp_path):
+    """The decode check (issue 29's GPU decode benchmark) at smoke sizes on the CPU: the eager engine and
+    transformers + SDPA each decoded and timed, their ratio, and the compiled side skipped with the reason (it runs
+    on a GPU). Mutant: a side's rate left out of the report (the eager engine's), seen failing."""
+    rec = gpu_check.Recorder(tmp_path / "out.jsonl", budget_s=600)
+    gpu_check.check_decode(rec, gpu_check.SMOKE)
+    (row,) = _lines(tmp_path / "out.jsonl")
+    assert row["check"] == "decode" and row["priority"] == 6 and row["status"] == "pass", row
+    preset, rows, new_tokens, _ = gpu_check.SMOKE.decode
+    assert (row["preset"], row["rows"], row["new_tokens"]) == (preset, rows, new_tokens)
+    assert set(row["decode_tokens_per_s"]) == {"eager", "transformers_sdpa"}
+    assert all(v > 0 for v in row["decode_tokens_per_s"].values())
+    low, high = row["decode_tokens_per_s_range"]["eager"]
+    assert low <= row["decode_tokens_per_s"]["eager"] <= high
+    assert row["eager_vs_transformers"] > 0 and row["compiled"].startswith("skipped: ")
