@@ -349,23 +349,48 @@ def _arrivals(count: int, rate: float, seed: int) -> list:
 
 
 def _serve_engine(engine, arrivals) -> dict:
-    """Submit each request at its arrival time; per request (ttft s, tokens) and the makespan."""
-    start, submitted = time.perf_counter(), []
-    for at, q, im, n in arrivals:
-        time.sleep(max(0.0, start + at - time.perf_counter()))
-        submitted.append(engine.submit(q, image=im, max_new_tokens=n, **NO_EOS))
-    for r in submitted:
-        r.result(timeout=600)
+    """Submit each request at its arrival time; per request (ttft s, tokens), the makespan, and how the engine
+    ran meanwhile: per step its rows, the rows sampled, the tokens fed and its wall time (wrapping the scheduler's
+    `schedule` and the engine's `_step` in its thread), and per request its admission latency (arrival to first
+    admitted to a step)."""
+    schedule, step, steps = engine.scheduler.schedule, engine._step, []
+
+    def noted_schedule():
+        batch = schedule()
+        if batch is not None:
+            fed = (sum(len(seq.ids) - seq.cached for seq in batch.seqs) if batch.feeds is None
+                   else sum(batch.feeds))
+            steps.append({"rows": len(batch), "active": sum(batch.active), "fed": fed})
+        return batch
+
+    def timed_step():
+        start, count = time.perf_counter(), len(steps)
+        step()
+        if len(steps) > count:
+            steps[-1]["ms"] = 1e3 * (time.perf_counter() - start)
+
+    engine.scheduler.schedule, engine._step = noted_schedule, timed_step
+    try:
+        start, submitted = time.perf_counter(), []
+        for at, q, im, n in arrivals:
+            time.sleep(max(0.0, start + at - time.perf_counter()))
+            submitted.append(engine.submit(q, image=im, max_new_tokens=n, **NO_EOS))
+        for r in submitted:
+            r.result(timeout=600)
+    finally:
+        del engine.scheduler.schedule, engine._step
     finish = max(r.finish_time for r in submitted)
     return {"ttft": [r.first_token_time - r.arrival_time for r in submitted],
+            "admission": [r.scheduled_time - r.arrival_time for r in submitted],
             "tokens": sum(r.generated_tokens for r in submitted),
-            "seconds": finish - (submitted[0].arrival_time)}
+            "seconds": finish - (submitted[0].arrival_time), "steps": steps}
 
 
 def _serve_static(backend, arrivals, batch_size: int) -> dict:
     """A static-batching server: wait for a request, take every one waiting (at most batch_size), run them as one
     padded `generate` until the longest is done (`padded_generate`), repeat. A request's first token comes when its
-    batch's prefill forward returns; its useful tokens are its own max_new_tokens (the rest of its row is waste)."""
+    batch's prefill forward returns; its useful tokens are its own max_new_tokens (the rest of its row is waste).
+    Also per batch its size, longest length and seconds."""
     import queue
     import threading
 
@@ -389,7 +414,7 @@ def _serve_static(backend, arrivals, batch_size: int) -> dict:
         return logits
 
     model.last_logits = noted
-    ttft, tokens, served, finish = [None] * len(arrivals), 0, 0, start
+    ttft, tokens, served, finish, batches = [None] * len(arrivals), 0, 0, start, []
     try:
         while served < len(arrivals):
             batch = [arrived.get(timeout=600)]
@@ -400,8 +425,10 @@ def _serve_static(backend, arrivals, batch_size: int) -> dict:
                     break
             first_forward.clear()
             longest = max(arrivals[i][3] for i, _ in batch)
+            began = time.perf_counter()
             padded_generate(backend, [arrivals[i][1:3] for i, _ in batch], dict(max_new_tokens=longest, **NO_EOS))
             finish = time.perf_counter()
+            batches.append({"rows": len(batch), "longest": longest, "s": finish - began})
             for i, at in batch:
                 ttft[i] = first_forward[0] - at
                 tokens += arrivals[i][3]
@@ -409,70 +436,105 @@ def _serve_static(backend, arrivals, batch_size: int) -> dict:
     finally:
         del model.last_logits
         feeder.join()
-    return {"ttft": ttft, "tokens": tokens, "seconds": finish - start}
+    return {"ttft": ttft, "tokens": tokens, "seconds": finish - start, "batches": batches}
+
+
+def _percentile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def test_poisson_engine_vs_static_batching_server(benchmark, model_dir):
     """Poisson arrivals (issue 29; goal: engine throughput >= 1.5x a static-batching server at equal p99 TTFT).
-    The rate saturates one static batch: GMAIVL_BENCH_POISSON_LOAD (default 1.25) x 16 requests per the time one
-    padded batch of 16 x the longest length takes (measured first). GMAIVL_BENCH_POISSON_REQUESTS (default 48)
-    requests, the same seeded arrivals (half with an image, 16/32/48 new tokens) for both sides, max(2, ROUNDS)
-    rounds alternating which side runs first, an idle gap before each; per side useful tokens/s (each request's
-    own length, over first arrival to last finish) and TTFT p50/p99, same-round throughput ratios, the load
-    average."""
+    GMAIVL_BENCH_POISSON_REQUESTS (default 48) requests, half with an image, 16/32/48 new tokens, the same seeded
+    mix on every side. Each of max(2, ROUNDS) rounds first measures both sides saturated (all requests at once:
+    the most requests per second each serves; the static server's is the calibration), then sends the requests as
+    Poisson arrivals at that rate to the static server and to the engine, and at GMAIVL_BENCH_POISSON_ENGINE_LOAD
+    (default 1.5) x that rate to the engine, in a rotating order, an idle gap before each: the rate is calibrated
+    in the same round, right before the comparison, on the same loaded machine. At a rate a side keeps up with,
+    its useful throughput is the offered rate's, whatever its speed: the goal reads as the engine serving 1.5x the
+    static server's rate with a p99 TTFT no worse. Per run useful tokens/s (each request's own length, over first
+    arrival to last finish) and TTFT p50/p99, same-round ratios, the load average; and how each side ran: the
+    engine's rows, sampled rows and fed tokens per step, step time and admission latency; the static server's
+    batch sizes and seconds per batch."""
     batch_size = 16
     count = int(os.environ.get("GMAIVL_BENCH_POISSON_REQUESTS", "48"))
-    factor = float(os.environ.get("GMAIVL_BENCH_POISSON_LOAD", "1.25"))
+    engine_load = float(os.environ.get("GMAIVL_BENCH_POISSON_ENGINE_LOAD", "1.5"))
     backend = gmaivl_rt.load(model_dir)
-    full = [(QUESTIONS[i % 4], _image(i) if i % 2 == 0 else None) for i in range(batch_size)]
-    longest = dict(max_new_tokens=max(POISSON_LENGTHS), **NO_EOS)
-    padded_generate(backend, full, longest)  # warm-up
-    batch_s = statistics.median(
-        interleaved_seconds({"static batch": lambda: padded_generate(backend, full, longest)}, rounds=3,
-                            warmup=0)["static batch"])
-    rate = factor * batch_size / batch_s
-    print(f"\none static batch of {batch_size} x {max(POISSON_LENGTHS)} tokens: {batch_s:.2f} s; arrivals at "
-          f"{rate:.1f}/s", flush=True)
-    arrivals = _arrivals(count, rate, seed=1)
+    at_once = [(0.0, *rest) for _, *rest in _arrivals(count, 1.0, seed=1)]
+    padded_generate(backend, [a[1:3] for a in at_once[:batch_size]], dict(max_new_tokens=48, **NO_EOS))  # warm-up
     load_before = load_average()
-    results = {"engine": [], "static": []}
-    with Engine(model_dir, max_batch_size=batch_size) as engine:
-        engine.ask("Warm up.", max_new_tokens=2)
+    runs = ("static saturated", "engine saturated", "static at 1x", "engine at 1x", f"engine at {engine_load}x")
+    results = {name: [] for name in runs}
+    rates = []
+    def serve(name, arrivals):
+        if name.startswith("engine"):  # a new engine each run: the same requests again would all be found in
+            # the last run's prefix cache (the static server recomputes them); within a run the cache works
+            with Engine(model_dir, max_batch_size=batch_size) as engine:
+                engine.ask("Warm up.", max_new_tokens=2)
+                time.sleep(0.5)
+                results[name].append(_serve_engine(engine, arrivals))
+        else:
+            time.sleep(0.5)
+            results[name].append(_serve_static(backend, arrivals, batch_size))
 
-        def run():
-            for r in range(max(2, ROUNDS)):
-                for side in (["engine", "static"] if r % 2 == 0 else ["static", "engine"]):
-                    time.sleep(0.5)
-                    results[side].append(_serve_engine(engine, arrivals) if side == "engine"
-                                         else _serve_static(backend, arrivals, batch_size))
+    def run():
+        for r in range(max(2, ROUNDS)):
+            serve("static saturated", at_once)
+            rate = count / results["static saturated"][-1]["seconds"]
+            rates.append(rate)
+            print(f"\nround {r + 1}: the static server saturated serves {count} requests in "
+                  f"{count / rate:.2f} s; arrivals at {rate:.1f}/s (load average {load_average()[0]:.1f})",
+                  flush=True)
+            others = [("engine saturated", at_once), ("static at 1x", _arrivals(count, rate, seed=1)),
+                      ("engine at 1x", _arrivals(count, rate, seed=1)),
+                      (runs[-1], _arrivals(count, engine_load * rate, seed=1))]
+            for name, arrivals in others[r % 4:] + others[:r % 4]:
+                serve(name, arrivals)
 
-        benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.pedantic(run, rounds=1, iterations=1)
     load_after = load_average()
+    p = _percentile
+    summary = {name: [{"tokens_per_s": r["tokens"] / r["seconds"], "ttft_p50_s": p(r["ttft"], 0.5),
+                       "ttft_p99_s": p(r["ttft"], 0.99)} for r in rows] for name, rows in results.items()}
 
-    def p(values, q):
-        ordered = sorted(values)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    def ratio(a, b, key="tokens_per_s"):
+        return [x[key] / y[key] for x, y in zip(summary[a], summary[b])]
 
-    summary = {side: [{"tokens_per_s": r["tokens"] / r["seconds"], "ttft_p50_s": p(r["ttft"], 0.5),
-                       "ttft_p99_s": p(r["ttft"], 0.99)} for r in runs] for side, runs in results.items()}
-    ratios = [e["tokens_per_s"] / s["tokens_per_s"] for e, s in zip(summary["engine"], summary["static"])]
-    benchmark.extra_info.update(rate=rate, static_batch_s=batch_s, requests=count, summary=summary, throughput_ratios=ratios,
+    ratios = {"saturated": ratio("engine saturated", "static saturated"),
+              "at 1x": ratio("engine at 1x", "static at 1x"),
+              f"engine at {engine_load}x vs static at 1x": ratio(runs[-1], "static at 1x"),
+              f"p99 TTFT engine at {engine_load}x / static at 1x": ratio(runs[-1], "static at 1x", "ttft_p99_s")}
+    engine_runs = [r for name in runs if name.startswith("engine") and "saturated" not in name for r in results[name]]
+    steps = [s for r in engine_runs for s in r["steps"]]
+    admission = [a for r in engine_runs for a in r["admission"]]
+    batches = [b for r in results["static at 1x"] for b in r["batches"]]
+    profile = {"engine_rows_per_step": statistics.mean(s["rows"] for s in steps),
+               "engine_sampled_rows_per_step": statistics.mean(s["active"] for s in steps),
+               "engine_fed_tokens_per_step": statistics.mean(s["fed"] for s in steps),
+               "engine_prefill_step_ms_median": statistics.median(
+                   [s["ms"] for s in steps if "ms" in s and s["fed"] > s["rows"]] or [float("nan")]),
+               "engine_decode_step_ms_median": statistics.median(
+                   [s["ms"] for s in steps if "ms" in s and s["fed"] == s["rows"]] or [float("nan")]),
+               "engine_admission_p50_ms": 1e3 * p(admission, 0.5), "engine_admission_p99_ms": 1e3 * p(admission, 0.99),
+               "static_rows_per_batch": statistics.mean(b["rows"] for b in batches),
+               "static_s_per_batch": statistics.median(b["s"] for b in batches)}
+    benchmark.extra_info.update(rates=rates, requests=count, summary=summary, ratios=ratios, profile=profile,
                                 load_average_before=load_before, load_average_after=load_after)
 
-    def side_text(side):
-        rows = summary[side]
-        return (f"{side} {statistics.median(r['tokens_per_s'] for r in rows):.0f} useful tok/s, TTFT p50 "
+    def run_text(name):
+        rows = summary[name]
+        return (f"{name} {statistics.median(r['tokens_per_s'] for r in rows):.0f} useful tok/s, TTFT p50 "
                 f"{1e3 * statistics.median(r['ttft_p50_s'] for r in rows):.0f} ms, p99 "
                 f"{1e3 * statistics.median(r['ttft_p99_s'] for r in rows):.0f} ms")
 
-    print(f"\nPoisson arrivals at {rate:.1f}/s ({factor}x one static batch of {batch_size}: {batch_s:.2f} s for "
-          f"{batch_size} x {max(POISSON_LENGTHS)} tokens), {count} requests, "
-          f"{len(ratios)} rounds (load average {load_before[0]:.1f} before, {load_after[0]:.1f} after; medians): "
-          f"{side_text('engine')}; {side_text('static')}; engine throughput {statistics.median(ratios):.2f}x "
-          f"the static server (range {min(ratios):.2f}-{max(ratios):.2f}; goal >= 1.5x at equal p99 TTFT); per "
-          f"round (tok/s, p99 TTFT s) engine "
-          + ", ".join(f"{r['tokens_per_s']:.0f} {r['ttft_p99_s']:.1f}" for r in summary["engine"]) + "; static "
-          + ", ".join(f"{r['tokens_per_s']:.0f} {r['ttft_p99_s']:.1f}" for r in summary["static"]))
+    print(f"\nPoisson arrivals, {count} requests, {len(rates)} rounds, the static server's saturated rate per round "
+          + ", ".join(f"{rate:.1f}/s" for rate in rates) + f" (load average {load_before[0]:.1f} before, "
+          f"{load_after[0]:.1f} after; medians):\n  " + "\n  ".join(run_text(name) for name in runs)
+          + "\n  engine / static (same round): " + "; ".join(
+              f"{name} {statistics.median(v):.2f}x (range {min(v):.2f}-{max(v):.2f})" for name, v in ratios.items())
+          + f" (goal: >= 1.5x the throughput at a p99 TTFT no worse)\n  how they ran (Poisson runs): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in profile.items()))
 
 
 def compiled_decode_per_token(threads: str, rounds: str = "3") -> dict:
