@@ -11,10 +11,20 @@ exits 0 only if:
 * every chat request sent is accounted in /metrics: the outcomes add up to the requests sent, `client_error` equals
   the 4xx answers the clients saw, and `success` + `cancelled` equal the requests answered 200 (at least every answer
   read to its end is a success);
-* the server's resident memory at the end is within SOAK_RSS_GROWTH (default 5%) of its level after the warm-up
-  (the first SOAK_WARMUP_S seconds, default 60, with the same mix).
+* the server's resident memory at the end is within SOAK_RSS_GROWTH (default 5%) of its level after the warm-up;
+* the least-squares line through the RSS samples of the last SOAK_TREND_WINDOW_S seconds (default 900, none before
+  the warm-up's end) rises by less than SOAK_RSS_TREND (default 0.25%) of that level a minute: a leak shows as a
+  steady rise, whatever step came before.
 
-Knobs: SOAK_MINUTES, SOAK_RATE (requests per second, default 3), SOAK_CLIENTS (threads, default 16), SOAK_SEED.
+The warm-up, before the baseline is read: every kind of request and each of its variants (every image size, each
+bad body, streams with and without an image, ...), SOAK_CLIENTS at once, then SOAK_WARMUP_S seconds (default 60) of
+the mix. Why: memory the server takes once and keeps (measured: the 2048 px 16-bit PNG decoded in several threads
+at once leaves up to +215 MiB in glibc's per-thread malloc arenas, a plateau reached after 4 at once; it came back
+with MALLOC_ARENA_MAX=1) would otherwise show as growth whenever the random mix first sends such requests together
+(the 2026-12-07 soak: a +77 MiB step in its second minute, then flat for 18 minutes).
+
+Knobs: SOAK_MINUTES, SOAK_RATE (requests per second, default 3), SOAK_CLIENTS (threads, default 16), SOAK_SEED,
+SOAK_WARMUP_S, SOAK_RSS_GROWTH, SOAK_RSS_TREND, SOAK_TREND_WINDOW_S, SOAK_LEAK_KIB (a deliberate leak, above).
 Prints one JSON summary line at the end.
 """
 from __future__ import annotations
@@ -50,7 +60,13 @@ RATE = float(os.environ.get("SOAK_RATE", "3"))
 CLIENTS = int(os.environ.get("SOAK_CLIENTS", "16"))
 WARMUP_S = float(os.environ.get("SOAK_WARMUP_S", "60"))
 RSS_GROWTH = float(os.environ.get("SOAK_RSS_GROWTH", "0.05"))
+# the fitted RSS line's slope may rise by at most this share of the baseline a minute (5 % over 20 minutes)
+RSS_TREND = float(os.environ.get("SOAK_RSS_TREND", "0.0025"))
+TREND_WINDOW_S = float(os.environ.get("SOAK_TREND_WINDOW_S", "900"))
 SEED = int(os.environ.get("SOAK_SEED", "0"))
+# A deliberate leak, to show the checks catch one: the server (started through `leaky_serve`, in this file only)
+# keeps SOAK_LEAK_KIB KiB for every HTTP request it answers. 0: the real server.
+LEAK_KIB = int(os.environ.get("SOAK_LEAK_KIB", "0"))
 MAX_REQUEST_BYTES = 2 << 20
 MAX_REQUEST_PIXELS = 20_000_000
 QUESTIONS = ["What modality is this image?", "Which plane is shown?", "Describe the image."]
@@ -102,7 +118,9 @@ def chat(question: str, images=(), **fields) -> dict:
 
 
 def build_requests(rng: random.Random):
-    """Request makers: name -> (weight, function(client) -> answer class)."""
+    """Request makers: name -> (weight, function(client, variant=None) -> (answer class, detail), variants). A
+    variant (an image's name, a bad body's name, ...) picks what is otherwise drawn at random: the warm-up sends
+    each one."""
     from pydicom.data import get_testdata_file
 
     images = {f"png{side}": data_uri(png(side, side), "image/png") for side in (32, 256)}  # colour noise
@@ -125,17 +143,18 @@ def build_requests(rng: random.Random):
             return "4xx" if expect_4xx or code == 429 else "unexpected"
         return "unexpected" if expect_4xx else "ok_read"
 
-    def text(client):
-        r = post(client, chat(rng.choice(QUESTIONS), max_tokens=rng.choice([4, 16, 32])))
+    def text(client, max_tokens=None):
+        r = post(client, chat(rng.choice(QUESTIONS), max_tokens=max_tokens or rng.choice([4, 16, 32])))
         return classify(r, "text"), r.text
 
-    def image(client):
-        name = rng.choice(sorted(images))
+    def image(client, name=None):
+        name = name or rng.choice(sorted(images))
         r = post(client, chat(rng.choice(QUESTIONS), [images[name]]))
         return classify(r, "image"), r.text
 
-    def stream(client, leave_early=False):
-        body = chat(rng.choice(QUESTIONS), [images["png256"]] if rng.random() < 0.5 else (), stream=True,
+    def stream(client, with_image=None, leave_early=False):
+        with_image = rng.random() < 0.5 if with_image is None else with_image == "image"
+        body = chat(rng.choice(QUESTIONS), [images["png256"]] if with_image else (), stream=True,
                     max_tokens=48 if leave_early else 16)
         with client.stream("POST", "/v1/chat/completions", json=body, timeout=120) as response:
             if response.status_code != 200:
@@ -150,10 +169,10 @@ def build_requests(rng: random.Random):
                         return "ok_left", ""  # closing the response disconnects
             return ("ok_read", "") if lines and lines[-1] == "data: [DONE]" else ("unexpected", str(lines[-3:]))
 
-    def left_stream(client):
-        return stream(client, leave_early=True)
+    def left_stream(client, with_image=None):
+        return stream(client, with_image, leave_early=True)
 
-    def impatient(client):
+    def impatient(client, variant=None):
         try:
             r = post(client, chat(rng.choice(QUESTIONS), [images["png256"]], max_tokens=64),
                      timeout=httpx.Timeout(30, read=0.3))  # the body is sent whole, the answer not waited for
@@ -174,20 +193,39 @@ def build_requests(rng: random.Random):
                                 .encode()),  # refused from Content-Length
     }
 
-    def bad(client):
-        name = rng.choice(sorted(bad_bodies))
+    def bad(client, name=None):
+        name = name or rng.choice(sorted(bad_bodies))
         r = post(client, **bad_bodies[name])
         return classify(r, "bad", expect_4xx=True), f"{name}: {r.status_code} {r.text[:200]}"
 
-    def pages(client):  # not chat requests: not counted in the outcomes
+    def pages(client, variant=None):  # not chat requests: not counted in the outcomes
         for path in ("/", "/static/app.js", "/health", "/metrics"):
             r = client.get(path, timeout=60)
             if r.status_code != 200:
                 return "unexpected", f"{path}: {r.status_code}"
         return None, ""
 
-    return {"text": (4, text), "image": (4, image), "stream": (3, stream), "left_stream": (2, left_stream),
-            "impatient": (1, impatient), "bad": (3, bad), "pages": (1, pages)}
+    with_or_without = ["image", "text"]
+    return {"text": (4, text, [32]), "image": (4, image, sorted(images)), "stream": (3, stream, with_or_without),
+            "left_stream": (2, left_stream, with_or_without), "impatient": (1, impatient, [None]),
+            "bad": (3, bad, sorted(bad_bodies)), "pages": (1, pages, [None])}
+
+
+def rss_trend(samples: list, baseline_t: float | None, baseline: float | None) -> dict | None:
+    """The least-squares line through the RSS samples [(seconds, MiB)] of the trend window (the last TREND_WINDOW_S
+    seconds, none before the baseline): its slope as a share of the baseline per minute, and the window. A leak
+    grows RSS steadily and shows here even where a step after the warm-up would hide it from, or add to, the
+    end-over-baseline figure. None without a baseline or with fewer than 4 samples."""
+    if baseline is None:
+        return None
+    end = samples[-1][0]
+    window = [(t, r) for t, r in samples if t >= max(baseline_t, end - TREND_WINDOW_S)]
+    if len(window) < 4:
+        return None
+    times, rss = np.array([t for t, _ in window]) / 60, np.array([r for _, r in window])
+    slope = float(np.polyfit(times, rss, 1)[0])  # MiB a minute
+    return {"per_minute": slope / baseline, "mib_per_minute": round(slope, 3),
+            "window_s": [window[0][0], window[-1][0]], "samples": len(window)}
 
 
 def scrape_outcomes(url: str) -> dict:
@@ -202,7 +240,9 @@ def main() -> int:
         folder = make_tiny_chat_model(Path(tmp), TEXTS)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        server = subprocess.Popen([sys.executable, "-m", "gmaivl_rt.cli", "serve", str(folder), "--port", str(port),
+        command = [sys.executable, __file__, "--leaky-serve", str(LEAK_KIB)] if LEAK_KIB else \
+            [sys.executable, "-m", "gmaivl_rt.cli"]
+        server = subprocess.Popen([*command, "serve", str(folder), "--port", str(port),
                                    "--served-model-name", "soak", "--max-batch-size", "8", "--max-waiting", "32",
                                    "--max-request-bytes", str(MAX_REQUEST_BYTES),
                                    "--max-request-pixels", str(MAX_REQUEST_PIXELS)],
@@ -227,7 +267,7 @@ def soak(url: str, server: subprocess.Popen, rng: random.Random, server_log: Pat
     weights = [makers[n][0] for n in names]
     tally, local = Tally(), threading.local()
 
-    def one(kind: str):
+    def one(kind: str, variant=None):
         client = getattr(local, "client", None)
         if client is None:
             client = local.client = httpx.Client(base_url=url)
@@ -237,7 +277,7 @@ def soak(url: str, server: subprocess.Popen, rng: random.Random, server_log: Pat
                 tally.sent += 1
         idle_s = time.monotonic() - getattr(local, "last_end", time.monotonic())
         try:
-            answer_class, detail = makers[kind][1](client)
+            answer_class, detail = makers[kind][1](client, variant)
         except httpx.TransportError as error:  # a connection the server broke
             # how long this client's connections had been idle: a keep-alive race shows as idle ~ the server's
             # keep-alive timeout (--timeout-keep-alive)
@@ -247,10 +287,22 @@ def soak(url: str, server: subprocess.Popen, rng: random.Random, server_log: Pat
             tally.add(kind, answer_class, detail)
 
     total_s = MINUTES * 60
-    started = time.monotonic()
-    samples, baseline, backlog_peak = [], None, 0
     pending = collections.deque()
     with ThreadPoolExecutor(max_workers=CLIENTS, thread_name_prefix="soak-client") as pool:
+        warm_up_started, rss_before = time.monotonic(), rss_mib(server.pid)
+        # Warm-up, part 1: every kind of request, each variant (every image size, each bad body, streams with and
+        # without an image), CLIENTS at once: whatever memory the server takes once for good (a thread pool grown
+        # to its most, each of its threads' malloc arena, the largest image's buffers) is taken before the baseline.
+        for kind in names:
+            for variant in makers[kind][2]:
+                for future in [pool.submit(one, kind, variant) for _ in range(CLIENTS)]:
+                    future.result()
+        bursts = {"seconds": round(time.monotonic() - warm_up_started, 1), "rss_before_mib": round(rss_before),
+                  "rss_after_mib": round(rss_mib(server.pid)), "requests": tally.sent}
+        print(f"soak: every request kind sent {CLIENTS} at once: {bursts}", file=sys.stderr, flush=True)
+        # part 2: the mix itself for WARMUP_S seconds; the baseline is read then
+        started = time.monotonic()
+        samples, baseline, baseline_t, backlog_peak = [], None, None, 0
         n = 0
         next_sample = started
         while (now := time.monotonic()) < started + total_s:
@@ -258,7 +310,7 @@ def soak(url: str, server: subprocess.Popen, rng: random.Random, server_log: Pat
                 samples.append((round(now - started, 1), rss_mib(server.pid)))
                 next_sample += 5
                 if baseline is None and now - started >= min(WARMUP_S, total_s / 3):
-                    baseline = samples[-1][1]
+                    baseline, baseline_t = samples[-1][1], samples[-1][0]
                     print(f"soak: warm-up done, RSS {baseline:.1f} MiB", file=sys.stderr, flush=True)
             due = started + n / RATE
             if now < due:
@@ -286,6 +338,7 @@ def soak(url: str, server: subprocess.Popen, rng: random.Random, server_log: Pat
         outcomes = scrape_outcomes(url)
     final_rss = rss_mib(server.pid)
     growth = (final_rss - baseline) / baseline if baseline else float("nan")
+    trend = rss_trend(samples, baseline_t, baseline)
     answered_200 = tally.classes["ok_read"] + tally.classes["ok_left"]
     checks = {
         "no 5xx seen": tally.classes["5xx"] == 0,
@@ -296,16 +349,42 @@ def soak(url: str, server: subprocess.Popen, rng: random.Random, server_log: Pat
         "success + cancelled == 200s": outcomes.get("success", 0) + outcomes.get("cancelled", 0) == answered_200,
         "answers read to the end are successes": outcomes.get("success", 0) >= tally.classes["ok_read"],
         f"RSS growth under {RSS_GROWTH:.0%}": baseline is not None and growth < RSS_GROWTH,
+        f"RSS trend under {RSS_TREND:.2%} a minute": trend is not None and trend["per_minute"] < RSS_TREND,
     }
     summary = {"minutes": round(elapsed / 60, 2), "rate_per_s": RATE, "sent": tally.sent,
                "kinds": dict(tally.kinds), "answers": dict(tally.classes), "metrics_outcomes": outcomes,
                "rss_after_warmup_mib": baseline, "rss_final_mib": final_rss, "rss_max_mib": max(r for _, r in samples),
-               "rss_growth": growth, "rss_every_30s_mib": [round(r) for t, r in samples if t % 30 < 5],
+               "rss_growth": growth, "rss_trend": trend, "warm_up_bursts": bursts,
+               "rss_every_30s_mib": [round(r) for t, r in samples if t % 30 < 5],
                "client_backlog_peak": backlog_peak, "checks": checks,
                "failures": tally.failures[:20]}
     print(json.dumps(summary))
     return 0 if all(checks.values()) and not tally.failures else 1
 
 
+def leaky_serve(kib: int, argv: list[str]) -> int:
+    """`gmaivl-rt ARGV` with an app that keeps `kib` KiB (written, so resident) for every HTTP request: a leak of the
+    kind the soak's RSS checks must catch (SOAK_LEAK_KIB)."""
+    import gmaivl_rt.server.app as app_module
+    from gmaivl_rt.cli import main as cli_main
+
+    create_app, kept = app_module.create_app, []
+
+    def leaking_app(*args, **kwargs):
+        app = create_app(*args, **kwargs)
+
+        @app.middleware("http")
+        async def keep(request, call_next):
+            kept.append(b"\x01" * (kib * 1024))
+            return await call_next(request)
+
+        return app
+
+    app_module.create_app = leaking_app  # `serve` imports it when it runs
+    return cli_main(argv)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--leaky-serve"]:
+        sys.exit(leaky_serve(int(sys.argv[2]), sys.argv[3:]))
     sys.exit(main())
