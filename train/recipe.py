@@ -132,7 +132,11 @@ def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(lr_groups(dist_utils.unwrap(model), float(opt["lr"]), opt.get("lr_scale")),
                                   lr=float(opt["lr"]), betas=tuple(opt["betas"]), eps=float(opt["eps"]),
-                                  weight_decay=float(opt["weight_decay"]))
+                                  weight_decay=float(opt["weight_decay"]),
+                                  # one fused kernel on the CPU: 4.8 ms against 18 ms per step on the demo's 1.7M
+                                  # parameters (foreach). CUDA keeps the default: fused with FSDP2's DTensor
+                                  # parameters is not tested here (no GPU).
+                                  fused=info.device.type == "cpu" or None)
     warmup = int(round(cfg["schedule"]["warmup_ratio"] * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_with_warmup(total_steps, warmup, float(cfg["schedule"]["min_lr_ratio"])))
