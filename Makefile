@@ -47,7 +47,8 @@ fuzz: setup
 	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-5000} FUZZ_SHRINK=1 FUZZ_RANDOM=1 $(BIN)/python -m pytest tests/medical/test_fuzz_readers.py -q -s
 
 # A bounded soak of `gmaivl-rt serve` (not CI): mixed requests at a steady rate for SOAK_MINUTES (default 20) on a
-# free loopback port; fails on any 5xx, a request missing from /metrics, or RSS growth of 5% or more (bench/soak_server.py).
+# free loopback port; fails on any 5xx, a request missing from /metrics, RSS growth of 5% or more after the warm-up, or
+# an RSS trend rising 0.25% a minute over the last 15 minutes (bench/soak_server.py).
 .PHONY: soak
 soak: setup
 	SOAK_MINUTES=$${SOAK_MINUTES:-20} $(BIN)/python bench/soak_server.py
