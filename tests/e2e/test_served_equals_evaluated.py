@@ -35,21 +35,21 @@ def model_folder(colour_model_dir, tmp_path_factory):
 
 
 def serve(folder, monkeypatch, work, *flags):
-    """`gmaivl-rt serve FOLDER FLAGS`, with uvicorn.run replaced by a BackgroundServer on a free loopback port
+    """`gmaivl-rt serve FOLDER FLAGS`, with the server's run replaced by a BackgroundServer on a free loopback port
     (bounded start and stop) that runs `work(client)` and stops. Returns what `work` returned."""
-    import uvicorn
-
+    from gmaivl_rt.server import hosting
     from gmaivl_rt.server.background import BackgroundServer
 
     done = []
 
-    def run(app, host, port, **kwargs):
+    def run(config):
+        app, host = config.app, config.host
         assert host == "127.0.0.1"
         with BackgroundServer(app, host=host) as server:
             client = openai.OpenAI(base_url=server.url + "/v1", api_key="-", timeout=120, max_retries=0)
             done.append(work(client))
 
-    monkeypatch.setattr(uvicorn, "run", run)
+    monkeypatch.setattr(hosting, "serve_until_stopped", run)
     assert main(["serve", str(folder), "--served-model-name", MODEL, "--max-batch-size", "4", *flags]) == 0
     return done[0]
 

@@ -39,14 +39,14 @@ def test_eval_dtype_reaches_the_model_as_the_python_api_passes_it(colour_model_d
 def test_dtype_is_refused_for_graph_backends(onnx_dir, colour_bench_file, tmp_path, capsys, monkeypatch):
     """A graph backend runs the dtype it was exported in: `--dtype` with it is an error naming the option, for
     `eval` and `serve` alike, before anything loads (one parser, one rule). Mutants: the refusal dropped, `serve`
-    not calling `backend_options` (uvicorn.run is intercepted, so such a server fails instead of serving)."""
+    not calling `backend_options` (the server's run is intercepted, so such a server fails instead of serving)."""
     pytest.importorskip("fastapi")
-    import uvicorn
+    from gmaivl_rt.server import hosting
 
-    def started(app, **kwargs):
+    def started(config):
         raise AssertionError("serve started a server despite --dtype with the onnx backend")
 
-    monkeypatch.setattr(uvicorn, "run", started)
+    monkeypatch.setattr(hosting, "serve_until_stopped", started)
     assert main(["eval", str(onnx_dir), "--backend", "onnx", "--dtype", "bf16", "--data", str(colour_bench_file),
                  "--out", str(tmp_path / "out")]) == 2
     assert "--dtype applies to the torch backend only" in capsys.readouterr().err
@@ -78,13 +78,14 @@ def test_onnx_device_chooses_ort_providers(onnx_dir):
 
 
 def test_serve_dtype_reaches_the_engines_model(colour_model_dir, monkeypatch):
-    """`serve --dtype bf16`: the engine behind the app uvicorn would run holds bf16 weights (uvicorn.run is
+    """`serve --dtype bf16`: the engine behind the app uvicorn would run holds bf16 weights (the server's run is
     intercepted). Mutant: `serve` building its Engine without `backend_options`."""
     pytest.importorskip("fastapi")
-    import uvicorn
+    from gmaivl_rt.server import hosting
 
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(app.state.engine.backend.placement))
+    monkeypatch.setattr(hosting, "serve_until_stopped",
+                        lambda config: seen.update(config.app.state.engine.backend.placement))
     assert main(["serve", str(colour_model_dir), "--dtype", "bf16", "--device", "cpu", "--max-batch-size", "1"]) == 0
     assert seen == {"device": "cpu", "dtype": "bfloat16"}
 

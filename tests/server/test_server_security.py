@@ -189,11 +189,11 @@ def test_an_empty_api_key_is_refused(serving_engine):
 
 
 def _serve_cli(folder, monkeypatch, *args, environ=None, requests=()):
-    """`gmaivl-rt serve` in this process with uvicorn.run intercepted: (exit code, stderr, [(status, body)])."""
-    import uvicorn
+    """`gmaivl-rt serve` in this process with the server's run intercepted: (exit code, stderr, [(status, body)])."""
     from fastapi.testclient import TestClient
 
     from gmaivl_rt.cli import main
+    from gmaivl_rt.server import hosting
 
     for name in ("GMAIVL_API_KEY",):
         monkeypatch.delenv(name, raising=False)
@@ -201,14 +201,15 @@ def _serve_cli(folder, monkeypatch, *args, environ=None, requests=()):
         monkeypatch.setenv(name, value)
     answers = []
 
-    def run(app, host, port, **kwargs):
+    def run(config):
+        app = config.app
         for path, host_header, key in requests:
             headers = {"Authorization": f"Bearer {key}"} if key else {}
             with TestClient(app, base_url=f"http://{host_header}") as local:
                 response = local.get(path, headers=headers)
                 answers.append((response.status_code, response.headers))
 
-    monkeypatch.setattr(uvicorn, "run", run)
+    monkeypatch.setattr(hosting, "serve_until_stopped", run)
     code = main(["serve", str(folder), "--port", "8123", "--max-batch-size", "1", *args])
     return code, answers
 
