@@ -10,7 +10,6 @@ import io
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pydicom
@@ -23,6 +22,7 @@ pytest.importorskip("dicomweb_client", reason="the [hospital] extra (dicomweb-cl
 pytest.importorskip("highdicom", reason="the [hospital] extra (highdicom) is not installed")
 
 from orthanc import ct_volume, free_port, orthanc_archive, read_shipped  # noqa: E402
+from server_fixtures import wait_until_serving  # noqa: E402
 from sr_findings import codable, findings_from_report  # noqa: E402
 
 USER, PASSWORD = "radiology", "pa55-w0rd-archive"
@@ -42,18 +42,6 @@ def _die_with_parent() -> None:
     except OSError:
         pass
 
-
-def wait_until_serving(child, url: str) -> None:
-    deadline = time.monotonic() + START_SECONDS
-    while time.monotonic() < deadline:
-        assert child.alive(), child.why()
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"the server did not answer /health within {START_SECONDS} s; {child.why()}")
 
 
 def study_instances(archive, study: str) -> list[dict]:
@@ -97,7 +85,7 @@ def test_serve_process_asks_the_archive_and_stores_a_coded_report(tiny_model_fol
                                  "--dicomweb", archive.dicomweb], env=env, preexec_fn=_die_with_parent)
             servers.append((child, f"http://127.0.0.1:{port}"))
         for child, url in servers:
-            wait_until_serving(child, url)
+            wait_until_serving(child, url, START_SECONDS)
         (child, url), (bare, bare_url) = servers
         client = openai.OpenAI(base_url=url + "/v1/gmaivl/archive", api_key=API_KEY, max_retries=0, timeout=600)
         question = "Report the finding."

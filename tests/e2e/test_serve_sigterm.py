@@ -15,7 +15,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from server_fixtures import TEXTS, wait_until  # noqa: E402
+from server_fixtures import TEXTS, wait_until, wait_until_serving  # noqa: E402
 
 from gmaivl_rt.processes import ends_with_parent, free_port  # noqa: E402
 from gmaivl_rt.server.hosting import GRACEFUL_SHUTDOWN_S  # noqa: E402
@@ -27,18 +27,6 @@ CHUNKS_BEFORE_SIGTERM = 5
 START_SECONDS = 180
 QUESTION = "Describe the image."
 
-
-def wait_until_serving(child, url: str) -> None:
-    deadline = time.monotonic() + START_SECONDS
-    while time.monotonic() < deadline:
-        assert child.alive(), child.why()
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"the server did not answer /health within {START_SECONDS} s; {child.why()}")
 
 
 def test_sigterm_with_open_streams_ends_them_and_exits_0_in_bounded_time(tiny_model_folder, start_child):
@@ -55,7 +43,7 @@ def test_sigterm_with_open_streams_ends_them_and_exits_0_in_bounded_time(tiny_mo
     child = start_child(["serve", folder, "--host", "127.0.0.1", "--port", port, "--served-model-name", "tiny",
                          "--max-batch-size", STREAMS], **ends_with_parent())
     url = f"http://127.0.0.1:{port}"
-    wait_until_serving(child, url)
+    wait_until_serving(child, url, START_SECONDS)
     body = {"model": "tiny", "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
             "messages": [{"role": "user", "content": QUESTION}]}
     chunks = [0] * STREAMS

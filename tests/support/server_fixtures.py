@@ -67,6 +67,23 @@ def wait_until(condition, timeout: float = 60.0, what: str = "condition") -> Non
         time.sleep(0.01)
 
 
+def wait_until_serving(child, url: str, timeout: float = 180.0) -> None:
+    """Poll a served process's /health (every 0.5 s) until it answers 200; fail naming the child's state (`child`:
+    conftest's start_child handle) if it dies or `timeout` seconds pass first."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert child.alive(), child.why()
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"the server did not answer /health within {timeout:.0f} s; {child.why()}")
+
+
 def ask_on_page(browser, wait, question: str, max_tokens: int, *toggles: str) -> None:
     """On the served page (selenium `browser`, `wait` a WebDriverWait): type `question` and `max_tokens`, click each
     of `toggles` (element ids, e.g. "structured", "write-sr"), press Ask and wait until the answer has ended
