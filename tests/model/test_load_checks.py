@@ -107,7 +107,9 @@ def test_missing_or_broken_tokenizer(folder, tmp_path):
     with pytest.raises(ModelError) as e:
         gmaivl_rt.load(tmp_path / "partial")
     message = str(e.value)
-    assert str(tmp_path / "partial") in message and "tokenizer.json" in message and len(message) <= 300
+    # one short line beside the folder's name (its length is the test machine's; pytest-xdist's is longer)
+    folder_name = str(tmp_path / "partial")
+    assert folder_name in message and "tokenizer.json" in message and len(message) - len(folder_name) <= 250
     # a tokenizer that does not fit the model (another <image> id)
     shutil.copytree(folder, tmp_path / "mismatch")
     config = json.loads((tmp_path / "mismatch" / "config.json").read_text())

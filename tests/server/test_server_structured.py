@@ -74,7 +74,14 @@ def test_json_schema_answers_validate_streamed_or_not_and_equal_the_engine(clien
         assert 1 <= len(entry.top_logprobs) <= 2 and entry.logprob <= entry.top_logprobs[0].logprob + 1e-6
     text, streamed, last = _streamed(client, **fields)
     assert text == choice.message.content
-    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
+    # the same tokens, bytes and top choices; logprobs within float32 rounding (the two requests' forwards may
+    # differ in batch company and in how much of the prompt the prefix cache served: sums in another order)
+    assert len(streamed) == len(content)
+    for got, want in zip(streamed, content):
+        assert (got.token, got.bytes) == (want.token, want.bytes)
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-5)
+        assert [(t.token, t.bytes) for t in got.top_logprobs] == [(t.token, t.bytes) for t in want.top_logprobs]
+        assert [t.logprob for t in got.top_logprobs] == pytest.approx([t.logprob for t in want.top_logprobs], abs=1e-5)
     assert last.finish_reason == "stop" and last.model_extra.get("constraint_satisfied") is True
 
 
