@@ -215,7 +215,7 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
             looked_up = not seq.blocks
-            hit = self._lookup(seq) if looked_up else 0
+            hit, last_key = self._lookup(seq) if looked_up else (0, b"")
             need = pool.blocks_for(len(seq.ids)) - len(seq.blocks)
             # keep a block per running sequence for its growth, so admitting does not force a preemption
             if pool.num_free < need + len(self.running):
@@ -223,7 +223,7 @@ class Scheduler:
                 return
             seq.blocks += pool.allocate(need)
             if looked_up:
-                hit += self._reuse_partial_block(seq)
+                hit += self._reuse_partial_block(seq, last_key)
             self.waiting.popleft()
             self._set_running(seq, True)
             self._table_blocks(seq, 0)
@@ -233,19 +233,19 @@ class Scheduler:
                 self.counters["prefix_cache_hit_tokens"] += hit
             seq.hit_tokens = seq.hit_tokens or hit
 
-    def _lookup(self, seq: Sequence) -> int:
+    def _lookup(self, seq: Sequence) -> tuple[int, bytes]:
         """Take the longest cached prefix of the sequence's tokens (keeping at least one token to run); returns
-        the tokens found."""
+        the tokens found and the key of the last block found (b"" for none: the next block's parent)."""
         keys = block_keys(seq.ids[:len(seq.ids) - 1], self.pool.block_size, seq.image_spans, seq.image_keys)
         seq.blocks = self.pool.lookup(keys)
         seq.cached = len(seq.blocks) * self.pool.block_size
-        return seq.cached
+        return seq.cached, keys[len(seq.blocks) - 1] if seq.blocks else b""
 
-    def _reuse_partial_block(self, seq: Sequence) -> int:
-        """After the whole cached blocks (seq.cached tokens), the leading tokens of the sequence's next block that a
-        cached block holds after the same prefix (a follow-up question departs from the first inside a block):
-        their keys/values are copied into the sequence's own block (its blocks already allocated), at least one
-        token is left to run. Returns the tokens reused."""
+    def _reuse_partial_block(self, seq: Sequence, parent: bytes) -> int:
+        """After the whole cached blocks (seq.cached tokens; `parent`: the last one's key, from `_lookup`), the
+        leading tokens of the sequence's next block that a cached block holds after the same prefix (a follow-up
+        question departs from the first inside a block): their keys/values are copied into the sequence's own block
+        (its blocks already allocated), at least one token is left to run. Returns the tokens reused."""
         if self.copy_tokens is None:
             return 0
         size, start = self.pool.block_size, seq.cached
@@ -253,7 +253,6 @@ class Scheduler:
         if end <= start or start % size:
             return 0
         index = start // size
-        parent = b"" if index == 0 else block_keys(seq.ids[:start], size, seq.image_spans, seq.image_keys)[-1]
         source, count = self.pool.longest_partial(
             parent, block_contents(seq.ids, start, end, seq.image_spans, seq.image_keys))
         if source is None:
