@@ -14,8 +14,8 @@ from gmaivl_rt.server.hosting import GRACEFUL_SHUTDOWN_S, KEEP_ALIVE_S, uvicorn_
 class BackgroundServer:
     """uvicorn serving `app` on `host` (loopback by default) in a daemon thread, with the settings `gmaivl-rt serve`
     uses (`hosting.uvicorn_config`); stops on exit, bounded in time: open requests get `stop_timeout_s` seconds
-    (uvicorn's graceful period), then are cancelled. lifespan "off", as always here: the app's shutdown hooks (its decode pool's close) do not run,
-    so the app may be served again."""
+    (uvicorn's graceful period), then are cancelled. lifespan "off", as always here: the app's shutdown hooks (its
+    decode pool's close) do not run, so the app may be served again."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int | None = None, start_timeout_s: float = 30.0,
                  stop_timeout_s: float = GRACEFUL_SHUTDOWN_S, log_level: str = "warning",
