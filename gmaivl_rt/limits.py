@@ -45,6 +45,12 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 
+# What a runtime keeps of recent images for follow-up questions (`gmaivl_rt.runtime.prepared_images`): the
+# preprocessed pixels, at most this many bytes (float32: 64 MiB holds ~1300 images of 112 px, ~110 of 336 px,
+# ~27 of 672 px), least recently used out first. Not a per-request ceiling: one per runtime
+# (`Backend.prepared_images`; `gmaivl_rt.load(..., prepared_image_cache_bytes=N)`, 0 keeps nothing).
+PREPARED_IMAGE_CACHE_BYTES = 64 << 20
+
 
 @dataclass(frozen=True)
 class DecodeBudget:

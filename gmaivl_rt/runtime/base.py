@@ -62,6 +62,22 @@ class Backend:
     _tokenizer = None
     _generation = None  # a GenerationDefaults; `load()` sets it from its `generation_config` argument
     _constraint_compiler = None
+    _prepared_images = None
+
+    @property
+    def prepared_images(self):
+        """The images this runtime prepared lately, kept for follow-up questions (a
+        `gmaivl_rt.runtime.prepared_images.PreparedImageCache`; `gmaivl_rt.load(..., prepared_image_cache_bytes=N)`
+        sizes it, default `gmaivl_rt.limits.PREPARED_IMAGE_CACHE_BYTES`, 0 keeps nothing)."""
+        if self._prepared_images is None:
+            from gmaivl_rt.runtime.prepared_images import PreparedImageCache
+
+            self._prepared_images = PreparedImageCache()
+        return self._prepared_images
+
+    @prepared_images.setter
+    def prepared_images(self, value) -> None:
+        self._prepared_images = value
 
     @property
     def generation(self):

@@ -105,17 +105,18 @@ def encode_chat(tokenizer, messages, system, image_token_counts, image_token_id:
     """Chat -> token ids. Template markers become their special token ids, image slots `count` image tokens each,
     and every piece of text (role names, content, system prompt) is tokenized with special-token parsing off, so
     typed `<|im_start|>` or `<image>` stay text. Text between two markers is tokenized as one piece, as the
-    tokenizer does for the whole rendered prompt. Starts with what the tokenizer puts before a prompt (InternLM2's
+    tokenizer does for the whole rendered prompt; all pieces in one call of the tokenizer (one call per piece cost
+    more than the tokenizing on short prompts). Starts with what the tokenizer puts before a prompt (InternLM2's
     `<s>`), as training does (`train.dataset.ConversationEncoder`)."""
     from gmaivl_rt.model.chat import chat_parts
 
-    ids = list(tokenizer("", add_special_tokens=True)["input_ids"])
     counts = iter(image_token_counts)
-    pending = []
+    pieces, texts, pending = [], [], []  # pieces: fixed ids, or the index of a text in `texts`
 
     def flush():
         if pending:
-            ids.extend(tokenizer.encode("".join(pending), add_special_tokens=False, split_special_tokens=True))
+            pieces.append(len(texts))
+            texts.append("".join(pending))
             pending.clear()
 
     for kind, text, _, _ in chat_parts(messages, system, add_generation_prompt=True):
@@ -124,26 +125,52 @@ def encode_chat(tokenizer, messages, system, image_token_counts, image_token_id:
             continue
         flush()
         if kind == "image":
-            ids.extend([image_token_id] * next(counts))
+            pieces.append([image_token_id] * next(counts))
         else:
-            ids.append(int(tokenizer.convert_tokens_to_ids(text)))
+            pieces.append([int(tokenizer.convert_tokens_to_ids(text))])
     flush()
+    encoded = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"] if texts else []
+    ids = list(tokenizer("", add_special_tokens=True)["input_ids"])
+    for piece in pieces:
+        ids.extend(encoded[piece] if isinstance(piece, int) else piece)
     return ids
 
 
-def preprocess_images(images, vision) -> tuple[list[torch.Tensor], list[int], list[str]]:
-    """MedicalImages -> per image (3, H, W) float32 pixels, its image token count and its content key."""
+def preprocess_image(image, vision) -> tuple[torch.Tensor, int, str]:
+    """One MedicalImage -> its (3, H, W) float32 pixels, image token count and content key (hex SHA-256 of the
+    pixels and their shape)."""
     from gmaivl_rt.model import preprocess
 
     if vision.dynamic_resolution:
-        pixels = [preprocess.preprocess_image_dynamic(im.pixels, vision.patch_size, vision.min_pixels, vision.max_pixels)
-                  for im in images]
+        pixels = preprocess.preprocess_image_dynamic(image.pixels, vision.patch_size, vision.min_pixels,
+                                                     vision.max_pixels)
     else:
-        pixels = [preprocess.preprocess_image(im.pixels, vision.image_size) for im in images]
-    counts = [vision.tokens_per_image(p.shape[1], p.shape[2]) for p in pixels]
-    keys = [hashlib.sha256(repr(tuple(p.shape)).encode() + p.contiguous().numpy().tobytes()).hexdigest()
-            for p in pixels]
-    return pixels, counts, keys
+        pixels = preprocess.preprocess_image(image.pixels, vision.image_size)
+    key = hashlib.sha256(repr(tuple(pixels.shape)).encode() + pixels.contiguous().numpy().tobytes()).hexdigest()
+    return pixels, vision.tokens_per_image(pixels.shape[1], pixels.shape[2]), key
+
+
+def prepare_images(given, vision, limits: Limits, cache=None, **reader) -> list:
+    """The request's images -> one `PreparedImage` each (`gmaivl_rt.runtime.prepared_images`), read with the reader
+    options (frame, slice_index, plane, window) and preprocessed; through `cache` (a `PreparedImageCache`, or None)
+    where an image has a content digest, so an image seen before is neither decoded, resized nor hashed again."""
+    from gmaivl_rt.runtime.prepared_images import PreparedImage, content_digest
+
+    out = []
+    for i, obj in enumerate(given):
+        found = content_digest(obj, reader, limits, vision) if cache is not None and cache.max_bytes else None
+        if found is not None:
+            prepared = cache.get(found[0])
+            if prepared is not None:
+                out.append(prepared)
+                continue
+            obj = found[1]  # a file: the bytes just hashed, not the file read again
+        prepared = PreparedImage(*preprocess_image(_read_image(obj, role=f"image {i + 1}", limits=limits, **reader),
+                                                   vision))
+        if found is not None:
+            cache.put(found[0], prepared)
+        out.append(prepared)
+    return out
 
 
 def _read_image(obj, **reader):
@@ -180,17 +207,16 @@ def build_request(runtime, question=None, image=None, *, messages=None, images=N
                                    context=context, limits=limits)
         if options.get("constraint") is not None:  # compiled (or refused) before any image is read
             options["constraint"] = runtime.compile_constraint(options["constraint"])
-    read = [_read_image(obj, role=f"image {i + 1}", limits=limits, frame=frame, slice_index=slice_index,
-                        plane=plane, window=window) for i, obj in enumerate(given)]
-    pixels, counts, keys = preprocess_images(read, runtime.config.vision)
+    images = prepare_images(given, runtime.config.vision, limits, getattr(runtime, "prepared_images", None),
+                            frame=frame, slice_index=slice_index, plane=plane, window=window)
     tokenizer = runtime.tokenizer
-    ids = encode_chat(tokenizer, messages, system, counts, runtime.config.image_token_index)
+    ids = encode_chat(tokenizer, messages, system, [im.tokens for im in images], runtime.config.image_token_index)
     if options is not None:
         options = check_generation(
             {"eos_token_id": runtime.eos_token_ids, "pad_token_id": tokenizer.pad_token_id or 0, **options},
             prompt_tokens=len(ids), context=context, limits=limits)
     input_ids = torch.tensor([ids], dtype=torch.long)
-    pixel_values = pixel_batch(pixels, runtime.config.vision.dynamic_resolution)
+    pixel_values = pixel_batch([im.pixels for im in images], runtime.config.vision.dynamic_resolution)
     return PreparedRequest(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                            pixel_values=pixel_values, generation=options or {}, prompt_tokens=len(ids),
-                           image_keys=keys)
+                           image_keys=[im.key for im in images])
