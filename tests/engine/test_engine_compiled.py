@@ -32,8 +32,11 @@ def test_compiled_decode_steps_equal_the_eager_ones(folder):
     """Three requests in a bucket of four (one padding row writing to the scratch slot), submitted while the
     engine warms up (they wait, none is refused): the tokens equal the eager engine's and `generate` alone; every
     compiled step's logits are within 1e-4 of the eager forward's on the same batch.
+    Then the same requests again with the compiled steps alone (no eager forward before each): the same tokens.
     Mutants: the padding rows stored into slot 0 instead of the scratch slot (a live sequence's first key is
-    overwritten: tokens differ); the compiled step's positions off by one (logits differ): both seen failing."""
+    overwritten: tokens differ); the compiled step's positions off by one (logits differ): both seen failing; the
+    compiled step storing its keys/values into a copy of the pool (`_store_rows` cloning before `index_put_`):
+    passed while every compiled step had the eager one before it, fails on the compiled steps alone."""
     backend = gmaivl_rt.load(folder)
     alone = []
     for q in QUESTIONS:
@@ -58,7 +61,10 @@ def test_compiled_decode_steps_equal_the_eager_ones(folder):
         runner._run_compiled = checked
         answers = _answers(engine, 8)  # submitted at once: the warm-up may still run
         assert runner.compiled.failed is None
-    assert answers == eager == alone
+        # the compiled steps alone: `checked` ran the eager forward first, which stored each step's keys/values too
+        runner._run_compiled = compiled_run
+        alone_compiled = _answers(engine, 8)
+    assert answers == eager == alone == alone_compiled
     assert len(deltas) >= 7 and max(deltas) < 1e-4, deltas
 
 
