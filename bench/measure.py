@@ -62,6 +62,50 @@ def interleaved_median_seconds(fns: dict, rounds: int, warmup: int = 1, gap_s: f
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+BENCH_THREADS_ENV = "GMAIVL_BENCH_THREADS"
+
+
+class PinnedThreads:
+    """Every side of a bench on one fixed number of CPU threads, printed beside its figures (issue 29: two-thread
+    runs on the shared 2-core machine at nice 15 had each op's two threads waiting for each other, so a figure must
+    say what it ran under). The count: GMAIVL_BENCH_THREADS, else OMP_NUM_THREADS, else 1. While entered, torch's
+    intra-op threads (`torch.set_num_threads`, which the engine's threads share) and OMP_NUM_THREADS (what a fresh
+    process a bench starts sizes its pool by) are that count; both are put back on exit. `text`: the count in
+    force, as the figures print it."""
+
+    def __init__(self):
+        self.count = None
+        self._saved = None
+
+    def __enter__(self):
+        import torch
+
+        raw = os.environ.get(BENCH_THREADS_ENV) or os.environ.get("OMP_NUM_THREADS") or "1"
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"{BENCH_THREADS_ENV} / OMP_NUM_THREADS must be an int >= 1, got {raw!r}")
+        self.count = int(raw)
+        self._saved = (torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS"))
+        torch.set_num_threads(self.count)
+        os.environ["OMP_NUM_THREADS"] = str(self.count)
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        threads, omp = self._saved
+        torch.set_num_threads(threads)
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
+
+    @property
+    def text(self) -> str:
+        import torch
+
+        return f"{torch.get_num_threads()} thread(s), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+
+
 def load_average() -> tuple[float, float, float]:
     """The machine's 1, 5 and 15 minute load averages, recorded beside every figure a bench reports."""
     return os.getloadavg()

@@ -11,7 +11,10 @@
   and TTFT p50/p99, goal >= 1.5x at equal p99 TTFT);
 - Poisson arrivals at a fixed rate for GMAIVL_BENCH_ENGINE_SECONDS (default 60): time to first token p50/p99 and
   tokens/s.
-Ratios go to extra_info and are printed; nothing is asserted about speed.
+Ratios go to extra_info and are printed; nothing is asserted about speed. Every bench runs all its sides on one
+pinned number of threads, GMAIVL_BENCH_THREADS (else OMP_NUM_THREADS, else 1: on the shared 2-core machine two
+threads at nice 15 were not trustworthy), printed beside the load average (`measure.PinnedThreads`); the
+compiled-decode bench runs 1 and 2 threads, each in its own fresh process.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from measure import interleaved_seconds, load_average
+from measure import PinnedThreads, interleaved_seconds, load_average
 
 import gmaivl_rt
 from gmaivl_rt import GMAIVL, Engine, GMAIVLConfig
@@ -41,6 +44,17 @@ NEW_TOKENS = 32
 DECODE_TOKENS = 32  # batch-1 decode: tokens timed after the first
 ROUNDS = int(os.environ.get("GMAIVL_BENCH_ROUNDS", "3"))
 NO_EOS = {"eos_token_id": [], "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}  # every request runs its length
+
+
+THREADS = PinnedThreads()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pinned_threads():
+    """Every bench here, every side of it, on GMAIVL_BENCH_THREADS (else OMP_NUM_THREADS, else 1) threads, printed
+    with the load average (`measure.PinnedThreads`)."""
+    with THREADS:
+        yield THREADS
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +127,7 @@ def test_engine_throughput_vs_sequential_ask_and_padded_batch(benchmark, model_d
                 f"(median {fmt.format(statistics.median(values))})")
 
     print(f"\nthroughput over {ROUNDS} interleaved rounds (16 requests x {NEW_TOKENS} tokens; load average "
-          f"{load_before[0]:.1f} before, {load_after[0]:.1f} after): "
+          f"{load_before[0]:.1f} before, {load_after[0]:.1f} after; {THREADS.text}): "
           + ", ".join(f"{side} {span(v)} tok/s" for side, v in tok_s.items())
           + f"; engine {span(vs['sequential'], '{:.2f}')}x sequential ask (goal >= 3x), "
             f"{span(vs['padded_generate'], '{:.2f}')}x one padded generate batch (goal >= 1.2x); "
@@ -160,7 +174,8 @@ def test_engine_vs_transformers_continuous_batching_text(benchmark, model_dir):
     benchmark.extra_info.update(seconds=seconds, ratios=ratios, same_answers=same, load_average_before=load_before,
                                 load_average_after=load_after)
     print(f"\ntext prompts, 16 x {NEW_TOKENS} tokens, {ROUNDS} interleaved rounds (load average {load_before[0]:.1f} "
-          f"before, {load_after[0]:.1f} after): engine {statistics.median(tokens / s for s in seconds['engine']):.0f}"
+          f"before, {load_after[0]:.1f} after; {THREADS.text}): engine "
+          f"{statistics.median(tokens / s for s in seconds['engine']):.0f}"
           f" tok/s, transformers continuous batching "
           f"{statistics.median(tokens / s for s in seconds['transformers_cb']):.0f} (medians); engine "
           f"{statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}; goal >= 2x); "
@@ -232,7 +247,7 @@ def test_engine_overhead_per_step(benchmark, model_dir):
     shares = [r["outside_share"] for r in rounds]
     benchmark.extra_info.update(rounds=rounds, load_average_before=load_before, load_average_after=load_after)
     print(f"\nengine overhead at 16 running requests over {len(rounds)} rounds (load average {load_before[0]:.1f} "
-          f"before, {load_after[0]:.1f} after): outside the model's forward "
+          f"before, {load_after[0]:.1f} after; {THREADS.text}): outside the model's forward "
           f"{100 * statistics.median(shares):.1f} % of a decode step (range {100 * min(shares):.1f}-"
           f"{100 * max(shares):.1f} %; goal <= 15 %), "
           f"{statistics.median(r['outside_ms'] for r in rounds):.2f} ms of "
@@ -244,21 +259,24 @@ def test_follow_up_time_to_first_token(benchmark, model_dir):
     """Time to first token of a follow-up about a cached image vs the first question (goal <= 0.3x). Each of
     max(3, ROUNDS) rounds takes a new image: the first question (cold: vision tower and whole prefill), then a
     follow-up in a new prompt (same system prompt and image, another question) and one in the same conversation
-    (the first question and its answer, then the new one). Each round runs twice, alternating which goes first,
-    on a new image each: with the prefix cache as it is (any shared token prefix reused) and with whole KV blocks
-    only (`scheduler.copy_tokens` None: the cache before the partial-block reuse), a same-run comparison of the
-    two. Per round the same-round ratios, the prompt tokens the prefix cache gave, and where the time went:
-    preparing the request (reading, preprocessing and hashing the image, the chat template) and the model's first
-    forward (`runner.run`), with the load average."""
+    (the first question and its answer, then the new one). Each round runs three times, the order rotating, on a
+    new image each: with the prefix cache as it is (any shared token prefix reused), with whole KV blocks only
+    (`scheduler.copy_tokens` None: the cache before the partial-block reuse), and without the runtime's prepared
+    images (`prepared_images.max_bytes` 0: the image decoded, resized and hashed again for each follow-up), a
+    same-run comparison. Per round the same-round ratios, the prompt tokens the prefix cache gave, and where the
+    time went: preparing the request (reading, preprocessing and hashing the image, the chat template) and the
+    model's first forward (`runner.run`), with the load average and the threads."""
     image_system = "You are a careful radiology assistant."
     rounds_count = max(3, ROUNDS)
-    modes = ("any prefix", "whole blocks")
+    modes = ("any prefix", "whole blocks", "no image cache")
     rows = {mode: {"first": [], "follow_up": [], "conversation": []} for mode in modes}
     load_before = load_average()
     with Engine(model_dir, max_batch_size=4) as engine:
         engine.ask("Warm up.", max_new_tokens=2)
         run, forwards = engine.runner.run, []
         copy_tokens = engine.scheduler.copy_tokens
+        prepared = engine.backend.prepared_images
+        cache_bytes = prepared.max_bytes
 
         def timed_run(batch):
             start = time.perf_counter()
@@ -282,16 +300,17 @@ def test_follow_up_time_to_first_token(benchmark, model_dir):
 
         def measure():
             for r in range(rounds_count):
-                for m, mode in enumerate(modes if r % 2 == 0 else modes[::-1]):
-                    engine.scheduler.copy_tokens = copy_tokens if mode == "any prefix" else None
-                    image = _image(1000 + 2 * r + m)
+                for m, mode in enumerate(modes[r % 3:] + modes[:r % 3]):
+                    engine.scheduler.copy_tokens = None if mode == "whole blocks" else copy_tokens
+                    prepared.max_bytes = 0 if mode == "no image cache" else cache_bytes
+                    image = _image(1000 + 3 * r + m)
                     answer, first = ttft(question=QUESTIONS[0], image=image)
                     rows[mode]["first"].append(first)
                     rows[mode]["follow_up"].append(ttft(question=QUESTIONS[1], image=image)[1])
                     turns = [{"role": "user", "content": "<image>\n" + QUESTIONS[0]},
                              {"role": "assistant", "content": answer}, {"role": "user", "content": QUESTIONS[1]}]
                     rows[mode]["conversation"].append(ttft(messages=turns, images=[image])[1])
-            engine.scheduler.copy_tokens = copy_tokens
+            engine.scheduler.copy_tokens, prepared.max_bytes = copy_tokens, cache_bytes
 
         benchmark.pedantic(measure, rounds=1, iterations=1)
         del engine.runner.run
@@ -310,7 +329,7 @@ def test_follow_up_time_to_first_token(benchmark, model_dir):
             f"{side} {statistics.median(v):.2f}x (range {min(v):.2f}-{max(v):.2f})"
             for side, v in ratios[mode].items()))
     print(f"\ntime to first token over {rounds_count} rounds (load average {load_before[0]:.1f} before, "
-          f"{load_after[0]:.1f} after; medians; goal <= 0.3x):\n  " + "\n  ".join(lines))
+          f"{load_after[0]:.1f} after; {THREADS.text}; medians; goal <= 0.3x):\n  " + "\n  ".join(lines))
 
 
 def test_peak_kv_memory_vs_contiguous_cache(benchmark, model_dir):
@@ -484,7 +503,8 @@ def test_poisson_engine_vs_static_batching_server(benchmark, model_dir):
             rate = count / results["static saturated"][-1]["seconds"]
             rates.append(rate)
             print(f"\nround {r + 1}: the static server saturated serves {count} requests in "
-                  f"{count / rate:.2f} s; arrivals at {rate:.1f}/s (load average {load_average()[0]:.1f})",
+                  f"{count / rate:.2f} s; arrivals at {rate:.1f}/s (load average {load_average()[0]:.1f}; "
+                  f"{THREADS.text})",
                   flush=True)
             others = [("engine saturated", at_once), ("static at 1x", _arrivals(count, rate, seed=1)),
                       ("engine at 1x", _arrivals(count, rate, seed=1)),
@@ -530,7 +550,7 @@ def test_poisson_engine_vs_static_batching_server(benchmark, model_dir):
 
     print(f"\nPoisson arrivals, {count} requests, {len(rates)} rounds, the static server's saturated rate per round "
           + ", ".join(f"{rate:.1f}/s" for rate in rates) + f" (load average {load_before[0]:.1f} before, "
-          f"{load_after[0]:.1f} after; medians):\n  " + "\n  ".join(run_text(name) for name in runs)
+          f"{load_after[0]:.1f} after; {THREADS.text}; medians):\n  " + "\n  ".join(run_text(name) for name in runs)
           + "\n  engine / static (same round): " + "; ".join(
               f"{name} {statistics.median(v):.2f}x (range {min(v):.2f}-{max(v):.2f})" for name, v in ratios.items())
           + f" (goal: >= 1.5x the throughput at a p99 TTFT no worse)\n  how they ran (Poisson runs): "
@@ -649,5 +669,6 @@ def test_poisson_arrivals(benchmark, model_dir):
     tokens = sum(r.generated_tokens for r in submitted)
     benchmark.extra_info.update(requests=len(submitted), ttft_p50_s=p50, ttft_p99_s=p99,
                                 tokens_per_s=tokens / elapsed)
-    print(f"\nPoisson arrivals ({rate}/s for {seconds:.0f} s): {len(submitted)} requests, time to first token "
+    print(f"\nPoisson arrivals ({rate}/s for {seconds:.0f} s; load average {load_average()[0]:.1f}, {THREADS.text}): "
+          f"{len(submitted)} requests, time to first token "
           f"p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms, {tokens / elapsed:.1f} generated tokens/s")
