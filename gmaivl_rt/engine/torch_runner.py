@@ -63,9 +63,6 @@ class TorchRunner:
         new = [seq.ids[seq.cached:stop] for seq, stop in zip(rows, stops)]
         lengths = [len(n) for n in new]
         width = max(lengths)
-        # right-padded: the model packs the rows by the mask, so the padding side does not matter here
-        input_ids = torch.tensor(new if width == 1 else [n + [0] * (width - len(n)) for n in new], dtype=torch.int64)
-        mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).to(torch.int64)
         slots = None  # the prompt's image slots, never generated ids (None: no image token runs in this batch)
         for r, (seq, stop) in enumerate(zip(rows, stops)):
             if seq.image_spans and self._images_to_feed(seq, stop):
@@ -74,9 +71,12 @@ class TorchRunner:
                     slots[r, max(0, start - seq.cached):max(0, min(end, stop) - seq.cached)] = True
         tables = batch.block_tables if batch.block_tables is not None else [seq.blocks for seq in rows]
         if width == 1 and slots is None and self.compiled is not None and torch.is_tensor(tables):
-            logits = self._run_compiled(input_ids[:, 0], [seq.cached for seq in rows], tables)
+            logits = self._run_compiled(rows, [n[0] for n in new], tables)
             if logits is not None:
                 return logits
+        # right-padded: the model packs the rows by the mask, so the padding side does not matter here
+        input_ids = torch.tensor(new if width == 1 else [n + [0] * (width - len(n)) for n in new], dtype=torch.int64)
+        mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).to(torch.int64)
         if slots is None:
             slots = torch.zeros(len(rows), width, dtype=torch.bool)
         features = self._image_features(rows, stops)
@@ -84,15 +84,18 @@ class TorchRunner:
         return self.model.last_logits(input_ids.to(self.device), None, mask.to(self.device), self.cache,
                                       image_features=features, image_slots=slots.to(self.device))
 
-    def _run_compiled(self, ids, cached: list, tables):
-        """A batch of one new token per row through the compiled decode step: (rows, vocab) fp32 logits, or None
-        (run it eagerly)."""
+    def _run_compiled(self, rows, ids: list, tables):
+        """A batch of one new token per row (`ids`, one int per sequence in `rows`) through the compiled decode
+        step: (rows, vocab) fp32 logits, or None (run it eagerly). The step's index tensors are made from the
+        sequences' own lists (each new token's slot from its block list), a few Python ints a row rather than a
+        chain of small tensor ops each step."""
         device, block_size = self.device, self.cache.block_size
-        positions = torch.tensor(cached, dtype=torch.int64, device=device)
-        tables = tables.to(device)
-        blocks = tables.gather(1, (positions // block_size)[:, None])[:, 0].long()
-        return self.compiled.run(ids.to(device), positions, tables, (positions + 1).to(torch.int32),
-                                 blocks * block_size + positions % block_size)
+        cached = [seq.cached for seq in rows]
+        slots = [seq.blocks[c // block_size] * block_size + c % block_size for seq, c in zip(rows, cached)]
+        return self.compiled.run(torch.tensor(ids, dtype=torch.int64, device=device),
+                                 torch.tensor(cached, dtype=torch.int64, device=device), tables.to(device),
+                                 torch.tensor([c + 1 for c in cached], dtype=torch.int32, device=device),
+                                 torch.tensor(slots, dtype=torch.int64, device=device), max_position=max(cached))
 
     @staticmethod
     def _images_to_feed(seq, stop: int) -> list:

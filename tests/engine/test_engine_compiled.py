@@ -50,10 +50,11 @@ def test_compiled_decode_steps_equal_the_eager_ones(folder):
         compiled_run = runner._run_compiled
         deltas = []
 
-        def checked(ids, cached, tables):
+        def checked(rows, ids, tables):
+            cached = [seq.cached for seq in rows]
             runner.cache.bind(tables, cached)  # the eager forward of the same batch first (it stores the same rows)
-            reference = runner.model.last_logits(ids[:, None], None, None, runner.cache)
-            logits = compiled_run(ids, cached, tables)
+            reference = runner.model.last_logits(torch.tensor(ids)[:, None], None, None, runner.cache)
+            logits = compiled_run(rows, ids, tables)
             assert logits is not None, runner.compiled.failed
             deltas.append(float((logits - reference).abs().max()))
             return logits
