@@ -31,7 +31,9 @@ from gmaivl_rt.medical.reader import read_medical_image
 from gmaivl_rt.medical.windowing import grey_unit, parse_window, to_uint8
 
 ARRAY_DTYPES = (np.uint8, np.uint16, np.int16, np.int32, np.float16, np.float32, np.float64)
-_HEAD_BYTES = 552  # enough for the DICOM preamble (132) and a NIfTI-2 header's magic (4..8) / NIfTI-1's (344..348)
+# the leading bytes `sniff_format` reads: the DICOM preamble (132) and a NIfTI-2 header's magic (4..8) / NIfTI-1's
+# (344..348)
+HEAD_BYTES = 552
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -64,7 +66,7 @@ def _from_bytes(data: bytes, role: str, limits: Limits) -> ImageSource:
         raise LimitError(f"{role}: {len(data)} bytes is over the limit of {limits.max_image_bytes}")
     if not data:
         raise InputError(f"{role}: empty image data")
-    fmt = sniff_format(data[:_HEAD_BYTES])
+    fmt = sniff_format(data[:HEAD_BYTES])
     if fmt is None:
         raise InputError(f"{role}: not a recognised image (expected DICOM, NIfTI, PNG, JPEG, TIFF, BMP, GIF or WebP "
                          "bytes)")
@@ -84,7 +86,7 @@ def _from_path(path, role: str, limits: Limits) -> ImageSource:
         if exists:
             size = os.path.getsize(name)
             with open(name, "rb") as f:
-                head = f.read(_HEAD_BYTES)
+                head = f.read(HEAD_BYTES)
     except OSError as e:
         raise InputError(f"{role}: cannot open the file ({e.strerror})") from None
     except ValueError:  # e.g. a name the OS cannot take
@@ -97,9 +99,10 @@ def _from_path(path, role: str, limits: Limits) -> ImageSource:
     return ImageSource(label=role, format=fmt, path=name, limits=limits)
 
 
-def _looks_like_path(data: bytes) -> bool:
-    """A bytes object that is a file name (os.fsencode(path)) rather than image data."""
-    return len(data) < 4096 and b"\x00" not in data and sniff_format(data[:_HEAD_BYTES]) is None \
+def looks_like_path(data: bytes) -> bool:
+    """A bytes object that is a file name (os.fsencode(path)) rather than image data: the one rule the converter
+    and the runtime's prepared-image cache (gmaivl_rt/runtime/prepared_images.py) both read bytes by."""
+    return len(data) < 4096 and b"\x00" not in data and sniff_format(data[:HEAD_BYTES]) is None \
         and os.path.isfile(os.fsdecode(data))
 
 
@@ -177,7 +180,7 @@ def _byte_source(obj, role: str, limits: Limits, rewind: bool = False):
     if isinstance(obj, (bytearray, memoryview)):
         obj = bytes(obj)
     if isinstance(obj, bytes):
-        return _from_path(obj, role, limits) if _looks_like_path(obj) else _from_bytes(obj, role, limits)
+        return _from_path(obj, role, limits) if looks_like_path(obj) else _from_bytes(obj, role, limits)
     if isinstance(obj, str) or hasattr(obj, "__fspath__"):
         return _from_path(obj, role, limits)
     if not (hasattr(obj, "read") and callable(obj.read)):

@@ -115,9 +115,9 @@ def content_digest(obj, reader: dict, limits: Limits, vision) -> tuple[str, obje
     file read once), never the file again."""
     from gmaivl_rt.medical.base import MedicalImage
     from gmaivl_rt.medical.convert import (
-        _HEAD_BYTES,
         ARRAY_DTYPES,
-        _looks_like_path,
+        HEAD_BYTES,
+        looks_like_path,
         sniff_format,
     )
 
@@ -126,13 +126,13 @@ def content_digest(obj, reader: dict, limits: Limits, vision) -> tuple[str, obje
     decode, kind = obj, None
     if isinstance(obj, (bytearray, memoryview)):
         obj = decode = bytes(obj)
-    if isinstance(obj, str) or hasattr(obj, "__fspath__") or (isinstance(obj, bytes) and _looks_like_path(obj)):
+    if isinstance(obj, str) or hasattr(obj, "__fspath__") or (isinstance(obj, bytes) and looks_like_path(obj)):
         data = _file_bytes(obj, limits)
-        if data is None or sniff_format(data[:_HEAD_BYTES]) is None:  # a format known by suffix only: usual way
+        if data is None or sniff_format(data[:HEAD_BYTES]) is None:  # a format known by suffix only: usual way
             return None
         kind, content, decode = b"bytes", [data], data
     elif isinstance(obj, bytes):
-        if not obj or len(obj) > limits.max_image_bytes or sniff_format(obj[:_HEAD_BYTES]) is None:
+        if not obj or len(obj) > limits.max_image_bytes or sniff_format(obj[:HEAD_BYTES]) is None:
             return None
         kind, content = b"bytes", [obj]
     elif isinstance(obj, MedicalImage):
