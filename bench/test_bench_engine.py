@@ -14,7 +14,9 @@
 Ratios go to extra_info and are printed; nothing is asserted about speed. Every bench runs all its sides on one
 pinned number of threads, GMAIVL_BENCH_THREADS (else OMP_NUM_THREADS, else 1: on the shared 2-core machine two
 threads at nice 15 were not trustworthy), printed beside the load average (`measure.PinnedThreads`); the
-compiled-decode bench runs 1 and 2 threads, each in its own fresh process.
+compiled-decode benches run 1 and 2 threads, each in its own fresh process. Engines run with their defaults (from
+2026-12-07 the compiled decode step on the CPU too, `GMAIVL_COMPILE=0` for the eager engine), each answering once
+before any timing, so the warm-up compile is never timed.
 """
 from __future__ import annotations
 
@@ -185,20 +187,23 @@ def test_engine_vs_transformers_continuous_batching_text(benchmark, model_dir):
 def step_overhead(engine, run, rounds: int) -> list:
     """Per round of `run()` (one burst of requests through `engine`), the time of the engine's steps that decode
     one token for each of max_batch_size running requests, split into the model's forward
-    (`GMAIVL.last_logits`) and the rest (scheduling, building the runner's inputs, sampling, streaming text,
+    (`GMAIVL.last_logits`, or the compiled decode step's `CompiledDecode.run` where the engine has one) and the rest (scheduling, building the runner's inputs, sampling, streaming text,
     bookkeeping): [{"steps", "step_ms", "outside_ms", "outside_share"}] per round, wall-clock around each call in
     the scheduler thread (a profiler's own cost would fall on the many small Python calls outside the forward)."""
     model, full = engine.runner.model, engine.max_batch_size
-    forward, schedule, step = model.last_logits, engine.scheduler.schedule, engine._step
+    compiled = getattr(engine.runner, "compiled", None)
+    schedule, step = engine.scheduler.schedule, engine._step
     record = {"forward": 0.0, "decode": False}
     rounds_out = []
 
-    def timed_forward(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return forward(*args, **kwargs)
-        finally:
-            record["forward"] += time.perf_counter() - start
+    def timed(forward):
+        def timed_forward(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                record["forward"] += time.perf_counter() - start
+        return timed_forward
 
     def noted_schedule():
         batch = schedule()
@@ -214,7 +219,9 @@ def step_overhead(engine, run, rounds: int) -> list:
         if record["decode"]:
             times.append((elapsed, record["forward"]))
 
-    model.last_logits, engine.scheduler.schedule, engine._step = timed_forward, noted_schedule, timed_step
+    model.last_logits, engine.scheduler.schedule, engine._step = timed(model.last_logits), noted_schedule, timed_step
+    if compiled is not None:
+        compiled.run = timed(compiled.run)
     try:
         for _ in range(rounds):
             times = []
@@ -226,6 +233,8 @@ def step_overhead(engine, run, rounds: int) -> list:
                                "outside_share": (total - inside) / total if total else float("nan")})
     finally:
         del model.last_logits, engine.scheduler.schedule, engine._step
+        if compiled is not None:
+            del compiled.run
     return rounds_out
 
 
@@ -319,11 +328,15 @@ def test_follow_up_time_to_first_token(benchmark, model_dir):
                      for side in ("follow_up", "conversation")} for mode in modes}
     benchmark.extra_info.update(rows=rows, ratios=ratios, load_average_before=load_before,
                                 load_average_after=load_after)
+
+    def med(mode, side, key):
+        return statistics.median(row[key] for row in rows[mode][side])
+
     lines = []
     for mode in modes:
-        med = lambda side, key: statistics.median(row[key] for row in rows[mode][side])  # noqa: E731
-        parts = [f"{side}: ttft {1e3 * med(side, 'ttft'):.1f} ms (preparing {1e3 * med(side, 'prepare'):.1f}, "
-                 f"first forward {1e3 * med(side, 'forward'):.1f}; {rows[mode][side][-1]['hit']}/"
+        parts = [f"{side}: ttft {1e3 * med(mode, side, 'ttft'):.1f} ms (preparing "
+                 f"{1e3 * med(mode, side, 'prepare'):.1f}, first forward {1e3 * med(mode, side, 'forward'):.1f}; "
+                 f"{rows[mode][side][-1]['hit']}/"
                  f"{rows[mode][side][-1]['prompt']} prompt tokens from the cache)" for side in rows[mode]]
         lines.append(f"{mode}: " + "; ".join(parts) + "; follow-up / first " + ", ".join(
             f"{side} {statistics.median(v):.2f}x (range {min(v):.2f}-{max(v):.2f})"
@@ -553,7 +566,7 @@ def test_poisson_engine_vs_static_batching_server(benchmark, model_dir):
           f"{load_after[0]:.1f} after; {THREADS.text}; medians):\n  " + "\n  ".join(run_text(name) for name in runs)
           + "\n  engine / static (same round): " + "; ".join(
               f"{name} {statistics.median(v):.2f}x (range {min(v):.2f}-{max(v):.2f})" for name, v in ratios.items())
-          + f" (goal: >= 1.5x the throughput at a p99 TTFT no worse)\n  how they ran (Poisson runs): "
+          + " (goal: >= 1.5x the throughput at a p99 TTFT no worse)\n  how they ran (Poisson runs): "
           + ", ".join(f"{k} {v:.1f}" for k, v in profile.items()))
 
 
@@ -672,3 +685,88 @@ def test_poisson_arrivals(benchmark, model_dir):
     print(f"\nPoisson arrivals ({rate}/s for {seconds:.0f} s; load average {load_average()[0]:.1f}, {THREADS.text}): "
           f"{len(submitted)} requests, time to first token "
           f"p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms, {tokens / elapsed:.1f} generated tokens/s")
+
+
+def engine16_compiled_vs_eager(threads: str, rounds: str = "3") -> dict:
+    """In a fresh process (OMP_NUM_THREADS set by the caller): the 16 requests of the throughput bench (half with an
+    image, greedy, NEW_TOKENS each) through the engine with the compiled decode step (compile=True, the default
+    buckets 1, 2, 4, 8, 16, warmed up at engine start), the same engine eager, and one padded `generate` batch,
+    rounds interleaved (`interleaved_seconds`). Returns each side's seconds per round, the compiled engine's
+    warm-up (engine start to its first answer), whether compiling failed and whether the answers are equal."""
+    import tempfile
+
+    torch.set_num_threads(int(threads))
+    path = tempfile.mkdtemp(prefix="gmaivl-engine16-")
+    tokenizer = train_bpe_tokenizer(TEXTS, path, vocab_size=512, min_frequency=1)
+    torch.manual_seed(0)
+    GMAIVL(GMAIVLConfig.preset("compact").replace(**model_vocab_fields(tokenizer))).save_pretrained(path)
+    backend = gmaivl_rt.load(path)
+    requests = _requests(16)
+    options = dict(max_new_tokens=NEW_TOKENS, **NO_EOS)
+    started = time.perf_counter()
+    compiled = Engine(path, max_batch_size=16, compile=True)
+    compiled.ask("Warm up.", max_new_tokens=2)  # answered once every bucket is compiled
+    warm_up_s = time.perf_counter() - started
+    eager = Engine(path, max_batch_size=16, compile=False)
+
+    def engine_side(engine):
+        def run():
+            submitted = [engine.submit(q, image=im, **options) for q, im in requests]
+            return [r.result() for r in submitted]
+        return run
+
+    try:
+        answers = {"compiled": engine_side(compiled)(), "eager": engine_side(eager)(),
+                   "padded_generate": padded_generate(backend, requests, options)}
+        seconds = interleaved_seconds({"compiled": engine_side(compiled), "eager": engine_side(eager),
+                                       "padded_generate": lambda: padded_generate(backend, requests, options)},
+                                      rounds=int(rounds))
+    finally:
+        compiled.close()
+        eager.close()
+    same = all([a.strip() for a in answers[side]] == [a.strip() for a in answers["eager"]] for side in answers)
+    return {"threads": int(threads), "compile_failed": compiled.runner.compiled.failed, "warm_up_s": warm_up_s,
+            "same_answers": same, "seconds": seconds}
+
+
+@pytest.mark.skipif(os.environ.get("GMAIVL_BENCH_COMPILE") != "1",
+                    reason="compiling the decode step takes minutes on this CPU: set GMAIVL_BENCH_COMPILE=1")
+def test_engine16_compiled_vs_eager_and_padded_batch(benchmark):
+    """16 simultaneous requests: the engine with its compiled decode step vs the eager engine and vs one padded
+    `generate` batch (goal >= 1.2x, issue 29), with 1 and 2 threads, each in its own fresh process (Inductor's
+    OpenMP pool is sized when it starts), ROUNDS interleaved rounds each, the load average printed."""
+    from measure import in_fresh_process, span
+
+    results, loads = [], []
+
+    def run():
+        for threads in ("1", "2"):
+            saved = os.environ.get("OMP_NUM_THREADS")
+            os.environ["OMP_NUM_THREADS"] = threads
+            try:
+                before = load_average()
+                results.append(in_fresh_process(__file__, "engine16_compiled_vs_eager", threads, ROUNDS,
+                                                timeout=1800))
+                loads.append((before, load_average()))
+            finally:
+                if saved is None:
+                    os.environ.pop("OMP_NUM_THREADS")
+                else:
+                    os.environ["OMP_NUM_THREADS"] = saved
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.extra_info.update(results=results, load_averages=loads)
+    for r, (before, after) in zip(results, loads):
+        seconds = r["seconds"]
+        tok_s = {side: [16 * NEW_TOKENS / s for s in times] for side, times in seconds.items()}
+        vs = {name: [b / c for b, c in zip(seconds[side], seconds["compiled"])]
+              for name, side in (("eager engine", "eager"), ("padded generate", "padded_generate"))}
+        eager_vs_padded = [p / e for p, e in zip(seconds["padded_generate"], seconds["eager"])]
+        print(f"\n16 requests x {NEW_TOKENS} tokens, {r['threads']} thread(s) (load average {before[0]:.1f} before, "
+              f"{after[0]:.1f} after; warm-up {r['warm_up_s']:.0f} s, compile failure: {r['compile_failed']}; "
+              f"answers equal: {r['same_answers']}): "
+              + ", ".join(f"{side} {statistics.median(v):.0f} tok/s ({span(v, '{:.0f}')})" for side, v in tok_s.items())
+              + "; compiled engine " + ", ".join(f"{statistics.median(v):.2f}x ({span(v)}) the {name}"
+                                                 for name, v in vs.items())
+              + f"; eager engine {statistics.median(eager_vs_padded):.2f}x ({span(eager_vs_padded)}) padded generate"
+                " (goal >= 1.2x)")
