@@ -12,6 +12,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# the engine's compiled decode step is on by default on the CPU too, and warms up every bucket as an engine starts
+# (11-88 s here): the suite's many engines decode eagerly (the reference); tests/engine/test_engine_compiled.py asks
+# for the compiled step itself and tests the default
+os.environ.setdefault("GMAIVL_COMPILE", "0")
 
 from pathlib import Path  # noqa: E402
 

@@ -50,8 +50,9 @@ class Engine:
     max_batch_size x 1024, at most the model's context per request); block_size: tokens per KV block;
     workers: threads that read images and build prompts; compile (torch backend): run decode steps through
     torch.compile, warmed up for bucketed batch sizes (compile_buckets, default powers of two up to max_batch_size)
-    as the engine starts (requests submitted meanwhile wait); None reads GMAIVL_COMPILE (default: on for CUDA, off
-    on the CPU); a compile failure falls back to eager with one warning naming the cause
+    as the engine starts (requests submitted meanwhile wait); None reads GMAIVL_COMPILE (default: on for CUDA and
+    the CPU; GMAIVL_COMPILE=0 or compile=False turns it off); a compile failure falls back to eager with one warning
+    naming the cause
     (gmaivl_rt/engine/compiled_decode.py); max_step_tokens (torch backend): the most tokens one step feeds, at
     least max_batch_size (None, the default: no budget). Prompts (image tokens included) longer than what is left
     after the running requests' one decode token each are prefilled in chunks over several steps, so the running
