@@ -76,6 +76,14 @@ def _requests(count):
     return [(QUESTIONS[i % 4], _image(i) if i % 2 == 0 else None) for i in range(count)]
 
 
+def compiled_text(engine) -> str:
+    """Whether the engine's decode steps ran compiled, as a figure prints it."""
+    compiled = getattr(engine.runner, "compiled", None)
+    if compiled is None:
+        return "compiled decode step off"
+    return f"compiled decode step failed ({compiled.failed})" if compiled.failed else "compiled decode step on"
+
+
 def padded_generate(backend, requests, options) -> list:
     """One left-padded `generate` batch of `requests` [(question, image or None)] with one set of options, prompts
     built by the request boundary (`gmaivl_rt.runtime.batching`): the static batch. Returns the answers (str)."""
@@ -133,7 +141,7 @@ def test_engine_throughput_vs_sequential_ask_and_padded_batch(benchmark, model_d
           + ", ".join(f"{side} {span(v)} tok/s" for side, v in tok_s.items())
           + f"; engine {span(vs['sequential'], '{:.2f}')}x sequential ask (goal >= 3x), "
             f"{span(vs['padded_generate'], '{:.2f}')}x one padded generate batch (goal >= 1.2x); "
-            f"answers identical on every side: {same}")
+            f"answers identical on every side: {same}; {compiled_text(engine)}")
 
 
 def test_engine_vs_transformers_continuous_batching_text(benchmark, model_dir):
@@ -181,7 +189,7 @@ def test_engine_vs_transformers_continuous_batching_text(benchmark, model_dir):
           f" tok/s, transformers continuous batching "
           f"{statistics.median(tokens / s for s in seconds['transformers_cb']):.0f} (medians); engine "
           f"{statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}; goal >= 2x); "
-          f"{same} of 16 answers equal")
+          f"{same} of 16 answers equal; {compiled_text(engine)}")
 
 
 def step_overhead(engine, run, rounds: int) -> list:
@@ -261,7 +269,7 @@ def test_engine_overhead_per_step(benchmark, model_dir):
           f"{100 * max(shares):.1f} %; goal <= 15 %), "
           f"{statistics.median(r['outside_ms'] for r in rounds):.2f} ms of "
           f"{statistics.median(r['step_ms'] for r in rounds):.2f} ms per step (medians), "
-          f"{rounds[0]['steps']} such steps a round")
+          f"{rounds[0]['steps']} such steps a round; {compiled_text(engine)}")
 
 
 def test_follow_up_time_to_first_token(benchmark, model_dir):
