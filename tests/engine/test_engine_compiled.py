@@ -179,6 +179,32 @@ def test_compiled_decode_is_on_by_default_on_the_cpu_with_a_switch_off(folder, m
     torch._dynamo.reset()
 
 
+def test_two_engines_of_different_weights_share_graphs_not_weights(folder, tiny_model_folder):
+    """On by default, one process may hold several engines: their compiled steps share torch.compile's graphs
+    (the weights and the KV pool are the graph's inputs, read from each engine's own model and cache), so two
+    engines of different weights, alive together and decoding at the same time, each give their own eager
+    engine's tokens.
+    Mutant: the compiled step reading a module-level model (the first engine's) instead of `self.model`: the
+    second engine's tokens are the first's (seen failing)."""
+    other = tiny_model_folder(TEXTS, "compiled_other", seed=1)
+    eager = {}
+    for name, path in (("first", folder), ("other", other)):
+        with Engine(path, max_batch_size=4, compile=False) as engine:
+            eager[name] = _answers(engine, 6)
+    assert eager["first"] != eager["other"]
+    torch._dynamo.reset()
+    with Engine(folder, max_batch_size=4, compile=True, compile_buckets=[4]) as first, \
+            Engine(other, max_batch_size=4, compile=True, compile_buckets=[4]) as second:
+        submitted = {name: [engine.submit(q, max_new_tokens=6, **NO_STOP) for q in QUESTIONS]
+                     for name, engine in (("first", first), ("other", second))}
+        answers = {name: [r.token_ids for r in requests if r.result(timeout=600) is not None]
+                   for name, requests in submitted.items()}
+        failed = first.runner.compiled.failed or second.runner.compiled.failed
+    torch._dynamo.reset()
+    assert failed is None
+    assert answers == eager
+
+
 def test_registered_kernel_ops_check_and_compile_whole():
     """The Triton kernels of the decode path as torch.library ops: opcheck (schema, fake tensors, dispatch) passes,
     and a function calling them compiles with fullgraph=True (no graph break) and equals the references.
