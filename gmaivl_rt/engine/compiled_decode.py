@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 import torch
 
@@ -109,6 +110,7 @@ class CompiledDecode:
     def warm_up(self) -> None:
         """Compile every bucket now (the engine does it before serving: a request arriving meanwhile waits)."""
         device = self.cache.device
+        started = time.perf_counter()
         for size in self.buckets:
             if self.failed is not None:
                 return
@@ -117,6 +119,9 @@ class CompiledDecode:
                      torch.zeros(size, 2, dtype=torch.int32, device=device),
                      torch.ones(size, dtype=torch.int32, device=device),
                      torch.full((size,), self.cache.scratch_slot, dtype=torch.int64, device=device))
+        if self.failed is None:
+            log.info("decode step compiled for batch sizes %s in %.1f s", list(self.buckets),
+                     time.perf_counter() - started)
 
     def _fail(self, error: BaseException) -> None:
         while getattr(error, "inner_exception", None) or error.__cause__:  # torch.compile wraps the real cause

@@ -106,6 +106,7 @@ def _serve_cli(args: argparse.Namespace) -> int:
     require("fastapi", "uvicorn", "prometheus_client", extra="serve")
     import os
 
+    from gmaivl_rt.engine.compiled_decode import COMPILE_ENV
     from gmaivl_rt.engine.engine import Engine
     from gmaivl_rt.server import hosting
     from gmaivl_rt.server.app import create_app
@@ -126,6 +127,11 @@ def _serve_cli(args: argparse.Namespace) -> int:
     with Engine(args.model, backend=args.backend, max_batch_size=args.max_batch_size, **engine_kwargs) as engine:
         generation = engine.backend.generation
         print(f"decoding defaults ({generation.origin}): {generation.options}", file=sys.stderr, flush=True)
+        compiled = getattr(engine.runner, "compiled", None)
+        if compiled is not None:  # the warm-up runs in the engine's thread: say why the first answers wait
+            print(f"compiling the decode step for batch sizes {list(compiled.buckets)}: requests wait for it (seconds "
+                  f"once compiled on this machine, a minute or more the first time on a CPU; {COMPILE_ENV}=0 skips "
+                  "it)", file=sys.stderr, flush=True)
         app = create_app(engine, served_model_name=args.served_model_name or Path(args.model).resolve().name,
                          api_key=key, allowed_hosts=allowed_hosts(args), max_request_bytes=args.max_request_bytes,
                          max_images_per_request=args.max_images_per_request, max_waiting=args.max_waiting,

@@ -544,3 +544,22 @@ def test_page_uploads_a_dicom_streams_the_answer_the_api_gives(server, browser, 
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 0
     if os.environ.get("GMAIVL_PAGE_SCREENSHOT"):
         shutil.copyfile(shot, os.environ["GMAIVL_PAGE_SCREENSHOT"])
+
+
+def test_serve_says_that_first_answers_wait_for_the_compilation(colour_model_dir, monkeypatch, capsys):
+    """With the compiled decode step on (the CPU default), `serve` says on stderr that requests wait while it
+    compiles, for which batch sizes, and how to skip it; with GMAIVL_COMPILE=0 it says nothing of it (the server's
+    run and the compilation itself are intercepted). Mutant: the notice printed whatever the switch, seen failing."""
+    pytest.importorskip("fastapi")
+    from gmaivl_rt.cli import main
+    from gmaivl_rt.engine.compiled_decode import CompiledDecode
+    from gmaivl_rt.server import hosting
+
+    monkeypatch.setattr(hosting, "serve_until_stopped", lambda config: None)
+    monkeypatch.setattr(CompiledDecode, "warm_up", lambda self: None)
+    for switch, told in (("1", True), ("0", False)):
+        monkeypatch.setenv("GMAIVL_COMPILE", switch)
+        assert main(["serve", str(colour_model_dir), "--max-batch-size", "2"]) == 0
+        err = capsys.readouterr().err
+        assert ("compiling the decode step for batch sizes [1, 2]: requests wait" in err) == told, err
+        assert ("GMAIVL_COMPILE=0 skips" in err) == told, err
