@@ -68,19 +68,22 @@ BENCH_THREADS_ENV = "GMAIVL_BENCH_THREADS"
 class PinnedThreads:
     """Every side of a bench on one fixed number of CPU threads, printed beside its figures (issue 29: two-thread
     runs on the shared 2-core machine at nice 15 had each op's two threads waiting for each other, so a figure must
-    say what it ran under). The count: GMAIVL_BENCH_THREADS, else OMP_NUM_THREADS, else 1. While entered, torch's
+    say what it ran under). The count: `count` when given, else GMAIVL_BENCH_THREADS, else OMP_NUM_THREADS, else 1.
+    While entered, torch's
     intra-op threads (`torch.set_num_threads`, which the engine's threads share) and OMP_NUM_THREADS (what a fresh
     process a bench starts sizes its pool by) are that count; both are put back on exit. `text`: the count in
     force, as the figures print it."""
 
-    def __init__(self):
+    def __init__(self, count: int | None = None):
+        self.asked = count
         self.count = None
         self._saved = None
 
     def __enter__(self):
         import torch
 
-        raw = os.environ.get(BENCH_THREADS_ENV) or os.environ.get("OMP_NUM_THREADS") or "1"
+        raw = str(self.asked) if self.asked is not None else \
+            os.environ.get(BENCH_THREADS_ENV) or os.environ.get("OMP_NUM_THREADS") or "1"
         if not raw.isdigit() or int(raw) < 1:
             raise ValueError(f"{BENCH_THREADS_ENV} / OMP_NUM_THREADS must be an int >= 1, got {raw!r}")
         self.count = int(raw)

@@ -642,16 +642,9 @@ def test_compiled_batch1_decode_vs_transformers(benchmark):
 
     def run():
         for threads in ("1", "2"):
-            saved = os.environ.get("OMP_NUM_THREADS")
-            os.environ["OMP_NUM_THREADS"] = threads
-            try:
+            with PinnedThreads(int(threads)):  # the fresh process sizes its OpenMP pool by OMP_NUM_THREADS
                 results.append(in_fresh_process(__file__, "compiled_decode_per_token", threads, ROUNDS,
                                                 timeout=1800))
-            finally:
-                if saved is None:
-                    os.environ.pop("OMP_NUM_THREADS")
-                else:
-                    os.environ["OMP_NUM_THREADS"] = saved
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     load_after = load_average()
@@ -749,18 +742,11 @@ def test_engine16_compiled_vs_eager_and_padded_batch(benchmark):
 
     def run():
         for threads in ("1", "2"):
-            saved = os.environ.get("OMP_NUM_THREADS")
-            os.environ["OMP_NUM_THREADS"] = threads
-            try:
+            with PinnedThreads(int(threads)):  # the fresh process sizes its OpenMP pool by OMP_NUM_THREADS
                 before = load_average()
                 results.append(in_fresh_process(__file__, "engine16_compiled_vs_eager", threads, ROUNDS,
                                                 timeout=1800))
                 loads.append((before, load_average()))
-            finally:
-                if saved is None:
-                    os.environ.pop("OMP_NUM_THREADS")
-                else:
-                    os.environ["OMP_NUM_THREADS"] = saved
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     benchmark.extra_info.update(results=results, load_averages=loads)
