@@ -40,6 +40,11 @@ class PreparedImage:
     tokens: int
     key: str
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes its pixels hold (what the cache's bound counts)."""
+        return self.pixels.numel() * self.pixels.element_size()
+
 
 class PreparedImageCache:
     """content digest -> PreparedImage, LRU, at most `max_bytes` of pixels (0: keeps nothing). Thread-safe."""
@@ -71,18 +76,18 @@ class PreparedImageCache:
             return found
 
     def put(self, digest: str, prepared: PreparedImage) -> None:
-        size = prepared.pixels.numel() * prepared.pixels.element_size()
+        size = prepared.nbytes
         if size > self.max_bytes:
             return
         with self._lock:
             old = self._entries.pop(digest, None)
             if old is not None:
-                self._bytes -= old.pixels.numel() * old.pixels.element_size()
+                self._bytes -= old.nbytes
             self._entries[digest] = prepared
             self._bytes += size
             while self._bytes > self.max_bytes:
                 _, evicted = self._entries.popitem(last=False)
-                self._bytes -= evicted.pixels.numel() * evicted.pixels.element_size()
+                self._bytes -= evicted.nbytes
 
 
 _PLAIN = (type(None), bool, int, float, str)
