@@ -1,5 +1,7 @@
 """The torch runner's compiled decode step: a batch in which every row feeds one token (the steady state of serving)
-runs through `torch.compile` (Inductor: C++ on CPU, Triton on CUDA) instead of the eager model.
+runs through `torch.compile` (Inductor: C++ on CPU, Triton on CUDA) instead of the eager model; so does a short
+text-only prefill (a follow-up question after its cached image), each of its tokens a decode row
+(gmaivl_rt/engine/torch_runner.py).
 
 What is compiled is the model's own decoder, unchanged (`GMAIVL.language_model` layers, final norm, `lm_head`): the
 rows' tokens are embedded, their rotary cos/sin computed (eagerly, outside), and the layers run over a
@@ -39,13 +41,19 @@ def compile_wanted(option: bool | None, device) -> bool:
     return value in ("1", "true", "on", "yes") or torch.device(device).type in ("cuda", "cpu")
 
 
+# the default buckets reach this many rows whatever max_batch_size: a short text prefill runs as one decode row per
+# token (torch_runner.py), and a follow-up question after its cached image feeds ~13 (docs/engine.md)
+PREFILL_ROWS = 16
+
+
 def buckets_for(max_batch_size: int) -> list[int]:
-    """Batch sizes a graph is compiled for: powers of two below max_batch_size, and max_batch_size."""
+    """Batch sizes a graph is compiled for: powers of two below max_batch_size, max_batch_size, and PREFILL_ROWS
+    where that is larger."""
     sizes, size = [], 1
     while size < max_batch_size:
         sizes.append(size)
         size *= 2
-    return [*sizes, max_batch_size]
+    return sorted({*sizes, max_batch_size, PREFILL_ROWS})
 
 
 class CompiledDecode:
@@ -71,9 +79,21 @@ class CompiledDecode:
             hidden = layer(hidden, cos, sin, rows, self.cache)
         return self.model.lm_head(lm.norm(hidden)).float()
 
+    # A prefill run as decode rows reads its sequence's cached keys/values once per row: on the CPU the paged
+    # attention (paged_decode_attention_reference) gathers each row's whole block table. Up to this many positions
+    # (bucket rows x table width) such a step beat the eager forward over the same tokens on the compact preset,
+    # one thread (16 rows over 128 positions 3.7 ms against 5.1; 32 rows over 128 5.8 against 5.5; docs/engine.md)
+    PREFILL_GATHER_POSITIONS = 2048
+
     def bucket(self, rows: int) -> int | None:
         """The smallest bucket holding `rows` rows, or None (more rows than the largest bucket)."""
         return next((b for b in self.buckets if b >= rows), None)
+
+    def takes_prefill(self, rows: int, table_positions: int) -> bool:
+        """Whether a batch with prefills expanded to `rows` decode rows, over block tables of `table_positions`
+        positions, runs here rather than eagerly: it fits a bucket and gathers at most PREFILL_GATHER_POSITIONS."""
+        size = self.bucket(rows)
+        return size is not None and size * table_positions <= self.PREFILL_GATHER_POSITIONS
 
     @torch.no_grad()
     def run(self, ids, positions, block_tables, seqlens_after, store_index, *, max_position: int | None = None):

@@ -19,9 +19,9 @@ from gmaivl_rt.runtime.batching import pixel_batch
 class TorchRunner:
     """model: a GMAIVL (its weights' device and dtype are the runner's); block_size: tokens per KV block;
     kv_cache_tokens: the KV pool's size in tokens (None: max_batch_size x 1024, at most the model's context per
-    request); compile: run batches of one new token per row through the compiled decode step
-    (gmaivl_rt/engine/compiled_decode.py), for compile_buckets batch sizes (default: powers of two up to
-    max_batch_size)."""
+    request); compile: run text-only batches through the compiled decode step (gmaivl_rt/engine/compiled_decode.py),
+    one row per new token, for compile_buckets batch sizes (default `buckets_for(max_batch_size)`: powers of two
+    up to max_batch_size, and 16 rows for short prefills)."""
 
     FEATURE_CACHE_IMAGES = 32  # projected features of recent images kept for follow-up questions
 
@@ -70,8 +70,8 @@ class TorchRunner:
                 for start, end in seq.image_spans:
                     slots[r, max(0, start - seq.cached):max(0, min(end, stop) - seq.cached)] = True
         tables = batch.block_tables if batch.block_tables is not None else [seq.blocks for seq in rows]
-        if width == 1 and slots is None and self.compiled is not None and torch.is_tensor(tables):
-            logits = self._run_compiled(rows, [n[0] for n in new], tables)
+        if slots is None and self.compiled is not None and torch.is_tensor(tables):
+            logits = self._run_compiled(rows, new, tables)
             if logits is not None:
                 return logits
         # right-padded: the model packs the rows by the mask, so the padding side does not matter here
@@ -84,18 +84,39 @@ class TorchRunner:
         return self.model.last_logits(input_ids.to(self.device), None, mask.to(self.device), self.cache,
                                       image_features=features, image_slots=slots.to(self.device))
 
-    def _run_compiled(self, rows, ids: list, tables):
-        """A batch of one new token per row (`ids`, one int per sequence in `rows`) through the compiled decode
-        step: (rows, vocab) fp32 logits, or None (run it eagerly). The step's index tensors are made from the
-        sequences' own lists (each new token's slot from its block list), a few Python ints a row rather than a
-        chain of small tensor ops each step."""
+    def _run_compiled(self, rows, new: list, tables):
+        """A text-only batch (`new`: per sequence in `rows` its new token ids, a list of ints) through the compiled
+        decode step: (rows, vocab) fp32 logits at each sequence's last new token, or None (run it eagerly: more
+        rows than the largest bucket, a prefill gathering too much (`CompiledDecode.takes_prefill`), or compiling
+        failed). A sequence feeding k tokens (a short prompt, a
+        follow-up after its cached prefix, a chunk of one) becomes k decode rows: positions cached..cached+k-1,
+        each attending up to its own (seqlens_after), its block table repeated. Each layer of the step stores
+        every row's key/value before the paged attention reads any (`PagedKVCache.attend` with DecodeRows), so
+        the k rows are the sequence's causal prefill, at the cost of a decode step of k rows instead of an eager
+        forward's fixed per-op cost. The index tensors come from the sequences' own lists (each token's slot from
+        its block list), a few Python ints a token rather than a chain of small tensor ops each step."""
+        counts = [len(tokens) for tokens in new]
+        total = sum(counts)
         device, block_size = self.device, self.cache.block_size
-        cached = [seq.cached for seq in rows]
-        slots = [seq.blocks[c // block_size] * block_size + c % block_size for seq, c in zip(rows, cached)]
-        return self.compiled.run(torch.tensor(ids, dtype=torch.int64, device=device),
-                                 torch.tensor(cached, dtype=torch.int64, device=device), tables.to(device),
-                                 torch.tensor([c + 1 for c in cached], dtype=torch.int32, device=device),
-                                 torch.tensor(slots, dtype=torch.int64, device=device), max_position=max(cached))
+        if total > len(rows) and not self.compiled.takes_prefill(total, tables.shape[1] * block_size):
+            return None
+        ids, positions, slots = [], [], []
+        for seq, tokens in zip(rows, new):
+            ids += tokens
+            for position in range(seq.cached, seq.cached + len(tokens)):
+                positions.append(position)
+                slots.append(seq.blocks[position // block_size] * block_size + position % block_size)
+        if total > len(rows):  # each sequence's table once per row it feeds
+            tables = tables.repeat_interleave(torch.tensor(counts), dim=0)
+        logits = self.compiled.run(torch.tensor(ids, dtype=torch.int64, device=device),
+                                   torch.tensor(positions, dtype=torch.int64, device=device), tables.to(device),
+                                   torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=device),
+                                   torch.tensor(slots, dtype=torch.int64, device=device),
+                                   max_position=max(positions))
+        if logits is None or total == len(rows):
+            return logits
+        last = torch.tensor(counts).cumsum(0) - 1  # each sequence's last row
+        return logits[last.to(logits.device)]
 
     @staticmethod
     def _images_to_feed(seq, stop: int) -> list:

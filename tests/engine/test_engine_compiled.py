@@ -3,8 +3,10 @@ replaces: greedy tokens equal, and the logits of every compiled step within fp32
 over the same cache. Kept small for CI on 2 cores: the tiny preset and one bucket (a cold compile takes about a
 minute here). The registered kernel ops are checked with torch.library.opcheck and run inside a compiled graph
 (Triton interpreted on this CPU)."""
+import time
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,11 +52,13 @@ def test_compiled_decode_steps_equal_the_eager_ones(folder):
         compiled_run = runner._run_compiled
         deltas = []
 
-        def checked(rows, ids, tables):
+        def checked(rows, new, tables):
+            if any(len(tokens) > 1 for tokens in new):  # a prefill: test_small_text_prefills_... checks those
+                return compiled_run(rows, new, tables)
             cached = [seq.cached for seq in rows]
             runner.cache.bind(tables, cached)  # the eager forward of the same batch first (it stores the same rows)
-            reference = runner.model.last_logits(torch.tensor(ids)[:, None], None, None, runner.cache)
-            logits = compiled_run(rows, ids, tables)
+            reference = runner.model.last_logits(torch.tensor(new), None, None, runner.cache)
+            logits = compiled_run(rows, new, tables)
             assert logits is not None, runner.compiled.failed
             deltas.append(float((logits - reference).abs().max()))
             return logits
@@ -234,3 +238,123 @@ def test_registered_kernel_ops_check_and_compile_whole():
     rq, _ = ops.apply_rope_reference(attended, kk, cos, sin)
     expected = ops.swiglu_reference(ops.rms_norm_reference(rq.reshape(-1, 16), w), x.repeat(3, 1)[:12])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def _image(seed):
+    return (np.random.RandomState(seed).rand(28, 28, 3) * 255).astype(np.uint8)
+
+
+def _follow_up_scenario(engine):
+    """The generated text of: a first question about an image (34 prompt tokens, 4 of them the image's), a
+    follow-up about it (the prefix cache holds 12 tokens: 22 text tokens fed), a text prompt (59 tokens fed), one
+    repeating it with a question after (23 fed after its cached prefix, block tables of 5 blocks of 16), then a text
+    request decoding while a second follow-up about the image arrives (a step of its decode row and the
+    follow-up's 18 tokens)."""
+    image = _image(3)
+    long = "Describe the image. " * 6
+    answers = [engine.submit(q, image=im, max_new_tokens=6, **NO_STOP).result(timeout=600)
+               for q, im in ((QUESTIONS[2], image), (QUESTIONS[0], image), (long, None), (long + QUESTIONS[0], None))]
+    decoding = engine.submit(QUESTIONS[0], max_new_tokens=60, **NO_STOP)
+    deadline = time.monotonic() + 600
+    while not decoding.token_ids and time.monotonic() < deadline:
+        time.sleep(0.001)
+    follow_up = engine.submit(QUESTIONS[1], image=image, max_new_tokens=6, **NO_STOP)
+    return [*answers, decoding.result(timeout=600), follow_up.result(timeout=600)]
+
+
+def test_small_text_prefills_run_through_the_compiled_step_as_decode_rows(folder):
+    """A text-only batch runs through the compiled decode step, each of a sequence's k new tokens a decode row (a
+    follow-up question after its cached image, a short prompt, the same beside another request's decode row); a
+    batch with image tokens, with more tokens than the bucket, or whose prefill would gather more than
+    PREFILL_GATHER_POSITIONS cached positions (bucket rows x table width) runs eagerly. The answers equal the eager
+    engine's, and every compiled step's logits at each sequence's last token are within 1e-4 of the eager
+    forward's over the same batch and cache; then the same requests with the compiled steps alone (no eager
+    forward before each, storing the keys/values first): the same answers.
+    Mutants: the expanded rows' positions all the sequence's first new one; each row attending to all of its
+    sequence's new tokens (seqlens_after cached + k: not causal); every row's key/value stored in its sequence's
+    last slot; the logits of each sequence's first row taken instead of its last: each seen failing."""
+    from gmaivl_rt.engine.compiled_decode import CompiledDecode
+
+    with Engine(folder, max_batch_size=4, compile=False) as engine:
+        eager = _follow_up_scenario(engine)
+    records = []
+    with Engine(folder, max_batch_size=4, compile=True, compile_buckets=[32]) as engine:
+        runner = engine.runner
+        compiled, run = runner.compiled, runner.run
+        compiled_run, compiled_calls = compiled.run, []
+
+        def counted(*args, **kwargs):
+            logits = compiled_run(*args, **kwargs)
+            compiled_calls.append(logits is not None)
+            return logits
+
+        def checked(batch):
+            fed = [len(s.ids) - s.cached if batch.feeds is None else batch.feeds[r] for r, s in enumerate(batch.seqs)]
+            image = any(start < s.cached + n and end > s.cached
+                        for s, n in zip(batch.seqs, fed) for start, end in s.image_spans)
+            runner.compiled = None  # the eager forward of the same batch first (it stores the same keys/values)
+            reference = run(batch)
+            runner.compiled, calls = compiled, len(compiled_calls)
+            logits = run(batch)
+            through_compiled = len(compiled_calls) > calls and compiled_calls[-1]
+            gathered = 32 * batch.block_tables.shape[1] * runner.cache.block_size
+            records.append((fed, image, gathered, through_compiled, float((logits - reference).abs().max())))
+            return logits
+
+        compiled.run, runner.run = counted, checked
+        answers = _follow_up_scenario(engine)
+        assert compiled.failed is None
+    with Engine(folder, max_batch_size=4, compile=True, compile_buckets=[32]) as engine:
+        alone = _follow_up_scenario(engine)
+        assert engine.runner.compiled.failed is None
+    assert answers == eager == alone
+    limit = CompiledDecode.PREFILL_GATHER_POSITIONS
+    for fed, image, gathered, through_compiled, delta in records:
+        decode = all(n == 1 for n in fed)
+        assert through_compiled == (not image and (decode or sum(fed) <= 32 and gathered <= limit)), (fed, image)
+        assert delta < 1e-4, (fed, delta)
+    compiled_fed = [fed for fed, _, _, through_compiled, _ in records if through_compiled]
+    assert [22] in compiled_fed  # the follow-up alone
+    assert any(len(fed) > 1 and 1 in fed and max(fed) > 1 for fed in compiled_fed), compiled_fed  # beside a decode
+    eager_fed = [(fed, image, gathered) for fed, image, gathered, through_compiled, _ in records
+                 if not through_compiled]
+    assert {"image", "over the bucket", "gathering too much"} <= {
+        "image" if image else "over the bucket" if sum(fed) > 32 else "gathering too much"
+        for fed, image, gathered in eager_fed}, eager_fed
+
+
+def test_chunked_prefills_run_through_the_compiled_step_chunk_by_chunk(folder):
+    """With a token budget of 8 a step, the prompts run in chunks (`batch.feeds`): a text-only chunk runs through
+    the compiled step as decode rows after the chunks before it (its positions and slots from seq.cached, not 0),
+    beside other requests' decode rows; a chunk holding image tokens eagerly. The answers equal the eager
+    engine's under the same budget.
+    Mutant: a chunk's rows positioned from 0 instead of from seq.cached: seen failing. (The runner feeding each
+    row's whole uncached rest instead of its chunk gives the same answers, the next chunks storing the same
+    keys/values again: not a fault this test can see.)"""
+    with Engine(folder, max_batch_size=4, compile=False, max_step_tokens=8) as engine:
+        eager = _follow_up_scenario(engine)
+    chunks = []  # (feeds, fed in the middle of a prompt, through the compiled step) of each chunked step
+    with Engine(folder, max_batch_size=4, compile=True, compile_buckets=[32], max_step_tokens=8) as engine:
+        runner = engine.runner
+        compiled, run = runner.compiled, runner.run
+        compiled_run, compiled_calls = compiled.run, []
+
+        def counted(*args, **kwargs):
+            logits = compiled_run(*args, **kwargs)
+            compiled_calls.append(logits is not None)
+            return logits
+
+        def recorded(batch):
+            calls, mid_prompt = len(compiled_calls), any(
+                s.cached > 0 and n > 1 and not s.image_spans for s, n in zip(batch.seqs, batch.feeds or []))
+            logits = run(batch)
+            if batch.feeds is not None:
+                chunks.append((batch.feeds, mid_prompt, len(compiled_calls) > calls and compiled_calls[-1]))
+            return logits
+
+        compiled.run, runner.run = counted, recorded
+        answers = _follow_up_scenario(engine)
+        assert compiled.failed is None
+    assert answers == eager
+    assert any(mid_prompt and through_compiled for _, mid_prompt, through_compiled in chunks), chunks
+    assert any(not through_compiled for _, _, through_compiled in chunks), chunks  # the image's chunks
