@@ -48,9 +48,10 @@ class Engine:
     model_dir: a model folder (torch) or an exported folder (onnx / tensorrt); backend: "torch" | "onnx" |
     "tensorrt"; max_batch_size: requests decoded together; kv_cache_tokens: KV pool size in tokens (default:
     max_batch_size x 1024, at most the model's context per request); block_size: tokens per KV block;
-    workers: threads that read images and build prompts; compile (torch backend): run decode steps through
-    torch.compile, warmed up for bucketed batch sizes (compile_buckets, default powers of two up to max_batch_size)
-    as the engine starts (requests submitted meanwhile wait); None reads GMAIVL_COMPILE (default: on for CUDA and
+    workers: threads that read images and build prompts; compile (torch backend): run decode steps and short
+    text-only prefills (one row per token) through torch.compile, warmed up for bucketed batch sizes
+    (compile_buckets, default `compiled_decode.buckets_for`: powers of two up to max_batch_size, and 16) as the
+    engine starts (requests submitted meanwhile wait); None reads GMAIVL_COMPILE (default: on for CUDA and
     the CPU; GMAIVL_COMPILE=0 or compile=False turns it off); a compile failure falls back to eager with one warning
     naming the cause
     (gmaivl_rt/engine/compiled_decode.py); max_step_tokens (torch backend): the most tokens one step feeds, at
