@@ -291,7 +291,8 @@ class Scheduler:
 
     def postprocess(self, batch: Batch, tokens: list) -> None:
         """tokens: per row, the sampled id (int), or None for rows not sampled (inactive, cancelled, failed).
-        Appends and streams each token, and retires the sequences that are done: an eos ("stop", as
+        Appends each token, streams the text of the rows that stream every step (`Sequence.streams_each_step`; the
+        others' text is decoded once, when they retire), and retires the sequences that are done: an eos ("stop", as
         the decoding step flagged it in seq.eos), a stop string in the text ("stop"), or max_new_tokens
         ("length")."""
         for r, (seq, token) in enumerate(zip(batch.seqs, tokens)):
@@ -313,7 +314,7 @@ class Scheduler:
         seq.append_token(token)
         self.counters["generated_tokens"] += 1
         reason = "stop" if seq.eos else ("length" if len(seq.generated) >= seq.max_new_tokens else None)
-        if reason is None and seq.stream_text(self.tokenizer, final=False):
+        if reason is None and seq.streams_each_step and seq.stream_text(self.tokenizer, final=False):
             reason = "stop"
         if reason is not None:
             self.retire(seq, reason)
@@ -325,7 +326,10 @@ class Scheduler:
             self._set_running(seq, False)
         self._free_blocks(seq, keep_prefix=reason in ("stop", "length"))
         if reason in ("stop", "length", "cancelled"):
-            seq.stream_text(self.tokenizer, final=True)
+            try:
+                seq.stream_text(self.tokenizer, final=True)
+            except Exception as decode_error:  # its text cannot be decoded (a row nobody streamed finds it here)
+                reason, error = "error", decode_error
         self.counters["finished"] += 1
         seq.finish(reason, error)
 

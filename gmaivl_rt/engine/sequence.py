@@ -28,6 +28,10 @@ class Request:
     reached); logprobs: a `gmaivl_rt.model.sampling.TokenLogprob` per generated token (with `logprobs=True`);
     constraint_complete: with a constraint (json_schema / choice / regex), whether the answer satisfies it (False
     after "length": partial). Iterate a request once.
+    The text is made as it is read: a request with a sink, or iterated, or whose `text` was asked for, is streamed
+    (its new text decoded every step from then on); one only waited on (`result()`) is decoded once, when it ends
+    (the same answer, one delta: the engine's per-step work follows who reads). Stop strings are looked for every
+    step either way.
     engine: what runs it (its `wake()` is called on cancel); sink: called with every delta and END_OF_ANSWER, from
     the engine's threads; a sink that raises is dropped and the request cancelled (its reader is gone)."""
 
@@ -48,12 +52,14 @@ class Request:
         self.cancel_requested = False
         self._deltas: queue.Queue = queue.Queue()
         self._sink = sink
+        self.streaming = sink is not None  # someone reads the deltas as they come: stream the text every step
         self._text: list[str] = []
         self._done = threading.Event()
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ user side
     def __iter__(self):
+        self.streaming = True  # the scheduler streams from its next step on (a finished request: all is queued)
         while True:
             item = self._deltas.get()
             if item is END_OF_ANSWER:
@@ -82,6 +88,9 @@ class Request:
 
     @property
     def text(self) -> str:
+        """The text streamed so far (the whole answer once done); asking for it streams the request from the next
+        step on (until then, a request nobody streams has shown no text)."""
+        self.streaming = True
         return "".join(self._text)
 
     # ------------------------------------------------------------------ engine side (this module and fail_request)
@@ -146,6 +155,13 @@ class Sequence:
     @property
     def generated(self) -> list:
         return self.ids[self.prompt_len:]
+
+    @property
+    def streams_each_step(self) -> bool:
+        """Whether each step streams its new text (`stream_text`): someone reads the request's deltas as they come,
+        or a stop string may end it (found in the text as it grows). Otherwise its text is decoded once, at its end
+        (the scheduler's `retire`): the same answer without a per-step decode nobody reads."""
+        return self.request.streaming or bool(self.stop_strings)
 
     @property
     def cancelled(self) -> bool:

@@ -162,13 +162,15 @@ def _no_token_left(scores) -> torch.Tensor:
 
 def pick_token(scores, params: SamplingParams, generator=None) -> torch.Tensor:
     """scores (B, V) from `processed_scores` -> (B,) int64: argmax (greedy) or a draw from their softmax (generator:
-    one torch.Generator or None for the batch, or a list of B, one per row); -1 for a row with no token left (every score -inf; the caller decides how it ends). A NaN row raises."""
+    one torch.Generator or None for the batch, or a list of B, one per row); -1 for a row with no token left (every
+    score -inf; the caller decides how it ends). A NaN row raises when sampling; greedy picks its first NaN (argmax)."""
+    if not params.do_sample:  # one reduction: the first maximum's index (argmax's), and whether any token is left
+        best, tokens = scores.max(-1)  # a NaN row: its first NaN's index, as argmax picks (NaN is not -inf)
+        return tokens.masked_fill(best == -float("inf"), -1)
     empty = _no_token_left(scores)
     if bool(empty.any()):  # no softmax of an all -inf row (it is NaN and multinomial raises)
         scores = scores.masked_fill(empty[:, None], 0.0)
-    if not params.do_sample:
-        tokens = scores.argmax(-1)
-    elif isinstance(generator, (list, tuple)):  # a generator per row: each row draws from its own stream
+    if isinstance(generator, (list, tuple)):  # a generator per row: each row draws from its own stream
         probs = scores.softmax(-1)
         tokens = torch.cat([torch.multinomial(probs[r:r + 1], 1, generator=g)[:, 0] for r, g in enumerate(generator)])
     else:
@@ -245,30 +247,37 @@ def decode_rows(step_logits, histories: list, params: SamplingParams, stop: Stop
     None entries) so a seeded row draws from its own stream whatever it is batched with. The same rules as
     `decode_step` (which a row alone would get); returns its DecodeStep with sequences None (the caller keeps the
     histories)."""
-    finished = torch.zeros(len(histories), dtype=torch.bool, device=step_logits.device)
     scores = processed_scores(step_logits, histories, params)
-    next_tokens, done, failed, logprobs = _choose(scores, finished, params, stop, generators, False, top_logprobs)
+    next_tokens, done, failed, logprobs = _choose(scores, None, params, stop, generators, False, top_logprobs)
     return DecodeStep(next_tokens, None, done, failed, logprobs)
 
 
 def _choose(scores, finished, params: SamplingParams, stop: StopRule, generator, constrained: bool,
             top_logprobs: int | None):
     """The token of each row from its processed scores, and the stopping rule (see `decode_step`): returns
-    next_tokens (B,), done (B,), failed (B,) and logprobs (StepLogprobs or None)."""
-    next_tokens = pick_token(scores, params, generator).to(finished.device)
-    empty = (next_tokens < 0) & ~finished
-    failed = empty if constrained else torch.zeros_like(finished)
+    next_tokens (B,), done (B,), failed (B,) and logprobs (StepLogprobs or None). finished: (B,) bool, or None
+    when no row has finished (`decode_rows`: the ops for finished rows skipped, each a few microseconds a step)."""
+    next_tokens = pick_token(scores, params, generator)
+    if finished is None:
+        empty = next_tokens < 0
+    else:
+        next_tokens = next_tokens.to(finished.device)
+        empty = (next_tokens < 0) & ~finished
+    failed = empty if constrained else torch.zeros_like(empty)
     end = stop.eos[0] if stop.eos and not constrained else stop.pad
-    next_tokens = torch.where(empty, torch.full_like(next_tokens, end), next_tokens)
-    next_tokens = torch.where(finished, torch.full_like(next_tokens, stop.pad), next_tokens)
+    next_tokens = next_tokens.masked_fill(empty, end)
+    if finished is not None:
+        next_tokens = next_tokens.masked_fill(finished, stop.pad)
     logprobs = None
     if top_logprobs is not None:
         logsoftmax = scores.log_softmax(-1)
         chosen = logsoftmax.gather(1, next_tokens.clamp(min=0)[:, None].to(logsoftmax.device))[:, 0]
         top, top_ids = torch.topk(logsoftmax, min(int(top_logprobs), logsoftmax.shape[-1]), dim=-1)
         logprobs = StepLogprobs(chosen, top_ids, top)
-    eos = torch.tensor(stop.eos, dtype=torch.long, device=next_tokens.device)
-    return next_tokens, finished | torch.isin(next_tokens, eos) | empty, failed, logprobs
+    done = empty if finished is None else finished | empty
+    if stop.eos:
+        done = done | torch.isin(next_tokens, torch.tensor(stop.eos, dtype=torch.long, device=next_tokens.device))
+    return next_tokens, done, failed, logprobs
 
 
 @dataclass

@@ -4,7 +4,7 @@ penalty, n-gram ban, top_p), greedy and seeded sampling, logprobs. The rule is t
 and logprob must be equal."""
 import torch
 
-from gmaivl_rt.model.sampling import SamplingParams, StopRule, decode_rows, decode_step
+from gmaivl_rt.model.sampling import SamplingParams, StopRule, decode_rows, decode_step, pick_token
 
 VOCAB = 40
 
@@ -71,3 +71,20 @@ def test_eos_and_a_row_with_every_token_banned_end_as_alone():
     alone = _alone(logits, [[3], [3, 5], [6, 6]], SamplingParams(), stop, None, None)
     assert step.next_tokens.tolist() == [int(s.next_tokens[0]) for s in alone] == [1, 1, 6]
     assert step.finished.tolist() == [bool(s.finished[0]) for s in alone] == [True, True, False]
+
+
+def test_greedy_pick_is_the_first_maximum_and_minus_one_where_nothing_is_left():
+    """`pick_token`'s greedy choice (one max reduction) against torch's argmax row by row: ties give the first
+    maximum, a NaN row its first NaN (as argmax), a row at +inf its first +inf, and only a row whose every score is
+    -inf has no token (-1). Mutants: the -1 fill dropped (the empty row picks 0); rows with an infinite maximum
+    taken as empty (`best.isinf()`: the +inf row gets -1). Each seen failing."""
+    inf, nan = float("inf"), float("nan")
+    scores = torch.tensor([[0.5, 2.0, 2.0, -1.0, 2.0],
+                           [-inf, -inf, -inf, -inf, -inf],
+                           [1.0, nan, 3.0, nan, -inf],
+                           [-inf, -inf, 4.0, -inf, 4.0],
+                           [1.0, inf, 0.0, inf, -inf],
+                           [7.0, 7.0, 7.0, 7.0, 7.0]])
+    picked = pick_token(scores, SamplingParams()).tolist()
+    expected = [-1 if bool((row == -inf).all()) else int(row.argmax()) for row in scores]
+    assert picked == expected == [1, -1, 1, 2, 1, 0]
