@@ -19,21 +19,29 @@ SIZE = 128          # 2D pictures are SIZE x SIZE pixels
 VOLUME = 48         # volumes are VOLUME^3 voxels
 PIXEL_MM = 2.5      # pixel spacing / voxel size written in the headers
 # Lesions are sized and valued so that a ViT trained from scratch on a few hundred scans can find them: wider than a
-# fifth of a 28-pixel patch, and brighter than every other tissue in every modality (a hyperdense / enhancing /
-# hyperechoic focus), so no anatomy (ventricles, kidneys, bladder) looks like one.
+# fifth of a 28-pixel patch, and, as the converter displays each file (CT through its header's window, radiographs by
+# bit depth, ultrasound as stored, MR and volumes by percentiles), at a grey level of their own: brighter than every
+# soft tissue and organ, darker than bone, so no anatomy (spine, hip bones, skull, ventricles, bladder) looks like one.
 LESION_RADIUS = {"small": (5.0, 6.0), "large": (7.5, 9.0)}     # in pixels at SIZE
-# Tissue codes of the maps.
-AIR, SOFT, ORGAN, BONE, LUNG, FLUID, LESION = range(7)
-# CT: Hounsfield units per tissue; window (centre, width) written into the header per region.
-CT_HU = {AIR: -1000.0, SOFT: 30.0, ORGAN: 60.0, BONE: 800.0, LUNG: -850.0, FLUID: 5.0, LESION: 320.0}
-CT_WINDOW = {"head": (40.0, 120.0), "chest": (-500.0, 1600.0), "abdomen": (40.0, 400.0), "pelvis": (40.0, 400.0)}
-# MR signal (arbitrary 12-bit units) per tissue for T1-like and T2-like contrast (fluid dark on T1, bright on T2).
-MR_SIGNAL = {"T1": {AIR: 20.0, SOFT: 1400.0, ORGAN: 1000.0, BONE: 200.0, LUNG: 90.0, FLUID: 300.0, LESION: 2600.0},
-             "T2": {AIR: 20.0, SOFT: 900.0, ORGAN: 650.0, BONE: 150.0, LUNG: 80.0, FLUID: 2200.0, LESION: 3000.0}}
-# Radiograph attenuation per tissue (projection: bone and opacities bright, lungs dark).
-XRAY_ATTENUATION = {AIR: 0.0, SOFT: 0.35, ORGAN: 0.45, BONE: 1.0, LUNG: 0.08, FLUID: 0.4, LESION: 1.1}
-# Ultrasound echogenicity per tissue (fluid hypoechoic; bone and lesions bright).
-US_ECHO = {AIR: 0.02, SOFT: 0.45, ORGAN: 0.6, BONE: 1.0, LUNG: 0.15, FLUID: 0.05, LESION: 1.1}
+# Tissue codes of the maps (FAT: the volumes' subcutaneous layer).
+AIR, SOFT, ORGAN, BONE, LUNG, FLUID, LESION, FAT = range(8)
+# CT: Hounsfield units per tissue; the lesion (an enhancing focus) per region, so that it lies inside the region's
+# window, well above soft tissue and organ and well below bone (which the window saturates); window (centre, width)
+# written into the header per region (a wide brain window for the head, soft-tissue windows for the rest).
+CT_HU = {AIR: -1000.0, SOFT: 30.0, ORGAN: 60.0, BONE: 800.0, LUNG: -850.0, FLUID: 5.0, FAT: -100.0}
+CT_LESION_HU = {"head": 100.0, "chest": 150.0, "abdomen": 150.0, "pelvis": 150.0}
+CT_WINDOW = {"head": (40.0, 200.0), "chest": (40.0, 400.0), "abdomen": (40.0, 400.0), "pelvis": (40.0, 400.0)}
+# MR signal (arbitrary 12-bit units) per tissue for T1-like and T2-like contrast (fluid dark on T1, bright on T2; fat
+# bright on both, as on fast spin echo: the volumes' fat layer puts the percentile window's top above the lesions).
+MR_SIGNAL = {"T1": {AIR: 20.0, SOFT: 1400.0, ORGAN: 1000.0, BONE: 200.0, LUNG: 90.0, FLUID: 300.0, LESION: 2600.0,
+                    FAT: 3500.0},
+             "T2": {AIR: 20.0, SOFT: 900.0, ORGAN: 650.0, BONE: 150.0, LUNG: 80.0, FLUID: 2200.0, LESION: 1700.0,
+                    FAT: 3700.0}}
+# Radiograph attenuation per tissue (projection: bone brightest, lungs dark, an opacity between organ and bone).
+XRAY_ATTENUATION = {AIR: 0.0, SOFT: 0.35, ORGAN: 0.45, BONE: 1.2, LUNG: 0.08, FLUID: 0.4, LESION: 0.7, FAT: 0.3}
+# Ultrasound echogenicity per tissue (fluid hypoechoic; bone the strongest reflector, saturating; lesions
+# hyperechoic, between organ and bone).
+US_ECHO = {AIR: 0.02, SOFT: 0.45, ORGAN: 0.6, BONE: 1.6, LUNG: 0.15, FLUID: 0.05, LESION: 1.0, FAT: 0.5}
 
 
 # ------------------------------------------------------------------------------------------------ tissue maps
@@ -152,7 +160,8 @@ def scene_tissue(scene: Scene, rng: np.random.Generator, visible: np.ndarray | N
 # ------------------------------------------------------------------------------------------------ modalities
 def render_ct(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     """Stored CT values (uint16, HU + 1024: RescaleSlope 1, RescaleIntercept -1024)."""
-    hu = _values(scene_tissue(scene, rng), CT_HU) + rng.normal(0, 12, (SIZE, SIZE)).astype(np.float32)
+    hu = _values(scene_tissue(scene, rng), {**CT_HU, LESION: CT_LESION_HU[scene.region]})
+    hu += rng.normal(0, 12, (SIZE, SIZE)).astype(np.float32)
     return np.clip(np.rint(hu + 1024), 0, 4095).astype(np.uint16)
 
 
@@ -169,7 +178,7 @@ def render_mr(scene: Scene, rng: np.random.Generator, contrast: str) -> np.ndarr
 def render_xray(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     """A frontal radiograph (uint16, 12-bit): the tissue map's attenuation blurred like a projection, a
     soft vertical exposure gradient and fine quantum noise."""
-    attenuation = _blur(_values(scene_tissue(scene, rng), XRAY_ATTENUATION), 2.2)
+    attenuation = _blur(_values(scene_tissue(scene, rng), XRAY_ATTENUATION), 1.6)
     gradient = np.linspace(0.9, 1.1, SIZE, dtype=np.float32)[:, None]
     image = attenuation * gradient + rng.normal(0, 0.015, (SIZE, SIZE)).astype(np.float32)
     return np.clip(np.rint(image * 3000 + 200), 0, 4095).astype(np.uint16)
@@ -201,15 +210,27 @@ def render_us(scene: Scene, rng: np.random.Generator) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------ volumes
 def render_volume(scene: Scene, rng: np.random.Generator) -> tuple[np.ndarray, int]:
     """(X, Y, Z) int16 MR-like volume in RAS+ and the index of the slice along `scene.plane` that shows every
-    lesion. The body is an ellipsoid wider left-right than front-back and taller than wide, with a spine at the
-    back, so the three planes look different."""
+    lesion (`volume_tissue` with T1- or T2-like signal and noise)."""
+    tissue, index = volume_tissue(scene, rng)
+    contrast = "T2" if rng.random() < 0.5 else "T1"
+    volume = _values(tissue, MR_SIGNAL[contrast]) + rng.normal(0, 25, tissue.shape).astype(np.float32)
+    return np.clip(np.rint(volume), 0, 4095).astype(np.int16), index
+
+
+def volume_tissue(scene: Scene, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """(X, Y, Z) uint8 tissue codes of a volume scene in RAS+ and the index of its slice along `scene.plane`. The
+    body is an ellipsoid wider left-right than front-back and taller than wide, under a layer of fat, with a spine
+    at the back, so the three planes look different."""
     n = VOLUME
     x, y, z = np.mgrid[:n, :n, :n].astype(np.float32)
     c = (n - 1) / 2
     semi = np.array([20.0, 14.0, 22.0]) * float(rng.uniform(0.94, 1.06))
     body = ((x - c) / semi[0]) ** 2 + ((y - c) / semi[1]) ** 2 + ((z - c) / semi[2]) ** 2 <= 1.0
     spine = ((x - c) ** 2 + (y - (c - semi[1] + 4)) ** 2 <= 9.0) & body
-    tissue = np.where(body, SOFT, AIR).astype(np.uint8)
+    outer = semi + 2.0  # a 2-voxel subcutaneous fat layer around the body
+    tissue = np.where(((x - c) / outer[0]) ** 2 + ((y - c) / outer[1]) ** 2 + ((z - c) / outer[2]) ** 2 <= 1.0,
+                      FAT, AIR).astype(np.uint8)
+    tissue[body] = SOFT
     tissue[((x - c) / 9) ** 2 + ((y - c - 2) / 6) ** 2 + ((z - c) / 12) ** 2 <= 1.0] = ORGAN
     tissue[spine] = BONE
     axis = {"sagittal": 0, "coronal": 1, "axial": 2}[scene.plane]
@@ -230,10 +251,8 @@ def render_volume(scene: Scene, rng: np.random.Generator) -> tuple[np.ndarray, i
             centre = [0.0, 0.0, 0.0]
             centre[free[0]], centre[free[1]], centre[axis] = column, row, float(index)
             ball = (x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2 <= r ** 2
-            tissue[ball & body & ~spine] = LESION
-    contrast = "T2" if rng.random() < 0.5 else "T1"
-    volume = _values(tissue, MR_SIGNAL[contrast]) + rng.normal(0, 25, tissue.shape).astype(np.float32)
-    return np.clip(np.rint(volume), 0, 4095).astype(np.int16), index
+            tissue[ball & body & ~spine & (tissue != FAT)] = LESION
+    return tissue, index
 
 
 def _without_side(scene: Scene) -> Scene:
@@ -272,6 +291,17 @@ def render_file(scene: Scene) -> tuple[str, bytes]:
     else:
         raise ValueError(f"unknown scene kind {scene.kind!r}")
     return ".dcm", dicom_bytes(scene, pixels, code)
+
+
+def tissue_map(scene: Scene) -> np.ndarray:
+    """The tissue codes behind a scene's file, drawn with the RNG in the state its rendering draws them in:
+    (SIZE, SIZE) uint8 for the 2D kinds (the picture's own rows and columns), (VOLUME,) * 3 for volumes (RAS+)."""
+    rng = np.random.default_rng(scene.seed)
+    if scene.kind == "nifti":
+        return volume_tissue(scene, rng)[0]
+    if scene.kind == "mr":
+        rng.random()  # the contrast, drawn before the map
+    return scene_tissue(scene, rng, visible=ultrasound_fan()[0] if scene.kind == "us" else None)
 
 
 def slice_index(scene: Scene) -> int:
