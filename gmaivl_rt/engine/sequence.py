@@ -50,7 +50,7 @@ class Request:
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
         self.cancel_requested = False
-        self._deltas: queue.Queue = queue.Queue()
+        self._deltas: queue.SimpleQueue = queue.SimpleQueue()  # a put is ~20x cheaper than Queue's (its locks)
         self._sink = sink
         self.streaming = sink is not None  # someone reads the deltas as they come: stream the text every step
         self._text: list[str] = []
