@@ -223,8 +223,7 @@ def volume_tissue(scene: Scene, rng: np.random.Generator) -> tuple[np.ndarray, i
     at the back, so the three planes look different."""
     n = VOLUME
     x, y, z = np.mgrid[:n, :n, :n].astype(np.float32)
-    c = (n - 1) / 2
-    semi = np.array([20.0, 14.0, 22.0]) * float(rng.uniform(0.94, 1.06))
+    c, semi, index = _volume_geometry(scene, rng)
     body = ((x - c) / semi[0]) ** 2 + ((y - c) / semi[1]) ** 2 + ((z - c) / semi[2]) ** 2 <= 1.0
     spine = ((x - c) ** 2 + (y - (c - semi[1] + 4)) ** 2 <= 9.0) & body
     outer = semi + 2.0  # a 2-voxel subcutaneous fat layer around the body
@@ -234,10 +233,7 @@ def volume_tissue(scene: Scene, rng: np.random.Generator) -> tuple[np.ndarray, i
     tissue[((x - c) / 9) ** 2 + ((y - c - 2) / 6) ** 2 + ((z - c) / 12) ** 2 <= 1.0] = ORGAN
     tissue[spine] = BONE
     axis = {"sagittal": 0, "coronal": 1, "axial": 2}[scene.plane]
-    index = int(round(c))
     if scene.lesion:
-        if scene.plane == "sagittal":  # the slice itself lies on the lesion's side
-            index = int(round(c + (-1 if scene.side == "left" else 1) * semi[0] * 0.45))
         slab = np.take(tissue, index, axis=axis)
         inside = (slab == SOFT) | (slab == ORGAN)
         # slab axes: axial (x, y), coronal (x, z), sagittal (y, z); sides live on x (RAS+: high x = patient right)
@@ -253,6 +249,17 @@ def volume_tissue(scene: Scene, rng: np.random.Generator) -> tuple[np.ndarray, i
             ball = (x - centre[0]) ** 2 + (y - centre[1]) ** 2 + (z - centre[2]) ** 2 <= r ** 2
             tissue[ball & body & ~spine & (tissue != FAT)] = LESION
     return tissue, index
+
+
+def _volume_geometry(scene: Scene, rng: np.random.Generator) -> tuple[float, np.ndarray, int]:
+    """(the volume's centre, the body's semi-axes (x, y, z), the slice index along scene.plane): the first draw of
+    a volume scene's RNG."""
+    c = (VOLUME - 1) / 2
+    semi = np.array([20.0, 14.0, 22.0]) * float(rng.uniform(0.94, 1.06))
+    index = int(round(c))
+    if scene.lesion and scene.plane == "sagittal":  # the slice itself lies on the lesion's side
+        index = int(round(c + (-1 if scene.side == "left" else 1) * semi[0] * 0.45))
+    return c, semi, index
 
 
 def _without_side(scene: Scene) -> Scene:
@@ -305,8 +312,8 @@ def tissue_map(scene: Scene) -> np.ndarray:
 
 
 def slice_index(scene: Scene) -> int:
-    """The volume slice (along scene.plane) that the scene's questions are about."""
-    return render_volume(scene, np.random.default_rng(scene.seed))[1]
+    """The volume slice (along scene.plane) that the scene's questions are about (without rendering the volume)."""
+    return _volume_geometry(scene, np.random.default_rng(scene.seed))[2]
 
 
 def dicom_bytes(scene: Scene, pixels: np.ndarray, code: str) -> bytes:
