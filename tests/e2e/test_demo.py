@@ -22,7 +22,8 @@ CT = get_testdata_file("CT_small.dcm")
 # The demo config with the model and step counts cut to CI size (tiny preset, 2/2/3 steps): the demo entry, its
 # data, tokenizer, three chained stages, the question and the held-out evaluation all run as `make demo` runs them.
 SMALL_DEMO = {"preset": "tiny", "data": {"max_length": 256},
-              "demo": {"synth_scenes": 10, "heldout_scenes": 10, "slake_limit": 12, "processes": 2},
+              "demo": {"synth_scenes": 10, "heldout_scenes": 10, "slake_limit": 12, "processes": 2,
+                       "vision_scenes": 12, "vision_steps": 3, "vision_batch_size": 4},
               "batch": {"global_batch_size": 2},
               "schedule": {"warmup_ratio": 0.0}, "tokenizer": {"vocab_size": 512},
               "stages": {1: {"schedule": {"total_steps": 2}}, 2: {"schedule": {"total_steps": 2}},
@@ -61,13 +62,28 @@ def test_make_demo_command_end_to_end(tmp_path, cli_in_process):
 
     printed = cli_in_process(*argv[:2], out, "--config", config, "--no-progress")
     steps = [line.split("]")[0] + "]" for line in printed.splitlines() if re.match(r"\[\d/6\]", line)]
-    assert steps == ["[1/6]", "[2/6]", "[3/6]", "[4/6]", "[4/6]", "[4/6]", "[5/6]", "[6/6]"], printed
+    assert steps == ["[1/6]", "[2/6]", "[3/6]", "[4/6]", "[4/6]", "[4/6]", "[4/6]", "[5/6]", "[6/6]"], printed
     synth = json.loads((out / "synth_data/summary.json").read_text())
     assert synth["errors"] == 0 and set(synth["by_modality"]) == {"CT", "MRI", "X-ray", "ultrasound"}
     mixed = json.loads((out / "demo_meta.json").read_text())
     assert {n for n in mixed if n.startswith("synth_")} and {"demo_dicom", "demo_nifti_brain_mri"} <= set(mixed)
     rebuilt = json.loads((out / "data/build_run.json").read_text())
     assert rebuilt["new_png_files"] == 0 and rebuilt["items_resumed"] > 0  # the CLI's build, resumed whole
+
+    # the vision pretraining: the model stage I would build, its vision tower and projector trained, the rest as
+    # built; stage I starts from it (and keeps its vision tower: frozen in stage I)
+    from gmaivl_rt.train.vision_pretrain import initial_model
+
+    initial_model(out / "demo_config.yaml", out / "tokenizer")[0].save_pretrained(tmp_path / "fresh")
+    fresh = model_weights(tmp_path / "fresh")
+    vision = model_weights(out / "vision")
+    tower, rest = split_weights(vision, "vision_tower.")
+    patches = [k for k in tower if "patch_embedding" in k]
+    assert patches and all_moved({k: tower[k] for k in patches}, {k: fresh[k] for k in patches}, by=1e-6)
+    assert same_weights({k: v for k, v in rest.items() if not k.startswith("multi_modal_projector.")},
+                        {k: v for k, v in fresh.items() if k in rest and not k.startswith("multi_modal_projector.")})
+    assert json.loads((out / "vision/vision_pretraining.json").read_text())["steps"] == 3
+    assert same_weights(split_weights(model_weights(out / "stage1"), "vision_tower.")[0], tower)
 
     # the three stages: their steps, and each started from the one before
     weights = {s: model_weights(out / f"stage{s}") for s in (1, 2, 3)}

@@ -1,0 +1,40 @@
+"""Generated scenes as a vision model sees them, with their labels as class indices: the data of the vision
+pretraining that runs before the three stages (`gmaivl_rt.train.vision_pretrain`, the demo's step 4).
+
+Each picture is the scene's file (render.py's DICOM or NIfTI bytes) read by the converter's own reader
+(`gmaivl_rt.medical.convert.to_medical_image`, the volume slice the questions are about) and preprocessed as the
+model's image policy does (`preprocess_image`), so the pixels are the ones `data build` writes and training reads."""
+from __future__ import annotations
+
+import torch
+
+from gmaivl_rt.data.synth import render
+from gmaivl_rt.data.synth.questions import QUESTION_TYPES, answer_pool, applicable, true_answer
+from gmaivl_rt.data.synth.scenes import draw_scene
+
+IGNORE = -100  # a label that does not apply (no lesion: no side; a volume: no modality in its header, ...)
+
+
+def scene_pictures(seed: int, count: int, image_size: int, progress: bool = False) -> torch.Tensor:
+    """(count, 3, image_size, image_size) float32, CLIP-normalised: scenes 0..count-1 of `seed`."""
+    from tqdm.auto import tqdm
+
+    from gmaivl_rt.medical.convert import to_medical_image
+    from gmaivl_rt.model.preprocess import preprocess_image
+
+    pictures = []
+    for index in tqdm(range(count), desc="rendering scans", unit="scan", disable=not progress):
+        scene = draw_scene(seed, index)
+        _, data = render.render_file(scene)
+        where = {"slice_index": render.slice_index(scene), "plane": scene.plane} if scene.kind == "nifti" else {}
+        pictures.append(preprocess_image(to_medical_image(data, role=f"generated scan {index}", **where).pixels,
+                                         image_size))
+    return torch.stack(pictures)
+
+
+def scene_labels(seed: int, count: int) -> dict[str, torch.Tensor]:
+    """{question type: (count,) int64}: each scene's answer as its index in `answer_pool(type)`, IGNORE where the
+    type does not apply to the scene (`applicable`)."""
+    scenes = [draw_scene(seed, index) for index in range(count)]
+    return {qtype: torch.tensor([answer_pool(qtype).index(true_answer(s, qtype)) if qtype in applicable(s) else IGNORE
+                                 for s in scenes], dtype=torch.int64) for qtype in QUESTION_TYPES}
