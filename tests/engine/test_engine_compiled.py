@@ -244,6 +244,19 @@ def _image(seed):
     return (np.random.RandomState(seed).rand(28, 28, 3) * 255).astype(np.uint8)
 
 
+def _count_compiled_calls(compiled) -> list:
+    """Wrap `compiled.run` (a CompiledDecode) so that each call appends whether it ran the step (True) or handed it
+    back to the eager forward (False); returns that list."""
+    compiled_run, calls = compiled.run, []
+
+    def counted(*args, **kwargs):
+        logits = compiled_run(*args, **kwargs)
+        calls.append(logits is not None)
+        return logits
+    compiled.run = counted
+    return calls
+
+
 def _follow_up_scenario(engine):
     """The generated text of: a first question about an image (34 prompt tokens, 4 of them the image's), a
     follow-up about it (the prefix cache holds 12 tokens: 22 text tokens fed), a text prompt (59 tokens fed), one
@@ -281,12 +294,7 @@ def test_small_text_prefills_run_through_the_compiled_step_as_decode_rows(folder
     with Engine(folder, max_batch_size=4, compile=True, compile_buckets=[32]) as engine:
         runner = engine.runner
         compiled, run = runner.compiled, runner.run
-        compiled_run, compiled_calls = compiled.run, []
-
-        def counted(*args, **kwargs):
-            logits = compiled_run(*args, **kwargs)
-            compiled_calls.append(logits is not None)
-            return logits
+        compiled_calls = _count_compiled_calls(compiled)
 
         def checked(batch):
             fed = [len(s.ids) - s.cached if batch.feeds is None else batch.feeds[r] for r, s in enumerate(batch.seqs)]
@@ -301,7 +309,7 @@ def test_small_text_prefills_run_through_the_compiled_step_as_decode_rows(folder
             records.append((fed, image, gathered, through_compiled, float((logits - reference).abs().max())))
             return logits
 
-        compiled.run, runner.run = counted, checked
+        runner.run = checked
         answers = _follow_up_scenario(engine)
         assert compiled.failed is None
     with Engine(folder, max_batch_size=4, compile=True, compile_buckets=[32]) as engine:
@@ -337,12 +345,7 @@ def test_chunked_prefills_run_through_the_compiled_step_chunk_by_chunk(folder):
     with Engine(folder, max_batch_size=4, compile=True, compile_buckets=[32], max_step_tokens=8) as engine:
         runner = engine.runner
         compiled, run = runner.compiled, runner.run
-        compiled_run, compiled_calls = compiled.run, []
-
-        def counted(*args, **kwargs):
-            logits = compiled_run(*args, **kwargs)
-            compiled_calls.append(logits is not None)
-            return logits
+        compiled_calls = _count_compiled_calls(compiled)
 
         def recorded(batch):
             calls, mid_prompt = len(compiled_calls), any(
@@ -352,7 +355,7 @@ def test_chunked_prefills_run_through_the_compiled_step_chunk_by_chunk(folder):
                 chunks.append((batch.feeds, mid_prompt, len(compiled_calls) > calls and compiled_calls[-1]))
             return logits
 
-        compiled.run, runner.run = counted, recorded
+        runner.run = recorded
         answers = _follow_up_scenario(engine)
         assert compiled.failed is None
     assert answers == eager
