@@ -195,18 +195,24 @@ def test_transformers_js_runs_quantized_files_as_reported(variant, tjs_export, n
 
 
 # ------------------------------------------------------------------------------------------ sizes and agreement
-def test_report_sizes_and_agreement(tjs_export, gmaivl_exports):
+def test_report_sizes_and_agreement(tjs_export, gmaivl_exports, held_out, reference):
     """Sizes are the files' own; fp32 ONNX agrees with fp32 torch on every token; 4-bit decoders are about a third
-    of fp32 (tiny matrices: the per-block scales weigh more than at 7B); per-position top-1 is at least the share of
-    positions before each answer's first divergence. Mutant seen failing: top-1 taken from the variant's own greedy
-    tokens (always 1.0 for q4)."""
+    of fp32 (tiny matrices: the per-block scales weigh more than at 7B); per-position top-1 (teacher-forced on the
+    reference) is at least the share of positions before each answer's first divergence, less one token: the
+    teacher-forced pass and the greedy answer's step-by-step decode sum in different orders, so one near-tie may
+    fall the other way. (The greedy agreement itself also counts positions where an answer meets the reference
+    again after diverging, so top-1 may be below it: seen once, 82 against 83 of 84 tokens.) Mutant seen failing:
+    top-1 taken from the variant's own greedy tokens (always 1.0 for q4)."""
     _, report = tjs_export
     fp32 = report["variants"]["fp32"]
     assert fp32["greedy_agreement"] == fp32["top1_agreement"] == 1.0 and fp32["exact_answers"] == fp32["answers"]
     for variant, entry in report["variants"].items():
         for graph, file in GRAPH_FILES.items():
             assert entry["bytes"][graph] == (gmaivl_exports[variant] / file).stat().st_size
-        assert entry["top1_agreement"] >= entry["greedy_agreement"] - 1e-9
+        answers = _backend_answers(gmaivl_exports[variant], held_out)
+        before_divergence = sum(next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+                                for got, want in zip(answers, reference))
+        assert entry["top1_agreement"] >= (before_divergence - 1) / entry["tokens"] - 1e-9, (variant, entry)
     assert report["variants"]["q4"]["ratio_to_fp32"]["decoder_model_merged"] < 0.35
     assert report["variants"]["q8"]["ratio_to_fp32"]["decoder_model_merged"] < 0.45
     assert report["variants"]["q4"]["top1_agreement"] < 1.0  # a 4-bit random model does move some argmaxes
