@@ -34,9 +34,38 @@ def register(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run)
 
+    v = subparsers.add_parser("vision-pretrain", help="pretrain the vision tower on generated scans and their labels "
+                                                      "(the demo's step 4): a model folder for `train --stage 1 "
+                                                      "--init`")
+    v.add_argument("--out", required=True, help="output model folder (stage I's --init)")
+    v.add_argument("--tokenizer", required=True, help="tokenizer folder (the one the stages will use)")
+    v.add_argument("--config", default=None, help="config layer whose preset and `model:` block build the model and "
+                                                  "whose `demo:` block gives the defaults below (default: the demo "
+                                                  "config)")
+    v.add_argument("--scenes", type=int, help="generated scans (default: the config's demo.vision_scenes)")
+    v.add_argument("--seed", type=int, help="their seed (default: demo.synth_seed)")
+    v.add_argument("--steps", type=int, help="optimizer steps (default: demo.vision_steps)")
+    v.add_argument("--batch-size", type=int, help="pictures per step (default: demo.vision_batch_size)")
+    v.add_argument("--lr", type=float, help="AdamW learning rate (default: demo.vision_lr)")
+    v.add_argument("--no-progress", action="store_true")
+    v.set_defaults(func=_run_vision)
+
 
 def _run(args: argparse.Namespace) -> int:
     run_demo(args.out, config=args.config, question=args.question, progress=not args.no_progress, long=args.long)
+    return 0
+
+
+def _run_vision(args: argparse.Namespace) -> int:
+    config = Path(args.config) if args.config else _config_file()
+    settings, _ = demo_settings(config, long=False)
+    options = _vision_options(settings)
+    asked = {"scenes": args.scenes, "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size,
+             "lr": args.lr}
+    options.update({k: v for k, v in asked.items() if v is not None})
+    print(f"vision pretraining on {options['scenes']} generated scans (seed {options['seed']}), {options['steps']} "
+          f"steps -> {args.out}", flush=True)
+    pretrain_vision_tower(Path(args.out), config, args.tokenizer, progress=not args.no_progress, **options)
     return 0
 
 
@@ -119,7 +148,10 @@ def run_demo(out="runs/demo", config=None, question: str = DEMO_QUESTION, progre
 
     init = None
     if int(settings["vision_scenes"]) > 0:
-        init = pretrain_vision_tower(out, config, settings, progress)
+        vision = _vision_options(settings)
+        print(f"[4/6] vision pretraining on {vision['scenes']} generated scans (seed {vision['seed']}), "
+              f"{vision['steps']} steps -> {out / 'vision'}", flush=True)
+        init = pretrain_vision_tower(out / "vision", config, out / "tokenizer", progress=progress, **vision)
     stages = []
     ranks = training_processes(settings["processes"])
     for stage in (1, 2, 3):
@@ -167,26 +199,34 @@ def run_demo(out="runs/demo", config=None, question: str = DEMO_QUESTION, progre
     return result
 
 
-def pretrain_vision_tower(out: Path, config: Path, settings: dict, progress: bool) -> Path:
-    """Step 4 begins with the vision pretraining (`gmaivl_rt.train.vision_pretrain`): the model stage I would build,
-    its vision tower and projector trained on `vision_scenes` generated scans of the corpus's seed (the corpus's own
-    scans first) and their labels; saved to OUT/vision, stage I's --init."""
+def pretrain_vision_tower(target, config, tokenizer_dir, *, scenes: int, seed: int, steps: int, batch_size: int,
+                          lr: float, progress: bool = True) -> Path:
+    """The vision pretraining (`gmaivl_rt.train.vision_pretrain`; step 4 of the demo, `gmaivl-rt vision-pretrain`):
+    the model stage I would build from `config` and the tokenizer, its vision tower and projector trained on
+    `scenes` generated scans of `seed` (the corpus of that seed begins with the same scans) and their labels; saved
+    to `target`, a folder stage I takes as --init. Returns `target`."""
     from gmaivl_rt.data.synth.pictures import scene_labels, scene_pictures
+    from gmaivl_rt.data.synth.writer import check_count
     from gmaivl_rt.train.vision_pretrain import initial_model, pretrain_vision, save_vision_model
 
-    scenes, seed, steps = int(settings["vision_scenes"]), int(settings["synth_seed"]), int(settings["vision_steps"])
-    print(f"[4/6] vision pretraining on {scenes} generated scans (seed {seed}), {steps} steps -> {out / 'vision'}",
-          flush=True)
-    model, cfg = initial_model(config, out / "tokenizer")
+    check_count(scenes, "the number of scans (--scenes)")
+    if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"tokenizer folder (--tokenizer) {tokenizer_dir}: no tokenizer.json in it")
+    model, cfg = initial_model(config, tokenizer_dir)
     pictures = scene_pictures(seed, scenes, model.config.vision.image_size, progress=progress)
-    summary = pretrain_vision(model, pictures, scene_labels(seed, scenes), steps=steps,
-                              batch_size=int(settings["vision_batch_size"]), lr=float(settings["vision_lr"]),
+    summary = pretrain_vision(model, pictures, scene_labels(seed, scenes), steps=steps, batch_size=batch_size, lr=lr,
                               seed=seed, progress=progress)
     accuracy = ", ".join(f"{name} {100 * a:.0f} %" for name, a in summary["heldout_accuracy"].items())
     print(f"      {steps} steps in {summary['seconds']:.0f} s; its heads on the held-out tenth: {accuracy}",
           flush=True)
-    return save_vision_model(model, out / "vision", tokenizer_dir=out / "tokenizer", preset=cfg["preset"],
-                             summary=summary)
+    return save_vision_model(model, target, tokenizer_dir=tokenizer_dir, preset=cfg["preset"], summary=summary)
+
+
+def _vision_options(settings: dict) -> dict:
+    """The demo block's vision_* settings as `pretrain_vision_tower` takes them."""
+    return {"scenes": int(settings["vision_scenes"]), "seed": int(settings["synth_seed"]),
+            "steps": int(settings["vision_steps"]), "batch_size": int(settings["vision_batch_size"]),
+            "lr": float(settings["vision_lr"])}
 
 
 def balanced_meta_list(data_dir: Path, path: Path) -> Path:

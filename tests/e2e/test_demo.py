@@ -39,7 +39,7 @@ def _make_demo_argv() -> list[str]:
     return argv[1:]
 
 
-def test_make_demo_command_end_to_end(tmp_path, cli_in_process):
+def test_make_demo_command_end_to_end(tmp_path, cli_in_process, capsys):
     """`make demo`'s command (`gmaivl-rt demo --out runs/demo`) with `--config` cut to the tiny preset and a few
     steps (the full run, compact preset 8/6/100 steps, takes minutes: too slow for CI), after
     `gmaivl-rt data build --demo` into the demo's data folder. Checked: the demo used that build (resumed every
@@ -84,6 +84,20 @@ def test_make_demo_command_end_to_end(tmp_path, cli_in_process):
                         {k: v for k, v in fresh.items() if k in rest and not k.startswith("multi_modal_projector.")})
     assert json.loads((out / "vision/vision_pretraining.json").read_text())["steps"] == 3
     assert same_weights(split_weights(model_weights(out / "stage1"), "vision_tower.")[0], tower)
+    # `gmaivl-rt vision-pretrain` with the same config and tokenizer makes the same folder, bit for bit (the demo's
+    # step and the command are one function); bad input is one line naming the option
+    cli_in_process("vision-pretrain", "--out", tmp_path / "vision", "--tokenizer", out / "tokenizer", "--config",
+                   config, "--no-progress")
+    assert same_weights(model_weights(tmp_path / "vision"), vision)
+    from gmaivl_rt.cli import main
+
+    assert main(["vision-pretrain", "--out", str(tmp_path / "v0"), "--tokenizer", str(out / "tokenizer"),
+                 "--config", str(config), "--scenes", "0"]) == 2
+    assert main(["vision-pretrain", "--out", str(tmp_path / "v1"), "--tokenizer", str(tmp_path),
+                 "--config", str(config)]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert "--scenes" in errors[0] and "--tokenizer" in errors[1] and len(errors) == 2, errors
+    assert not (tmp_path / "v0").exists() and not (tmp_path / "v1").exists()
 
     # the three stages: their steps, and each started from the one before
     weights = {s: model_weights(out / f"stage{s}") for s in (1, 2, 3)}
