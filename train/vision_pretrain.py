@@ -55,7 +55,9 @@ def pretrain_vision(model, pictures: torch.Tensor, labels: dict[str, torch.Tenso
     pictures: (N, 3, S, S) float32, CLIP-normalised at the model's image size; labels: {name: (N,) int64 class
     index, IGNORE where it does not apply}. AdamW, linear
     warm-up then cosine to min_lr_ratio. The last `heldout` share of the pictures is kept out of training and scored
-    at the end. Returns {"steps", "seconds", "losses", "heldout_accuracy": {name: accuracy}, "pictures"}."""
+    at the end. The model is left in eval mode with every parameter frozen (the heads are dropped: they read labels
+    the language model is taught in words). Returns {"steps", "seconds", "losses", "heldout_accuracy": {name:
+    accuracy}, "pictures"}."""
     from tqdm.auto import tqdm
 
     from .recipe import cosine_with_warmup
