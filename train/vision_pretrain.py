@@ -4,9 +4,8 @@ GMAI-VL starts from a pretrained vision encoder (CLIP ViT-L/14-336); a model tra
 machine has none. Trained only through the language model's answers, the compact ViT never learns the lesions: the
 language model reads the image tokens at fixed places, the ViT gets gradient only there, and presence, count, side
 and size stay at their blind level (docs/evaluation.md). Here the vision tower is first trained on its own, with
-one linear head per label on the MEAN of its projected image tokens (so the findings become properties of the
-image as a whole, which the language model reads as readily as the modality) and one head on each token for "a
-lesion in this patch" where the labels give the cells. Stage III then keeps the pretrained tower frozen.
+one linear head per label on the MEAN of its projected image tokens, so the findings become properties of the image
+as a whole, which the language model reads as readily as the modality. Stage III then keeps the tower frozen.
 
     model = initial_model("train/configs/demo.yaml", "runs/demo/tokenizer")
     summary = pretrain_vision(model, pictures, labels, steps=800, batch_size=32, lr=1e-3)
@@ -25,10 +24,11 @@ import torch
 
 from gmaivl_rt.atomic import atomic_write_json, atomic_write_text
 from gmaivl_rt.errors import InputError
+from gmaivl_rt.model.modeling import IGNORE_INDEX
 
 from .config import SAVED_CONFIG, load_train_config
 
-IGNORE = -100
+IGNORE = IGNORE_INDEX  # a label that does not apply to a picture (the loss's own ignore index)
 TRAINED = ("vision_tower", "multi_modal_projector")
 
 
@@ -47,17 +47,15 @@ def initial_model(config_file, tokenizer_dir, preset: str | None = None):
 
 
 def pretrain_vision(model, pictures: torch.Tensor, labels: dict[str, torch.Tensor], *, steps: int, batch_size: int,
-                    lr: float,
-                    warmup_ratio: float = 0.05, min_lr_ratio: float = 0.1, heldout: float = 0.1, seed: int = 0,
-                    progress: bool = True) -> dict:
+                    lr: float, warmup_ratio: float = 0.05, min_lr_ratio: float = 0.1, heldout: float = 0.1,
+                    seed: int = 0, progress: bool = True) -> dict:
     """Train `model`'s vision tower and projector in place (the language model and its head are not touched).
 
     pictures: (N, 3, S, S) float32, CLIP-normalised at the model's image size; labels: {name: (N,) int64 class
-    index, IGNORE where it does not apply}. AdamW, linear
-    warm-up then cosine to min_lr_ratio. The last `heldout` share of the pictures is kept out of training and scored
-    at the end. The model is left in eval mode with every parameter frozen (the heads are dropped: they read labels
-    the language model is taught in words). Returns {"steps", "seconds", "losses", "heldout_accuracy": {name:
-    accuracy}, "pictures"}."""
+    index, IGNORE where it does not apply}. AdamW, linear warm-up then cosine to min_lr_ratio. The last `heldout`
+    share of the pictures is kept out of training and scored at the end. The model is left in eval mode with every
+    parameter frozen (the heads are dropped: they read labels the language model is taught in words). Returns
+    {"steps", "seconds", "losses", "heldout_accuracy": {name: accuracy}, "pictures"}."""
     from tqdm.auto import tqdm
 
     from .recipe import cosine_with_warmup
@@ -82,9 +80,8 @@ def pretrain_vision(model, pictures: torch.Tensor, labels: dict[str, torch.Tenso
     classes = {name: int(column[column != IGNORE].max()) + 1 if (column != IGNORE).any() else 1
                for name, column in labels.items()}
     heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, n) for name, n in classes.items()})
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            p.requires_grad_(False)
+    for p in model.parameters():
+        p.requires_grad_(False)
     params = [p for name in TRAINED for p in getattr(model, name).parameters()]
     for p in params:
         p.requires_grad_(True)

@@ -11,8 +11,10 @@ import torch
 from gmaivl_rt.data.synth import render
 from gmaivl_rt.data.synth.questions import QUESTION_TYPES, answer_pool, applicable, true_answer
 from gmaivl_rt.data.synth.scenes import draw_scene
+from gmaivl_rt.model.modeling import IGNORE_INDEX
 
-IGNORE = -100  # a label that does not apply (no lesion: no side; a volume: no modality in its header, ...)
+# a label that does not apply (no lesion: no side; a volume: no modality in its header, ...): the loss's ignore index
+IGNORE = IGNORE_INDEX
 
 
 def scene_pictures(seed: int, count: int, image_size: int, progress: bool = False) -> torch.Tensor:
