@@ -47,6 +47,8 @@ def register(subparsers) -> None:
     v.add_argument("--steps", type=int, help="optimizer steps (default: demo.vision_steps)")
     v.add_argument("--batch-size", type=int, help="pictures per step (default: demo.vision_batch_size)")
     v.add_argument("--lr", type=float, help="AdamW learning rate (default: demo.vision_lr)")
+    v.add_argument("--workers", type=int, help="processes rendering the scans (default: demo.processes, at most "
+                                               "the CPU cores)")
     v.add_argument("--no-progress", action="store_true")
     v.set_defaults(func=_run_vision)
 
@@ -61,7 +63,7 @@ def _run_vision(args: argparse.Namespace) -> int:
     settings, _ = demo_settings(config, long=False)
     options = _vision_options(settings)
     asked = {"scenes": args.scenes, "seed": args.seed, "steps": args.steps, "batch_size": args.batch_size,
-             "lr": args.lr}
+             "lr": args.lr, "workers": args.workers}
     options.update({k: v for k, v in asked.items() if v is not None})
     print(f"vision pretraining on {options['scenes']} generated scans (seed {options['seed']}), {options['steps']} "
           f"steps -> {args.out}", flush=True)
@@ -200,20 +202,24 @@ def run_demo(out="runs/demo", config=None, question: str = DEMO_QUESTION, progre
 
 
 def pretrain_vision_tower(target, config, tokenizer_dir, *, scenes: int, seed: int, steps: int, batch_size: int,
-                          lr: float, progress: bool = True) -> Path:
+                          lr: float, workers: int = 1, progress: bool = True) -> Path:
     """The vision pretraining (`gmaivl_rt.train.vision_pretrain`; step 4 of the demo, `gmaivl-rt vision-pretrain`):
     the model stage I would build from `config` and the tokenizer, its vision tower and projector trained on
-    `scenes` generated scans of `seed` (the corpus of that seed begins with the same scans) and their labels; saved
-    to `target`, a folder stage I takes as --init. Returns `target`."""
+    `scenes` generated scans of `seed` (the corpus of that seed begins with the same scans; rendered in `workers`
+    processes) and their labels; saved to `target`, a folder stage I takes as --init. Returns `target`."""
     from gmaivl_rt.data.synth.pictures import scene_labels, scene_pictures
     from gmaivl_rt.data.synth.writer import check_count
     from gmaivl_rt.train.vision_pretrain import initial_model, pretrain_vision, save_vision_model
 
     check_count(scenes, "the number of scans (--scenes)")
+    if workers < 1:
+        from gmaivl_rt.errors import InputError
+
+        raise InputError(f"the number of rendering processes (--workers) must be >= 1, got {workers}")
     if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
         raise FileNotFoundError(f"tokenizer folder (--tokenizer) {tokenizer_dir}: no tokenizer.json in it")
     model, cfg = initial_model(config, tokenizer_dir)
-    pictures = scene_pictures(seed, scenes, model.config.vision.image_size, progress=progress)
+    pictures = scene_pictures(seed, scenes, model.config.vision.image_size, progress=progress, workers=workers)
     summary = pretrain_vision(model, pictures, scene_labels(seed, scenes), steps=steps, batch_size=batch_size, lr=lr,
                               seed=seed, progress=progress)
     accuracy = ", ".join(f"{name} {100 * a:.0f} %" for name, a in summary["heldout_accuracy"].items())
@@ -226,7 +232,7 @@ def _vision_options(settings: dict) -> dict:
     """The demo block's vision_* settings as `pretrain_vision_tower` takes them."""
     return {"scenes": int(settings["vision_scenes"]), "seed": int(settings["synth_seed"]),
             "steps": int(settings["vision_steps"]), "batch_size": int(settings["vision_batch_size"]),
-            "lr": float(settings["vision_lr"])}
+            "lr": float(settings["vision_lr"]), "workers": training_processes(settings["processes"])}
 
 
 def balanced_meta_list(data_dir: Path, path: Path) -> Path:

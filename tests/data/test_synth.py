@@ -402,6 +402,25 @@ def test_benchmark_files_read_back_through_the_eval_readers(tmp_path):
         [(i.question, i.options, i.answer) for i in tsv.items]
 
 
+def test_pretraining_pictures_are_the_corpus_files_as_the_converter_reads_them(corpus, monkeypatch):
+    """The vision pretraining's pictures, rendered in memory by worker processes, are the corpus's files read back
+    by the converter's reader (the volume slice the labels are about) and preprocessed as the model does, in scene
+    order; so are the benchmark's pictures."""
+    import torch
+
+    from gmaivl_rt.data.synth import pictures, render
+    from gmaivl_rt.medical.reader import read_medical_image
+    from gmaivl_rt.model.preprocess import preprocess_image
+
+    monkeypatch.setattr(pictures, "RENDER_CHUNK", 4)  # 7 tasks over the 2 workers, collected in order
+    rendered = pictures.scene_pictures(7, 25, 56, workers=2)
+    for row in _labels(corpus):
+        where = {"plane": row["plane"], "slice_index": row["frame"]} if row["kind"] == "nifti" else {}
+        pixels = read_medical_image(corpus / "files" / row["file"], **where).pixels
+        assert torch.equal(rendered[row["index"]], preprocess_image(pixels, 56)), row["file"]
+        assert np.array_equal(render.scene_pixels(7, row["index"]), pixels), row["file"]
+
+
 def test_training_prompts_are_the_evaluators_prompts():
     """The corpus asks multiple choice exactly as `gmaivl-rt eval` will (VLMEvalKit's LLaVA-XTuner prompt), and its
     short questions carry lmms-eval's instruction: the data layer's copy of both texts is the eval layer's."""

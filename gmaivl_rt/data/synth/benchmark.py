@@ -7,8 +7,8 @@
                                     modality, content_type (question type), location (body region), qid
     OUT/heldout_slake/imgs/*.png
 
-The pictures are the scenes' files read by the same reader the converter uses (`read_medical_image`: window,
-slice, RGB), so a benchmark image is what a training record of that scene would hold. Options are shuffled per
+The pictures are the scenes' files read by the converter's own reader (`render.scene_pixels`: window, slice,
+RGB), so a benchmark image is what a training record of that scene would hold. Options are shuffled per
 row and every label is uniform (scenes.py), so the text alone answers at chance.
 """
 from __future__ import annotations
@@ -16,30 +16,17 @@ from __future__ import annotations
 import base64
 import csv
 import io
-import tempfile
 from pathlib import Path
 
 from gmaivl_rt.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from gmaivl_rt.data.synth.questions import applicable, mcq_options, question, true_answer, yes_no
-from gmaivl_rt.data.synth.render import render_file, slice_index
+from gmaivl_rt.data.synth.render import scene_pixels
 from gmaivl_rt.data.synth.scenes import draw_scene, scene_rng
 from gmaivl_rt.data.synth.writer import check_count
 
 TSV_FILE = "heldout.tsv"
 SLAKE_DIR = "heldout_slake"
 SLAKE_FILE = "heldout.json"
-
-
-def scene_picture(scene):
-    """The scene's picture as the converter would read it: (H, W, 3) uint8."""
-    from gmaivl_rt.medical.reader import read_medical_image
-
-    suffix, data = render_file(scene)
-    with tempfile.TemporaryDirectory(prefix="gmaivl-synth-") as tmp:
-        path = Path(tmp) / f"scene{suffix}"
-        path.write_bytes(data)
-        kwargs = {"plane": scene.plane, "slice_index": slice_index(scene)} if scene.kind == "nifti" else {}
-        return read_medical_image(path, **kwargs).pixels
 
 
 def _png(pixels) -> bytes:
@@ -58,7 +45,7 @@ def write_benchmark(out, count: int, seed: int) -> dict:
     rows, slake = [], []
     for index in range(count):
         scene = draw_scene(seed, index)
-        png = _png(scene_picture(scene))
+        png = _png(scene_pixels(seed, index))
         rng = scene_rng(seed, index, "benchmark")
         image_name = f"imgs/{index:06d}.png"
         atomic_write_bytes(out / SLAKE_DIR / image_name, png)
@@ -114,4 +101,4 @@ def constant_image_tsv(tsv, out, grey: int = 128) -> Path:
     return out
 
 
-__all__ = ["write_benchmark", "constant_image_tsv", "scene_picture", "TSV_FILE", "SLAKE_DIR", "SLAKE_FILE"]
+__all__ = ["write_benchmark", "constant_image_tsv", "TSV_FILE", "SLAKE_DIR", "SLAKE_FILE"]

@@ -17,20 +17,49 @@ from gmaivl_rt.model.modeling import IGNORE_INDEX
 IGNORE = IGNORE_INDEX
 
 
-def scene_pictures(seed: int, count: int, image_size: int, progress: bool = False) -> torch.Tensor:
-    """(count, 3, image_size, image_size) float32, CLIP-normalised: scenes 0..count-1 of `seed`."""
+RENDER_CHUNK = 64  # scans per task of the rendering pool (a few hundred ms of work; results come back in order)
+
+
+def _render_chunk(task: tuple[int, int, int]) -> list:
+    seed, start, stop = task
+    return [render.scene_pixels(seed, index) for index in range(start, stop)]
+
+
+def scene_pictures(seed: int, count: int, image_size: int, progress: bool = False, workers: int = 1) -> torch.Tensor:
+    """(count, 3, image_size, image_size) float32, CLIP-normalised: scenes 0..count-1 of `seed`. workers > 1
+    renders and reads the scans in that many processes (forked; they end with this one); the pictures are the same
+    whatever the number."""
     from tqdm.auto import tqdm
 
-    from gmaivl_rt.medical.convert import to_medical_image
     from gmaivl_rt.model.preprocess import preprocess_image
 
+    tasks = [(seed, start, min(start + RENDER_CHUNK, count)) for start in range(0, count, RENDER_CHUNK)]
+    bar = tqdm(total=count, desc="rendering scans", unit="scan", disable=not progress)
     pictures = []
-    for index in tqdm(range(count), desc="rendering scans", unit="scan", disable=not progress):
-        scene = draw_scene(seed, index)
-        _, data = render.render_file(scene)
-        where = {"slice_index": render.slice_index(scene), "plane": scene.plane} if scene.kind == "nifti" else {}
-        pictures.append(preprocess_image(to_medical_image(data, role=f"generated scan {index}", **where).pixels,
-                                         image_size))
+
+    def collect(chunks):
+        for chunk in chunks:
+            pictures.extend(preprocess_image(pixels, image_size) for pixels in chunk)
+            bar.update(len(chunk))
+
+    try:
+        if workers <= 1 or len(tasks) < 2:
+            collect(map(_render_chunk, tasks))
+        else:
+            import concurrent.futures
+            import multiprocessing
+            import os
+
+            from gmaivl_rt.processes import end_with_parent
+
+            # fork: the workers need no import of their own; they run numpy, pydicom and nibabel, never torch
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            with concurrent.futures.ProcessPoolExecutor(min(workers, len(tasks)),
+                                                        mp_context=multiprocessing.get_context(method),
+                                                        initializer=end_with_parent, initargs=(os.getpid(),)) as pool:
+                collect(pool.map(_render_chunk, tasks))
+    finally:
+        bar.close()
     return torch.stack(pictures)
 
 

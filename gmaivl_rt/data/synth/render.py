@@ -13,7 +13,7 @@ import io
 
 import numpy as np
 
-from gmaivl_rt.data.synth.scenes import Scene
+from gmaivl_rt.data.synth.scenes import Scene, draw_scene
 
 SIZE = 128          # 2D pictures are SIZE x SIZE pixels
 VOLUME = 48         # volumes are VOLUME^3 voxels
@@ -46,7 +46,7 @@ US_ECHO = {AIR: 0.02, SOFT: 0.45, ORGAN: 0.6, BONE: 1.6, LUNG: 0.15, FLUID: 0.05
 
 # ------------------------------------------------------------------------------------------------ tissue maps
 def _ellipse(shape, cy, cx, ry, rx) -> np.ndarray:
-    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    yy, xx = np.ogrid[:shape[0], :shape[1]]  # a column and a row, broadcast: the same values as a full grid
     return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
 
 
@@ -356,3 +356,15 @@ def dicom_bytes(scene: Scene, pixels: np.ndarray, code: str) -> bytes:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def scene_pixels(seed: int, index: int):
+    """Scene `index` of `seed` as the converter reads it: (H, W, 3) uint8 (its file rendered, then read by
+    `to_medical_image`; a volume at the slice the questions are about). Numpy only, no torch (the vision
+    pretraining runs it in forked workers)."""
+    from gmaivl_rt.medical.convert import to_medical_image
+
+    scene = draw_scene(seed, index)
+    _, data = render_file(scene)
+    where = {"slice_index": slice_index(scene), "plane": scene.plane} if scene.kind == "nifti" else {}
+    return to_medical_image(data, role=f"generated scan {index}", **where).pixels
