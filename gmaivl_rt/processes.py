@@ -7,6 +7,8 @@ and child process of gmaivl-rt follows.
 * `ends_with_parent()`: keyword arguments for `subprocess.run` / `Popen` that arm the same signal in the child
   before it runs its program (it survives `exec`), so a child command ends with the process that started it.
   Elsewhere (no prctl) it is empty: such a child is left to finish by itself.
+* `ordered_map(fn, tasks, workers)`: fn over tasks in a pool of forked workers that follow the first rule, the
+  results in task order.
 
 Without it a child outlives a killed parent: a pool worker blocked forever on a task pipe whose write end it holds
 itself, a TensorRT plugin compile or a GPU check running on with nobody to read its answer.
@@ -19,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -91,3 +94,19 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def ordered_map(fn, tasks: list, workers: int) -> Iterator:
+    """fn(task) for each task, yielded in task order: in `workers` forked processes that end with this one (kill -9
+    included), or in this process when workers <= 1 or there is one task. fn must be a module-level function whose
+    work needs no state set up after the fork beyond what the parent holds (numpy, file I/O: not torch's threads)."""
+    if workers <= 1 or len(tasks) < 2:
+        yield from map(fn, tasks)
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with concurrent.futures.ProcessPoolExecutor(min(workers, len(tasks)), mp_context=multiprocessing.get_context(method),
+                                                initializer=end_with_parent, initargs=(os.getpid(),)) as pool:
+        yield from pool.map(fn, tasks)

@@ -50,6 +50,9 @@ def register(subparsers) -> None:
     again.add_argument("--overwrite", action="store_true", help="replace an earlier synth output in OUT")
     synth.add_argument("--benchmark", action="store_true",
                        help="write held-out benchmark files (VLMEvalKit TSV, SLAKE JSON) instead of a corpus")
+    synth.add_argument("--workers", type=int, default=None,
+                       help="processes rendering the scans (default: every core); the files are the same whatever "
+                            "the count")
     synth.add_argument("--no-progress", action="store_true", help="no progress bar")
     synth.set_defaults(func=_synth)
 
@@ -114,6 +117,6 @@ def _synth(args) -> int:
         summary = write_benchmark(args.out, args.count, args.seed)
     else:
         summary = synthesize(args.out, args.count, args.seed, resume=args.resume, overwrite=args.overwrite,
-                             progress=not args.no_progress and sys.stderr.isatty())
+                             progress=not args.no_progress and sys.stderr.isatty(), workers=args.workers)
     print(json.dumps(summary, indent=2))
     return 0

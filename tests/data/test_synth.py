@@ -351,6 +351,19 @@ def test_killed_run_resumes_to_identical_bytes(tmp_path, kill_at, reference_12):
     assert _tree(out) == reference
 
 
+def test_scans_rendered_by_worker_processes_are_the_same_files(tmp_path, reference_12, monkeypatch):
+    """Four tasks over two worker processes write the uninterrupted in-process run's tree; a bad worker count
+    fails naming it before anything is written."""
+    from gmaivl_rt.data.synth import writer
+
+    monkeypatch.setattr(writer, "WRITE_CHUNK", 3)
+    summary = synthesize(tmp_path / "pool", 12, seed=5, workers=2)
+    assert summary["files_written"] == 12 and _tree(tmp_path / "pool") == reference_12[0]
+    with pytest.raises(SynthError, match="workers must be a whole number >= 1, got 0"):
+        synthesize(tmp_path / "bad", 12, seed=5, workers=0)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_kill_9_of_the_command_then_resume(tmp_path):
     """The real command killed with SIGKILL from outside while it writes scans, then resumed."""
     reference = tmp_path / "reference"

@@ -12,6 +12,7 @@ from gmaivl_rt.data.synth import render
 from gmaivl_rt.data.synth.questions import QUESTION_TYPES, answer_pool, applicable, true_answer
 from gmaivl_rt.data.synth.scenes import draw_scene
 from gmaivl_rt.model.modeling import IGNORE_INDEX
+from gmaivl_rt.processes import ordered_map
 
 # a label that does not apply (no lesion: no side; a volume: no modality in its header, ...): the loss's ignore index
 IGNORE = IGNORE_INDEX
@@ -26,40 +27,18 @@ def _render_chunk(task: tuple[int, int, int]) -> list:
 
 
 def scene_pictures(seed: int, count: int, image_size: int, progress: bool = False, workers: int = 1) -> torch.Tensor:
-    """(count, 3, image_size, image_size) float32, CLIP-normalised: scenes 0..count-1 of `seed`. workers > 1
-    renders and reads the scans in that many processes (forked; they end with this one); the pictures are the same
-    whatever the number."""
+    """(count, 3, image_size, image_size) float32, CLIP-normalised: scenes 0..count-1 of `seed`, rendered and read
+    in `workers` processes (`ordered_map`); the pictures are the same whatever the number."""
     from tqdm.auto import tqdm
 
     from gmaivl_rt.model.preprocess import preprocess_image
 
     tasks = [(seed, start, min(start + RENDER_CHUNK, count)) for start in range(0, count, RENDER_CHUNK)]
-    bar = tqdm(total=count, desc="rendering scans", unit="scan", disable=not progress)
     pictures = []
-
-    def collect(chunks):
-        for chunk in chunks:
+    with tqdm(total=count, desc="rendering scans", unit="scan", disable=not progress) as bar:
+        for chunk in ordered_map(_render_chunk, tasks, workers):
             pictures.extend(preprocess_image(pixels, image_size) for pixels in chunk)
             bar.update(len(chunk))
-
-    try:
-        if workers <= 1 or len(tasks) < 2:
-            collect(map(_render_chunk, tasks))
-        else:
-            import concurrent.futures
-            import multiprocessing
-            import os
-
-            from gmaivl_rt.processes import end_with_parent
-
-            # fork: the workers need no import of their own; they run numpy, pydicom and nibabel, never torch
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            with concurrent.futures.ProcessPoolExecutor(min(workers, len(tasks)),
-                                                        mp_context=multiprocessing.get_context(method),
-                                                        initializer=end_with_parent, initargs=(os.getpid(),)) as pool:
-                collect(pool.map(_render_chunk, tasks))
-    finally:
-        bar.close()
     return torch.stack(pictures)
 
 

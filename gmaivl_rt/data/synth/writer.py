@@ -21,6 +21,7 @@ from gmaivl_rt.atomic import atomic_write_bytes, atomic_write_json, atomic_write
 from gmaivl_rt.data.synth.questions import caption, training_conversations
 from gmaivl_rt.data.synth.render import render_file, slice_index
 from gmaivl_rt.data.synth.scenes import KINDS, Scene, draw_scene, scene_rng
+from gmaivl_rt.processes import ordered_map, usable_cores
 
 FORMAT = "gmaivl-rt synth 1"
 SETTINGS_FILE = "synth.json"
@@ -89,16 +90,37 @@ def scene_file(scene: Scene, suffix: str) -> str:
 SUFFIX = {kind: (".nii" if kind == "nifti" else ".dcm") for kind in KINDS}
 
 
+def _scan_file(scene: Scene) -> str:
+    return scene_file(scene, SUFFIX[scene.kind])
+
+
 def dataset_name(scene: Scene, task: str) -> str:
     kind = f"mri_volume_{scene.plane}" if scene.kind == "nifti" else scene.kind
     return f"synth_{kind}_{task}"
 
 
+WRITE_CHUNK = 32  # scans per task of the rendering pool
+
+
+def _write_scans(task: tuple[Path, int, list[int]]) -> int:
+    """Render and write (atomically) the scans of one task: (out, seed, scene indices). Returns their number."""
+    out, seed, indices = task
+    for index in indices:
+        scene = draw_scene(seed, index)
+        _, data = render_file(scene)
+        atomic_write_bytes(out / "files" / _scan_file(scene), data)
+    return len(indices)
+
+
 def synthesize(out, count: int, seed: int = 0, *, resume: bool = False, overwrite: bool = False,
-               progress: bool = False) -> dict:
-    """Write `count` scenes of the corpus seeded `seed` into `out` (layout in the module doc). Returns
+               progress: bool = False, workers: int | None = None) -> dict:
+    """Write `count` scenes of the corpus seeded `seed` into `out` (layout in the module doc), the scans rendered in
+    `workers` processes (default: every core; the files are the same whatever the number). Returns
     {"out", "scenes", "files_written", "files_resumed", "records" (questions + captions), "manifest"}."""
     count = check_count(count)
+    workers = usable_cores() if workers is None else workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise SynthError(f"workers must be a whole number >= 1, got {workers!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise SynthError(f"seed must be a whole number, got {seed!r}")
     out = Path(out)
@@ -109,19 +131,19 @@ def synthesize(out, count: int, seed: int = 0, *, resume: bool = False, overwrit
         atomic_write_json(out / SETTINGS_FILE, settings)
     from tqdm import tqdm
 
+    # a scan that exists was written whole (atomically) by an earlier run with the same settings
+    missing = [i for i in range(count) if not (out / "files" / _scan_file(draw_scene(seed, i))).exists()]
+    tasks = [(out, seed, missing[a:a + WRITE_CHUNK]) for a in range(0, len(missing), WRITE_CHUNK)]
+    with tqdm(total=len(missing), desc="data synth", unit="scan", disable=not progress) as bar:
+        for written in ordered_map(_write_scans, tasks, workers):
+            bar.update(written)
+
     annotations: dict[str, list[dict]] = {}
     specs: dict[str, dict] = {}
-    labels, written, resumed = [], 0, 0
-    for index in tqdm(range(count), desc="data synth", unit="scene", disable=not progress):
+    labels = []
+    for index in range(count):
         scene = draw_scene(seed, index)
-        relative = scene_file(scene, SUFFIX[scene.kind])
-        target = out / "files" / relative
-        if target.exists():  # written whole (atomically) by an earlier run with the same settings
-            resumed += 1
-        else:
-            _, data = render_file(scene)
-            atomic_write_bytes(target, data)
-            written += 1
+        relative = _scan_file(scene)
         row = {"image": relative}
         if scene.kind == "nifti":
             row["frame"] = slice_index(scene)
@@ -147,7 +169,7 @@ def synthesize(out, count: int, seed: int = 0, *, resume: bool = False, overwrit
     manifest = {"datasets": [specs[name] for name in names]}
     atomic_write_text(out / MANIFEST_FILE, "# written by `gmaivl-rt data synth`; convert with `gmaivl-rt data "
                                            "build --manifest` on this file\n" + yaml.safe_dump(manifest, sort_keys=False))
-    return {"out": str(out), "scenes": count, "files_written": written, "files_resumed": resumed,
+    return {"out": str(out), "scenes": count, "files_written": len(missing), "files_resumed": count - len(missing),
             "records": sum(len(rows) for rows in annotations.values()), "manifest": str(out / MANIFEST_FILE)}
 
 
