@@ -43,6 +43,28 @@ def _store_rows(pool, index, rows) -> None:
         ops.store_kv(pool, index, rows)
 
 
+def grouped_decode_attention(q, k_pool, v_pool, block_tables, seqlens_after):
+    """The compiled decode step's attention on the CPU: q (B, H, D), one query per row; k_pool, v_pool (blocks,
+    block_size, Hkv, D); block_tables (B, W) int32; seqlens_after (B,) int32 >= 1, the positions each row attends
+    to. Returns (B, H, D) in q's dtype: the softmax(q k^T / sqrt(D)) v of `ops.paged_decode_attention`, each kv
+    head's keys read once for its group of query heads (not copied per query head) and the scores in fp32. Plain
+    multiply-and-sum tensor ops, so that Inductor fuses the gather, scores, softmax and weighted sum into two C++
+    loops of the step: the reference's scaled_dot_product_attention, one query a row and its keys repeated per head,
+    was about 1.0 of a 2.5 ms 16-row step (compact preset, one thread; einsum instead made Inductor copy the gathered
+    keys element by element into a transposed layout, 1.6 ms; issue 29, docs/engine.md)."""
+    rows, heads, dim = q.shape
+    kv_heads = k_pool.shape[2]
+    width = block_tables.shape[1] * k_pool.shape[1]
+    tables = block_tables.long().flatten()
+    keys = k_pool.index_select(0, tables).view(rows, width, kv_heads, 1, dim).float()
+    values = v_pool.index_select(0, tables).view(rows, width, kv_heads, 1, dim).float()
+    grouped = q.float().view(rows, 1, kv_heads, heads // kv_heads, dim)
+    scores = (grouped * keys).sum(-1) * dim ** -0.5  # (B, W, Hkv, G)
+    past_end = torch.arange(width, device=q.device)[None, :] >= seqlens_after[:, None]  # (B, W)
+    weights = scores.masked_fill(past_end[:, :, None, None], float("-inf")).softmax(1)
+    return (weights[..., None] * values).sum(1).reshape(rows, heads, dim).to(q.dtype)
+
+
 class PagedKVCache:
     """Per-layer key/value block pools (num_blocks, block_size, kv_heads, head_dim) and a BlockPool.
     Before each forward, `bind` the block tables and cached lengths of the sequences in it (one per input row)."""
@@ -100,6 +122,8 @@ class PagedKVCache:
         if isinstance(batch, DecodeRows):  # the compiled decode step: one token per row, tensors only
             _store_rows(keys, batch.store_index, k)
             _store_rows(values, batch.store_index, v)
+            if keys.device.type == "cpu":
+                return grouped_decode_attention(q, keys, values, batch.block_tables, batch.seqlens_after)
             return ops.paged_decode_attention(q, keys, values, batch.block_tables, batch.seqlens_after)
         index = self._token_index(batch)
         keys.view(-1, *keys.shape[2:]).index_copy_(0, index, k.to(keys.dtype))
