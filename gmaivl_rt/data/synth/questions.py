@@ -31,7 +31,7 @@ WORDINGS = {
     "presence": (["Is there a lesion in this image?", "Does this image show any lesion?",
                   "Is a lesion visible in this image?"], None),
     "count": (["How many lesions are visible?", "How many lesions does this image show?",
-               "What is the number of lesions in this image?"], "Are there {value} lesions in this image?"),
+               "What is the number of lesions in this image?"], "Does this image show {value} {lesions}?"),
     "side": (["On which side of the patient is the lesion?", "Which side are the lesions on?",
               "Is the lesion on the patient's left or right side?"], "Are the lesions on the patient's {value} side?"),
     "size": (["What is the size class of the lesion?", "Are the lesions small or large?",
@@ -111,7 +111,8 @@ def yes_no(scene: Scene, qtype: str, rng: random.Random) -> tuple[str, str]:
     value = truth if asks_truth else rng.choice([v for v in answer_pool(qtype) if v != truth])
     shown = COUNT_WORDS[int(value)] if qtype == "count" else value
     an = "an" if shown[:1].lower() in "aeiou" or shown in ("MRI", "X-ray") else "a"
-    return WORDINGS[qtype][1].format(value=shown, an=an), "yes" if asks_truth else "no"
+    lesions = "lesion" if shown == "one" else "lesions"
+    return WORDINGS[qtype][1].format(value=shown, an=an, lesions=lesions), "yes" if asks_truth else "no"
 
 
 def caption(scene: Scene, rng: random.Random) -> str:
