@@ -4,13 +4,15 @@ with the paged decode reference it replaced (scaled_dot_product_attention, keys 
 tables of 4 and 32 blocks (64 and 512 positions): compact preset, random weights, one thread, each variant
 compiled afresh (cpp_wrapper, as the engine compiles it).
 
-    flock /tmp/gs/cpu.lock python bench/compiled_step_pause.py
+    flock /tmp/gs/cpu.lock python bench/compiled_step_pause.py [--profile]
 
-Not a test: about a minute (four compiles). bench/idle_pause.c asks the same question of the machine alone."""
+--profile: also torch.profiler's table of 20 back-to-back steps of each variant (where a step's time goes: the
+linear layers' matrix products, the attention's kernels, Dynamo's guard lookup). Not a test: about a minute (four compiles). bench/idle_pause.c asks the same question of the machine alone."""
 from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -66,6 +68,10 @@ def main() -> None:
                 paused = timed(step, 12, 0.2)
                 print(f"{width * 16} positions, {name}: back to back {text(back)}, after 0.2 s {text(paused)}",
                       flush=True)
+                if "--profile" in sys.argv[1:]:
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+                        timed(step, 20, 0)
+                    print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
     finally:
         paged_cache.grouped_decode_attention = grouped
 
