@@ -6,8 +6,9 @@ compiled afresh (cpp_wrapper, as the engine compiles it).
 
     flock /tmp/gs/cpu.lock python bench/compiled_step_pause.py [--profile]
 
---profile: also torch.profiler's table of 20 back-to-back steps of each variant (where a step's time goes: the
-linear layers' matrix products, the attention's kernels, Dynamo's guard lookup). Not a test: about a minute (four compiles). bench/idle_pause.c asks the same question of the machine alone."""
+--profile: also torch.profiler's table of 20 back-to-back steps of each variant (the compiled graph's call, whose
+kernels the C++ wrapper shows as one, against Dynamo's guard lookup and the eager ops around it). Not a test: about a minute (four compiles). bench/idle_pause.c asks the same question of the
+machine alone."""
 from __future__ import annotations
 
 import os

@@ -39,7 +39,8 @@ VARIANTS = ("pause", "switch", "nopause", "weights", "step")
 
 
 def model_folder(path) -> None:
-    """The follow-up bench's model (bench/test_bench_engine.py): compact preset, seed 0, a BPE tokenizer of its texts."""
+    """The follow-up bench's model (bench/test_bench_engine.py): compact preset, seed 0, a BPE tokenizer of its
+    texts."""
     texts = ["<image>\nWhat modality is this image?", "This is a CT scan of the chest.", "Which plane is shown?",
              "An axial slice through the upper abdomen.", "Describe the image in detail.",
              "A magnetic resonance image of the head showing the ventricles.", "Is there a fracture?",

@@ -5,7 +5,8 @@ text-only prefill (a follow-up question after its cached image), each of its tok
 
 What is compiled is the model's own decoder, unchanged (`GMAIVL.language_model` layers, final norm, `lm_head`): the
 rows' tokens are embedded, their rotary cos/sin computed (eagerly, outside), and the layers run over a
-`PagedKVCache` that stores each token's key/value and attends through the paged decode op. The cache is given
+`PagedKVCache` that stores each token's key/value and attends through the paged decode op (on the CPU
+`paged_cache.grouped_decode_attention`, which Inductor fuses into the step). The cache is given
 `DecodeRows`, tensors only, so nothing in the graph depends on Python lists that change every step. Batch sizes are
 bucketed (rows padded to the next bucket; a padding row writes into the cache's scratch slot and reads one
 position), and the block-table width is a dynamic dimension, so a few graphs serve every step.
@@ -79,10 +80,11 @@ class CompiledDecode:
             hidden = layer(hidden, cos, sin, rows, self.cache)
         return self.model.lm_head(lm.norm(hidden)).float()
 
-    # A prefill run as decode rows reads its sequence's cached keys/values once per row: on the CPU the paged
-    # attention (paged_decode_attention_reference) gathers each row's whole block table. Up to this many positions
+    # A prefill run as decode rows reads its sequence's cached keys/values once per row: on the CPU the attention
+    # (paged_cache.grouped_decode_attention) gathers each row's whole block table. Up to this many positions
     # (bucket rows x table width) such a step beat the eager forward over the same tokens on the compact preset,
-    # one thread (16 rows over 128 positions 3.7 ms against 5.1; 32 rows over 128 5.8 against 5.5; docs/engine.md)
+    # one thread (16 rows over 128 positions 3.7 ms against 5.1; 32 rows over 128 5.8 against 5.5; docs/engine.md;
+    # measured with the paged reference attention, before the grouped one, which is faster over long tables)
     PREFILL_GATHER_POSITIONS = 2048
 
     def bucket(self, rows: int) -> int | None:
