@@ -26,7 +26,7 @@ from gmaivl_rt.train.tokenizer import conversation_texts, train_bpe_tokenizer
 
 TASK = "modality"
 TRAIN_SCENES, HELD_OUT_SCENES = 160, 100   # 100 held-out scenes: 80 modality questions (volumes ask no modality)
-# compact's language model made smaller (128 wide, 2 layers, as the demo's) and a smaller vision tower: 56-pixel
+# compact's language model made smaller (128 wide, 2 layers; the demo's has 3) and a smaller vision tower: 56-pixel
 # images in 14-pixel patches (the same 16 tokens) through 2 layers 64 wide. The small tower learns the modality
 # from scratch in fewer steps (97 % of 32 at 800 steps against compact's 88 % at 600) at a fraction of the cost.
 SMALL = {"vision": {"image_size": 56, "patch_size": 14, "hidden_size": 64, "num_layers": 2, "num_heads": 2,
