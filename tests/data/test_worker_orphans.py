@@ -62,3 +62,32 @@ def test_a_worker_whose_parent_is_already_gone_ends_at_once(tmp_path):
     code = "from gmaivl_rt.processes import end_with_parent; end_with_parent(1); print('served')"
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "served" not in run.stdout
+
+
+def test_sigkill_of_data_synth_leaves_no_rendering_worker_alive(tmp_path, start_child):
+    """`data synth --workers 2` renders its scans in `processes.ordered_map`'s pool, which the vision pretraining's
+    pictures share: killed with SIGKILL mid-run, its workers end within seconds.
+    Mutant: `ordered_map` without its `end_with_parent` initializer: both workers outlive the parent."""
+    out = tmp_path / "synth"
+    synth = start_child(["data", "synth", "--out", out, "--count", "3000", "--workers", "2", "--no-progress"])
+    workers: dict = {}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and synth.alive():
+        workers = _children(synth.pid)
+        written = sum(len(files) for _, _, files in os.walk(out / "files")) if (out / "files").exists() else 0
+        if len(workers) >= 2 and written >= 1:
+            break
+        time.sleep(0.05)
+    assert len(workers) >= 2, synth.why() if not synth.alive() else f"workers seen: {workers}"
+    synth.kill()
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(_alive(p, s) for p, s in workers.items()):
+            time.sleep(0.05)
+        survivors = [p for p, s in workers.items() if _alive(p, s)]
+        assert not survivors, f"workers still alive 5 s after their parent was killed: {survivors}"
+    finally:
+        for pid, start in workers.items():
+            if _alive(pid, start):
+                os.kill(pid, 9)
+    assert not (out / "manifest.yaml").exists()  # killed mid-run, not after
