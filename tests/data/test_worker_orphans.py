@@ -22,24 +22,19 @@ def rewrite(text, context):
 '''
 
 
-def test_sigkill_of_a_parallel_build_leaves_no_worker_alive(tmp_path, start_child):
-    """Mutant: the workers' `end_with_parent` call removed from `_init_worker`: both workers survive the parent."""
-    manifest, _ = make_sources(tmp_path / "sources")
-    (tmp_path / "slowrw.py").write_text(SLOW_REWRITER)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    out = tmp_path / "out"
-    build = start_child(["data", "build", "--manifest", manifest, "--out", out, "--seed", "3", "--rewriter",
-                         "slowrw:rewrite", "--workers", "2", "--no-progress"], env=env)
+def _kill_mid_run_and_expect_workers_to_end(child, progress_dir) -> None:
+    """Wait until `child` has two pool workers and a file under progress_dir, SIGKILL `child` alone (its workers
+    are left to notice by themselves) and assert every worker is gone within 5 s; none is left behind either way."""
     workers: dict = {}
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and build.alive():
-        workers = _children(build.pid)
-        done = sum(len(files) for _, _, files in os.walk(out / ".work")) if (out / ".work").exists() else 0
+    while time.monotonic() < deadline and child.alive():
+        workers = _children(child.pid)
+        done = sum(len(files) for _, _, files in os.walk(progress_dir)) if progress_dir.exists() else 0
         if len(workers) >= 2 and done >= 1:
             break
         time.sleep(0.05)
-    assert len(workers) >= 2, build.why() if not build.alive() else f"workers seen: {workers}"
-    build.kill()  # SIGKILL to the build process only; its workers are left to notice by themselves
+    assert len(workers) >= 2, child.why() if not child.alive() else f"workers seen: {workers}"
+    child.kill()
     try:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and any(_alive(p, s) for p, s in workers.items()):
@@ -50,6 +45,17 @@ def test_sigkill_of_a_parallel_build_leaves_no_worker_alive(tmp_path, start_chil
         for pid, start in workers.items():  # never leave one behind, whatever the outcome
             if _alive(pid, start):
                 os.kill(pid, 9)
+
+
+def test_sigkill_of_a_parallel_build_leaves_no_worker_alive(tmp_path, start_child):
+    """Mutant: the workers' `end_with_parent` call removed from `_init_worker`: both workers survive the parent."""
+    manifest, _ = make_sources(tmp_path / "sources")
+    (tmp_path / "slowrw.py").write_text(SLOW_REWRITER)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = tmp_path / "out"
+    build = start_child(["data", "build", "--manifest", manifest, "--out", out, "--seed", "3", "--rewriter",
+                         "slowrw:rewrite", "--workers", "2", "--no-progress"], env=env)
+    _kill_mid_run_and_expect_workers_to_end(build, out / ".work")
     assert not (out / "summary.json").exists()  # it was killed mid-build, not after
 
 
@@ -70,24 +76,5 @@ def test_sigkill_of_data_synth_leaves_no_rendering_worker_alive(tmp_path, start_
     Mutant: `ordered_map` without its `end_with_parent` initializer: both workers outlive the parent."""
     out = tmp_path / "synth"
     synth = start_child(["data", "synth", "--out", out, "--count", "3000", "--workers", "2", "--no-progress"])
-    workers: dict = {}
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and synth.alive():
-        workers = _children(synth.pid)
-        written = sum(len(files) for _, _, files in os.walk(out / "files")) if (out / "files").exists() else 0
-        if len(workers) >= 2 and written >= 1:
-            break
-        time.sleep(0.05)
-    assert len(workers) >= 2, synth.why() if not synth.alive() else f"workers seen: {workers}"
-    synth.kill()
-    try:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and any(_alive(p, s) for p, s in workers.items()):
-            time.sleep(0.05)
-        survivors = [p for p, s in workers.items() if _alive(p, s)]
-        assert not survivors, f"workers still alive 5 s after their parent was killed: {survivors}"
-    finally:
-        for pid, start in workers.items():
-            if _alive(pid, start):
-                os.kill(pid, 9)
+    _kill_mid_run_and_expect_workers_to_end(synth, out / "files")
     assert not (out / "manifest.yaml").exists()  # killed mid-run, not after
