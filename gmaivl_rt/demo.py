@@ -208,14 +208,11 @@ def pretrain_vision_tower(target, config, tokenizer_dir, *, scenes: int, seed: i
     `scenes` generated scans of `seed` (the corpus of that seed begins with the same scans; rendered in `workers`
     processes) and their labels; saved to `target`, a folder stage I takes as --init. Returns `target`."""
     from gmaivl_rt.data.synth.pictures import scene_labels, scene_pictures
-    from gmaivl_rt.data.synth.writer import check_count
+    from gmaivl_rt.data.synth.writer import check_count, check_workers
     from gmaivl_rt.train.vision_pretrain import initial_model, pretrain_vision, save_vision_model
 
     check_count(scenes, "the number of scans (--scenes)")
-    if workers < 1:
-        from gmaivl_rt.errors import InputError
-
-        raise InputError(f"the number of rendering processes (--workers) must be >= 1, got {workers}")
+    check_workers(workers, "the number of rendering processes (--workers)")
     if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
         raise FileNotFoundError(f"tokenizer folder (--tokenizer) {tokenizer_dir}: no tokenizer.json in it")
     model, cfg = initial_model(config, tokenizer_dir)

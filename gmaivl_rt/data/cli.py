@@ -103,7 +103,7 @@ def _synth(args) -> int:
     import sys
 
     from gmaivl_rt.data.synth import synthesize, write_benchmark
-    from gmaivl_rt.data.synth.writer import check_count, prepare_output
+    from gmaivl_rt.data.synth.writer import check_count, check_workers, prepare_output
 
     if args.benchmark:
         from pathlib import Path
@@ -116,6 +116,8 @@ def _synth(args) -> int:
         atomic_write_json(Path(args.out) / SETTINGS_FILE, settings)
         summary = write_benchmark(args.out, args.count, args.seed)
     else:
+        if args.workers is not None:
+            check_workers(args.workers, "the number of rendering processes (--workers)")
         summary = synthesize(args.out, args.count, args.seed, resume=args.resume, overwrite=args.overwrite,
                              progress=not args.no_progress and sys.stderr.isatty(), workers=args.workers)
     print(json.dumps(summary, indent=2))

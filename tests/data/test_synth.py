@@ -270,6 +270,9 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path):
     result = _run(["--out", out, "--count", -3])
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "count" in result.stderr and "-3" in result.stderr and not out.exists()
+    result = _run(["--out", out, "--count", 3, "--workers", 0])
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "--workers" in result.stderr and "got 0" in result.stderr and not out.exists()
 
     blocker = tmp_path / "a_file"
     blocker.write_text("x")

@@ -41,6 +41,12 @@ def check_count(count, role: str = "count") -> int:
     return count
 
 
+def check_workers(workers, role: str = "workers") -> int:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise SynthError(f"{role} must be a whole number >= 1, got {workers!r}")
+    return workers
+
+
 def prepare_output(out: Path, settings: dict, resume: bool, overwrite: bool) -> None:
     """Check the output folder before anything is written: it must be new or empty, or (resume) hold a run with
     the same settings, or (overwrite) hold an earlier synth output, which is then removed. Creates it."""
@@ -118,9 +124,7 @@ def synthesize(out, count: int, seed: int = 0, *, resume: bool = False, overwrit
     `workers` processes (default: every core; the files are the same whatever the number). Returns
     {"out", "scenes", "files_written", "files_resumed", "records" (questions + captions), "manifest"}."""
     count = check_count(count)
-    workers = usable_cores() if workers is None else workers
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise SynthError(f"workers must be a whole number >= 1, got {workers!r}")
+    workers = check_workers(usable_cores() if workers is None else workers)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise SynthError(f"seed must be a whole number, got {seed!r}")
     out = Path(out)
@@ -132,7 +136,8 @@ def synthesize(out, count: int, seed: int = 0, *, resume: bool = False, overwrit
     from tqdm import tqdm
 
     # a scan that exists was written whole (atomically) by an earlier run with the same settings
-    missing = [i for i in range(count) if not (out / "files" / _scan_file(draw_scene(seed, i))).exists()]
+    scenes = [draw_scene(seed, index) for index in range(count)]
+    missing = [s.index for s in scenes if not (out / "files" / _scan_file(s)).exists()]
     tasks = [(out, seed, missing[a:a + WRITE_CHUNK]) for a in range(0, len(missing), WRITE_CHUNK)]
     with tqdm(total=len(missing), desc="data synth", unit="scan", disable=not progress) as bar:
         for written in ordered_map(_write_scans, tasks, workers):
@@ -141,13 +146,12 @@ def synthesize(out, count: int, seed: int = 0, *, resume: bool = False, overwrit
     annotations: dict[str, list[dict]] = {}
     specs: dict[str, dict] = {}
     labels = []
-    for index in range(count):
-        scene = draw_scene(seed, index)
+    for scene in scenes:
         relative = _scan_file(scene)
         row = {"image": relative}
         if scene.kind == "nifti":
             row["frame"] = slice_index(scene)
-        rng = scene_rng(seed, index, "questions")
+        rng = scene_rng(seed, scene.index, "questions")
         for task in ("report", "vqa"):
             name = dataset_name(scene, task)
             specs.setdefault(name, _spec(scene, name, task))
@@ -156,7 +160,7 @@ def synthesize(out, count: int, seed: int = 0, *, resume: bool = False, overwrit
         for dialogue in training_conversations(scene, rng):
             qtypes, texts, answers = (list(column) for column in zip(*dialogue))
             rows.append({**row, "question": texts, "answer": answers, "question_type": qtypes})
-        labels.append({"index": index, "file": relative, "kind": scene.kind, "modality": scene.modality,
+        labels.append({"index": scene.index, "file": relative, "kind": scene.kind, "modality": scene.modality,
                        "region": scene.region, "plane": scene.plane, "count": scene.count, "side": scene.side,
                        "size": scene.size, **({"frame": row["frame"]} if "frame" in row else {})})
     names = sorted(specs)
@@ -213,6 +217,7 @@ def _spec(scene: Scene, name: str, task: str) -> dict:
 __all__ = [
     "SynthError",
     "check_count",
+    "check_workers",
     "dataset_name",
     "prepare_output",
     "scene_file",
