@@ -21,14 +21,16 @@ def _to_pil(image) -> Image.Image:
     return Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[2] == 1 else array).convert("RGB")
 
 
-def _normalise(image: Image.Image) -> torch.Tensor:
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+def normalise(pixels) -> torch.Tensor:
+    """uint8 RGB (..., H, W, 3) -> float32 (..., 3, H, W), CLIP mean/std: one picture or a stack of them (the
+    same values either way)."""
+    x = torch.from_numpy(np.asarray(pixels, dtype=np.float32) / 255.0).movedim(-1, -3)
     return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
 
 
-def preprocess_image(image, image_size: int) -> torch.Tensor:
-    """PIL image or uint8 array -> (3, image_size, image_size) float32: pad to square with the CLIP mean colour
-    (LLaVA's expand2square), bicubic resize, CLIP mean/std."""
+def square_resized(image, image_size: int) -> Image.Image:
+    """PIL image or uint8 array -> RGB PIL image_size x image_size: padded to a square with the CLIP mean colour
+    (LLaVA's expand2square), bicubic resize. PIL only (no torch), so worker processes can run it."""
     image = _to_pil(image)
     w, h = image.size
     if w != h:
@@ -36,7 +38,12 @@ def preprocess_image(image, image_size: int) -> torch.Tensor:
         canvas = Image.new("RGB", (side, side), tuple(int(m * 255) for m in CLIP_MEAN))
         canvas.paste(image, ((side - w) // 2, (side - h) // 2))
         image = canvas
-    return _normalise(image.resize((image_size, image_size), Image.Resampling.BICUBIC))
+    return image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+
+
+def preprocess_image(image, image_size: int) -> torch.Tensor:
+    """PIL image or uint8 array -> (3, image_size, image_size) float32: `square_resized`, CLIP mean/std."""
+    return normalise(square_resized(image, image_size))
 
 
 def preprocess_image_dynamic(image, patch_size: int, min_pixels: int, max_pixels: int) -> torch.Tensor:
@@ -45,4 +52,4 @@ def preprocess_image_dynamic(image, patch_size: int, min_pixels: int, max_pixels
 
     image = _to_pil(image)
     h, w = dynamic_resize_shape(image.height, image.width, patch_size, min_pixels, max_pixels)
-    return _normalise(image.resize((w, h), Image.Resampling.BICUBIC))
+    return normalise(image.resize((w, h), Image.Resampling.BICUBIC))

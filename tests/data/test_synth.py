@@ -495,3 +495,36 @@ def test_dialogues_ask_each_type_once_presence_first_and_task_subset_keeps_only_
     assert vqa_turns and set(vqa_turns) == {"modality"}
     build = build_dataset(tmp_path / "built", manifest=manifest, progress=False, workers=1)
     assert build["errors"] == 0 and build["records"] > 0
+
+
+def test_an_ellipse_window_holds_the_full_grids_ellipse():
+    """A lesion's disc computed on its bounding box (`_ellipse_window`, what the placement's trials test) is the
+    full-grid `_ellipse` exactly: the same pixels inside the box and none outside, at the picture's edges too."""
+    from gmaivl_rt.data.synth.render import _ellipse, _ellipse_window
+
+    rng = np.random.default_rng(3)
+    shape = (128, 96)
+    for _ in range(400):
+        cy, cx = rng.uniform(-8, 136), rng.uniform(-8, 104)
+        ry, rx = rng.uniform(0.5, 20), rng.uniform(0.5, 20)
+        window, mask = _ellipse_window(shape, cy, cx, ry, rx)
+        placed = np.zeros(shape, bool)
+        placed[window][mask] = True
+        assert np.array_equal(placed, _ellipse(shape, cy, cx, ry, rx)), (cy, cx, ry, rx)
+
+
+def test_the_blur_is_numpys_convolution_along_each_axis():
+    """The renderer's separable blur (the kernel's taps as shifted slices) is np.convolve run along each row and then
+    each column of the edge-padded picture, to the bit."""
+    from gmaivl_rt.data.synth.render import _blur
+
+    image = np.random.default_rng(5).random((40, 56)).astype(np.float32)
+    for sigma in (0.8, 1.6):
+        radius = max(1, int(3 * sigma))
+        kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+        kernel /= kernel.sum()
+        want = image
+        for axis in (0, 1):
+            padded = np.pad(want, [(radius, radius) if a == axis else (0, 0) for a in (0, 1)], mode="edge")
+            want = np.apply_along_axis(lambda v: np.convolve(v, kernel, mode="valid"), axis, padded).astype(np.float32)
+        assert np.array_equal(_blur(image, sigma), want), sigma

@@ -6,12 +6,14 @@ Each picture is the scene's file (render.py's DICOM or NIfTI bytes) read by the 
 model's image policy does (`preprocess_image`), so the pixels are the ones `data build` writes and training reads."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from gmaivl_rt.data.synth import render
 from gmaivl_rt.data.synth.questions import QUESTION_TYPES, answer_pool, applicable, true_answer
 from gmaivl_rt.data.synth.scenes import draw_scene
 from gmaivl_rt.model.modeling import IGNORE_INDEX
+from gmaivl_rt.model.preprocess import normalise, square_resized
 from gmaivl_rt.processes import ordered_map
 
 # a label that does not apply (no lesion: no side; a volume: no modality in its header, ...): the loss's ignore index
@@ -21,9 +23,13 @@ IGNORE = IGNORE_INDEX
 RENDER_CHUNK = 64  # scans per task of the rendering pool (a few hundred ms of work; results come back in order)
 
 
-def _render_chunk(task: tuple[int, int, int]) -> list:
-    seed, start, stop = task
-    return [render.scene_pixels(seed, index) for index in range(start, stop)]
+def _render_chunk(task: tuple[int, int, int, int]) -> np.ndarray:
+    """(stop - start, image_size, image_size, 3) uint8: scenes start..stop-1 of seed, read and resized as the model's
+    preprocessing does; its torch half (`normalise`) runs in the parent, once per chunk, because torch's threads
+    spin-wait between calls and would take the cores the workers render on."""
+    seed, start, stop, image_size = task
+    return np.stack([np.asarray(square_resized(render.scene_pixels(seed, index), image_size))
+                     for index in range(start, stop)])
 
 
 def scene_pictures(seed: int, count: int, image_size: int, progress: bool = False, workers: int = 1) -> torch.Tensor:
@@ -31,15 +37,13 @@ def scene_pictures(seed: int, count: int, image_size: int, progress: bool = Fals
     in `workers` processes (`ordered_map`); the pictures are the same whatever the number."""
     from tqdm.auto import tqdm
 
-    from gmaivl_rt.model.preprocess import preprocess_image
-
-    tasks = [(seed, start, min(start + RENDER_CHUNK, count)) for start in range(0, count, RENDER_CHUNK)]
+    tasks = [(seed, start, min(start + RENDER_CHUNK, count), image_size) for start in range(0, count, RENDER_CHUNK)]
     pictures = []
     with tqdm(total=count, desc="rendering scans", unit="scan", disable=not progress) as bar:
         for chunk in ordered_map(_render_chunk, tasks, workers):
-            pictures.extend(preprocess_image(pixels, image_size) for pixels in chunk)
+            pictures.append(normalise(chunk))
             bar.update(len(chunk))
-    return torch.stack(pictures)
+    return torch.cat(pictures)
 
 
 def scene_labels(seed: int, count: int) -> dict[str, torch.Tensor]:
