@@ -156,3 +156,26 @@ def test_demo_balanced_meta_list_evens_out_sources(tmp_path):
     picked = sample_records(load_meta(meta), seed=0)
     assert [sum(1 for s, _ in picked if s.name == n) for n in ("source0", "source1")] == [12, 12]
     assert all((s.image_dir / r["image"]).is_file() for s, r in picked)
+
+
+def test_image_policy_keeps_decoded_pictures_within_its_byte_budget(tmp_path):
+    """A picture read once comes back from the policy's cache (it still loads after its file is gone), equal to
+    the model's own preprocessing of the file and a fresh tensor each time (changing one leaves the next alone);
+    with a budget smaller than one picture nothing is kept."""
+    import numpy as np
+    from PIL import Image
+
+    from gmaivl_rt.model.preprocess import preprocess_image
+
+    path = tmp_path / "scan.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 32, 3), dtype=np.uint8)).save(path)
+    vision = GMAIVLConfig.preset("tiny").vision
+    want = preprocess_image(Image.open(path).convert("RGB"), vision.image_size)
+    policy, uncached = ImagePolicy(vision), ImagePolicy(vision, cache_bytes=want.numel() * 4 - 1)
+    policy.load(path).zero_()
+    uncached.load(path)
+    path.unlink()
+    policy.load(path).zero_()
+    assert torch.equal(policy.load(path), want)
+    with pytest.raises(FileNotFoundError):
+        uncached.load(path)
