@@ -82,6 +82,8 @@ def _validate(config: dict) -> None:
         problems.append("batch.global_batch_size must be >= 1")
     if int(config["data"]["max_length"]) < 2:
         problems.append("data.max_length must be >= 2")
+    if float(config["data"].get("image_cache_mb", 0)) < 0:
+        problems.append("data.image_cache_mb must be >= 0 (0: no cache)")
     if config["train"]["precision"] not in ("auto", "fp32", "bf16"):
         problems.append(f"train.precision {config['train']['precision']!r} is not auto, fp32 or bf16")
     if config["distributed"]["strategy"] not in ("ddp", "fsdp"):

@@ -118,8 +118,9 @@ class ImagePolicy:
     under the pixel budget, (H / P) * (W / P) tokens (+1 when select_strategy "full" keeps the CLS token).
     """
 
-    # Decoded pictures kept per process, up to this many bytes: an epoch re-reads every image (the demo's ~800
-    # pictures, 150 KB each at 112 px, were 5 % of a stage III step as PNG decode + resize); 0 turns it off.
+    # Decoded pictures kept per process, up to this many bytes (the train config's data.image_cache_mb): an epoch
+    # re-reads every image (the demo's ~800 pictures, 150 KB each at 112 px, were 5 % of a stage III step as PNG
+    # decode + resize); 0 turns it off.
     CACHE_BYTES = 512 * 2**20
 
     def __init__(self, vision, cache_bytes: int | None = None):
@@ -129,8 +130,8 @@ class ImagePolicy:
         self._cached_bytes = 0
 
     @classmethod
-    def from_model_config(cls, cfg) -> "ImagePolicy":
-        return cls(cfg.vision)
+    def from_model_config(cls, cfg, cache_bytes: int | None = None) -> "ImagePolicy":
+        return cls(cfg.vision, cache_bytes)
 
     @property
     def dynamic(self) -> bool:

@@ -118,7 +118,10 @@ def _train(stage, data, out, config_file, preset, init, tokenizer_dir, max_steps
     model = dist_utils.wrap_model(model, info, cfg["distributed"])
 
     # ---- data
-    dataset = PackedDataset(data, tokenizer, ImagePolicy.from_model_config(dist_utils.unwrap(model).config),
+    cache_mb = cfg["data"].get("image_cache_mb")  # absent from runs saved before it existed: the policy's default
+    images = ImagePolicy.from_model_config(dist_utils.unwrap(model).config,
+                                           cache_bytes=None if cache_mb is None else int(float(cache_mb) * 2**20))
+    dataset = PackedDataset(data, tokenizer, images,
                             max_length=int(cfg["data"]["max_length"]), seed=int(cfg["data"]["seed"]),
                             system=cfg["data"]["system"], open_packs=int(cfg["data"]["open_packs"]),
                             progress=progress and info.is_main)

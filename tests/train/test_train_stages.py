@@ -218,3 +218,10 @@ def test_loss_falls_across_the_stages_on_the_demo_data(tmp_path):
     losses = [eval_loss(tmp_path / f"s{s}", data, tokenizer_dir) for s in (0, 1, 2, 3)]
     print("demo-data loss after stages 0..3:", losses)
     assert losses[0] > losses[1] > losses[2] > losses[3], losses
+
+
+def test_a_negative_image_cache_is_refused_naming_it():
+    """data.image_cache_mb (decoded pictures kept per process) must be >= 0; 0 turns the cache off."""
+    assert load_train_config(3, "tiny", None, {"data": {"image_cache_mb": 0}})["data"]["image_cache_mb"] == 0
+    with pytest.raises(ValueError, match=r"data\.image_cache_mb must be >= 0"):
+        load_train_config(3, "tiny", None, {"data": {"image_cache_mb": -1}})
