@@ -498,9 +498,14 @@ def test_dialogues_ask_each_type_once_presence_first_and_task_subset_keeps_only_
 
 
 def test_an_ellipse_window_holds_the_full_grids_ellipse():
-    """A lesion's disc computed on its bounding box (`_ellipse_window`, what the placement's trials test) is the
-    full-grid `_ellipse` exactly: the same pixels inside the box and none outside, at the picture's edges too."""
+    """An ellipse computed on its bounding box (`_ellipse_window`, what the lesions' trials test; `_ellipse` puts it in
+    the whole picture) is the ellipse's formula over every pixel of the picture exactly: the same pixels inside the
+    box and none outside, at the picture's edges too."""
     from gmaivl_rt.data.synth.render import _ellipse, _ellipse_window
+
+    def whole_grid(shape, cy, cx, ry, rx):
+        yy, xx = np.mgrid[:shape[0], :shape[1]]
+        return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
 
     rng = np.random.default_rng(3)
     shape = (128, 96)
@@ -510,7 +515,8 @@ def test_an_ellipse_window_holds_the_full_grids_ellipse():
         window, mask = _ellipse_window(shape, cy, cx, ry, rx)
         placed = np.zeros(shape, bool)
         placed[window][mask] = True
-        assert np.array_equal(placed, _ellipse(shape, cy, cx, ry, rx)), (cy, cx, ry, rx)
+        want = whole_grid(shape, cy, cx, ry, rx)
+        assert np.array_equal(placed, want) and np.array_equal(_ellipse(shape, cy, cx, ry, rx), want), (cy, cx, ry, rx)
 
 
 def test_the_blur_is_numpys_convolution_along_each_axis():

@@ -47,17 +47,21 @@ US_ECHO = {AIR: 0.02, SOFT: 0.45, ORGAN: 0.6, BONE: 1.6, LUNG: 0.15, FLUID: 0.05
 
 # ------------------------------------------------------------------------------------------------ tissue maps
 def _ellipse(shape, cy, cx, ry, rx) -> np.ndarray:
-    yy, xx = np.ogrid[:shape[0], :shape[1]]  # a column and a row, broadcast: the same values as a full grid
-    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+    """(shape) bool: the pixels whose centre lies in the ellipse (centre cy, cx; semi-axes ry, rx)."""
+    window, mask = _ellipse_window(shape, cy, cx, ry, rx)
+    full = np.zeros(shape, bool)
+    full[window] = mask
+    return full
 
 
 def _ellipse_window(shape, cy, cx, ry, rx) -> tuple[tuple[slice, slice], np.ndarray]:
     """(the ellipse's bounding box within `shape`, a pixel wider on each side, as (rows, columns) slices; the
-    ellipse's mask inside that box): the pixels of `_ellipse` computed on the box alone, which a small lesion's
-    disc is (a lesion is placed by trial, so this test runs dozens of times a scan)."""
-    y0, y1 = max(0, math.floor(cy - ry) - 1), min(shape[0], math.ceil(cy + ry) + 2)
-    x0, x1 = max(0, math.floor(cx - rx) - 1), min(shape[1], math.ceil(cx + rx) + 2)
-    yy, xx = np.arange(y0, y1)[:, None], np.arange(x0, x1)[None, :]  # np.ogrid's values, without its overhead
+    ellipse's mask inside that box): what a small lesion's disc needs, computed on the box alone (a lesion is placed
+    by trial, so this test runs dozens of times a scan)."""
+    y0 = min(shape[0], max(0, math.floor(cy - ry) - 1))  # clamped both ways: an ellipse off the picture gets an
+    x0 = min(shape[1], max(0, math.floor(cx - rx) - 1))  # empty box, never a negative (wrapping) slice end
+    y1, x1 = max(y0, min(shape[0], math.ceil(cy + ry) + 2)), max(x0, min(shape[1], math.ceil(cx + rx) + 2))
+    yy, xx = np.arange(y0, y1)[:, None], np.arange(x0, x1)[None, :]  # a column and a row, broadcast
     return (slice(y0, y1), slice(x0, x1)), ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
 
 
